@@ -1,0 +1,237 @@
+"""The ``emokern::steer_`` op: schema, fake kernel, reference registration, public wrapper.
+
+One schema, defined once here; backends only attach implementations:
+
+* ``CompositeExplicitAutograd`` — the reference (:func:`ref_steer_`), so the op exists on every
+  device even when nothing compiled;
+* ``CPU`` — the fused C++ kernel (``csrc/cpu``), loaded by :mod:`emokern.ops.build`; a
+  backend-specific kernel takes precedence over the composite one;
+* ``CUDA`` — the CUDA kernel (``csrc/cuda``) when built against a CUDA torch, else the Triton
+  kernel (:mod:`emokern.ops.triton_steer`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+
+from emokern.ops.reference import ref_steer_
+from emokern.ops.running import RunningProjections
+
+BACKENDS = ("reference", "cpu", "triton", "cuda")
+HIDDEN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+torch.library.define(
+    "emokern::steer_",
+    "(Tensor(a!) hidden, Tensor vectors, Tensor weights, Tensor? mask, bool norm_preserving, "
+    "Tensor(b!)? proj_out, Tensor(c!)? run_sum, Tensor(d!)? run_count, Tensor(e!)? run_last) -> ()",
+)
+torch.library.impl("emokern::steer_", "CompositeExplicitAutograd")(ref_steer_)
+
+
+@torch.library.register_fake("emokern::steer_")
+def _steer_fake(hidden, vectors, weights, mask, norm_preserving, proj_out, run_sum, run_count,
+                run_last) -> None:
+    return None
+
+
+def _fail(exc: type[Exception], message: str):
+    raise exc(f"emokern.steer_: {message}")
+
+
+def _check_tensor(name: str, value, shape: tuple, dtype: torch.dtype | None, device) -> None:
+    if not isinstance(value, torch.Tensor):
+        _fail(TypeError, f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if dtype is not None and value.dtype != dtype:
+        _fail(TypeError, f"{name} must be {dtype}, got {value.dtype}")
+    if tuple(value.shape) != shape:
+        _fail(ValueError, f"{name} must have shape {list(shape)}, got {list(value.shape)}")
+    if value.device != device:
+        _fail(ValueError, f"{name} is on {value.device} but hidden is on {device}")
+
+
+def validate_steer_args(hidden, vectors, weights, mask, proj_out, running, check_values: bool):
+    """Check every argument of :func:`steer_` and raise one clear error naming the first bad one.
+
+    Metadata checks are free of host syncs. ``check_values`` adds the data checks (finite
+    weights, nonzero finite vector norms), which read the tensors; the C++ kernel makes those
+    checks itself before writing, so its callers skip them here.
+    """
+    if not isinstance(hidden, torch.Tensor):
+        _fail(TypeError, f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
+    if hidden.dtype not in HIDDEN_DTYPES:
+        _fail(TypeError, f"hidden must be float32, bfloat16 or float16, got {hidden.dtype}")
+    if hidden.dim() != 3:
+        _fail(ValueError, f"hidden must be [B, T, D], got shape {list(hidden.shape)}")
+    batch, seq_len, dim = hidden.shape
+    if hidden.stride(2) != 1 and dim > 1:
+        _fail(ValueError, f"hidden must have a contiguous last dimension (stride 1), got strides "
+                          f"{list(hidden.stride())}; pass hidden.contiguous() and copy back")
+    for size, stride in zip(hidden.shape[:2], hidden.stride()[:2], strict=True):
+        if size > 1 and stride < dim:
+            _fail(ValueError, f"hidden rows overlap in memory (strides {list(hidden.stride())}); "
+                              f"an in-place op needs distinct rows")
+    device = hidden.device
+    if not isinstance(vectors, torch.Tensor):
+        _fail(TypeError, f"vectors must be a torch.Tensor, got {type(vectors).__name__}")
+    if not vectors.is_floating_point():
+        _fail(TypeError, f"vectors must be floating point, got {vectors.dtype}")
+    if vectors.dim() != 2 or vectors.shape[1] != dim or vectors.shape[0] < 1:
+        _fail(ValueError, f"vectors must be [K, D] with K >= 1 and D = {dim} (hidden's last "
+                          f"dimension), got shape {list(vectors.shape)}")
+    n_vec = vectors.shape[0]
+    _check_tensor("vectors", vectors, (n_vec, dim), None, device)
+    _check_tensor("weights", weights, (batch, n_vec), torch.float32, device)
+    if mask is not None:
+        _check_tensor("mask", mask, (batch, seq_len), torch.bool, device)
+    if proj_out is not None:
+        _check_tensor("proj_out", proj_out, (batch, seq_len, n_vec), torch.float32, device)
+        if not proj_out.is_contiguous():
+            _fail(ValueError, "proj_out must be contiguous")
+    if running is not None:
+        if not isinstance(running, RunningProjections):
+            _fail(TypeError, f"running must be an emokern.RunningProjections, got "
+                             f"{type(running).__name__}")
+        _check_tensor("running.sum", running.sum, (batch, n_vec), torch.float32, device)
+        _check_tensor("running.count", running.count, (batch,), torch.int64, device)
+        _check_tensor("running.last", running.last, (batch, n_vec), torch.float32, device)
+        for name, t in zip(("sum", "count", "last"), running.tensors(), strict=True):
+            if not t.is_contiguous():
+                _fail(ValueError, f"running.{name} must be contiguous")
+    if check_values:
+        if not bool(torch.isfinite(weights).all()):
+            _fail(ValueError, "weights must be finite (found NaN or inf)")
+        norms = vectors.float().norm(dim=1)
+        bad = ~(torch.isfinite(norms) & (norms > 0))
+        if bool(bad.any()):
+            k = int(bad.nonzero()[0, 0])
+            _fail(ValueError, f"vectors[{k}] has zero or non-finite norm; an emotion vector "
+                              f"needs a direction")
+
+
+def _call_dispatcher(*args) -> None:
+    torch.ops.emokern.steer_(*args)
+
+
+def _call_triton(*args) -> None:
+    from emokern.ops.triton_steer import triton_steer_
+
+    triton_steer_(*args)
+
+
+def available_backends() -> dict[str, bool]:
+    """Which backends can run here: ``{"reference": True, "cpu": ..., "triton": ..., "cuda": ...}``."""
+    from emokern.ops import build
+
+    return {
+        "reference": True,
+        "cpu": build.load_cpu(),
+        "triton": build.triton_usable(),
+        "cuda": build.load_cuda(),
+    }
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    """The backend to run on ``device``: the forced one (argument, then ``EMOKERN_BACKEND``) or
+    the fastest available one."""
+    from emokern.ops import build
+
+    backend = backend or os.environ.get("EMOKERN_BACKEND") or None
+    if backend is not None:
+        if backend not in BACKENDS:
+            _fail(ValueError, f"backend must be one of {BACKENDS}, got {backend!r}")
+        return backend
+    if device.type == "cpu":
+        return "cpu" if build.load_cpu() else "reference"
+    if device.type == "cuda":
+        if build.load_cuda():
+            return "cuda"
+        return "triton" if build.triton_usable() else "reference"
+    return "reference"
+
+
+def _runner(backend: str) -> Callable[..., None]:
+    from emokern.ops import build
+
+    if backend == "reference":
+        return ref_steer_
+    if backend == "triton":
+        return _call_triton
+    loaded = build.load_cpu() if backend == "cpu" else build.load_cuda()
+    if not loaded:
+        _fail(RuntimeError, f"the {backend!r} backend is not available here (see `emokern info`)")
+    return _call_dispatcher
+
+
+def steer_(
+    hidden: torch.Tensor,
+    vectors: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    norm_preserving: bool = False,
+    proj_out: torch.Tensor | None = None,
+    running: RunningProjections | None = None,
+    backend: str | None = None,
+) -> None:
+    r"""Add each sequence's emotion mix to ``hidden`` in place and read emotion projections.
+
+    For every token row :math:`x = h_{b,t}` (the input, before steering), in float32:
+
+    .. math::
+        p_k = \langle x, v_k\rangle / \lVert v_k\rVert, \qquad
+        y = x + \textstyle\sum_k w_{b,k}\, v_k, \qquad
+        y \leftarrow y\,\lVert x\rVert / \max(\lVert y\rVert, 10^{-6})\ \text{(norm\_preserving)}
+
+    ``hidden[b, t] = y`` on masked rows; ``proj_out[b, t] = p`` on every row; ``running``
+    accumulates ``p`` over masked rows. One pass over ``hidden`` on the fused backends.
+
+    Parameters
+    ----------
+    hidden : Tensor [B, T, D], float32/bfloat16/float16
+        Modified in place. Any strides with a contiguous last dimension.
+    vectors : Tensor [K, D]
+        Emotion vectors, K >= 1, none of zero norm.
+    weights : Tensor [B, K], float32
+        One row of mix weights per sequence; must be finite.
+    mask : Tensor [B, T], bool, optional
+        Rows to steer and count; None steers and counts every row.
+    norm_preserving : bool
+        Rescale each steered row to the norm it had before steering.
+    proj_out : Tensor [B, T, K], float32, optional
+        Receives the projections of every row of the input.
+    running : RunningProjections, optional
+        Running sum / count / newest projections per sequence (masked rows only).
+    backend : {"reference", "cpu", "triton", "cuda"}, optional
+        Force a backend; default ``$EMOKERN_BACKEND`` or the best one for ``hidden.device``.
+
+    Raises
+    ------
+    TypeError, ValueError
+        Naming the bad argument, before anything is modified.
+
+    Examples
+    --------
+    >>> h = torch.randn(2, 5, 64)
+    >>> v = torch.randn(3, 64)
+    >>> w = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.5, 0.5]])
+    >>> run = RunningProjections(2, 3)
+    >>> steer_(h, v, w, running=run)
+    >>> run.mean().shape
+    torch.Size([2, 3])
+    """
+    chosen = resolve_backend(backend, hidden.device if isinstance(hidden, torch.Tensor)
+                             else torch.device("cpu"))
+    capturing = hidden.is_cuda and torch.cuda.is_current_stream_capturing() \
+        if isinstance(hidden, torch.Tensor) else False
+    validate_steer_args(hidden, vectors, weights, mask, proj_out, running,
+                        check_values=chosen != "cpu" and not capturing
+                        and not torch.compiler.is_compiling())
+    run = running.tensors() if running is not None else (None, None, None)
+    if vectors.dtype != torch.float32 or not vectors.is_contiguous():
+        vectors = vectors.float().contiguous()
+    _runner(chosen)(hidden, vectors, weights.contiguous(),
+                    None if mask is None else mask.contiguous(),
+                    bool(norm_preserving), proj_out, *run)
