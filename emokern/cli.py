@@ -1,0 +1,183 @@
+"""The ``emokern`` command line: ``demo``, ``extract``, ``generate``, ``bench``, ``info``.
+
+Each subcommand parses its arguments, calls the library, and prints; the work itself lives in
+the library so that it can be used from Python too. Heavy imports happen inside the
+subcommands so ``emokern --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    import platform
+
+    import torch
+
+    import emokern
+
+    if args.path:
+        from emokern.bank import EmotionBank
+
+        print(EmotionBank.load(args.path).summary())
+        return 0
+    from emokern.ops import build
+
+    versions = {"emokern": emokern.__version__, "python": platform.python_version(),
+                "torch": torch.__version__}
+    for name in ("triton", "transformers", "numpy"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            versions[name] = "not installed"
+    print("versions:  " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    print(f"machine:   {platform.machine()}, {torch.get_num_threads()} torch threads, "
+          f"CUDA {'available' if torch.cuda.is_available() else 'not available'}")
+    backends = emokern.available_backends()
+    print("backends:  " + ", ".join(f"{k} {'yes' if ok else 'no'}" for k, ok in backends.items()))
+    print("default:   cpu tensors -> " + emokern.ops.resolve_backend(None, torch.device("cpu")))
+    for key, value in build.build_info().items():
+        print(f"  {key}: {value}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from emokern.demo import run_demo
+
+    run_demo(max_new_tokens=args.max_new_tokens)
+    return 0
+
+
+def _cmd_extract(args: argparse.Namespace) -> int:
+    from emokern.extract import extract_main
+
+    emotions = args.emotions.split(",") if args.emotions else None
+    bank = extract_main(args.model, args.method, emotions=emotions, queries_path=args.queries,
+                        out_path=args.out)
+    print(bank.summary())
+    print(f"saved {args.out}")
+    return 0
+
+
+def _parse_batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"emokern: --batch-sizes must be comma-separated ints, got {text!r}")
+    if not sizes or min(sizes) < 1:
+        raise SystemExit(f"emokern: --batch-sizes must be positive, got {text!r}")
+    return sizes
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from emokern.bank import EmotionBank
+    from emokern.models import load_model
+    from emokern.steer import generate, parse_mix
+
+    mixes = [parse_mix(m) for m in args.mix] or [{}]
+    model, tokenizer = load_model(args.model)
+    bank = EmotionBank.load_default(args.method) if args.bank == "default" \
+        else EmotionBank.load(args.bank)
+    rows = generate(model, tokenizer, bank, [args.prompt] * len(mixes), mixes,
+                    max_new_tokens=args.max_new_tokens, layers=args.layers or "auto",
+                    do_sample=args.sample, seed=args.seed)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        mix = ", ".join(f"{k}={v:g}" for k, v in row["mix"].items()) or "(unsteered)"
+        print(f"--- {mix}")
+        print(row["text"].strip())
+        if args.monitor:
+            print("    " + "  ".join(f"{k} {v:+.2f}" for k, v in row["projections"].items()))
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.suite == "ops":
+        from emokern.benchmarks.ops import format_ratio_table, run_ops_benchmark
+
+        rows = run_ops_benchmark(batch_sizes=_parse_batch_sizes(args.batch_sizes)
+                                 if args.batch_sizes else None)
+        print(format_ratio_table(rows))
+    else:
+        from emokern.benchmarks.generate import format_table, run_generate_benchmark
+
+        rows = run_generate_benchmark(model=args.model, batch_sizes=_parse_batch_sizes(
+            args.batch_sizes) if args.batch_sizes else None)
+        print(format_table(rows))
+    if args.out:
+        import os
+        import pathlib
+        import tempfile
+
+        out = pathlib.Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        target = out / f"{args.suite}.json"
+        with tempfile.NamedTemporaryFile("w", dir=out, delete=False, suffix=".tmp") as f:
+            json.dump(rows, f, indent=2)
+        os.replace(f.name, target)
+        print(f"saved {target}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="emokern", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="steer one batch of the default model with several mixes")
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("extract", help="extract an emotion bank from a model")
+    p.add_argument("--model", default="default", help="'default' or a local checkpoint dir")
+    p.add_argument("--method", choices=("ev", "concept"), default="ev")
+    p.add_argument("--emotions", help="comma-separated emotion names (default: the method's set)")
+    p.add_argument("--queries", help="text file of queries, one per line (method ev)")
+    p.add_argument("--out", required=True, help="output .safetensors path")
+    p.set_defaults(func=_cmd_extract)
+
+    p = sub.add_parser("generate", help="generate with one emotion mix per row")
+    p.add_argument("--model", default="default")
+    p.add_argument("--bank", default="default", help="'default' or a bank .safetensors path")
+    p.add_argument("--method", choices=("ev", "concept"), default="ev",
+                   help="which shipped bank --bank default means")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--mix", action="append", default=[],
+                   help="one row's mix, e.g. joy=2 or sadness=1.5,fear=0.5 (repeat per row)")
+    p.add_argument("--layers", type=lambda s: [int(x) for x in s.split(",")],
+                   help="comma-separated decoder layers (default: the bank's recommendation)")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--monitor", action="store_true", help="print each row's mean projections")
+    p.add_argument("--json", action="store_true", help="print JSON rows")
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("bench", help="run a benchmark suite on this machine and print ratios")
+    p.add_argument("suite", choices=("ops", "generate"))
+    p.add_argument("--model", default="default", help="(generate) model to benchmark")
+    p.add_argument("--batch-sizes", help="comma-separated batch sizes")
+    p.add_argument("--out", help="directory for the JSON results")
+    p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("info", help="versions and backends, or a bank file's metadata")
+    p.add_argument("path", nargs="?", help="a bank .safetensors file")
+    p.set_defaults(func=_cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"emokern {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
