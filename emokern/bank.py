@@ -1,0 +1,582 @@
+"""EmotionBank: per-layer emotion vectors of one model, with metadata, stored in safetensors.
+
+Layer convention
+----------------
+Layers are 0-based decoder-layer indices. The vector of layer ``l`` lives in the residual
+stream at the *output* of decoder layer ``l``, i.e. ``hidden_states[l + 1]`` of a transformers
+forward with ``output_hidden_states=True`` (``hidden_states[0]`` is the embedding output).
+Steering at layer ``l`` adds to the output of decoder layer ``l``.
+
+File format
+-----------
+A safetensors file (never a pickle) with tensors
+
+* ``vectors`` [L, K, D] (float32, or float16/bfloat16 for small shipped files),
+* ``hidden_norm`` [L] float32 (optional),
+
+and, in the header metadata (all strings), ``format`` = ``"emokern.bank/1"`` and the JSON
+encodings of ``names`` (list of K str), ``layers`` (list of L int) and ``metadata`` (dict).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+FORMAT = "emokern.bank/1"
+METHODS = ("ev", "concept")
+SAVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DATA_DIR = Path(__file__).resolve().parent / "data" / "banks"
+# Metadata keys with a known meaning, and the JSON type each must have.
+_TYPED_KEYS = {
+    "method": (str,),
+    "source_hash": (str,),
+    "emokern_version": (str,),
+    "fingerprint": (dict,),
+    "recommended_alpha": (int, float),
+    "recommended_layers": (list,),
+    "created": (str,),
+}
+_FINGERPRINT_FIELDS = (
+    ("architecture", "architecture"),
+    ("hidden_size", "hidden size"),
+    ("num_layers", "layer count"),
+    ("vocab_size", "vocabulary size"),
+    ("embedding_hash", "input-embedding hash"),
+)
+
+
+def _fail(message: str, exc: type[Exception] = ValueError):
+    raise exc(f"EmotionBank: {message}")
+
+
+def _check_int_list(name: str, values, *, unique: bool = True) -> list[int]:
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        _fail(f"{name} must be a list of ints, got {type(values).__name__}", TypeError)
+    values = list(values)
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int):
+            _fail(f"{name} must be a list of ints, got an element {v!r}", TypeError)
+        if v < 0:
+            _fail(f"{name} must be non-negative (0-based decoder-layer indices), got {v}")
+    if unique and len(set(values)) != len(values):
+        dupes = sorted({v for v in values if values.count(v) > 1})
+        _fail(f"{name} must be unique, got duplicates {dupes}")
+    return values
+
+
+def _check_names(names) -> list[str]:
+    if isinstance(names, (str, bytes)) or not hasattr(names, "__iter__"):
+        _fail(f"names must be a list of str, got {type(names).__name__}", TypeError)
+    names = list(names)
+    for n in names:
+        if not isinstance(n, str) or not n:
+            _fail(f"names must be non-empty strings, got {n!r}", TypeError)
+    if len(set(names)) != len(names):
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        _fail(f"names must be unique, got duplicates {dupes}")
+    return names
+
+
+def _check_metadata(metadata, layers: list[int]) -> dict:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        _fail(f"metadata must be a dict, got {type(metadata).__name__}", TypeError)
+    for key, value in metadata.items():
+        if not isinstance(key, str):
+            _fail(f"metadata keys must be str, got {key!r}", TypeError)
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            _fail(f"metadata[{key!r}] is not JSON-serialisable ({exc})", TypeError)
+        expected = _TYPED_KEYS.get(key)
+        if expected is not None and (isinstance(value, bool) or not isinstance(value, expected)):
+            names = " or ".join(t.__name__ for t in expected)
+            _fail(f"metadata[{key!r}] must be {names}, got {type(value).__name__}", TypeError)
+    alpha = metadata.get("recommended_alpha")
+    if alpha is not None and not math.isfinite(alpha):
+        _fail(f"metadata['recommended_alpha'] must be finite, got {alpha}")
+    if "recommended_layers" in metadata:
+        rec = _check_int_list("metadata['recommended_layers']", metadata["recommended_layers"])
+        unknown = [layer for layer in rec if layer not in layers]
+        if unknown or not rec:
+            _fail(f"metadata['recommended_layers'] must be a non-empty subset of the bank's "
+                  f"layers {layers}, got {rec}")
+    # A JSON round trip is a deep copy that also normalises tuples to lists, so a bank's
+    # metadata equals what a saved-and-loaded copy reads back.
+    return json.loads(json.dumps(metadata))
+
+
+class EmotionBank:
+    """Emotion vectors of one model: K named emotions at L decoder layers, D dims each.
+
+    Parameters
+    ----------
+    vectors : Tensor [L, K, D]
+        Floating point (float32 from extraction; :meth:`to` may give float16/bfloat16), finite,
+        no vector of zero norm (a steering vector needs a direction).
+    names : list of str
+        K unique emotion names, in the order of ``vectors``' second axis.
+    layers : list of int
+        L unique 0-based decoder-layer indices. ``vectors[i]`` belongs to the residual stream
+        at the output of decoder layer ``layers[i]``, i.e. ``hidden_states[layers[i] + 1]`` of
+        a transformers forward with ``output_hidden_states=True``.
+    hidden_norm : Tensor [L], optional
+        Per-layer mean L2 norm of the hidden states seen during extraction (float32, > 0);
+        the scale against which a vector's size is judged.
+    metadata : dict, optional
+        str -> JSON-able values. Known keys: ``method`` ("ev" or "concept"), ``source_hash``
+        (hash of the prompt set), ``emokern_version``, ``fingerprint`` (the model's
+        :func:`emokern.models.model_fingerprint`), ``recommended_alpha`` (float),
+        ``recommended_layers`` (list of bank layers), ``created`` (ISO time); anything else is
+        kept as free-form extras (e.g. ``centered``, ``instruction``).
+
+    Raises
+    ------
+    TypeError, ValueError
+        One clear error naming the first bad argument.
+    """
+
+    def __init__(self, vectors, names, layers, *, hidden_norm=None, metadata=None):
+        names = _check_names(names)
+        layers = _check_int_list("layers", layers)
+        if not isinstance(vectors, torch.Tensor):
+            _fail(f"vectors must be a torch.Tensor, got {type(vectors).__name__}", TypeError)
+        if vectors.dtype not in SAVE_DTYPES:
+            _fail(f"vectors must be float32, float16 or bfloat16, got {vectors.dtype}", TypeError)
+        if vectors.dim() != 3:
+            _fail(f"vectors must be [L, K, D], got shape {list(vectors.shape)}")
+        n_layers, n_names, dim = vectors.shape
+        if n_layers != len(layers) or n_names != len(names) or dim < 1 or n_layers < 1:
+            _fail(f"vectors has shape {list(vectors.shape)} but there are {len(layers)} layers "
+                  f"and {len(names)} names (expected [{len(layers)}, {len(names)}, D >= 1])")
+        norms = vectors.detach().float().norm(dim=-1)
+        if not bool(torch.isfinite(vectors).all()):
+            bad = (~torch.isfinite(vectors).all(dim=-1)).nonzero()[0].tolist()
+            _fail(f"vectors must be finite; the vector of {names[bad[1]]!r} at layer "
+                  f"{layers[bad[0]]} has NaN or inf")
+        if not bool((norms > 0).all()):
+            bad = (norms <= 0).nonzero()[0].tolist()
+            _fail(f"the vector of {names[bad[1]]!r} at layer {layers[bad[0]]} has zero norm; "
+                  f"an emotion vector needs a direction")
+        if hidden_norm is not None:
+            if not isinstance(hidden_norm, torch.Tensor):
+                _fail(f"hidden_norm must be a torch.Tensor, got {type(hidden_norm).__name__}",
+                      TypeError)
+            if not hidden_norm.is_floating_point():
+                _fail(f"hidden_norm must be floating point, got {hidden_norm.dtype}", TypeError)
+            if tuple(hidden_norm.shape) != (n_layers,):
+                _fail(f"hidden_norm must have shape [{n_layers}] (one per layer), got "
+                      f"{list(hidden_norm.shape)}")
+            if not bool((torch.isfinite(hidden_norm) & (hidden_norm > 0)).all()):
+                _fail("hidden_norm must be finite and positive")
+            hidden_norm = hidden_norm.detach().to(device=vectors.device, dtype=torch.float32)
+        self._metadata = _check_metadata(metadata, layers)
+        self._vectors = vectors.detach()
+        self._names = names
+        self._layers = layers
+        self._hidden_norm = hidden_norm
+        self._index = {n: i for i, n in enumerate(names)}
+
+    # ---------------------------------------------------------------------------------------
+    # Read-only views
+    # ---------------------------------------------------------------------------------------
+
+    @property
+    def vectors(self) -> torch.Tensor:
+        """Tensor [L, K, D]."""
+        return self._vectors
+
+    @property
+    def names(self) -> list[str]:
+        """The K emotion names (a copy)."""
+        return list(self._names)
+
+    @property
+    def layers(self) -> list[int]:
+        """The L decoder-layer indices (a copy); see the class docstring for the convention."""
+        return list(self._layers)
+
+    @property
+    def hidden_norm(self) -> torch.Tensor | None:
+        """Tensor [L] float32 of mean hidden-state norms at extraction, or None."""
+        return self._hidden_norm
+
+    @property
+    def metadata(self) -> dict:
+        """The metadata dict (a deep copy: editing it does not change the bank)."""
+        return json.loads(json.dumps(self._metadata))
+
+    @property
+    def method(self) -> str | None:
+        """Extraction method ("ev" or "concept"), or None when unrecorded."""
+        return self._metadata.get("method")
+
+    @property
+    def fingerprint(self) -> dict | None:
+        """The fingerprint of the model the bank was extracted from, or None."""
+        fp = self._metadata.get("fingerprint")
+        return dict(fp) if fp is not None else None
+
+    @property
+    def recommended_alpha(self) -> float:
+        """Recommended steering strength (the weight of a single emotion); 1.0 when
+        unrecorded, i.e. adding the vector as extracted."""
+        return float(self._metadata.get("recommended_alpha", 1.0))
+
+    @property
+    def recommended_layers(self) -> list[int]:
+        """Recommended layers to steer; the middle bank layer when unrecorded."""
+        rec = self._metadata.get("recommended_layers")
+        if rec:
+            return list(rec)
+        return [self._layers[len(self._layers) // 2]]
+
+    @property
+    def n_emotions(self) -> int:
+        """K."""
+        return len(self._names)
+
+    @property
+    def n_layers(self) -> int:
+        """L."""
+        return len(self._layers)
+
+    @property
+    def dim(self) -> int:
+        """D, the hidden size."""
+        return int(self._vectors.shape[-1])
+
+    @property
+    def device(self) -> torch.device:
+        return self._vectors.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._vectors.dtype
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, name) -> bool:
+        return name in self._index
+
+    def __repr__(self) -> str:
+        fp = self._metadata.get("fingerprint") or {}
+        model = fp.get("architecture", "?")
+        return (f"EmotionBank(method={self.method!r}, model={model!r}, "
+                f"emotions={self.n_emotions} {self._names[:6]}"
+                f"{'...' if self.n_emotions > 6 else ''}, layers={self._layers}, D={self.dim}, "
+                f"dtype={self.dtype}, device={self.device})")
+
+    # ---------------------------------------------------------------------------------------
+    # Lookup and selection
+    # ---------------------------------------------------------------------------------------
+
+    def index(self, name: str) -> int:
+        """Position of emotion ``name`` on the K axis."""
+        try:
+            return self._index[name]
+        except (KeyError, TypeError):
+            _fail(f"unknown emotion {name!r}; the bank has {self._names}")
+
+    def layer_index(self, layer: int) -> int:
+        """Position of decoder layer ``layer`` on the L axis."""
+        if isinstance(layer, bool) or not isinstance(layer, int) or layer not in self._layers:
+            _fail(f"unknown layer {layer!r}; the bank has layers {self._layers}")
+        return self._layers.index(layer)
+
+    def vector(self, name: str, layer: int) -> torch.Tensor:
+        """The vector [D] of emotion ``name`` at decoder layer ``layer`` (a view)."""
+        return self._vectors[self.layer_index(layer), self.index(name)]
+
+    def layer_vectors(self, layer: int) -> torch.Tensor:
+        """All K vectors [K, D] at decoder layer ``layer`` (a view), in ``names`` order."""
+        return self._vectors[self.layer_index(layer)]
+
+    def select(self, names=None, layers=None) -> EmotionBank:
+        """A bank with only ``names`` and ``layers``, in the order given (None keeps all).
+
+        Unknown names or layers raise one ValueError listing the valid ones. The metadata is
+        kept; ``recommended_layers`` is restricted to the kept layers (dropped if none remain).
+        """
+        if names is None:
+            names = self._names
+        elif isinstance(names, str):
+            names = [names]
+        names = _check_names(names)
+        unknown = [n for n in names if n not in self._index]
+        if unknown:
+            _fail(f"unknown emotions {unknown}; the bank has {self._names}")
+        if layers is None:
+            layers = self._layers
+        elif isinstance(layers, int) and not isinstance(layers, bool):
+            layers = [layers]
+        layers = _check_int_list("layers", layers)
+        missing = [layer for layer in layers if layer not in self._layers]
+        if missing:
+            _fail(f"unknown layers {missing}; the bank has layers {self._layers}")
+        if not names or not layers:
+            _fail("select needs at least one emotion and one layer")
+        li = torch.tensor([self._layers.index(layer) for layer in layers],
+                          device=self._vectors.device)
+        ki = torch.tensor([self._index[n] for n in names], device=self._vectors.device)
+        vectors = self._vectors.index_select(0, li).index_select(1, ki).clone()
+        hidden = None if self._hidden_norm is None else self._hidden_norm.index_select(0, li)
+        metadata = self.metadata
+        if "recommended_layers" in metadata:
+            kept = [layer for layer in metadata["recommended_layers"] if layer in layers]
+            if kept:
+                metadata["recommended_layers"] = kept
+            else:
+                del metadata["recommended_layers"]
+        return EmotionBank(vectors, names, layers, hidden_norm=hidden, metadata=metadata)
+
+    def to(self, device=None, dtype=None) -> EmotionBank:
+        """A copy on ``device`` with vectors in ``dtype`` (float32/float16/bfloat16);
+        ``hidden_norm`` stays float32."""
+        if dtype is not None and dtype not in SAVE_DTYPES:
+            _fail(f"dtype must be float32, float16 or bfloat16, got {dtype!r}", TypeError)
+        vectors = self._vectors.to(device=device, dtype=dtype)
+        if vectors is self._vectors:
+            vectors = vectors.clone()
+        hidden = None if self._hidden_norm is None else self._hidden_norm.to(device=device)
+        return EmotionBank(vectors, self._names, self._layers, hidden_norm=hidden,
+                           metadata=self._metadata)
+
+    # ---------------------------------------------------------------------------------------
+    # Statistics
+    # ---------------------------------------------------------------------------------------
+
+    def norms(self) -> torch.Tensor:
+        """L2 norms [L, K] float32: ``norms[i, k] = ||vectors[i, k]||``."""
+        return self._vectors.float().norm(dim=-1)
+
+    def cosine(self, layer: int) -> torch.Tensor:
+        """Cosine similarities [K, K] float32 of the vectors at decoder layer ``layer``:
+        ``C[j, k] = <v_j, v_k> / (||v_j|| ||v_k||)``."""
+        v = self.layer_vectors(layer).float()
+        unit = v / v.norm(dim=-1, keepdim=True)
+        return unit @ unit.T
+
+    # ---------------------------------------------------------------------------------------
+    # Compatibility with a model
+    # ---------------------------------------------------------------------------------------
+
+    def check_compatible(self, model, *, strict: bool = True) -> None:
+        """Raise ValueError if the bank does not belong to ``model``.
+
+        Always checks that the model's hidden size equals D and that every bank layer exists
+        in the model. With a recorded fingerprint it also compares architecture, hidden size,
+        layer count, vocabulary size and (if ``strict``) the input-embedding hash, which tells
+        apart two models of the same shape. All differences are reported in one message.
+        """
+        from emokern.models import decoder_layers, model_fingerprint
+
+        try:
+            current = model_fingerprint(model)
+        except (AttributeError, NotImplementedError) as exc:
+            _fail(f"cannot fingerprint the model ({type(model).__name__}): {exc}", TypeError)
+        problems = []
+        recorded = self._metadata.get("fingerprint")
+        if recorded:
+            for key, label in _FINGERPRINT_FIELDS:
+                if key == "embedding_hash" and not strict:
+                    continue
+                if key in recorded and recorded[key] != current[key]:
+                    problems.append(f"{label}: bank {recorded[key]!r}, model {current[key]!r}")
+        if current["hidden_size"] != self.dim and not any("hidden" in p for p in problems):
+            problems.append(f"hidden size: bank vectors have D = {self.dim}, model "
+                            f"{current['hidden_size']}")
+        n_model = len(decoder_layers(model))
+        outside = [layer for layer in self._layers if layer >= n_model]
+        if outside:
+            problems.append(f"layers {outside} do not exist in the model (it has {n_model} "
+                            f"decoder layers, 0..{n_model - 1})")
+        if problems:
+            what = f"{recorded.get('architecture')} {recorded.get('model_class', '')}".strip() \
+                if recorded else "another model"
+            _fail(f"bank (extracted from {what}) is not compatible with this "
+                  f"{type(model).__name__}: " + "; ".join(problems))
+
+    # ---------------------------------------------------------------------------------------
+    # Files
+    # ---------------------------------------------------------------------------------------
+
+    def save(self, path, *, dtype: torch.dtype = torch.float32) -> Path:
+        """Write the bank to a safetensors file, atomically.
+
+        The bytes go to a temporary file in the same directory, which replaces ``path`` only
+        once completely written and flushed, so a failure never leaves a partial file nor
+        clobbers an existing bank. ``emokern_version`` and ``created`` are added to the saved
+        metadata when absent.
+
+        Parameters
+        ----------
+        path : str or PathLike
+        dtype : torch.float32, torch.float16 or torch.bfloat16
+            Storage dtype of the vectors (float16 halves the size of shipped banks);
+            ``load`` always returns float32.
+
+        Returns
+        -------
+        Path
+        """
+        from safetensors.torch import save as safetensors_save
+
+        import emokern
+
+        if dtype not in SAVE_DTYPES:
+            _fail(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype!r}",
+                  TypeError)
+        path = Path(path)
+        if path.is_dir():
+            _fail(f"path {str(path)!r} is a directory; give a file name such as bank.safetensors")
+        stored = self._vectors.detach().to(device="cpu", dtype=dtype).contiguous()
+        if not bool(torch.isfinite(stored).all()):
+            _fail(f"vectors overflow {dtype} (largest |value| "
+                  f"{self._vectors.abs().max().item():.3g}); save in float32")
+        if not bool((stored.float().norm(dim=-1) > 0).all()):
+            _fail(f"some vectors underflow to zero in {dtype}; save in float32")
+        tensors = {"vectors": stored}
+        if self._hidden_norm is not None:
+            tensors["hidden_norm"] = self._hidden_norm.detach().to("cpu", torch.float32)
+        metadata = self.metadata
+        metadata.setdefault("emokern_version", emokern.__version__)
+        metadata.setdefault("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        header = {
+            "format": FORMAT,
+            "names": json.dumps(self._names),
+            "layers": json.dumps(self._layers),
+            "metadata": json.dumps(metadata, allow_nan=False),
+        }
+        data = safetensors_save(tensors, metadata=header)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path, *, device="cpu") -> EmotionBank:
+        """Read a bank saved by :meth:`save`; vectors are returned as float32 on ``device``.
+
+        Only safetensors is read (never pickle). A missing file raises FileNotFoundError; a
+        truncated or corrupt file, missing keys or metadata, shapes that do not match the
+        names and layers, or non-finite values raise one ValueError naming the file.
+        """
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"EmotionBank.load: no bank file at {str(path)!r}")
+
+        def bad(reason: str) -> ValueError:
+            return ValueError(f"EmotionBank.load: {str(path)!r} is not a valid emotion bank: "
+                              f"{reason}")
+
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as fh:
+                header = fh.metadata() or {}
+                keys = set(fh.keys())
+                tensors = {k: fh.get_tensor(k) for k in keys}
+        except Exception as exc:  # safetensors raises its own error types for corrupt files
+            raise bad(f"cannot read it as safetensors (truncated or corrupt?): {exc}") from exc
+        if header.get("format") != FORMAT:
+            raise bad(f"header 'format' is {header.get('format')!r}, expected {FORMAT!r}")
+        missing = [k for k in ("names", "layers", "metadata") if k not in header]
+        if missing:
+            raise bad(f"header lacks {missing}")
+        if "vectors" not in keys:
+            raise bad(f"no 'vectors' tensor (found {sorted(keys)})")
+        extra = keys - {"vectors", "hidden_norm"}
+        if extra:
+            raise bad(f"unexpected tensors {sorted(extra)}")
+        try:
+            names = json.loads(header["names"])
+            layers = json.loads(header["layers"])
+            metadata = json.loads(header["metadata"])
+        except json.JSONDecodeError as exc:
+            raise bad(f"header JSON does not parse: {exc}") from exc
+        if not isinstance(metadata, dict):
+            raise bad(f"header 'metadata' must be a JSON object, got {type(metadata).__name__}")
+        vectors = tensors["vectors"]
+        if not vectors.is_floating_point():
+            raise bad(f"vectors have dtype {vectors.dtype}")
+        hidden = tensors.get("hidden_norm")
+        try:
+            bank = cls(vectors.float().to(device), names, layers,
+                       hidden_norm=None if hidden is None else hidden.float().to(device),
+                       metadata=metadata)
+        except (TypeError, ValueError) as exc:
+            raise bad(str(exc).removeprefix("EmotionBank: ")) from exc
+        return bank
+
+    @classmethod
+    def default_path(cls, method: str = "ev") -> Path:
+        """Path of the shipped bank of the default model for ``method`` ("ev" or "concept")."""
+        if method not in METHODS:
+            _fail(f"method must be one of {METHODS}, got {method!r}")
+        return _DATA_DIR / f"default-{method}.safetensors"
+
+    @classmethod
+    def load_default(cls, method: str = "ev", *, device="cpu") -> EmotionBank:
+        """The shipped bank for the default model (SmolLM2-135M-Instruct).
+
+        ``method`` is ``"ev"`` (emotion-conditioned vs neutral responses) or ``"concept"``
+        (emotion-concept word sets). The files live in ``emokern/data/banks/``.
+        """
+        path = cls.default_path(method)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"EmotionBank.load_default: the shipped bank {str(path)!r} is missing; "
+                f"rebuild it with `emokern extract --method {method}` or reinstall emokern"
+            )
+        return cls.load(path, device=device)
+
+    # ---------------------------------------------------------------------------------------
+    # Reports
+    # ---------------------------------------------------------------------------------------
+
+    def summary(self) -> str:
+        """A human-readable report: metadata, names, per-layer vector norms and hidden norms."""
+        lines = [repr(self), "", "metadata:"]
+        meta = self._metadata
+        for key in sorted(meta):
+            value = meta[key]
+            if key == "fingerprint" and isinstance(value, dict):
+                value = ", ".join(f"{k}={v}" for k, v in value.items())
+            lines.append(f"  {key}: {value}")
+        if not meta:
+            lines.append("  (none)")
+        lines += ["", f"emotions ({self.n_emotions}): {', '.join(self._names)}",
+                  f"recommended: alpha={self.recommended_alpha:g}, "
+                  f"layers={self.recommended_layers}", ""]
+        norms = self.norms().cpu()
+        lines.append(f"{'layer':>5}  {'hidden':>8}  {'|v| min':>8}  {'|v| mean':>8}  "
+                     f"{'|v| max':>8}  {'mean |v|/hidden':>15}")
+        for i, layer in enumerate(self._layers):
+            row = norms[i]
+            if self._hidden_norm is not None:
+                h = float(self._hidden_norm[i])
+                hidden_txt, ratio_txt = f"{h:8.3g}", f"{float(row.mean()) / h:15.3g}"
+            else:
+                hidden_txt, ratio_txt = f"{'-':>8}", f"{'-':>15}"
+            lines.append(f"{layer:>5}  {hidden_txt}  {float(row.min()):8.3g}  "
+                         f"{float(row.mean()):8.3g}  {float(row.max()):8.3g}  {ratio_txt}")
+        return "\n".join(lines)
