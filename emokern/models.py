@@ -159,13 +159,16 @@ def _save_weights(model, directory: Path) -> None:
 def _build_gguf_cache(gguf: Path, final: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with _quiet_transformers():
-        tokenizer = AutoTokenizer.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name, local_files_only=True
-        )
-        model = AutoModelForCausalLM.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
-        )
+    try:
+        with _quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(
+                str(gguf.parent), gguf_file=gguf.name, local_files_only=True
+            )
+            model = AutoModelForCausalLM.from_pretrained(
+                str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
+            )
+    except Exception as exc:  # gguf/transformers raise many types for unreadable files
+        raise ValueError(f"could not load the GGUF file {str(gguf)!r}: {exc}") from exc
     config = model.config
     # The dequantized weights are plain float32: the reloaded model must not think it is GGUF.
     if hasattr(config, "quantization_config"):
@@ -196,10 +199,14 @@ def _gguf_tokenizer_dir(gguf: Path, cache_dir) -> Path:
     if not _is_complete_cache(only):
         from transformers import AutoTokenizer
 
-        with _quiet_transformers():
-            tokenizer = AutoTokenizer.from_pretrained(
-                str(gguf.parent), gguf_file=gguf.name, local_files_only=True
-            )
+        try:
+            with _quiet_transformers():
+                tokenizer = AutoTokenizer.from_pretrained(
+                    str(gguf.parent), gguf_file=gguf.name, local_files_only=True
+                )
+        except Exception as exc:  # as in _build_gguf_cache
+            raise ValueError(f"could not read the tokenizer of the GGUF file {str(gguf)!r}: "
+                             f"{exc}") from exc
         with _atomic_directory(only) as tmp:
             tokenizer.save_pretrained(tmp)
             (tmp / _COMPLETE_MARKER).write_text(json.dumps({"format": CACHE_FORMAT,
