@@ -95,7 +95,7 @@ def _check_metadata(metadata, layers: list[int]) -> dict:
         try:
             json.dumps(value, allow_nan=False)
         except (TypeError, ValueError) as exc:
-            _fail(f"metadata[{key!r}] is not JSON-serialisable ({exc})", TypeError)
+            _fail(f"metadata[{key!r}] is not JSON-serialisable ({exc})", type(exc))
         expected = _TYPED_KEYS.get(key)
         if expected is not None and (isinstance(value, bool) or not isinstance(value, expected)):
             names = " or ".join(t.__name__ for t in expected)
