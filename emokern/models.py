@@ -103,6 +103,9 @@ def _atomic_directory(final: Path):
     os.chmod(tmp, 0o777 & ~umask)
     try:
         yield tmp
+        if final.exists() and not _is_complete_cache(final):
+            # Not written by this module (a rename is all or nothing): replace it.
+            shutil.rmtree(final)
         try:
             os.replace(tmp, final)
         except OSError:
@@ -132,6 +135,15 @@ def _quiet_transformers():
                 hf_logging.enable_progress_bar()
 
     return manager()
+
+
+def _dtype_kwargs(dtype: torch.dtype) -> dict:
+    """``from_pretrained``'s dtype argument: ``dtype=`` since transformers 4.56, before that
+    ``torch_dtype=`` (still accepted, with a deprecation warning, by 5.x)."""
+    import transformers
+
+    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
 
 
 def _save_weights(model, directory: Path) -> None:
@@ -165,7 +177,8 @@ def _build_gguf_cache(gguf: Path, final: Path) -> None:
                 str(gguf.parent), gguf_file=gguf.name, local_files_only=True
             )
             model = AutoModelForCausalLM.from_pretrained(
-                str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
+                str(gguf.parent), gguf_file=gguf.name, local_files_only=True,
+                **_dtype_kwargs(torch.float32),
             )
     except Exception as exc:  # gguf/transformers raise many types for unreadable files
         raise ValueError(f"could not load the GGUF file {str(gguf)!r}: {exc}") from exc
@@ -312,7 +325,7 @@ def load_model(
     try:
         with _quiet_transformers():
             model = AutoModelForCausalLM.from_pretrained(
-                str(directory), dtype=dtype, local_files_only=True
+                str(directory), local_files_only=True, **_dtype_kwargs(dtype)
             )
     except (OSError, ValueError) as exc:
         raise ValueError(f"could not load a causal LM from {str(directory)!r}: {exc}") from exc
