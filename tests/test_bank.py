@@ -347,6 +347,25 @@ def test_load_rejects_malformed_banks(tmp_path, tensors, header, match):
     assert info.match(match)
 
 
+class _Tripwire:
+    """Unpickling this touches a marker file: proof that a loader ran pickle."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_load_never_unpickles(tmp_path):
+    marker = tmp_path / "unpickled"
+    path = tmp_path / "bank.safetensors"
+    torch.save({"vectors": torch.randn(1, 1, 4), "trap": _Tripwire(marker)}, path)
+    with pytest.raises(ValueError, match="cannot read it as safetensors"):
+        EmotionBank.load(path)
+    assert not marker.exists()
+
+
 def test_load_reads_safetensors_only():
     source = inspect.getsource(bank_module)
     tree = ast.parse(source)
