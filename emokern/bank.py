@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import os
 import tempfile
 from datetime import datetime, timezone
@@ -56,13 +57,24 @@ def _fail(message: str, exc: type[Exception] = ValueError):
     raise exc(f"EmotionBank: {message}")
 
 
+def _as_int(value, message: str) -> int:
+    """``value`` as a Python int (numpy and 0-d torch integers too), refusing bools and floats."""
+    if isinstance(value, bool):
+        _fail(message, TypeError)
+    try:
+        return operator.index(value)
+    except TypeError:
+        _fail(message, TypeError)
+
+
 def _check_int_list(name: str, values, *, unique: bool = True) -> list[int]:
     if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
         _fail(f"{name} must be a list of ints, got {type(values).__name__}", TypeError)
-    values = list(values)
+    checked = []
     for v in values:
-        if isinstance(v, bool) or not isinstance(v, int):
-            _fail(f"{name} must be a list of ints, got an element {v!r}", TypeError)
+        checked.append(_as_int(v, f"{name} must be a list of ints, got an element {v!r}"))
+    values = checked
+    for v in values:
         if v < 0:
             _fail(f"{name} must be non-negative (0-based decoder-layer indices), got {v}")
     if unique and len(set(values)) != len(values):
@@ -154,7 +166,10 @@ class EmotionBank:
         if vectors.dim() != 3:
             _fail(f"vectors must be [L, K, D], got shape {list(vectors.shape)}")
         n_layers, n_names, dim = vectors.shape
-        if n_layers != len(layers) or n_names != len(names) or dim < 1 or n_layers < 1:
+        if not names or not layers:
+            _fail(f"a bank needs at least one emotion and one layer, got {len(names)} names and "
+                  f"{len(layers)} layers")
+        if n_layers != len(layers) or n_names != len(names) or dim < 1:
             _fail(f"vectors has shape {list(vectors.shape)} but there are {len(layers)} layers "
                   f"and {len(names)} names (expected [{len(layers)}, {len(names)}, D >= 1])")
         norms = vectors.detach().float().norm(dim=-1)
@@ -289,9 +304,14 @@ class EmotionBank:
 
     def layer_index(self, layer: int) -> int:
         """Position of decoder layer ``layer`` on the L axis."""
-        if isinstance(layer, bool) or not isinstance(layer, int) or layer not in self._layers:
-            _fail(f"unknown layer {layer!r}; the bank has layers {self._layers}")
-        return self._layers.index(layer)
+        message = f"unknown layer {layer!r}; the bank has layers {self._layers}"
+        try:
+            as_int = None if isinstance(layer, bool) else operator.index(layer)
+        except TypeError:
+            as_int = None
+        if as_int is None or as_int not in self._layers:
+            _fail(message)
+        return self._layers.index(as_int)
 
     def vector(self, name: str, layer: int) -> torch.Tensor:
         """The vector [D] of emotion ``name`` at decoder layer ``layer`` (a view)."""
@@ -317,7 +337,7 @@ class EmotionBank:
             _fail(f"unknown emotions {unknown}; the bank has {self._names}")
         if layers is None:
             layers = self._layers
-        elif isinstance(layers, int) and not isinstance(layers, bool):
+        elif not hasattr(layers, "__iter__"):
             layers = [layers]
         layers = _check_int_list("layers", layers)
         missing = [layer for layer in layers if layer not in self._layers]

@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -88,6 +89,8 @@ def test_fallbacks_without_metadata():
     ({"layers": [0, 1.0, 2]}, TypeError, "list of ints"),
     ({"vectors": torch.randn(3, 2, 4)}, ValueError, r"shape \[3, 2, 4\].*3 names"),
     ({"vectors": torch.randn(3, 4)}, ValueError, r"\[L, K, D\]"),
+    ({"vectors": torch.randn(3, 0, 4), "names": []}, ValueError, "at least one emotion"),
+    ({"layers": [0, True, 2]}, TypeError, "list of ints"),
     ({"vectors": torch.randn(3, 3, 4).double()}, TypeError, "float32"),
     ({"vectors": [[[1.0]]]}, TypeError, "torch.Tensor"),
     ({"hidden_norm": torch.ones(2)}, ValueError, r"hidden_norm must have shape \[3\]"),
@@ -136,6 +139,8 @@ def test_select_keeps_the_order_given(tiny):
     assert bank.select(layers=[1, 3]).recommended_layers == [1]
     assert bank.select("anger").names == ["anger"]
     assert bank.select(layers=3).layers == [3]
+    assert bank.select(layers=np.array([3, 1])).layers == [3, 1]
+    assert torch.equal(bank.vector("joy", np.int64(1)), bank.vector("joy", 1))
     # select copies: writing into the selection leaves the bank alone.
     sub.vectors.zero_()
     assert bank.vector("fear", 3).norm() > 0
