@@ -55,10 +55,11 @@ def run_backend(backend, hidden, vectors, weights, mask, norm_preserving):
     batch, seq_len, _ = hidden.shape
     n_vec = vectors.shape[0]
     proj = torch.full((batch, seq_len, n_vec), float("nan"))
-    run = emokern.RunningProjections(batch, n_vec)
-    run.sum.normal_()
+    run = emokern.RunningProjections(batch, n_vec)  # start from earlier calls' statistics
+    gen = torch.Generator().manual_seed(batch * n_vec)
+    run.sum.normal_(generator=gen)
     run.count.fill_(3)
-    run.last.normal_()
+    run.last.normal_(generator=gen)
     emokern.steer_(hidden, vectors, weights, mask=mask, norm_preserving=norm_preserving,
                    proj_out=proj, running=run, backend=backend)
     return proj, run
