@@ -1,7 +1,27 @@
-"""emokern: fused emotion steering and monitoring for transformer language models."""
+"""emokern: fused emotion steering and monitoring for transformer language models.
+
+>>> import emokern
+>>> model, tok = emokern.load_model("default")
+>>> bank = emokern.EmotionBank.load_default()
+>>> with emokern.steer(model, bank, mix=[{"joy": 2.0}, {}]) as s:
+...     out = model.generate(**tok(["Hi", "Hi"], return_tensors="pt", padding=True))
+>>> s.monitor.mean()   # [B, L, K]
+"""
 
 __version__ = "0.1.0"
 
+from emokern.bank import EmotionBank
+from emokern.models import load_model
 from emokern.ops import RunningProjections, available_backends, steer_
+from emokern.steer import Steerer, steer
 
-__all__ = ["RunningProjections", "__version__", "available_backends", "steer_"]
+__all__ = [
+    "EmotionBank",
+    "RunningProjections",
+    "Steerer",
+    "__version__",
+    "available_backends",
+    "load_model",
+    "steer",
+    "steer_",
+]
