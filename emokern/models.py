@@ -97,10 +97,8 @@ def _atomic_directory(final: Path):
     """
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    # mkdtemp makes a private (0700) directory; a cache should get the usual permissions.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
+    # mkdtemp makes a private (0700) directory; a shared cache should be world-readable.
+    os.chmod(tmp, 0o755)
     try:
         yield tmp
         if final.exists() and not _is_complete_cache(final):
@@ -117,8 +115,9 @@ def _atomic_directory(final: Path):
 
 
 def _quiet_transformers():
-    """Silence transformers' progress bars and warnings during a load (GGUF prints a bar of
-    272 tensors and, for tied weights, a harmless 'missing lm_head' notice)."""
+    """Silence transformers' warnings and weight-loading bars during a load (for tied weights
+    it reports a harmless 'missing lm_head'). The GGUF dequantization bar has its own tqdm and
+    stays, which suits a once-only load of ~20 s."""
     from transformers.utils import logging as hf_logging
 
     @contextlib.contextmanager
