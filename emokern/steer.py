@@ -825,10 +825,12 @@ def generate(
     Returns
     -------
     list of dict
-        One per row: ``prompt``, ``mix`` (dict), ``text`` (the generated continuation),
-        ``n_tokens`` and ``projections`` (emotion → mean projection over the generated tokens,
-        averaged over the steered layers; the readings of what the model carried while
-        writing the text).
+        One per row: ``prompt``, ``mix`` (dict), ``text`` (the generated continuation, up to
+        its end-of-sequence token), ``n_tokens`` (generated tokens, EOS included) and
+        ``projections`` (emotion → mean projection of the states that chose the row's
+        ``n_tokens`` tokens, from :meth:`Monitor.trajectory`, averaged over the steered
+        layers: what the model carried while writing the text; tokens after a row's EOS, which
+        ``generate`` keeps feeding while other rows run, are left out).
     """
     prompts, mixes = _broadcast(prompts, mixes)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
@@ -836,7 +838,8 @@ def generate(
         _fail(ValueError, f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     device = next(model.parameters()).device
     steerer = steer(model, bank, mixes, layers=layers, positions=positions,
-                    norm_preserving=norm_preserving, monitor="generated", spread=spread)
+                    norm_preserving=norm_preserving, monitor=False, trajectory=True,
+                    spread=spread)
     encoded = encode_prompts(tokenizer, prompts, chat=chat, device=device)
     options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample,
                                "pad_token_id": tokenizer.pad_token_id}
@@ -848,17 +851,30 @@ def generate(
         torch.manual_seed(seed)
         output = model.generate(**encoded, **options)
     prompt_length = encoded["input_ids"].shape[1]
-    readings = steerer.monitor.summary()
+    trajectory = steerer.monitor.trajectory()  # [S, B, L, K]
+    stops = _eos_ids(model, tokenizer)
     rows = []
     for b, (prompt, mix) in enumerate(zip(prompts, mixes, strict=True)):
-        new_tokens = output[b, prompt_length:]
-        if tokenizer.pad_token_id is not None:
-            new_tokens = new_tokens[new_tokens != tokenizer.pad_token_id]
+        new_tokens = output[b, prompt_length:].cpu()
+        ended = [i for i, token in enumerate(new_tokens.tolist()) if token in stops]
+        n_tokens = ended[0] + 1 if ended else int(new_tokens.numel())
+        readings = trajectory[:n_tokens, b].mean(dim=(0, 1))
         rows.append({
             "prompt": prompt,
             "mix": {k: float(v) for k, v in mix.items()},
-            "text": tokenizer.decode(new_tokens, skip_special_tokens=True),
-            "n_tokens": int(new_tokens.numel()),
-            "projections": readings[b],
+            "text": tokenizer.decode(new_tokens[:n_tokens], skip_special_tokens=True),
+            "n_tokens": n_tokens,
+            "projections": {name: float(readings[k]) for k, name in enumerate(steerer.names)},
         })
     return rows
+
+
+def _eos_ids(model: nn.Module, tokenizer) -> set[int]:
+    ids = set()
+    config = getattr(model, "generation_config", None)
+    for value in (getattr(config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids

@@ -1,0 +1,562 @@
+"""Steering real transformers models with emokern.steer: per-row mixes, positions, monitor.
+
+Fast tests use tiny randomly initialised Llama and GPT-2 models (the real tokenizer); the
+tests marked ``slow`` load the default model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from emokern.bank import EmotionBank
+from emokern.models import decoder_layers, model_fingerprint, tiny_model
+from emokern.steer import Steerer, encode_prompts, generate, parse_mix, steer
+
+NAMES = ["joy", "sadness", "fear"]
+PROMPTS = ["the cat sat on the mat and looked", "hello", "why is the sky blue"]
+
+
+def _load_baseline():
+    path = Path(__file__).resolve().parents[1] / "bench" / "baseline.py"
+    spec = importlib.util.spec_from_file_location("emokern_bench_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_bank(model, *, seed: int = 0, scale: float = 1.0, names=NAMES, fingerprint=True):
+    """A bank of random vectors at every decoder layer of ``model``."""
+    n_layers = len(decoder_layers(model))
+    dim = model.config.hidden_size
+    generator = torch.Generator().manual_seed(seed)
+    vectors = torch.randn(n_layers, len(names), dim, generator=generator) * scale
+    metadata = {"recommended_layers": [1, 2]}
+    if fingerprint:
+        metadata["fingerprint"] = model_fingerprint(model)
+    return EmotionBank(vectors, list(names), list(range(n_layers)), metadata=metadata)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # Tiny models gain nothing from intra-op threads, and on a loaded 2-core machine each
+    # parallel region waits for a descheduled thread (forwards get ~15x slower).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def family(request):
+    model, tokenizer = tiny_model(request.param)
+    return model, tokenizer, make_bank(model)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    model, tokenizer = tiny_model("llama")
+    return model, tokenizer, make_bank(model)
+
+
+def encode(tokenizer, prompts=PROMPTS):
+    return encode_prompts(tokenizer, prompts, chat=False)
+
+
+def logits(model, encoded):
+    with torch.inference_mode():
+        return model(**encoded).logits
+
+
+def greedy(model, tokenizer, encoded, new_tokens=6, **options):
+    with torch.inference_mode():
+        out = model.generate(**encoded, max_new_tokens=new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, **options)
+    return out[:, encoded["input_ids"].shape[1]:]
+
+
+def hook_counts(model):
+    return [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
+
+
+class Capture:
+    """Clones a layer's output before and after the steering hook (forward hooks run in
+    registration order: ``before`` is registered before the steerer installs, ``after`` after)."""
+
+    def __init__(self, layer):
+        self.layer = layer
+        self.before, self.after = [], []
+        self._handles = [layer.register_forward_hook(self._grab(self.before))]
+
+    def _grab(self, store):
+        def hook(module, args, output):
+            store.append((output if isinstance(output, torch.Tensor) else output[0]).clone())
+        return hook
+
+    def attach_after(self):
+        self._handles.append(self.layer.register_forward_hook(self._grab(self.after)))
+
+    def remove(self):
+        for handle in self._handles:
+            handle.remove()
+
+    def changed(self):
+        """Per forward, which token rows the steering modified: list of [B, T] bool."""
+        return [(a != b).any(dim=-1) for a, b in zip(self.after, self.before, strict=True)]
+
+
+# ------------------------------------------------------------------------ exactness
+
+
+def test_zero_mix_is_bit_identical(family):
+    model, tokenizer, bank = family
+    encoded = encode(tokenizer)
+    plain = logits(model, encoded)
+    plain_tokens = greedy(model, tokenizer, encoded)
+    zeros = [{}, {"joy": 0.0, "fear": 0.0}, {"sadness": 0.0}]
+    for positions in ("all", "prompt", "generated"):
+        with steer(model, bank, zeros, layers=[0, 1, 2, 3], positions=positions) as s:
+            assert torch.equal(logits(model, encoded), plain)
+            assert torch.equal(greedy(model, tokenizer, encoded), plain_tokens)
+        assert s.monitor.count().sum() > 0  # the monitor did read those forwards
+
+
+def test_steering_changes_output_and_remove_restores_bit_identical(family):
+    model, tokenizer, bank = family
+    encoded = encode(tokenizer)
+    hooks_before = hook_counts(model)
+    plain = logits(model, encoded)
+    with steer(model, bank, [{"joy": 1.0}, {"fear": -1.0}, {}], layers=[1, 2]) as s:
+        assert s.installed and hook_counts(model) != hooks_before
+        steered = logits(model, encoded)
+    assert not s.installed
+    assert hook_counts(model) == hooks_before
+    real = encoded["attention_mask"].bool()
+    assert (steered[0] - plain[0])[real[0]].abs().max() > 1e-3
+    assert (steered[1] - plain[1])[real[1]].abs().max() > 1e-3
+    assert torch.equal(steered[2], plain[2])  # the empty mix's row
+    assert torch.equal(logits(model, encoded), plain)
+    # Explicit install/remove, twice, gives the same.
+    s.install()
+    s.install()
+    assert torch.equal(logits(model, encoded), steered)
+    s.remove()
+    assert torch.equal(logits(model, encoded), plain)
+
+
+def test_row_does_not_depend_on_other_rows_mixes(family):
+    model, tokenizer, bank = family
+    encoded = encode(tokenizer)
+    runs = []
+    for neighbours in ([{"sadness": 2.0}, {"fear": -1.5}], [{}, {"joy": 3.0, "fear": 1.0}]):
+        with steer(model, bank, [{"joy": 1.5}, *neighbours], layers=[1, 2]):
+            runs.append((logits(model, encoded), greedy(model, tokenizer, encoded)))
+    assert torch.equal(runs[0][0][0], runs[1][0][0])
+    assert torch.equal(runs[0][1][0], runs[1][1][0])
+    assert not torch.equal(runs[0][0][1], runs[1][0][1])
+
+
+@pytest.mark.parametrize("spread", ["divide", "each"])
+def test_matches_naive_baseline_for_a_shared_mix(family, spread):
+    baseline = _load_baseline()
+    model, tokenizer, bank = family
+    encoded = encode(tokenizer)
+    mix = {"joy": 1.5, "fear": -0.5}
+    layers = [0, 2, 3]
+    with steer(model, bank, [mix] * 3, layers=layers, spread=spread):
+        fused = logits(model, encoded)
+    with baseline.NaiveSteering(model, baseline.shared_deltas(bank, mix, layers, spread)):
+        naive = logits(model, encoded)
+    real = encoded["attention_mask"].bool()
+    # The naive hooks also steer the left padding; padding never influences real tokens.
+    torch.testing.assert_close(fused[real], naive[real], rtol=1e-4, atol=1e-4)
+    assert (fused[real] - logits(model, encoded)[real]).abs().max() > 1e-2
+
+
+@pytest.mark.skipif(not _load_baseline().steering_vectors_available(),
+                    reason="steering-vectors is not installed")
+def test_matches_steering_vectors_library(llama):
+    baseline = _load_baseline()
+    model, tokenizer, bank = llama
+    encoded = encode(tokenizer, ["a plain prompt without padding"])
+    mix = {"sadness": 2.0}
+    with steer(model, bank, [mix], layers=[1, 3]):
+        fused = logits(model, encoded)
+    with baseline.steering_vectors_patch(model, baseline.shared_deltas(bank, mix, [1, 3])):
+        library = logits(model, encoded)
+    torch.testing.assert_close(fused, library, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------ positions, padding
+
+
+@pytest.mark.parametrize("positions", ["all", "prompt", "generated"])
+def test_positions_and_padding(family, positions):
+    model, tokenizer, bank = family
+    encoded = encode(tokenizer)
+    real = encoded["attention_mask"].bool()
+    assert not real.all()  # the batch has left padding
+    capture = Capture(decoder_layers(model)[2])
+    try:
+        s = steer(model, bank, [{"joy": 1.0}, {"sadness": 2.0}, {"fear": -1.0}], layers=[2],
+                  positions=positions).install()
+        capture.attach_after()
+        new_tokens = 4
+        greedy(model, tokenizer, encoded, new_tokens=new_tokens)
+        s.remove()
+    finally:
+        capture.remove()
+    changed = capture.changed()
+    assert len(changed) == new_tokens  # one prefill + 3 decode steps
+    prompt_expected = real if positions in ("all", "prompt") else torch.zeros_like(real)
+    assert torch.equal(changed[0], prompt_expected)
+    for step in changed[1:]:
+        assert step.shape == (3, 1)
+        assert bool(step.all()) == (positions in ("all", "generated"))
+        assert bool(step.any()) == (positions in ("all", "generated"))
+    counted = torch.zeros(3, dtype=torch.int64)
+    if positions in ("all", "prompt"):
+        counted += real.sum(dim=1)
+    if positions in ("all", "generated"):
+        counted += new_tokens - 1
+    assert torch.equal(s.monitor.count(), counted)
+
+
+def test_monitor_positions_can_differ_from_steered_positions(llama):
+    model, tokenizer, bank = llama
+    encoded = encode(tokenizer)
+    real = encoded["attention_mask"].bool()
+    plain_tokens = greedy(model, tokenizer, encoded, new_tokens=4)
+    # Monitor the generated tokens while steering nothing but the prompt...
+    with steer(model, bank, [{"joy": 2.0}] * 3, layers=[1], positions="prompt",
+               monitor="generated") as s:
+        greedy(model, tokenizer, encoded, new_tokens=4)
+    assert torch.equal(s.monitor.count(), torch.full((3,), 3))
+    # ...and count every real token while steering none: the output stays bit-identical.
+    with steer(model, bank, [{}] * 3, layers=[1], positions="generated", monitor="all") as s:
+        assert torch.equal(greedy(model, tokenizer, encoded, new_tokens=4), plain_tokens)
+    assert torch.equal(s.monitor.count(), real.sum(dim=1) + 3)
+
+
+def test_plain_forward_without_attention_mask_steers_every_token(llama):
+    model, tokenizer, bank = llama
+    ids = tokenizer(["one two three four"], return_tensors="pt")["input_ids"]
+    with steer(model, bank, [{"joy": 1.0}], layers=[1]) as s, torch.inference_mode():
+        model(input_ids=ids)
+    assert s.monitor.count().tolist() == [ids.shape[1]]
+
+
+# ------------------------------------------------------------------------ monitor
+
+
+def _unit(bank, layer):
+    v = bank.layer_vectors(layer).float()
+    return v / v.norm(dim=-1, keepdim=True)
+
+
+def test_running_projections_equal_recomputation_from_hidden_states(family):
+    """The op reads the output of decoder layer l *before* steering it. With
+    output_hidden_states, hidden_states[l + 1] is that same tensor *after* the in-place steer
+    (transformers records the layer's output object), so the op's input is
+    hidden_states[l + 1] - delta on the steered rows. (The last layer's entry is replaced by
+    the final norm's output, so it cannot be recomputed this way; the test steers inner
+    layers.)"""
+    model, tokenizer, bank = family
+    encoded = encode(tokenizer)
+    real = encoded["attention_mask"].bool()
+    mixes = [{"joy": 1.0}, {"sadness": 0.5, "fear": -1.0}, {}]
+    layers = [1, 2]
+    with steer(model, bank, mixes, layers=layers, trajectory=True) as s, torch.inference_mode():
+        hidden = model(**encoded, output_hidden_states=True).hidden_states
+    weights = s.weights / len(layers)  # spread="divide"
+    for slot, layer in enumerate(layers):
+        delta = weights @ bank.layer_vectors(layer).float()  # [B, D]
+        before = hidden[layer + 1].float() - real[..., None] * delta[:, None, :]
+        p = before @ _unit(bank, layer).T  # [B, T, K]
+        expected = (p * real[..., None]).sum(dim=1) / real.sum(dim=1, keepdim=True)
+        torch.testing.assert_close(s.monitor.mean()[:, slot], expected, rtol=1e-4, atol=1e-4)
+        # The newest token's projections: the last column (left padding).
+        torch.testing.assert_close(s.monitor.last()[:, slot], p[:, -1], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(s.monitor.trajectory()[0, :, slot], p[:, -1],
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_trajectory_has_one_step_per_generated_token(llama):
+    model, tokenizer, bank = llama
+    encoded = encode(tokenizer)
+    with steer(model, bank, [{"joy": 1.0}, {}, {"fear": 2.0}], layers=[1, 3],
+               trajectory=True) as s:
+        greedy(model, tokenizer, encoded, new_tokens=5)
+        trajectory = s.monitor.trajectory()
+        assert trajectory.shape == (5, 3, 2, 3)
+        assert torch.isfinite(trajectory).all()
+        # The last step is the newest token the monitor counted.
+        torch.testing.assert_close(trajectory[-1], s.monitor.last())
+        assert s.monitor.mean().shape == (3, 2, 3)
+        # A new prompt forward restarts the statistics.
+        greedy(model, tokenizer, encoded, new_tokens=2)
+        assert s.monitor.trajectory().shape[0] == 2
+    with steer(model, bank, [{}] * 3, layers=[1]) as s:
+        with pytest.raises(ValueError, match="trajectory=True"):
+            s.monitor.trajectory()
+
+
+def test_monitor_summary_and_reset(llama):
+    model, tokenizer, bank = llama
+    encoded = encode(tokenizer)
+    with steer(model, bank, [{"joy": 1.0}, {}, {}], layers=[1, 2]) as s:
+        greedy(model, tokenizer, encoded, new_tokens=3)
+    summary = s.monitor.summary()
+    assert len(summary) == 3 and set(summary[0]) == set(NAMES)
+    mean = s.monitor.mean().mean(dim=1)
+    assert summary[1]["fear"] == pytest.approx(float(mean[1, 2]))
+    s.monitor.reset([0])
+    assert s.monitor.count()[0] == 0 and s.monitor.count()[1] > 0
+    assert torch.isnan(s.monitor.mean()[0]).all()
+
+
+# ------------------------------------------------------------------------ set_mix
+
+
+class _SwitchMix(LogitsProcessor):
+    """Calls steerer.set_mix(mix) once generation has produced ``after`` tokens."""
+
+    def __init__(self, steerer, mix, after, prompt_length):
+        self.steerer, self.mix, self.after, self.prompt_length = steerer, mix, after, prompt_length
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[1] - self.prompt_length == self.after:
+            self.steerer.set_mix(self.mix)
+        return scores
+
+
+def test_set_mix_mid_generation_without_reinstall(llama):
+    model, tokenizer, bank = llama
+    encoded = encode(tokenizer)
+    capture = Capture(decoder_layers(model)[1])
+    try:
+        s = steer(model, bank, [{"joy": 2.0}] * 3, layers=[1]).install()
+        capture.attach_after()
+        handles = list(s._handles)
+        weights_storage = s._applied[torch.device("cpu")].data_ptr()
+        switch = _SwitchMix(s, [{}] * 3, after=2, prompt_length=encoded["input_ids"].shape[1])
+        greedy(model, tokenizer, encoded, new_tokens=5,
+               logits_processor=LogitsProcessorList([switch]))
+        assert s._handles == handles
+        assert s._applied[torch.device("cpu")].data_ptr() == weights_storage
+        s.remove()
+    finally:
+        capture.remove()
+    changed = [bool(c.any()) for c in capture.changed()]
+    # The processor sees the logits of forward f with f tokens generated so far: it switches
+    # after forward 2, so forwards 0 (prefill), 1 and 2 are steered and 3, 4 are not.
+    assert changed == [True, True, True, False, False]
+
+
+def test_set_mix_between_generate_calls_equals_a_fresh_steerer(llama):
+    model, tokenizer, bank = llama
+    encoded = encode(tokenizer)
+    first, second = [{"joy": 1.0}] * 3, [{"fear": 2.0}, {}, {"sadness": -1.0, "joy": 0.5}]
+    with steer(model, bank, second, layers=[1, 2]):
+        expected = greedy(model, tokenizer, encoded)
+    with steer(model, bank, first, layers=[1, 2]) as s:
+        greedy(model, tokenizer, encoded)
+        s.set_mix(second)
+        assert torch.equal(greedy(model, tokenizer, encoded), expected)
+        assert torch.equal(s.weights[2], torch.tensor([0.5, -1.0, 0.0]))  # joy, sadness, fear
+        # A tensor mix over bank.names works the same.
+        s.set_mix(torch.tensor([[0.0, 0.0, 2.0], [0.0, 0.0, 0.0], [0.5, -1.0, 0.0]]))
+        assert torch.equal(greedy(model, tokenizer, encoded), expected)
+        # A different batch size reallocates.
+        s.set_mix([{"joy": 1.0}])
+        greedy(model, tokenizer, encode(tokenizer, ["single prompt"]))
+        assert s.monitor.count().shape == (1,)
+
+
+def test_norm_preserving_keeps_each_steered_row_norm(llama):
+    model, tokenizer, bank = llama
+    encoded = encode(tokenizer)
+    capture = Capture(decoder_layers(model)[2])
+    try:
+        s = steer(model, bank, [{"joy": 3.0}, {"fear": -2.0}, {}], layers=[2],
+                  norm_preserving=True).install()
+        capture.attach_after()
+        logits(model, encoded)
+        s.remove()
+    finally:
+        capture.remove()
+    before, after = capture.before[0], capture.after[0]
+    real = encoded["attention_mask"].bool()
+    torch.testing.assert_close(after.norm(dim=-1)[real], before.norm(dim=-1)[real],
+                               rtol=1e-5, atol=1e-6)
+    assert (after[0] - before[0]).abs().max() > 1e-3
+
+
+def test_sampling_and_bfloat16():
+    model, tokenizer = tiny_model("llama", seed=3)
+    model = model.to(torch.bfloat16)
+    bank = make_bank(model)
+    encoded = encode(tokenizer)
+    with steer(model, bank, [{"joy": 1.0}, {}, {"fear": 1.0}], layers=[1, 2]) as s, \
+            torch.inference_mode():
+        out = model.generate(**encoded, max_new_tokens=4, do_sample=True, top_k=20,
+                             pad_token_id=tokenizer.pad_token_id)
+    assert out.shape[1] == encoded["input_ids"].shape[1] + 4
+    assert torch.isfinite(s.monitor.mean()).all()
+
+
+# ------------------------------------------------------------------------ errors
+
+
+def _bad_steer_cases(model, bank):
+    other, _ = tiny_model("llama", seed=1)
+    return [
+        (dict(mix=[{"happiness": 1.0}]), ValueError, "unknown emotion 'happiness'"),
+        (dict(mix=[{"joy": float("nan")}]), ValueError, "must be finite"),
+        (dict(mix=[{"joy": math.inf}]), ValueError, "must be finite"),
+        (dict(mix=[{"joy": "2"}]), TypeError, "must be a number"),
+        (dict(mix=[{"joy": True}]), TypeError, "must be a number"),
+        (dict(mix={"joy": 1.0}), TypeError, "one dict per sequence"),
+        (dict(mix=[]), ValueError, "at least one row"),
+        (dict(mix=[["joy", 1.0]]), TypeError, r"mix\[0\] must be a dict"),
+        (dict(mix=torch.zeros(2, 5)), ValueError, r"\[B, K\] with K = 3"),
+        (dict(mix=torch.tensor([[0.0, float("nan"), 0.0]])), ValueError, "must be finite"),
+        (dict(mix=[{}], layers=[7]), ValueError, "layer 7 is outside the model"),
+        (dict(mix=[{}], layers=[-1]), ValueError, "outside the model"),
+        (dict(mix=[{}], layers=[1, 1]), ValueError, "twice"),
+        (dict(mix=[{}], layers=[]), ValueError, "non-empty"),
+        (dict(mix=[{}], layers="middle"), ValueError, "'auto'"),
+        (dict(mix=[{}], positions="decode"), ValueError, "positions must be one of"),
+        (dict(mix=[{}], monitor="sometimes"), ValueError, "monitor must be"),
+        (dict(mix=[{}], spread="sum"), ValueError, "spread must be one of"),
+        (dict(mix=[{}], emotions=["anger"]), ValueError, "unknown emotion 'anger'"),
+        (dict(mix=[{}], bank=make_bank(other)), ValueError, "not compatible"),
+        (dict(mix=[{}], bank=make_bank(model).select(layers=[0, 1])), ValueError,
+         "layer 2 has no vectors in the bank"),
+    ]
+
+
+def test_bad_input_raises_before_anything_is_modified(llama):
+    model, tokenizer, bank = llama
+    hooks_before = hook_counts(model)
+    for kwargs, exc, message in _bad_steer_cases(model, bank):
+        kwargs = dict(kwargs)
+        chosen_bank = kwargs.pop("bank", bank)
+        mix = kwargs.pop("mix")
+        if "layers" not in kwargs and chosen_bank is not bank:
+            kwargs["layers"] = [1, 2]
+        with pytest.raises(exc, match=message):
+            steer(model, chosen_bank, mix, **kwargs)
+        assert hook_counts(model) == hooks_before, kwargs
+
+
+def test_unsupported_architecture_names_what_was_looked_for(llama):
+    _, _, bank = llama
+    with pytest.raises(ValueError, match="cannot find the decoder layers"):
+        steer(torch.nn.Linear(4, 4), bank, [{}])
+
+
+def test_wrong_batch_raises_before_any_layer_runs(llama):
+    model, tokenizer, bank = llama
+    encoded = encode(tokenizer)  # 3 rows
+    calls = []
+    probe = decoder_layers(model)[0].register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        with steer(model, bank, [{"joy": 1.0}, {}], layers=[1]):
+            with pytest.raises(ValueError, match="mix has 2 rows but the model got a batch of 3"):
+                logits(model, encoded)
+            with pytest.raises(ValueError, match="num_return_sequences"):
+                greedy(model, tokenizer, encode(tokenizer, ["a"]), num_return_sequences=2)
+    finally:
+        probe.remove()
+    assert calls == []
+
+
+def test_set_mix_validates_before_changing_anything(llama):
+    model, tokenizer, bank = llama
+    s = steer(model, bank, [{"joy": 1.0}, {}], layers=[1])
+    before = s.weights
+    for bad in ([{"joy": float("nan")}, {}], [{"rage": 1.0}, {}], "joy=1"):
+        with pytest.raises((ValueError, TypeError)):
+            s.set_mix(bad)
+    assert torch.equal(s.weights, before)
+
+
+def test_grad_mode_forward_gets_a_clear_error(llama):
+    model, tokenizer, bank = llama
+    encoded = encode(tokenizer)
+    with steer(model, bank, [{}] * 3, layers=[1]):
+        with pytest.raises(RuntimeError, match="torch.no_grad"):
+            model(**encoded)
+        with torch.no_grad():
+            model(**encoded)
+
+
+# ------------------------------------------------------------------------ helpers
+
+
+def test_parse_mix():
+    assert parse_mix("joy=2") == {"joy": 2.0}
+    assert parse_mix(" sadness = 1.5 , fear=-0.5 ") == {"sadness": 1.5, "fear": -0.5}
+    assert parse_mix("") == {} and parse_mix("none") == {}
+    for bad, message in (("joy", "bad term"), ("joy=", "bad term"), ("=1", "bad term"),
+                         ("joy=abc", "must be a number"), ("joy=nan", "must be finite"),
+                         ("joy=1,joy=2", "twice"), ("joy=1,,fear=2", "bad term")):
+        with pytest.raises(ValueError, match=message):
+            parse_mix(bad)
+    with pytest.raises(TypeError):
+        parse_mix({"joy": 1.0})
+
+
+def test_generate_convenience(llama):
+    model, tokenizer, bank = llama
+    rows = generate(model, tokenizer, bank, "Tell me a story.", [{"joy": 2.0}, "fear=1", {}],
+                    max_new_tokens=5, layers=[1, 2])
+    assert [r["mix"] for r in rows] == [{"joy": 2.0}, {"fear": 1.0}, {}]
+    for row in rows:
+        assert row["prompt"] == "Tell me a story."
+        assert isinstance(row["text"], str) and 1 <= row["n_tokens"] <= 5
+        assert set(row["projections"]) == set(NAMES)
+        assert all(math.isfinite(v) for v in row["projections"].values())
+    # The empty mix's row is the unsteered generation.
+    encoded = encode_prompts(tokenizer, ["Tell me a story."] * 3)
+    plain = greedy(model, tokenizer, encoded, new_tokens=5)[2]
+    assert rows[2]["text"] == tokenizer.decode(plain[:rows[2]["n_tokens"]],
+                                               skip_special_tokens=True)
+    with pytest.raises(ValueError, match="2 prompts and 3 mixes"):
+        generate(model, tokenizer, bank, ["a", "b"], [{}, {}, {}], max_new_tokens=2)
+
+
+def test_steerer_repr_and_defaults(llama):
+    model, _, bank = llama
+    s = steer(model, bank, [{"joy": 1.0}])
+    assert isinstance(s, Steerer)
+    assert s.layers == (1, 2)  # bank.recommended_layers
+    assert "installed" in repr(s) and "joy" in repr(s)
+
+
+# ------------------------------------------------------------------------ real model
+
+
+@pytest.mark.slow
+@pytest.mark.model
+def test_default_model_empty_row_equals_unsteered_generation():
+    from emokern.benchmarks.generate import benchmark_bank
+    from emokern.models import load_model
+
+    model, tokenizer = load_model("default")
+    bank, _ = benchmark_bank(model, tokenizer)
+    prompts = ["Tell me about your weekend.", "Tell me about your weekend."]
+    encoded = encode_prompts(tokenizer, prompts)
+    joy = {"joy": 4.0 * bank.recommended_alpha}
+    with steer(model, bank, [joy, {}], layers=list(range(10, 20))) as s:
+        steered = greedy(model, tokenizer, encoded, new_tokens=24)
+    plain = greedy(model, tokenizer, encoded, new_tokens=24)
+    assert torch.equal(steered[1], plain[1])
+    assert not torch.equal(steered[0], plain[0])
+    assert s.monitor.mean().shape == (2, 10, bank.n_emotions)
