@@ -1,0 +1,359 @@
+"""The Triton kernel of ``emokern::steer_`` against the reference.
+
+Without a GPU the kernel runs on CPU tensors under ``TRITON_INTERPRET=1`` (set by conftest.py
+before Triton is imported), so the shapes are small; on a GPU machine the same tests run the
+compiled kernel on CUDA tensors. Tolerances follow flash-attention's rule: the kernel's error
+against a float32 reference may be at most twice the error of the reference itself run in the
+same storage dtype, plus a small atol.
+
+``test_compiles_for_sm90`` lowers the kernel all the way to an sm_90 cubin with Triton's own
+compiler and ptxas (no GPU or driver needed) and checks that it spills nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import emokern
+from emokern.ops import triton_steer
+from emokern.ops.reference import ref_steer_
+from emokern.ops.triton_steer import launch_config, triton_steer_
+
+pytestmark = pytest.mark.triton
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# (B, T, D, K) and the launch path each exercises (checked, so a config change cannot silently
+# leave a path untested).
+SHAPES = {
+    "decode-1x1": ((1, 1, 1, 1), dict(rows=1, single_tile=True)),
+    "decode-D64": ((3, 1, 64, 6), dict(rows=1, single_tile=True)),
+    "D7-K33": ((2, 5, 7, 33), dict(rows=1, single_tile=True)),
+    "rows-D577-K17": ((1, 3, 577, 17), dict(rows=1, single_tile=False)),
+    "rows-D577-K1": ((4, 3, 577, 1), dict(rows=1, single_tile=True)),
+    "dot-D200": ((2, 66, 200, 5), dict(rows=16, single_tile=False)),
+    "dot-D31-K20": ((1, 130, 31, 20), dict(rows=16, single_tile=True)),
+}
+
+
+def _make_mask(kind: str, batch: int, seq_len: int, gen: torch.Generator):
+    if kind == "none":
+        return None
+    if kind == "all":
+        return torch.ones(batch, seq_len, dtype=torch.bool)
+    mask = torch.rand(batch, seq_len, generator=gen) < 0.5
+    if batch > 1:
+        mask[0] = False  # a sequence with nothing to steer or count
+    # The newest masked row well before the end: run_last must come from an earlier chunk.
+    mask[-1, seq_len // 2:] = False
+    mask[-1, max(0, seq_len // 2 - 1)] = True
+    return mask
+
+
+def _random_inputs(shape, dtype, gen):
+    batch, seq_len, dim, n_vec = shape
+    hidden = (torch.randn(batch, seq_len, dim, generator=gen) * 3).to(dtype)
+    vectors = torch.randn(n_vec, dim, generator=gen)
+    weights = torch.randn(batch, n_vec, generator=gen) * 2 / math.sqrt(n_vec)
+    return hidden, vectors, weights
+
+
+def _steer_twice(fn, hiddens, vectors, weights, mask, norm, with_proj=True, with_run=True):
+    """Two calls (two decode or prefill steps) sharing one RunningProjections; returns the
+    steered hiddens, the projections of each call and the running statistics."""
+    batch, seq_len, _ = hiddens[0].shape
+    run = emokern.RunningProjections(batch, vectors.shape[0], device=hiddens[0].device)
+    projs = []
+    for hidden in hiddens:
+        proj = None
+        if with_proj:
+            proj = torch.full((batch, seq_len, vectors.shape[0]), float("nan"),
+                              device=hidden.device)
+        fn(hidden, vectors, weights, mask, norm, proj,
+           *(run.tensors() if with_run else (None, None, None)))
+        projs.append(proj)
+    return hiddens, projs, run
+
+
+def _to(device, *tensors):
+    return [None if t is None else t.to(device) for t in tensors]
+
+
+def assert_flash_close(name: str, out, ref32, ref_low, rtol: float = 1e-5):
+    """``max|out - ref32| <= 2 max|ref_low - ref32| + atol`` with ``atol = rtol * max|ref32|``
+    (NaN allowed only where the reference has NaN)."""
+    out, ref32, ref_low = out.float().cpu(), ref32.float().cpu(), ref_low.float().cpu()
+    assert torch.equal(out.isnan(), ref32.isnan()), f"{name}: NaN pattern differs"
+    out, ref32, ref_low = (t.nan_to_num() for t in (out, ref32, ref_low))
+    err = (out - ref32).abs().max().item() if out.numel() else 0.0
+    ref_err = (ref_low - ref32).abs().max().item() if out.numel() else 0.0
+    atol = rtol * max(1.0, ref32.abs().max().item() if out.numel() else 0.0)
+    assert err <= 2 * ref_err + atol, (
+        f"{name}: error {err:.3g} > 2 x reference error {ref_err:.3g} + atol {atol:.3g}")
+
+
+def _check_against_reference(hidden_in, vectors, weights, mask, norm, make_view=None,
+                             with_proj=True, with_run=True):
+    """Run the kernel and the reference (in the storage dtype and in float32) on the same two
+    inputs and compare every output. ``make_view(base) -> view`` steers a non-contiguous view
+    of a larger buffer ``base`` (whose other elements must stay untouched)."""
+    hiddens = [hidden_in, hidden_in.flip(1).contiguous()]
+    args = dict(mask=mask, norm=norm, with_proj=with_proj, with_run=with_run)
+    vectors_dev, weights_dev, mask_dev = _to(DEVICE, vectors, weights, mask)
+    if make_view is None:
+        bases = [h.clone().to(DEVICE) for h in hiddens]
+        views = bases
+    else:
+        bases = [torch.randn(make_view.base_shape(h.shape)).to(h.dtype).to(DEVICE)
+                 for h in hiddens]
+        views = [make_view(base) for base in bases]
+        for view, h in zip(views, hiddens, strict=True):
+            assert not view.is_contiguous() and view.stride(2) == 1
+            view.copy_(h)
+        bases_before = [b.clone() for b in bases]
+    args_dev = dict(args, mask=mask_dev)
+    outs, projs, run = _steer_twice(triton_steer_, views, vectors_dev, weights_dev, **args_dev)
+    ref_low, projs_low, run_low = _steer_twice(ref_steer_, [h.clone() for h in hiddens],
+                                               vectors, weights, **args)
+    ref32, projs32, run32 = _steer_twice(ref_steer_, [h.float() for h in hiddens], vectors,
+                                         weights, **args)
+    steered = torch.ones(hidden_in.shape[:2], dtype=torch.bool) if mask is None else mask
+    for i, (out, h_in) in enumerate(zip(outs, hiddens, strict=True)):
+        out = out.cpu()
+        assert out.dtype == h_in.dtype
+        assert torch.equal(out[~steered], h_in[~steered]), f"call {i}: unmasked rows changed"
+        assert_flash_close(f"call {i} hidden", out[steered], ref32[i][steered],
+                           ref_low[i][steered])
+        if with_proj:
+            assert_flash_close(f"call {i} proj_out", projs[i], projs32[i], projs_low[i])
+    if make_view is not None:
+        for base, before in zip(bases, bases_before, strict=True):
+            outside = torch.ones_like(base, dtype=torch.bool)
+            make_view(outside).fill_(False)
+            assert torch.equal(base[outside], before[outside]), "wrote outside the view"
+    if with_run:
+        assert torch.equal(run.count.cpu(), run32.count)
+        assert_flash_close("running.sum", run.sum, run32.sum, run_low.sum)
+        assert_flash_close("running.last", run.last, run32.last, run_low.last)
+
+
+# Every mask kind in bfloat16 (the serving dtype), random masks in the others.
+@pytest.mark.parametrize("dtype,mask_kind", [
+    (torch.bfloat16, "none"), (torch.bfloat16, "random"), (torch.bfloat16, "all"),
+    (torch.float16, "random"), (torch.float32, "random"),
+], ids=lambda v: str(v).split(".")[-1])
+@pytest.mark.parametrize("norm", [False, True], ids=["add", "norm"])
+@pytest.mark.parametrize("case", list(SHAPES))
+def test_matches_reference(case, norm, dtype, mask_kind):
+    shape, expected_path = SHAPES[case]
+    batch, seq_len, dim, n_vec = shape
+    cfg = launch_config(seq_len, dim, n_vec)
+    assert {k: getattr(cfg, k) for k in expected_path} == expected_path, cfg
+    gen = torch.Generator().manual_seed(hash((case, mask_kind)) % 2**31)
+    hidden, vectors, weights = _random_inputs(shape, dtype, gen)
+    mask = _make_mask(mask_kind, batch, seq_len, gen)
+    _check_against_reference(hidden, vectors, weights, mask, norm)
+
+
+class _View:
+    """A non-contiguous [B, T, D] view of a larger buffer, with ``base_shape`` to build one."""
+
+    def __init__(self, name, base_shape, view):
+        self.name, self.base_shape, self._view = name, base_shape, view
+
+    def __call__(self, base):
+        return self._view(base)
+
+    def __repr__(self):
+        return self.name
+
+
+VIEWS = [
+    _View("every-other-token", lambda s: (s[0], 2 * s[1], s[2]), lambda b: b[:, ::2]),
+    _View("narrow-last-dim", lambda s: (s[0], s[1], s[2] + 5), lambda b: b[..., 3:-2]),
+    _View("time-major", lambda s: (s[1], s[0], s[2]), lambda b: b.transpose(0, 1)),
+]
+
+
+@pytest.mark.parametrize("view", VIEWS, ids=repr)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("shape", [(3, 4, 33, 3), (2, 66, 70, 4)], ids=["rows", "dot"])
+def test_non_contiguous_hidden(shape, dtype, view):
+    gen = torch.Generator().manual_seed(1)
+    hidden, vectors, weights = _random_inputs(shape, dtype, gen)
+    mask = _make_mask("random", shape[0], shape[1], gen)
+    _check_against_reference(hidden, vectors, weights, mask, True, make_view=view)
+
+
+@pytest.mark.parametrize("with_proj,with_run", [(False, False), (True, False), (False, True)])
+def test_optional_outputs(with_proj, with_run):
+    gen = torch.Generator().manual_seed(2)
+    hidden, vectors, weights = _random_inputs((2, 70, 48, 3), torch.bfloat16, gen)
+    mask = _make_mask("random", 2, 70, gen)
+    _check_against_reference(hidden, vectors, weights, mask, False, with_proj=with_proj,
+                             with_run=with_run)
+
+
+@pytest.mark.parametrize("seq_len", [3, 80], ids=["rows", "dot"])
+def test_d_loop_with_lowered_tile_cap(monkeypatch, seq_len):
+    """A D loop of many tiles, including a ragged last one (D = 200 = 6 x 32 + 8)."""
+    monkeypatch.setattr(triton_steer, "MAX_BLOCK_D", 32)
+    cfg = launch_config(seq_len, 200, 2)
+    assert cfg.block_d == 32 and not cfg.single_tile
+    gen = torch.Generator().manual_seed(3)
+    for norm in (False, True):
+        hidden, vectors, weights = _random_inputs((2, seq_len, 200, 2), torch.float16, gen)
+        mask = _make_mask("random", 2, seq_len, gen)
+        _check_against_reference(hidden, vectors, weights, mask, norm)
+
+
+def test_public_wrapper_runs_triton_backend():
+    gen = torch.Generator().manual_seed(4)
+    hidden, vectors, weights = _random_inputs((2, 6, 96, 4), torch.bfloat16, gen)
+    mask = _make_mask("random", 2, 6, gen)
+    expected = hidden.clone()
+    ref_run = emokern.RunningProjections(2, 4)
+    ref_steer_(expected, vectors, weights, mask, True, None, *ref_run.tensors())
+    hidden, vectors, weights, mask = _to(DEVICE, hidden, vectors, weights, mask)
+    run = emokern.RunningProjections(2, 4, device=DEVICE)
+    # float64 vectors exercise the wrapper's conversion to the kernel's float32 layout.
+    emokern.steer_(hidden, vectors.double(), weights, mask=mask, norm_preserving=True,
+                   running=run, backend="triton")
+    assert_flash_close("hidden", hidden, expected.float(), expected)
+    torch.testing.assert_close(run.mean().cpu(), ref_run.mean(), equal_nan=True)
+
+
+def test_launch_config_is_fixed_and_graph_friendly():
+    """One config per (T, D, K), chosen without autotuning; decode is one program per sequence."""
+    assert not hasattr(triton_steer._steer_kernel, "configs")  # not a triton Autotuner
+    decode = launch_config(1, 8192, 64)
+    assert decode.rows == 1 and not decode.single_tile
+    assert launch_config(1, 8192, 64) is decode  # cached: no per-step work
+    for seq_len in (1, 7, 63, 64, 4096):
+        for dim in (1, 7, 576, 577, 4096, 4099, 8192):
+            for n_vec in (1, 6, 33, 64):
+                cfg = launch_config(seq_len, dim, n_vec)
+                assert cfg.block_k >= n_vec and cfg.block_k & (cfg.block_k - 1) == 0
+                assert cfg.block_d & (cfg.block_d - 1) == 0
+                assert cfg.single_tile == (dim <= cfg.block_d)
+                assert 1 <= cfg.num_warps <= 8
+                assert cfg.rows == (triton_steer.DOT_ROWS if seq_len >= 64 else 1)
+                if cfg.rows > 1:  # tl.dot needs M, N, K >= 16
+                    assert cfg.block_k >= 16 and cfg.block_d >= 16
+
+
+def _run_python(code: str, env_drop=(), timeout=300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in env_drop}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, env=env, timeout=timeout)
+
+
+def test_register_cuda_kernel():
+    """The Triton kernel becomes the CUDA kernel of the op; a CUDA-keyed dispatch runs it (on
+    CPU tensors here, through the interpreter). In a subprocess: registration is global."""
+    result = _run_python("""
+        import os
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        import torch
+        from emokern.ops.reference import ref_steer_
+        from emokern.ops.triton_steer import register_cuda_kernel
+        cuda_kernel = lambda: torch._C._dispatch_has_kernel_for_dispatch_key(
+            "emokern::steer_", "CUDA")
+        if not torch.cuda.is_available():
+            assert not cuda_kernel()
+        registered = register_cuda_kernel()
+        assert cuda_kernel()
+        if registered:
+            assert register_cuda_kernel()  # idempotent
+            dump = torch._C._dispatch_dump("emokern::steer_")
+            cuda_line = [line for line in dump.splitlines() if line.startswith("CUDA:")][0]
+            assert "triton_steer.py" in cuda_line, dump
+        else:  # a compiled CUDA kernel was already registered: it stays
+            assert register_cuda_kernel(override=True)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        h = torch.randn(2, 3, 40, dtype=torch.bfloat16)
+        v, w = torch.randn(4, 40), torch.randn(2, 4)
+        p_ref = torch.empty(2, 3, 4)
+        h_ref = h.clone()
+        ref_steer_(h_ref, v, w, None, True, p_ref)
+        h, v, w = h.to(device), v.to(device), w.to(device)
+        p = torch.empty(2, 3, 4, device=device)
+        keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+        torch.ops.emokern.steer_.default.redispatch(keys, h, v, w, None, True, p, None, None,
+                                                    None)
+        err = (h.cpu().float() - h_ref.float()).abs().max().item()
+        assert err <= 0.07, err  # one bf16 ulp at |y| < 16
+        torch.testing.assert_close(p.cpu(), p_ref)
+        print("ok")
+    """)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+_NVIDIA_BIN = os.path.join(os.path.dirname(__import__("triton").__file__), "backends",
+                           "nvidia", "bin")
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(_NVIDIA_BIN, "ptxas")),
+                    reason="Triton's NVIDIA backend (ptxas) is not installed")
+def test_compiles_for_sm90():
+    """Lower representative specialisations (decode, long rows, prefill dot mode; every dtype;
+    every optional output; norm preservation) to sm_90 cubins, and check that none spills."""
+    result = _run_python("""
+        import json, os, subprocess, tempfile
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        from emokern.ops import triton_steer as ts
+        cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                                 "cuobjdump")
+        report = []
+        shapes = [(1, 576, 6), (1, 8192, 64), (4096, 4096, 8), (128, 577, 33), (1, 7, 1)]
+        variants = [("bf16", True, True), ("bf16", False, False)]
+        cases = [(shape, *variant) for shape in shapes for variant in variants]
+        cases += [((1, 576, 6), "fp32", True, False), ((4096, 4096, 8), "fp16", True, True)]
+        for (seq_len, dim, n_vec), dtype, full, norm in cases:
+            cfg = ts.launch_config(seq_len, dim, n_vec)
+            opt = lambda ty: ty if full else "constexpr"
+            signature = {
+                "hidden_ptr": "*" + dtype, "vectors_ptr": "*fp32", "weights_ptr": "*fp32",
+                "mask_ptr": opt("*u8"), "proj_ptr": opt("*fp32"), "sum_ptr": opt("*fp32"),
+                "count_ptr": opt("*i64"), "last_ptr": opt("*fp32"), "seq_len": "i32",
+                "dim": "i32", "n_vec": "i32", "stride_b": "i64", "stride_t": "i64",
+                "n_chunks": "i32"}
+            constants = {name: None for name, ty in signature.items() if ty == "constexpr"}
+            constants.update(
+                HAS_MASK=full, NORM_PRESERVING=norm, HAS_PROJ=full, HAS_RUN=full,
+                ATOMIC_RUN=full and cfg.rows > 1, ROWS=cfg.rows, USE_DOT=cfg.rows > 1,
+                BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d, SINGLE_TILE=cfg.single_tile,
+                SCAN_BLOCK=ts._SCAN_BLOCK, EPS=1e-6)
+            for name in constants:
+                signature.setdefault(name, "constexpr")
+            names = list(signature)
+            source = ASTSource(fn=ts._steer_kernel, signature=signature,
+                               constexprs={(names.index(k),): v for k, v in constants.items()})
+            kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                                    options={"num_warps": cfg.num_warps})
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                f.write(kernel.asm["cubin"])
+                f.flush()
+                usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name],
+                                       capture_output=True, text=True, check=True).stdout
+            report.append([seq_len, dim, n_vec, dtype, full, norm, usage])
+        print(json.dumps(report))
+    """, env_drop=("TRITON_INTERPRET",))
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = __import__("json").loads(result.stdout.strip().splitlines()[-1])
+    assert len(report) == 5 * 2 + 2
+    for *case, usage in report:
+        registers = int(re.search(r"REG:(\d+)", usage).group(1))
+        local = int(re.search(r"LOCAL:(\d+)", usage).group(1))
+        assert local == 0 and registers <= 255, (case, usage)
