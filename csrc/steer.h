@@ -1,0 +1,119 @@
+// Argument checks of emokern::steer_ shared by the C++ backends (CPU, CUDA bindings).
+//
+// These are the cheap metadata checks only (shapes, dtypes, devices, layouts): callers of
+// torch.ops.emokern.steer_ bypass the Python wrapper's validation, so every compiled backend
+// repeats them here. The data checks (finite weights, nonzero vector norms) read the tensors
+// and belong to each backend's kernel, which runs them before it writes anything.
+//
+// Messages and exception types mirror emokern/ops/library.py: TypeError for dtypes,
+// ValueError for shapes and layouts, each naming the argument.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+
+namespace emokern {
+
+//: Lower bound of ||y|| in the norm-preserving rescale y * ||x|| / max(||y||, kNormEps).
+constexpr float kNormEps = 1e-6f;
+
+struct SteerSizes {
+  int64_t batch;    // B
+  int64_t seq_len;  // T
+  int64_t dim;      // D
+  int64_t n_vec;    // K
+};
+
+inline void check_same_device(const at::Tensor& t, const at::Tensor& hidden, const char* name) {
+  TORCH_CHECK_VALUE(t.device() == hidden.device(), "emokern.steer_: ", name, " is on ",
+                    t.device(), " but hidden is on ", hidden.device());
+}
+
+inline void check_output(const std::optional<at::Tensor>& t, const at::Tensor& hidden,
+                         const char* name, at::IntArrayRef shape, at::ScalarType dtype) {
+  if (!t.has_value()) return;
+  TORCH_CHECK_TYPE(t->scalar_type() == dtype, "emokern.steer_: ", name, " must be ", dtype,
+                   ", got ", t->scalar_type());
+  TORCH_CHECK_VALUE(t->sizes() == shape, "emokern.steer_: ", name, " must have shape ", shape,
+                    ", got ", t->sizes());
+  check_same_device(*t, hidden, name);
+  TORCH_CHECK_VALUE(t->is_contiguous(), "emokern.steer_: ", name, " must be contiguous");
+}
+
+// Rows of hidden must be distinct memory: an in-place op on overlapping rows is undefined.
+// Sufficient condition used here: with dims 0 and 1 ordered by stride, the inner one steps at
+// least a row (D elements) and the outer one steps past the whole inner extent.
+inline bool rows_disjoint(const at::Tensor& hidden) {
+  const int64_t dim = hidden.size(2);
+  int64_t size_a = hidden.size(0), stride_a = hidden.stride(0);
+  int64_t size_b = hidden.size(1), stride_b = hidden.stride(1);
+  if (size_a <= 1) return size_b <= 1 || stride_b >= dim;
+  if (size_b <= 1) return stride_a >= dim;
+  if (stride_a > stride_b) {
+    std::swap(size_a, size_b);
+    std::swap(stride_a, stride_b);
+  }
+  return stride_a >= dim && stride_b >= stride_a * size_a;
+}
+
+// Metadata checks of every argument; returns the sizes. Inputs (vectors, weights, mask) may
+// have any layout (the kernels make them contiguous); outputs must be contiguous.
+inline SteerSizes check_steer_args(const at::Tensor& hidden, const at::Tensor& vectors,
+                                   const at::Tensor& weights,
+                                   const std::optional<at::Tensor>& mask,
+                                   const std::optional<at::Tensor>& proj_out,
+                                   const std::optional<at::Tensor>& run_sum,
+                                   const std::optional<at::Tensor>& run_count,
+                                   const std::optional<at::Tensor>& run_last) {
+  const auto hdt = hidden.scalar_type();
+  TORCH_CHECK_TYPE(hdt == at::kFloat || hdt == at::kBFloat16 || hdt == at::kHalf,
+                   "emokern.steer_: hidden must be float32, bfloat16 or float16, got ", hdt);
+  TORCH_CHECK_VALUE(hidden.dim() == 3, "emokern.steer_: hidden must be [B, T, D], got shape ",
+                    hidden.sizes());
+  SteerSizes s{hidden.size(0), hidden.size(1), hidden.size(2), 0};
+  TORCH_CHECK_VALUE(hidden.stride(2) == 1 || s.dim <= 1,
+                    "emokern.steer_: hidden must have a contiguous last dimension (stride 1), "
+                    "got strides ", hidden.strides(), "; pass hidden.contiguous() and copy back");
+  TORCH_CHECK_VALUE(rows_disjoint(hidden), "emokern.steer_: hidden rows overlap in memory "
+                    "(strides ", hidden.strides(), "); an in-place op needs distinct rows");
+
+  TORCH_CHECK_TYPE(at::isFloatingType(vectors.scalar_type()),
+                   "emokern.steer_: vectors must be floating point, got ", vectors.scalar_type());
+  TORCH_CHECK_VALUE(vectors.dim() == 2 && vectors.size(1) == s.dim && vectors.size(0) >= 1,
+                    "emokern.steer_: vectors must be [K, D] with K >= 1 and D = ", s.dim,
+                    " (hidden's last dimension), got shape ", vectors.sizes());
+  check_same_device(vectors, hidden, "vectors");
+  s.n_vec = vectors.size(0);
+
+  TORCH_CHECK_TYPE(weights.scalar_type() == at::kFloat,
+                   "emokern.steer_: weights must be torch.float32, got ", weights.scalar_type());
+  TORCH_CHECK_VALUE(weights.dim() == 2 && weights.size(0) == s.batch &&
+                    weights.size(1) == s.n_vec, "emokern.steer_: weights must have shape [",
+                    s.batch, ", ", s.n_vec, "], got ", weights.sizes());
+  check_same_device(weights, hidden, "weights");
+
+  if (mask.has_value()) {
+    TORCH_CHECK_TYPE(mask->scalar_type() == at::kBool,
+                     "emokern.steer_: mask must be torch.bool, got ", mask->scalar_type());
+    TORCH_CHECK_VALUE(mask->dim() == 2 && mask->size(0) == s.batch &&
+                      mask->size(1) == s.seq_len, "emokern.steer_: mask must have shape [",
+                      s.batch, ", ", s.seq_len, "], got ", mask->sizes());
+    check_same_device(*mask, hidden, "mask");
+  }
+  check_output(proj_out, hidden, "proj_out", {s.batch, s.seq_len, s.n_vec}, at::kFloat);
+
+  const int given = int(run_sum.has_value()) + int(run_count.has_value()) +
+                    int(run_last.has_value());
+  TORCH_CHECK_VALUE(given == 0 || given == 3, "emokern.steer_: run_sum, run_count and "
+                    "run_last go together (all three or none), got ", given, " of them");
+  check_output(run_sum, hidden, "running.sum", {s.batch, s.n_vec}, at::kFloat);
+  check_output(run_count, hidden, "running.count", {s.batch}, at::kLong);
+  check_output(run_last, hidden, "running.last", {s.batch, s.n_vec}, at::kFloat);
+  return s;
+}
+
+}  // namespace emokern

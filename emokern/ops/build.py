@@ -1,0 +1,244 @@
+"""Loading the compiled backends: ahead-of-time builds first, else a cached JIT compile.
+
+* :func:`load_cpu` — the fused C++ CPU kernel (``csrc/cpu/steer_cpu.cpp``): ``emokern._C`` when
+  ``setup.py`` built it (``EMOKERN_BUILD_EXT=1``), else compiled once with
+  :func:`torch.utils.cpp_extension.load` into a persistent cache and reused by later runs.
+* :func:`load_cuda` — the CUDA kernel (``csrc/cuda``) when torch is a CUDA build with a GPU and
+  ``nvcc`` is on the machine.
+* :func:`triton_usable` — whether the Triton kernel can run here.
+* :func:`build_info` — what ``emokern info`` prints about all of this.
+
+Loading registers the kernels with the dispatcher (``TORCH_LIBRARY_IMPL(emokern, CPU/CUDA)``),
+where they take precedence over the reference. When a build is impossible (no compiler,
+compile error) the loaders warn once, naming the cause, and return False: the op keeps
+running on the reference backend.
+
+The cache lives in ``$TORCH_EXTENSIONS_DIR`` if set, else ``$EMOKERN_CACHE/torch_extensions``
+(``EMOKERN_CACHE`` defaults to ``~/.cache/emokern``). A build's name carries the machine, a
+fingerprint of the CPU's features and a hash of the flags, sources' torch version, so a cache
+shared between machines never serves a binary built for another CPU; torch's lock file in the
+build directory serialises concurrent compiles of the same build.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import hashlib
+import importlib.util
+import os
+import platform
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+#: Flags of the CPU kernel: -march=native is why builds are per CPU.
+CPU_CFLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17")
+CPU_LDFLAGS = ("-fopenmp",)
+CUDA_CFLAGS = ("-O3", "-std=c++17")
+CUDA_NVCC_FLAGS = ("-O3", "--use_fast_math", "-std=c++17")
+
+_state: dict[str, dict] = {}
+
+
+def csrc_dir() -> Path | None:
+    """The kernel sources: ``emokern/csrc`` in an installed wheel, ``<repo>/csrc`` in a checkout."""
+    package = Path(__file__).resolve().parents[1]
+    for candidate in (package / "csrc", package.parent / "csrc"):
+        if (candidate / "steer.h").is_file():
+            return candidate
+    return None
+
+
+def cache_root() -> Path:
+    """Where JIT builds are kept between runs."""
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return Path(os.environ["TORCH_EXTENSIONS_DIR"])
+    base = os.environ.get("EMOKERN_CACHE") or os.path.join("~", ".cache", "emokern")
+    return Path(base).expanduser() / "torch_extensions"
+
+
+def _cpu_fingerprint() -> str:
+    """The CPU's instruction-set features (what -march=native compiles for)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return " ".join(sorted(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _build_name(prefix: str, *flag_groups) -> str:
+    key = "|".join([torch.__version__, _cpu_fingerprint(), *(" ".join(g) for g in flag_groups)])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
+    machine = "".join(c if c.isalnum() else "_" for c in platform.machine().lower()) or "cpu"
+    return f"{prefix}_{machine}_{digest}"
+
+
+def _compiler() -> str:
+    """The C++ compiler torch's extension builder will call (``$CXX`` or ``c++``)."""
+    return os.environ.get("CXX", "c++")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    # A compile error's useful part is the compiler's first "error:" line.
+    for ln in lines:
+        if "error:" in ln and not ln.lstrip().startswith(("[", "FAILED")):
+            return ln.strip()[:300]
+    return (lines[-1] if lines else type(exc).__name__)[:300]
+
+
+def _jit_load(name: str, sources: list[str], build_dir: Path, what: str, **kwargs) -> None:
+    from torch.utils import cpp_extension
+
+    build_dir.mkdir(parents=True, exist_ok=True)
+    built = build_dir / f"{name}.so"
+    newest_source = max(os.path.getmtime(s) for s in sources)
+    if not built.exists() or built.stat().st_mtime < newest_source:
+        print(f"emokern: compiling the {what} once (~40 s) into {build_dir}", file=sys.stderr,
+              flush=True)
+    cpp_extension.load(name=name, sources=sources, build_directory=str(build_dir),
+                       is_python_module=False, verbose=False, **kwargs)
+
+
+@functools.cache
+def load_cpu() -> bool:
+    """Load the fused CPU kernel (ahead-of-time ``emokern._C``, else a cached JIT build).
+
+    Returns
+    -------
+    bool
+        True when ``torch.ops.emokern.steer_`` now runs the C++ kernel on CPU tensors; False
+        (after one warning naming the cause) when it keeps running the reference.
+    """
+    import emokern.ops.library  # noqa: F401  (the schema must exist before the kernel)
+
+    info = _state.setdefault("cpu", {"loaded": False, "source": None, "error": None,
+                                     "name": None, "path": None})
+    try:
+        if importlib.util.find_spec("emokern._C") is not None:
+            import emokern._C as aot
+
+            info.update(loaded=True, source="aot", path=getattr(aot, "__file__", None))
+            return True
+    except ImportError as exc:  # a stale or foreign AOT build: fall through to the JIT build
+        info["error"] = f"emokern._C failed to import ({exc}); trying the JIT build"
+    src = csrc_dir()
+    if src is None:
+        return _give_up(info, "the C++ sources (csrc/) are not part of this installation")
+    name = _build_name("emokern_cpu", CPU_CFLAGS, CPU_LDFLAGS)
+    build_dir = cache_root() / name
+    info.update(name=name, path=str(build_dir / f"{name}.so"))
+    try:
+        _jit_load(name, [str(src / "cpu" / "steer_cpu.cpp")], build_dir, "CPU kernel",
+                  extra_cflags=list(CPU_CFLAGS), extra_ldflags=list(CPU_LDFLAGS))
+    except Exception as exc:  # noqa: BLE001  (any build failure means: fall back)
+        return _give_up(info, f"{_first_line(exc)} (compiler: {_compiler()})")
+    info.update(loaded=True, source="jit", error=None)
+    return True
+
+
+def _give_up(info: dict, cause: str) -> bool:
+    info.update(loaded=False, source=None, error=cause)
+    warnings.warn(f"emokern: could not build the C++ CPU kernel: {cause}; using the reference "
+                  f"backend (correct, slower). See `emokern info`.", RuntimeWarning, stacklevel=3)
+    return False
+
+
+def _nvcc() -> str | None:
+    from torch.utils import cpp_extension
+
+    home = cpp_extension.CUDA_HOME
+    if home and os.path.isfile(os.path.join(home, "bin", "nvcc")):
+        return os.path.join(home, "bin", "nvcc")
+    return shutil.which("nvcc")
+
+
+@functools.cache
+def load_cuda() -> bool:
+    """Load the CUDA kernel: the ahead-of-time ``emokern._C_cuda``, else a cached JIT build of
+    every ``csrc/cuda/*.cu`` and ``*.cpp``.
+
+    Returns
+    -------
+    bool
+        False unless torch is a CUDA build, a GPU is visible and the kernel loaded.
+    """
+    import emokern.ops.library  # noqa: F401
+
+    info = _state.setdefault("cuda", {"loaded": False, "source": None, "error": None,
+                                      "name": None, "path": None})
+    if not (torch.version.cuda and torch.cuda.is_available()):
+        info["error"] = "no CUDA torch or no GPU"
+        return False
+    spec = importlib.util.find_spec("emokern._C_cuda")
+    if spec is not None and spec.origin:
+        try:
+            torch.ops.load_library(spec.origin)
+            info.update(loaded=True, source="aot", path=spec.origin)
+            return True
+        except OSError as exc:
+            info["error"] = f"emokern._C_cuda failed to load ({exc}); trying the JIT build"
+    if _nvcc() is None:
+        info["error"] = "nvcc not found (set CUDA_HOME)"
+        warnings.warn("emokern: nvcc not found, so the CUDA kernel cannot be built; using the "
+                      "Triton or reference backend.", RuntimeWarning, stacklevel=2)
+        return False
+    src = csrc_dir()
+    sources = sorted(glob.glob(str(src / "cuda" / "*.cu")) + glob.glob(str(src / "cuda" / "*.cpp"))
+                     ) if src is not None else []
+    if not sources:
+        info["error"] = "no CUDA sources (csrc/cuda) in this installation"
+        return False
+    name = _build_name("emokern_cuda", CUDA_CFLAGS, CUDA_NVCC_FLAGS, (torch.version.cuda,))
+    build_dir = cache_root() / name
+    info.update(name=name, path=str(build_dir / f"{name}.so"))
+    try:
+        _jit_load(name, sources, build_dir, "CUDA kernel", extra_cflags=list(CUDA_CFLAGS),
+                  extra_cuda_cflags=list(CUDA_NVCC_FLAGS))
+    except Exception as exc:  # noqa: BLE001
+        info.update(loaded=False, error=_first_line(exc))
+        warnings.warn(f"emokern: could not build the CUDA kernel: {_first_line(exc)}; using the "
+                      f"Triton or reference backend.", RuntimeWarning, stacklevel=2)
+        return False
+    info.update(loaded=True, source="jit", error=None)
+    return True
+
+
+def triton_usable() -> bool:
+    """Whether the Triton kernel can run: Triton importable, and a GPU or the interpreter
+    (``TRITON_INTERPRET=1``)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def build_info() -> dict:
+    """What ``emokern info`` reports about the compiled backends (does not trigger a build).
+
+    Returns
+    -------
+    dict
+        ``compiler`` (path or None), ``ninja`` (path or None), ``nvcc`` (path or None),
+        ``cache_dir``, ``csrc``, ``cpu_flags``, and per backend (``cpu``, ``cuda``) whether it
+        is loaded, from where (``"aot"`` or ``"jit"``), the build name and path, and the last
+        error.
+    """
+    return {
+        "compiler": shutil.which(_compiler()),
+        "ninja": shutil.which("ninja"),
+        "nvcc": _nvcc() if torch.version.cuda else None,
+        "cache_dir": str(cache_root()),
+        "csrc": str(csrc_dir()) if csrc_dir() else None,
+        "cpu_flags": " ".join(CPU_CFLAGS),
+        "aot_cpu_available": importlib.util.find_spec("emokern._C") is not None,
+        "cpu": dict(_state.get("cpu", {"loaded": False, "source": None})),
+        "cuda": dict(_state.get("cuda", {"loaded": False, "source": None})),
+    }
