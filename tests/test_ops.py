@@ -94,7 +94,7 @@ def assert_matches_reference(backend, batch, seq_len, dim, n_vec, dtype, masked,
                              strided, seed):
     base, hidden, vectors, weights, mask = make_case(batch, seq_len, dim, n_vec, dtype,
                                                      masked=masked, seed=seed, strided=strided)
-    h32 = hidden.float().contiguous()
+    h32 = hidden.float().contiguous().clone()  # .float() of a float32 tensor is itself
     low = hidden.contiguous().clone()
     base_before = base.clone()
     proj32, run32 = run_backend("reference", h32, vectors, weights, mask, norm_preserving)
