@@ -277,29 +277,29 @@ void dot_rows(const float* const* x, const float* vectors, int64_t dim, int64_t 
     simd::sum16(acc + i, int(std::min<int64_t>(16, R * n_vec - i)), out + i);
 }
 
-// out[r] = sum_k w[r][k] V[k] (k in order) for R weight rows. Register tile of R rows x 2
-// vectors of columns: each vector load feeds R rows, the sums stay in registers over k.
+// out[r] = sum_k w[r][k] V[k] (k in order) for R weight rows. Register tile of R rows x DV
+// column vectors (at least 8 independent sums to hide the FMA latency): each vector load
+// feeds R rows and the sums stay in registers over k.
 template <int R>
 void delta_rows(const float* const* w, const float* vectors, int64_t dim, int64_t n_vec,
                 float* const* out) {
+  constexpr int DV = R >= 4 ? 2 : (R >= 2 ? 4 : 8);
   int64_t d = 0;
-  for (; d + 2 * L <= dim; d += 2 * L) {
-    vf a[R][2];
-    for (int r = 0; r < R; ++r) a[r][0] = a[r][1] = simd::zero();
+  for (; d + DV * L <= dim; d += DV * L) {
+    vf a[R][DV];
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < DV; ++j) a[r][j] = simd::zero();
     const float* v = vectors + d;
     for (int64_t k = 0; k < n_vec; ++k, v += dim) {
-      const vf v0 = simd::load(v);
-      const vf v1 = simd::load(v + L);
+      vf vv[DV];
+      for (int j = 0; j < DV; ++j) vv[j] = simd::load(v + j * L);
       for (int r = 0; r < R; ++r) {
         const vf wr = simd::set1(w[r][k]);
-        a[r][0] = simd::fma(wr, v0, a[r][0]);
-        a[r][1] = simd::fma(wr, v1, a[r][1]);
+        for (int j = 0; j < DV; ++j) a[r][j] = simd::fma(wr, vv[j], a[r][j]);
       }
     }
-    for (int r = 0; r < R; ++r) {
-      simd::store(out[r] + d, a[r][0]);
-      simd::store(out[r] + d + L, a[r][1]);
-    }
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < DV; ++j) simd::store(out[r] + d + j * L, a[r][j]);
   }
   for (; d < dim; d += L) {
     const int64_t n = std::min(L, dim - d);
@@ -384,6 +384,101 @@ void load_row(const T* src, float* dst, int64_t dim) {
   if (d < dim) simd::store(dst + d, simd::load(src + d, dim - d), dim - d);
 }
 
+// Few vectors (K <= 8): up to two rows in a single sweep. Each row is loaded once (converted
+// in registers), all its dot products accumulate (the same lane order as dot_tile), and
+// y = x + delta is written in the same pass. Norm preserving needs ||y|| before the first
+// write, so that case accumulates ||x||^2 and ||y||^2 instead and writes in a second pass
+// over the row, now in L1. KB = number of vectors (padded with a zero row), 0 = no dots.
+template <typename T, int KB, bool NP>
+void sweep_rows(T* const* rows, int n_rows, const float* const* delta, const float* const* v,
+                int64_t dim, float* dots) {
+  constexpr int NA = KB > 0 ? KB : 1;
+  T* const r0 = rows[0];
+  T* const r1 = n_rows > 1 ? rows[1] : rows[0];
+  const float* const d0 = delta[0];
+  const float* const d1 = n_rows > 1 ? delta[1] : nullptr;
+  vf a0[NA], a1[NA];
+  for (int k = 0; k < NA; ++k) a0[k] = a1[k] = simd::zero();
+  vf xx0 = simd::zero(), yy0 = simd::zero(), xx1 = simd::zero(), yy1 = simd::zero();
+  auto step = [&](int64_t d, int64_t n) {
+    const vf x0 = simd::load(r0 + d, n);
+    const vf x1 = simd::load(r1 + d, n);
+    for (int k = 0; k < KB; ++k) {
+      const vf vv = simd::load(v[k] + d, n);
+      a0[k] = simd::fma(x0, vv, a0[k]);
+      a1[k] = simd::fma(x1, vv, a1[k]);
+    }
+    if (d0 != nullptr) {
+      const vf y0 = simd::add(x0, simd::load(d0 + d, n));
+      if constexpr (NP) {
+        xx0 = simd::fma(x0, x0, xx0);
+        yy0 = simd::fma(y0, y0, yy0);
+      } else {
+        simd::store(r0 + d, y0, n);
+      }
+    }
+    if (d1 != nullptr) {
+      const vf y1 = simd::add(x1, simd::load(d1 + d, n));
+      if constexpr (NP) {
+        xx1 = simd::fma(x1, x1, xx1);
+        yy1 = simd::fma(y1, y1, yy1);
+      } else {
+        simd::store(r1 + d, y1, n);
+      }
+    }
+  };
+  int64_t d = 0;
+  for (; d + L <= dim; d += L) step(d, L);
+  if (d < dim) step(d, dim - d);
+  if constexpr (NP) {
+    T* const out[2] = {r0, r1};
+    const float* const dl[2] = {d0, d1};
+    const vf xx[2] = {xx0, xx1}, yy[2] = {yy0, yy1};
+    for (int r = 0; r < 2; ++r) {
+      if (dl[r] == nullptr) continue;
+      const float scale = std::sqrt(simd::sum(xx[r])) /
+                          std::max(std::sqrt(simd::sum(yy[r])), kNormEps);
+      const vf sv = simd::set1(scale);
+      int64_t e = 0;
+      for (; e + L <= dim; e += L)
+        simd::store(out[r] + e, simd::mul(simd::add(simd::load(out[r] + e),
+                                                    simd::load(dl[r] + e)), sv));
+      if (e < dim) {
+        const int64_t n = dim - e;
+        simd::store(out[r] + e, simd::mul(simd::add(simd::load(out[r] + e, n),
+                                                    simd::load(dl[r] + e, n)), sv), n);
+      }
+    }
+  }
+  if constexpr (KB > 0) {
+    vf all[2 * KB];
+    for (int k = 0; k < KB; ++k) {
+      all[k] = a0[k];
+      all[KB + k] = a1[k];
+    }
+    simd::sum16(all, 2 * KB, dots);
+  }
+}
+
+template <typename T, bool NP>
+void sweep_rows_kb(int kb, T* const* rows, int n_rows, const float* const* delta,
+                   const float* const* v, int64_t dim, float* dots) {
+  switch (kb) {
+    case 0: sweep_rows<T, 0, NP>(rows, n_rows, delta, v, dim, dots); break;
+    case 1: sweep_rows<T, 1, NP>(rows, n_rows, delta, v, dim, dots); break;
+    case 2: sweep_rows<T, 2, NP>(rows, n_rows, delta, v, dim, dots); break;
+    case 4: sweep_rows<T, 4, NP>(rows, n_rows, delta, v, dim, dots); break;
+    default: sweep_rows<T, 8, NP>(rows, n_rows, delta, v, dim, dots); break;
+  }
+}
+
+// Vectors per sweep: K rounded up to 1, 2, 4 or 8 (zero rows pad), 0 without projections.
+constexpr int64_t kSweepMaxK = 8;
+inline int sweep_width(int64_t n_vec, bool need_proj) {
+  if (!need_proj) return 0;
+  return n_vec <= 1 ? 1 : n_vec <= 2 ? 2 : n_vec <= 4 ? 4 : 8;
+}
+
 bool all_finite(const float* p, int64_t n) {
   // x - x is 0 for finite x and NaN otherwise; one branch at the end.
   vf acc = simd::zero();
@@ -410,6 +505,7 @@ struct Scratch {
   std::vector<float> last;    // [K] projections of the newest masked row of a unit
   std::vector<double> sums;   // [K] running-sum partial of a unit
   std::vector<vf> acc;        // [kRowBlock, K] lane accumulators
+  std::vector<float> zeros;   // [D] the padding vector of the sweeps (never written)
 
   template <typename V>
   static typename V::value_type* take(V& v, size_t n) {
@@ -470,14 +566,39 @@ void delta_rows_n(int rows, const float* const* w, const float* vectors, int64_t
 
 // Processes rows (b[r], t[r]), r < rows <= kRowBlock: projections into proj[r] (K floats
 // each) when wanted, and each row with a non-null delta[r] steered. Each row is read from
-// memory once; the later sweeps over it hit L1.
+// memory once: K <= 8 takes single sweeps over row pairs; more vectors take the register
+// tiles (rows in float32, all K dot products, then the write), whose later passes hit L1.
 template <typename T>
 void process_block(const Problem& P, int rows, const int64_t* b, const int64_t* t,
                    const float* const* delta, float* const* proj, Scratch& s) {
   T* hidden_rows[kRowBlock];
+  for (int r = 0; r < rows; ++r)
+    hidden_rows[r] = static_cast<T*>(P.hidden) + b[r] * P.stride_b + t[r] * P.stride_t;
+  if (P.K <= kSweepMaxK || !P.need_proj) {
+    const int kb = sweep_width(P.K, P.need_proj);
+    const float* v[kSweepMaxK];
+    if (kb > 0) {
+      const float* zeros = nullptr;
+      if (kb > P.K) {
+        zeros = Scratch::take(s.zeros, size_t(P.D));
+      }
+      for (int k = 0; k < kb; ++k) v[k] = k < P.K ? P.vectors + k * P.D : zeros;
+    }
+    float dots[2 * kSweepMaxK];
+    for (int r = 0; r < rows; r += 2) {
+      const int n = std::min(2, rows - r);
+      if (P.norm_preserving) {
+        sweep_rows_kb<T, true>(kb, hidden_rows + r, n, delta + r, v, P.D, dots);
+      } else {
+        sweep_rows_kb<T, false>(kb, hidden_rows + r, n, delta + r, v, P.D, dots);
+      }
+      for (int i = 0; i < n && kb > 0; ++i)
+        for (int64_t k = 0; k < P.K; ++k) proj[r + i][k] = dots[i * kb + k] * P.inv_norm[k];
+    }
+    return;
+  }
   const float* x[kRowBlock];
   for (int r = 0; r < rows; ++r) {
-    hidden_rows[r] = static_cast<T*>(P.hidden) + b[r] * P.stride_b + t[r] * P.stride_t;
     if constexpr (std::is_same_v<T, float>) {
       x[r] = hidden_rows[r];
     } else {
