@@ -290,8 +290,31 @@ inline cudaError_t cudaLaunchKernel(void (*kernel)(Arg), dim3 grid, dim3 block, 
   std::vector<emu::Fiber> fibers(block.x);
   emu::fibers = &fibers;
   emu::block_dim = block;
-  for (unsigned b = 0; b < grid.x; ++b) {
-    emu::block_idx = dim3(b);
+  // Blocks in a scrambled order (a GPU gives no order), fibers scheduled adversarially: each
+  // pass visits them from a random start and lets each run with probability 1/2, so a thread
+  // can lag many barrier steps behind the others of its block, exposing missing barriers.
+  uint64_t rng = 0x9E3779B97F4A7C15ull ^ grid.x ^ (uint64_t(block.x) << 32);
+  auto next_random = [&rng] {
+    rng ^= rng << 13;
+    rng ^= rng >> 7;
+    rng ^= rng << 17;
+    return rng;
+  };
+  const unsigned stride = [&] {  // coprime with grid.x: visits every block once
+    unsigned s = unsigned(next_random() % grid.x) | 1u;
+    auto gcd = [](unsigned a, unsigned b) {
+      while (b) {
+        const unsigned t = a % b;
+        a = b;
+        b = t;
+      }
+      return a;
+    };
+    while (gcd(s, grid.x) != 1) s += 2;
+    return s;
+  }();
+  for (unsigned i = 0; i < grid.x; ++i) {
+    emu::block_idx = dim3(unsigned((uint64_t(i) * stride + grid.x - 1) % grid.x));
     // Uninitialised shared memory reads as NaN (0xFF bytes).
     std::memset(emu::shared_memory, 0xFF, shared_bytes);
     emu::block_barrier = {0, block.x, 0};
@@ -310,11 +333,15 @@ inline cudaError_t cudaLaunchKernel(void (*kernel)(Arg), dim3 grid, dim3 block, 
     }
     for (unsigned live = block.x; live > 0;) {
       live = 0;
-      for (auto& f : fibers) {
+      const unsigned start = unsigned(next_random() % block.x);
+      const uint64_t coins = next_random();
+      for (unsigned j = 0; j < block.x; ++j) {
+        emu::Fiber& f = fibers[(start + j) % block.x];
         if (f.done) continue;
+        ++live;
+        if ((coins >> (j % 64)) & 1u) continue;  // this fiber lags behind for a pass
         emu::current = &f;
         emu_switch(&emu::scheduler_sp, f.sp);
-        live += !f.done;
       }
     }
   }

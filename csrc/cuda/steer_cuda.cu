@@ -243,6 +243,8 @@ __global__ void __launch_bounds__(kMaxThreads, 2) steer_kernel(Params p) {
     for (int64_t t = t_end + threadIdx.x; t < p.seq_len && !later; t += blockDim.x) {
       later = p.mask[seq * p.seq_len + t];
     }
+  } else {
+    later = t_end < p.seq_len;  // every row is masked: only the last chunk holds the newest
   }
   const bool any_later = __syncthreads_or(later) != 0;  // every thread must reach it
   const bool holds_newest = newest >= 0 && !any_later;
