@@ -15,10 +15,14 @@ How it works
   ``GPT2Model``; it sees every forward, from ``generate`` or a plain ``model(**enc)``) reads
   the batch size, the number of new tokens ``T``, the 2-D ``attention_mask`` and derives the
   past length ``P = attention_mask.shape[1] - T`` (from the cache when there is no mask). A
-  forward with ``P == 0`` is a **prompt** forward (the prefill); any later forward feeds
-  **generated** tokens (one per step while decoding). The columns ``attention_mask[:, -T:]``
-  say which new tokens are real: left padding is never steered nor counted. Everything is
-  derived from shapes, so nothing syncs with the device.
+  forward that feeds one token after a past (``P > 0, T == 1``) is a decode step: its token
+  was **generated**. Every other forward feeds **prompt** tokens: the prefill (``P == 0``),
+  the chunks of a chunked prefill and the rest of a prompt continued from a cache
+  (``T > 1``). A forward with ``P == 0`` starts new sequences: the monitor restarts. The
+  columns ``attention_mask[:, -T:]`` say which new tokens are real: left padding is never
+  steered nor counted. Everything is derived from shapes, so nothing syncs with the device.
+  (Out of scope: speculative/assisted decoding, which feeds several generated tokens at once,
+  and 4-D attention masks such as a static cache's.)
 * One forward **hook per steered decoder layer** calls the op in place on the layer's output
   (transformers 5 returns a Tensor, 4.x a tuple whose element 0 is the hidden state). The
   argument tuples of the decode step are built once, at install: the hot path is one list
@@ -44,7 +48,7 @@ Readings
 The op reads the projections ``p_k = <x, v_k> / ||v_k||`` of each token's hidden state *as
 the layer produced it, before steering* (the model's own state at that layer). The monitor
 keeps, per steered layer, a :class:`~emokern.RunningProjections` over the tokens it covers;
-the statistics restart at every prompt forward (a new batch of sequences).
+the statistics restart at every forward without past (a new batch of sequences).
 """
 
 from __future__ import annotations
@@ -438,6 +442,7 @@ class Steerer:
         self._handles: list = []
         self._trajectory: list[torch.Tensor] = []
         self._pending_trajectory = None
+        self._prompt_step_recorded = False
         self._allocate(weights)
         self.monitor = Monitor(self) if monitor_policy is not None or trajectory else None
 
@@ -614,9 +619,7 @@ class Steerer:
             past = attention_mask.shape[1] - new_tokens
         else:
             past = _past_length(inputs.get("past_key_values", args, kwargs))
-        prompt_forward = past == 0
-
-        if not prompt_forward and new_tokens == 1:
+        if past > 0 and new_tokens == 1:
             # The decode step: everything preallocated.
             for buffer in self._decode_mask.values():
                 if attention_mask is None:
@@ -627,7 +630,7 @@ class Steerer:
             self._pending_trajectory = None
             return None
 
-        if prompt_forward and self.monitor is not None:
+        if past == 0 and self.monitor is not None:
             self.monitor.reset()
         # Prompt forwards (and multi-token continuations) allocate their masks.
         masks, no_rows = {}, {}
@@ -640,13 +643,15 @@ class Steerer:
             proj_out = [torch.zeros(batch, new_tokens, len(self.names), device=device)
                         for device in self._devices]
             self._pending_trajectory = (proj_out, real)
-        self._active = self._calls(prompt_forward, masks, no_rows, proj_out)
+        self._active = self._calls(True, masks, no_rows, proj_out)
         return None
 
     def _after_forward(self, module, args, output):
         pending = self._pending_trajectory
         if pending is None:
             step = torch.stack([out[:, 0].to("cpu") for out in self._trajectory_step], dim=1)
+            self._trajectory.append(step)
+            self._prompt_step_recorded = False
         else:
             proj_out, real = pending
             # The newest real token of each row chose the next token.
@@ -659,7 +664,13 @@ class Steerer:
             rows = torch.arange(newest.shape[0])
             step = torch.stack([out.to("cpu")[rows, newest] for out in proj_out], dim=1)
             self._pending_trajectory = None
-        self._trajectory.append(step)
+            # Of consecutive prompt forwards (a chunked prefill), only the last one's newest
+            # token chooses a generated token: it replaces the previous chunk's step.
+            if self._prompt_step_recorded and self._trajectory:
+                self._trajectory[-1] = step
+            else:
+                self._trajectory.append(step)
+            self._prompt_step_recorded = True
         return None
 
     def __repr__(self) -> str:
@@ -711,13 +722,15 @@ def steer(
         Decoder layers (0-based) to steer; "auto" = ``bank.recommended_layers``. Each must be
         in the bank and in the model.
     positions : {"all", "prompt", "generated"}
-        Which tokens to steer: every token, the prompt (the forward without past, i.e. the
-        prefill), or the tokens fed while decoding. Left padding is never steered nor counted.
+        Which tokens to steer: every token, the prompt (the tokens of the prefill, or of any
+        forward feeding several tokens), or the generated tokens (fed one per decode step).
+        Left padding is never steered nor counted.
     norm_preserving : bool
         Rescale each steered row to its norm before steering.
     monitor : bool or {"all", "prompt", "generated"}
         Keep running projections: True = over the tokens ``positions`` steers, a string = over
-        those positions (steered or not), False = off. Restart at every prompt forward.
+        those positions (steered or not), False = off. Restart at every forward without
+        past (a new batch of sequences).
     trajectory : bool
         Also record each generated token's projections (``s.monitor.trajectory()``).
     spread : {"divide", "each"}

@@ -227,6 +227,28 @@ def test_positions_and_padding(family, positions):
     assert torch.equal(s.monitor.count(), counted)
 
 
+def test_chunked_prefill_counts_as_prompt(llama):
+    model, tokenizer, bank = llama
+    encoded = encode(tokenizer)
+    real = encoded["attention_mask"].bool()
+    capture = Capture(decoder_layers(model)[1])
+    try:
+        s = steer(model, bank, [{"joy": 1.0}] * 3, layers=[1], positions="prompt",
+                  trajectory=True).install()
+        capture.attach_after()
+        greedy(model, tokenizer, encoded, new_tokens=3, prefill_chunk_size=3)
+        s.remove()
+    finally:
+        capture.remove()
+    n_chunks = math.ceil(real.shape[1] / 3)
+    changed = capture.changed()
+    assert len(changed) == n_chunks + 2
+    assert torch.equal(torch.cat(changed[:n_chunks], dim=1), real)
+    assert not any(bool(c.any()) for c in changed[n_chunks:])
+    assert torch.equal(s.monitor.count(), real.sum(dim=1))
+    assert s.monitor.trajectory().shape[0] == 3  # one step per generated token
+
+
 def test_monitor_positions_can_differ_from_steered_positions(llama):
     model, tokenizer, bank = llama
     encoded = encode(tokenizer)

@@ -406,10 +406,29 @@ def sweep_loop(model, tokenizer, bank, layers, *, new_tokens: int, patch) -> lis
     return outputs
 
 
+def _warm_up(model, tokenizer, bank, layers) -> None:
+    """Load the compiled kernel and run each path once, so no timing includes first-call costs
+    (JIT build or load of the extension, lazy initialisations in transformers)."""
+    from emokern.ops import resolve_backend
+    from emokern.steer import encode_prompts, steer
+
+    resolve_backend(None, next(model.parameters()).device)
+    encoded = encode_prompts(tokenizer, list(PROMPTS[:2]), device=next(model.parameters()).device)
+    mix = {bank.names[0]: bank.recommended_alpha}
+    options = _generate_options(tokenizer, 2)
+    with torch.inference_mode():
+        model.generate(**encoded, **options)
+        with steer(model, bank, [mix, {}], layers=list(layers)):
+            model.generate(**encoded, **options)
+        with NaiveSteering(model, shared_deltas(bank, mix, layers)):
+            model.generate(**encoded, **options)
+
+
 def sweep(model, tokenizer, bank, layers, *, new_tokens: int, max_batch: int,
           include_steering_vectors: bool, log=print) -> dict[str, Any]:
     """Measurement (c); see the module docstring."""
     directions = {layer: bank.layer_vectors(layer) for layer in layers}
+    _warm_up(model, tokenizer, bank, layers)
     result: dict[str, Any] = {"sequences": len(sweep_conditions(bank)) * len(PROMPTS),
                               "conditions": len(sweep_conditions(bank)),
                               "prompts": len(PROMPTS), "new_tokens": new_tokens,
@@ -482,6 +501,7 @@ def run_generate_benchmark(
     sweep_new_tokens: int = 32,
     sweep_max_batch: int = 336,
     include_steering_vectors: bool | None = None,
+    threads: int | None = None,
     log=print,
 ) -> dict[str, Any]:
     """Run (a), (b) and (c) on ``model`` and return a JSON-able result (see the module docstring).
@@ -501,7 +521,22 @@ def run_generate_benchmark(
         Tokens per sequence and the largest generate batch of emokern's sweep.
     include_steering_vectors : bool, optional
         Measure the ``steering-vectors`` library too; default: when it imports.
+    threads : int, optional
+        torch intra-op threads for the run (restored afterwards); default: torch's setting.
+        On a machine shared with other work, 1 thread avoids parallel regions waiting for a
+        descheduled thread, which makes every step several times slower and noisier.
     """
+    if threads is not None:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return run_generate_benchmark(
+                model, tokenizer=tokenizer, batch_sizes=batch_sizes, n_layers=n_layers,
+                rounds=rounds, run_sweep=run_sweep, sweep_new_tokens=sweep_new_tokens,
+                sweep_max_batch=sweep_max_batch,
+                include_steering_vectors=include_steering_vectors, log=log)
+        finally:
+            torch.set_num_threads(previous)
     from emokern.models import load_model
 
     batch_sizes = list(batch_sizes or DEFAULT_BATCH_SIZES)
@@ -516,6 +551,7 @@ def run_generate_benchmark(
     layers = middle_layers(bank, n_layers)
     log(f"emokern generate benchmark: {model_name}, layers {layers}, K = {bank.n_emotions} "
         f"({bank_source})")
+    _warm_up(model, tokenizer, bank, layers)
     load_before = os.getloadavg()
     started = time.time()
     decode_rows, mixes = decode_overhead(model, tokenizer, bank, batch_sizes=batch_sizes,
