@@ -306,7 +306,8 @@ _NVIDIA_BIN = os.path.join(os.path.dirname(__import__("triton").__file__), "back
                     reason="Triton's NVIDIA backend (ptxas) is not installed")
 def test_compiles_for_sm90():
     """Lower representative specialisations (decode, long rows, prefill dot mode; every dtype;
-    every optional output; norm preservation) to sm_90 cubins, and check that none spills."""
+    every optional output; norm preservation) to sm_90 cubins, and check that none spills to
+    local memory or needs a global scratch buffer."""
     result = _run_python("""
         import json, os, subprocess, tempfile
         import triton
@@ -347,13 +348,16 @@ def test_compiles_for_sm90():
                 f.flush()
                 usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name],
                                        capture_output=True, text=True, check=True).stdout
-            report.append([seq_len, dim, n_vec, dtype, full, norm, usage])
+            report.append([seq_len, dim, n_vec, dtype, full, norm,
+                           kernel.metadata.global_scratch_size, usage])
         print(json.dumps(report))
     """, env_drop=("TRITON_INTERPRET",))
     assert result.returncode == 0, result.stderr[-4000:]
     report = __import__("json").loads(result.stdout.strip().splitlines()[-1])
     assert len(report) == 5 * 2 + 2
-    for *case, usage in report:
+    for *case, global_scratch, usage in report:
         registers = int(re.search(r"REG:(\d+)", usage).group(1))
         local = int(re.search(r"LOCAL:(\d+)", usage).group(1))
         assert local == 0 and registers <= 255, (case, usage)
+        # A launch needing global scratch would allocate it: not CUDA-graph friendly.
+        assert global_scratch == 0, case
