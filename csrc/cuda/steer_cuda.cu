@@ -26,9 +26,11 @@
 // newest masked row: it checks that no later row of the sequence is masked (a block-wide
 // scan of the rest of the mask row; without a mask it is the last chunk).
 //
-// Decode discipline: the launcher allocates nothing and never synchronises; its launch
-// configuration is a pure function of (T, D, K, dtype); offsets are 64-bit (B*T*D may exceed
-// 2^31).
+// Launch configuration, a pure function of (T, D, K, dtype): 64..512 threads (about 8 columns
+// per thread; __launch_bounds__(512, 2) keeps it at <= 64 registers, no spills on sm_80/90),
+// 16 rows per block when T >= 64 else 1, grid = B * ceil(T / rows), dynamic shared memory
+// as below. Decode discipline: the launcher allocates nothing and never synchronises (so it
+// can be captured in a CUDA graph); offsets are 64-bit (B*T*D may exceed 2^31).
 //
 // Limits: shared memory holds one row and delta, D * (sizeof(storage) + 4) bytes plus ~24 B
 // per vector: D = 16384 in bfloat16 needs 96 KiB (opted in above the 48 KiB default; fine on
