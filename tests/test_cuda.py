@@ -641,3 +641,37 @@ def test_gpu_kernel_matches_reference(case, dtype):
 
     check_against_reference(via_public_api, hidden, vectors, weights, mask, True,
                             device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU and a CUDA torch")
+def test_gpu_kernel_in_cuda_graph():
+    """The compiled kernel captured in a CUDA graph and replayed with new inputs copied in."""
+    if not build.load_cuda():
+        pytest.fail(f"the CUDA kernel did not build: {build.build_info()['cuda']}")
+    batch, dim, n_vec = 8, 4099, 33
+    gen = torch.Generator().manual_seed(7)
+    vectors = torch.randn(n_vec, dim, generator=gen).cuda()
+    hidden = torch.zeros(batch, 1, dim, dtype=torch.float16, device="cuda")
+    weights = torch.zeros(batch, n_vec, device="cuda")
+    run = emokern.RunningProjections(batch, n_vec, device="cuda")
+    args = (hidden, vectors, weights, None, True, None, *run.tensors())
+    torch.ops.emokern.steer_(*args)
+    run.reset()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        torch.ops.emokern.steer_(*args)
+    ref_run = emokern.RunningProjections(batch, n_vec)
+    run.reset()
+    for _ in range(3):
+        step = (torch.randn(batch, 1, dim, generator=gen) * 3).to(torch.float16)
+        mix = torch.randn(batch, n_vec, generator=gen)
+        hidden.copy_(step)
+        weights.copy_(mix)
+        graph.replay()
+        expected = step.clone()
+        ref_steer_(expected, vectors.cpu(), mix, None, True, None, *ref_run.tensors())
+        expected32 = step.float()
+        ref_steer_(expected32, vectors.cpu(), mix, None, True)
+        assert_flash_close("hidden", hidden, expected32, expected)
+    torch.testing.assert_close(run.last.cpu(), ref_run.last, rtol=1e-5, atol=1e-4)
+    assert torch.equal(run.count.cpu(), ref_run.count)

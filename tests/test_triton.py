@@ -220,15 +220,16 @@ def test_public_wrapper_runs_triton_backend():
     gen = torch.Generator().manual_seed(4)
     hidden, vectors, weights = _random_inputs((2, 6, 96, 4), torch.bfloat16, gen)
     mask = _make_mask("random", 2, 6, gen)
-    expected = hidden.clone()
+    expected, expected32 = hidden.clone(), hidden.float()
     ref_run = emokern.RunningProjections(2, 4)
     ref_steer_(expected, vectors, weights, mask, True, None, *ref_run.tensors())
+    ref_steer_(expected32, vectors, weights, mask, True)
     hidden, vectors, weights, mask = _to(DEVICE, hidden, vectors, weights, mask)
     run = emokern.RunningProjections(2, 4, device=DEVICE)
     # float64 vectors exercise the wrapper's conversion to the kernel's float32 layout.
     emokern.steer_(hidden, vectors.double(), weights, mask=mask, norm_preserving=True,
                    running=run, backend="triton")
-    assert_flash_close("hidden", hidden, expected.float(), expected)
+    assert_flash_close("hidden", hidden, expected32, expected)
     torch.testing.assert_close(run.mean().cpu(), ref_run.mean(), equal_nan=True)
 
 
@@ -361,3 +362,38 @@ def test_compiles_for_sm90():
         assert local == 0 and registers <= 255, (case, usage)
         # A launch needing global scratch would allocate it: not CUDA-graph friendly.
         assert global_scratch == 0, case
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_graph_capture_and_replay():
+    """A decode step captured once and replayed with new states and weights written into the
+    captured tensors (the serving pattern): the launch must neither allocate nor sync."""
+    batch, dim, n_vec = 8, 576, 6
+    gen = torch.Generator().manual_seed(6)
+    vectors = torch.randn(n_vec, dim, generator=gen).cuda()
+    hidden = torch.zeros(batch, 1, dim, dtype=torch.bfloat16, device="cuda")
+    weights = torch.zeros(batch, n_vec, device="cuda")
+    proj = torch.zeros(batch, 1, n_vec, device="cuda")
+    run = emokern.RunningProjections(batch, n_vec, device="cuda")
+    args = (hidden, vectors, weights, None, True, proj, *run.tensors())
+    triton_steer_(*args)  # compile outside the capture
+    run.reset()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        triton_steer_(*args)
+    ref_run = emokern.RunningProjections(batch, n_vec)
+    run.reset()
+    for _ in range(3):
+        step = (torch.randn(batch, 1, dim, generator=gen) * 3).to(torch.bfloat16)
+        mix = torch.randn(batch, n_vec, generator=gen)
+        hidden.copy_(step)
+        weights.copy_(mix)
+        graph.replay()
+        expected, expected_proj = step.clone(), torch.empty(batch, 1, n_vec)
+        ref_steer_(expected, vectors.cpu(), mix, None, True, expected_proj, *ref_run.tensors())
+        expected32 = step.float()
+        ref_steer_(expected32, vectors.cpu(), mix, None, True)
+        assert_flash_close("hidden", hidden, expected32, expected)
+        torch.testing.assert_close(proj.cpu(), expected_proj, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(run.sum.cpu(), ref_run.sum, rtol=1e-5, atol=1e-4)
+    assert torch.equal(run.count.cpu(), ref_run.count)
