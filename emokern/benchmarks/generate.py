@@ -284,6 +284,7 @@ def paired_decode(state: _DecodeState, arms: Mapping[str, Any], *, rounds: int,
     result["ratio"] = {n: _quantiles([a / b for a, b in zip(times[reference], times[n],
                                                             strict=True)])
                        for n in names if n != reference}
+    result["times_ms"] = {n: [round(t * 1e3, 4) for t in times[n]] for n in names}
     return result
 
 
@@ -342,12 +343,14 @@ def decode_overhead(model: nn.Module, tokenizer, bank, *, batch_sizes: Sequence[
 
 def _mixes_summary(measured: dict, batch: int, rows: list[dict]) -> dict:
     """(b): emokern distinct vs shared at the largest batch, and the baseline's loop cost."""
-    # t_shared / t_distinct per round = ratio(distinct) / ratio(shared) per round; use medians
-    # of the times, which the paired rotation keeps comparable.
-    t_distinct = measured["time_ms"]["emokern"]["median"]
-    t_shared = measured["time_ms"]["emokern_shared"]["median"]
-    summary = {"batch": batch, "emokern_distinct_ms": t_distinct, "emokern_shared_ms": t_shared,
-               "ratio_distinct_vs_shared": t_shared / t_distinct}
+    rounds = zip(measured["times_ms"]["emokern_shared"], measured["times_ms"]["emokern"],
+                 strict=True)
+    paired = _quantiles([shared / distinct for shared, distinct in rounds])
+    summary = {"batch": batch,
+               "emokern_distinct_ms": measured["time_ms"]["emokern"]["median"],
+               "emokern_shared_ms": measured["time_ms"]["emokern_shared"]["median"],
+               "ratio_distinct_vs_shared": paired["median"],
+               "ratio_distinct_vs_shared_quartiles": paired}
     one = next((r for r in rows if r["batch"] == 1), None)
     if one is not None and batch > 1:
         naive_loop_ms = one["time_ms"]["naive"]["median"] * batch
@@ -372,38 +375,68 @@ def _generate_options(tokenizer, new_tokens: int) -> dict[str, Any]:
             "pad_token_id": tokenizer.pad_token_id}
 
 
+def _timed_generate(model, encoded, options) -> tuple[torch.Tensor, float, float]:
+    """``model.generate`` split into prefill and decode seconds: a logits processor notes the
+    time the first logits arrive (the end of the prefill forward)."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class FirstLogits(LogitsProcessor):
+        first: float | None = None
+
+        def __call__(self, input_ids, scores):
+            if self.first is None:
+                self.first = time.perf_counter()
+            return scores
+
+    clock = FirstLogits()
+    with torch.inference_mode():
+        start = time.perf_counter()
+        out = model.generate(**encoded, **options, logits_processor=LogitsProcessorList([clock]))
+        end = time.perf_counter()
+    return out, clock.first - start, end - clock.first
+
+
 def sweep_emokern(model, tokenizer, bank, layers, *, new_tokens: int, max_batch: int):
-    """All 336 sequences through emokern in ``ceil(336 / max_batch)`` generate calls."""
+    """All 336 sequences through emokern in ``ceil(336 / max_batch)`` generate calls.
+
+    Returns the generated tokens per row, the number of calls and the seconds spent in the
+    prefill and decode phases of ``generate``.
+    """
     from emokern.steer import encode_prompts, steer
 
     device = next(model.parameters()).device
     rows = [(mix, prompt) for mix in sweep_conditions(bank) for prompt in PROMPTS]
-    outputs, calls = [], 0
+    outputs, calls, prefill, decode = [], 0, 0.0, 0.0
     for start in range(0, len(rows), max_batch):
         chunk = rows[start:start + max_batch]
         encoded = encode_prompts(tokenizer, [p for _, p in chunk], device=device)
-        with steer(model, bank, [m for m, _ in chunk], layers=list(layers), monitor=True) as s, \
-                torch.inference_mode():
-            out = model.generate(**encoded, **_generate_options(tokenizer, new_tokens))
+        with steer(model, bank, [m for m, _ in chunk], layers=list(layers), monitor=True) as s:
+            out, pre, dec = _timed_generate(model, encoded, _generate_options(tokenizer,
+                                                                              new_tokens))
         s.monitor.mean()
         outputs += list(out[:, encoded["input_ids"].shape[1]:].cpu())
-        calls += 1
-    return outputs, calls
+        calls, prefill, decode = calls + 1, prefill + pre, decode + dec
+    return outputs, calls, prefill, decode
 
 
-def sweep_loop(model, tokenizer, bank, layers, *, new_tokens: int, patch) -> list[torch.Tensor]:
-    """The baseline: one batch of the 8 prompts per condition, ``patch(deltas)`` around it."""
+def sweep_loop(model, tokenizer, bank, layers, *, new_tokens: int, patch):
+    """The baseline: one batch of the 8 prompts per condition, ``patch(deltas)`` around it.
+
+    Returns the generated tokens per row and the prefill and decode seconds.
+    """
     from emokern.steer import encode_prompts
 
     device = next(model.parameters()).device
     encoded = encode_prompts(tokenizer, list(PROMPTS), device=device)
-    outputs = []
+    outputs, prefill, decode = [], 0.0, 0.0
     for mix in sweep_conditions(bank):
         deltas = shared_deltas(bank, mix, layers)
-        with patch(deltas), torch.inference_mode():
-            out = model.generate(**encoded, **_generate_options(tokenizer, new_tokens))
+        with patch(deltas):
+            out, pre, dec = _timed_generate(model, encoded, _generate_options(tokenizer,
+                                                                              new_tokens))
         outputs += list(out[:, encoded["input_ids"].shape[1]:].cpu())
-    return outputs
+        prefill, decode = prefill + pre, decode + dec
+    return outputs, prefill, decode
 
 
 def _warm_up(model, tokenizer, bank, layers) -> None:
@@ -435,32 +468,32 @@ def sweep(model, tokenizer, bank, layers, *, new_tokens: int, max_batch: int,
                               "weights_x_alpha": list(SWEEP_WEIGHTS),
                               "alpha": bank.recommended_alpha, "max_batch": max_batch}
     start = time.perf_counter()
-    fused, calls = sweep_emokern(model, tokenizer, bank, layers, new_tokens=new_tokens,
-                                 max_batch=max_batch)
+    fused, calls, prefill, decode = sweep_emokern(model, tokenizer, bank, layers,
+                                                  new_tokens=new_tokens, max_batch=max_batch)
     result["emokern_s"] = time.perf_counter() - start
+    result["emokern_prefill_s"], result["emokern_decode_s"] = prefill, decode
     result["emokern_generate_calls"] = calls
-    log(f"  sweep emokern: {result['emokern_s']:.1f} s in {calls} generate call(s)")
-    start = time.perf_counter()
-    naive = sweep_loop(model, tokenizer, bank, layers, new_tokens=new_tokens,
-                       patch=lambda d: NaiveSteering(model, d, directions))
-    result["naive_s"] = time.perf_counter() - start
-    result["naive_generate_calls"] = result["conditions"]
-    result["speedup_vs_naive"] = result["naive_s"] / result["emokern_s"]
-    result["identical_rows_vs_naive"] = sum(torch.equal(a, b) for a, b in
-                                            zip(fused, naive, strict=True))
-    log(f"  sweep naive loop: {result['naive_s']:.1f} s -> emokern "
-        f"{result['speedup_vs_naive']:.2f}x faster; "
-        f"{result['identical_rows_vs_naive']}/{len(fused)} rows token-identical")
+    log(f"  sweep emokern: {result['emokern_s']:.1f} s in {calls} generate call(s) "
+        f"(prefill {prefill:.1f} s, decode {decode:.1f} s)")
+    others = [("naive", lambda d: NaiveSteering(model, d, directions))]
     if include_steering_vectors:
+        others.append(("steering_vectors", lambda d: steering_vectors_patch(model, d)))
+    for name, patch in others:
         start = time.perf_counter()
-        sv = sweep_loop(model, tokenizer, bank, layers, new_tokens=new_tokens,
-                        patch=lambda d: steering_vectors_patch(model, d))
-        result["steering_vectors_s"] = time.perf_counter() - start
-        result["speedup_vs_steering_vectors"] = result["steering_vectors_s"] / result["emokern_s"]
-        result["identical_rows_vs_steering_vectors"] = sum(
-            torch.equal(a, b) for a, b in zip(fused, sv, strict=True))
-        log(f"  sweep steering-vectors loop: {result['steering_vectors_s']:.1f} s -> emokern "
-            f"{result['speedup_vs_steering_vectors']:.2f}x faster")
+        tokens, prefill, decode = sweep_loop(model, tokenizer, bank, layers,
+                                             new_tokens=new_tokens, patch=patch)
+        result[f"{name}_s"] = time.perf_counter() - start
+        result[f"{name}_prefill_s"], result[f"{name}_decode_s"] = prefill, decode
+        result[f"speedup_vs_{name}"] = result[f"{name}_s"] / result["emokern_s"]
+        result[f"decode_speedup_vs_{name}"] = decode / result["emokern_decode_s"]
+        result[f"prefill_speedup_vs_{name}"] = prefill / result["emokern_prefill_s"]
+        result[f"identical_rows_vs_{name}"] = sum(torch.equal(a, b) for a, b in
+                                                  zip(fused, tokens, strict=True))
+        log(f"  sweep {name} loop: {result[f'{name}_s']:.1f} s (prefill {prefill:.1f} s, decode "
+            f"{decode:.1f} s) -> emokern {result[f'speedup_vs_{name}']:.2f}x faster "
+            f"(decode {result[f'decode_speedup_vs_{name}']:.2f}x); "
+            f"{result[f'identical_rows_vs_{name}']}/{len(fused)} rows token-identical")
+    result["naive_generate_calls"] = result["conditions"]
     return result
 
 
@@ -617,7 +650,8 @@ def format_table(result: Mapping[str, Any]) -> str:
                   f"| emokern | {mixes['emokern_shared_ms']:.1f} | "
                   f"{mixes['emokern_distinct_ms']:.1f} | {mixes['ratio_distinct_vs_shared']:.3f} |"]
         if "naive_loop_ms" in mixes:
-            lines.append(f"| naive hooks (one batch-1 forward per mix) | "
+            lines.append(f"| naive hooks (one batch-1 forward per mix; {mixes['batch']} x "
+                         f"the batch-1 step of (a)) | "
                          f"{mixes['naive_shared_ms']:.1f} | {mixes['naive_loop_ms']:.1f} | "
                          f"{mixes['naive_ratio_distinct_vs_shared']:.3f} |")
     sweep_result = result.get("sweep")
@@ -626,16 +660,20 @@ def format_table(result: Mapping[str, Any]) -> str:
         lines += ["", f"(c) sweep: {s['conditions']} conditions x {s['prompts']} prompts = "
                       f"{s['sequences']} sequences x {s['new_tokens']} tokens (greedy, fixed "
                       f"length; target >= {TARGETS['sweep']}x)", "",
-                  "| system | generate calls | wall s | emokern speed-up | identical rows |",
-                  "|---|---:|---:|---:|---:|",
-                  f"| emokern | {s['emokern_generate_calls']} | {s['emokern_s']:.1f} | - | - |",
-                  f"| naive hooks loop | {s['naive_generate_calls']} | {s['naive_s']:.1f} | "
-                  f"{s['speedup_vs_naive']:.2f}x | "
-                  f"{s['identical_rows_vs_naive']}/{s['sequences']} |"]
-        if "steering_vectors_s" in s:
-            lines.append(f"| steering-vectors loop | {s['naive_generate_calls']} | "
-                         f"{s['steering_vectors_s']:.1f} | {s['speedup_vs_steering_vectors']:.2f}x"
-                         f" | {s['identical_rows_vs_steering_vectors']}/{s['sequences']} |")
+                  "| system | generate calls | wall s | prefill s | decode s | emokern speed-up "
+                  "(wall / decode) | identical rows |",
+                  "|---|---:|---:|---:|---:|---:|---:|",
+                  f"| emokern | {s['emokern_generate_calls']} | {s['emokern_s']:.1f} | "
+                  f"{s['emokern_prefill_s']:.1f} | {s['emokern_decode_s']:.1f} | - | - |"]
+        for name, label in (("naive", "naive hooks loop"),
+                            ("steering_vectors", "steering-vectors loop")):
+            if f"{name}_s" not in s:
+                continue
+            lines.append(f"| {label} | {s['naive_generate_calls']} | {s[f'{name}_s']:.1f} | "
+                         f"{s[f'{name}_prefill_s']:.1f} | {s[f'{name}_decode_s']:.1f} | "
+                         f"{s[f'speedup_vs_{name}']:.2f}x / "
+                         f"{s[f'decode_speedup_vs_{name}']:.2f}x | "
+                         f"{s[f'identical_rows_vs_{name}']}/{s['sequences']} |")
     load = result.get("load_average", {})
     if load:
         lines += ["", f"Load average (1/5/15 min) before {load['before']}, after {load['after']}; "
@@ -651,7 +689,7 @@ def plot_results(result: Mapping[str, Any], path: str | os.PathLike) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4), gridspec_kw={"width_ratios": [3, 2, 2]})
     ax = axes[0]
     batches = [row["batch"] for row in result["decode"]]
     x = range(len(batches))
@@ -670,11 +708,32 @@ def plot_results(result: Mapping[str, Any], path: str | os.PathLike) -> Path:
     ax.set_xticks(list(x), [str(b) for b in batches])
     ax.set_xlabel("batch size")
     ax.set_ylabel("decode tokens/s, steered / unsteered")
-    ax.set_ylim(0.5, 1.05)
+    lows = [row["ratio"][a]["q25"] for row in result["decode"] for a, _ in arms]
+    highs = [row["ratio"][a]["q75"] for row in result["decode"] for a, _ in arms]
+    ax.set_ylim(min(0.8, min(lows, default=0.8) - 0.05), max(1.1, max(highs, default=1.1) + 0.05))
     ax.set_title(f"(a) decode overhead, {len(result['layers'])} layers, "
                  f"K = {len(result['emotions'])}")
     ax.legend(fontsize=8, loc="lower left")
     ax = axes[1]
+    mixes = result.get("mixes") or {}
+    if mixes:
+        labels = ["emokern\nshared", "emokern\ndistinct"]
+        values = [mixes["emokern_shared_ms"], mixes["emokern_distinct_ms"]]
+        colors = ["C0", "C0"]
+        if "naive_loop_ms" in mixes:
+            labels += ["naive\nshared", "naive\ndistinct (loop)"]
+            values += [mixes["naive_shared_ms"], mixes["naive_loop_ms"]]
+            colors += ["C1", "C1"]
+        bars = ax.bar(labels, values, color=colors)
+        for bar, value in zip(bars, values, strict=True):
+            ax.text(bar.get_x() + bar.get_width() / 2, value, f"{value:.0f} ms", ha="center",
+                    va="bottom", fontsize=8)
+        ax.set_ylabel("ms per decode step of the batch")
+        ax.set_ylim(0, max(values) * 1.2)
+        ax.set_title(f"(b) batch {mixes['batch']}: {mixes['batch']} mixes vs one")
+    else:
+        ax.set_axis_off()
+    ax = axes[2]
     s = result.get("sweep")
     if s:
         labels, values = ["emokern"], [s["emokern_s"]]
