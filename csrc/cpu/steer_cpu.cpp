@@ -30,7 +30,9 @@
 #include <c10/util/SmallVector.h>
 #include <torch/library.h>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+// EMOKERN_PORTABLE_SIMD forces the portable path (its tests build it on AVX-512 machines).
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
+    !defined(EMOKERN_PORTABLE_SIMD)
 #define EMOKERN_AVX512 1
 #include <immintrin.h>
 #endif

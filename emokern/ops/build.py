@@ -14,10 +14,11 @@ compile error) the loaders warn once, naming the cause, and return False: the op
 running on the reference backend.
 
 The cache lives in ``$TORCH_EXTENSIONS_DIR`` if set, else ``$EMOKERN_CACHE/torch_extensions``
-(``EMOKERN_CACHE`` defaults to ``~/.cache/emokern``). A build's name carries the machine, a
-fingerprint of the CPU's features and a hash of the flags, sources' torch version, so a cache
-shared between machines never serves a binary built for another CPU; torch's lock file in the
-build directory serialises concurrent compiles of the same build.
+(``EMOKERN_CACHE`` defaults to ``~/.cache/emokern``). A build's name carries the machine and a
+hash of the torch version, the CPU's instruction-set features, the flags and the sources, so
+a cache shared between machines never serves a binary built for another CPU or from other
+sources, and a finished build loads without a compiler. torch's lock file in the build
+directory serialises concurrent compiles of the same build.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import os
 import platform
 import shutil
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -73,16 +75,33 @@ def _cpu_fingerprint() -> str:
     return platform.processor() or platform.machine()
 
 
-def _build_name(prefix: str, *flag_groups) -> str:
-    key = "|".join([torch.__version__, _cpu_fingerprint(), *(" ".join(g) for g in flag_groups)])
-    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
+def _build_name(prefix: str, sources: list[Path], *flag_groups) -> str:
+    """``<prefix>_<machine>_<hash>``: the hash covers the torch version, the CPU's features, the
+    flags and the sources' contents, so a cached binary is immutable and always matches."""
+    digest = hashlib.sha256()
+    for part in (torch.__version__, _cpu_fingerprint(), *(" ".join(g) for g in flag_groups)):
+        digest.update(part.encode() + b"\0")
+    for source in sources:
+        digest.update(Path(source).read_bytes() + b"\0")
     machine = "".join(c if c.isalnum() else "_" for c in platform.machine().lower()) or "cpu"
-    return f"{prefix}_{machine}_{digest}"
+    return f"{prefix}_{machine}_{digest.hexdigest()[:12]}"
 
 
 def _compiler() -> str:
     """The C++ compiler torch's extension builder will call (``$CXX`` or ``c++``)."""
     return os.environ.get("CXX", "c++")
+
+
+def _missing_tools(built: Path) -> str | None:
+    """Why a build cannot even start (no compiler, no ninja), or None. A finished build in the
+    cache loads without them."""
+    if built.exists():
+        return None
+    if shutil.which(_compiler()) is None:
+        return f"no C++ compiler: {_compiler()!r} not found (install g++ or set CXX)"
+    if shutil.which("ninja") is None:
+        return "ninja not found (pip install ninja)"
+    return None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -95,13 +114,26 @@ def _first_line(exc: BaseException) -> str:
     return (lines[-1] if lines else type(exc).__name__)[:300]
 
 
+#: A build lock older than this belongs to a build that died; it would block every later load.
+STALE_LOCK_SECONDS = 900
+
+
 def _jit_load(name: str, sources: list[str], build_dir: Path, what: str, **kwargs) -> None:
+    """Load the cached binary, or compile it first (under torch's lock in ``build_dir``:
+    concurrent processes wait for one build instead of racing)."""
+    built = build_dir / f"{name}.so"
+    lock = build_dir / "lock"
+    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
+        lock.unlink(missing_ok=True)
+    if built.exists() and not lock.exists():
+        # Content-addressed name: an existing binary is the right one; no compiler, ninja or
+        # ninja run needed.
+        torch.ops.load_library(str(built))
+        return
     from torch.utils import cpp_extension
 
     build_dir.mkdir(parents=True, exist_ok=True)
-    built = build_dir / f"{name}.so"
-    newest_source = max(os.path.getmtime(s) for s in sources)
-    if not built.exists() or built.stat().st_mtime < newest_source:
+    if not built.exists():
         print(f"emokern: compiling the {what} once (~40 s) into {build_dir}", file=sys.stderr,
               flush=True)
     cpp_extension.load(name=name, sources=sources, build_directory=str(build_dir),
@@ -133,11 +165,15 @@ def load_cpu() -> bool:
     src = csrc_dir()
     if src is None:
         return _give_up(info, "the C++ sources (csrc/) are not part of this installation")
-    name = _build_name("emokern_cpu", CPU_CFLAGS, CPU_LDFLAGS)
+    source = src / "cpu" / "steer_cpu.cpp"
+    name = _build_name("emokern_cpu", [source, src / "steer.h"], CPU_CFLAGS, CPU_LDFLAGS)
     build_dir = cache_root() / name
     info.update(name=name, path=str(build_dir / f"{name}.so"))
+    missing = _missing_tools(build_dir / f"{name}.so")
+    if missing:
+        return _give_up(info, missing)
     try:
-        _jit_load(name, [str(src / "cpu" / "steer_cpu.cpp")], build_dir, "CPU kernel",
+        _jit_load(name, [str(source)], build_dir, "CPU kernel",
                   extra_cflags=list(CPU_CFLAGS), extra_ldflags=list(CPU_LDFLAGS))
     except Exception as exc:  # noqa: BLE001  (any build failure means: fall back)
         return _give_up(info, f"{_first_line(exc)} (compiler: {_compiler()})")
@@ -197,7 +233,8 @@ def load_cuda() -> bool:
     if not sources:
         info["error"] = "no CUDA sources (csrc/cuda) in this installation"
         return False
-    name = _build_name("emokern_cuda", CUDA_CFLAGS, CUDA_NVCC_FLAGS, (torch.version.cuda,))
+    name = _build_name("emokern_cuda", [*map(Path, sources), src / "steer.h"], CUDA_CFLAGS,
+                       CUDA_NVCC_FLAGS, (torch.version.cuda,))
     build_dir = cache_root() / name
     info.update(name=name, path=str(build_dir / f"{name}.so"))
     try:
