@@ -342,6 +342,46 @@ def test_monitor_summary_and_reset(llama):
     assert torch.isnan(s.monitor.mean()[0]).all()
 
 
+# ------------------------------------------------------------------------ hot path
+
+
+def _allocated_bytes(fn) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return sum(e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0)
+
+
+def test_decode_step_allocates_nothing(llama):
+    """The pre-hook and the layer hooks of a decode step (one token after a past) use only
+    preallocated tensors; a prompt forward's hooks allocate their masks (the profiler's
+    control)."""
+    model, _, bank = llama
+    s = steer(model, bank, [{"joy": 1.0}, {"fear": -2.0}], layers=[1, 2]).install()
+    try:
+        hooks = [s._layer_hook(slot) for slot in range(2)]
+        hidden = torch.randn(2, 1, model.config.hidden_size)
+        mask = torch.ones(2, 12, dtype=torch.long)
+        mask[1, :4] = 0
+        decode = {"input_ids": torch.zeros(2, 1, dtype=torch.long), "attention_mask": mask}
+        prompt = {"input_ids": torch.zeros(2, 12, dtype=torch.long), "attention_mask": mask}
+
+        def step(kwargs, h):
+            s._before_forward(None, (), kwargs)
+            for hook in hooks:
+                hook(None, (), h)
+
+        with torch.inference_mode():
+            step(decode, hidden)  # warm-up
+            assert _allocated_bytes(lambda: step(decode, hidden)) == 0
+            assert s._active is s._decode_calls
+            prompt_hidden = torch.randn(2, 12, model.config.hidden_size)
+            assert _allocated_bytes(lambda: step(prompt, prompt_hidden)) > 0
+    finally:
+        s.remove()
+
+
 # ------------------------------------------------------------------------ set_mix
 
 
