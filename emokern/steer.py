@@ -62,8 +62,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from emokern.ops.library import resolve_backend
-from emokern.ops.reference import ref_steer_
+from emokern.ops.library import _runner, resolve_backend
 from emokern.ops.running import RunningProjections
 
 POSITIONS = ("all", "prompt", "generated")
@@ -198,18 +197,9 @@ def _layers_owner(model: nn.Module, layer_list: nn.ModuleList) -> nn.Module:
 
 
 def _op_for(backend: str | None, device: torch.device):
-    """The raw op callable for ``backend`` on ``device`` (no per-call validation)."""
-    try:
-        backend = resolve_backend(backend, device)  # also loads the compiled kernels
-    except ImportError:  # no compiled backends in this build: the dispatcher runs the reference
-        backend = backend or "dispatcher"
-    if backend == "reference":
-        return ref_steer_
-    if backend == "triton":
-        from emokern.ops.triton_steer import triton_steer_
-
-        return triton_steer_
-    return torch.ops.emokern.steer_
+    """The op callable for ``backend`` on ``device``, without the public wrapper's per-call
+    validation (the steerer validates everything once, at install and set_mix)."""
+    return _runner(resolve_backend(backend, device))  # also loads the compiled kernels
 
 
 def _module_device(module: nn.Module, fallback: torch.device) -> torch.device:

@@ -459,6 +459,20 @@ def test_norm_preserving_keeps_each_steered_row_norm(llama):
     assert (after[0] - before[0]).abs().max() > 1e-3
 
 
+def test_backends_agree(llama):
+    model, tokenizer, bank = llama
+    encoded = encode(tokenizer)
+    mixes = [{"joy": 1.0}, {"fear": -2.0, "sadness": 0.5}, {}]
+    results = {}
+    for backend in ("reference", None):
+        with steer(model, bank, mixes, layers=[1, 2], backend=backend) as s:
+            results[backend] = (logits(model, encoded), s.monitor.mean())
+    torch.testing.assert_close(results["reference"][0], results[None][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results["reference"][1], results[None][1], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        steer(model, bank, mixes, backend="fortran")
+
+
 def test_sampling_and_bfloat16():
     model, tokenizer = tiny_model("llama", seed=3)
     model = model.to(torch.bfloat16)
