@@ -343,7 +343,8 @@ def test_compiles_for_sm90():
             source = ASTSource(fn=ts._steer_kernel, signature=signature,
                                constexprs={(names.index(k),): v for k, v in constants.items()})
             kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                                    options={"num_warps": cfg.num_warps})
+                                    options={"num_warps": cfg.num_warps,
+                                             "enable_fp_fusion": True})
             with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
                 f.write(kernel.asm["cubin"])
                 f.flush()

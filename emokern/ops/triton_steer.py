@@ -306,6 +306,9 @@ def triton_steer_(
         ROWS=cfg.rows, USE_DOT=cfg.rows > 1, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d,
         SINGLE_TILE=cfg.single_tile, SCAN_BLOCK=_SCAN_BLOCK, EPS=NORM_EPS,
         num_warps=cfg.num_warps,
+        # Fused multiply-adds in the dot products, explicitly: Triton 3.9 warns that its
+        # default (fusion on) changes to off in 3.10.
+        enable_fp_fusion=True,
     )
 
 
