@@ -16,8 +16,8 @@ The grid is flat: program ``i`` handles sequence ``b = i // n_chunks`` and its `
 consecutive rows ``chunk = i % n_chunks`` (a flat grid has no 65,535 limit on ``B``). All rows
 of a program belong to one sequence, so they share one steering vector
 :math:`\delta_b = \sum_k w_{b,k} v_k`, which each program builds tile by tile from the vector
-tiles it loads for the projections anyway — ``vectors`` is read once per program and stays in
-L2 across programs.
+tiles it loads for the projections anyway — ``vectors`` is read once per program (twice when
+norm preservation needs a second pass over D) and stays in L2 across programs.
 
 * **Row mode** (``ROWS = 1``; decode and short sequences): a program owns one row; the
   projections are a broadcast-multiply of the row tile ``[1, BLOCK_D]`` with the vector tile
@@ -41,13 +41,21 @@ one program per sequence — decode — it is a plain read-add-write, determinis
 it knows it does when no later row of the sequence is masked (it scans the rest of the mask row
 with an early exit; without a mask it is the last chunk).
 
+Launch configuration (:func:`launch_config`), a pure function of ``(T, D, K)``: dot mode
+when ``T >= 64``; ``BLOCK_K = next_pow2(K)`` (at least 16 in dot mode); ``BLOCK_D`` the largest
+power of two with ``(BLOCK_K [+ 16]) · BLOCK_D <= 2048`` float32 tile elements (at least 16, at
+most ``next_pow2(D)``); ``num_warps = min(8, tile elements / 256)``. Compiled for sm_90 this
+takes 48-80 registers per thread in row mode and 94-128 in dot mode, with no spills.
+
 Decode discipline (DESIGN §4.4, §4.6): the launcher allocates nothing, never syncs the host and
-never reads data; the launch configuration is a pure function of ``(T, D, K)`` — no
-``@triton.autotune`` (autotuning launches are illegal during CUDA-graph capture). Offsets are
-int64 (``B·T·D`` can exceed 2**31); scalars are cast to float32 inside the kernel.
+never reads data; no ``@triton.autotune`` (autotuning launches are illegal during CUDA-graph
+capture). Triton specialises integer arguments equal to 1 or divisible by 16, so a model
+compiles a handful of variants (decode, prefill lengths); run each once before capturing.
+Offsets are int64 (``B·T·D`` can exceed 2**31); scalars are float32 inside the kernel.
 
 Testing without a GPU: with ``TRITON_INTERPRET=1`` set before the first launch, the kernel runs
-on CPU tensors under Triton's interpreter (tests/test_triton.py).
+on CPU tensors under Triton's interpreter; tests/test_triton.py also lowers it to sm_90 cubins
+with Triton's bundled ptxas.
 """
 
 from __future__ import annotations
