@@ -200,16 +200,18 @@ inline void store(T* p, vf v, int64_t n = L) {
 using simd::L;
 using simd::vf;
 
-// Columns of D per pass of the dot tiles: a block's rows (8 x 2 KiB) stay in L1 while every
+// Columns of D per pass of the dot tiles: a tile's rows (4 x 2 KiB) stay in L1 while every
 // k-tile walks them and streams its vector slices through.
 constexpr int64_t kDimChunk = 512;
 // Rows per work unit of a sequence (T >= 2); fixes the boundaries of the running-sum partials.
 constexpr int64_t kChunkRows = 32;
 // Rows per block: the row dimension of the register tiles.
 constexpr int kRowBlock = 8;
+// Rows of the dot-product register tiles (a block runs them in halves).
+constexpr int kDotRows = 4;
 // Below this much work (multiply-adds) per thread, waking a second thread costs more than it
 // saves, so small decode calls stay on the calling thread.
-constexpr int64_t kMinWorkPerThread = 1 << 17;
+constexpr int64_t kMinWorkPerThread = 1 << 18;
 
 // ---------------------------------------------------------------------------------------------
 // Row kernels (float32 rows).
@@ -265,7 +267,7 @@ void dot_rows(const float* const* x, const float* vectors, int64_t dim, int64_t 
               vf* acc, float* out) {
   // At least 8 independent accumulator chains hide the FMA latency; at most 16 accumulators
   // fit the registers with the rows' loads.
-  constexpr int KB = R == 1 ? 8 : (R <= 4 ? 4 : 2);
+  constexpr int KB = R == 1 ? 8 : 4;
   for (int64_t d0 = 0; d0 < dim; d0 += kDimChunk) {
     const int64_t d1 = std::min(dim, d0 + kDimChunk);
     const bool first = d0 == 0;
@@ -545,6 +547,14 @@ struct Problem {
 template <int R>
 void dot_rows_n(int rows, const float* const* x, const float* vectors, int64_t dim,
                 int64_t n_vec, vf* acc, float* out) {
+  if (rows > kDotRows) {
+    // Tiles of at most 4 rows x 4 vectors: with 8 rows x 2 vectors, rows whose addresses
+    // differ by multiples of 4 KiB (D = 1024, 2048, 4096) crowd the same L1 sets.
+    dot_rows_n<kDotRows>(kDotRows, x, vectors, dim, n_vec, acc, out);
+    dot_rows_n<kDotRows>(rows - kDotRows, x + kDotRows, vectors, dim, n_vec, acc,
+                         out + kDotRows * n_vec);
+    return;
+  }
   if constexpr (R > 0) {
     if (rows == R) {
       dot_rows<R>(x, vectors, dim, n_vec, acc, out);
@@ -612,7 +622,7 @@ void process_block(const Problem& P, int rows, const int64_t* b, const int64_t* 
   if (P.need_proj) {
     vf* acc = Scratch::take(s.acc, size_t(kRowBlock * P.K));
     float* dots = Scratch::take(s.dots, size_t(kRowBlock * P.K));
-    dot_rows_n<kRowBlock>(rows, x, P.vectors, P.D, P.K, acc, dots);
+    dot_rows_n<kDotRows>(rows, x, P.vectors, P.D, P.K, acc, dots);
     for (int r = 0; r < rows; ++r)
       for (int64_t k = 0; k < P.K; ++k) proj[r][k] = dots[r * P.K + k] * P.inv_norm[k];
   }
