@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <optional>
+#include <string>
 
 namespace emokern {
 
@@ -28,6 +29,23 @@ struct SteerSizes {
   int64_t n_vec;    // K
 };
 
+// dtype names as Python spells them (torch.float32), matching the Python wrapper's messages.
+inline std::string torch_dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kBool: return "torch.bool";
+    case at::kLong: return "torch.int64";
+    case at::kInt: return "torch.int32";
+    case at::kShort: return "torch.int16";
+    case at::kChar: return "torch.int8";
+    case at::kByte: return "torch.uint8";
+    default: return std::string("torch.") + c10::toString(t);
+  }
+}
+
 inline void check_same_device(const at::Tensor& t, const at::Tensor& hidden, const char* name) {
   TORCH_CHECK_VALUE(t.device() == hidden.device(), "emokern.steer_: ", name, " is on ",
                     t.device(), " but hidden is on ", hidden.device());
@@ -36,8 +54,8 @@ inline void check_same_device(const at::Tensor& t, const at::Tensor& hidden, con
 inline void check_output(const std::optional<at::Tensor>& t, const at::Tensor& hidden,
                          const char* name, at::IntArrayRef shape, at::ScalarType dtype) {
   if (!t.has_value()) return;
-  TORCH_CHECK_TYPE(t->scalar_type() == dtype, "emokern.steer_: ", name, " must be ", dtype,
-                   ", got ", t->scalar_type());
+  TORCH_CHECK_TYPE(t->scalar_type() == dtype, "emokern.steer_: ", name, " must be ",
+                   torch_dtype_name(dtype), ", got ", torch_dtype_name(t->scalar_type()));
   TORCH_CHECK_VALUE(t->sizes() == shape, "emokern.steer_: ", name, " must have shape ", shape,
                     ", got ", t->sizes());
   check_same_device(*t, hidden, name);
@@ -71,7 +89,8 @@ inline SteerSizes check_steer_args(const at::Tensor& hidden, const at::Tensor& v
                                    const std::optional<at::Tensor>& run_last) {
   const auto hdt = hidden.scalar_type();
   TORCH_CHECK_TYPE(hdt == at::kFloat || hdt == at::kBFloat16 || hdt == at::kHalf,
-                   "emokern.steer_: hidden must be float32, bfloat16 or float16, got ", hdt);
+                   "emokern.steer_: hidden must be float32, bfloat16 or float16, got ",
+                   torch_dtype_name(hdt));
   TORCH_CHECK_VALUE(hidden.dim() == 3, "emokern.steer_: hidden must be [B, T, D], got shape ",
                     hidden.sizes());
   SteerSizes s{hidden.size(0), hidden.size(1), hidden.size(2), 0};
@@ -82,7 +101,8 @@ inline SteerSizes check_steer_args(const at::Tensor& hidden, const at::Tensor& v
                     "(strides ", hidden.strides(), "); an in-place op needs distinct rows");
 
   TORCH_CHECK_TYPE(at::isFloatingType(vectors.scalar_type()),
-                   "emokern.steer_: vectors must be floating point, got ", vectors.scalar_type());
+                   "emokern.steer_: vectors must be floating point, got ",
+                   torch_dtype_name(vectors.scalar_type()));
   TORCH_CHECK_VALUE(vectors.dim() == 2 && vectors.size(1) == s.dim && vectors.size(0) >= 1,
                     "emokern.steer_: vectors must be [K, D] with K >= 1 and D = ", s.dim,
                     " (hidden's last dimension), got shape ", vectors.sizes());
@@ -90,7 +110,8 @@ inline SteerSizes check_steer_args(const at::Tensor& hidden, const at::Tensor& v
   s.n_vec = vectors.size(0);
 
   TORCH_CHECK_TYPE(weights.scalar_type() == at::kFloat,
-                   "emokern.steer_: weights must be torch.float32, got ", weights.scalar_type());
+                   "emokern.steer_: weights must be torch.float32, got ",
+                   torch_dtype_name(weights.scalar_type()));
   TORCH_CHECK_VALUE(weights.dim() == 2 && weights.size(0) == s.batch &&
                     weights.size(1) == s.n_vec, "emokern.steer_: weights must have shape [",
                     s.batch, ", ", s.n_vec, "], got ", weights.sizes());
@@ -98,7 +119,8 @@ inline SteerSizes check_steer_args(const at::Tensor& hidden, const at::Tensor& v
 
   if (mask.has_value()) {
     TORCH_CHECK_TYPE(mask->scalar_type() == at::kBool,
-                     "emokern.steer_: mask must be torch.bool, got ", mask->scalar_type());
+                     "emokern.steer_: mask must be torch.bool, got ",
+                     torch_dtype_name(mask->scalar_type()));
     TORCH_CHECK_VALUE(mask->dim() == 2 && mask->size(0) == s.batch &&
                       mask->size(1) == s.seq_len, "emokern.steer_: mask must have shape [",
                       s.batch, ", ", s.seq_len, "], got ", mask->sizes());

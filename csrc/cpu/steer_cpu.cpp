@@ -392,18 +392,31 @@ void load_row(const T* src, float* dst, int64_t dim) {
 // in registers), all its dot products accumulate (the same lane order as dot_tile), and
 // y = x + delta is written in the same pass. Norm preserving needs ||y|| before the first
 // write, so that case accumulates ||x||^2 and ||y||^2 instead and writes in a second pass
-// over the row, now in L1. KB = number of vectors (padded with a zero row), 0 = no dots.
+// over the row, now in cache (sweep_finish). KB = number of vectors (padded with a zero row),
+// 0 = no dots. When K x D does not fit L1, a block's row pairs sweep column chunks in turn, so
+// each chunk of the vectors is loaded once per block; SweepState carries the sums across.
+constexpr int kSweepMaxK = 8;
+
+struct SweepState {
+  vf a[2][kSweepMaxK];
+  vf xx[2], yy[2];
+};
+
 template <typename T, int KB, bool NP>
 void sweep_rows(T* const* rows, int n_rows, const float* const* delta, const float* const* v,
-                int64_t dim, float* dots) {
+                int64_t c0, int64_t c1, SweepState& st, bool first) {
   constexpr int NA = KB > 0 ? KB : 1;
   T* const r0 = rows[0];
   T* const r1 = n_rows > 1 ? rows[1] : rows[0];
   const float* const d0 = delta[0];
   const float* const d1 = n_rows > 1 ? delta[1] : nullptr;
   vf a0[NA], a1[NA];
-  for (int k = 0; k < NA; ++k) a0[k] = a1[k] = simd::zero();
-  vf xx0 = simd::zero(), yy0 = simd::zero(), xx1 = simd::zero(), yy1 = simd::zero();
+  for (int k = 0; k < NA; ++k) {
+    a0[k] = first ? simd::zero() : st.a[0][k];
+    a1[k] = first ? simd::zero() : st.a[1][k];
+  }
+  vf xx0 = first ? simd::zero() : st.xx[0], yy0 = first ? simd::zero() : st.yy[0];
+  vf xx1 = first ? simd::zero() : st.xx[1], yy1 = first ? simd::zero() : st.yy[1];
   auto step = [&](int64_t d, int64_t n) {
     const vf x0 = simd::load(r0 + d, n);
     const vf x1 = simd::load(r1 + d, n);
@@ -431,53 +444,67 @@ void sweep_rows(T* const* rows, int n_rows, const float* const* delta, const flo
       }
     }
   };
-  int64_t d = 0;
-  for (; d + L <= dim; d += L) step(d, L);
-  if (d < dim) step(d, dim - d);
-  if constexpr (NP) {
-    T* const out[2] = {r0, r1};
-    const float* const dl[2] = {d0, d1};
-    const vf xx[2] = {xx0, xx1}, yy[2] = {yy0, yy1};
-    for (int r = 0; r < 2; ++r) {
-      if (dl[r] == nullptr) continue;
-      const float scale = std::sqrt(simd::sum(xx[r])) /
-                          std::max(std::sqrt(simd::sum(yy[r])), kNormEps);
+  int64_t d = c0;
+  for (; d + L <= c1; d += L) step(d, L);
+  if (d < c1) step(d, c1 - d);
+  for (int k = 0; k < KB; ++k) {
+    st.a[0][k] = a0[k];
+    st.a[1][k] = a1[k];
+  }
+  st.xx[0] = xx0;
+  st.yy[0] = yy0;
+  st.xx[1] = xx1;
+  st.yy[1] = yy1;
+}
+
+// After the last chunk: the norm-preserving write pass and the pair's 2 x kb dot products.
+template <typename T>
+void sweep_finish(T* const* rows, int n_rows, const float* const* delta, int64_t dim, int kb,
+                  bool norm_preserving, const SweepState& st, float* dots) {
+  if (norm_preserving) {
+    for (int r = 0; r < n_rows; ++r) {
+      if (delta[r] == nullptr) continue;
+      const float scale = std::sqrt(simd::sum(st.xx[r])) /
+                          std::max(std::sqrt(simd::sum(st.yy[r])), kNormEps);
       const vf sv = simd::set1(scale);
+      T* const out = rows[r];
+      const float* const dl = delta[r];
       int64_t e = 0;
       for (; e + L <= dim; e += L)
-        simd::store(out[r] + e, simd::mul(simd::add(simd::load(out[r] + e),
-                                                    simd::load(dl[r] + e)), sv));
+        simd::store(out + e, simd::mul(simd::add(simd::load(out + e), simd::load(dl + e)), sv));
       if (e < dim) {
         const int64_t n = dim - e;
-        simd::store(out[r] + e, simd::mul(simd::add(simd::load(out[r] + e, n),
-                                                    simd::load(dl[r] + e, n)), sv), n);
+        simd::store(out + e, simd::mul(simd::add(simd::load(out + e, n),
+                                                 simd::load(dl + e, n)), sv), n);
       }
     }
   }
-  if constexpr (KB > 0) {
-    vf all[2 * KB];
-    for (int k = 0; k < KB; ++k) {
-      all[k] = a0[k];
-      all[KB + k] = a1[k];
+  if (kb > 0) {
+    vf all[2 * kSweepMaxK];
+    for (int k = 0; k < kb; ++k) {
+      all[k] = st.a[0][k];
+      all[kb + k] = st.a[1][k];
     }
-    simd::sum16(all, 2 * KB, dots);
+    simd::sum16(all, 2 * kb, dots);
   }
 }
 
 template <typename T, bool NP>
 void sweep_rows_kb(int kb, T* const* rows, int n_rows, const float* const* delta,
-                   const float* const* v, int64_t dim, float* dots) {
+                   const float* const* v, int64_t c0, int64_t c1, SweepState& st, bool first) {
   switch (kb) {
-    case 0: sweep_rows<T, 0, NP>(rows, n_rows, delta, v, dim, dots); break;
-    case 1: sweep_rows<T, 1, NP>(rows, n_rows, delta, v, dim, dots); break;
-    case 2: sweep_rows<T, 2, NP>(rows, n_rows, delta, v, dim, dots); break;
-    case 4: sweep_rows<T, 4, NP>(rows, n_rows, delta, v, dim, dots); break;
-    default: sweep_rows<T, 8, NP>(rows, n_rows, delta, v, dim, dots); break;
+    case 0: sweep_rows<T, 0, NP>(rows, n_rows, delta, v, c0, c1, st, first); break;
+    case 1: sweep_rows<T, 1, NP>(rows, n_rows, delta, v, c0, c1, st, first); break;
+    case 2: sweep_rows<T, 2, NP>(rows, n_rows, delta, v, c0, c1, st, first); break;
+    case 4: sweep_rows<T, 4, NP>(rows, n_rows, delta, v, c0, c1, st, first); break;
+    default: sweep_rows<T, 8, NP>(rows, n_rows, delta, v, c0, c1, st, first); break;
   }
 }
 
+// Vectors a sweep may keep in L1 whole (bytes); beyond, the block sweeps column chunks.
+constexpr int64_t kSweepL1Bytes = 24 * 1024;
+
 // Vectors per sweep: K rounded up to 1, 2, 4 or 8 (zero rows pad), 0 without projections.
-constexpr int64_t kSweepMaxK = 8;
 inline int sweep_width(int64_t n_vec, bool need_proj) {
   if (!need_proj) return 0;
   return n_vec <= 1 ? 1 : n_vec <= 2 ? 2 : n_vec <= 4 ? 4 : 8;
@@ -596,14 +623,26 @@ void process_block(const Problem& P, int rows, const int64_t* b, const int64_t* 
       }
       for (int k = 0; k < kb; ++k) v[k] = k < P.K ? P.vectors + k * P.D : zeros;
     }
+    const int64_t chunk = kb * P.D * int64_t(sizeof(float)) <= kSweepL1Bytes ? P.D : kDimChunk;
+    SweepState state[kRowBlock / 2];
+    for (int64_t c0 = 0; c0 < P.D; c0 += chunk) {
+      const int64_t c1 = std::min(P.D, c0 + chunk);
+      for (int r = 0; r < rows; r += 2) {
+        const int n = std::min(2, rows - r);
+        if (P.norm_preserving) {
+          sweep_rows_kb<T, true>(kb, hidden_rows + r, n, delta + r, v, c0, c1, state[r / 2],
+                                 c0 == 0);
+        } else {
+          sweep_rows_kb<T, false>(kb, hidden_rows + r, n, delta + r, v, c0, c1, state[r / 2],
+                                  c0 == 0);
+        }
+      }
+    }
     float dots[2 * kSweepMaxK];
     for (int r = 0; r < rows; r += 2) {
       const int n = std::min(2, rows - r);
-      if (P.norm_preserving) {
-        sweep_rows_kb<T, true>(kb, hidden_rows + r, n, delta + r, v, P.D, dots);
-      } else {
-        sweep_rows_kb<T, false>(kb, hidden_rows + r, n, delta + r, v, P.D, dots);
-      }
+      sweep_finish(hidden_rows + r, n, delta + r, P.D, kb, P.norm_preserving, state[r / 2],
+                   dots);
       for (int i = 0; i < n && kb > 0; ++i)
         for (int64_t k = 0; k < P.K; ++k) proj[r + i][k] = dots[i * kb + k] * P.inv_norm[k];
     }
