@@ -1,52 +1,48 @@
-"""``make demo`` / ``emokern demo``: the op on a random batch (replaced by the model demo)."""
+"""``make demo`` / ``emokern demo``: one batch of the default model, a different mix per row."""
 
 from __future__ import annotations
 
+import textwrap
 import time
 
-import torch
-
-import emokern
+PROMPT = "Tell me about your plans for this weekend."
 
 
-def run_demo(max_new_tokens: int = 40) -> None:
-    """Steer a random batch with four different mixes and print projections and timings."""
-    torch.manual_seed(0)
-    names = ["joy", "sadness", "anger", "fear", "disgust", "surprise"]
-    batch, seq_len, dim = 4, 16, 576
-    hidden = torch.randn(batch, seq_len, dim) * 3
-    vectors = torch.randn(len(names), dim)
-    weights = torch.zeros(batch, len(names))
-    weights[1, 0] = 2.0
-    weights[2, 1], weights[2, 3] = 1.5, 0.5
-    weights[3, 0] = -1.0
-    running = emokern.RunningProjections(batch, len(names))
-    before = hidden.clone()
-    emokern.steer_(hidden, vectors, weights, running=running)
-    after = emokern.RunningProjections(batch, len(names))
-    emokern.steer_(hidden.clone(), vectors, torch.zeros_like(weights), running=after)
-    print(f"backend: {emokern.ops.resolve_backend(None, hidden.device)}")
-    print("mean projection on each unit emotion direction, before -> after steering")
-    print(f"{'row':<18}" + "".join(f"{n:>16}" for n in names))
-    for b in range(batch):
-        mix = ", ".join(f"{n}={weights[b, k]:g}" for k, n in enumerate(names) if weights[b, k])
-        cells = "".join(f"{running.mean()[b, k]:+7.2f} ->{after.mean()[b, k]:+6.2f}"
-                        for k in range(len(names)))
-        print(f"{mix or '(none)':<18}{cells}")
-    del before
-    big = torch.randn(8192, 576)
-    vec8 = torch.randn(8, 576)
-    w8 = torch.randn(1, 8)
-    h = big[None]
-    emokern.steer_(h, vec8, w8)
+def demo_mixes(alpha: float) -> list[dict[str, float]]:
+    """Five rows: unsteered, joy, fear, sadness, and joy suppressed (weights in bank units)."""
+    return [{}, {"joy": alpha}, {"fear": alpha}, {"sadness": alpha}, {"joy": -alpha}]
+
+
+def run_demo(max_new_tokens: int = 40, prompt: str = PROMPT) -> list[dict]:
+    """Generate ``prompt`` under five mixes in one batch; print texts and emotion readings.
+
+    Returns the rows of :func:`emokern.steer.generate`.
+    """
+    from emokern.bank import EmotionBank
+    from emokern.models import load_model
+    from emokern.steer import generate
+
     start = time.perf_counter()
-    for _ in range(20):
-        emokern.steer_(h, vec8, w8)
-    fused = (time.perf_counter() - start) / 20
+    model, tokenizer = load_model("default")
+    bank = EmotionBank.load_default("ev")
+    alpha = bank.recommended_alpha
+    print(f"model SmolLM2-135M-Instruct loaded in {time.perf_counter() - start:.1f} s; "
+          f"bank: {len(bank.names)} emotions, steering layers {bank.recommended_layers} "
+          f"at weight {alpha:g}")
     start = time.perf_counter()
-    for _ in range(20):
-        out = h + (w8 @ vec8)[:, None]
-        _ = out @ (vec8 / vec8.norm(dim=1, keepdim=True)).T
-    naive = (time.perf_counter() - start) / 20
-    print(f"\n8192 tokens x 576 dims, 8 emotions: fused {fused * 1e3:.2f} ms, "
-          f"naive hook sequence {naive * 1e3:.2f} ms ({naive / fused:.1f}x)")
+    rows = generate(model, tokenizer, bank, prompt, demo_mixes(alpha),
+                    max_new_tokens=max_new_tokens)
+    seconds = time.perf_counter() - start
+    print(f"\nprompt: {prompt!r} — {len(rows)} rows, one batched generate, {seconds:.1f} s\n")
+    for row in rows:
+        mix = ", ".join(f"{k}={v:+g}" for k, v in row["mix"].items()) or "unsteered"
+        print(f"[{mix}]")
+        print(textwrap.indent(textwrap.fill(row["text"].strip(), 96), "    "), "\n")
+    names = list(rows[0]["projections"])
+    print("mean projection of the generating states on each emotion direction "
+          "(steered layers, before steering):")
+    print(f"{'row':<14}" + "".join(f"{n:>10}" for n in names))
+    for row in rows:
+        mix = ", ".join(f"{k}={v:+g}" for k, v in row["mix"].items()) or "unsteered"
+        print(f"{mix[:13]:<14}" + "".join(f"{row['projections'][n]:>+10.2f}" for n in names))
+    return rows
