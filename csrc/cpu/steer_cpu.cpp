@@ -337,9 +337,11 @@ void sumsq_rows(const float* const* v, int64_t dim, double* ss) {
 }
 
 // Writes the steered row: out = x + delta, or rescaled to ||x|| when norm preserving.
-// out may alias x (float32 rows are steered in place).
+// out may alias x (float32 rows are steered in place). ahead: a row to prefetch meanwhile.
 template <typename T>
-void steer_row(const float* x, const float* delta, T* out, int64_t dim, bool norm_preserving) {
+void steer_row(const float* x, const float* delta, T* out, int64_t dim, bool norm_preserving,
+               const T* ahead) {
+  if (ahead == nullptr) ahead = out;
   float scale = 1.0f;
   if (norm_preserving) {
     vf xx0 = simd::zero(), xx1 = simd::zero(), yy0 = simd::zero(), yy1 = simd::zero();
@@ -367,11 +369,15 @@ void steer_row(const float* x, const float* delta, T* out, int64_t dim, bool nor
   const vf s = simd::set1(scale);
   int64_t d = 0;
   if (norm_preserving) {
-    for (; d + L <= dim; d += L)
+    for (; d + L <= dim; d += L) {
+      __builtin_prefetch(ahead + d, 0, 2);
       simd::store(out + d, simd::mul(simd::add(simd::load(x + d), simd::load(delta + d)), s));
+    }
   } else {
-    for (; d + L <= dim; d += L)
+    for (; d + L <= dim; d += L) {
+      __builtin_prefetch(ahead + d, 0, 2);
       simd::store(out + d, simd::add(simd::load(x + d), simd::load(delta + d)));
+    }
   }
   if (d < dim) {
     const int64_t n = dim - d;
@@ -382,9 +388,13 @@ void steer_row(const float* x, const float* delta, T* out, int64_t dim, bool nor
 }
 
 template <typename T>
-void load_row(const T* src, float* dst, int64_t dim) {
+void load_row(const T* src, float* dst, int64_t dim, const T* ahead) {
+  if (ahead == nullptr) ahead = src;
   int64_t d = 0;
-  for (; d + L <= dim; d += L) simd::store(dst + d, simd::load(src + d));
+  for (; d + L <= dim; d += L) {
+    __builtin_prefetch(ahead + d, 0, 2);
+    simd::store(dst + d, simd::load(src + d));
+  }
   if (d < dim) simd::store(dst + d, simd::load(src + d, dim - d), dim - d);
 }
 
@@ -404,10 +414,14 @@ struct SweepState {
 
 template <typename T, int KB, bool NP>
 void sweep_rows(T* const* rows, int n_rows, const float* const* delta, const float* const* v,
-                int64_t c0, int64_t c1, SweepState& st, bool first) {
+                const T* const* ahead, int64_t c0, int64_t c1, SweepState& st, bool first) {
   constexpr int NA = KB > 0 ? KB : 1;
   T* const r0 = rows[0];
   T* const r1 = n_rows > 1 ? rows[1] : rows[0];
+  // The rows the next block will sweep, fetched a line per step while this one computes:
+  // memory traffic overlaps the arithmetic instead of stalling the next block's first loads.
+  const T* const next0 = ahead[0] != nullptr ? ahead[0] : r0;
+  const T* const next1 = n_rows > 1 && ahead[1] != nullptr ? ahead[1] : next0;
   const float* const d0 = delta[0];
   const float* const d1 = n_rows > 1 ? delta[1] : nullptr;
   vf a0[NA], a1[NA];
@@ -418,6 +432,8 @@ void sweep_rows(T* const* rows, int n_rows, const float* const* delta, const flo
   vf xx0 = first ? simd::zero() : st.xx[0], yy0 = first ? simd::zero() : st.yy[0];
   vf xx1 = first ? simd::zero() : st.xx[1], yy1 = first ? simd::zero() : st.yy[1];
   auto step = [&](int64_t d, int64_t n) {
+    __builtin_prefetch(next0 + d, 0, 2);
+    __builtin_prefetch(next1 + d, 0, 2);
     const vf x0 = simd::load(r0 + d, n);
     const vf x1 = simd::load(r1 + d, n);
     for (int k = 0; k < KB; ++k) {
@@ -491,13 +507,14 @@ void sweep_finish(T* const* rows, int n_rows, const float* const* delta, int64_t
 
 template <typename T, bool NP>
 void sweep_rows_kb(int kb, T* const* rows, int n_rows, const float* const* delta,
-                   const float* const* v, int64_t c0, int64_t c1, SweepState& st, bool first) {
+                   const float* const* v, const T* const* ahead, int64_t c0, int64_t c1,
+                   SweepState& st, bool first) {
   switch (kb) {
-    case 0: sweep_rows<T, 0, NP>(rows, n_rows, delta, v, c0, c1, st, first); break;
-    case 1: sweep_rows<T, 1, NP>(rows, n_rows, delta, v, c0, c1, st, first); break;
-    case 2: sweep_rows<T, 2, NP>(rows, n_rows, delta, v, c0, c1, st, first); break;
-    case 4: sweep_rows<T, 4, NP>(rows, n_rows, delta, v, c0, c1, st, first); break;
-    default: sweep_rows<T, 8, NP>(rows, n_rows, delta, v, c0, c1, st, first); break;
+    case 0: sweep_rows<T, 0, NP>(rows, n_rows, delta, v, ahead, c0, c1, st, first); break;
+    case 1: sweep_rows<T, 1, NP>(rows, n_rows, delta, v, ahead, c0, c1, st, first); break;
+    case 2: sweep_rows<T, 2, NP>(rows, n_rows, delta, v, ahead, c0, c1, st, first); break;
+    case 4: sweep_rows<T, 4, NP>(rows, n_rows, delta, v, ahead, c0, c1, st, first); break;
+    default: sweep_rows<T, 8, NP>(rows, n_rows, delta, v, ahead, c0, c1, st, first); break;
   }
 }
 
@@ -611,8 +628,18 @@ template <typename T>
 void process_block(const Problem& P, int rows, const int64_t* b, const int64_t* t,
                    const float* const* delta, float* const* proj, Scratch& s) {
   T* hidden_rows[kRowBlock];
-  for (int r = 0; r < rows; ++r)
+  const T* ahead_rows[kRowBlock];  // row r of the next block (same slot), null past the end
+  for (int r = 0; r < rows; ++r) {
     hidden_rows[r] = static_cast<T*>(P.hidden) + b[r] * P.stride_b + t[r] * P.stride_t;
+    int64_t nb = b[r], nt = t[r] + kRowBlock;
+    if (P.T == 1) {
+      nb = b[r] + kRowBlock;
+      nt = 0;
+    }
+    ahead_rows[r] = nb < P.B && nt < P.T ? hidden_rows[r] + (nb - b[r]) * P.stride_b +
+                                               (nt - t[r]) * P.stride_t
+                                         : nullptr;
+  }
   if (P.K <= kSweepMaxK || !P.need_proj) {
     const int kb = sweep_width(P.K, P.need_proj);
     const float* v[kSweepMaxK];
@@ -630,11 +657,11 @@ void process_block(const Problem& P, int rows, const int64_t* b, const int64_t* 
       for (int r = 0; r < rows; r += 2) {
         const int n = std::min(2, rows - r);
         if (P.norm_preserving) {
-          sweep_rows_kb<T, true>(kb, hidden_rows + r, n, delta + r, v, c0, c1, state[r / 2],
-                                 c0 == 0);
+          sweep_rows_kb<T, true>(kb, hidden_rows + r, n, delta + r, v, ahead_rows + r, c0, c1,
+                                 state[r / 2], c0 == 0);
         } else {
-          sweep_rows_kb<T, false>(kb, hidden_rows + r, n, delta + r, v, c0, c1, state[r / 2],
-                                  c0 == 0);
+          sweep_rows_kb<T, false>(kb, hidden_rows + r, n, delta + r, v, ahead_rows + r, c0, c1,
+                                  state[r / 2], c0 == 0);
         }
       }
     }
@@ -654,7 +681,7 @@ void process_block(const Problem& P, int rows, const int64_t* b, const int64_t* 
       x[r] = hidden_rows[r];
     } else {
       float* row = Scratch::take(s.rows, size_t(kRowBlock * P.D)) + r * P.D;
-      load_row(hidden_rows[r], row, P.D);
+      load_row(hidden_rows[r], row, P.D, ahead_rows[r]);
       x[r] = row;
     }
   }
@@ -666,7 +693,9 @@ void process_block(const Problem& P, int rows, const int64_t* b, const int64_t* 
       for (int64_t k = 0; k < P.K; ++k) proj[r][k] = dots[r * P.K + k] * P.inv_norm[k];
   }
   for (int r = 0; r < rows; ++r)
-    if (delta[r] != nullptr) steer_row(x[r], delta[r], hidden_rows[r], P.D, P.norm_preserving);
+    if (delta[r] != nullptr)
+      steer_row(x[r], delta[r], hidden_rows[r], P.D, P.norm_preserving,
+                std::is_same_v<T, float> ? ahead_rows[r] : nullptr);
 }
 
 float* proj_row(const Problem& P, Scratch& s, int64_t b, int64_t t, int r) {
