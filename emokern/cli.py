@@ -66,7 +66,8 @@ def _parse_batch_sizes(text: str) -> list[int]:
     try:
         sizes = [int(x) for x in text.split(",")]
     except ValueError:
-        raise SystemExit(f"emokern: --batch-sizes must be comma-separated ints, got {text!r}")
+        raise SystemExit(f"emokern: --batch-sizes must be comma-separated ints, got {text!r}") \
+            from None
     if not sizes or min(sizes) < 1:
         raise SystemExit(f"emokern: --batch-sizes must be positive, got {text!r}")
     return sizes

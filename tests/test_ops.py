@@ -150,7 +150,8 @@ def test_compiled_backend_matches_reference(backend, batch, seq_len, dim, n_vec,
 
 @pytest.mark.parametrize("backend", COMPILED)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 1, 4099, 33), (65, 37, 577, 1), (3, 5, 1, 7), (1, 300, 64, 8)])
+@pytest.mark.parametrize("shape", [(1, 1, 4099, 33), (65, 37, 577, 1), (3, 5, 1, 7),
+                                   (1, 300, 64, 8)])
 def test_awkward_shapes(backend, dtype, shape):
     for norm_preserving in (False, True):
         assert_matches_reference(backend, *shape, dtype, masked=True,

@@ -1,1 +1,1 @@
-"""Benchmark cases and timing harnesses shared by ``bench/`` (pytest-benchmark) and ``emokern bench``."""
+"""Benchmark cases and timing harnesses shared by ``bench/`` and ``emokern bench``."""

@@ -122,7 +122,7 @@ def _call_triton(*args) -> None:
 
 
 def available_backends() -> dict[str, bool]:
-    """Which backends can run here: ``{"reference": True, "cpu": ..., "triton": ..., "cuda": ...}``."""
+    """Which backends can run here: ``{"reference": True, "cpu": bool, "triton": bool, ...}``."""
     from emokern.ops import build
 
     return {

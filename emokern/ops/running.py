@@ -33,7 +33,8 @@ class RunningProjections:
     def __init__(self, batch: int, n_emotions: int, device: torch.device | str = "cpu"):
         for name, value in (("batch", batch), ("n_emotions", n_emotions)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"RunningProjections: {name} must be a positive int, got {value!r}")
+                raise ValueError(f"RunningProjections: {name} must be a positive int, "
+                                 f"got {value!r}")
         self.sum = torch.zeros(batch, n_emotions, dtype=torch.float32, device=device)
         self.count = torch.zeros(batch, dtype=torch.int64, device=device)
         self.last = torch.full((batch, n_emotions), float("nan"), device=device)
@@ -69,4 +70,5 @@ class RunningProjections:
         return self.sum, self.count, self.last
 
     def __repr__(self) -> str:
-        return f"RunningProjections(batch={self.batch}, n_emotions={self.n_emotions}, device={self.device})"
+        return (f"RunningProjections(batch={self.batch}, n_emotions={self.n_emotions}, "
+                f"device={self.device})")
