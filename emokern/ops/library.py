@@ -52,6 +52,39 @@ def _check_tensor(name: str, value, shape: tuple, dtype: torch.dtype | None, dev
         _fail(ValueError, f"{name} is on {value.device} but hidden is on {device}")
 
 
+def _check_running(running, batch: int, n_vec: int, device) -> None:
+    if not isinstance(running, RunningProjections):
+        _fail(TypeError, f"running must be an emokern.RunningProjections, got "
+                         f"{type(running).__name__}")
+    _check_tensor("running.sum", running.sum, (batch, n_vec), torch.float32, device)
+    _check_tensor("running.count", running.count, (batch,), torch.int64, device)
+    _check_tensor("running.last", running.last, (batch, n_vec), torch.float32, device)
+    for name, t in zip(("sum", "count", "last"), running.tensors(), strict=True):
+        if not t.is_contiguous():
+            _fail(ValueError, f"running.{name} must be contiguous")
+
+
+def _check_fast(hidden, vectors, weights, mask, proj_out, running) -> None:
+    """The checks the C++ kernel cannot make, kept to a few attribute reads."""
+    device = hidden.device
+    for name, value in (("vectors", vectors), ("weights", weights), ("mask", mask),
+                        ("proj_out", proj_out)):
+        if value is not None and value.device != device:
+            _fail(ValueError, f"{name} is on {value.device} but hidden is on {device}")
+    if not vectors.is_floating_point():  # before the wrapper's float32 conversion
+        _fail(TypeError, f"vectors must be floating point, got {vectors.dtype}")
+    if running is not None:
+        if not isinstance(running, RunningProjections):
+            _fail(TypeError, f"running must be an emokern.RunningProjections, got "
+                             f"{type(running).__name__}")
+        if hidden.dim() != 3 or vectors.dim() != 2:
+            return  # the kernel names hidden or vectors
+        want = (hidden.shape[0], vectors.shape[0])
+        if running.sum.shape != want or running.sum.device != device:
+            _fail(ValueError, f"running holds statistics for [B, K] = {list(running.sum.shape)} "
+                              f"on {running.sum.device}; this call needs {want} on {device}")
+
+
 def validate_steer_args(hidden, vectors, weights, mask, proj_out, running, check_values: bool):
     """Check every argument of :func:`steer_` and raise one clear error naming the first bad one.
 
@@ -91,15 +124,7 @@ def validate_steer_args(hidden, vectors, weights, mask, proj_out, running, check
         if not proj_out.is_contiguous():
             _fail(ValueError, "proj_out must be contiguous")
     if running is not None:
-        if not isinstance(running, RunningProjections):
-            _fail(TypeError, f"running must be an emokern.RunningProjections, got "
-                             f"{type(running).__name__}")
-        _check_tensor("running.sum", running.sum, (batch, n_vec), torch.float32, device)
-        _check_tensor("running.count", running.count, (batch,), torch.int64, device)
-        _check_tensor("running.last", running.last, (batch, n_vec), torch.float32, device)
-        for name, t in zip(("sum", "count", "last"), running.tensors(), strict=True):
-            if not t.is_contiguous():
-                _fail(ValueError, f"running.{name} must be contiguous")
+        _check_running(running, batch, n_vec, device)
     if check_values:
         if not bool(torch.isfinite(weights).all()):
             _fail(ValueError, "weights must be finite (found NaN or inf)")
@@ -111,8 +136,7 @@ def validate_steer_args(hidden, vectors, weights, mask, proj_out, running, check
                               f"needs a direction")
 
 
-def _call_dispatcher(*args) -> None:
-    torch.ops.emokern.steer_(*args)
+_call_dispatcher = torch.ops.emokern.steer_.default
 
 
 def _call_triton(*args) -> None:
@@ -136,9 +160,19 @@ def available_backends() -> dict[str, bool]:
 def resolve_backend(backend: str | None, device: torch.device) -> str:
     """The backend to run on ``device``: the forced one (argument, then ``EMOKERN_BACKEND``) or
     the fastest available one."""
+    backend = backend or os.environ.get("EMOKERN_BACKEND") or None
+    key = (backend, device.type)
+    if key not in _resolved:  # decode calls are microseconds: decide once per device type
+        _resolved[key] = _resolve(backend, device)
+    return _resolved[key]
+
+
+_resolved: dict[tuple[str | None, str], str] = {}
+
+
+def _resolve(backend: str | None, device: torch.device) -> str:
     from emokern.ops import build
 
-    backend = backend or os.environ.get("EMOKERN_BACKEND") or None
     if backend is not None:
         if backend not in BACKENDS:
             _fail(ValueError, f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -222,13 +256,19 @@ def steer_(
     >>> run.mean().shape
     torch.Size([2, 3])
     """
-    chosen = resolve_backend(backend, hidden.device if isinstance(hidden, torch.Tensor)
-                             else torch.device("cpu"))
-    capturing = hidden.is_cuda and torch.cuda.is_current_stream_capturing() \
-        if isinstance(hidden, torch.Tensor) else False
-    validate_steer_args(hidden, vectors, weights, mask, proj_out, running,
-                        check_values=chosen != "cpu" and not capturing
-                        and not torch.compiler.is_compiling())
+    for name, value in (("hidden", hidden), ("vectors", vectors), ("weights", weights)):
+        if not isinstance(value, torch.Tensor):
+            _fail(TypeError, f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    chosen = resolve_backend(backend, hidden.device)
+    if chosen == "cpu":
+        # The C++ kernel checks shapes, dtypes, layouts and values itself, with the same
+        # messages, before writing. Devices are checked here (a meta or CUDA argument would
+        # route the call to another kernel), and the Python-level RunningProjections.
+        _check_fast(hidden, vectors, weights, mask, proj_out, running)
+    else:
+        capturing = hidden.is_cuda and torch.cuda.is_current_stream_capturing()
+        validate_steer_args(hidden, vectors, weights, mask, proj_out, running,
+                            check_values=not capturing and not torch.compiler.is_compiling())
     run = running.tensors() if running is not None else (None, None, None)
     if vectors.dtype != torch.float32 or not vectors.is_contiguous():
         vectors = vectors.float().contiguous()
