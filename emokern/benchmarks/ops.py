@@ -426,6 +426,7 @@ def machine_info() -> dict[str, Any]:
     import emokern
     from emokern.ops import build
 
+    build.load_cpu()  # so that the record says where the measured kernel came from
     cpu_model = platform.processor()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -465,10 +466,12 @@ def format_ratio_table(rows: Sequence[Mapping[str, Any]], machine: Mapping[str, 
     """The markdown table of a run: times, bandwidth and the ratios, one line per row."""
     lines = ["# Op benchmark: fused `steer_` (CPU) vs plain PyTorch", ""]
     if machine:
-        load = machine.get("load_average")
+        load, load_end = machine.get("load_average"), machine.get("load_average_end")
         lines += [f"torch {machine.get('torch')}, {machine.get('cpu_model')}, "
-                  f"{machine.get('torch_threads')} threads"
-                  + (f", load average at start {load[0]:.1f}" if load else ""), ""]
+                  f"torch threads: {machine.get('torch_threads')}"
+                  + (f", 1-min load average at start {load[0]:.1f}" if load else "")
+                  + (f", at end {load_end[0]:.1f}" if load_end else "")
+                  + " (other processes share the machine)", ""]
     lines += [
         "Times are medians per call (IQR in brackets). Ratios are medians of per-round ratios "
         "(variants interleaved): ×naive and ×torch = their time / fused time (higher is better), "
