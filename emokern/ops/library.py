@@ -182,7 +182,12 @@ def _resolve(backend: str | None, device: torch.device) -> str:
     if device.type == "cuda":
         if build.load_cuda():
             return "cuda"
-        return "triton" if build.triton_usable() else "reference"
+        if build.triton_usable():
+            from emokern.ops.triton_steer import register_cuda_kernel
+
+            register_cuda_kernel()  # so torch.ops / torch.compile on CUDA run Triton too
+            return "triton"
+        return "reference"
     return "reference"
 
 
