@@ -413,6 +413,10 @@ def generate_responses(
 # Reading hidden states over token spans
 # --------------------------------------------------------------------------------------------
 
+class _StopForward(Exception):
+    """Raised by the capture hook of the deepest requested layer to end a forward early."""
+
+
 def span_hidden_states(
     model,
     sequences: Sequence[Sequence[int]],
@@ -474,11 +478,15 @@ def span_hidden_states(
     # Longest first keeps padding low within a batch; results are put back in input order.
     order = sorted(range(n), key=lambda i: -len(sequences[i]))
     captured: dict[int, torch.Tensor] = {}
+    deepest = max(layers)
 
     def capture(layer):
         def hook(module, args, output):
             # transformers 5 returns a Tensor from a decoder layer, 4.x a tuple.
             captured[layer] = output if isinstance(output, torch.Tensor) else output[0]
+            if layer == deepest:
+                # Nothing above the deepest requested layer is read: skip the rest.
+                raise _StopForward
         return hook
 
     blocks = decoder_layers(model)
@@ -514,8 +522,11 @@ def _read_spans(model, sequences, spans, layers, order, pad_token_id, batch_size
                 continue
             captured.clear()
             # The base model skips the LM head, whose logits nobody reads here.
-            body(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                 position_ids=position_ids.to(device), use_cache=False)
+            try:
+                body(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                     position_ids=position_ids.to(device), use_cache=False)
+            except _StopForward:
+                pass
             hidden = torch.stack([captured[layer] for layer in layers], dim=1)
             hidden = hidden.float().cpu()  # [B, L, W, D]
             # Padding rows may hold garbage (even NaN) in some attention implementations:
@@ -972,16 +983,34 @@ def extract_main(
     return bank
 
 
+def _busy_cpus(interval: float = 0.25) -> float:
+    """CPUs in use by other processes right now, from two reads of ``/proc/stat`` (the load
+    average lags by a minute and counts our own past work); the load average elsewhere."""
+    def read():
+        with open("/proc/stat", encoding="ascii") as fh:
+            fields = [int(x) for x in fh.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+        return sum(fields), idle
+
+    try:
+        total0, idle0 = read()
+        time.sleep(interval)
+        total1, idle1 = read()
+    except (OSError, ValueError, IndexError):
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    elapsed = max(total1 - total0, 1)
+    return (os.cpu_count() or 1) * (1.0 - (idle1 - idle0) / elapsed)
+
+
 def auto_threads() -> int:
-    """Use one torch thread when the CPUs are already busy, else leave torch's default.
+    """Use one torch thread when other processes keep a CPU busy, else leave torch's default.
 
     On a shared machine, torch's OpenMP threads wait for each other at every parallel region;
     when another process holds a core, each wait costs a scheduler slice. Measured on the
     2-core dev machine with two other busy processes: greedy generation of 32 x 24 tokens on
     the default model took 38.6 s with 2 threads and 7.9 s with 1. Returns the thread count.
     """
-    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    if busy >= 1.0:
+    if _busy_cpus() >= 0.5:
         torch.set_num_threads(1)
     return torch.get_num_threads()
 

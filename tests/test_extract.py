@@ -347,7 +347,11 @@ def test_concept_bad_input(tiny_llama):
 def default_model():
     from emokern.models import load_model
 
-    return load_model("default")
+    # CI machines are shared: one thread is several times faster when the CPUs are busy.
+    threads = torch.get_num_threads()
+    ex.auto_threads()
+    yield load_model("default")
+    torch.set_num_threads(threads)
 
 
 @pytest.mark.slow
@@ -388,7 +392,10 @@ def test_reextracting_ev_on_a_subset_reproduces_the_shipped_vectors(default_mode
     model, tokenizer = default_model
     shipped = EmotionBank.load_default("ev")
     layers = [10, 14, 18]
-    queries = load_queries()[::6][:20]
+    # Measured on the default model (docs/emotions.md): the centred vectors of a subset of n
+    # of the 118 queries reach cosine >= 0.9 with the full set's from n ~ 50 (20 queries give
+    # ~0.7), so the test uses the first 60.
+    queries = load_queries()[:60]
     bank = extract_ev(model, tokenizer, queries=queries, layers=layers, progress=False)
     cos = _middle_cosines(bank, shipped, layers)
     assert float(cos.min()) >= 0.9, cos

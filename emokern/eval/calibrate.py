@@ -225,7 +225,8 @@ def calibrate(
     -------
     list of dict
         One row per (layer set, alpha, emotion), plus baseline rows (``alpha == 0``,
-        ``emotion == "none"``), each with ``layer`` (label, e.g. "12" or "8-20"), ``alpha``,
+        ``emotion == "none"``, with ``scores`` and ``top_rates`` per emotion), each with
+        ``layer`` (label, e.g. "12" or "8-20"), ``alpha``,
         ``emotion``, ``score`` (mean classifier intensity of the target emotion, in [0, 1]),
         ``gain`` (score minus the unsteered score on the same prompts), ``hit_rate`` (fraction
         of answers whose top basic emotion is the target), ``repetition`` (mean repeated
@@ -282,6 +283,10 @@ def calibrate(
             row["hit_rate"] = float((s.argmax(axis=1) == k).mean())
         else:
             row["scores"] = {e: float(s[:, scorer.column(e)].mean()) for e in emotions}
+            # How often each swept emotion is already the top one without steering: the
+            # level a steered hit rate has to beat.
+            row["top_rates"] = {e: float((s.argmax(axis=1) == scorer.column(e)).mean())
+                                for e in emotions}
         row["repetition"] = float(reps[sel].mean())
         if ppl is not None:
             row["perplexity"] = float(np.nanmedian(ppl[sel])) if np.isfinite(ppl[sel]).any() \
