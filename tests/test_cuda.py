@@ -17,7 +17,6 @@ Each compile is skipped, with the reason, when its compiler or headers are missi
 from __future__ import annotations
 
 import ctypes
-import math
 import os
 import platform
 import re
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from kernel_cases import assert_flash_close, make_mask, random_inputs, steer_twice
 
 import emokern
 from emokern.ops import build
@@ -445,58 +445,6 @@ def emulated_steer_(tmp_path_factory):
     return steer
 
 
-def _make_mask(kind, batch, seq_len, gen):
-    if kind == "none":
-        return None
-    if kind == "all":
-        return torch.ones(batch, seq_len, dtype=torch.bool)
-    mask = torch.rand(batch, seq_len, generator=gen) < 0.5
-    if batch > 1:
-        mask[0] = False  # a sequence with nothing to steer or count
-    # The newest masked row well before the end: run_last must come from an earlier chunk.
-    mask[-1, seq_len // 2:] = False
-    mask[-1, max(0, seq_len // 2 - 1)] = True
-    return mask
-
-
-def _random_inputs(shape, dtype, gen):
-    batch, seq_len, dim, n_vec = shape
-    hidden = (torch.randn(batch, seq_len, dim, generator=gen) * 3).to(dtype)
-    vectors = torch.randn(n_vec, dim, generator=gen)
-    weights = torch.randn(batch, n_vec, generator=gen) * 2 / math.sqrt(n_vec)
-    return hidden, vectors, weights
-
-
-def _steer_twice(fn, hiddens, vectors, weights, mask, norm, with_proj=True, with_run=True):
-    batch, seq_len, _ = hiddens[0].shape
-    run = emokern.RunningProjections(batch, vectors.shape[0], device=hiddens[0].device)
-    projs = []
-    for hidden in hiddens:
-        proj = None
-        if with_proj:
-            proj = torch.full((batch, seq_len, vectors.shape[0]), float("nan"),
-                              device=hidden.device)
-        fn(hidden, vectors, weights, mask, norm, proj,
-           *(run.tensors() if with_run else (None, None, None)))
-        projs.append(proj)
-    return hiddens, projs, run
-
-
-def assert_flash_close(name, out, ref32, ref_low, rtol=1e-5):
-    """``max|out - ref32| <= 2 max|ref_low - ref32| + rtol * max|ref32|`` (flash-attention's
-    rule), NaN only where the reference has NaN."""
-    out, ref32, ref_low = out.float().cpu(), ref32.float().cpu(), ref_low.float().cpu()
-    assert torch.equal(out.isnan(), ref32.isnan()), f"{name}: NaN pattern differs"
-    if out.numel() == 0:
-        return
-    out, ref32, ref_low = (t.nan_to_num() for t in (out, ref32, ref_low))
-    err = (out - ref32).abs().max().item()
-    ref_err = (ref_low - ref32).abs().max().item()
-    atol = rtol * max(1.0, ref32.abs().max().item())
-    assert err <= 2 * ref_err + atol, (
-        f"{name}: error {err:.3g} > 2 x reference error {ref_err:.3g} + atol {atol:.3g}")
-
-
 def check_against_reference(fn, hidden_in, vectors, weights, mask, norm, make_view=None,
                             with_proj=True, with_run=True, device="cpu"):
     """Two calls of ``fn`` and of the reference (storage dtype and float32) sharing running
@@ -515,10 +463,10 @@ def check_against_reference(fn, hidden_in, vectors, weights, mask, norm, make_vi
             assert not view.is_contiguous() and view.stride(2) == 1
             view.copy_(h)
         before = [b.clone() for b in bases]
-    outs, projs, run = _steer_twice(fn, views, dev[0], dev[1], **dict(args, mask=dev[2]))
-    ref_low, projs_low, run_low = _steer_twice(ref_steer_, [h.clone() for h in hiddens],
+    outs, projs, run = steer_twice(fn, views, dev[0], dev[1], **dict(args, mask=dev[2]))
+    ref_low, projs_low, run_low = steer_twice(ref_steer_, [h.clone() for h in hiddens],
                                                vectors, weights, **args)
-    ref32, projs32, run32 = _steer_twice(ref_steer_, [h.float() for h in hiddens], vectors,
+    ref32, projs32, run32 = steer_twice(ref_steer_, [h.float() for h in hiddens], vectors,
                                          weights, **args)
     steered = torch.ones(hidden_in.shape[:2], dtype=torch.bool) if mask is None else mask
     for i, (out, h_in) in enumerate(zip(outs, hiddens, strict=True)):
@@ -563,8 +511,8 @@ SHAPES = {
 def test_emulated_kernel_matches_reference(emulated_steer_, case, norm, dtype, mask_kind):
     shape = SHAPES[case]
     gen = torch.Generator().manual_seed(sum(map(ord, case + mask_kind)))
-    hidden, vectors, weights = _random_inputs(shape, dtype, gen)
-    mask = _make_mask(mask_kind, shape[0], shape[1], gen)
+    hidden, vectors, weights = random_inputs(shape, dtype, gen)
+    mask = make_mask(mask_kind, shape[0], shape[1], gen)
     check_against_reference(emulated_steer_, hidden, vectors, weights, mask, norm)
 
 
@@ -590,8 +538,8 @@ VIEWS = [
 @pytest.mark.parametrize("shape", [(3, 4, 33, 3), (2, 66, 70, 4)], ids=["rows", "chunks"])
 def test_emulated_kernel_non_contiguous_hidden(emulated_steer_, shape, view):
     gen = torch.Generator().manual_seed(1)
-    hidden, vectors, weights = _random_inputs(shape, torch.bfloat16, gen)
-    mask = _make_mask("random", shape[0], shape[1], gen)
+    hidden, vectors, weights = random_inputs(shape, torch.bfloat16, gen)
+    mask = make_mask("random", shape[0], shape[1], gen)
     check_against_reference(emulated_steer_, hidden, vectors, weights, mask, True,
                             make_view=view)
 
@@ -599,8 +547,8 @@ def test_emulated_kernel_non_contiguous_hidden(emulated_steer_, shape, view):
 @pytest.mark.parametrize("with_proj,with_run", [(False, False), (True, False), (False, True)])
 def test_emulated_kernel_optional_outputs(emulated_steer_, with_proj, with_run):
     gen = torch.Generator().manual_seed(2)
-    hidden, vectors, weights = _random_inputs((2, 70, 48, 3), torch.bfloat16, gen)
-    mask = _make_mask("random", 2, 70, gen)
+    hidden, vectors, weights = random_inputs((2, 70, 48, 3), torch.bfloat16, gen)
+    mask = make_mask("random", 2, 70, gen)
     check_against_reference(emulated_steer_, hidden, vectors, weights, mask, False,
                             with_proj=with_proj, with_run=with_run)
 
@@ -610,7 +558,7 @@ def test_emulated_kernel_reads_no_uninitialised_shared_memory(emulated_steer_):
     NaN in the outputs (here with every optional output and both code paths)."""
     gen = torch.Generator().manual_seed(3)
     for shape in ((2, 3, 100, 9), (1, 80, 100, 9)):
-        hidden, vectors, weights = _random_inputs(shape, torch.float32, gen)
+        hidden, vectors, weights = random_inputs(shape, torch.float32, gen)
         run = emokern.RunningProjections(shape[0], shape[3])
         proj = torch.empty(shape[0], shape[1], shape[3])
         emulated_steer_(hidden, vectors, weights, None, True, proj, *run.tensors())
@@ -628,8 +576,8 @@ def test_gpu_kernel_matches_reference(case, dtype):
     if not build.load_cuda():
         pytest.fail(f"the CUDA kernel did not build: {build.build_info()['cuda']}")
     gen = torch.Generator().manual_seed(5)
-    hidden, vectors, weights = _random_inputs(SHAPES[case], dtype, gen)
-    mask = _make_mask("random", *SHAPES[case][:2], gen)
+    hidden, vectors, weights = random_inputs(SHAPES[case], dtype, gen)
+    mask = make_mask("random", *SHAPES[case][:2], gen)
 
     def via_public_api(h, v, w, m, norm, proj, run_sum, run_count, run_last):
         run = None

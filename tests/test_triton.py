@@ -12,7 +12,6 @@ compiler and ptxas (no GPU or driver needed) and checks that it spills nothing.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import subprocess
@@ -21,6 +20,7 @@ import textwrap
 
 import pytest
 import torch
+from kernel_cases import assert_flash_close, make_mask, random_inputs, steer_twice
 
 import emokern
 from emokern.ops import triton_steer
@@ -45,60 +45,8 @@ SHAPES = {
 }
 
 
-def _make_mask(kind: str, batch: int, seq_len: int, gen: torch.Generator):
-    if kind == "none":
-        return None
-    if kind == "all":
-        return torch.ones(batch, seq_len, dtype=torch.bool)
-    mask = torch.rand(batch, seq_len, generator=gen) < 0.5
-    if batch > 1:
-        mask[0] = False  # a sequence with nothing to steer or count
-    # The newest masked row well before the end: run_last must come from an earlier chunk.
-    mask[-1, seq_len // 2:] = False
-    mask[-1, max(0, seq_len // 2 - 1)] = True
-    return mask
-
-
-def _random_inputs(shape, dtype, gen):
-    batch, seq_len, dim, n_vec = shape
-    hidden = (torch.randn(batch, seq_len, dim, generator=gen) * 3).to(dtype)
-    vectors = torch.randn(n_vec, dim, generator=gen)
-    weights = torch.randn(batch, n_vec, generator=gen) * 2 / math.sqrt(n_vec)
-    return hidden, vectors, weights
-
-
-def _steer_twice(fn, hiddens, vectors, weights, mask, norm, with_proj=True, with_run=True):
-    """Two calls (two decode or prefill steps) sharing one RunningProjections; returns the
-    steered hiddens, the projections of each call and the running statistics."""
-    batch, seq_len, _ = hiddens[0].shape
-    run = emokern.RunningProjections(batch, vectors.shape[0], device=hiddens[0].device)
-    projs = []
-    for hidden in hiddens:
-        proj = None
-        if with_proj:
-            proj = torch.full((batch, seq_len, vectors.shape[0]), float("nan"),
-                              device=hidden.device)
-        fn(hidden, vectors, weights, mask, norm, proj,
-           *(run.tensors() if with_run else (None, None, None)))
-        projs.append(proj)
-    return hiddens, projs, run
-
-
 def _to(device, *tensors):
     return [None if t is None else t.to(device) for t in tensors]
-
-
-def assert_flash_close(name: str, out, ref32, ref_low, rtol: float = 1e-5):
-    """``max|out - ref32| <= 2 max|ref_low - ref32| + atol`` with ``atol = rtol * max|ref32|``
-    (NaN allowed only where the reference has NaN)."""
-    out, ref32, ref_low = out.float().cpu(), ref32.float().cpu(), ref_low.float().cpu()
-    assert torch.equal(out.isnan(), ref32.isnan()), f"{name}: NaN pattern differs"
-    out, ref32, ref_low = (t.nan_to_num() for t in (out, ref32, ref_low))
-    err = (out - ref32).abs().max().item() if out.numel() else 0.0
-    ref_err = (ref_low - ref32).abs().max().item() if out.numel() else 0.0
-    atol = rtol * max(1.0, ref32.abs().max().item() if out.numel() else 0.0)
-    assert err <= 2 * ref_err + atol, (
-        f"{name}: error {err:.3g} > 2 x reference error {ref_err:.3g} + atol {atol:.3g}")
 
 
 def _check_against_reference(hidden_in, vectors, weights, mask, norm, make_view=None,
@@ -121,10 +69,10 @@ def _check_against_reference(hidden_in, vectors, weights, mask, norm, make_view=
             view.copy_(h)
         bases_before = [b.clone() for b in bases]
     args_dev = dict(args, mask=mask_dev)
-    outs, projs, run = _steer_twice(triton_steer_, views, vectors_dev, weights_dev, **args_dev)
-    ref_low, projs_low, run_low = _steer_twice(ref_steer_, [h.clone() for h in hiddens],
+    outs, projs, run = steer_twice(triton_steer_, views, vectors_dev, weights_dev, **args_dev)
+    ref_low, projs_low, run_low = steer_twice(ref_steer_, [h.clone() for h in hiddens],
                                                vectors, weights, **args)
-    ref32, projs32, run32 = _steer_twice(ref_steer_, [h.float() for h in hiddens], vectors,
+    ref32, projs32, run32 = steer_twice(ref_steer_, [h.float() for h in hiddens], vectors,
                                          weights, **args)
     steered = torch.ones(hidden_in.shape[:2], dtype=torch.bool) if mask is None else mask
     for i, (out, h_in) in enumerate(zip(outs, hiddens, strict=True)):
@@ -159,8 +107,8 @@ def test_matches_reference(case, norm, dtype, mask_kind):
     cfg = launch_config(seq_len, dim, n_vec)
     assert {k: getattr(cfg, k) for k in expected_path} == expected_path, cfg
     gen = torch.Generator().manual_seed(hash((case, mask_kind)) % 2**31)
-    hidden, vectors, weights = _random_inputs(shape, dtype, gen)
-    mask = _make_mask(mask_kind, batch, seq_len, gen)
+    hidden, vectors, weights = random_inputs(shape, dtype, gen)
+    mask = make_mask(mask_kind, batch, seq_len, gen)
     _check_against_reference(hidden, vectors, weights, mask, norm)
 
 
@@ -189,16 +137,16 @@ VIEWS = [
 @pytest.mark.parametrize("shape", [(3, 4, 33, 3), (2, 66, 70, 4)], ids=["rows", "dot"])
 def test_non_contiguous_hidden(shape, dtype, view):
     gen = torch.Generator().manual_seed(1)
-    hidden, vectors, weights = _random_inputs(shape, dtype, gen)
-    mask = _make_mask("random", shape[0], shape[1], gen)
+    hidden, vectors, weights = random_inputs(shape, dtype, gen)
+    mask = make_mask("random", shape[0], shape[1], gen)
     _check_against_reference(hidden, vectors, weights, mask, True, make_view=view)
 
 
 @pytest.mark.parametrize("with_proj,with_run", [(False, False), (True, False), (False, True)])
 def test_optional_outputs(with_proj, with_run):
     gen = torch.Generator().manual_seed(2)
-    hidden, vectors, weights = _random_inputs((2, 70, 48, 3), torch.bfloat16, gen)
-    mask = _make_mask("random", 2, 70, gen)
+    hidden, vectors, weights = random_inputs((2, 70, 48, 3), torch.bfloat16, gen)
+    mask = make_mask("random", 2, 70, gen)
     _check_against_reference(hidden, vectors, weights, mask, False, with_proj=with_proj,
                              with_run=with_run)
 
@@ -211,15 +159,15 @@ def test_d_loop_with_lowered_tile_cap(monkeypatch, seq_len):
     assert cfg.block_d == 32 and not cfg.single_tile
     gen = torch.Generator().manual_seed(3)
     for norm in (False, True):
-        hidden, vectors, weights = _random_inputs((2, seq_len, 200, 2), torch.float16, gen)
-        mask = _make_mask("random", 2, seq_len, gen)
+        hidden, vectors, weights = random_inputs((2, seq_len, 200, 2), torch.float16, gen)
+        mask = make_mask("random", 2, seq_len, gen)
         _check_against_reference(hidden, vectors, weights, mask, norm)
 
 
 def test_public_wrapper_runs_triton_backend():
     gen = torch.Generator().manual_seed(4)
-    hidden, vectors, weights = _random_inputs((2, 6, 96, 4), torch.bfloat16, gen)
-    mask = _make_mask("random", 2, 6, gen)
+    hidden, vectors, weights = random_inputs((2, 6, 96, 4), torch.bfloat16, gen)
+    mask = make_mask("random", 2, 6, gen)
     expected, expected32 = hidden.clone(), hidden.float()
     ref_run = emokern.RunningProjections(2, 4)
     ref_steer_(expected, vectors, weights, mask, True, None, *ref_run.tensors())

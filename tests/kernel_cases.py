@@ -1,0 +1,61 @@
+"""Case builders shared by the GPU-kernel tests (Triton under the interpreter, CUDA emulated)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+import emokern
+
+
+def make_mask(kind: str, batch: int, seq_len: int, gen: torch.Generator):
+    if kind == "none":
+        return None
+    if kind == "all":
+        return torch.ones(batch, seq_len, dtype=torch.bool)
+    mask = torch.rand(batch, seq_len, generator=gen) < 0.5
+    if batch > 1:
+        mask[0] = False  # a sequence with nothing to steer or count
+    # The newest masked row well before the end: run_last must come from an earlier chunk.
+    mask[-1, seq_len // 2:] = False
+    mask[-1, max(0, seq_len // 2 - 1)] = True
+    return mask
+
+
+def random_inputs(shape, dtype, gen):
+    batch, seq_len, dim, n_vec = shape
+    hidden = (torch.randn(batch, seq_len, dim, generator=gen) * 3).to(dtype)
+    vectors = torch.randn(n_vec, dim, generator=gen)
+    weights = torch.randn(batch, n_vec, generator=gen) * 2 / math.sqrt(n_vec)
+    return hidden, vectors, weights
+
+
+def steer_twice(fn, hiddens, vectors, weights, mask, norm, with_proj=True, with_run=True):
+    """Two calls (two decode or prefill steps) sharing one RunningProjections; returns the
+    steered hiddens, the projections of each call and the running statistics."""
+    batch, seq_len, _ = hiddens[0].shape
+    run = emokern.RunningProjections(batch, vectors.shape[0], device=hiddens[0].device)
+    projs = []
+    for hidden in hiddens:
+        proj = None
+        if with_proj:
+            proj = torch.full((batch, seq_len, vectors.shape[0]), float("nan"),
+                              device=hidden.device)
+        fn(hidden, vectors, weights, mask, norm, proj,
+           *(run.tensors() if with_run else (None, None, None)))
+        projs.append(proj)
+    return hiddens, projs, run
+
+
+def assert_flash_close(name: str, out, ref32, ref_low, rtol: float = 1e-5):
+    """``max|out - ref32| <= 2 max|ref_low - ref32| + atol`` with ``atol = rtol * max|ref32|``
+    (NaN allowed only where the reference has NaN)."""
+    out, ref32, ref_low = out.float().cpu(), ref32.float().cpu(), ref_low.float().cpu()
+    assert torch.equal(out.isnan(), ref32.isnan()), f"{name}: NaN pattern differs"
+    out, ref32, ref_low = (t.nan_to_num() for t in (out, ref32, ref_low))
+    err = (out - ref32).abs().max().item() if out.numel() else 0.0
+    ref_err = (ref_low - ref32).abs().max().item() if out.numel() else 0.0
+    atol = rtol * max(1.0, ref32.abs().max().item() if out.numel() else 0.0)
+    assert err <= 2 * ref_err + atol, (
+        f"{name}: error {err:.3g} > 2 x reference error {ref_err:.3g} + atol {atol:.3g}")
