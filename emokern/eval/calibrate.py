@@ -11,9 +11,9 @@ r"""Calibration and quality checks of emotion banks, measured with independent s
 * :func:`instruction_sweep` — which Method-EV instruction phrasing makes the model's answers
   most emotional by the classifier.
 
-Steering here uses a forward hook on the decoder layer that calls the fused op
-:func:`emokern.steer_` with one weight row per sequence (``positions="all"``: prompt and
-generated tokens), the same arithmetic as :func:`emokern.steer` applies.
+Steering here uses :func:`emokern.steer` (the fused op at the output of a decoder layer, one
+mix per sequence, ``positions="all"``: prompt and generated tokens) with one single-layer
+steerer per swept layer, so every row of a batch can have its own layer, weight and emotion.
 
 ``python -m emokern.eval.calibrate --method ev --write`` reruns the sweep for a shipped bank,
 stores the chosen values in ``emokern/data/calibration.json`` and in the bank's metadata, and
@@ -68,67 +68,47 @@ DEFAULT_ALPHAS = {"ev": "2,4,6,8", "concept": "0.5,1,1.5,2"}
 # --------------------------------------------------------------------------------------------
 
 class RowSteering:
-    """Forward hooks that add each batch row's own emotion mix at chosen decoder layers.
+    """Each batch row steered at its own layers with its own mix, through :func:`emokern.steer`.
 
-    ``weights[layer]`` is a ``[B, K]`` float32 tensor (rows of zeros leave a sequence
-    unsteered at that layer); :meth:`set_rows` fills them for the next batch. In the hook,
-    ``hidden [B, T, D] += weights[layer] @ vectors[layer]`` on every position, through
-    :func:`emokern.steer_`.
+    One single-layer :class:`emokern.Steerer` per hooked layer (``positions="all"``: prompt
+    and generated tokens, padding excluded; no monitor). :meth:`set_rows` gives every row of
+    the next batch its mix per layer, ``rows[b] = {layer: {emotion: weight}}``; a row absent
+    from a layer's dict is not steered there. A row steered at several layers gets the full
+    weight at each of them (``spread="each"``), so a band of ``L`` layers pushes about ``L``
+    times as hard as one layer.
 
     Parameters
     ----------
     model
         A transformers causal LM.
     bank : EmotionBank
+        Checked against ``model`` with ``bank.check_compatible``.
     layers : sequence of int
         Bank layers to hook.
     """
 
     def __init__(self, model, bank, layers: Sequence[int]):
-        from emokern.models import decoder_layers
+        from emokern.steer import Steerer
 
-        self.model = model
-        self.bank = bank
         self.layers = list(layers)
-        self.blocks = decoder_layers(model)
-        device = next(model.parameters()).device
-        self.vectors = {layer: bank.layer_vectors(layer).to(device, torch.float32).contiguous()
-                        for layer in self.layers}
-        self.weights: dict[int, torch.Tensor] = {}
-        self._handles = []
+        self.steerers = {layer: Steerer(model, bank, [{}], layers=[layer], positions="all",
+                                        monitor=False, spread="each")
+                         for layer in self.layers}
 
     def set_rows(self, rows: Sequence[dict[int, dict[str, float]]]) -> None:
         """Set the mix of each row of the next batch: ``rows[b] = {layer: {emotion: weight}}``.
         """
-        k = self.bank.n_emotions
-        device = next(self.model.parameters()).device
-        for layer in self.layers:
-            w = torch.zeros((len(rows), k), dtype=torch.float32)
-            for b, row in enumerate(rows):
-                for name, value in row.get(layer, {}).items():
-                    w[b, self.bank.index(name)] = float(value)
-            self.weights[layer] = w.to(device)
-
-    def _hook(self, layer):
-        import emokern
-
-        def hook(module, args, output):
-            hidden = output if isinstance(output, torch.Tensor) else output[0]
-            weights = self.weights.get(layer)
-            if weights is not None and bool(weights.any()):
-                emokern.steer_(hidden, self.vectors[layer].to(hidden.dtype), weights)
-            return output
-        return hook
+        for layer, steerer in self.steerers.items():
+            steerer.set_mix([row.get(layer, {}) for row in rows])
 
     def __enter__(self):
-        self._handles = [self.blocks[layer].register_forward_hook(self._hook(layer))
-                         for layer in self.layers]
+        for steerer in self.steerers.values():
+            steerer.install()
         return self
 
     def __exit__(self, *exc):
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        for steerer in self.steerers.values():
+            steerer.remove()
         return False
 
 
