@@ -52,8 +52,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
-    from emokern.extract import extract_main
+    from emokern.extract import auto_threads, extract_main
 
+    auto_threads()  # long generation: one thread when another process holds a core
     emotions = args.emotions.split(",") if args.emotions else None
     bank = extract_main(args.model, args.method, emotions=emotions, queries_path=args.queries,
                         out_path=args.out)
