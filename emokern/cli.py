@@ -100,10 +100,18 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.suite == "ops":
-        from emokern.benchmarks.ops import format_ratio_table, run_ops_benchmark
+        from emokern.benchmarks.ops import (
+            decode_shapes,
+            format_ratio_table,
+            headline_shapes,
+            run_ops_benchmark,
+        )
 
-        rows = run_ops_benchmark(batch_sizes=_parse_batch_sizes(args.batch_sizes)
-                                 if args.batch_sizes else None)
+        shapes = headline_shapes()
+        if args.batch_sizes:  # the decode grid at the asked batch sizes
+            sizes = _parse_batch_sizes(args.batch_sizes)
+            shapes = [s for s in decode_shapes() if s.batch in sizes]
+        rows = run_ops_benchmark(shapes)
         print(format_ratio_table(rows))
     else:
         from emokern.benchmarks.generate import format_table, run_generate_benchmark
@@ -162,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="run a benchmark suite on this machine and print ratios")
     p.add_argument("suite", choices=("ops", "generate"))
     p.add_argument("--model", default="default", help="(generate) model to benchmark")
-    p.add_argument("--batch-sizes", help="comma-separated batch sizes")
+    p.add_argument("--batch-sizes", help="comma-separated batch sizes (ops: the decode grid "
+                   "at these sizes; default: the headline shapes)")
     p.add_argument("--out", help="directory for the JSON results")
     p.set_defaults(func=_cmd_bench)
 
