@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--sweep-new-tokens", type=int, default=32)
-    parser.add_argument("--sweep-max-batch", type=int, default=336)
+    parser.add_argument("--sweep-max-batch", type=int, default=168)
     parser.add_argument("--no-sweep", action="store_true")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
