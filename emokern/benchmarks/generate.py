@@ -687,6 +687,15 @@ def format_table(result: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _publish(temporary: str, target: Path) -> None:
+    """Give a finished temporary file the usual permissions (NamedTemporaryFile makes it 0600)
+    and move it into place atomically."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temporary, 0o666 & ~umask)
+    os.replace(temporary, target)
+
+
 def plot_results(result: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Draw (a) and (c) into a PNG at ``path`` (atomically)."""
     import matplotlib
@@ -763,7 +772,7 @@ def plot_results(result: Mapping[str, Any], path: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".png.tmp", delete=False) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
-    os.replace(tmp.name, path)
+    _publish(tmp.name, path)
     plt.close(fig)
     return path
 
@@ -779,7 +788,7 @@ def save_results(result: Mapping[str, Any], out_dir: str | os.PathLike,
         target = out / f"{stem}{suffix}"
         with tempfile.NamedTemporaryFile("w", dir=out, suffix=".tmp", delete=False) as tmp:
             tmp.write(text)
-        os.replace(tmp.name, target)
+        _publish(tmp.name, target)
         written.append(target)
     written.append(plot_results(result, out / f"{stem}.png"))
     return written
