@@ -54,6 +54,14 @@ def setup():
     steerer = steer(model, bank, [mix] * 8, layers=layers, monitor=True)
     naive = NaiveSteering(model, shared_deltas(bank, mix, layers),
                           {layer: bank.layer_vectors(layer) for layer in layers})
+    # Check, then time (also under --benchmark-only, which skips plain tests).
+    with steerer:
+        fused = _forward(state)
+    with naive:
+        hooked = _forward(state)
+    torch.testing.assert_close(fused, hooked, rtol=1e-4, atol=1e-3)
+    for readings in naive.readings.values():
+        readings.clear()
     return model, state, steerer, naive
 
 
@@ -66,12 +74,8 @@ def _forward(state):
 
 
 def test_check_emokern_matches_naive(setup):
-    _, state, steerer, naive = setup
-    with steerer:
-        fused = _forward(state)
-    with naive:
-        hooked = _forward(state)
-    torch.testing.assert_close(fused, hooked, rtol=1e-4, atol=1e-3)
+    """The fixture asserts that emokern and the naive hooks give the same logits."""
+    assert setup[2].layers == tuple(setup[3].deltas)
 
 
 def test_decode_unsteered(benchmark, setup):
@@ -88,7 +92,8 @@ def test_decode_naive(benchmark, setup):
     _, state, _, naive = setup
     with naive:
         benchmark(_forward, state)
-        naive.readings.clear()
+    for readings in naive.readings.values():
+        readings.clear()
 
 
 # ------------------------------------------------------------------------ full run
