@@ -59,3 +59,34 @@ def assert_flash_close(name: str, out, ref32, ref_low, rtol: float = 1e-5):
     atol = rtol * max(1.0, ref32.abs().max().item() if out.numel() else 0.0)
     assert err <= 2 * ref_err + atol, (
         f"{name}: error {err:.3g} > 2 x reference error {ref_err:.3g} + atol {atol:.3g}")
+
+
+def assert_matches_reference(outs, projs, run, hiddens, vectors, weights, args, mask, bases,
+                             bases_before, make_view, with_proj, with_run):
+    """Compare two kernel calls (from :func:`steer_twice`) with the reference run in float32
+    and in the storage dtype (flash-attention's rule); unmasked rows must stay bit-identical
+    and nothing outside a strided view may be written."""
+    from emokern.ops.reference import ref_steer_
+
+    ref_low, projs_low, run_low = steer_twice(ref_steer_, [h.clone() for h in hiddens],
+                                               vectors, weights, **args)
+    ref32, projs32, run32 = steer_twice(ref_steer_, [h.float() for h in hiddens], vectors,
+                                         weights, **args)
+    steered = torch.ones(hiddens[0].shape[:2], dtype=torch.bool) if mask is None else mask
+    for i, (out, h_in) in enumerate(zip(outs, hiddens, strict=True)):
+        out = out.cpu()
+        assert out.dtype == h_in.dtype
+        assert torch.equal(out[~steered], h_in[~steered]), f"call {i}: unmasked rows changed"
+        assert_flash_close(f"call {i} hidden", out[steered], ref32[i][steered],
+                           ref_low[i][steered])
+        if with_proj:
+            assert_flash_close(f"call {i} proj_out", projs[i], projs32[i], projs_low[i])
+    if make_view is not None:
+        for base, before in zip(bases, bases_before, strict=True):
+            outside = torch.ones_like(base, dtype=torch.bool)
+            make_view(outside).fill_(False)
+            assert torch.equal(base[outside], before[outside]), "wrote outside the view"
+    if with_run:
+        assert torch.equal(run.count.cpu(), run32.count)
+        assert_flash_close("running.sum", run.sum, run32.sum, run_low.sum)
+        assert_flash_close("running.last", run.last, run32.last, run_low.last)

@@ -20,7 +20,13 @@ import textwrap
 
 import pytest
 import torch
-from kernel_cases import assert_flash_close, make_mask, random_inputs, steer_twice
+from kernel_cases import (
+    assert_flash_close,
+    assert_matches_reference,
+    make_mask,
+    random_inputs,
+    steer_twice,
+)
 
 import emokern
 from emokern.ops import triton_steer
@@ -67,31 +73,11 @@ def _check_against_reference(hidden_in, vectors, weights, mask, norm, make_view=
         for view, h in zip(views, hiddens, strict=True):
             assert not view.is_contiguous() and view.stride(2) == 1
             view.copy_(h)
-        bases_before = [b.clone() for b in bases]
+    bases_before = [b.clone() for b in bases]
     args_dev = dict(args, mask=mask_dev)
     outs, projs, run = steer_twice(triton_steer_, views, vectors_dev, weights_dev, **args_dev)
-    ref_low, projs_low, run_low = steer_twice(ref_steer_, [h.clone() for h in hiddens],
-                                               vectors, weights, **args)
-    ref32, projs32, run32 = steer_twice(ref_steer_, [h.float() for h in hiddens], vectors,
-                                         weights, **args)
-    steered = torch.ones(hidden_in.shape[:2], dtype=torch.bool) if mask is None else mask
-    for i, (out, h_in) in enumerate(zip(outs, hiddens, strict=True)):
-        out = out.cpu()
-        assert out.dtype == h_in.dtype
-        assert torch.equal(out[~steered], h_in[~steered]), f"call {i}: unmasked rows changed"
-        assert_flash_close(f"call {i} hidden", out[steered], ref32[i][steered],
-                           ref_low[i][steered])
-        if with_proj:
-            assert_flash_close(f"call {i} proj_out", projs[i], projs32[i], projs_low[i])
-    if make_view is not None:
-        for base, before in zip(bases, bases_before, strict=True):
-            outside = torch.ones_like(base, dtype=torch.bool)
-            make_view(outside).fill_(False)
-            assert torch.equal(base[outside], before[outside]), "wrote outside the view"
-    if with_run:
-        assert torch.equal(run.count.cpu(), run32.count)
-        assert_flash_close("running.sum", run.sum, run32.sum, run_low.sum)
-        assert_flash_close("running.last", run.last, run32.last, run_low.last)
+    assert_matches_reference(outs, projs, run, hiddens, vectors, weights, args, mask,
+                             bases, bases_before, make_view, with_proj, with_run)
 
 
 # Every mask kind in bfloat16 (the serving dtype), random masks in the others.
