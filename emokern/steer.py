@@ -62,7 +62,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from emokern.ops.library import _runner, resolve_backend
+from emokern.ops.library import resolve_backend, runner_for
 from emokern.ops.running import RunningProjections
 
 POSITIONS = ("all", "prompt", "generated")
@@ -199,7 +199,7 @@ def _layers_owner(model: nn.Module, layer_list: nn.ModuleList) -> nn.Module:
 def _op_for(backend: str | None, device: torch.device):
     """The op callable for ``backend`` on ``device``, without the public wrapper's per-call
     validation (the steerer validates everything once, at install and set_mix)."""
-    return _runner(resolve_backend(backend, device))  # also loads the compiled kernels
+    return runner_for(resolve_backend(backend, device))  # also loads the compiled kernels
 
 
 def _module_device(module: nn.Module, fallback: torch.device) -> torch.device:

@@ -1,7 +1,8 @@
 """The fused ops: schema and wrappers (library), reference, compiled and Triton backends."""
 
-from emokern.ops.library import available_backends, resolve_backend, steer_
+from emokern.ops.library import available_backends, resolve_backend, runner_for, steer_
 from emokern.ops.reference import ref_steer_
 from emokern.ops.running import RunningProjections
 
-__all__ = ["RunningProjections", "available_backends", "ref_steer_", "resolve_backend", "steer_"]
+__all__ = ["RunningProjections", "available_backends", "ref_steer_", "resolve_backend",
+           "runner_for", "steer_"]

@@ -191,7 +191,7 @@ def _resolve(backend: str | None, device: torch.device) -> str:
     return "reference"
 
 
-def _runner(backend: str) -> Callable[..., None]:
+def runner_for(backend: str) -> Callable[..., None]:
     from emokern.ops import build
 
     if backend == "reference":
@@ -303,6 +303,6 @@ def steer_(
     run = running.tensors() if running is not None else (None, None, None)
     if vectors.dtype != torch.float32 or not vectors.is_contiguous():
         vectors = vectors.float().contiguous()
-    _runner(chosen)(hidden, vectors, weights.contiguous(),
+    runner_for(chosen)(hidden, vectors, weights.contiguous(),
                     None if mask is None else mask.contiguous(),
                     bool(norm_preserving), proj_out, *run)
