@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+from emokern.files import cache_root
+
 #: Flags of the CPU kernel: -march=native is why builds are per CPU.
 CPU_CFLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17")
 CPU_LDFLAGS = ("-fopenmp",)
@@ -55,12 +57,12 @@ def csrc_dir() -> Path | None:
     return None
 
 
-def cache_root() -> Path:
-    """Where JIT builds are kept between runs."""
+def extensions_dir() -> Path:
+    """Where JIT builds are kept between runs: ``$TORCH_EXTENSIONS_DIR``, else
+    ``torch_extensions`` under :func:`emokern.files.cache_root`."""
     if os.environ.get("TORCH_EXTENSIONS_DIR"):
         return Path(os.environ["TORCH_EXTENSIONS_DIR"])
-    base = os.environ.get("EMOKERN_CACHE") or os.path.join("~", ".cache", "emokern")
-    return Path(base).expanduser() / "torch_extensions"
+    return cache_root() / "torch_extensions"
 
 
 def _cpu_fingerprint() -> str:
@@ -140,6 +142,40 @@ def _jit_load(name: str, sources: list[str], build_dir: Path, what: str, **kwarg
                        is_python_module=False, verbose=False, **kwargs)
 
 
+def _cpu_target() -> tuple[str, Path, list[str]] | None:
+    """``(build name, build directory, sources)`` of the JIT CPU build, or None without csrc.
+    The name hashes every file under ``csrc/cpu`` and ``csrc/steer.h``."""
+    src = csrc_dir()
+    if src is None:
+        return None
+    files = sorted(p for p in (src / "cpu").iterdir() if p.is_file())
+    name = _build_name("emokern_cpu", [*files, src / "steer.h"], CPU_CFLAGS, CPU_LDFLAGS)
+    return name, extensions_dir() / name, [str(p) for p in files if p.suffix == ".cpp"]
+
+
+def cpu_ready() -> bool:
+    """Whether the CPU kernel is loaded or loads without compiling (an ahead-of-time
+    ``emokern._C`` or a finished JIT build in the cache). Compiles nothing."""
+    if _state.get("cpu", {}).get("loaded"):
+        return True
+    if importlib.util.find_spec("emokern._C") is not None:
+        return True
+    target = _cpu_target()
+    return target is not None and (target[1] / f"{target[0]}.so").exists()
+
+
+def cuda_ready() -> bool:
+    """Whether the CUDA kernel is loaded or loads without compiling. Compiles nothing."""
+    if _state.get("cuda", {}).get("loaded"):
+        return True
+    if not (torch.version.cuda and torch.cuda.is_available()):
+        return False
+    if importlib.util.find_spec("emokern._C_cuda") is not None:
+        return True
+    target = _cuda_target()
+    return target is not None and (target[1] / f"{target[0]}.so").exists()
+
+
 @functools.cache
 def load_cpu() -> bool:
     """Load the fused CPU kernel (ahead-of-time ``emokern._C``, else a cached JIT build).
@@ -162,18 +198,16 @@ def load_cpu() -> bool:
             return True
     except ImportError as exc:  # a stale or foreign AOT build: fall through to the JIT build
         info["error"] = f"emokern._C failed to import ({exc}); trying the JIT build"
-    src = csrc_dir()
-    if src is None:
+    target = _cpu_target()
+    if target is None:
         return _give_up(info, "the C++ sources (csrc/) are not part of this installation")
-    source = src / "cpu" / "steer_cpu.cpp"
-    name = _build_name("emokern_cpu", [source, src / "steer.h"], CPU_CFLAGS, CPU_LDFLAGS)
-    build_dir = cache_root() / name
+    name, build_dir, sources = target
     info.update(name=name, path=str(build_dir / f"{name}.so"))
     missing = _missing_tools(build_dir / f"{name}.so")
     if missing:
         return _give_up(info, missing)
     try:
-        _jit_load(name, [str(source)], build_dir, "CPU kernel",
+        _jit_load(name, sources, build_dir, "CPU kernel",
                   extra_cflags=list(CPU_CFLAGS), extra_ldflags=list(CPU_LDFLAGS))
     except Exception as exc:  # noqa: BLE001  (any build failure means: fall back)
         return _give_up(info, f"{_first_line(exc)} (compiler: {_compiler()})")
@@ -195,6 +229,18 @@ def _nvcc() -> str | None:
     if home and os.path.isfile(os.path.join(home, "bin", "nvcc")):
         return os.path.join(home, "bin", "nvcc")
     return shutil.which("nvcc")
+
+
+def _cuda_target() -> tuple[str, Path, list[str]] | None:
+    """``(build name, build directory, sources)`` of the JIT CUDA build, or None."""
+    src = csrc_dir()
+    sources = sorted(glob.glob(str(src / "cuda" / "*.cu")) + glob.glob(str(src / "cuda" / "*.cpp"))
+                     ) if src is not None else []
+    if not sources:
+        return None
+    name = _build_name("emokern_cuda", [*map(Path, sources), src / "steer.h"], CUDA_CFLAGS,
+                       CUDA_NVCC_FLAGS, (str(torch.version.cuda),))
+    return name, extensions_dir() / name, sources
 
 
 @functools.cache
@@ -227,15 +273,11 @@ def load_cuda() -> bool:
         warnings.warn("emokern: nvcc not found, so the CUDA kernel cannot be built; using the "
                       "Triton or reference backend.", RuntimeWarning, stacklevel=2)
         return False
-    src = csrc_dir()
-    sources = sorted(glob.glob(str(src / "cuda" / "*.cu")) + glob.glob(str(src / "cuda" / "*.cpp"))
-                     ) if src is not None else []
-    if not sources:
+    target = _cuda_target()
+    if target is None:
         info["error"] = "no CUDA sources (csrc/cuda) in this installation"
         return False
-    name = _build_name("emokern_cuda", [*map(Path, sources), src / "steer.h"], CUDA_CFLAGS,
-                       CUDA_NVCC_FLAGS, (torch.version.cuda,))
-    build_dir = cache_root() / name
+    name, build_dir, sources = target
     info.update(name=name, path=str(build_dir / f"{name}.so"))
     try:
         _jit_load(name, sources, build_dir, "CUDA kernel", extra_cflags=list(CUDA_CFLAGS),
@@ -272,7 +314,7 @@ def build_info() -> dict:
         "compiler": shutil.which(_compiler()),
         "ninja": shutil.which("ninja"),
         "nvcc": _nvcc() if torch.version.cuda else None,
-        "cache_dir": str(cache_root()),
+        "cache_dir": str(extensions_dir()),
         "csrc": str(csrc_dir()) if csrc_dir() else None,
         "cpu_flags": " ".join(CPU_CFLAGS),
         "aot_cpu_available": importlib.util.find_spec("emokern._C") is not None,

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import torch
 
+from emokern.ops import build
 from emokern.ops.reference import ref_steer_
 from emokern.ops.running import RunningProjections
 
@@ -64,6 +65,21 @@ def _check_running(running, batch: int, n_vec: int, device) -> None:
             _fail(ValueError, f"running.{name} must be contiguous")
 
 
+def rows_disjoint(hidden: torch.Tensor) -> bool:
+    """Whether the ``[B, T]`` rows of ``hidden [B, T, D]`` (last stride 1) occupy disjoint
+    memory: the inner of the two row strides is at least ``D`` and the outer one spans the
+    whole inner dimension (the same test as ``rows_disjoint`` in ``csrc/steer.h``)."""
+    dim = hidden.shape[2]
+    (size_a, size_b), (stride_a, stride_b) = hidden.shape[:2], hidden.stride()[:2]
+    if size_a <= 1:
+        return size_b <= 1 or stride_b >= dim
+    if size_b <= 1:
+        return stride_a >= dim
+    if stride_a > stride_b:
+        size_a, size_b, stride_a, stride_b = size_b, size_a, stride_b, stride_a
+    return stride_a >= dim and stride_b >= stride_a * size_a
+
+
 def _check_fast(hidden, vectors, weights, mask, proj_out, running) -> None:
     """The checks the C++ kernel cannot make, kept to a few attribute reads."""
     device = hidden.device
@@ -102,10 +118,9 @@ def validate_steer_args(hidden, vectors, weights, mask, proj_out, running, check
     if hidden.stride(2) != 1 and dim > 1:
         _fail(ValueError, f"hidden must have a contiguous last dimension (stride 1), got strides "
                           f"{list(hidden.stride())}; pass hidden.contiguous() and copy back")
-    for size, stride in zip(hidden.shape[:2], hidden.stride()[:2], strict=True):
-        if size > 1 and stride < dim:
-            _fail(ValueError, f"hidden rows overlap in memory (strides {list(hidden.stride())}); "
-                              f"an in-place op needs distinct rows")
+    if not rows_disjoint(hidden):
+        _fail(ValueError, f"hidden rows overlap in memory (strides {list(hidden.stride())}); "
+                          f"an in-place op needs distinct rows")
     device = hidden.device
     if not isinstance(vectors, torch.Tensor):
         _fail(TypeError, f"vectors must be a torch.Tensor, got {type(vectors).__name__}")
@@ -146,20 +161,36 @@ def _call_triton(*args) -> None:
 
 
 def available_backends() -> dict[str, bool]:
-    """Which backends can run here: ``{"reference": True, "cpu": bool, "triton": bool, ...}``."""
-    from emokern.ops import build
+    """Which backends can run here, without compiling anything.
 
+    Returns
+    -------
+    dict
+        ``{"reference": True, "cpu": bool, "triton": bool, "cuda": bool}``: ``cpu``/``cuda`` are
+        True when the kernel is loaded or loads without a compile (an ahead-of-time build or a
+        finished JIT build in the cache). Compiling is an explicit step:
+        :func:`emokern.ops.build.load_cpu` / :func:`~emokern.ops.build.load_cuda`, which the
+        first op call on that device also makes (``emokern info --build`` from the shell).
+    """
     return {
         "reference": True,
-        "cpu": build.load_cpu(),
+        "cpu": build.cpu_ready(),
         "triton": build.triton_usable(),
-        "cuda": build.load_cuda(),
+        "cuda": build.cuda_ready(),
     }
 
 
 def resolve_backend(backend: str | None, device: torch.device) -> str:
     """The backend to run on ``device``: the forced one (argument, then ``EMOKERN_BACKEND``) or
-    the fastest available one."""
+    the fastest available one.
+
+    Raises
+    ------
+    ValueError
+        For an unknown backend, or one that cannot run on ``device`` (``"cpu"`` needs CPU
+        tensors, ``"cuda"`` CUDA tensors, ``"triton"`` CUDA tensors or CPU tensors under
+        ``TRITON_INTERPRET=1``): the dispatcher would otherwise silently run another kernel.
+    """
     backend = backend or os.environ.get("EMOKERN_BACKEND") or None
     key = (backend, device.type)
     if key not in _resolved:  # decode calls are microseconds: decide once per device type
@@ -170,12 +201,22 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
 _resolved: dict[tuple[str | None, str], str] = {}
 
 
-def _resolve(backend: str | None, device: torch.device) -> str:
-    from emokern.ops import build
+def _backend_runs_on(backend: str, device: torch.device) -> bool:
+    if backend == "reference":
+        return True
+    if backend == "triton":
+        return device.type == "cuda" or (device.type == "cpu"
+                                         and os.environ.get("TRITON_INTERPRET") == "1")
+    return device.type == backend
 
+
+def _resolve(backend: str | None, device: torch.device) -> str:
     if backend is not None:
         if backend not in BACKENDS:
             _fail(ValueError, f"backend must be one of {BACKENDS}, got {backend!r}")
+        if not _backend_runs_on(backend, device):
+            _fail(ValueError, f"backend {backend!r} cannot run on {device.type} tensors; use "
+                              f"{_usable_on(device)} (or no backend, to choose automatically)")
         return backend
     if device.type == "cpu":
         return "cpu" if build.load_cpu() else "reference"
@@ -191,9 +232,14 @@ def _resolve(backend: str | None, device: torch.device) -> str:
     return "reference"
 
 
-def runner_for(backend: str) -> Callable[..., None]:
-    from emokern.ops import build
+def _usable_on(device: torch.device) -> list[str]:
+    return [b for b in BACKENDS if _backend_runs_on(b, device)]
 
+
+def runner_for(backend: str) -> Callable[..., None]:
+    """The callable that runs ``emokern::steer_`` on ``backend`` (positional arguments in the
+    schema's order), without the public wrapper's per-call validation: for callers that
+    validated their arguments once (the steerer's hot path). Loads (or compiles) the kernel."""
     if backend == "reference":
         return ref_steer_
     if backend == "triton":
@@ -261,8 +307,6 @@ def steer_(
     >>> run.mean().shape
     torch.Size([2, 3])
     """
-    from emokern.ops import build
-
     # Fast path: CPU tensors on the C++ kernel, which checks every shape, dtype, layout and value
     # itself (same messages) before writing. Devices are checked here because a meta or CUDA
     # argument would route the call to another kernel. Decode calls cost ~3 us instead of ~8.

@@ -60,6 +60,7 @@ with Triton's bundled ptxas.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import NamedTuple
 
@@ -304,6 +305,21 @@ def triton_steer_(
     cfg = launch_config(seq_len, dim, n_vec)
     n_chunks = triton.cdiv(seq_len, cfg.rows)
     has_run = run_sum is not None
+    # Launch on hidden's own GPU, not the current one (a model split over GPUs steers each
+    # layer on its device): the guard flash-attention uses around its launches.
+    with _device_of(hidden):
+        _launch(cfg, n_chunks, has_run, batch, seq_len, dim, n_vec, hidden, vectors, weights,
+                mask, norm_preserving, proj_out, run_sum, run_count, run_last)
+
+
+def _device_of(tensor: torch.Tensor):
+    """``torch.cuda.device(tensor.device)`` for a CUDA tensor, a no-op context otherwise (CPU
+    tensors under the Triton interpreter)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+def _launch(cfg, n_chunks, has_run, batch, seq_len, dim, n_vec, hidden, vectors, weights, mask,
+            norm_preserving, proj_out, run_sum, run_count, run_last) -> None:
     _steer_kernel[(batch * n_chunks,)](
         hidden, vectors, weights,
         None if mask is None else mask.view(torch.uint8),
