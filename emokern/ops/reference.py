@@ -1,7 +1,7 @@
 """Plain-PyTorch reference of every emokern op: test oracle, fallback and benchmark baseline.
 
 Each ``ref_<op>`` computes in float32 whatever the storage dtype and has exactly the
-semantics documented in DESIGN §2. Arguments are assumed valid (the public wrappers in
+semantics documented in docs/design.md §2. Arguments are assumed valid (the public wrappers in
 :mod:`emokern.ops.library` validate them); the reference favours clarity over speed.
 """
 

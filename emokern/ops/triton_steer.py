@@ -8,7 +8,7 @@ For every token row :math:`x = h_{b,t}` (input, float32 compute whatever the sto
     y \leftarrow y\,\lVert x\rVert / \max(\lVert y\rVert, 10^{-6})\ \text{(norm\_preserving)}
 
 ``hidden[b, t] = y`` on masked rows, ``proj_out[b, t] = p`` on every row, and the running
-statistics accumulate ``p`` over masked rows (DESIGN §2).
+statistics accumulate ``p`` over masked rows (docs/design.md §2).
 
 Kernel design
 -------------
@@ -47,7 +47,7 @@ power of two with ``(BLOCK_K [+ 16]) · BLOCK_D <= 2048`` float32 tile elements 
 most ``next_pow2(D)``); ``num_warps = min(8, tile elements / 256)``. Compiled for sm_90 this
 takes 48-80 registers per thread in row mode and 94-128 in dot mode, with no spills.
 
-Decode discipline (DESIGN §4.4, §4.6): the launcher allocates nothing, never syncs the host and
+Decode discipline (docs/design.md §6): the launcher allocates nothing, never syncs the host and
 never reads data; no ``@triton.autotune`` (autotuning launches are illegal during CUDA-graph
 capture). Triton specialises integer arguments equal to 1 or divisible by 16, so a model
 compiles a handful of variants (decode, prefill lengths); run each once before capturing.
