@@ -178,32 +178,6 @@ def test_corrupt_gguf_fails_clearly_and_caches_nothing(tmp_path):
     assert not [p for p in leftovers if p.name == models._COMPLETE_MARKER]
 
 
-def test_interrupted_cache_write_leaves_nothing(tmp_path):
-    final = tmp_path / "models" / "entry"
-    with pytest.raises(KeyboardInterrupt):
-        with models._cache_directory(final) as tmp:
-            (tmp / "model.safetensors").write_bytes(b"half a file")
-            raise KeyboardInterrupt
-    assert not final.exists()
-    assert list((tmp_path / "models").iterdir()) == []
-
-
-def test_cache_write_replaces_a_stale_entry_and_yields_to_a_complete_one(tmp_path):
-    final = tmp_path / "models" / "entry"
-    final.mkdir(parents=True)
-    (final / "model.safetensors").write_bytes(b"left over by something else")
-    with models._cache_directory(final) as tmp:
-        (tmp / models._COMPLETE_MARKER).write_text("{}")
-        (tmp / "model.safetensors").write_bytes(b"ours")
-    assert (final / "model.safetensors").read_bytes() == b"ours"
-    # Another process finished first: its complete entry stays, ours is discarded.
-    with models._cache_directory(final) as tmp:
-        (tmp / models._COMPLETE_MARKER).write_text("{}")
-        (tmp / "model.safetensors").write_bytes(b"late")
-    assert (final / "model.safetensors").read_bytes() == b"ours"
-    assert [p.name for p in final.parent.iterdir()] == ["entry"]
-
-
 def test_default_tokenizer_pads_left_and_keeps_the_chat_template():
     tok = load_tokenizer("default")
     assert tok.padding_side == "left"
