@@ -9,36 +9,35 @@
    pins transformers<5 but works with 5.x, and imports scikit-learn), through
    ``SteeringVector(...).apply(model)`` (:func:`steering_vectors_patch`).
 
-The implementation lives in :mod:`emokern.benchmarks.generate` so that ``emokern bench
-generate`` can run it from an installed package; this module is the benchmark suite's entry
-point to it. Run it to check, on the default model, that the naive hooks and emokern give the
-same logits for one shared mix::
+The implementation lives in :mod:`emokern.benchmarks.baseline` (the loop over conditions in
+:mod:`emokern.benchmarks.sweep`) so that ``emokern bench generate`` can run it from an
+installed package; this module is the benchmark suite's entry point to it. Run it to check, on
+the default model, that the naive hooks and emokern give the same logits for one shared mix::
 
     python bench/baseline.py
 """
 
 from __future__ import annotations
 
-from emokern.benchmarks.generate import (
+import torch
+
+from emokern.benchmarks.baseline import (
     NaiveSteering,
     shared_deltas,
     steering_vectors_available,
     steering_vectors_patch,
-    sweep_conditions,
-    sweep_loop,
 )
+from emokern.benchmarks.sweep import sweep_conditions, sweep_loop
+from emokern.benchmarks.workload import PROMPTS, benchmark_bank, middle_layers
+from emokern.models import load_model
+from emokern.steering import steer
+from emokern.tokens import encode_prompts
 
 __all__ = ["NaiveSteering", "shared_deltas", "steering_vectors_available",
            "steering_vectors_patch", "sweep_conditions", "sweep_loop"]
 
 
 def _parity_on_default_model() -> None:
-    import torch
-
-    from emokern.benchmarks.generate import PROMPTS, benchmark_bank, middle_layers
-    from emokern.models import load_model
-    from emokern.steer import encode_prompts, steer
-
     model, tokenizer = load_model("default")
     bank, source = benchmark_bank(model, tokenizer)
     layers = middle_layers(bank, 10)

@@ -1,4 +1,4 @@
-"""End-to-end steering benchmark on the default model (issue 4).
+"""End-to-end steering benchmark on the default model.
 
 Full run, writing ``bench/results/generate.{json,md,png}``::
 
@@ -24,16 +24,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from emokern.benchmarks.generate import (
-    NaiveSteering,
-    _DecodeState,
-    benchmark_bank,
-    format_table,
-    middle_layers,
-    run_generate_benchmark,
-    save_results,
-    shared_deltas,
-)
+from emokern.benchmarks.baseline import NaiveSteering, shared_deltas
+from emokern.benchmarks.decode import DecodeState
+from emokern.benchmarks.generate import format_table, run_generate_benchmark, save_results
+from emokern.benchmarks.workload import benchmark_bank, middle_layers
+from emokern.models import load_model
+from emokern.steering import steer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -43,14 +39,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 @pytest.fixture(scope="module")
 def setup():
-    from emokern.models import load_model
-    from emokern.steer import steer
-
     model, tokenizer = load_model("default")
     bank, _ = benchmark_bank(model, tokenizer)
     layers = middle_layers(bank, 10)
     mix = {bank.names[0]: 2.0 * bank.recommended_alpha}
-    state = _DecodeState(model, tokenizer, batch=8)
+    state = DecodeState(model, tokenizer, batch=8)
     steerer = steer(model, bank, [mix] * 8, layers=layers, monitor=True)
     naive = NaiveSteering(model, shared_deltas(bank, mix, layers),
                           {layer: bank.layer_vectors(layer) for layer in layers})

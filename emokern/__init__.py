@@ -8,12 +8,11 @@
 >>> s.monitor.mean()   # [B, L, K]
 """
 
-__version__ = "0.1.0"
-
 from emokern.bank import EmotionBank
 from emokern.models import load_model
 from emokern.ops import RunningProjections, available_backends, steer_
-from emokern.steer import Steerer, steer
+from emokern.steering import Steerer, steer
+from emokern.version import __version__
 
 __all__ = [
     "EmotionBank",

@@ -16,11 +16,11 @@ def demo_mixes(alpha: float) -> list[dict[str, float]]:
 def run_demo(max_new_tokens: int = 40, prompt: str = PROMPT) -> list[dict]:
     """Generate ``prompt`` under five mixes in one batch; print texts and emotion readings.
 
-    Returns the rows of :func:`emokern.steer.generate`.
+    Returns the rows of :func:`emokern.steering.generate`.
     """
     from emokern.bank import EmotionBank
     from emokern.models import load_model
-    from emokern.steer import generate
+    from emokern.steering import generate
 
     start = time.perf_counter()
     model, tokenizer = load_model("default")

@@ -4,38 +4,24 @@ Used by ``bench/bench_generate.py`` (which writes ``bench/results/generate.*``) 
 ``emokern bench generate [--model PATH] [--batch-sizes ...] [--out DIR]``. Three measurements,
 all ratios taken within one run (whole-run wall time on shared machines varies by ±20–30%):
 
-(a) **decode overhead** — paired per-step A/B: on one KV-cache state, time one decode forward
-    of each arm (unsteered, emokern with a distinct mix per row and the monitor on, the naive
-    baseline, the ``steering-vectors`` library when installed), crop the cache back
-    (``DynamicCache.crop(-1)``) after each, and rotate the arms' order every round. The ratio
-    of a round is ``t_unsteered / t_arm`` (= steered tokens/s over unsteered tokens/s); the
-    median over rounds is reported with its quartiles.
-(b) **distinct vs shared mixes** at the largest batch: emokern with one mix per row vs one mix
-    for all rows, paired the same way (``t_shared / t_distinct``); and what the baseline pays
-    for distinct mixes, one batch-1 forward per row, from (a)'s timings.
-(c) **sweep** — 6 emotions × 7 weights × 8 prompts = 336 sequences of ``sweep_new_tokens``
-    greedy tokens each (fixed length: ``min_new_tokens = max_new_tokens``, so both sides decode
-    the same number of steps): emokern in ``ceil(336 / sweep_max_batch)`` batched ``generate``
-    calls vs the baseline's loop over the 42 conditions, one batch of 8 prompts each. Wall
-    clock ratio (split into prefill and decode), plus how many rows produced identical tokens.
-    The default ``sweep_max_batch`` is 168 (2 calls), not 336: memory allows one call, but on
-    a CPU the prefill of 336 prompts at once runs out of cache and is slower per token than in
-    smaller batches (measured on the default model, 2 threads: 336 rows in 1 call 43–45 s,
-    168 in 2 calls 34.5 s, 112 in 3 calls 34 s).
+(a) **decode overhead** — steered over unsteered decode tokens/s, paired per step, at each
+    batch size, for emokern (a distinct mix per row, monitor on), the naive hooks and the
+    ``steering-vectors`` library (:mod:`emokern.benchmarks.decode`);
+(b) **distinct vs shared mixes** at the largest batch (:mod:`emokern.benchmarks.decode`);
+(c) **sweep** — 336 sequences, emokern in batched ``generate`` calls vs the baseline's loop
+    over the 42 conditions (:mod:`emokern.benchmarks.sweep`).
 
-The naive baseline (:class:`NaiveSteering`) is the forward-hook approach of existing steering
-libraries: one shared vector per batch returned as ``output + delta`` from a hook on each
-steered layer, projections by a separate matmul appended to Python lists.
+This module runs them (:func:`run_generate_benchmark`) and reports the result
+(:func:`format_table`, :func:`plot_results`, :func:`save_results`). The workload (prompts,
+bank, layers) is in :mod:`emokern.benchmarks.workload`, the baselines in
+:mod:`emokern.benchmarks.baseline`.
 """
 
 from __future__ import annotations
 
-import contextlib
+import io
 import json
 import os
-import platform
-import statistics
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -44,486 +30,33 @@ from typing import Any
 import torch
 from torch import nn
 
-EMOTIONS = ("joy", "sadness", "anger", "fear", "disgust", "surprise")
-SWEEP_WEIGHTS = (-1.0, 0.0, 0.5, 1.0, 2.0, 3.0, 4.0)
+from emokern.benchmarks.baseline import steering_vectors_available, steering_vectors_version
+from emokern.benchmarks.decode import decode_overhead
+from emokern.benchmarks.sweep import sweep, warm_up
+from emokern.benchmarks.workload import benchmark_bank, middle_layers
+from emokern.files import atomic_write, write_text
+from emokern.machine import machine_info
+from emokern.models import load_model
+from emokern.ops import available_backends
+
+__all__ = ["DEFAULT_BATCH_SIZES", "TARGETS", "format_table", "machine_record", "plot_results",
+           "run_generate_benchmark", "save_results"]
+
 DEFAULT_BATCH_SIZES = (1, 8, 32, 64)
 TARGETS = {"decode": 0.98, "mixes": 0.98, "sweep": 3.0}
-PROMPTS = (
-    "Tell me about your weekend.",
-    "Describe the house you grew up in.",
-    "What happens when the power goes out at night?",
-    "Write a short note to a colleague about the meeting tomorrow.",
-    "How was the concert yesterday?",
-    "Describe a walk through the old part of town.",
-    "What did you find in the attic?",
-    "Tell me about the letter that arrived this morning.",
-)
-
-
-# ------------------------------------------------------------------------ naive baseline
-
-
-def shared_deltas(bank, mix: Mapping[str, float], layers: Sequence[int],
-                  spread: str = "divide") -> dict[int, torch.Tensor]:
-    """The vector each steered layer adds for one shared mix: ``s · Σ_k w_k v_{l,k}`` [D].
-
-    ``s = 1 / len(layers)`` for ``spread="divide"`` (emokern's default), 1 for ``"each"``.
-    """
-    scale = 1.0 / len(layers) if spread == "divide" else 1.0
-    deltas = {}
-    for layer in layers:
-        delta = torch.zeros(bank.dim, dtype=torch.float32)
-        for name, weight in mix.items():
-            delta += float(weight) * bank.vector(name, layer).float().cpu()
-        deltas[layer] = delta * scale
-    return deltas
-
-
-class NaiveSteering:
-    """The common forward-hook steering of existing libraries (the benchmark baseline).
-
-    One forward hook per steered layer returns ``hidden + delta_l`` (a new tensor: the same
-    vector for every row and every position, padding included), and — when
-    ``directions`` is given — first appends the projections ``hidden @ unit_directions.T``
-    ``[B, T, K]`` of the layer output to a Python list (``readings[layer]``). Different mixes
-    need different batches.
-
-    Parameters
-    ----------
-    model : transformers model
-    deltas : dict int -> Tensor [D]
-        The vector to add at the output of each decoder layer (see :func:`shared_deltas`).
-    directions : dict int -> Tensor [K, D], optional
-        Emotion directions to read at each layer (normalised here).
-    """
-
-    def __init__(self, model: nn.Module, deltas: Mapping[int, torch.Tensor],
-                 directions: Mapping[int, torch.Tensor] | None = None) -> None:
-        from emokern.models import decoder_layers
-
-        self.model = model
-        self.layers = decoder_layers(model)
-        device = next(model.parameters()).device
-        dtype = next(model.parameters()).dtype
-        self.deltas = {layer: d.to(device=device, dtype=dtype) for layer, d in deltas.items()}
-        self.directions = None
-        if directions is not None:
-            self.directions = {layer: (v.float() / v.float().norm(dim=-1, keepdim=True)).to(device)
-                               for layer, v in directions.items()}
-        self.readings: dict[int, list[torch.Tensor]] = {layer: [] for layer in self.deltas}
-        self._handles: list = []
-
-    def _hook(self, layer: int):
-        delta = self.deltas[layer]
-        directions = None if self.directions is None else self.directions[layer]
-        readings = self.readings[layer]
-
-        def hook(module, args, output):
-            hidden = output[0] if isinstance(output, tuple) else output
-            if directions is not None:
-                readings.append((hidden.float() @ directions.T).detach())
-            steered = hidden + delta
-            return (steered, *output[1:]) if isinstance(output, tuple) else steered
-
-        return hook
-
-    def __enter__(self) -> NaiveSteering:
-        for layer in self.deltas:
-            self._handles.append(self.layers[layer].register_forward_hook(self._hook(layer)))
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-
-def steering_vectors_available() -> bool:
-    """Whether the published ``steering-vectors`` library imports here."""
-    try:
-        import steering_vectors  # noqa: F401
-    except Exception:  # it pins transformers<5 and may fail in many ways
-        return False
-    return True
-
-
-def steering_vectors_patch(model: nn.Module, deltas: Mapping[int, torch.Tensor]):
-    """A context manager applying ``deltas`` with the ``steering-vectors`` library
-    (``SteeringVector(...).apply(model)``: one additive forward hook per decoder block)."""
-    from steering_vectors import SteeringVector
-
-    parameter = next(model.parameters())
-    vector = SteeringVector(
-        layer_activations={layer: d.to(device=parameter.device, dtype=parameter.dtype)
-                           for layer, d in deltas.items()},
-        layer_type="decoder_block",
-    )
-    return vector.apply(model, multiplier=1.0)
-
-
-# ------------------------------------------------------------------------ the bank
-
-
-def benchmark_bank(model: nn.Module, tokenizer, *, model_name: str = "default",
-                   names: Sequence[str] = EMOTIONS, seed: int = 0):
-    """The bank to benchmark with: the shipped default bank for the default model when present
-    (restricted to ``names``), else random vectors with realistic norms.
-
-    Random vectors are unit directions scaled to a fifth of the mean hidden-state norm at each
-    layer (measured on :data:`PROMPTS`), about the size of extracted emotion vectors; timing
-    does not depend on their values.
-
-    Returns
-    -------
-    (EmotionBank, str)
-        The bank and a description of where it came from.
-    """
-    from emokern.bank import EmotionBank
-    from emokern.models import decoder_layers, model_fingerprint
-    from emokern.steer import encode_prompts
-
-    if model_name == "default":
-        try:
-            bank = EmotionBank.load_default("ev")
-            bank.check_compatible(model)
-            if all(name in bank for name in names):
-                return bank.select(list(names)), "shipped default bank (ev)"
-        except (FileNotFoundError, ValueError):
-            pass
-    n_layers = len(decoder_layers(model))
-    device = next(model.parameters()).device
-    encoded = encode_prompts(tokenizer, list(PROMPTS), device=device)
-    with torch.inference_mode():
-        hidden = model(**encoded, output_hidden_states=True).hidden_states
-    real = encoded["attention_mask"].bool()
-    norms = torch.stack([h[real].float().norm(dim=-1).mean() for h in hidden[1:n_layers + 1]])
-    generator = torch.Generator().manual_seed(seed)
-    dim = hidden[0].shape[-1]
-    vectors = torch.randn(n_layers, len(names), dim, generator=generator)
-    vectors = vectors / vectors.norm(dim=-1, keepdim=True) * (0.2 * norms.cpu())[:, None, None]
-    bank = EmotionBank(vectors, list(names), list(range(n_layers)),
-                       hidden_norm=norms.cpu().float(),
-                       metadata={"fingerprint": model_fingerprint(model), "recommended_alpha": 1.0,
-                                 "random": True})
-    return bank, "random vectors, norm 0.2 x mean hidden norm per layer (no shipped bank)"
-
-
-def middle_layers(bank, count: int) -> list[int]:
-    """``count`` consecutive bank layers around the middle of the bank (all when fewer)."""
-    layers = sorted(bank.layers)
-    if len(layers) <= count:
-        return layers
-    start = (len(layers) - count) // 2
-    return layers[start:start + count]
-
-
-# ------------------------------------------------------------------------ (a), (b) decode A/B
-
-
-def _quantiles(values: Sequence[float]) -> dict[str, float]:
-    ordered = sorted(values)
-    q = statistics.quantiles(ordered, n=4) if len(ordered) >= 2 else [ordered[0]] * 3
-    return {"median": q[1], "q25": q[0], "q75": q[2], "n": len(ordered)}
-
-
-def _distinct_mixes(names: Sequence[str], batch: int, alpha: float, seed: int) -> list[dict]:
-    generator = torch.Generator().manual_seed(seed)
-    mixes = []
-    for _ in range(batch):
-        chosen = torch.randperm(len(names), generator=generator)[:2].tolist()
-        weights = (torch.rand(2, generator=generator) * 4 - 1) * alpha
-        mixes.append({names[k]: float(w) for k, w in zip(chosen, weights, strict=True)})
-    return mixes
-
-
-class _DecodeState:
-    """A batch after its prefill: the next input token, its attention mask and the cache."""
-
-    def __init__(self, model: nn.Module, tokenizer, batch: int) -> None:
-        from emokern.steer import encode_prompts
-
-        prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
-        device = next(model.parameters()).device
-        encoded = encode_prompts(tokenizer, prompts, device=device)
-        with torch.inference_mode():
-            out = model(**encoded, use_cache=True)
-        self.model = model
-        self.cache = out.past_key_values
-        self.next_tokens = out.logits[:, -1].argmax(-1, keepdim=True)
-        ones = torch.ones(batch, 1, dtype=encoded["attention_mask"].dtype, device=device)
-        self.attention_mask = torch.cat([encoded["attention_mask"], ones], dim=1)
-        self.context = int(encoded["input_ids"].shape[1])
-
-    def timed_step(self) -> float:
-        """Seconds for one decode forward; the cache is cropped back afterwards."""
-        with torch.inference_mode():
-            start = time.perf_counter()
-            self.model(input_ids=self.next_tokens, attention_mask=self.attention_mask,
-                       past_key_values=self.cache, use_cache=True)
-            elapsed = time.perf_counter() - start
-        self.cache.crop(-1)
-        return elapsed
-
-
-def paired_decode(state: _DecodeState, arms: Mapping[str, Any], *, rounds: int,
-                  warmup: int = 3, reference: str = "unsteered") -> dict[str, Any]:
-    """Time one decode forward per arm per round, on the same cache state, rotating the order.
-
-    ``arms`` maps a name to a context-manager factory (``None`` = no hooks) entered around
-    each timed forward, outside the timing. Returns per-arm time quantiles (ms) and per-round
-    ratios ``t_reference / t_arm`` with their quantiles.
-    """
-    names = list(arms)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(warmup + rounds):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            factory = arms[name]
-            with factory() if factory is not None else contextlib.nullcontext():
-                elapsed = state.timed_step()
-            if r >= warmup:
-                times[name].append(elapsed)
-    result: dict[str, Any] = {"time_ms": {n: _quantiles([t * 1e3 for t in times[n]])
-                                          for n in names}}
-    result["ratio"] = {n: _quantiles([a / b for a, b in zip(times[reference], times[n],
-                                                            strict=True)])
-                       for n in names if n != reference}
-    result["times_ms"] = {n: [round(t * 1e3, 4) for t in times[n]] for n in names}
-    return result
-
-
-def _steerer_factory(steerer):
-    @contextlib.contextmanager
-    def factory():
-        steerer.install()
-        try:
-            yield
-        finally:
-            steerer.remove()
-
-    return factory
-
-
-def decode_overhead(model: nn.Module, tokenizer, bank, *, batch_sizes: Sequence[int],
-                    layers: Sequence[int], rounds: int, include_steering_vectors: bool,
-                    log=print) -> tuple[list[dict], dict]:
-    """Measurements (a) and (b); see the module docstring."""
-    from emokern.steer import steer
-
-    names = list(bank.names)
-    alpha = bank.recommended_alpha
-    shared_mix = {names[0]: 2.0 * alpha, names[3 % len(names)]: 0.5 * alpha}
-    deltas = shared_deltas(bank, shared_mix, layers)
-    directions = {layer: bank.layer_vectors(layer) for layer in layers}
-    rows = []
-    mixes_result: dict[str, Any] = {}
-    for batch in batch_sizes:
-        state = _DecodeState(model, tokenizer, batch)
-        distinct = steer(model, bank, _distinct_mixes(names, batch, alpha, seed=batch),
-                         layers=list(layers), monitor=True)
-        arms: dict[str, Any] = {
-            "unsteered": None,
-            "emokern": _steerer_factory(distinct),
-            "naive": lambda: NaiveSteering(model, deltas, directions),
-        }
-        if include_steering_vectors:
-            arms["steering_vectors"] = lambda: steering_vectors_patch(model, deltas)
-        largest = batch == max(batch_sizes)
-        if largest:
-            shared = steer(model, bank, [shared_mix] * batch, layers=list(layers), monitor=True)
-            arms["emokern_shared"] = _steerer_factory(shared)
-        measured = paired_decode(state, arms, rounds=rounds)
-        row = {"batch": batch, "context": state.context, "rounds": rounds, **measured}
-        rows.append(row)
-        msg = ", ".join(f"{n} {q['median']:.3f}" for n, q in measured["ratio"].items())
-        log(f"  decode batch {batch:3d} (context {state.context}): "
-            f"unsteered {measured['time_ms']['unsteered']['median']:.1f} ms/step; "
-            f"tokens/s ratio vs unsteered: {msg}")
-        if largest:
-            mixes_result = _mixes_summary(measured, batch, rows)
-        del state
-    return rows, mixes_result
-
-
-def _mixes_summary(measured: dict, batch: int, rows: list[dict]) -> dict:
-    """(b): emokern distinct vs shared at the largest batch, and the baseline's loop cost."""
-    rounds = zip(measured["times_ms"]["emokern_shared"], measured["times_ms"]["emokern"],
-                 strict=True)
-    paired = _quantiles([shared / distinct for shared, distinct in rounds])
-    summary = {"batch": batch,
-               "emokern_distinct_ms": measured["time_ms"]["emokern"]["median"],
-               "emokern_shared_ms": measured["time_ms"]["emokern_shared"]["median"],
-               "ratio_distinct_vs_shared": paired["median"],
-               "ratio_distinct_vs_shared_quartiles": paired}
-    one = next((r for r in rows if r["batch"] == 1), None)
-    if one is not None and batch > 1:
-        naive_loop_ms = one["time_ms"]["naive"]["median"] * batch
-        summary["naive_loop_ms"] = naive_loop_ms
-        summary["naive_shared_ms"] = measured["time_ms"]["naive"]["median"]
-        summary["naive_ratio_distinct_vs_shared"] = summary["naive_shared_ms"] / naive_loop_ms
-    return summary
-
-
-# ------------------------------------------------------------------------ (c) sweep
-
-
-def sweep_conditions(bank) -> list[dict[str, float]]:
-    """The 42 conditions: each emotion at each of :data:`SWEEP_WEIGHTS` × recommended_alpha."""
-    alpha = bank.recommended_alpha
-    return [{name: weight * alpha} for name in bank.names for weight in SWEEP_WEIGHTS]
-
-
-def _generate_options(tokenizer, new_tokens: int) -> dict[str, Any]:
-    return {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False,
-            "temperature": None, "top_p": None, "top_k": None,
-            "pad_token_id": tokenizer.pad_token_id}
-
-
-def _timed_generate(model, encoded, options) -> tuple[torch.Tensor, float, float]:
-    """``model.generate`` split into prefill and decode seconds: a logits processor notes the
-    time the first logits arrive (the end of the prefill forward)."""
-    from transformers import LogitsProcessor, LogitsProcessorList
-
-    class FirstLogits(LogitsProcessor):
-        first: float | None = None
-
-        def __call__(self, input_ids, scores):
-            if self.first is None:
-                self.first = time.perf_counter()
-            return scores
-
-    clock = FirstLogits()
-    with torch.inference_mode():
-        start = time.perf_counter()
-        out = model.generate(**encoded, **options, logits_processor=LogitsProcessorList([clock]))
-        end = time.perf_counter()
-    return out, clock.first - start, end - clock.first
-
-
-def sweep_emokern(model, tokenizer, bank, layers, *, new_tokens: int, max_batch: int):
-    """All 336 sequences through emokern in ``ceil(336 / max_batch)`` generate calls.
-
-    Returns the generated tokens per row, the number of calls and the seconds spent in the
-    prefill and decode phases of ``generate``.
-    """
-    from emokern.steer import encode_prompts, steer
-
-    device = next(model.parameters()).device
-    rows = [(mix, prompt) for mix in sweep_conditions(bank) for prompt in PROMPTS]
-    outputs, calls, prefill, decode = [], 0, 0.0, 0.0
-    for start in range(0, len(rows), max_batch):
-        chunk = rows[start:start + max_batch]
-        encoded = encode_prompts(tokenizer, [p for _, p in chunk], device=device)
-        with steer(model, bank, [m for m, _ in chunk], layers=list(layers), monitor=True) as s:
-            out, pre, dec = _timed_generate(model, encoded, _generate_options(tokenizer,
-                                                                              new_tokens))
-        s.monitor.mean()
-        outputs += list(out[:, encoded["input_ids"].shape[1]:].cpu())
-        calls, prefill, decode = calls + 1, prefill + pre, decode + dec
-    return outputs, calls, prefill, decode
-
-
-def sweep_loop(model, tokenizer, bank, layers, *, new_tokens: int, patch):
-    """The baseline: one batch of the 8 prompts per condition, ``patch(deltas)`` around it.
-
-    Returns the generated tokens per row and the prefill and decode seconds.
-    """
-    from emokern.steer import encode_prompts
-
-    device = next(model.parameters()).device
-    encoded = encode_prompts(tokenizer, list(PROMPTS), device=device)
-    outputs, prefill, decode = [], 0.0, 0.0
-    for mix in sweep_conditions(bank):
-        deltas = shared_deltas(bank, mix, layers)
-        with patch(deltas):
-            out, pre, dec = _timed_generate(model, encoded, _generate_options(tokenizer,
-                                                                              new_tokens))
-        outputs += list(out[:, encoded["input_ids"].shape[1]:].cpu())
-        prefill, decode = prefill + pre, decode + dec
-    return outputs, prefill, decode
-
-
-def _warm_up(model, tokenizer, bank, layers) -> None:
-    """Load the compiled kernel and run each path once, so no timing includes first-call costs
-    (JIT build or load of the extension, lazy initialisations in transformers)."""
-    from emokern.ops import resolve_backend
-    from emokern.steer import encode_prompts, steer
-
-    resolve_backend(None, next(model.parameters()).device)
-    encoded = encode_prompts(tokenizer, list(PROMPTS[:2]), device=next(model.parameters()).device)
-    mix = {bank.names[0]: bank.recommended_alpha}
-    options = _generate_options(tokenizer, 2)
-    with torch.inference_mode():
-        model.generate(**encoded, **options)
-        with steer(model, bank, [mix, {}], layers=list(layers)):
-            model.generate(**encoded, **options)
-        with NaiveSteering(model, shared_deltas(bank, mix, layers)):
-            model.generate(**encoded, **options)
-
-
-def sweep(model, tokenizer, bank, layers, *, new_tokens: int, max_batch: int,
-          include_steering_vectors: bool, log=print) -> dict[str, Any]:
-    """Measurement (c); see the module docstring."""
-    directions = {layer: bank.layer_vectors(layer) for layer in layers}
-    _warm_up(model, tokenizer, bank, layers)
-    result: dict[str, Any] = {"sequences": len(sweep_conditions(bank)) * len(PROMPTS),
-                              "conditions": len(sweep_conditions(bank)),
-                              "prompts": len(PROMPTS), "new_tokens": new_tokens,
-                              "weights_x_alpha": list(SWEEP_WEIGHTS),
-                              "alpha": bank.recommended_alpha, "max_batch": max_batch}
-    start = time.perf_counter()
-    fused, calls, prefill, decode = sweep_emokern(model, tokenizer, bank, layers,
-                                                  new_tokens=new_tokens, max_batch=max_batch)
-    result["emokern_s"] = time.perf_counter() - start
-    result["emokern_prefill_s"], result["emokern_decode_s"] = prefill, decode
-    result["emokern_generate_calls"] = calls
-    log(f"  sweep emokern: {result['emokern_s']:.1f} s in {calls} generate call(s) "
-        f"(prefill {prefill:.1f} s, decode {decode:.1f} s)")
-    others = [("naive", lambda d: NaiveSteering(model, d, directions))]
-    if include_steering_vectors:
-        others.append(("steering_vectors", lambda d: steering_vectors_patch(model, d)))
-    for name, patch in others:
-        start = time.perf_counter()
-        tokens, prefill, decode = sweep_loop(model, tokenizer, bank, layers,
-                                             new_tokens=new_tokens, patch=patch)
-        result[f"{name}_s"] = time.perf_counter() - start
-        result[f"{name}_prefill_s"], result[f"{name}_decode_s"] = prefill, decode
-        result[f"speedup_vs_{name}"] = result[f"{name}_s"] / result["emokern_s"]
-        result[f"decode_speedup_vs_{name}"] = decode / result["emokern_decode_s"]
-        result[f"prefill_speedup_vs_{name}"] = prefill / result["emokern_prefill_s"]
-        result[f"identical_rows_vs_{name}"] = sum(torch.equal(a, b) for a, b in
-                                                  zip(fused, tokens, strict=True))
-        log(f"  sweep {name} loop: {result[f'{name}_s']:.1f} s (prefill {prefill:.1f} s, decode "
-            f"{decode:.1f} s) -> emokern {result[f'speedup_vs_{name}']:.2f}x faster "
-            f"(decode {result[f'decode_speedup_vs_{name}']:.2f}x); "
-            f"{result[f'identical_rows_vs_{name}']}/{len(fused)} rows token-identical")
-    result["naive_generate_calls"] = result["conditions"]
-    return result
 
 
 # ------------------------------------------------------------------------ the whole run
 
 
-def _machine() -> dict[str, Any]:
-    import transformers
-
-    import emokern
-
-    try:
-        backends = emokern.available_backends()
-    except ImportError:
-        backends = {"reference": True}
-    info = {
-        "python": platform.python_version(), "torch": torch.__version__,
-        "transformers": transformers.__version__, "emokern": emokern.__version__,
-        "machine": platform.machine(), "processor": platform.processor(),
-        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "backends": backends,
-    }
-    if steering_vectors_available():
-        import importlib.metadata
-
-        info["steering_vectors"] = importlib.metadata.version("steering-vectors")
+def machine_record() -> dict[str, Any]:
+    """:func:`emokern.machine.machine_info` plus the op backends available here (reported
+    without compiling) and the ``steering-vectors`` version when it imports."""
+    info = machine_info()
+    info["backends"] = available_backends()
+    version = steering_vectors_version()
+    if version is not None:
+        info["steering_vectors"] = version
     return info
 
 
@@ -575,8 +108,6 @@ def run_generate_benchmark(
                 include_steering_vectors=include_steering_vectors, log=log)
         finally:
             torch.set_num_threads(previous)
-    from emokern.models import load_model
-
     batch_sizes = list(batch_sizes or DEFAULT_BATCH_SIZES)
     model_name = model if isinstance(model, (str, os.PathLike)) else type(model).__name__
     if isinstance(model, (str, os.PathLike)):
@@ -589,7 +120,7 @@ def run_generate_benchmark(
     layers = middle_layers(bank, n_layers)
     log(f"emokern generate benchmark: {model_name}, layers {layers}, K = {bank.n_emotions} "
         f"({bank_source})")
-    _warm_up(model, tokenizer, bank, layers)
+    warm_up(model, tokenizer, bank, layers)
     load_before = os.getloadavg()
     started = time.time()
     decode_rows, mixes = decode_overhead(model, tokenizer, bank, batch_sizes=batch_sizes,
@@ -612,7 +143,7 @@ def run_generate_benchmark(
         "decode": decode_rows,
         "mixes": mixes,
         "sweep": sweep_result,
-        "machine": _machine(),
+        "machine": machine_record(),
         "load_average": {"before": list(load_before), "after": list(os.getloadavg())},
         "elapsed_s": time.time() - started,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -687,17 +218,9 @@ def format_table(result: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _publish(temporary: str, target: Path) -> None:
-    """Give a finished temporary file the usual permissions (NamedTemporaryFile makes it 0600)
-    and move it into place atomically."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(temporary, 0o666 & ~umask)
-    os.replace(temporary, target)
-
-
 def plot_results(result: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Draw (a) and (c) into a PNG at ``path`` (atomically)."""
+    # Imported here: matplotlib is heavy and only needed for the figure.
     import matplotlib
 
     matplotlib.use("Agg")
@@ -768,27 +291,17 @@ def plot_results(result: Mapping[str, Any], path: str | os.PathLike) -> Path:
     fig.suptitle(f"emokern steering on {result['model']} (CPU, {result['machine']['cpu_count']} "
                  f"cores)", fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".png.tmp", delete=False) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    _publish(tmp.name, path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
-    return path
+    return atomic_write(path, buffer.getvalue())
+
 
 
 def save_results(result: Mapping[str, Any], out_dir: str | os.PathLike,
                  stem: str = "generate") -> list[Path]:
     """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` into ``out_dir``, atomically."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for suffix, text in ((".json", json.dumps(result, indent=2) + "\n"),
-                         (".md", format_table(result))):
-        target = out / f"{stem}{suffix}"
-        with tempfile.NamedTemporaryFile("w", dir=out, suffix=".tmp", delete=False) as tmp:
-            tmp.write(text)
-        _publish(tmp.name, target)
-        written.append(target)
-    written.append(plot_results(result, out / f"{stem}.png"))
-    return written
+    return [write_text(out / f"{stem}.json", json.dumps(result, indent=2) + "\n"),
+            write_text(out / f"{stem}.md", format_table(result)),
+            plot_results(result, out / f"{stem}.png")]

@@ -1,113 +1,28 @@
-"""Steering real transformers models with emokern.steer: per-row mixes, positions, monitor.
+"""Steering real transformers models with :class:`emokern.steering.Steerer`: exactness,
+per-row mixes, positions and padding, the allocation-free decode step, set_mix, errors.
 
-Fast tests use tiny randomly initialised Llama and GPT-2 models (the real tokenizer); the
-tests marked ``slow`` load the default model.
+Fast tests use the tiny randomly initialised Llama and GPT-2 models of ``tests/conftest.py``
+(the real tokenizer); the test marked ``slow`` loads the default model.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import random_bank
+from steering_helpers import Capture, encode, greedy, hook_counts, logits
+from torch.profiler import ProfilerActivity, profile
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from emokern.bank import EmotionBank
-from emokern.models import decoder_layers, model_fingerprint, tiny_model
-from emokern.steer import Steerer, encode_prompts, generate, parse_mix, steer
+from emokern.benchmarks import baseline
+from emokern.benchmarks.workload import benchmark_bank
+from emokern.models import decoder_layers, load_model, tiny_model
+from emokern.steering import Steerer, steer
+from emokern.tokens import encode_prompts
 
-NAMES = ["joy", "sadness", "fear"]
-PROMPTS = ["the cat sat on the mat and looked", "hello", "why is the sky blue"]
-
-
-def _load_baseline():
-    path = Path(__file__).resolve().parents[1] / "bench" / "baseline.py"
-    spec = importlib.util.spec_from_file_location("emokern_bench_baseline", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def make_bank(model, *, seed: int = 0, scale: float = 1.0, names=NAMES, fingerprint=True):
-    """A bank of random vectors at every decoder layer of ``model``."""
-    n_layers = len(decoder_layers(model))
-    dim = model.config.hidden_size
-    generator = torch.Generator().manual_seed(seed)
-    vectors = torch.randn(n_layers, len(names), dim, generator=generator) * scale
-    metadata = {"recommended_layers": [1, 2]}
-    if fingerprint:
-        metadata["fingerprint"] = model_fingerprint(model)
-    return EmotionBank(vectors, list(names), list(range(n_layers)), metadata=metadata)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a loaded 2-core machine each
-    # parallel region waits for a descheduled thread (forwards get ~15x slower).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module", params=["llama", "gpt2"])
-def family(request):
-    model, tokenizer = tiny_model(request.param)
-    return model, tokenizer, make_bank(model)
-
-
-@pytest.fixture(scope="module")
-def llama():
-    model, tokenizer = tiny_model("llama")
-    return model, tokenizer, make_bank(model)
-
-
-def encode(tokenizer, prompts=PROMPTS):
-    return encode_prompts(tokenizer, prompts, chat=False)
-
-
-def logits(model, encoded):
-    with torch.inference_mode():
-        return model(**encoded).logits
-
-
-def greedy(model, tokenizer, encoded, new_tokens=6, **options):
-    with torch.inference_mode():
-        out = model.generate(**encoded, max_new_tokens=new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id, **options)
-    return out[:, encoded["input_ids"].shape[1]:]
-
-
-def hook_counts(model):
-    return [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
-
-
-class Capture:
-    """Clones a layer's output before and after the steering hook (forward hooks run in
-    registration order: ``before`` is registered before the steerer installs, ``after`` after)."""
-
-    def __init__(self, layer):
-        self.layer = layer
-        self.before, self.after = [], []
-        self._handles = [layer.register_forward_hook(self._grab(self.before))]
-
-    def _grab(self, store):
-        def hook(module, args, output):
-            store.append((output if isinstance(output, torch.Tensor) else output[0]).clone())
-        return hook
-
-    def attach_after(self):
-        self._handles.append(self.layer.register_forward_hook(self._grab(self.after)))
-
-    def remove(self):
-        for handle in self._handles:
-            handle.remove()
-
-    def changed(self):
-        """Per forward, which token rows the steering modified: list of [B, T] bool."""
-        return [(a != b).any(dim=-1) for a, b in zip(self.after, self.before, strict=True)]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------ exactness
@@ -163,7 +78,6 @@ def test_row_does_not_depend_on_other_rows_mixes(family):
 
 @pytest.mark.parametrize("spread", ["divide", "each"])
 def test_matches_naive_baseline_for_a_shared_mix(family, spread):
-    baseline = _load_baseline()
     model, tokenizer, bank = family
     encoded = encode(tokenizer)
     mix = {"joy": 1.5, "fear": -0.5}
@@ -178,10 +92,9 @@ def test_matches_naive_baseline_for_a_shared_mix(family, spread):
     assert (fused[real] - logits(model, encoded)[real]).abs().max() > 1e-2
 
 
-@pytest.mark.skipif(not _load_baseline().steering_vectors_available(),
+@pytest.mark.skipif(not baseline.steering_vectors_available(),
                     reason="steering-vectors is not installed")
 def test_matches_steering_vectors_library(llama):
-    baseline = _load_baseline()
     model, tokenizer, bank = llama
     encoded = encode(tokenizer, ["a plain prompt without padding"])
     mix = {"sadness": 2.0}
@@ -249,20 +162,6 @@ def test_chunked_prefill_counts_as_prompt(llama):
     assert s.monitor.trajectory().shape[0] == 3  # one step per generated token
 
 
-def test_monitor_positions_can_differ_from_steered_positions(llama):
-    model, tokenizer, bank = llama
-    encoded = encode(tokenizer)
-    real = encoded["attention_mask"].bool()
-    plain_tokens = greedy(model, tokenizer, encoded, new_tokens=4)
-    # Monitor the generated tokens while steering nothing but the prompt...
-    with steer(model, bank, [{"joy": 2.0}] * 3, layers=[1], positions="prompt",
-               monitor="generated") as s:
-        greedy(model, tokenizer, encoded, new_tokens=4)
-    assert torch.equal(s.monitor.count(), torch.full((3,), 3))
-    # ...and count every real token while steering none: the output stays bit-identical.
-    with steer(model, bank, [{}] * 3, layers=[1], positions="generated", monitor="all") as s:
-        assert torch.equal(greedy(model, tokenizer, encoded, new_tokens=4), plain_tokens)
-    assert torch.equal(s.monitor.count(), real.sum(dim=1) + 3)
 
 
 def test_plain_forward_without_attention_mask_steers_every_token(llama):
@@ -273,81 +172,10 @@ def test_plain_forward_without_attention_mask_steers_every_token(llama):
     assert s.monitor.count().tolist() == [ids.shape[1]]
 
 
-# ------------------------------------------------------------------------ monitor
-
-
-def _unit(bank, layer):
-    v = bank.layer_vectors(layer).float()
-    return v / v.norm(dim=-1, keepdim=True)
-
-
-def test_running_projections_equal_recomputation_from_hidden_states(family):
-    """The op reads the output of decoder layer l *before* steering it. With
-    output_hidden_states, hidden_states[l + 1] is that same tensor *after* the in-place steer
-    (transformers records the layer's output object), so the op's input is
-    hidden_states[l + 1] - delta on the steered rows. (The last layer's entry is replaced by
-    the final norm's output, so it cannot be recomputed this way; the test steers inner
-    layers.)"""
-    model, tokenizer, bank = family
-    encoded = encode(tokenizer)
-    real = encoded["attention_mask"].bool()
-    mixes = [{"joy": 1.0}, {"sadness": 0.5, "fear": -1.0}, {}]
-    layers = [1, 2]
-    with steer(model, bank, mixes, layers=layers, trajectory=True) as s, torch.inference_mode():
-        hidden = model(**encoded, output_hidden_states=True).hidden_states
-    weights = s.weights / len(layers)  # spread="divide"
-    for slot, layer in enumerate(layers):
-        delta = weights @ bank.layer_vectors(layer).float()  # [B, D]
-        before = hidden[layer + 1].float() - real[..., None] * delta[:, None, :]
-        p = before @ _unit(bank, layer).T  # [B, T, K]
-        expected = (p * real[..., None]).sum(dim=1) / real.sum(dim=1, keepdim=True)
-        torch.testing.assert_close(s.monitor.mean()[:, slot], expected, rtol=1e-4, atol=1e-4)
-        # The newest token's projections: the last column (left padding).
-        torch.testing.assert_close(s.monitor.last()[:, slot], p[:, -1], rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(s.monitor.trajectory()[0, :, slot], p[:, -1],
-                                   rtol=1e-4, atol=1e-4)
-
-
-def test_trajectory_has_one_step_per_generated_token(llama):
-    model, tokenizer, bank = llama
-    encoded = encode(tokenizer)
-    with steer(model, bank, [{"joy": 1.0}, {}, {"fear": 2.0}], layers=[1, 3],
-               trajectory=True) as s:
-        greedy(model, tokenizer, encoded, new_tokens=5)
-        trajectory = s.monitor.trajectory()
-        assert trajectory.shape == (5, 3, 2, 3)
-        assert torch.isfinite(trajectory).all()
-        # The last step is the newest token the monitor counted.
-        torch.testing.assert_close(trajectory[-1], s.monitor.last())
-        assert s.monitor.mean().shape == (3, 2, 3)
-        # A new prompt forward restarts the statistics.
-        greedy(model, tokenizer, encoded, new_tokens=2)
-        assert s.monitor.trajectory().shape[0] == 2
-    with steer(model, bank, [{}] * 3, layers=[1]) as s:
-        with pytest.raises(ValueError, match="trajectory=True"):
-            s.monitor.trajectory()
-
-
-def test_monitor_summary_and_reset(llama):
-    model, tokenizer, bank = llama
-    encoded = encode(tokenizer)
-    with steer(model, bank, [{"joy": 1.0}, {}, {}], layers=[1, 2]) as s:
-        greedy(model, tokenizer, encoded, new_tokens=3)
-    summary = s.monitor.summary()
-    assert len(summary) == 3 and set(summary[0]) == set(NAMES)
-    mean = s.monitor.mean().mean(dim=1)
-    assert summary[1]["fear"] == pytest.approx(float(mean[1, 2]))
-    s.monitor.reset([0])
-    assert s.monitor.count()[0] == 0 and s.monitor.count()[1] > 0
-    assert torch.isnan(s.monitor.mean()[0]).all()
-
-
 # ------------------------------------------------------------------------ hot path
 
 
 def _allocated_bytes(fn) -> int:
-    from torch.profiler import ProfilerActivity, profile
-
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     return sum(e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0)
@@ -476,7 +304,7 @@ def test_backends_agree(llama):
 def test_sampling_and_bfloat16():
     model, tokenizer = tiny_model("llama", seed=3)
     model = model.to(torch.bfloat16)
-    bank = make_bank(model)
+    bank = random_bank(model)
     encoded = encode(tokenizer)
     with steer(model, bank, [{"joy": 1.0}, {}, {"fear": 1.0}], layers=[1, 2]) as s, \
             torch.inference_mode():
@@ -511,8 +339,8 @@ def _bad_steer_cases(model, bank):
         (dict(mix=[{}], monitor="sometimes"), ValueError, "monitor must be"),
         (dict(mix=[{}], spread="sum"), ValueError, "spread must be one of"),
         (dict(mix=[{}], emotions=["anger"]), ValueError, "unknown emotion 'anger'"),
-        (dict(mix=[{}], bank=make_bank(other)), ValueError, "not compatible"),
-        (dict(mix=[{}], bank=make_bank(model).select(layers=[0, 1])), ValueError,
+        (dict(mix=[{}], bank=random_bank(other)), ValueError, "not compatible"),
+        (dict(mix=[{}], bank=random_bank(model).select(layers=[0, 1])), ValueError,
          "layer 2 has no vectors in the bank"),
     ]
 
@@ -573,41 +401,6 @@ def test_grad_mode_forward_gets_a_clear_error(llama):
             model(**encoded)
 
 
-# ------------------------------------------------------------------------ helpers
-
-
-def test_parse_mix():
-    assert parse_mix("joy=2") == {"joy": 2.0}
-    assert parse_mix(" sadness = 1.5 , fear=-0.5 ") == {"sadness": 1.5, "fear": -0.5}
-    assert parse_mix("") == {} and parse_mix("none") == {}
-    for bad, message in (("joy", "bad term"), ("joy=", "bad term"), ("=1", "bad term"),
-                         ("joy=abc", "must be a number"), ("joy=nan", "must be finite"),
-                         ("joy=1,joy=2", "twice"), ("joy=1,,fear=2", "bad term")):
-        with pytest.raises(ValueError, match=message):
-            parse_mix(bad)
-    with pytest.raises(TypeError):
-        parse_mix({"joy": 1.0})
-
-
-def test_generate_convenience(llama):
-    model, tokenizer, bank = llama
-    rows = generate(model, tokenizer, bank, "Tell me a story.", [{"joy": 2.0}, "fear=1", {}],
-                    max_new_tokens=5, layers=[1, 2])
-    assert [r["mix"] for r in rows] == [{"joy": 2.0}, {"fear": 1.0}, {}]
-    for row in rows:
-        assert row["prompt"] == "Tell me a story."
-        assert isinstance(row["text"], str) and 1 <= row["n_tokens"] <= 5
-        assert set(row["projections"]) == set(NAMES)
-        assert all(math.isfinite(v) for v in row["projections"].values())
-    # The empty mix's row is the unsteered generation.
-    encoded = encode_prompts(tokenizer, ["Tell me a story."] * 3)
-    plain = greedy(model, tokenizer, encoded, new_tokens=5)[2]
-    assert rows[2]["text"] == tokenizer.decode(plain[:rows[2]["n_tokens"]],
-                                               skip_special_tokens=True)
-    with pytest.raises(ValueError, match="2 prompts and 3 mixes"):
-        generate(model, tokenizer, bank, ["a", "b"], [{}, {}, {}], max_new_tokens=2)
-
-
 def test_steerer_repr_and_defaults(llama):
     model, _, bank = llama
     s = steer(model, bank, [{"joy": 1.0}])
@@ -622,9 +415,6 @@ def test_steerer_repr_and_defaults(llama):
 @pytest.mark.slow
 @pytest.mark.model
 def test_default_model_empty_row_equals_unsteered_generation():
-    from emokern.benchmarks.generate import benchmark_bank
-    from emokern.models import load_model
-
     model, tokenizer = load_model("default")
     bank, _ = benchmark_bank(model, tokenizer)
     prompts = ["Tell me about your weekend.", "Tell me about your weekend."]

@@ -1,4 +1,5 @@
-"""Steering a Hugging Face model: a different emotion mix per sequence, with running readings.
+"""The steerer: a different emotion mix per sequence of a Hugging Face model, with running
+readings.
 
 :func:`steer` installs the fused op :func:`torch.ops.emokern.steer_` at the output of chosen
 decoder layers of a transformers model; ``model.generate`` then runs unchanged (KV cache,
@@ -34,7 +35,8 @@ How it works
 Units and spreading over layers
 -------------------------------
 A weight multiplies the bank's vectors: weight 1.0 adds one vector as extracted. The vector of
-bank layer ``l`` lives at the output of decoder layer ``l``, and the residual stream carries
+bank layer ``l`` lives at the output of decoder layer ``l`` (the layer convention of
+``docs/design.md``), and the residual stream carries
 every addition forward, so adding ``w · v`` at each of ``L`` layers pushes the stream by about
 ``L · w · v`` (measured on the default model: the raw vector at all 13 layers of a band wrecks
 the text already at weight 0.25, while one middle layer at weight 3–4 steers fluently). With
@@ -49,296 +51,38 @@ The op reads the projections ``p_k = <x, v_k> / ||v_k||`` of each token's hidden
 the layer produced it, before steering* (the model's own state at that layer). The monitor
 keeps, per steered layer, a :class:`~emokern.RunningProjections` over the tokens it covers;
 the statistics restart at every forward without past (a new batch of sequences).
+
+This module is one cohesive thing, the steerer's state and hooks (with its :func:`steer`
+factory), hence its length; mixes, model plumbing and the monitor live in the sibling modules.
 """
 
 from __future__ import annotations
 
-import inspect
-import math
 import numbers
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from emokern.ops.library import resolve_backend, runner_for
-from emokern.ops.running import RunningProjections
+from emokern.models import decoder_layers
+from emokern.ops import RunningProjections, resolve_backend, runner_for
+from emokern.steering.adapters import ForwardInputs, layers_owner, module_device, past_length
+from emokern.steering.errors import fail
+from emokern.steering.mix import mix_to_weights
+from emokern.steering.monitor import Monitor
 
 POSITIONS = ("all", "prompt", "generated")
 SPREADS = ("divide", "each")
 
-__all__ = ["POSITIONS", "SPREADS", "Monitor", "Steerer", "generate", "parse_mix", "steer"]
-
-
-def _fail(exc: type[Exception], message: str):
-    raise exc(f"emokern.steer: {message}")
-
-
-# ----------------------------------------------------------------------------------- mixes
-
-
-def parse_mix(text: str) -> dict[str, float]:
-    """Parse ``"sadness=1.5,fear=0.5"`` into ``{"sadness": 1.5, "fear": 0.5}``.
-
-    An empty string, ``"none"`` or ``"{}"`` is the empty (unsteered) mix. Whitespace around
-    names and numbers is ignored.
-
-    Raises
-    ------
-    ValueError
-        On a term without ``=``, an empty name, a weight that is not a finite number, or a
-        name given twice.
-
-    Examples
-    --------
-    >>> parse_mix("joy=2")
-    {'joy': 2.0}
-    >>> parse_mix("sadness=1.5, fear=-0.5")
-    {'sadness': 1.5, 'fear': -0.5}
-    """
-    if not isinstance(text, str):
-        raise TypeError(f"parse_mix: expected a string like 'joy=2,fear=0.5', got "
-                        f"{type(text).__name__}")
-    stripped = text.strip()
-    if stripped.lower() in ("", "none", "{}"):
-        return {}
-    mix: dict[str, float] = {}
-    for term in stripped.split(","):
-        name, sep, number = term.partition("=")
-        name, number = name.strip(), number.strip()
-        if not sep or not name or not number:
-            raise ValueError(f"parse_mix: bad term {term.strip()!r} in {text!r}; expected "
-                             f"name=weight terms separated by commas, e.g. 'sadness=1.5,fear=0.5'")
-        try:
-            weight = float(number)
-        except ValueError:
-            raise ValueError(f"parse_mix: weight of {name!r} must be a number, got {number!r} "
-                             f"in {text!r}") from None
-        if not math.isfinite(weight):
-            raise ValueError(f"parse_mix: weight of {name!r} must be finite, got {number!r}")
-        if name in mix:
-            raise ValueError(f"parse_mix: {name!r} is given twice in {text!r}")
-        mix[name] = weight
-    return mix
-
-
-def mix_to_weights(mix, names: Sequence[str], argument: str = "mix") -> torch.Tensor:
-    """Turn a mix (one dict per sequence, or a ``[B, K]`` tensor) into float32 weights ``[B, K]``.
-
-    Parameters
-    ----------
-    mix : sequence of Mapping[str, float] or Tensor [B, K]
-        One dict per sequence (emotion name → weight; names absent from a dict weigh 0), or a
-        tensor whose columns follow ``names``.
-    names : sequence of str
-        The emotions the columns stand for.
-
-    Raises
-    ------
-    TypeError, ValueError
-        Naming the bad row and emotion: unknown emotion, non-finite or non-numeric weight,
-        wrong tensor shape, empty batch.
-    """
-    n_names = len(names)
-    if isinstance(mix, torch.Tensor):
-        if not mix.is_floating_point():
-            _fail(TypeError, f"{argument} tensor must be floating point, got {mix.dtype}")
-        if mix.dim() != 2 or mix.shape[1] != n_names or mix.shape[0] < 1:
-            _fail(ValueError, f"{argument} tensor must be [B, K] with K = {n_names} "
-                              f"(one column per emotion {list(names)}), got {list(mix.shape)}")
-        weights = mix.detach().to("cpu", torch.float32).clone()
-        bad = ~torch.isfinite(weights)
-        if bool(bad.any()):
-            row, col = (int(i) for i in bad.nonzero()[0])
-            _fail(ValueError, f"{argument}[{row}, {col}] ({names[col]!r}) must be finite, got "
-                              f"{weights[row, col].item()}")
-        return weights
-    if isinstance(mix, (str, bytes, Mapping)) or not isinstance(mix, Sequence):
-        _fail(TypeError, f"{argument} must be a list with one dict per sequence (emotion -> "
-                         f"weight) or a [B, K] tensor, got {type(mix).__name__}")
-    if len(mix) == 0:
-        _fail(ValueError, f"{argument} must have at least one row (one dict per sequence)")
-    index = {name: k for k, name in enumerate(names)}
-    weights = torch.zeros(len(mix), n_names, dtype=torch.float32)
-    for row, entry in enumerate(mix):
-        if not isinstance(entry, Mapping):
-            _fail(TypeError, f"{argument}[{row}] must be a dict of emotion -> weight, got "
-                             f"{type(entry).__name__}")
-        for name, weight in entry.items():
-            if name not in index:
-                _fail(ValueError, f"{argument}[{row}] names unknown emotion {name!r}; the bank "
-                                  f"has {list(names)}")
-            if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
-                _fail(TypeError, f"{argument}[{row}][{name!r}] must be a number, got "
-                                 f"{type(weight).__name__}")
-            if not math.isfinite(float(weight)):
-                _fail(ValueError, f"{argument}[{row}][{name!r}] must be finite, got {weight}")
-            weights[row, index[name]] = float(weight)
-    return weights
-
-
-# ------------------------------------------------------------------------- model plumbing
-
-
-def _decoder_layers(model: nn.Module) -> nn.ModuleList:
-    from emokern.models import decoder_layers
-
-    return decoder_layers(model)
-
-
-def _layers_owner(model: nn.Module, layer_list: nn.ModuleList) -> nn.Module:
-    """The module whose forward runs ``layer_list`` (``LlamaModel``, ``GPT2Model``, ...)."""
-    for module in model.modules():
-        for child in module.children():
-            if child is layer_list:
-                return module
-    _fail(ValueError, "could not find the module that owns the decoder layers")
-
-
-def _op_for(backend: str | None, device: torch.device):
-    """The op callable for ``backend`` on ``device``, without the public wrapper's per-call
-    validation (the steerer validates everything once, at install and set_mix)."""
-    return runner_for(resolve_backend(backend, device))  # also loads the compiled kernels
-
-
-def _module_device(module: nn.Module, fallback: torch.device) -> torch.device:
-    for parameter in module.parameters():
-        return parameter.device
-    return fallback
-
-
-class _Inputs:
-    """Reads input_ids / inputs_embeds / attention_mask / past_key_values from a forward's
-    ``(args, kwargs)`` whatever the model's positional order (GPT-2 and Llama differ)."""
-
-    NAMES = ("input_ids", "inputs_embeds", "attention_mask", "past_key_values")
-
-    def __init__(self, forward) -> None:
-        try:
-            parameters = list(inspect.signature(forward).parameters)
-        except (TypeError, ValueError):
-            parameters = []
-        self.position = {name: parameters.index(name) for name in self.NAMES
-                         if name in parameters}
-
-    def get(self, name: str, args: tuple, kwargs: dict):
-        value = kwargs.get(name)
-        if value is None:
-            pos = self.position.get(name)
-            if pos is not None and pos < len(args):
-                value = args[pos]
-        return value
-
-
-def _past_length(cache) -> int:
-    if cache is None:
-        return 0
-    if hasattr(cache, "get_seq_length"):
-        return int(cache.get_seq_length())
-    try:  # legacy tuple-of-tuples cache: keys [B, H, P, d]
-        return int(cache[0][0].shape[-2])
-    except (TypeError, IndexError, AttributeError):
-        return 0
+__all__ = ["POSITIONS", "SPREADS", "Steerer", "steer"]
 
 
 def _covers(policy: str | None, prompt_forward: bool) -> bool:
+    """Whether a forward of prompt tokens (``prompt_forward``) or of one generated token is
+    covered by ``policy`` (one of :data:`POSITIONS`, or None for nothing)."""
     if policy is None:
         return False
     return policy == "all" or (policy == "prompt") == prompt_forward
-
-
-# --------------------------------------------------------------------------------- monitor
-
-
-class Monitor:
-    """Running emotion readings of a :class:`Steerer`, per sequence, steered layer and emotion.
-
-    Attributes
-    ----------
-    names : tuple of str
-        The K emotions (columns).
-    layers : tuple of int
-        The L steered decoder layers.
-    running : tuple of RunningProjections
-        One per steered layer, updated in place by the op (``sum [B, K]``, ``count [B]``,
-        ``last [B, K]``).
-    """
-
-    def __init__(self, steerer: Steerer) -> None:
-        self._steerer = steerer
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return self._steerer.names
-
-    @property
-    def layers(self) -> tuple[int, ...]:
-        return self._steerer.layers
-
-    @property
-    def running(self) -> tuple[RunningProjections, ...]:
-        return tuple(self._steerer._running)
-
-    def _stack(self, attribute: str) -> torch.Tensor:
-        return torch.stack([getattr(r, attribute).to("cpu") for r in self._steerer._running],
-                           dim=1)
-
-    def mean(self) -> torch.Tensor:
-        r"""Mean projection of each sequence's covered tokens, ``[B, L, K]`` float32.
-
-        ``mean[b, l, k] = (1 / n_b) Σ_t <x_{b,t}^{(l)}, v_{l,k}> / ||v_{l,k}||`` over the
-        ``n_b`` non-padding tokens of row ``b`` that the monitor covers, where
-        ``x^{(l)}`` is the output of decoder layer ``l`` before steering. NaN for a row with
-        no covered token yet.
-        """
-        return self._stack("sum") / self.count()[:, None, None]
-
-    def last(self) -> torch.Tensor:
-        """Projections of each sequence's newest covered token, ``[B, L, K]`` (NaN before any)."""
-        return self._stack("last")
-
-    def count(self) -> torch.Tensor:
-        """Covered tokens per sequence, ``[B]`` int64 (the same at every steered layer)."""
-        return self._steerer._running[0].count.to("cpu").clone()
-
-    def trajectory(self) -> torch.Tensor:
-        """Projections of the state that chose each generated token, ``[S, B, L, K]``.
-
-        Row ``s`` holds, for every sequence, the projections at the position whose logits
-        produced generated token ``s``: the last prompt token for ``s = 0`` (prefill), then
-        the token fed at decode step ``s``. ``S`` counts the forwards since the last prompt
-        forward, so ``S = max_new_tokens`` after a ``generate`` that ran to the end. Recorded
-        at every forward whatever ``positions`` and ``monitor`` cover.
-
-        Raises
-        ------
-        ValueError
-            When the steerer was made without ``trajectory=True``.
-        """
-        steerer = self._steerer
-        if not steerer._record_trajectory:
-            _fail(ValueError, "trajectory was not recorded; pass trajectory=True to steer()")
-        if not steerer._trajectory:
-            return torch.zeros(0, steerer.batch_size, len(steerer.layers), len(steerer.names))
-        return torch.stack(steerer._trajectory)
-
-    def summary(self) -> list[dict[str, float]]:
-        """Per sequence, the mean projection of each emotion averaged over the steered layers."""
-        means = self.mean().mean(dim=1)
-        return [{name: float(means[b, k]) for k, name in enumerate(self.names)}
-                for b in range(means.shape[0])]
-
-    def reset(self, rows=None) -> None:
-        """Zero the statistics of ``rows`` (every sequence when None) and, for all rows, the
-        trajectory."""
-        for running in self._steerer._running:
-            running.reset(rows)
-        self._steerer._trajectory.clear()
-
-    def __repr__(self) -> str:
-        return (f"Monitor(batch={self._steerer.batch_size}, layers={list(self.layers)}, "
-                f"emotions={list(self.names)})")
 
 
 # -------------------------------------------------------------------------------- steerer
@@ -363,22 +107,22 @@ class Steerer:
         backend: str | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
-            _fail(TypeError, f"model must be a torch.nn.Module, got {type(model).__name__}")
-        layer_list = _decoder_layers(model)
+            fail(TypeError, f"model must be a torch.nn.Module, got {type(model).__name__}")
+        layer_list = decoder_layers(model)
         bank.check_compatible(model)
         names = tuple(bank.names) if emotions is None else tuple(emotions)
         if isinstance(emotions, str) or len(names) == 0:
-            _fail(ValueError, f"emotions must be a non-empty list of emotion names, got "
-                              f"{emotions!r}")
+            fail(ValueError, f"emotions must be a non-empty list of emotion names, got "
+                             f"{emotions!r}")
         for name in names:
             if name not in bank.names:
-                _fail(ValueError, f"emotions names unknown emotion {name!r}; the bank has "
-                                  f"{list(bank.names)}")
+                fail(ValueError, f"emotions names unknown emotion {name!r}; the bank has "
+                                 f"{list(bank.names)}")
         if len(set(names)) != len(names):
-            _fail(ValueError, f"emotions lists a name twice: {list(names)}")
+            fail(ValueError, f"emotions lists a name twice: {list(names)}")
         chosen = self._check_layers(layers, bank, len(layer_list))
         if positions not in POSITIONS:
-            _fail(ValueError, f"positions must be one of {POSITIONS}, got {positions!r}")
+            fail(ValueError, f"positions must be one of {POSITIONS}, got {positions!r}")
         if monitor is True:
             monitor_policy = positions
         elif monitor is False or monitor is None:
@@ -386,13 +130,13 @@ class Steerer:
         elif monitor in POSITIONS:
             monitor_policy = monitor
         else:
-            _fail(ValueError, f"monitor must be True, False or one of {POSITIONS}, got "
-                              f"{monitor!r}")
+            fail(ValueError, f"monitor must be True, False or one of {POSITIONS}, got "
+                             f"{monitor!r}")
         if spread not in SPREADS:
-            _fail(ValueError, f"spread must be one of {SPREADS}, got {spread!r}")
+            fail(ValueError, f"spread must be one of {SPREADS}, got {spread!r}")
         if not isinstance(norm_preserving, bool):
-            _fail(TypeError, f"norm_preserving must be a bool, got "
-                             f"{type(norm_preserving).__name__}")
+            fail(TypeError, f"norm_preserving must be a bool, got "
+                            f"{type(norm_preserving).__name__}")
         weights = mix_to_weights(mix, names)
 
         self.model = model
@@ -406,11 +150,13 @@ class Steerer:
         self._record_trajectory = bool(trajectory)
         self._scale = 1.0 / len(chosen) if spread == "divide" else 1.0
         self._layer_modules = [layer_list[i] for i in chosen]
-        self._owner = _layers_owner(model, layer_list)
-        self._inputs = _Inputs(self._owner.forward)
+        self._owner = layers_owner(model, layer_list)
+        self._inputs = ForwardInputs(self._owner.forward)
         fallback = next((p.device for p in model.parameters()), torch.device("cpu"))
-        self._devices = [_module_device(m, fallback) for m in self._layer_modules]
-        self._ops = {d: _op_for(backend, d) for d in set(self._devices)}
+        self._devices = [module_device(m, fallback) for m in self._layer_modules]
+        # The raw op of each device, without the public wrapper's per-call validation (the
+        # steerer validates everything once, at install and set_mix); resolving loads kernels.
+        self._ops = {d: runner_for(resolve_backend(backend, d)) for d in set(self._devices)}
         self._grad_probe = next(model.parameters(), None)
 
         # Vectors of the steered layers and chosen emotions, float32 [K, D] on each layer's
@@ -425,8 +171,8 @@ class Steerer:
             bad = ~(torch.isfinite(norms) & (norms > 0))
             if bool(bad.any()):
                 k = int(bad.nonzero()[0, 0])
-                _fail(ValueError, f"the bank's vector of {names[k]!r} at layer {layer} has zero "
-                                  f"or non-finite norm")
+                fail(ValueError, f"the bank's vector of {names[k]!r} at layer {layer} has zero "
+                                 f"or non-finite norm")
             self._vectors.append(vectors)
 
         self._handles: list = []
@@ -442,28 +188,28 @@ class Steerer:
     def _check_layers(layers, bank, n_model_layers: int) -> tuple[int, ...]:
         if isinstance(layers, str):
             if layers != "auto":
-                _fail(ValueError, f"layers must be 'auto' or a list of layer indices, got "
-                                  f"{layers!r}")
+                fail(ValueError, f"layers must be 'auto' or a list of layer indices, got "
+                                 f"{layers!r}")
             chosen = tuple(int(i) for i in bank.recommended_layers)
         else:
             if isinstance(layers, int) and not isinstance(layers, bool):
                 layers = [layers]
             if not isinstance(layers, Sequence) or len(layers) == 0:
-                _fail(ValueError, f"layers must be 'auto' or a non-empty list of layer indices, "
-                                  f"got {layers!r}")
+                fail(ValueError, f"layers must be 'auto' or a non-empty list of layer indices, "
+                                 f"got {layers!r}")
             for layer in layers:
                 if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
-                    _fail(TypeError, f"layers must hold ints, got {layer!r}")
+                    fail(TypeError, f"layers must hold ints, got {layer!r}")
             chosen = tuple(int(i) for i in layers)
         if len(set(chosen)) != len(chosen):
-            _fail(ValueError, f"layers lists a layer twice: {list(chosen)}")
+            fail(ValueError, f"layers lists a layer twice: {list(chosen)}")
         for layer in chosen:
             if not 0 <= layer < n_model_layers:
-                _fail(ValueError, f"layer {layer} is outside the model, which has "
-                                  f"{n_model_layers} decoder layers (0..{n_model_layers - 1})")
+                fail(ValueError, f"layer {layer} is outside the model, which has "
+                                 f"{n_model_layers} decoder layers (0..{n_model_layers - 1})")
             if layer not in bank.layers:
-                _fail(ValueError, f"layer {layer} has no vectors in the bank, which covers layers "
-                                  f"{list(bank.layers)}")
+                fail(ValueError, f"layer {layer} has no vectors in the bank, which covers layers "
+                                 f"{list(bank.layers)}")
         return chosen
 
     # ------------------------------------------------------------------------- buffers
@@ -540,6 +286,30 @@ class Steerer:
         for applied in self._applied.values():
             applied.copy_(weights * self._scale)
 
+    # ------------------------------------------------------------------------ readings
+
+    @property
+    def running(self) -> tuple[RunningProjections, ...]:
+        """The running statistics the op updates, one per steered layer (``sum [B, K]``,
+        ``count [B]``, ``last [B, K]`` on the layer's device); read them through
+        :attr:`monitor`."""
+        return tuple(self._running)
+
+    @property
+    def records_trajectory(self) -> bool:
+        """Whether each generated token's projections are recorded (``trajectory=True``)."""
+        return self._record_trajectory
+
+    @property
+    def trajectory_steps(self) -> tuple[torch.Tensor, ...]:
+        """The recorded steps since the last prompt forward, each ``[B, L, K]`` on the CPU
+        (empty when not recording); :meth:`Monitor.trajectory` stacks them."""
+        return tuple(self._trajectory)
+
+    def clear_trajectory(self) -> None:
+        """Forget the recorded steps (the next forward starts a new trajectory)."""
+        self._trajectory.clear()
+
     # --------------------------------------------------------------------- install / hooks
 
     @property
@@ -589,26 +359,26 @@ class Steerer:
         if tokens is None:
             tokens = inputs.get("inputs_embeds", args, kwargs)
         if tokens is None:
-            _fail(ValueError, "the forward got neither input_ids nor inputs_embeds")
+            fail(ValueError, "the forward got neither input_ids nor inputs_embeds")
         batch, new_tokens = tokens.shape[0], tokens.shape[1]
         if batch != self.batch_size:
-            _fail(ValueError, f"the mix has {self.batch_size} rows but the model got a batch of "
-                              f"{batch}; give one mix per sequence (num_return_sequences and "
-                              f"beam search expand the batch: repeat each mix accordingly)")
+            fail(ValueError, f"the mix has {self.batch_size} rows but the model got a batch of "
+                             f"{batch}; give one mix per sequence (num_return_sequences and "
+                             f"beam search expand the batch: repeat each mix accordingly)")
         if self._grad_probe is not None and self._grad_probe.requires_grad \
                 and torch.is_grad_enabled():
-            _fail(RuntimeError, "steering modifies hidden states in place and is for inference: "
-                                "run the forward under torch.no_grad() or torch.inference_mode() "
-                                "(model.generate already does)")
+            fail(RuntimeError, "steering modifies hidden states in place and is for inference: "
+                               "run the forward under torch.no_grad() or torch.inference_mode() "
+                               "(model.generate already does)")
         attention_mask = inputs.get("attention_mask", args, kwargs)
         if attention_mask is not None:
             if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
-                _fail(ValueError, "steering needs a 2-D attention_mask [B, past + T] to find "
-                                  "left padding (4-D masks, e.g. from a static cache, are not "
-                                  "supported)")
+                fail(ValueError, "steering needs a 2-D attention_mask [B, past + T] to find "
+                                 "left padding (4-D masks, e.g. from a static cache, are not "
+                                 "supported)")
             past = attention_mask.shape[1] - new_tokens
         else:
-            past = _past_length(inputs.get("past_key_values", args, kwargs))
+            past = past_length(inputs.get("past_key_values", args, kwargs))
         if past > 0 and new_tokens == 1:
             # The decode step: everything preallocated.
             for buffer in self._decode_mask.values():
@@ -747,137 +517,3 @@ def steer(
     return Steerer(model, bank, mix, layers=layers, positions=positions,
                    norm_preserving=norm_preserving, monitor=monitor, trajectory=trajectory,
                    spread=spread, emotions=emotions, backend=backend)
-
-
-# ------------------------------------------------------------------------ convenience
-
-
-def _broadcast(prompts, mixes) -> tuple[list[str], list[dict[str, float]]]:
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    if isinstance(mixes, (str, Mapping)):
-        mixes = [mixes]
-    prompts, mixes = list(prompts), list(mixes)
-    if not prompts:
-        _fail(ValueError, "prompts must not be empty")
-    for i, prompt in enumerate(prompts):
-        if not isinstance(prompt, str):
-            _fail(TypeError, f"prompts[{i}] must be a string, got {type(prompt).__name__}")
-    if not mixes:
-        mixes = [{}]
-    mixes = [parse_mix(m) if isinstance(m, str) else m for m in mixes]
-    if len(prompts) == 1 and len(mixes) > 1:
-        prompts = prompts * len(mixes)
-    elif len(mixes) == 1 and len(prompts) > 1:
-        mixes = mixes * len(prompts)
-    if len(prompts) != len(mixes):
-        _fail(ValueError, f"got {len(prompts)} prompts and {len(mixes)} mixes; give one mix per "
-                          f"prompt, or one prompt (or one mix) for all rows")
-    return prompts, mixes
-
-
-def encode_prompts(tokenizer, prompts: Sequence[str], *, chat: bool = True, device=None):
-    """Tokenize ``prompts`` as one left-padded batch (chat template when ``chat``)."""
-    if chat and getattr(tokenizer, "chat_template", None):
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}],
-                                               tokenize=False, add_generation_prompt=True)
-                 for p in prompts]
-    else:
-        texts = list(prompts)
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # generation appends on the right: pad on the left
-    try:
-        encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat)
-    finally:
-        tokenizer.padding_side = side
-    return encoded.to(device) if device is not None else encoded
-
-
-def generate(
-    model: nn.Module,
-    tokenizer,
-    bank,
-    prompts,
-    mixes,
-    *,
-    max_new_tokens: int = 64,
-    layers: str | Sequence[int] = "auto",
-    positions: str = "all",
-    norm_preserving: bool = False,
-    do_sample: bool = False,
-    seed: int = 0,
-    chat: bool = True,
-    spread: str = "divide",
-    temperature: float | None = None,
-) -> list[dict[str, Any]]:
-    """Generate one batch, each row with its own mix; return texts and emotion readings.
-
-    Parameters
-    ----------
-    prompts : str or list of str
-        One prompt per row, or one prompt for every mix.
-    mixes : list of (dict or str)
-        One mix per row (a dict or a :func:`parse_mix` string such as ``"joy=2,fear=0.5"``),
-        or one mix for every prompt.
-    max_new_tokens, do_sample, temperature
-        Passed to ``model.generate``; sampling is seeded with ``seed`` without touching the
-        global RNG state.
-    chat : bool
-        Wrap each prompt in the tokenizer's chat template (as a user turn).
-
-    Returns
-    -------
-    list of dict
-        One per row: ``prompt``, ``mix`` (dict), ``text`` (the generated continuation, up to
-        its end-of-sequence token), ``n_tokens`` (generated tokens, EOS included) and
-        ``projections`` (emotion → mean projection of the states that chose the row's
-        ``n_tokens`` tokens, from :meth:`Monitor.trajectory`, averaged over the steered
-        layers: what the model carried while writing the text; tokens after a row's EOS, which
-        ``generate`` keeps feeding while other rows run, are left out).
-    """
-    prompts, mixes = _broadcast(prompts, mixes)
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
-            or max_new_tokens < 1:
-        _fail(ValueError, f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    device = next(model.parameters()).device
-    steerer = steer(model, bank, mixes, layers=layers, positions=positions,
-                    norm_preserving=norm_preserving, monitor=False, trajectory=True,
-                    spread=spread)
-    encoded = encode_prompts(tokenizer, prompts, chat=chat, device=device)
-    options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample,
-                               "pad_token_id": tokenizer.pad_token_id}
-    if do_sample and temperature is not None:
-        options["temperature"] = temperature
-    if not do_sample:
-        options.update(temperature=None, top_p=None, top_k=None)
-    with torch.random.fork_rng(devices=[]), torch.inference_mode(), steerer:
-        torch.manual_seed(seed)
-        output = model.generate(**encoded, **options)
-    prompt_length = encoded["input_ids"].shape[1]
-    trajectory = steerer.monitor.trajectory()  # [S, B, L, K]
-    stops = _eos_ids(model, tokenizer)
-    rows = []
-    for b, (prompt, mix) in enumerate(zip(prompts, mixes, strict=True)):
-        new_tokens = output[b, prompt_length:].cpu()
-        ended = [i for i, token in enumerate(new_tokens.tolist()) if token in stops]
-        n_tokens = ended[0] + 1 if ended else int(new_tokens.numel())
-        readings = trajectory[:n_tokens, b].mean(dim=(0, 1))
-        rows.append({
-            "prompt": prompt,
-            "mix": {k: float(v) for k, v in mix.items()},
-            "text": tokenizer.decode(new_tokens[:n_tokens], skip_special_tokens=True),
-            "n_tokens": n_tokens,
-            "projections": {name: float(readings[k]) for k, name in enumerate(steerer.names)},
-        })
-    return rows
-
-
-def _eos_ids(model: nn.Module, tokenizer) -> set[int]:
-    ids = set()
-    config = getattr(model, "generation_config", None)
-    for value in (getattr(config, "eos_token_id", None), tokenizer.eos_token_id):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(int(v) for v in value)
-    return ids

@@ -1,0 +1,183 @@
+"""Measurements (a) and (b) of the generate benchmark: the decode step, steered vs unsteered.
+
+(a) **decode overhead** — paired per-step A/B: on one KV-cache state (:class:`DecodeState`),
+    time one decode forward of each arm (unsteered, emokern with a distinct mix per row and the
+    monitor on, the naive baseline, the ``steering-vectors`` library when installed), crop the
+    cache back (``DynamicCache.crop(-1)``) after each, and rotate the arms' order every round
+    (:func:`paired_decode`). The ratio of a round is ``t_unsteered / t_arm`` (= steered
+    tokens/s over unsteered tokens/s); the median over rounds is reported with its quartiles.
+(b) **distinct vs shared mixes** at the largest batch: emokern with one mix per row vs one mix
+    for all rows, paired the same way (``t_shared / t_distinct``); and what the baseline pays
+    for distinct mixes, one batch-1 forward per row, from (a)'s timings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from emokern.benchmarks.baseline import NaiveSteering, shared_deltas, steering_vectors_patch
+from emokern.benchmarks.workload import PROMPTS
+from emokern.steering import steer
+from emokern.tokens import encode_prompts, model_device
+
+__all__ = ["DecodeState", "decode_overhead", "distinct_mixes", "paired_decode", "quantiles"]
+
+
+def quantiles(values: Sequence[float]) -> dict[str, float]:
+    """``{"median", "q25", "q75", "n"}`` of ``values`` (all three equal for one value)."""
+    ordered = sorted(values)
+    q = statistics.quantiles(ordered, n=4) if len(ordered) >= 2 else [ordered[0]] * 3
+    return {"median": q[1], "q25": q[0], "q75": q[2], "n": len(ordered)}
+
+
+def distinct_mixes(names: Sequence[str], batch: int, alpha: float, seed: int) -> list[dict]:
+    """``batch`` random mixes, each of two emotions with weights uniform in ``[-α, 3α)``."""
+    generator = torch.Generator().manual_seed(seed)
+    mixes = []
+    for _ in range(batch):
+        chosen = torch.randperm(len(names), generator=generator)[:2].tolist()
+        weights = (torch.rand(2, generator=generator) * 4 - 1) * alpha
+        mixes.append({names[k]: float(w) for k, w in zip(chosen, weights, strict=True)})
+    return mixes
+
+
+class DecodeState:
+    """A batch after its prefill: the next input token, its attention mask and the cache.
+
+    The batch is ``batch`` of :data:`~emokern.benchmarks.workload.PROMPTS` (cycled), chat
+    formatted and left-padded; ``context`` is the padded prompt length.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, batch: int) -> None:
+        prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+        device = model_device(model)
+        encoded = encode_prompts(tokenizer, prompts, device=device)
+        with torch.inference_mode():
+            out = model(**encoded, use_cache=True)
+        self.model = model
+        self.cache = out.past_key_values
+        self.next_tokens = out.logits[:, -1].argmax(-1, keepdim=True)
+        ones = torch.ones(batch, 1, dtype=encoded["attention_mask"].dtype, device=device)
+        self.attention_mask = torch.cat([encoded["attention_mask"], ones], dim=1)
+        self.context = int(encoded["input_ids"].shape[1])
+
+    def timed_step(self) -> float:
+        """Seconds for one decode forward; the cache is cropped back afterwards."""
+        with torch.inference_mode():
+            start = time.perf_counter()
+            self.model(input_ids=self.next_tokens, attention_mask=self.attention_mask,
+                       past_key_values=self.cache, use_cache=True)
+            elapsed = time.perf_counter() - start
+        self.cache.crop(-1)
+        return elapsed
+
+
+def paired_decode(state: DecodeState, arms: Mapping[str, Any], *, rounds: int,
+                  warmup: int = 3, reference: str = "unsteered") -> dict[str, Any]:
+    """Time one decode forward per arm per round, on the same cache state, rotating the order.
+
+    ``arms`` maps a name to a context-manager factory (``None`` = no hooks) entered around
+    each timed forward, outside the timing. Returns per-arm time quantiles (ms) and per-round
+    ratios ``t_reference / t_arm`` with their quantiles.
+    """
+    names = list(arms)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(warmup + rounds):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            factory = arms[name]
+            with factory() if factory is not None else contextlib.nullcontext():
+                elapsed = state.timed_step()
+            if r >= warmup:
+                times[name].append(elapsed)
+    result: dict[str, Any] = {"time_ms": {n: quantiles([t * 1e3 for t in times[n]])
+                                          for n in names}}
+    result["ratio"] = {n: quantiles([a / b for a, b in zip(times[reference], times[n],
+                                                           strict=True)])
+                       for n in names if n != reference}
+    result["times_ms"] = {n: [round(t * 1e3, 4) for t in times[n]] for n in names}
+    return result
+
+
+def _steerer_factory(steerer):
+    @contextlib.contextmanager
+    def factory():
+        steerer.install()
+        try:
+            yield
+        finally:
+            steerer.remove()
+
+    return factory
+
+
+def decode_overhead(model: nn.Module, tokenizer, bank, *, batch_sizes: Sequence[int],
+                    layers: Sequence[int], rounds: int, include_steering_vectors: bool,
+                    log=print) -> tuple[list[dict], dict]:
+    """Measurements (a) and (b); see the module docstring.
+
+    Returns
+    -------
+    (list of dict, dict)
+        One row per batch size (``batch``, ``context``, ``rounds``, ``time_ms``, ``ratio``,
+        ``times_ms``), and the summary of (b) at the largest batch.
+    """
+    names = list(bank.names)
+    alpha = bank.recommended_alpha
+    shared_mix = {names[0]: 2.0 * alpha, names[3 % len(names)]: 0.5 * alpha}
+    deltas = shared_deltas(bank, shared_mix, layers)
+    directions = {layer: bank.layer_vectors(layer) for layer in layers}
+    rows = []
+    mixes_result: dict[str, Any] = {}
+    for batch in batch_sizes:
+        state = DecodeState(model, tokenizer, batch)
+        distinct = steer(model, bank, distinct_mixes(names, batch, alpha, seed=batch),
+                         layers=list(layers), monitor=True)
+        arms: dict[str, Any] = {
+            "unsteered": None,
+            "emokern": _steerer_factory(distinct),
+            "naive": lambda: NaiveSteering(model, deltas, directions),
+        }
+        if include_steering_vectors:
+            arms["steering_vectors"] = lambda: steering_vectors_patch(model, deltas)
+        largest = batch == max(batch_sizes)
+        if largest:
+            shared = steer(model, bank, [shared_mix] * batch, layers=list(layers), monitor=True)
+            arms["emokern_shared"] = _steerer_factory(shared)
+        measured = paired_decode(state, arms, rounds=rounds)
+        row = {"batch": batch, "context": state.context, "rounds": rounds, **measured}
+        rows.append(row)
+        msg = ", ".join(f"{n} {q['median']:.3f}" for n, q in measured["ratio"].items())
+        log(f"  decode batch {batch:3d} (context {state.context}): "
+            f"unsteered {measured['time_ms']['unsteered']['median']:.1f} ms/step; "
+            f"tokens/s ratio vs unsteered: {msg}")
+        if largest:
+            mixes_result = _mixes_summary(measured, batch, rows)
+        del state
+    return rows, mixes_result
+
+
+def _mixes_summary(measured: dict, batch: int, rows: list[dict]) -> dict:
+    """(b): emokern distinct vs shared at the largest batch, and the baseline's loop cost."""
+    rounds = zip(measured["times_ms"]["emokern_shared"], measured["times_ms"]["emokern"],
+                 strict=True)
+    paired = quantiles([shared / distinct for shared, distinct in rounds])
+    summary = {"batch": batch,
+               "emokern_distinct_ms": measured["time_ms"]["emokern"]["median"],
+               "emokern_shared_ms": measured["time_ms"]["emokern_shared"]["median"],
+               "ratio_distinct_vs_shared": paired["median"],
+               "ratio_distinct_vs_shared_quartiles": paired}
+    one = next((r for r in rows if r["batch"] == 1), None)
+    if one is not None and batch > 1:
+        naive_loop_ms = one["time_ms"]["naive"]["median"] * batch
+        summary["naive_loop_ms"] = naive_loop_ms
+        summary["naive_shared_ms"] = measured["time_ms"]["naive"]["median"]
+        summary["naive_ratio_distinct_vs_shared"] = summary["naive_shared_ms"] / naive_loop_ms
+    return summary

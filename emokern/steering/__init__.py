@@ -1,0 +1,31 @@
+"""Steering Hugging Face models: a different emotion mix per sequence, with running readings.
+
+::
+
+    import emokern
+    with emokern.steer(model, bank, mix=[{"joy": 2.0}, {"sadness": 1.5, "fear": 0.5}, {}]) as s:
+        out = model.generate(**enc, max_new_tokens=64)
+    s.monitor.mean()       # [B, L, K]
+
+``emokern.steer`` is the function :func:`steer` (this package is ``emokern.steering``). The
+modules, from the bottom up:
+
+* :mod:`~emokern.steering.mix` — mixes: :func:`parse_mix` (``"joy=2,fear=0.5"``) and
+  :func:`mix_to_weights` (one dict per sequence → ``[B, K]`` weights);
+* :mod:`~emokern.steering.adapters` — transformers plumbing: the module that runs the
+  decoder layers, the arguments of a forward, the past length, a layer's device;
+* :mod:`~emokern.steering.monitor` — :class:`Monitor`, the running readings;
+* :mod:`~emokern.steering.steerer` — :class:`Steerer` and :func:`steer`: the hooks, the
+  preallocated decode step, how weights spread over layers (its docstring explains how it
+  works; ``docs/design.md`` gives the op's exact semantics and the layer convention);
+* :mod:`~emokern.steering.generation` — :func:`generate`, prompts and mixes in, texts and
+  readings out.
+"""
+
+from emokern.steering.generation import generate
+from emokern.steering.mix import mix_to_weights, parse_mix
+from emokern.steering.monitor import Monitor
+from emokern.steering.steerer import POSITIONS, SPREADS, Steerer, steer
+
+__all__ = ["POSITIONS", "SPREADS", "Monitor", "Steerer", "generate", "mix_to_weights",
+           "parse_mix", "steer"]

@@ -1,0 +1,127 @@
+"""One call from prompts and mixes to texts and emotion readings: :func:`generate`.
+
+Tokenizes the prompts as one left-padded batch (:func:`emokern.tokens.encode_prompts`), steers
+each row with its own mix through :func:`~emokern.steering.steer` with the trajectory on, runs
+``model.generate`` once, and cuts every row at its end-of-sequence token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from emokern.steering.errors import fail
+from emokern.steering.mix import parse_mix
+from emokern.steering.steerer import steer
+from emokern.tokens import encode_prompts, eos_ids, model_device
+
+__all__ = ["generate"]
+
+
+def _broadcast(prompts, mixes) -> tuple[list[str], list[dict[str, float]]]:
+    """One prompt and one mix per row: a single prompt (or mix) is repeated for every row."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if isinstance(mixes, (str, Mapping)):
+        mixes = [mixes]
+    prompts, mixes = list(prompts), list(mixes)
+    if not prompts:
+        fail(ValueError, "prompts must not be empty")
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            fail(TypeError, f"prompts[{i}] must be a string, got {type(prompt).__name__}")
+    if not mixes:
+        mixes = [{}]
+    mixes = [parse_mix(m) if isinstance(m, str) else m for m in mixes]
+    if len(prompts) == 1 and len(mixes) > 1:
+        prompts = prompts * len(mixes)
+    elif len(mixes) == 1 and len(prompts) > 1:
+        mixes = mixes * len(prompts)
+    if len(prompts) != len(mixes):
+        fail(ValueError, f"got {len(prompts)} prompts and {len(mixes)} mixes; give one mix per "
+                         f"prompt, or one prompt (or one mix) for all rows")
+    return prompts, mixes
+
+
+def generate(
+    model: nn.Module,
+    tokenizer,
+    bank,
+    prompts,
+    mixes,
+    *,
+    max_new_tokens: int = 64,
+    layers: str | Sequence[int] = "auto",
+    positions: str = "all",
+    norm_preserving: bool = False,
+    do_sample: bool = False,
+    seed: int = 0,
+    chat: bool = True,
+    spread: str = "divide",
+    temperature: float | None = None,
+) -> list[dict[str, Any]]:
+    """Generate one batch, each row with its own mix; return texts and emotion readings.
+
+    Parameters
+    ----------
+    prompts : str or list of str
+        One prompt per row, or one prompt for every mix.
+    mixes : list of (dict or str)
+        One mix per row (a dict or a :func:`parse_mix` string such as ``"joy=2,fear=0.5"``),
+        or one mix for every prompt.
+    max_new_tokens, do_sample, temperature
+        Passed to ``model.generate``; sampling is seeded with ``seed`` without touching the
+        global RNG state.
+    layers, positions, norm_preserving, spread
+        As for :func:`~emokern.steering.steer`.
+    chat : bool
+        Wrap each prompt in the tokenizer's chat template (as a user turn).
+
+    Returns
+    -------
+    list of dict
+        One per row: ``prompt``, ``mix`` (dict), ``text`` (the generated continuation, up to
+        its end-of-sequence token), ``n_tokens`` (generated tokens, EOS included) and
+        ``projections`` (emotion → mean projection of the states that chose the row's
+        ``n_tokens`` tokens, from :meth:`Monitor.trajectory`, averaged over the steered
+        layers: what the model carried while writing the text; tokens after a row's EOS, which
+        ``generate`` keeps feeding while other rows run, are left out).
+    """
+    prompts, mixes = _broadcast(prompts, mixes)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+            or max_new_tokens < 1:
+        fail(ValueError, f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    device = model_device(model)
+    steerer = steer(model, bank, mixes, layers=layers, positions=positions,
+                    norm_preserving=norm_preserving, monitor=False, trajectory=True,
+                    spread=spread)
+    encoded = encode_prompts(tokenizer, prompts, chat=chat, device=device)
+    options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample,
+                               "pad_token_id": tokenizer.pad_token_id}
+    if do_sample and temperature is not None:
+        options["temperature"] = temperature
+    if not do_sample:
+        options.update(temperature=None, top_p=None, top_k=None)
+    with torch.random.fork_rng(devices=[]), torch.inference_mode(), steerer:
+        torch.manual_seed(seed)
+        output = model.generate(**encoded, **options)
+    prompt_length = encoded["input_ids"].shape[1]
+    trajectory = steerer.monitor.trajectory()  # [S, B, L, K]
+    stops = eos_ids(model, tokenizer)
+    rows = []
+    for b, (prompt, mix) in enumerate(zip(prompts, mixes, strict=True)):
+        new_tokens = output[b, prompt_length:].cpu()
+        ended = [i for i, token in enumerate(new_tokens.tolist()) if token in stops]
+        n_tokens = ended[0] + 1 if ended else int(new_tokens.numel())
+        readings = trajectory[:n_tokens, b].mean(dim=(0, 1))
+        rows.append({
+            "prompt": prompt,
+            "mix": {k: float(v) for k, v in mix.items()},
+            "text": tokenizer.decode(new_tokens[:n_tokens], skip_special_tokens=True),
+            "n_tokens": n_tokens,
+            "projections": {name: float(readings[k]) for k, name in enumerate(steerer.names)},
+        })
+    return rows

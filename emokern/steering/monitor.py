@@ -1,0 +1,114 @@
+"""Running emotion readings of a steerer: per sequence, steered layer and emotion.
+
+The op updates the statistics in place at every covered token (see
+:class:`emokern.RunningProjections`); :class:`Monitor` only stacks and divides them, on
+request, through the steerer's public :attr:`~emokern.steering.Steerer.running`,
+:attr:`~emokern.steering.Steerer.trajectory_steps` and
+:meth:`~emokern.steering.Steerer.clear_trajectory`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from emokern.ops.running import RunningProjections
+from emokern.steering.errors import fail
+
+if TYPE_CHECKING:  # the steerer builds its monitor: only the annotation points back
+    from emokern.steering.steerer import Steerer
+
+__all__ = ["Monitor"]
+
+
+class Monitor:
+    """Running emotion readings of a :class:`~emokern.steering.Steerer`, per sequence, steered
+    layer and emotion.
+
+    Attributes
+    ----------
+    names : tuple of str
+        The K emotions (columns).
+    layers : tuple of int
+        The L steered decoder layers.
+    running : tuple of RunningProjections
+        One per steered layer, updated in place by the op (``sum [B, K]``, ``count [B]``,
+        ``last [B, K]``).
+    """
+
+    def __init__(self, steerer: Steerer) -> None:
+        self._steerer = steerer
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self._steerer.names
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return self._steerer.layers
+
+    @property
+    def running(self) -> tuple[RunningProjections, ...]:
+        return self._steerer.running
+
+    def _stack(self, attribute: str) -> torch.Tensor:
+        return torch.stack([getattr(r, attribute).to("cpu") for r in self._steerer.running],
+                           dim=1)
+
+    def mean(self) -> torch.Tensor:
+        r"""Mean projection of each sequence's covered tokens, ``[B, L, K]`` float32.
+
+        ``mean[b, l, k] = (1 / n_b) Σ_t <x_{b,t}^{(l)}, v_{l,k}> / ||v_{l,k}||`` over the
+        ``n_b`` non-padding tokens of row ``b`` that the monitor covers, where
+        ``x^{(l)}`` is the output of decoder layer ``l`` before steering. NaN for a row with
+        no covered token yet.
+        """
+        return self._stack("sum") / self.count()[:, None, None]
+
+    def last(self) -> torch.Tensor:
+        """Projections of each sequence's newest covered token, ``[B, L, K]`` (NaN before any)."""
+        return self._stack("last")
+
+    def count(self) -> torch.Tensor:
+        """Covered tokens per sequence, ``[B]`` int64 (the same at every steered layer)."""
+        return self._steerer.running[0].count.to("cpu").clone()
+
+    def trajectory(self) -> torch.Tensor:
+        """Projections of the state that chose each generated token, ``[S, B, L, K]``.
+
+        Row ``s`` holds, for every sequence, the projections at the position whose logits
+        produced generated token ``s``: the last prompt token for ``s = 0`` (prefill), then
+        the token fed at decode step ``s``. ``S`` counts the forwards since the last prompt
+        forward, so ``S = max_new_tokens`` after a ``generate`` that ran to the end. Recorded
+        at every forward whatever ``positions`` and ``monitor`` cover.
+
+        Raises
+        ------
+        ValueError
+            When the steerer was made without ``trajectory=True``.
+        """
+        steerer = self._steerer
+        if not steerer.records_trajectory:
+            fail(ValueError, "trajectory was not recorded; pass trajectory=True to steer()")
+        steps = steerer.trajectory_steps
+        if not steps:
+            return torch.zeros(0, steerer.batch_size, len(steerer.layers), len(steerer.names))
+        return torch.stack(steps)
+
+    def summary(self) -> list[dict[str, float]]:
+        """Per sequence, the mean projection of each emotion averaged over the steered layers."""
+        means = self.mean().mean(dim=1)
+        return [{name: float(means[b, k]) for k, name in enumerate(self.names)}
+                for b in range(means.shape[0])]
+
+    def reset(self, rows=None) -> None:
+        """Zero the statistics of ``rows`` (every sequence when None) and, for all rows, the
+        trajectory."""
+        for running in self._steerer.running:
+            running.reset(rows)
+        self._steerer.clear_trajectory()
+
+    def __repr__(self) -> str:
+        return (f"Monitor(batch={self._steerer.batch_size}, layers={list(self.layers)}, "
+                f"emotions={list(self.names)})")

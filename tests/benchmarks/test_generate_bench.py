@@ -1,0 +1,140 @@
+"""Smoke test of the generate-benchmark harness on the tiny Llama, in seconds: the decode A/B,
+a two-condition sweep, the markdown table and the saved json/md/png. Correctness of the
+harness (shapes, keys, parity of the arms), not speed."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from emokern.benchmarks import sweep as sweep_module
+from emokern.benchmarks.baseline import NaiveSteering, shared_deltas
+from emokern.benchmarks.decode import DecodeState, decode_overhead, distinct_mixes, quantiles
+from emokern.benchmarks.generate import (
+    TARGETS,
+    format_table,
+    run_generate_benchmark,
+    save_results,
+)
+from emokern.benchmarks.sweep import sweep, sweep_conditions
+from emokern.benchmarks.workload import PROMPTS, benchmark_bank, middle_layers
+from emokern.emotions import BASIC_EMOTIONS
+from emokern.steering import steer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def quiet(*args, **kwargs):
+    pass
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_llama):
+    model, tokenizer = tiny_llama
+    bank, source = benchmark_bank(model, tokenizer, model_name="tiny")
+    return model, tokenizer, bank, source
+
+
+def test_workload_bank_and_layers(setup):
+    model, _, bank, source = setup
+    assert source.startswith("random vectors") and bank.metadata["random"]
+    assert tuple(bank.names) == BASIC_EMOTIONS
+    bank.check_compatible(model)
+    assert middle_layers(bank, 2) == [1, 2]
+    assert middle_layers(bank, 10) == [0, 1, 2, 3]
+    assert quantiles([3.0]) == {"median": 3.0, "q25": 3.0, "q75": 3.0, "n": 1}
+    mixes = distinct_mixes(bank.names, 4, 1.0, seed=0)
+    assert len(mixes) == 4 and all(len(m) == 2 for m in mixes)
+    assert mixes == distinct_mixes(bank.names, 4, 1.0, seed=0)
+
+
+def test_decode_state_arms_agree(setup):
+    """emokern and the naive hooks give the same logits for one shared mix on the decode
+    state (what bench/bench_generate.py checks on the default model), and the state's cache is
+    cropped back after each step."""
+    model, tokenizer, bank, _ = setup
+    state = DecodeState(model, tokenizer, batch=2)
+    length = state.cache.get_seq_length()
+    assert state.context == length and state.attention_mask.shape == (2, length + 1)
+    layers = middle_layers(bank, 2)
+    mix = {bank.names[0]: 2.0}
+
+    def forward():
+        with torch.inference_mode():
+            out = model(input_ids=state.next_tokens, attention_mask=state.attention_mask,
+                        past_key_values=state.cache, use_cache=True).logits
+        state.cache.crop(-1)
+        return out
+
+    with steer(model, bank, [mix] * 2, layers=layers, monitor=True):
+        fused = forward()
+    with NaiveSteering(model, shared_deltas(bank, mix, layers)):
+        naive = forward()
+    torch.testing.assert_close(fused, naive, rtol=1e-4, atol=1e-4)
+    assert state.timed_step() > 0 and state.cache.get_seq_length() == length
+
+
+def test_decode_overhead(setup):
+    model, tokenizer, bank, _ = setup
+    rows, mixes = decode_overhead(model, tokenizer, bank, batch_sizes=[1, 2], layers=[1, 2],
+                                  rounds=2, include_steering_vectors=False, log=quiet)
+    assert [row["batch"] for row in rows] == [1, 2]
+    for row in rows:
+        assert row["rounds"] == 2 and row["context"] > 0
+        assert set(row["ratio"]) >= {"emokern", "naive"}
+        assert all(len(times) == 2 and min(times) > 0 for times in row["times_ms"].values())
+        assert row["ratio"]["emokern"]["n"] == 2
+    assert "emokern_shared" in rows[1]["ratio"] and "emokern_shared" not in rows[0]["ratio"]
+    assert mixes["batch"] == 2
+    assert mixes["naive_loop_ms"] == pytest.approx(2 * rows[0]["time_ms"]["naive"]["median"])
+
+
+def test_sweep_on_two_conditions(setup, monkeypatch):
+    model, tokenizer, bank, _ = setup
+    monkeypatch.setattr(sweep_module, "SWEEP_WEIGHTS", (0.0, 1.0))
+    joy = bank.select(["joy"])
+    assert sweep_conditions(joy) == [{"joy": 0.0}, {"joy": 1.0}]
+    result = sweep(model, tokenizer, joy, [1, 2], new_tokens=3, max_batch=len(PROMPTS),
+                   include_steering_vectors=False, log=quiet)
+    assert result["conditions"] == 2 and result["sequences"] == 2 * len(PROMPTS)
+    assert result["emokern_generate_calls"] == 2 and result["naive_generate_calls"] == 2
+    assert result["weights_x_alpha"] == [0.0, 1.0]
+    for key in ("emokern_s", "emokern_prefill_s", "emokern_decode_s", "naive_s",
+                "speedup_vs_naive", "decode_speedup_vs_naive"):
+        assert result[key] > 0, key
+    # The weight-0 condition is the unsteered model on both sides: token-identical rows.
+    assert len(PROMPTS) <= result["identical_rows_vs_naive"] <= result["sequences"]
+
+
+def test_run_format_and_save(setup, tmp_path, monkeypatch):
+    model, tokenizer, bank, _ = setup
+    threads = torch.get_num_threads()
+    result = run_generate_benchmark(model, tokenizer=tokenizer, batch_sizes=[1, 2], n_layers=2,
+                                    rounds=2, run_sweep=False, include_steering_vectors=False,
+                                    threads=1, log=quiet)
+    assert torch.get_num_threads() == threads
+    assert result["benchmark"] == "generate" and result["model"] == "LlamaForCausalLM"
+    assert result["layers"] == [1, 2] and result["emotions"] == list(BASIC_EMOTIONS)
+    assert result["targets"] == TARGETS and result["sweep"] is None
+    machine = result["machine"]
+    assert machine["torch_threads"] == 1 and machine["backends"]["reference"] is True
+    # Add a two-condition sweep so the report covers (a), (b) and (c).
+    monkeypatch.setattr(sweep_module, "SWEEP_WEIGHTS", (0.0, 1.0))
+    result["sweep"] = sweep(model, tokenizer, bank.select(["joy"]), [1, 2], new_tokens=2,
+                            max_batch=16, include_steering_vectors=False, log=quiet)
+    table = format_table(result)
+    assert "(a) decode tokens/s" in table and "(b) batch 2" in table
+    assert "(c) sweep: 2 conditions x 8 prompts = 16 sequences" in table
+    assert table.count("\n| 1 |") == 1 and "| naive hooks loop | 2 |" in table
+    written = save_results(json.loads(json.dumps(result)), tmp_path / "out", stem="smoke")
+    assert [p.name for p in written] == ["smoke.json", "smoke.md", "smoke.png"]
+    assert json.loads(written[0].read_text()) == json.loads(json.dumps(result))
+    assert written[1].read_text() == table
+    assert written[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert all(p.stat().st_mode & 0o777 == 0o666 & ~umask for p in written)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [p.name for p in written]

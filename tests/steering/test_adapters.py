@@ -1,0 +1,52 @@
+"""Transformers plumbing of the steerer: the owner of the decoder layers, a forward's
+arguments, the past length, a module's device."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from emokern.models import decoder_layers
+from emokern.steering.adapters import ForwardInputs, layers_owner, module_device, past_length
+
+
+@pytest.mark.parametrize("family", ["tiny_llama", "tiny_gpt2"])
+def test_layers_owner_runs_the_decoder_layers(family, request):
+    model, _ = request.getfixturevalue(family)
+    layers = decoder_layers(model)
+    owner = layers_owner(model, layers)
+    assert any(child is layers for child in owner.children())
+    assert type(owner).__name__ in ("LlamaModel", "GPT2Model")
+    with pytest.raises(ValueError, match="emokern.steer: could not find the module"):
+        layers_owner(torch.nn.Linear(2, 2), layers)
+
+
+def test_forward_inputs_reads_keywords_then_positions():
+    def forward(input_ids=None, past_key_values=None, attention_mask=None, **kwargs):
+        return None
+
+    inputs = ForwardInputs(forward)
+    ids, mask = torch.zeros(1, 3), torch.ones(1, 3)
+    assert inputs.get("input_ids", (ids,), {}) is ids
+    assert inputs.get("attention_mask", (ids, None, mask), {}) is mask
+    assert inputs.get("attention_mask", (ids,), {"attention_mask": mask}) is mask
+    assert inputs.get("inputs_embeds", (ids,), {}) is None  # not in the signature
+    assert inputs.get("past_key_values", (ids,), {}) is None  # not given
+    assert ForwardInputs(print).position == {}  # no signature: keywords only
+
+
+def test_past_length_of_caches():
+    assert past_length(None) == 0
+    keys = torch.zeros(2, 4, 5, 8)
+    assert past_length(((keys, keys),)) == 5  # legacy tuple of (keys, values) per layer
+    assert past_length(object()) == 0
+    cache = DynamicCache()
+    assert past_length(cache) == 0
+    cache.update(keys, keys, 0)
+    assert past_length(cache) == 5
+
+
+def test_module_device_falls_back_without_parameters():
+    assert module_device(torch.nn.Linear(2, 2), torch.device("meta")) == torch.device("cpu")
+    assert module_device(torch.nn.ReLU(), torch.device("meta")) == torch.device("meta")
