@@ -1,8 +1,14 @@
 """The fused ops: schema and wrappers (library), reference, compiled and Triton backends."""
 
-from emokern.ops.library import available_backends, resolve_backend, runner_for, steer_
-from emokern.ops.reference import ref_steer_
+from emokern.ops.library import (
+    available_backends,
+    resolve_backend,
+    runner_for,
+    steer_,
+    steer_packed_,
+)
+from emokern.ops.reference import ref_steer_, ref_steer_packed_
 from emokern.ops.running import RunningProjections
 
-__all__ = ["RunningProjections", "available_backends", "ref_steer_", "resolve_backend",
-           "runner_for", "steer_"]
+__all__ = ["RunningProjections", "available_backends", "ref_steer_", "ref_steer_packed_",
+           "resolve_backend", "runner_for", "steer_", "steer_packed_"]

@@ -54,26 +54,90 @@ def ref_steer_(
         Running statistics over masked rows: ``run_sum += p``, ``run_count += 1``, and
         ``run_last`` = :math:`p` of the newest masked row (unchanged when a sequence has none).
     """
-    batch, seq_len, _ = hidden.shape
-    x = hidden.float()
+    batch, seq_len, dim = hidden.shape
+    slots = torch.arange(batch, device=hidden.device, dtype=torch.int32)[:, None]
+    token_slot = slots.expand(batch, seq_len)
+    if mask is not None:
+        token_slot = torch.where(mask.to(torch.bool), token_slot, -1)
+    try:
+        rows, copied = hidden.view(batch * seq_len, dim), False
+    except RuntimeError:  # rows that cannot be flattened by a view: work on a copy
+        rows, copied = hidden.reshape(batch * seq_len, dim), True
+    flat_proj = None if proj_out is None else proj_out.view(batch * seq_len, -1)
+    ref_steer_packed_(rows, None, vectors, weights, token_slot.reshape(-1), norm_preserving,
+                      flat_proj, run_sum, run_count, run_last)
+    if copied:
+        hidden.copy_(rows.view(batch, seq_len, dim))
+
+
+def ref_steer_packed_(
+    hidden: torch.Tensor,
+    residual: torch.Tensor | None,
+    vectors: torch.Tensor,
+    slot_weights: torch.Tensor,
+    token_slot: torch.Tensor,
+    norm_preserving: bool = False,
+    proj_out: torch.Tensor | None = None,
+    run_sum: torch.Tensor | None = None,
+    run_count: torch.Tensor | None = None,
+    run_last: torch.Tensor | None = None,
+) -> None:
+    r"""The packed-token layout of :func:`ref_steer_`: tokens of many sequences in one
+    ``[N, D]`` tensor, each token naming its sequence's slot (what serving engines pass).
+
+    For each token :math:`i < N` with slot :math:`s = \mathrm{token\_slot}[i]`, in float32,
+    with :math:`x = h_i + r_i` (the residual stream; :math:`r_i = 0` without ``residual``):
+
+    .. math::
+        p_k = \langle x, v_k \rangle / \lVert v_k \rVert, \qquad
+        y = x + \sum_k W_{s,k} v_k \ \text{(if } s \ge 0\text{)}, \qquad
+        y \leftarrow y \cdot \lVert x \rVert / \max(\lVert y \rVert, \epsilon)
+        \ \text{(if norm\_preserving)}
+
+    ``hidden[i] = y - residual[i]`` (so ``hidden + residual`` becomes ``y``; ``residual`` is
+    never written); a token with ``s < 0`` is left untouched and not counted.
+
+    Parameters
+    ----------
+    hidden : Tensor [N, D], float32/bfloat16/float16
+        Modified in place on tokens with a slot.
+    residual : Tensor [N, D] or None
+        The other half of a split residual stream (same dtype as ``hidden``); read only.
+    vectors : Tensor [K, D]
+    slot_weights : Tensor [S, K], float32
+        One mix per slot.
+    token_slot : Tensor [N_max], int32, N_max >= N
+        Each token's slot in ``[-1, S)``; only the first N entries are read.
+    norm_preserving : bool
+    proj_out : Tensor [N_max, K], float32, optional
+        Receives :math:`p` of the first N tokens (with or without a slot).
+    run_sum, run_count, run_last : Tensor [S, K] float32, [S] int64, [S, K] float32, optional
+        Per-slot running statistics over tokens with a slot; ``run_last`` = :math:`p` of the
+        slot's newest (highest ``i``) token in this call.
+    """
+    n_tokens = hidden.shape[0]
+    n_slots = slot_weights.shape[0]
+    slot = token_slot[:n_tokens].long()
+    steered = slot >= 0
+    x = hidden.float() if residual is None else hidden.float() + residual.float()
     v = vectors.float()
-    p = x @ (v / v.norm(dim=1, keepdim=True)).T  # [B, T, K]
-    y = x + (weights.float() @ v)[:, None, :]
+    p = x @ (v / v.norm(dim=1, keepdim=True)).T  # [N, K]
+    delta = (slot_weights.float() @ v)[slot.clamp_min(0)]  # [N, D]
+    y = x + delta
     if norm_preserving:
         y = y * (x.norm(dim=-1, keepdim=True) / y.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS))
-    steered = torch.ones(batch, seq_len, dtype=torch.bool, device=hidden.device)
-    if mask is not None:
-        steered = mask.to(torch.bool)
-    hidden.copy_(torch.where(steered[..., None], y.to(hidden.dtype), hidden))
+    if residual is not None:
+        y = y - residual.float()
+    hidden.copy_(torch.where(steered[:, None], y.to(hidden.dtype), hidden))
     if proj_out is not None:
-        proj_out.copy_(p)
+        proj_out[:n_tokens].copy_(p)
     if run_sum is not None:
-        counted = steered.float()  # [B, T]
-        run_sum.add_(torch.einsum("bt,btk->bk", counted, p))
-        run_count.add_(steered.sum(dim=1).to(run_count.dtype))
-        # Index of the newest counted row per sequence (-1 when none).
-        positions = torch.arange(seq_len, device=hidden.device).expand(batch, seq_len)
-        newest = torch.where(steered, positions, -1).amax(dim=1)  # [B]
-        has_any = newest >= 0
-        last = p[torch.arange(batch, device=hidden.device), newest.clamp_min(0)]  # [B, K]
-        run_last.copy_(torch.where(has_any[:, None], last, run_last))
+        # One-hot [N, S] of counted tokens: sums and counts per slot by matmul (no scatter).
+        onehot = (slot[:, None] == torch.arange(n_slots, device=hidden.device)) & steered[:, None]
+        run_sum.add_(onehot.float().T @ p)
+        run_count.add_(onehot.sum(dim=0).to(run_count.dtype))
+        positions = torch.arange(n_tokens, device=hidden.device)[:, None].expand(-1, n_slots)
+        newest = torch.where(onehot, positions, -1).amax(dim=0) if n_tokens else \
+            torch.full((n_slots,), -1, device=hidden.device)  # [S]
+        last = p[newest.clamp_min(0)] if n_tokens else run_last
+        run_last.copy_(torch.where((newest >= 0)[:, None], last, run_last))

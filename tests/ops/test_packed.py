@@ -1,0 +1,198 @@
+"""The packed-token op steer_packed_: reference vs the semantics transcribed token by token,
+the batched op as its special case, split residual streams, slots, errors, compile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import emokern
+from emokern.ops import RunningProjections, ref_steer_, ref_steer_packed_, steer_packed_
+
+EPS = 1e-6
+
+
+def literal_packed(hidden, residual, vectors, slot_weights, token_slot, norm_preserving):
+    """docs/design.md's packed semantics, one token at a time, in float64. Returns
+    (new hidden, proj [N, K], sum [S, K], count [S], last [S, K])."""
+    n, _ = hidden.shape
+    s_count, k_count = slot_weights.shape
+    h = hidden.double().clone()
+    r = torch.zeros_like(h) if residual is None else residual.double()
+    v = vectors.double()
+    proj = torch.zeros(n, k_count, dtype=torch.float64)
+    run_sum = torch.zeros(s_count, k_count, dtype=torch.float64)
+    run_count = torch.zeros(s_count, dtype=torch.int64)
+    run_last = torch.full((s_count, k_count), float("nan"), dtype=torch.float64)
+    for i in range(n):
+        x = h[i] + r[i]
+        p = torch.stack([x @ v[k] / v[k].norm() for k in range(k_count)])
+        proj[i] = p
+        s = int(token_slot[i])
+        if s < 0:
+            continue
+        y = x.clone()
+        for k in range(k_count):
+            y = y + float(slot_weights[s, k]) * v[k]
+        if norm_preserving:
+            y = y * x.norm() / max(float(y.norm()), EPS)
+        h[i] = y - r[i]
+        run_sum[s] += p
+        run_count[s] += 1
+        run_last[s] = p
+    return h, proj, run_sum, run_count, run_last
+
+
+def make_case(n, dim, k, slots, *, n_max=None, dtype=torch.float32, residual=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, dim, generator=g).to(dtype)
+    res = torch.randn(n, dim, generator=g).to(dtype) if residual else None
+    vectors = torch.randn(k, dim, generator=g)
+    weights = torch.randn(slots, k, generator=g)
+    n_max = n if n_max is None else n_max
+    token_slot = torch.randint(-1, slots, (n_max,), generator=g, dtype=torch.int32)
+    return hidden, res, vectors, weights, token_slot
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(0, 40), dim=st.sampled_from([1, 7, 64, 577]), k=st.integers(1, 9),
+       slots=st.integers(1, 6), extra=st.integers(0, 5), residual=st.booleans(),
+       norm=st.booleans(), seed=st.integers(0, 2**16))
+def test_reference_matches_the_literal_semantics(n, dim, k, slots, extra, residual, norm, seed):
+    hidden, res, vectors, weights, token_slot = make_case(n, dim, k, slots, n_max=n + extra,
+                                                          residual=residual, seed=seed)
+    want_h, want_p, want_sum, want_count, want_last = literal_packed(
+        hidden, res, vectors, weights, token_slot, norm)
+    res_before = None if res is None else res.clone()
+    proj = torch.full((n + extra, k), -7.0)
+    running = RunningProjections(slots, k)
+    steer_packed_(hidden, vectors, weights, token_slot, residual=res, norm_preserving=norm,
+                  proj_out=proj, running=running)
+    tol = dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(hidden.double(), want_h, **tol)
+    torch.testing.assert_close(proj[:n].double(), want_p, **tol)
+    assert bool((proj[n:] == -7.0).all()), "entries past N must stay untouched"
+    torch.testing.assert_close(running.sum.double(), want_sum, **tol)
+    assert torch.equal(running.count, want_count)
+    torch.testing.assert_close(running.last.double(), want_last, equal_nan=True, **tol)
+    if res is not None:
+        assert torch.equal(res, res_before), "residual is read, never written"
+
+
+def test_tokens_without_a_slot_are_bit_identical():
+    hidden, res, vectors, weights, _ = make_case(9, 33, 3, 2)
+    token_slot = torch.full((9,), -1, dtype=torch.int32)
+    token_slot[4] = 1
+    before = hidden.clone()
+    steer_packed_(hidden, vectors, weights, token_slot, residual=res)
+    keep = torch.arange(9) != 4
+    assert torch.equal(hidden[keep], before[keep])
+    assert not torch.equal(hidden[4], before[4])
+
+
+def test_split_stream_becomes_the_steered_stream():
+    hidden, res, vectors, weights, _ = make_case(5, 16, 2, 1)
+    token_slot = torch.zeros(5, dtype=torch.int32)
+    stream = hidden + res
+    steer_packed_(hidden, vectors, weights, token_slot, residual=res)
+    torch.testing.assert_close(hidden + res, stream + weights[0] @ vectors)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("masked", [False, True])
+def test_batched_op_is_the_packed_op_with_one_slot_per_sequence(dtype, masked):
+    g = torch.Generator().manual_seed(1)
+    batch, seq, dim, k = 3, 5, 24, 4
+    hidden = torch.randn(batch, seq, dim, generator=g).to(dtype)
+    vectors = torch.randn(k, dim, generator=g)
+    weights = torch.randn(batch, k, generator=g)
+    mask = torch.rand(batch, seq, generator=g) > 0.4 if masked else None
+    packed = hidden.reshape(batch * seq, dim).clone()
+    token_slot = torch.arange(batch, dtype=torch.int32).repeat_interleave(seq)
+    if mask is not None:
+        token_slot = torch.where(mask.reshape(-1), token_slot, -1)
+    run_a, run_b = RunningProjections(batch, k), RunningProjections(batch, k)
+    ref_steer_(hidden, vectors, weights, mask, True, None, *run_a.tensors())
+    ref_steer_packed_(packed, None, vectors, weights, token_slot, True, None, *run_b.tensors())
+    assert torch.equal(hidden.reshape(batch * seq, dim), packed)
+    assert torch.equal(run_a.count, run_b.count)
+    torch.testing.assert_close(run_a.sum, run_b.sum)
+    torch.testing.assert_close(run_a.last, run_b.last, equal_nan=True)
+
+
+def test_strided_batched_hidden_is_written_in_place():
+    base = torch.randn(5, 3, 16)
+    hidden = base.transpose(0, 1)  # [3, 5, 16], rows not flattenable by a view
+    want = hidden.clone()
+    vectors, weights = torch.randn(2, 16), torch.randn(3, 2)
+    ref_steer_(want, vectors, weights)
+    ref_steer_(hidden, vectors, weights)
+    assert torch.equal(base.transpose(0, 1), want)
+
+
+BAD = [
+    ("hidden", lambda a: a.update(hidden=torch.randn(2, 3, 8)), ValueError, "hidden must be"),
+    ("hidden dtype", lambda a: a.update(hidden=torch.randn(4, 8).double()), TypeError,
+     "hidden must be float32"),
+    ("residual shape", lambda a: a.update(residual=torch.randn(3, 8)), ValueError, "residual"),
+    ("residual dtype", lambda a: a.update(residual=torch.randn(4, 8).half()), TypeError,
+     "residual"),
+    ("vectors", lambda a: a.update(vectors=torch.randn(2, 7)), ValueError, "vectors must be"),
+    ("weights", lambda a: a.update(slot_weights=torch.randn(3, 5)), ValueError, "slot_weights"),
+    ("weights dtype", lambda a: a.update(slot_weights=torch.randn(3, 2).double()), TypeError,
+     "slot_weights"),
+    ("token_slot dtype", lambda a: a.update(token_slot=torch.zeros(4, dtype=torch.int64)),
+     TypeError, "token_slot"),
+    ("token_slot short", lambda a: a.update(token_slot=torch.zeros(3, dtype=torch.int32)),
+     ValueError, "token_slot"),
+    ("slot out of range", lambda a: a["token_slot"].fill_(3), ValueError, r"\[-1, 3\)"),
+    ("slot below -1", lambda a: a["token_slot"].fill_(-2), ValueError, r"\[-1, 3\)"),
+    ("nan weight", lambda a: a["slot_weights"].fill_(float("nan")), ValueError, "finite"),
+    ("zero vector", lambda a: a["vectors"][1].zero_(), ValueError, r"vectors\[1\]"),
+    ("proj_out", lambda a: a.update(proj_out=torch.zeros(4, 3)), ValueError, "proj_out"),
+    ("running", lambda a: a.update(running=RunningProjections(2, 2)), ValueError, "running.sum"),
+    ("running type", lambda a: a.update(running=(1, 2)), TypeError, "RunningProjections"),
+]
+
+
+@pytest.mark.parametrize("name,spoil,exc,match", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_is_one_clear_error_and_nothing_is_modified(name, spoil, exc, match):
+    args = dict(hidden=torch.randn(4, 8), residual=torch.randn(4, 8), vectors=torch.randn(2, 8),
+                slot_weights=torch.randn(3, 2), token_slot=torch.zeros(6, dtype=torch.int32),
+                proj_out=torch.zeros(6, 2), running=RunningProjections(3, 2))
+    spoil(args)
+    tensors = {k: v for k, v in args.items() if isinstance(v, torch.Tensor)}
+    if isinstance(args["running"], RunningProjections):
+        tensors.update(zip(("sum", "count", "last"), args["running"].tensors(), strict=True))
+    before = {k: v.clone() for k, v in tensors.items()}
+    with pytest.raises(exc, match=match):
+        steer_packed_(args.pop("hidden"), args.pop("vectors"), args.pop("slot_weights"),
+                      args.pop("token_slot"), **args)
+    for key, value in before.items():
+        assert torch.equal(tensors[key], value, ) or bool(value.isnan().any()), key
+
+
+def test_opcheck_and_compile_fullgraph():
+    hidden, res, vectors, weights, token_slot = make_case(6, 16, 3, 2, n_max=8)
+    running = RunningProjections(2, 3)
+    proj = torch.zeros(8, 3)
+    torch.library.opcheck(torch.ops.emokern.steer_packed_.default,
+                          (hidden.clone(), res, vectors, weights, token_slot, False, proj.clone(),
+                           *RunningProjections(2, 3).tensors()))
+
+    def step(h, r):
+        torch.ops.emokern.steer_packed_(h, r, vectors, weights, token_slot, False, proj,
+                                        *running.tensors())
+        return h
+
+    eager = hidden.clone()
+    ref_steer_packed_(eager, res, vectors, weights, token_slot, False, None, None, None, None)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    out = compiled(hidden.clone(), res)
+    torch.testing.assert_close(out, eager)
+
+
+def test_public_api_exports():
+    assert emokern.ops.steer_packed_ is steer_packed_
