@@ -56,18 +56,31 @@ class ForwardInputs:
     """
 
     NAMES = ("input_ids", "inputs_embeds", "attention_mask", "past_key_values")
+    #: Other names of an argument across transformers versions (5.24 calls the cache
+    #: ``cache``; ``past_key_values`` is still accepted as a deprecated keyword).
+    ALIASES = {"past_key_values": ("cache",)}
 
     def __init__(self, forward) -> None:
         try:
             parameters = list(inspect.signature(forward).parameters)
         except (TypeError, ValueError):
             parameters = []
-        self.position = {name: parameters.index(name) for name in self.NAMES
-                         if name in parameters}
+        self.position = {}
+        for name in self.NAMES:
+            for spelling in (name, *self.ALIASES.get(name, ())):
+                if spelling in parameters:
+                    self.position.setdefault(name, parameters.index(spelling))
+
+    def _spellings(self, name: str) -> tuple[str, ...]:
+        return (name, *self.ALIASES.get(name, ()))
 
     def get(self, name: str, args: tuple, kwargs: dict):
         """The argument ``name`` (keyword first, then positional), or None."""
-        value = kwargs.get(name)
+        value = None
+        for spelling in self._spellings(name):
+            value = kwargs.get(spelling)
+            if value is not None:
+                break
         if value is None:
             pos = self.position.get(name)
             if pos is not None and pos < len(args):

@@ -50,3 +50,22 @@ def test_past_length_of_caches():
 def test_module_device_falls_back_without_parameters():
     assert module_device(torch.nn.Linear(2, 2), torch.device("meta")) == torch.device("cpu")
     assert module_device(torch.nn.ReLU(), torch.device("meta")) == torch.device("meta")
+
+
+def test_forward_inputs_reads_the_cache_under_either_name():
+    from emokern.steering.adapters import ForwardInputs
+
+    def new_forward(input_ids=None, attention_mask=None, cache=None):
+        pass
+
+    def old_forward(input_ids=None, past_key_values=None, attention_mask=None):
+        pass
+
+    cache = object()
+    for forward in (new_forward, old_forward):
+        inputs = ForwardInputs(forward)
+        assert inputs.get("past_key_values", (), {"cache": cache}) is cache or \
+            forward is old_forward
+        assert inputs.get("past_key_values", (), {"past_key_values": cache}) is cache
+        assert inputs.get("past_key_values", (None, None, cache) if forward is new_forward
+                          else (None, cache), {}) is cache
