@@ -52,14 +52,87 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
-    from emokern.extract import auto_threads, extract_main
+    import re
 
-    auto_threads()  # long generation: one thread when another process holds a core
-    emotions = args.emotions.split(",") if args.emotions else None
+    import torch
+
+    from emokern.extract import extract_main
+    from emokern.machine import auto_threads
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    else:
+        auto_threads()  # long generation: one thread when another process holds a core
+    emotions = [e.strip() for e in args.emotions.split(",")] if args.emotions else None
+    layers = [int(x) for x in re.split(r"[,\s]+", args.layers.strip())] if args.layers else None
     bank = extract_main(args.model, args.method, emotions=emotions, queries_path=args.queries,
-                        out_path=args.out)
+                        out_path=args.out, layers=layers)
     print(bank.summary())
     print(f"saved {args.out}")
+    return 0
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from emokern.bank import EmotionBank
+    from emokern.data import CALIBRATION_FILE
+    from emokern.eval.instructions import ev_report, format_ev_report, instruction_sweep
+    from emokern.eval.sweep import (
+        DEFAULT_ALPHAS,
+        calibrate,
+        choose_recommendation,
+        format_sweep,
+        parse_layers,
+        store_recommendation,
+    )
+    from emokern.extract import DEFAULT_CENTER
+    from emokern.files import write_text
+    from emokern.machine import auto_threads
+    from emokern.models import load_model
+
+    def save_json(path, rows):
+        # Rows may hold NaN (the perplexity of texts too short to score): allow_nan as before.
+        write_text(path, json.dumps(rows, indent=2) + "\n")
+
+    auto_threads()
+    model, tokenizer = load_model("default")
+    if args.calibrate_command == "sweep":
+        path = Path(args.bank) if args.bank else EmotionBank.default_path(args.method)
+        bank = EmotionBank.load(path)
+        alphas = [float(a) for a in (args.alphas or DEFAULT_ALPHAS[args.method]).split(",")]
+        rows = calibrate(model, tokenizer, bank, layers=parse_layers(args.layers),
+                         alphas=alphas, emotions=args.emotions.split(","),
+                         max_new_tokens=args.max_new_tokens)
+        print(format_sweep(rows))
+        best = choose_recommendation(rows)
+        print("recommendation:", json.dumps(best))
+        if args.json:
+            save_json(args.json, rows)
+        if args.write:
+            if not best:
+                raise SystemExit("no fluent configuration in the sweep; nothing written")
+            store_recommendation(args.method, path, bank, best, rows)
+            print(f"wrote {CALIBRATION_FILE} and {path}")
+    elif args.calibrate_command == "report":
+        report, raw, centred = ev_report(model, tokenizer)
+        out = Path(args.out)
+        save_json(out / "extract.json", report)
+        text = format_ev_report(report)
+        write_text(out / "extract.md", text)
+        print(text)
+        if args.save_bank:
+            (centred if DEFAULT_CENTER else raw).save(args.save_bank, dtype=torch.float16)
+            print(f"saved {args.save_bank}")
+    else:
+        rows = instruction_sweep(model, tokenizer)
+        for r in rows:
+            print(f"{r['phrasing']:>16}: gain {r['gain']:+.3f}, hit rate {r['hit_rate']:.2f}, "
+                  f"repetition {r['repetition']:.2f}")
+        if args.json:
+            save_json(args.json, rows)
     return 0
 
 
@@ -77,7 +150,7 @@ def _parse_batch_sizes(text: str) -> list[int]:
 def _cmd_generate(args: argparse.Namespace) -> int:
     from emokern.bank import EmotionBank
     from emokern.models import load_model
-    from emokern.steer import generate, parse_mix
+    from emokern.steering import generate, parse_mix
 
     mixes = [parse_mix(m) for m in args.mix] or [{}]
     model, tokenizer = load_model(args.model)
@@ -147,8 +220,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=("ev", "concept"), default="ev")
     p.add_argument("--emotions", help="comma-separated emotion names (default: the method's set)")
     p.add_argument("--queries", help="text file of queries, one per line (method ev)")
+    p.add_argument("--layers", help="comma-separated decoder layers (default: all)")
     p.add_argument("--out", required=True, help="output .safetensors path")
+    p.add_argument("--threads", type=int,
+                   help="torch threads (default: 1 when the machine is busy, see "
+                        "emokern.machine.auto_threads)")
     p.set_defaults(func=_cmd_extract)
+
+    p = sub.add_parser("calibrate", help="measure a bank on the default model: steering "
+                       "sweep, extraction report, instruction phrasings")
+    p.set_defaults(func=_cmd_calibrate)
+    cal = p.add_subparsers(dest="calibrate_command", required=True)
+    c = cal.add_parser("sweep", help="steering sweep of a bank")
+    c.add_argument("--method", choices=("ev", "concept"), default="ev")
+    c.add_argument("--bank", help="bank file (default: the shipped bank of --method)")
+    c.add_argument("--layers", default="6,9,12,15,18", help="e.g. 6,9,12 or 8-20 for a band")
+    c.add_argument("--alphas", help="weights to try (default: 2,4,6,8 for ev, "
+                                    "0.5,1,1.5,2 for concept, whose vectors are ~5x longer)")
+    c.add_argument("--emotions", default="joy,fear,sadness")
+    c.add_argument("--max-new-tokens", type=int, default=40)
+    c.add_argument("--json", help="write the sweep rows to this JSON file")
+    c.add_argument("--write", action="store_true",
+                   help="store the recommendation in calibration.json and the bank")
+    c = cal.add_parser("report", help="time and measure a full Method-EV extraction")
+    c.add_argument("--out", default="bench/results")
+    c.add_argument("--save-bank", help="also save the extracted bank here")
+    c = cal.add_parser("instructions", help="score the instruction phrasings")
+    c.add_argument("--json", help="write the rows to this JSON file")
 
     p = sub.add_parser("generate", help="generate with one emotion mix per row")
     p.add_argument("--model", default="default")

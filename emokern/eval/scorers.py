@@ -20,9 +20,11 @@ import warnings
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 
-#: The six basic emotions (Ekman), in the column order of :meth:`EmotionScorer.score`.
-BASIC_EMOTIONS = ("joy", "sadness", "anger", "fear", "disgust", "surprise")
+# The six basic emotions are the default columns of :meth:`EmotionScorer.score`, in this order.
+from emokern.emotions import BASIC_EMOTIONS
+from emokern.tokens import model_device, pad_batch, pad_id
 
 _WORD = re.compile(r"[A-Za-z0-9']+|[^\sA-Za-z0-9']")
 
@@ -90,21 +92,17 @@ def perplexity(model, tokenizer, texts: Sequence[str], *, batch_size: int = 16) 
     -------
     list of float, one per text.
     """
-    import torch
-
     texts = _check_texts(texts)
     out: list[float] = []
-    device = next(model.parameters()).device
+    device = model_device(model)
     for start in range(0, len(texts), batch_size):
         chunk = texts[start:start + batch_size]
         ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in chunk]
-        width = max(1, max(len(x) for x in ids))
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for i, x in enumerate(ids):  # right padding: positions start at 0 for every text
-            input_ids[i, :len(x)] = torch.tensor(x, dtype=torch.long)
-            mask[i, :len(x)] = 1
+        if not any(ids):  # nothing to score (and a forward needs at least one position)
+            out.extend(float("nan") for _ in ids)
+            continue
+        # Right padding: positions start at 0 for every text, as without padding.
+        input_ids, mask, _ = pad_batch(ids, pad_id(tokenizer), side="right")
         with torch.no_grad():
             logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
         logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
