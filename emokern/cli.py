@@ -1,8 +1,9 @@
-"""The ``emokern`` command line: ``demo``, ``extract``, ``generate``, ``bench``, ``info``.
+"""The emokern command line: demo, info, extract, calibrate, generate, bench.
 
 Each subcommand parses its arguments, calls the library, and prints; the work itself lives in
-the library so that it can be used from Python too. Heavy imports happen inside the
-subcommands so ``emokern --help`` stays instant.
+the library so that it can be used from Python too. The library is imported inside the
+subcommands (torch and transformers take seconds to import) so that ``emokern --help`` and
+argument errors stay instant.
 """
 
 from __future__ import annotations
@@ -18,14 +19,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
     import torch
 
     import emokern
-
-    if args.path:
-        from emokern.bank import EmotionBank
-
-        print(EmotionBank.load(args.path).summary())
-        return 0
     from emokern.ops import build
 
+    if args.path:
+        print(emokern.EmotionBank.load(args.path).summary())
+        return 0
     versions = {"emokern": emokern.__version__, "python": platform.python_version(),
                 "torch": torch.__version__}
     for name in ("triton", "transformers", "numpy"):
@@ -36,9 +34,14 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print("versions:  " + ", ".join(f"{k} {v}" for k, v in versions.items()))
     print(f"machine:   {platform.machine()}, {torch.get_num_threads()} torch threads, "
           f"CUDA {'available' if torch.cuda.is_available() else 'not available'}")
+    if args.build:
+        print(f"building:  cpu {'ok' if build.load_cpu() else 'failed'}"
+              + (f", cuda {'ok' if build.load_cuda() else 'failed'}"
+                 if torch.cuda.is_available() else ""))
     backends = emokern.available_backends()
-    print("backends:  " + ", ".join(f"{k} {'yes' if ok else 'no'}" for k, ok in backends.items()))
-    print("default:   cpu tensors -> " + emokern.ops.resolve_backend(None, torch.device("cpu")))
+    print("backends:  " + ", ".join(f"{k} {'yes' if ok else 'no'}" for k, ok in backends.items())
+          + ("" if backends["cpu"] else "  (the CPU kernel compiles on first use, ~40 s once; "
+             "`emokern info --build` compiles it now)"))
     for key, value in build.build_info().items():
         print(f"  {key}: {value}")
     return 0
@@ -47,7 +50,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from emokern.demo import run_demo
 
-    run_demo(max_new_tokens=args.max_new_tokens)
+    run_demo(max_new_tokens=args.max_new_tokens, model=args.model, bank=args.bank)
     return 0
 
 
@@ -171,7 +174,20 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_shape(text: str):
+    from emokern.benchmarks.ops import OpShape
+
+    try:
+        batch, seq_len, dim, n_vec = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"emokern: --shape must be BxTxDxK (e.g. 1x1x576x8), got {text!r}") \
+            from None
+    return OpShape("decode" if seq_len == 1 else "prefill", batch, seq_len, dim, n_vec)
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
+    from emokern.files import write_text
+
     if args.suite == "ops":
         from emokern.benchmarks.ops import (
             decode_shapes,
@@ -184,25 +200,25 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         if args.batch_sizes:  # the decode grid at the asked batch sizes
             sizes = _parse_batch_sizes(args.batch_sizes)
             shapes = [s for s in decode_shapes() if s.batch in sizes]
-        rows = run_ops_benchmark(shapes)
+        if args.shape:
+            shapes = [_parse_shape(text) for text in args.shape]
+        options = {} if args.rounds is None else {"repeats": args.rounds}
+        rows = run_ops_benchmark(shapes, dtypes=args.dtypes.split(","), **options)
         print(format_ratio_table(rows))
     else:
         from emokern.benchmarks.generate import format_table, run_generate_benchmark
 
-        rows = run_generate_benchmark(model=args.model, batch_sizes=_parse_batch_sizes(
-            args.batch_sizes) if args.batch_sizes else None)
+        options = {} if args.rounds is None else {"rounds": args.rounds}
+        rows = run_generate_benchmark(
+            model=args.model, run_sweep=not args.no_sweep,
+            batch_sizes=_parse_batch_sizes(args.batch_sizes) if args.batch_sizes else None,
+            **options)
         print(format_table(rows))
     if args.out:
-        import os
-        import pathlib
-        import tempfile
+        from pathlib import Path
 
-        out = pathlib.Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        target = out / f"{args.suite}.json"
-        with tempfile.NamedTemporaryFile("w", dir=out, delete=False, suffix=".tmp") as f:
-            json.dump(rows, f, indent=2)
-        os.replace(f.name, target)
+        target = Path(args.out) / f"{args.suite}.json"
+        write_text(target, json.dumps(rows, indent=2) + "\n")  # rows may hold NaN ratios
         print(f"saved {target}")
     return 0
 
@@ -213,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="steer one batch of the default model with several mixes")
     p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--model", default="default", help="'default' or a local checkpoint dir")
+    p.add_argument("--bank", default="default",
+                   help="'default' (the shipped EV bank) or a bank .safetensors path")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("extract", help="extract an emotion bank from a model")
@@ -270,11 +289,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="default", help="(generate) model to benchmark")
     p.add_argument("--batch-sizes", help="comma-separated batch sizes (ops: the decode grid "
                    "at these sizes; default: the headline shapes)")
+    p.add_argument("--shape", action="append",
+                   help="(ops) a shape BxTxDxK instead of the default grid (repeatable)")
+    p.add_argument("--dtypes", default="fp32,bf16", help="(ops) storage dtypes, e.g. fp32,bf16")
+    p.add_argument("--rounds", type=int, help="timed rounds per case (default: the suite's)")
+    p.add_argument("--no-sweep", action="store_true", help="(generate) skip the sweep")
     p.add_argument("--out", help="directory for the JSON results")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("info", help="versions and backends, or a bank file's metadata")
     p.add_argument("path", nargs="?", help="a bank .safetensors file")
+    p.add_argument("--build", action="store_true",
+                   help="compile the kernels now (otherwise nothing is compiled)")
     p.set_defaults(func=_cmd_info)
     return parser
 

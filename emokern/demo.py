@@ -5,6 +5,10 @@ from __future__ import annotations
 import textwrap
 import time
 
+from emokern.bank import EmotionBank
+from emokern.models import load_model
+from emokern.steering import generate
+
 PROMPT = "Tell me about your plans for this weekend."
 
 
@@ -13,24 +17,32 @@ def demo_mixes(alpha: float) -> list[dict[str, float]]:
     return [{}, {"joy": alpha}, {"fear": alpha}, {"sadness": alpha}, {"joy": -alpha}]
 
 
-def run_demo(max_new_tokens: int = 40, prompt: str = PROMPT) -> list[dict]:
+def run_demo(max_new_tokens: int = 40, prompt: str = PROMPT, *, model: str = "default",
+             bank: str = "default") -> list[dict]:
     """Generate ``prompt`` under five mixes in one batch; print texts and emotion readings.
 
-    Returns the rows of :func:`emokern.steering.generate`.
-    """
-    from emokern.bank import EmotionBank
-    from emokern.models import load_model
-    from emokern.steering import generate
+    Parameters
+    ----------
+    max_new_tokens : int
+    prompt : str
+    model : "default" (SmolLM2-135M-Instruct) or a local checkpoint directory
+    bank : "default" (the shipped EV bank) or a bank file extracted from ``model``
 
+    Returns
+    -------
+    list of dict
+        The rows of :func:`emokern.steering.generate`.
+    """
     start = time.perf_counter()
-    model, tokenizer = load_model("default")
-    bank = EmotionBank.load_default("ev")
-    alpha = bank.recommended_alpha
-    print(f"model SmolLM2-135M-Instruct loaded in {time.perf_counter() - start:.1f} s; "
-          f"bank: {len(bank.names)} emotions, steering layers {bank.recommended_layers} "
+    lm, tokenizer = load_model(model)
+    emotions = EmotionBank.load_default("ev") if bank == "default" else EmotionBank.load(bank)
+    alpha = emotions.recommended_alpha or 1.0
+    name = "SmolLM2-135M-Instruct" if model == "default" else model
+    print(f"model {name} loaded in {time.perf_counter() - start:.1f} s; "
+          f"bank: {len(emotions.names)} emotions, steering layers {emotions.recommended_layers} "
           f"at weight {alpha:g}")
     start = time.perf_counter()
-    rows = generate(model, tokenizer, bank, prompt, demo_mixes(alpha),
+    rows = generate(lm, tokenizer, emotions, prompt, demo_mixes(alpha),
                     max_new_tokens=max_new_tokens)
     seconds = time.perf_counter() - start
     print(f"\nprompt: {prompt!r} — {len(rows)} rows, one batched generate, {seconds:.1f} s\n")

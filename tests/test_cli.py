@@ -1,0 +1,128 @@
+"""Smoke tests of the ``emokern`` command line on a tiny saved model (seconds each): every
+subcommand parses, runs the library and prints what it promises; bad input exits with one
+clear message."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from helpers import random_bank
+
+from emokern.benchmarks import ops as ops_bench
+from emokern.cli import build_parser, main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, tiny_llama):
+    """A tiny Llama saved as a checkpoint directory, and a bank made for it."""
+    model, tokenizer = tiny_llama
+    root = tmp_path_factory.mktemp("cli")
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    bank = random_bank(model, scale=0.5)
+    bank.save(root / "bank.safetensors")
+    return root / "model", root / "bank.safetensors"
+
+
+def test_help_lists_every_subcommand(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("demo", "info", "extract", "calibrate", "generate", "bench"):
+        assert command in out
+
+
+def test_info_reports_backends_without_compiling(capsys, saved, monkeypatch):
+    from emokern.ops import build
+
+    def no_compile():
+        raise AssertionError("emokern info compiled a kernel")
+
+    monkeypatch.setattr(build, "load_cpu", no_compile)
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "backends:" in out and "reference yes" in out
+    assert main(["info", str(saved[1])]) == 0
+    assert "joy" in capsys.readouterr().out
+
+
+def test_generate_prints_rows_and_readings(capsys, saved):
+    model, bank = saved
+    argv = ["generate", "--model", str(model), "--bank", str(bank), "--prompt", "Hello",
+            "--mix", "joy=1", "--mix", "", "--max-new-tokens", "3", "--layers", "1"]
+    assert main([*argv, "--monitor"]) == 0
+    out = capsys.readouterr().out
+    assert "--- joy=1" in out and "--- (unsteered)" in out and "sadness" in out
+    assert main([*argv, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["mix"] for r in rows] == [{"joy": 1.0}, {}]
+    assert all(1 <= r["n_tokens"] <= 3 for r in rows)
+
+
+def test_generate_bad_mix_is_one_clear_error(capsys, saved):
+    model, bank = saved
+    code = main(["generate", "--model", str(model), "--bank", str(bank), "--prompt", "Hi",
+                 "--mix", "joy=lots"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("emokern generate: error:") and "joy=lots" in err
+
+
+def test_demo_runs_on_any_model_and_bank(capsys, saved):
+    model, bank = saved
+    assert main(["demo", "--model", str(model), "--bank", str(bank),
+                 "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "[unsteered]" in out and "[joy=+1]" in out and "mean projection" in out
+
+
+def test_extract_writes_a_bank(capsys, saved, tmp_path):
+    model, _ = saved
+    out = tmp_path / "concept.safetensors"
+    assert main(["extract", "--model", str(model), "--method", "concept",
+                 "--emotions", "joy,sadness", "--layers", "1,2", "--threads", "1",
+                 "--out", str(out)]) == 0
+    assert out.is_file() and f"saved {out}" in capsys.readouterr().out
+    assert main(["info", str(out)]) == 0
+    assert "sadness" in capsys.readouterr().out
+
+
+def test_bench_ops_on_one_small_shape(capsys, tmp_path):
+    from emokern.ops import build
+
+    if not build.load_cpu():
+        pytest.skip("the CPU kernel did not build")
+    assert main(["bench", "ops", "--shape", "2x1x64x3", "--dtypes", "fp32", "--rounds", "3",
+                 "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "ops.json").read_text())
+    assert len(rows) == 1 and rows[0]["dtype"] == "fp32"
+    assert "decode" in capsys.readouterr().out
+
+
+def test_bench_generate_without_sweep(capsys, saved):
+    model, _ = saved
+    assert main(["bench", "generate", "--model", str(model), "--batch-sizes", "1",
+                 "--rounds", "2", "--no-sweep"]) == 0
+    assert "decode" in capsys.readouterr().out.lower()
+
+
+@pytest.mark.parametrize("argv", [["bench", "ops", "--shape", "1x1x576"],
+                                  ["bench", "ops", "--batch-sizes", "0"]])
+def test_bench_bad_arguments_exit_with_a_message(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert "emokern:" in str(exit_.value)
+
+
+def test_parser_has_one_extract_command_with_every_option():
+    text = build_parser().format_help()
+    assert "extract" in text
+    extract = build_parser()._subparsers._group_actions[0].choices["extract"].format_help()
+    for option in ("--model", "--method", "--emotions", "--queries", "--layers", "--out",
+                   "--threads"):
+        assert option in extract
+    assert ops_bench.OpShape("decode", 1, 1, 8, 2).rows == 1
