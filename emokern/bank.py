@@ -30,6 +30,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
 
+from emokern.data import BANKS_DIR
 from emokern.files import atomic_write
 from emokern.models import decoder_layers, model_fingerprint
 from emokern.version import __version__
@@ -37,7 +38,6 @@ from emokern.version import __version__
 FORMAT = "emokern.bank/1"
 METHODS = ("ev", "concept")
 SAVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_DATA_DIR = Path(__file__).resolve().parent / "data" / "banks"
 # Metadata keys with a known meaning, and the JSON type each must have.
 _TYPED_KEYS = {
     "method": (str,),
@@ -537,7 +537,7 @@ class EmotionBank:
         """Path of the shipped bank of the default model for ``method`` ("ev" or "concept")."""
         if method not in METHODS:
             _fail(f"method must be one of {METHODS}, got {method!r}")
-        return _DATA_DIR / f"default-{method}.safetensors"
+        return BANKS_DIR / f"default-{method}.safetensors"
 
     @classmethod
     def load_default(cls, method: str = "ev", *, device="cpu") -> EmotionBank:
