@@ -13,6 +13,10 @@ import time
 from typing import Any
 
 import torch
+import transformers
+
+from emokern.ops import build
+from emokern.version import __version__
 
 __all__ = ["auto_threads", "busy_cpus", "cpu_model", "machine_info"]
 
@@ -66,21 +70,12 @@ def machine_info() -> dict[str, Any]:
 
     Reports the kernels without compiling anything (see :func:`emokern.ops.build.build_info`).
     """
-    import emokern
-    from emokern.ops import build
-
     info: dict[str, Any] = {
         "python": platform.python_version(), "torch": torch.__version__,
-        "emokern": emokern.__version__, "machine": platform.machine(), "cpu_model": cpu_model(),
+        "emokern": __version__, "machine": platform.machine(), "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "cpu_kernel": build.build_info()["cpu"],
+        "cpu_kernel": build.build_info()["cpu"], "transformers": transformers.__version__,
     }
-    try:
-        import transformers
-
-        info["transformers"] = transformers.__version__
-    except ImportError:
-        pass
     if hasattr(os, "getloadavg"):
         info["load_average"] = list(os.getloadavg())
     return info

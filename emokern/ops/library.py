@@ -168,7 +168,7 @@ _call_dispatcher = torch.ops.emokern.steer_.default
 
 
 def _call_triton(*args) -> None:
-    from emokern.ops.triton_steer import triton_steer_
+    from emokern.ops.triton_steer import triton_steer_  # Triton is an optional extra
 
     triton_steer_(*args)
 
@@ -237,7 +237,7 @@ def _resolve(backend: str | None, device: torch.device) -> str:
         if build.load_cuda():
             return "cuda"
         if build.triton_usable():
-            from emokern.ops.triton_steer import register_cuda_kernel
+            from emokern.ops.triton_steer import register_cuda_kernel  # optional extra
 
             register_cuda_kernel()  # so torch.ops / torch.compile on CUDA run Triton too
             return "triton"
