@@ -1,12 +1,40 @@
-"""Case builders shared by the GPU-kernel tests (Triton under the interpreter, CUDA emulated)."""
+"""The kernel-case harness shared by the GPU-kernel tests (``tests/ops/test_triton.py``: Triton,
+under the interpreter without a GPU; ``tests/ops/test_cuda.py``: the CUDA kernel, emulated on the
+CPU or compiled on a GPU): case builders, strided views, one run-and-compare harness.
+
+Tolerances follow flash-attention's rule: the kernel's error against a float32 reference may be
+at most twice the error of the reference itself run in the same storage dtype, plus a small atol.
+"""
 
 from __future__ import annotations
 
 import math
+import zlib
 
+import pytest
 import torch
 
 import emokern
+from emokern.ops.reference import ref_steer_
+
+#: ``(dtype, mask kind)`` of the reference comparisons: every mask kind in bfloat16 (the serving
+#: dtype), random masks in the others.
+DTYPE_MASK_CASES = [
+    (torch.bfloat16, "none"), (torch.bfloat16, "random"), (torch.bfloat16, "all"),
+    (torch.float16, "random"), (torch.float32, "random"),
+]
+
+
+def case_seed(*parts: str) -> int:
+    """A seed that depends only on the case's name (``hash()`` of a string changes with every
+    process, so a failure could not be reproduced)."""
+    return zlib.crc32("/".join(parts).encode())
+
+
+def gpu(test):
+    """Mark ``test`` as needing a CUDA device (marker ``gpu``), skipped without one."""
+    skip = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+    return pytest.mark.gpu(skip(test))
 
 
 def make_mask(kind: str, batch: int, seq_len: int, gen: torch.Generator):
@@ -66,8 +94,6 @@ def assert_matches_reference(outs, projs, run, hiddens, vectors, weights, args, 
     """Compare two kernel calls (from :func:`steer_twice`) with the reference run in float32
     and in the storage dtype (flash-attention's rule); unmasked rows must stay bit-identical
     and nothing outside a strided view may be written."""
-    from emokern.ops.reference import ref_steer_
-
     ref_low, projs_low, run_low = steer_twice(ref_steer_, [h.clone() for h in hiddens],
                                                vectors, weights, **args)
     ref32, projs32, run32 = steer_twice(ref_steer_, [h.float() for h in hiddens], vectors,
@@ -90,3 +116,54 @@ def assert_matches_reference(outs, projs, run, hiddens, vectors, weights, args, 
         assert torch.equal(run.count.cpu(), run32.count)
         assert_flash_close("running.sum", run.sum, run32.sum, run_low.sum)
         assert_flash_close("running.last", run.last, run32.last, run_low.last)
+
+
+class View:
+    """A non-contiguous ``[B, T, D]`` view of a larger buffer: ``view(base)`` makes it,
+    ``view.base_shape(shape)`` is the shape of a buffer holding a ``shape`` view."""
+
+    def __init__(self, name, base_shape, view):
+        self.name, self.base_shape, self._view = name, base_shape, view
+
+    def __call__(self, base):
+        return self._view(base)
+
+    def __repr__(self):
+        return self.name
+
+
+VIEWS = [
+    View("every-other-token", lambda s: (s[0], 2 * s[1], s[2]), lambda b: b[:, ::2]),
+    View("narrow-last-dim", lambda s: (s[0], s[1], s[2] + 5), lambda b: b[..., 3:-2]),
+    View("time-major", lambda s: (s[1], s[0], s[2]), lambda b: b.transpose(0, 1)),
+]
+
+
+def to_device(device, *tensors):
+    """``tensors`` on ``device`` (None stays None)."""
+    return [None if t is None else t.to(device) for t in tensors]
+
+
+def check_against_reference(fn, hidden_in, vectors, weights, mask, norm, make_view=None,
+                            with_proj=True, with_run=True, device="cpu"):
+    """Two calls of ``fn`` (the kernel, with ``emokern::steer_``'s positional arguments) and of
+    the reference (storage dtype and float32) sharing running statistics, every output compared
+    by :func:`assert_matches_reference`. The inputs live on the CPU; ``fn`` runs on ``device``.
+    ``make_view`` (a :class:`View`) steers a non-contiguous view of a larger buffer whose other
+    elements must stay untouched."""
+    hiddens = [hidden_in, hidden_in.flip(1).contiguous()]
+    args = dict(mask=mask, norm=norm, with_proj=with_proj, with_run=with_run)
+    vectors_dev, weights_dev, mask_dev = to_device(device, vectors, weights, mask)
+    if make_view is None:
+        bases = views = [h.clone().to(device) for h in hiddens]
+    else:
+        bases = [torch.randn(make_view.base_shape(h.shape)).to(h.dtype).to(device)
+                 for h in hiddens]
+        views = [make_view(base) for base in bases]
+        for view, h in zip(views, hiddens, strict=True):
+            assert not view.is_contiguous() and view.stride(2) == 1
+            view.copy_(h)
+    bases_before = [b.clone() for b in bases]
+    outs, projs, run = steer_twice(fn, views, vectors_dev, weights_dev, **dict(args, mask=mask_dev))
+    assert_matches_reference(outs, projs, run, hiddens, vectors, weights, args, mask,
+                             bases, bases_before, make_view, with_proj, with_run)

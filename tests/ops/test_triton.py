@@ -2,9 +2,9 @@
 
 Without a GPU the kernel runs on CPU tensors under ``TRITON_INTERPRET=1`` (set by conftest.py
 before Triton is imported), so the shapes are small; on a GPU machine the same tests run the
-compiled kernel on CUDA tensors. Tolerances follow flash-attention's rule: the kernel's error
-against a float32 reference may be at most twice the error of the reference itself run in the
-same storage dtype, plus a small atol.
+compiled kernel on CUDA tensors. The harness and the tolerances (flash-attention's rule) are
+shared with the CUDA kernel's tests: ``tests/kernel_cases.py``. Triton is an optional extra:
+without it this module is skipped.
 
 ``test_compiles_for_sm90`` lowers the kernel all the way to an sm_90 cubin with Triton's own
 compiler and ptxas (no GPU or driver needed) and checks that it spills nothing.
@@ -12,6 +12,7 @@ compiler and ptxas (no GPU or driver needed) and checks that it spills nothing.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -20,23 +21,29 @@ import textwrap
 
 import pytest
 import torch
-from kernel_cases import (
+
+triton = pytest.importorskip("triton")
+
+from kernel_cases import (  # noqa: E402  (after the importorskip)
+    DTYPE_MASK_CASES,
+    VIEWS,
     assert_flash_close,
-    assert_matches_reference,
+    case_seed,
+    check_against_reference,
+    gpu,
     make_mask,
     random_inputs,
-    steer_twice,
+    to_device,
 )
 
-import emokern
-from emokern.ops import triton_steer
-from emokern.ops.reference import ref_steer_
-from emokern.ops.triton_steer import launch_config, triton_steer_
+import emokern  # noqa: E402
+from emokern.ops import triton_steer  # noqa: E402
+from emokern.ops.reference import ref_steer_  # noqa: E402
+from emokern.ops.triton_steer import launch_config, triton_steer_  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # (B, T, D, K) and the launch path each exercises (checked, so a config change cannot silently
 # leave a path untested).
@@ -51,40 +58,15 @@ SHAPES = {
 }
 
 
-def _to(device, *tensors):
-    return [None if t is None else t.to(device) for t in tensors]
-
-
 def _check_against_reference(hidden_in, vectors, weights, mask, norm, make_view=None,
                              with_proj=True, with_run=True):
-    """Run the kernel and the reference (in the storage dtype and in float32) on the same two
-    inputs and compare every output. ``make_view(base) -> view`` steers a non-contiguous view
-    of a larger buffer ``base`` (whose other elements must stay untouched)."""
-    hiddens = [hidden_in, hidden_in.flip(1).contiguous()]
-    args = dict(mask=mask, norm=norm, with_proj=with_proj, with_run=with_run)
-    vectors_dev, weights_dev, mask_dev = _to(DEVICE, vectors, weights, mask)
-    if make_view is None:
-        bases = [h.clone().to(DEVICE) for h in hiddens]
-        views = bases
-    else:
-        bases = [torch.randn(make_view.base_shape(h.shape)).to(h.dtype).to(DEVICE)
-                 for h in hiddens]
-        views = [make_view(base) for base in bases]
-        for view, h in zip(views, hiddens, strict=True):
-            assert not view.is_contiguous() and view.stride(2) == 1
-            view.copy_(h)
-    bases_before = [b.clone() for b in bases]
-    args_dev = dict(args, mask=mask_dev)
-    outs, projs, run = steer_twice(triton_steer_, views, vectors_dev, weights_dev, **args_dev)
-    assert_matches_reference(outs, projs, run, hiddens, vectors, weights, args, mask,
-                             bases, bases_before, make_view, with_proj, with_run)
+    check_against_reference(triton_steer_, hidden_in, vectors, weights, mask, norm,
+                            make_view=make_view, with_proj=with_proj, with_run=with_run,
+                            device=DEVICE)
 
 
-# Every mask kind in bfloat16 (the serving dtype), random masks in the others.
-@pytest.mark.parametrize("dtype,mask_kind", [
-    (torch.bfloat16, "none"), (torch.bfloat16, "random"), (torch.bfloat16, "all"),
-    (torch.float16, "random"), (torch.float32, "random"),
-], ids=lambda v: str(v).split(".")[-1])
+@pytest.mark.parametrize("dtype,mask_kind", DTYPE_MASK_CASES,
+                         ids=lambda v: str(v).split(".")[-1])
 @pytest.mark.parametrize("norm", [False, True], ids=["add", "norm"])
 @pytest.mark.parametrize("case", list(SHAPES))
 def test_matches_reference(case, norm, dtype, mask_kind):
@@ -92,30 +74,10 @@ def test_matches_reference(case, norm, dtype, mask_kind):
     batch, seq_len, dim, n_vec = shape
     cfg = launch_config(seq_len, dim, n_vec)
     assert {k: getattr(cfg, k) for k in expected_path} == expected_path, cfg
-    gen = torch.Generator().manual_seed(hash((case, mask_kind)) % 2**31)
+    gen = torch.Generator().manual_seed(case_seed(case, mask_kind))
     hidden, vectors, weights = random_inputs(shape, dtype, gen)
     mask = make_mask(mask_kind, batch, seq_len, gen)
     _check_against_reference(hidden, vectors, weights, mask, norm)
-
-
-class _View:
-    """A non-contiguous [B, T, D] view of a larger buffer, with ``base_shape`` to build one."""
-
-    def __init__(self, name, base_shape, view):
-        self.name, self.base_shape, self._view = name, base_shape, view
-
-    def __call__(self, base):
-        return self._view(base)
-
-    def __repr__(self):
-        return self.name
-
-
-VIEWS = [
-    _View("every-other-token", lambda s: (s[0], 2 * s[1], s[2]), lambda b: b[:, ::2]),
-    _View("narrow-last-dim", lambda s: (s[0], s[1], s[2] + 5), lambda b: b[..., 3:-2]),
-    _View("time-major", lambda s: (s[1], s[0], s[2]), lambda b: b.transpose(0, 1)),
-]
 
 
 @pytest.mark.parametrize("view", VIEWS, ids=repr)
@@ -158,7 +120,7 @@ def test_public_wrapper_runs_triton_backend():
     ref_run = emokern.RunningProjections(2, 4)
     ref_steer_(expected, vectors, weights, mask, True, None, *ref_run.tensors())
     ref_steer_(expected32, vectors, weights, mask, True)
-    hidden, vectors, weights, mask = _to(DEVICE, hidden, vectors, weights, mask)
+    hidden, vectors, weights, mask = to_device(DEVICE, hidden, vectors, weights, mask)
     run = emokern.RunningProjections(2, 4, device=DEVICE)
     # float64 vectors exercise the wrapper's conversion to the kernel's float32 layout.
     emokern.steer_(hidden, vectors.double(), weights, mask=mask, norm_preserving=True,
@@ -233,8 +195,7 @@ def test_register_cuda_kernel():
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 
 
-_NVIDIA_BIN = os.path.join(os.path.dirname(__import__("triton").__file__), "backends",
-                           "nvidia", "bin")
+_NVIDIA_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(_NVIDIA_BIN, "ptxas")),
@@ -289,7 +250,7 @@ def test_compiles_for_sm90():
         print(json.dumps(report))
     """, env_drop=("TRITON_INTERPRET",))
     assert result.returncode == 0, result.stderr[-4000:]
-    report = __import__("json").loads(result.stdout.strip().splitlines()[-1])
+    report = json.loads(result.stdout.strip().splitlines()[-1])
     assert len(report) == 5 * 2 + 2
     for *case, global_scratch, usage in report:
         registers = int(re.search(r"REG:(\d+)", usage).group(1))
@@ -299,7 +260,7 @@ def test_compiles_for_sm90():
         assert global_scratch == 0, case
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@gpu
 def test_cuda_graph_capture_and_replay():
     """A decode step captured once and replayed with new states and weights written into the
     captured tensors (the serving pattern): the launch must neither allocate nor sync."""

@@ -1,4 +1,5 @@
-"""The steer_ op: reference vs DESIGN §2 literally, compiled backends vs the reference, errors."""
+"""The steer_ op (``emokern/ops/library.py``): the reference vs the op's definition in
+``docs/design.md`` literally, compiled backends vs the reference, errors."""
 
 from __future__ import annotations
 
@@ -10,14 +11,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import emokern
+from emokern.ops import build
 from emokern.ops.reference import NORM_EPS, ref_steer_
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-COMPILED = [b for b in ("cpu",) if emokern.available_backends()[b]]
+# available_backends() compiles nothing: build (or load) the CPU kernel explicitly, once.
+# test_the_cpu_kernel_builds fails, with the reason, when it does not.
+COMPILED = [b for b in ("cpu",) if build.load_cpu()]
 
 
 def literal_steer(hidden, vectors, weights, mask, norm_preserving, proj_out, run):
-    """DESIGN §2 transcribed row by row, in float64: the oracle of the oracle."""
+    """The op's definition (``docs/design.md``) transcribed row by row, in float64: the oracle
+    of the oracle."""
     batch, seq_len, _ = hidden.shape
     v = vectors.double()
     for b in range(batch):
@@ -67,6 +72,11 @@ def run_backend(backend, hidden, vectors, weights, mask, norm_preserving):
 
 def max_err(a, b):
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def test_the_cpu_kernel_builds():
+    assert COMPILED == ["cpu"], f"the CPU kernel did not build: {build.build_info()['cpu']}"
+    assert emokern.available_backends()["cpu"]
 
 
 def test_reference_matches_design_literally():

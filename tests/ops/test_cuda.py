@@ -5,9 +5,10 @@
    launcher.
 2. ``g++`` compiles the torch binding against the installed torch and CUDA headers, and the
    launcher symbol it needs is exactly the one the kernel object defines (so they link).
-3. The kernel source runs on the CPU under a small emulation of the CUDA runtime — each CUDA
-   thread of a block is a fiber, ``__syncthreads`` and warp shuffles are barriers, shared memory
-   starts as NaN — and is compared with the reference like the Triton kernel is.
+3. The kernel source runs on the CPU under a small emulation of the CUDA runtime
+   (``tests/ops/cuda_emulation/``: each CUDA thread of a block is a fiber, ``__syncthreads`` and
+   warp shuffles are barriers, shared memory starts as NaN) and is compared with the reference
+   by the harness the Triton kernel's tests use (``tests/kernel_cases.py``).
 4. On a machine with a GPU and a CUDA torch, the compiled kernel itself is compared with the
    reference through the public API.
 
@@ -27,21 +28,26 @@ from pathlib import Path
 import pytest
 import torch
 from kernel_cases import (
+    DTYPE_MASK_CASES,
+    VIEWS,
     assert_flash_close,
-    assert_matches_reference,
+    case_seed,
+    check_against_reference,
+    gpu,
     make_mask,
     random_inputs,
-    steer_twice,
 )
 
 import emokern
 from emokern.ops import build
 from emokern.ops.reference import ref_steer_
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 KERNEL = REPO / "csrc" / "cuda" / "steer_cuda.cu"
 BINDING = REPO / "csrc" / "cuda" / "steer_cuda_binding.cpp"
 LAUNCHER = "emokern::cuda::launch_steer("
+#: The emulated CUDA runtime (``include/``) and the C entry point compiled against it.
+EMULATION = Path(__file__).resolve().parent / "cuda_emulation"
 
 
 def _nvcc() -> str | None:
@@ -134,281 +140,6 @@ def test_binding_compiles_and_matches_the_kernel_symbol(kernel_object, tmp_path)
 
 # --- the kernel on the CPU under an emulated CUDA runtime -------------------------------------
 
-_EMU_RUNTIME_H = r"""
-// CPU emulation of the CUDA runtime subset used by csrc/cuda/steer_cuda.cu (tests only).
-// Every CUDA thread of a block is a fiber on one OS thread; __syncthreads and warp shuffles
-// are barriers at which fibers yield; blocks run one after another.
-#pragma once
-#include <cmath>
-#include <cstddef>
-#include <cstdint>
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
-#include <vector>
-
-#define __global__
-#define __device__
-#define __host__
-#define __forceinline__ inline
-#define __shared__
-#define __align__(n) __attribute__((aligned(n)))
-#define __launch_bounds__(...)
-
-struct dim3 {
-  unsigned int x, y, z;
-  constexpr dim3(unsigned int x_ = 1, unsigned int y_ = 1, unsigned int z_ = 1)
-      : x(x_), y(y_), z(z_) {}
-};
-enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
-enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
-struct CUstream_st;
-typedef CUstream_st* cudaStream_t;
-
-extern "C" void emu_switch(void** save_sp, void* load_sp);
-asm(R"(
-.text
-.globl emu_switch
-.type emu_switch, @function
-emu_switch:
-  pushq %rbp
-  pushq %rbx
-  pushq %r12
-  pushq %r13
-  pushq %r14
-  pushq %r15
-  movq %rsp, (%rdi)
-  movq %rsi, %rsp
-  popq %r15
-  popq %r14
-  popq %r13
-  popq %r12
-  popq %rbx
-  popq %rbp
-  ret
-)");
-
-namespace emu {
-
-constexpr size_t kStackBytes = 256 * 1024;
-constexpr size_t kSharedBytes = 1 << 20;
-
-struct Fiber {
-  void* sp = nullptr;
-  dim3 thread_idx;
-  bool done = false;
-  std::vector<unsigned char> stack = std::vector<unsigned char>(kStackBytes);
-};
-
-struct Barrier {
-  unsigned arrived = 0, size = 0, generation = 0;
-};
-
-inline void* scheduler_sp = nullptr;
-inline Fiber* current = nullptr;
-inline std::vector<Fiber>* fibers = nullptr;
-inline std::vector<Barrier> warp_barriers;
-inline Barrier block_barrier;
-inline float shuffle_slots[1024];
-inline int or_flag = 0;
-inline dim3 block_idx, block_dim;
-inline void (*run_thread)(void*) = nullptr;  // the kernel call of the current launch
-inline void* run_arg = nullptr;
-inline unsigned exited = 0;  // threads of the current block that have returned
-// The kernel's `extern __shared__` array (defined and set by the harness).
-inline unsigned char* shared_memory = nullptr;
-
-inline void yield() { emu_switch(&current->sp, scheduler_sp); }
-
-inline void wait(Barrier& b) {
-  const unsigned generation = b.generation;
-  if (++b.arrived == b.size) {
-    b.arrived = 0;
-    ++b.generation;
-    return;
-  }
-  while (b.generation == generation) {
-    if (exited != 0) {
-      std::fputs("emulated CUDA: a barrier waits for threads that have exited\n", stderr);
-      std::abort();
-    }
-    yield();
-  }
-}
-
-[[noreturn]] inline void trampoline() {
-  run_thread(run_arg);
-  current->done = true;
-  ++exited;
-  yield();
-  std::abort();
-}
-
-}  // namespace emu
-
-#define threadIdx (::emu::current->thread_idx)
-#define blockIdx (::emu::block_idx)
-#define blockDim (::emu::block_dim)
-
-inline void __syncthreads() { emu::wait(emu::block_barrier); }
-inline int __syncthreads_or(int predicate) {
-  if (predicate) emu::or_flag = 1;
-  __syncthreads();
-  const int result = emu::or_flag;
-  __syncthreads();
-  if (threadIdx.x == 0) emu::or_flag = 0;
-  __syncthreads();
-  return result;
-}
-inline float __shfl_xor_sync(unsigned, float value, int lane_mask) {
-  const unsigned t = threadIdx.x;
-  emu::shuffle_slots[t] = value;
-  emu::wait(emu::warp_barriers[t / 32]);
-  const float other = emu::shuffle_slots[t ^ unsigned(lane_mask)];
-  emu::wait(emu::warp_barriers[t / 32]);
-  return other;
-}
-template <typename T>
-inline T __ldg(const T* p) { return *p; }
-inline float atomicAdd(float* p, float v) { const float old = *p; *p = old + v; return old; }
-inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
-  const unsigned long long old = *p; *p = old + v; return old;
-}
-
-template <typename F>
-inline cudaError_t cudaFuncSetAttribute(F*, cudaFuncAttribute, int value) {
-  return size_t(value) <= emu::kSharedBytes ? cudaSuccess : cudaErrorInvalidValue;
-}
-inline cudaError_t cudaGetLastError() { return cudaSuccess; }
-
-template <typename Arg>
-inline cudaError_t cudaLaunchKernel(void (*kernel)(Arg), dim3 grid, dim3 block, void** args,
-                                    size_t shared_bytes, cudaStream_t) {
-  if (shared_bytes > emu::kSharedBytes || block.x % 32 != 0 || block.x > 1024 ||
-      grid.y != 1 || grid.z != 1 || block.y != 1 || block.z != 1) {
-    return cudaErrorInvalidValue;
-  }
-  static Arg arg;
-  arg = *static_cast<Arg*>(args[0]);
-  static void (*launch)(Arg);
-  launch = kernel;
-  emu::run_thread = [](void*) { launch(arg); };
-  std::vector<emu::Fiber> fibers(block.x);
-  emu::fibers = &fibers;
-  emu::block_dim = block;
-  // Blocks in a scrambled order (a GPU gives no order), fibers scheduled adversarially: each
-  // pass visits them from a random start and lets each run with probability 1/2, so a thread
-  // can lag many barrier steps behind the others of its block, exposing missing barriers.
-  uint64_t rng = 0x9E3779B97F4A7C15ull ^ grid.x ^ (uint64_t(block.x) << 32);
-  auto next_random = [&rng] {
-    rng ^= rng << 13;
-    rng ^= rng >> 7;
-    rng ^= rng << 17;
-    return rng;
-  };
-  const unsigned stride = [&] {  // coprime with grid.x: visits every block once
-    unsigned s = unsigned(next_random() % grid.x) | 1u;
-    auto gcd = [](unsigned a, unsigned b) {
-      while (b) {
-        const unsigned t = a % b;
-        a = b;
-        b = t;
-      }
-      return a;
-    };
-    while (gcd(s, grid.x) != 1) s += 2;
-    return s;
-  }();
-  for (unsigned i = 0; i < grid.x; ++i) {
-    emu::block_idx = dim3(unsigned((uint64_t(i) * stride + grid.x - 1) % grid.x));
-    // Uninitialised shared memory reads as NaN (0xFF bytes).
-    std::memset(emu::shared_memory, 0xFF, shared_bytes);
-    emu::block_barrier = {0, block.x, 0};
-    emu::exited = 0;
-    emu::warp_barriers.assign(block.x / 32, emu::Barrier{0, 32, 0});
-    for (unsigned t = 0; t < block.x; ++t) {
-      emu::Fiber& f = fibers[t];
-      f.thread_idx = dim3(t);
-      f.done = false;
-      // Entered by `ret`: the return slot sits 16-byte aligned, as after a call.
-      auto top = reinterpret_cast<uintptr_t>(f.stack.data() + f.stack.size()) & ~uintptr_t(15);
-      auto* slot = reinterpret_cast<void**>(top - 16);
-      slot[0] = reinterpret_cast<void*>(&emu::trampoline);
-      for (int r = 1; r <= 6; ++r) slot[-r] = nullptr;
-      f.sp = slot - 6;
-    }
-    for (unsigned live = block.x; live > 0;) {
-      live = 0;
-      const unsigned start = unsigned(next_random() % block.x);
-      const uint64_t coins = next_random();
-      for (unsigned j = 0; j < block.x; ++j) {
-        emu::Fiber& f = fibers[(start + j) % block.x];
-        if (f.done) continue;
-        ++live;
-        if ((coins >> (j % 64)) & 1u) continue;  // this fiber lags behind for a pass
-        emu::current = &f;
-        emu_switch(&emu::scheduler_sp, f.sp);
-      }
-    }
-  }
-  return cudaSuccess;
-}
-"""
-
-_EMU_BF16_H = r"""
-#pragma once
-#include <cstdint>
-#include <cstring>
-struct __nv_bfloat16 { uint16_t bits; };
-inline float __bfloat162float(__nv_bfloat16 h) {
-  const uint32_t u = uint32_t(h.bits) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-inline __nv_bfloat16 __float2bfloat16_rn(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return {uint16_t((u >> 16) | 0x40u)};
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return {uint16_t(u >> 16)};
-}
-"""
-
-_EMU_FP16_H = r"""
-#pragma once
-#include <cstdint>
-#include <cstring>
-struct __half { uint16_t bits; };
-inline float __half2float(__half h) { _Float16 f; std::memcpy(&f, &h.bits, 2); return float(f); }
-inline __half __float2half_rn(float f) {
-  const _Float16 h = static_cast<_Float16>(f);
-  __half out;
-  std::memcpy(&out.bits, &h, 2);
-  return out;
-}
-"""
-
-_EMU_HARNESS_CPP = r"""
-#include "steer_cuda.cu"
-// Definition of the kernel's `extern __shared__` array, in the unnamed namespace it was
-// declared in.
-namespace emokern { namespace cuda { namespace {
-alignas(16) unsigned char smem[emu::kSharedBytes];
-} } }
-extern "C" int emokern_emulated_steer(void* hidden, int dtype, int64_t batch, int64_t seq_len,
-                                      int64_t dim, int64_t stride_b, int64_t stride_t,
-                                      const float* vectors, int64_t n_vec, const float* weights,
-                                      const bool* mask, bool norm_preserving, float* proj_out,
-                                      float* run_sum, int64_t* run_count, float* run_last) {
-  emu::shared_memory = emokern::cuda::smem;
-  return int(emokern::cuda::launch_steer(
-      hidden, static_cast<emokern::cuda::HiddenDtype>(dtype), batch, seq_len, dim, stride_b,
-      stride_t, vectors, n_vec, weights, mask, norm_preserving, proj_out, run_sum, run_count,
-      run_last, nullptr));
-}
-"""
-
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
@@ -418,16 +149,10 @@ def emulated_steer_(tmp_path_factory):
     run_count, run_last)``: ``launch_steer`` of steer_cuda.cu run on CPU tensors."""
     if platform.machine() not in ("x86_64", "AMD64") or shutil.which("g++") is None:
         pytest.skip("the CUDA emulation needs g++ on x86-64 (its fibers switch in x86-64 asm)")
-    work = tmp_path_factory.mktemp("cuda_emulation")
-    (work / "include").mkdir()
-    for name, text in (("cuda_runtime.h", _EMU_RUNTIME_H), ("cuda_bf16.h", _EMU_BF16_H),
-                       ("cuda_fp16.h", _EMU_FP16_H)):
-        (work / "include" / name).write_text(text)
-    (work / "harness.cpp").write_text(_EMU_HARNESS_CPP)
-    lib = work / "libsteer_emulated.so"
+    lib = tmp_path_factory.mktemp("cuda_emulation") / "libsteer_emulated.so"
     cmd = ["g++", "-std=c++20", "-O2", "-shared", "-fPIC", "-Wno-unknown-pragmas",
-           f"-I{work / 'include'}", f"-I{KERNEL.parent}", "-o", str(lib),
-           str(work / "harness.cpp")]
+           f"-I{EMULATION / 'include'}", f"-I{KERNEL.parent}", "-o", str(lib),
+           str(EMULATION / "harness.cpp")]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stderr[-4000:]}"
     launch = ctypes.CDLL(str(lib)).emokern_emulated_steer
@@ -451,29 +176,6 @@ def emulated_steer_(tmp_path_factory):
     return steer
 
 
-def check_against_reference(fn, hidden_in, vectors, weights, mask, norm, make_view=None,
-                            with_proj=True, with_run=True, device="cpu"):
-    """Two calls of ``fn`` and of the reference (storage dtype and float32) sharing running
-    statistics; every output compared. ``make_view(base)`` steers a non-contiguous view of a
-    larger buffer whose other elements must stay untouched."""
-    hiddens = [hidden_in, hidden_in.flip(1).contiguous()]
-    args = dict(mask=mask, norm=norm, with_proj=with_proj, with_run=with_run)
-    dev = [None if t is None else t.to(device) for t in (vectors, weights, mask)]
-    if make_view is None:
-        bases = views = [h.clone().to(device) for h in hiddens]
-    else:
-        bases = [torch.randn(make_view.base_shape(h.shape)).to(h.dtype).to(device)
-                 for h in hiddens]
-        views = [make_view(base) for base in bases]
-        for view, h in zip(views, hiddens, strict=True):
-            assert not view.is_contiguous() and view.stride(2) == 1
-            view.copy_(h)
-    before = [b.clone() for b in bases]
-    outs, projs, run = steer_twice(fn, views, dev[0], dev[1], **dict(args, mask=dev[2]))
-    assert_matches_reference(outs, projs, run, hiddens, vectors, weights, args, mask,
-                             bases, before, make_view, with_proj, with_run)
-
-
 # (B, T, D, K): decode; D = 1, 7, 200, 577 and 4099 (64 to 512 threads, ragged columns);
 # K = 1, 33 (several K tiles, the last one partial); T >= 64 (16-row chunks: atomics, and
 # run_last from an earlier chunk).
@@ -488,36 +190,16 @@ SHAPES = {
 }
 
 
-@pytest.mark.parametrize("dtype,mask_kind", [
-    (torch.bfloat16, "none"), (torch.bfloat16, "random"), (torch.bfloat16, "all"),
-    (torch.float16, "random"), (torch.float32, "random"),
-], ids=lambda v: str(v).split(".")[-1])
+@pytest.mark.parametrize("dtype,mask_kind", DTYPE_MASK_CASES,
+                         ids=lambda v: str(v).split(".")[-1])
 @pytest.mark.parametrize("norm", [False, True], ids=["add", "norm"])
 @pytest.mark.parametrize("case", list(SHAPES))
 def test_emulated_kernel_matches_reference(emulated_steer_, case, norm, dtype, mask_kind):
     shape = SHAPES[case]
-    gen = torch.Generator().manual_seed(sum(map(ord, case + mask_kind)))
+    gen = torch.Generator().manual_seed(case_seed(case, mask_kind))
     hidden, vectors, weights = random_inputs(shape, dtype, gen)
     mask = make_mask(mask_kind, shape[0], shape[1], gen)
     check_against_reference(emulated_steer_, hidden, vectors, weights, mask, norm)
-
-
-class _View:
-    def __init__(self, name, base_shape, view):
-        self.name, self.base_shape, self._view = name, base_shape, view
-
-    def __call__(self, base):
-        return self._view(base)
-
-    def __repr__(self):
-        return self.name
-
-
-VIEWS = [
-    _View("every-other-token", lambda s: (s[0], 2 * s[1], s[2]), lambda b: b[:, ::2]),
-    _View("narrow-last-dim", lambda s: (s[0], s[1], s[2] + 5), lambda b: b[..., 3:-2]),
-    _View("time-major", lambda s: (s[1], s[0], s[2]), lambda b: b.transpose(0, 1)),
-]
 
 
 @pytest.mark.parametrize("view", VIEWS, ids=repr)
@@ -554,7 +236,7 @@ def test_emulated_kernel_reads_no_uninitialised_shared_memory(emulated_steer_):
 
 # --- the compiled kernel on a real GPU ---------------------------------------------------------
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU and a CUDA torch")
+@gpu
 @pytest.mark.parametrize("case", ["decode-D64", "D577-K17", "chunks-D200"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
                          ids=lambda d: str(d).split(".")[-1])
@@ -577,7 +259,7 @@ def test_gpu_kernel_matches_reference(case, dtype):
                             device="cuda")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU and a CUDA torch")
+@gpu
 def test_gpu_kernel_in_cuda_graph():
     """The compiled kernel captured in a CUDA graph and replayed with new inputs copied in."""
     if not build.load_cuda():

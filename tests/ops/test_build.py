@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ import emokern
 from emokern.ops import build
 from emokern.ops.reference import ref_steer_
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +53,12 @@ def test_jit_build_registers_a_cpu_kernel(cpu_kernel):
 def test_cache_location_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
     monkeypatch.setenv("EMOKERN_CACHE", str(tmp_path / "c"))
-    assert build.cache_root() == tmp_path / "c" / "torch_extensions"
+    assert build.extensions_dir() == tmp_path / "c" / "torch_extensions"
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "t"))
-    assert build.cache_root() == tmp_path / "t"
+    assert build.extensions_dir() == tmp_path / "t"
     monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
     monkeypatch.delenv("EMOKERN_CACHE")
-    assert build.cache_root() == build.Path("~/.cache/emokern/torch_extensions").expanduser()
+    assert build.extensions_dir() == Path("~/.cache/emokern/torch_extensions").expanduser()
 
 
 def test_build_names_differ_by_flags_and_sources(tmp_path):
