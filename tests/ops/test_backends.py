@@ -86,7 +86,7 @@ def test_load_cpu_is_the_explicit_step(cpu_kernel):
 @pytest.mark.slow
 def test_load_cpu_builds_into_an_empty_cache(tmp_path):
     """The whole sequence in a fresh cache: reported missing, built by load_cpu (a full
-    compile, ~1 min), then reported ready."""
+    compile of the CPU kernel, 15 to 60 s), then reported ready."""
     result = run_python(_REPORT.replace("LOAD", "True"), TORCH_EXTENSIONS_DIR=str(tmp_path))
     if result["aot"]:
         pytest.skip("an ahead-of-time emokern._C is installed; nothing is compiled")
