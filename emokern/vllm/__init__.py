@@ -1,0 +1,72 @@
+"""Steered generation inside vLLM: per-request emotion mixes and readings, with the packed op
+inside vLLM's compiled graph.
+
+Install with ``pip install "emokern[vllm]"``; vLLM finds the plugin through the
+``vllm.general_plugins`` entry point (:func:`emokern.vllm.plugin.register`) in every process
+it starts. It is off unless an engine enables it::
+
+    from vllm import LLM, SamplingParams
+    import emokern.vllm
+
+    llm = LLM(model=PATH, dtype="float32",
+              additional_config={"emokern": {"bank": "default", "layers": "auto",
+                                             "monitor": True}})
+    params = SamplingParams(max_tokens=32, extra_args={"emotion": "joy=2,fear=0.5"})
+    out = llm.generate(["Tell me about your day."], params)
+    emokern.vllm.readings(llm, out)   # {request_id: {"mean": [L][K], ...}}
+
+Over HTTP (``vllm serve PATH --additional-config '{"emokern": {}}'``) a request carries its
+mix as ``extra_body={"vllm_xargs": {"emotion": "joy=2,fear=0.5"}}``.
+
+Settings (``additional_config["emokern"]``, :class:`~emokern.vllm.config.EmokernConfig`):
+``bank`` (``"default"`` | ``"ev"`` | ``"concept"`` | path), ``layers`` (``"auto"`` | list),
+``monitor``, ``spread`` (``"divide"`` | ``"each"``), ``norm_preserving``, ``max_requests``.
+Weights are in the bank's units and spread over layers as in :func:`emokern.steer`
+(``docs/design.md`` §3). A mix of all zeros is no steering. Steered requests get a
+prefix-cache salt per mix, so their KV is never reused by another mix or by unsteered requests.
+
+Modules: :mod:`~emokern.vllm.config` (settings, mix parsing, cache salt),
+:mod:`~emokern.vllm.slots` (persistent buffers and request → slot bookkeeping),
+:mod:`~emokern.vllm.runner` (the layer wrapping inside a worker), :mod:`~emokern.vllm.plugin`
+(the entry point). Only :mod:`~emokern.vllm.plugin` imports vLLM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from emokern.vllm.config import CONFIG_KEY, EXTRA_KEY, EmokernConfig, cache_salt, request_mix
+from emokern.vllm.slots import SlotTable
+
+__all__ = ["CONFIG_KEY", "EXTRA_KEY", "EmokernConfig", "SlotTable", "cache_salt", "readings",
+           "request_mix"]
+
+
+def readings(llm, requests: Iterable | None = None) -> dict[str, dict]:
+    """Readings of steered requests of a ``vllm.LLM`` with emokern enabled.
+
+    Parameters
+    ----------
+    llm : vllm.LLM
+    requests : iterable of RequestOutput or request ids, optional
+        Which requests (all that the workers remember when None; finished requests are kept,
+        the oldest dropped beyond 4096).
+
+    Returns
+    -------
+    dict
+        ``{request_id: {"layers": [L], "names": [K], "mean": [L][K], "last": [L][K],
+        "count": n}}``: ``mean[l][k]`` is the mean over the request's generated tokens fed to
+        the model (``n`` = generated tokens − 1: the last one is never fed) of
+        ``<x, v_k> / ||v_k||``, ``x`` the output of steered layer ``layers[l]`` before
+        steering — what ``emokern.steer(..., monitor="generated").monitor.mean()`` gives.
+        Unsteered requests have no entry.
+    """
+    ids = None
+    if requests is not None:
+        ids = [getattr(r, "request_id", r) for r in requests]
+    merged: dict[str, dict] = {}
+    # By name: vLLM refuses to send a function to its workers unless pickling is allowed.
+    for part in llm.collective_rpc("emokern_readings", args=(ids,)):
+        merged.update(part)
+    return merged

@@ -1,0 +1,166 @@
+"""Slots: the persistent per-request state the packed op reads inside vLLM's compiled graph.
+
+vLLM packs the tokens of every scheduled request into one ``[N, D]`` tensor. The way vLLM's
+LoRA maps tokens to adapters, each request that carries a mix owns *slots*, rows of
+``slot_weights [S, K]``, and before every forward each token is given its request's slot in
+``token_slot [N_max]`` (``-1``: no steering). A steered request owns two slots with the same
+weights: one for its prompt tokens, one for its generated tokens, so the op's per-slot running
+statistics of the generated slot are the readings over generated tokens only (what the Hugging
+Face monitor gives with ``monitor="generated"``).
+
+Everything here is plain torch/numpy, importable without vLLM (tested in ``tests/vllm``).
+The tensors are allocated once; a step only ``copy_``-es into them, so the graph that reads
+them never changes (``docs/design.md``, house habit 4).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["SlotTable"]
+
+
+class SlotTable:
+    """Persistent buffers and the request → slot bookkeeping of one engine.
+
+    Parameters
+    ----------
+    n_layers : int
+        Steered layers ``L`` (one set of running statistics each).
+    n_emotions : int
+        ``K``.
+    max_requests : int
+        Steered requests alive at once (each owns two slots, so ``S = 2 * max_requests``).
+    max_tokens : int
+        ``N_max``: the most tokens one forward carries (vLLM's ``max_num_batched_tokens``).
+    scale : float
+        Applied weight = user weight × ``scale`` (``1 / L`` for ``spread="divide"``).
+    keep_readings : int
+        Readings of finished requests kept for :meth:`readings` (oldest dropped first).
+
+    Attributes
+    ----------
+    slot_weights : Tensor [S, K] float32
+    token_slot : Tensor [N_max] int32
+    run_sum, run_count, run_last : list of L Tensors [S, K] float32, [S] int64, [S, K] float32
+    """
+
+    def __init__(self, n_layers: int, n_emotions: int, max_requests: int, max_tokens: int,
+                 *, scale: float = 1.0, keep_readings: int = 4096, device="cpu") -> None:
+        n_slots = 2 * max_requests
+        self.n_layers, self.n_emotions, self.n_slots = n_layers, n_emotions, n_slots
+        self.scale = float(scale)
+        self.slot_weights = torch.zeros(n_slots, n_emotions, device=device)
+        self.token_slot = torch.full((max_tokens,), -1, dtype=torch.int32, device=device)
+        # One tensor per layer (not views of one [L, S, K] tensor): the compiled graph then
+        # mutates distinct inputs, with no aliasing for AOTAutograd to untangle.
+        self.run_sum = [torch.zeros(n_slots, n_emotions, device=device) for _ in range(n_layers)]
+        self.run_count = [torch.zeros(n_slots, dtype=torch.int64, device=device)
+                          for _ in range(n_layers)]
+        self.run_last = [torch.zeros(n_slots, n_emotions, device=device) for _ in range(n_layers)]
+        self._free = list(range(max_requests - 1, -1, -1))  # pair p = slots (2p, 2p + 1)
+        self._pair: dict[str, int | None] = {}  # req_id -> pair, None = unsteered
+        self._finished: OrderedDict[str, dict] = OrderedDict()
+        self._keep = keep_readings
+        self._filled = 0
+
+    # ------------------------------------------------------------------ requests
+
+    def known(self, req_id: str) -> bool:
+        return req_id in self._pair
+
+    def add(self, req_id: str, weights: torch.Tensor | None) -> None:
+        """Register ``req_id`` with weights ``[K]`` (user units) or None (unsteered).
+
+        A steered request gets a fresh pair of slots with zeroed statistics.
+        """
+        if req_id in self._pair:
+            self.release(req_id, keep=False)
+        if weights is None:
+            self._pair[req_id] = None
+            return
+        if not self._free:
+            raise RuntimeError(f"emokern.vllm: all {self.n_slots // 2} steering slots are in "
+                               f"use; raise additional_config['emokern']['max_requests']")
+        pair = self._free.pop()
+        rows = slice(2 * pair, 2 * pair + 2)
+        self.slot_weights[rows] = (weights.float() * self.scale)[None]
+        for t in (*self.run_sum, *self.run_count, *self.run_last):
+            t[rows] = 0
+        self._pair[req_id] = pair
+
+    def release(self, req_id: str, *, keep: bool = True) -> None:
+        """Free ``req_id``'s slots; with ``keep``, store its readings for :meth:`readings`."""
+        pair = self._pair.pop(req_id, None)
+        if pair is None:
+            return
+        if keep:
+            self._finished[req_id] = self._reading(pair)
+            while len(self._finished) > self._keep:
+                self._finished.popitem(last=False)
+        self._free.append(pair)
+
+    def _reading(self, pair: int) -> dict:
+        gen = 2 * pair + 1
+        count = torch.stack([c[gen] for c in self.run_count]).cpu()
+        total = torch.stack([s[gen] for s in self.run_sum]).cpu()
+        mean = total / count[:, None].clamp_min(1)
+        mean[count == 0] = float("nan")
+        last = torch.stack([s[gen] for s in self.run_last]).cpu()
+        return {"mean": mean, "last": last, "count": int(count[0])}
+
+    def readings(self, req_ids: Sequence[str] | None = None) -> dict[str, dict]:
+        """Readings by request id: ``{"mean": [L, K], "last": [L, K], "count": int}`` over the
+        generated tokens fed so far (live requests) or in all (finished ones). An id may be
+        vLLM's internal id or the id the user gave (internal = ``<id>-<8 chars>``)."""
+        out: dict[str, dict] = {}
+        live = {r: self._reading(p) for r, p in self._pair.items() if p is not None}
+        for store in (self._finished, live):
+            for rid, reading in store.items():
+                if req_ids is None:
+                    out[rid] = reading
+                    continue
+                for wanted in req_ids:
+                    if rid == wanted or rid.rsplit("-", 1)[0] == wanted:
+                        out[wanted] = reading
+        return out
+
+    # ------------------------------------------------------------------ each step
+
+    def fill(self, req_ids: Sequence[str], num_scheduled: np.ndarray, num_computed: np.ndarray,
+             num_prompt: np.ndarray) -> None:
+        """Write ``token_slot`` for one forward.
+
+        Tokens are packed request by request, ``num_scheduled[i]`` tokens of request ``i``
+        starting at its position ``num_computed[i]``; a token at a position ``>=
+        num_prompt[i]`` was generated (it gets the generated slot), the others the prompt slot.
+        """
+        n_req = len(req_ids)
+        pairs = np.array([-1 if (p := self._pair.get(r)) is None else p for r in req_ids],
+                         dtype=np.int64)
+        n_tok = int(num_scheduled[:n_req].sum())
+        if self._filled > n_tok:
+            self.token_slot[n_tok:self._filled] = -1
+        self._filled = n_tok
+        if n_tok == 0:
+            return
+        if (pairs < 0).all():
+            self.token_slot[:n_tok] = -1
+            return
+        counts = num_scheduled[:n_req]
+        req_index = np.repeat(np.arange(n_req), counts)
+        starts = np.cumsum(counts) - counts
+        position = num_computed[:n_req][req_index] + (np.arange(n_tok) - starts[req_index])
+        generated = position >= num_prompt[:n_req][req_index]
+        pair = pairs[req_index]
+        slot = np.where(pair < 0, -1, 2 * pair + generated)
+        self.token_slot[:n_tok] = torch.from_numpy(slot.astype(np.int32))
+
+    def sync(self, live: Mapping[str, object] | set) -> None:
+        """Release every registered request not in ``live`` (finished or aborted)."""
+        for rid in [r for r in self._pair if r not in live]:
+            self.release(rid)
