@@ -2,7 +2,12 @@
 classification and the measures of Method EV.
 
 * :mod:`emokern.eval.scorers` — :class:`EmotionScorer` (the independent ``nade`` classifier),
-  :func:`repetition`, :func:`distinct_n`, :func:`perplexity`;
+  :func:`repetition`, :func:`distinct_n`, :func:`degeneration`, :func:`perplexity`;
+* :mod:`emokern.eval.lexicon` — :class:`LexiconScorer` (NRC EmoLex word densities);
+* :mod:`emokern.eval.similarity` — :class:`SentenceEmbedder` (all-MiniLM-L6-v2): semantic
+  fidelity and topic adherence;
+* :mod:`emokern.eval.metrics` — the papers' EPS and EAS per emotion and weight
+  (:func:`aggregate`), correlations;
 * :mod:`emokern.eval.sweep` — steering sweeps (:func:`calibrate`), the choice of the
   recommended weight and layers (:func:`choose_recommendation`) and storing it
   (:func:`store_recommendation`);
@@ -22,7 +27,10 @@ from emokern.eval.heldout import (
     projection_accuracy,
 )
 from emokern.eval.instructions import ev_report, format_ev_report, instruction_sweep
-from emokern.eval.scorers import EmotionScorer, distinct_n, perplexity, repetition
+from emokern.eval.lexicon import LexiconScorer
+from emokern.eval.metrics import aggregate, eas, eps, pearson, spearman
+from emokern.eval.scorers import EmotionScorer, degeneration, distinct_n, perplexity, repetition
+from emokern.eval.similarity import SentenceEmbedder
 from emokern.eval.sweep import (
     RowSteering,
     calibrate,
@@ -35,11 +43,17 @@ from emokern.eval.sweep import (
 __all__ = [
     "BASIC_EMOTIONS",
     "EmotionScorer",
+    "LexiconScorer",
+    "SentenceEmbedder",
     "RowSteering",
+    "aggregate",
     "calibrate",
     "calibration_record",
     "choose_recommendation",
+    "degeneration",
     "distinct_n",
+    "eas",
+    "eps",
     "ev_report",
     "format_ev_report",
     "format_sweep",
@@ -47,8 +61,10 @@ __all__ = [
     "heldout_states",
     "instruction_sweep",
     "nearest_mean_accuracy",
+    "pearson",
     "perplexity",
     "projection_accuracy",
     "repetition",
+    "spearman",
     "store_recommendation",
 ]

@@ -29,7 +29,7 @@ from emokern.tokens import model_device, pad_batch, pad_id
 _WORD = re.compile(r"[A-Za-z0-9']+|[^\sA-Za-z0-9']")
 
 
-def _check_texts(texts, name: str = "texts") -> list[str]:
+def check_texts(texts, name: str = "texts") -> list[str]:
     if isinstance(texts, str):
         raise TypeError(f"{name} must be a sequence of strings, not a single str; wrap it in a "
                         f"list")
@@ -74,6 +74,14 @@ def repetition(text: str, n: int = 3) -> float:
     return 1.0 - distinct_n(text, n)
 
 
+def degeneration(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """``(distinct-2 [N], repeated-3-gram rate [N])`` of each text (see :func:`distinct_n`,
+    :func:`repetition`)."""
+    texts = check_texts(texts)
+    return (np.array([distinct_n(t, 2) for t in texts], dtype=np.float64),
+            np.array([repetition(t, 3) for t in texts], dtype=np.float64))
+
+
 def perplexity(model, tokenizer, texts: Sequence[str], *, batch_size: int = 16) -> list[float]:
     r"""Per-text perplexity under ``model`` (without chat template or steering).
 
@@ -92,7 +100,7 @@ def perplexity(model, tokenizer, texts: Sequence[str], *, batch_size: int = 16) 
     -------
     list of float, one per text.
     """
-    texts = _check_texts(texts)
+    texts = check_texts(texts)
     out: list[float] = []
     device = model_device(model)
     for start in range(0, len(texts), batch_size):
@@ -155,7 +163,7 @@ class EmotionScorer:
 
     def score(self, texts: Sequence[str]) -> np.ndarray:
         """Intensities ``[N, E]`` (float32, each in [0, 1]) of the texts for ``self.emotions``."""
-        texts = _check_texts(texts)
+        texts = check_texts(texts)
         if not texts:
             return np.zeros((0, len(self.emotions)), dtype=np.float32)
         # fastText reads one line per text: newlines would split a text in two.
@@ -166,11 +174,21 @@ class EmotionScorer:
 
     def probabilities(self, texts: Sequence[str]) -> np.ndarray:
         """:meth:`score` normalised per text to sum to one (uniform when all are zero)."""
-        s = self.score(texts).astype(np.float64)
-        total = s.sum(axis=1, keepdims=True)
-        uniform = np.full_like(s, 1.0 / s.shape[1])
-        return np.where(total > 0, s / np.where(total > 0, total, 1.0), uniform).astype(
-            np.float32)
+        return self.judge(texts)[1]
+
+    def judge(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        r"""Intensities and probabilities ``([N, E], [N, E])`` from one classifier pass.
+
+        nade's eight Plutchik regressors map onto the six basic emotions by name (anger,
+        disgust, fear, joy, sadness, surprise; anticipation and trust are dropped); the
+        probabilities renormalise the kept intensities, :math:`p_k = s_k / \sum_j s_j`.
+        """
+        s = self.score(texts)
+        d = s.astype(np.float64)
+        total = d.sum(axis=1, keepdims=True)
+        uniform = np.full_like(d, 1.0 / max(d.shape[1], 1))
+        p = np.where(total > 0, d / np.where(total > 0, total, 1.0), uniform).astype(np.float32)
+        return s, p
 
     def column(self, emotion: str) -> int:
         """Column index of ``emotion`` in :meth:`score`'s output."""

@@ -95,3 +95,19 @@ def test_perplexity_does_not_depend_on_the_batch(small_gpt2):
     assert all(v >= 1.0 for v in (together[0], together[2]))  # p <= 1: ppl >= 1
     assert all(math.isnan(v) for v in perplexity(model, tokenizer, ["", ""]))
     assert perplexity(model, tokenizer, []) == []
+
+
+def test_judge_is_score_and_probabilities_in_one_pass(scorer):
+    texts = ["I am so happy today!", "This is awful and I am furious."]
+    s, p = scorer.judge(texts)
+    np.testing.assert_array_equal(s, scorer.score(texts))
+    np.testing.assert_allclose(p, scorer.probabilities(texts))
+    np.testing.assert_allclose(p, s / s.sum(axis=1, keepdims=True), rtol=1e-5)
+
+
+def test_degeneration():
+    from emokern.eval.scorers import degeneration
+
+    d2, rep3 = degeneration(["a fresh new sentence here", "go go go go go go"])
+    assert d2[0] == 1.0 and rep3[0] == 0.0
+    assert d2[1] < 0.3 and rep3[1] > 0.7
