@@ -287,7 +287,7 @@ def test_failed_save_keeps_the_old_bank_and_leaves_no_temp_file(tmp_path, tiny, 
             self.fh.write(data[: len(data) // 2])
             raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(bank_module.os, "fdopen", lambda *a, **k: HalfWriter(real_fdopen(*a, **k)))
+    monkeypatch.setattr(os, "fdopen", lambda *a, **k: HalfWriter(real_fdopen(*a, **k)))
     with pytest.raises(OSError, match="No space"):
         new.save(path)
     monkeypatch.undo()

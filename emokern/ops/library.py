@@ -205,13 +205,14 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
         ``TRITON_INTERPRET=1``): the dispatcher would otherwise silently run another kernel.
     """
     backend = backend or os.environ.get("EMOKERN_BACKEND") or None
-    key = (backend, device.type)
+    # Whether Triton may run on CPU tensors depends on the interpreter: part of the key.
+    key = (backend, device.type, os.environ.get("TRITON_INTERPRET") == "1")
     if key not in _resolved:  # decode calls are microseconds: decide once per device type
         _resolved[key] = _resolve(backend, device)
     return _resolved[key]
 
 
-_resolved: dict[tuple[str | None, str], str] = {}
+_resolved: dict[tuple[str | None, str, bool], str] = {}
 
 
 def _backend_runs_on(backend: str, device: torch.device) -> bool:
@@ -513,3 +514,188 @@ def steer_packed_(
         vectors = vectors.float().contiguous()
     _call_packed(hidden, residual, vectors, slot_weights.contiguous(), token_slot.contiguous(),
                  bool(norm_preserving), proj_out, *run)
+
+
+# ------------------------------------------------------------------------ scale_neurons_
+# Neuron ablation: scale a set of MLP intermediate neurons in place (emokern.analysis.ablate
+# installs it on a model). Same conventions as steer_: one schema, the reference as the
+# composite kernel, the C++ CPU kernel (csrc/cpu/ablate_cpu.cpp) and Triton
+# (emokern/ops/triton_ablate.py) attached per device.
+
+from emokern.ops.reference import ref_scale_neurons_  # noqa: E402  (this section is appended)
+
+torch.library.define("emokern::scale_neurons_",
+                     "(Tensor(a!) act, Tensor neuron_idx, float scale) -> ()")
+torch.library.impl("emokern::scale_neurons_", "CompositeExplicitAutograd")(ref_scale_neurons_)
+
+
+@torch.library.register_fake("emokern::scale_neurons_")
+def _scale_neurons_fake(act, neuron_idx, scale) -> None:
+    return None
+
+
+_call_scale_neurons = torch.ops.emokern.scale_neurons_.default
+SCALE_NEURONS_BACKENDS = ("reference", "cpu", "triton")
+
+
+def _scale_fail(exc: type[Exception], message: str):
+    _fail(exc, message, op="scale_neurons_")
+
+
+def validate_scale_neurons_args(act, neuron_idx, scale, check_values: bool) -> None:
+    """Check every argument of :func:`scale_neurons_`; one clear error naming the first bad one.
+
+    Metadata checks never sync with the device. ``check_values`` adds the data checks (every
+    index in ``[0, F)``, strictly increasing, a finite scale), which read ``neuron_idx``: skipped
+    under ``torch.compile`` and CUDA-graph capture, where the caller checked once.
+    """
+    fail = _scale_fail
+    if not isinstance(act, torch.Tensor):
+        fail(TypeError, f"act must be a torch.Tensor, got {type(act).__name__}")
+    if act.dtype not in HIDDEN_DTYPES:
+        fail(TypeError, f"act must be float32, bfloat16 or float16, got {act.dtype}")
+    if act.dim() < 1:
+        fail(ValueError, "act must have at least one dimension [..., F], got a scalar")
+    if act.shape[-1] > 1 and act.stride(-1) != 1:
+        fail(ValueError, f"act must have a contiguous last dimension (stride 1), got strides "
+                         f"{list(act.stride())}")
+    if not isinstance(neuron_idx, torch.Tensor):
+        fail(TypeError, f"neuron_idx must be a torch.Tensor, got {type(neuron_idx).__name__}")
+    if neuron_idx.dtype != torch.int64:
+        fail(TypeError, f"neuron_idx must be int64, got {neuron_idx.dtype}")
+    if neuron_idx.dim() != 1:
+        fail(ValueError, f"neuron_idx must be [M], got shape {list(neuron_idx.shape)}")
+    if neuron_idx.device != act.device:
+        fail(ValueError, f"neuron_idx is on {neuron_idx.device} but act is on {act.device}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        fail(TypeError, f"scale must be a float, got {type(scale).__name__}")
+    if check_values:
+        import math
+
+        if not math.isfinite(scale):
+            fail(ValueError, f"scale must be finite, got {scale}")
+        features = act.shape[-1]
+        if neuron_idx.numel():
+            if bool((neuron_idx < 0).any()) or bool((neuron_idx >= features).any()):
+                fail(ValueError, f"neuron_idx values must be in [0, {features}) (F = "
+                                 f"act.shape[-1])")
+            if neuron_idx.numel() > 1 and not bool((neuron_idx[1:] > neuron_idx[:-1]).all()):
+                fail(ValueError, "neuron_idx must be strictly increasing (sorted, distinct): "
+                                 "pass torch.unique(neuron_idx)")
+
+
+def activation_rows(act: torch.Tensor) -> tuple[int, int]:
+    """``(rows, row_stride)`` of ``act [..., F]`` seen as ``[rows, F]`` (size-1 dimensions are
+    free), or one ValueError when its leading dimensions do not collapse into one stride or
+    its rows overlap: the layout test of the C++ kernel, from metadata only."""
+    rows, stride, have = (0 if act.numel() == 0 else 1), act.shape[-1], False
+    for size, step in zip(reversed(act.shape[:-1]), reversed(act.stride()[:-1]), strict=True):
+        if size == 1 or rows == 0:
+            continue
+        if not have:
+            stride, have = step, True
+        elif step != stride * rows:
+            _scale_fail(ValueError, f"act's leading dimensions must collapse into rows of one "
+                                    f"stride, got shape {list(act.shape)} and strides "
+                                    f"{list(act.stride())}; pass act.contiguous() and copy back")
+        rows *= size
+    if rows > 1 and act.shape[-1] and stride < act.shape[-1]:
+        _scale_fail(ValueError, f"act's rows overlap in memory (strides {list(act.stride())}); an "
+                                f"in-place op needs distinct rows")
+    return rows, stride
+
+
+def resolve_scale_neurons_backend(backend: str | None, device: torch.device) -> str:
+    """The backend of ``emokern::scale_neurons_`` on ``device``: the forced one (argument, then
+    ``EMOKERN_BACKEND``) or the fastest available one (CPU: the C++ kernel when built; CUDA:
+    Triton when installed; else the reference). There is no compiled CUDA kernel of this op:
+    ``"cuda"`` is an error, as is a backend that cannot run on ``device``."""
+    backend = backend or os.environ.get("EMOKERN_BACKEND") or None
+    if backend is not None:
+        if backend not in SCALE_NEURONS_BACKENDS:
+            _scale_fail(ValueError, f"backend must be one of {SCALE_NEURONS_BACKENDS} (this op "
+                                    f"has no compiled CUDA kernel; Triton covers CUDA), got "
+                                    f"{backend!r}")
+        if not _backend_runs_on(backend, device):
+            usable = [b for b in SCALE_NEURONS_BACKENDS if _backend_runs_on(b, device)]
+            _scale_fail(ValueError, f"backend {backend!r} cannot run on {device.type} tensors; "
+                                    f"use {usable} (or no backend, to choose automatically)")
+        if backend == "cpu" and not _cpu_scale_kernel():
+            _scale_fail(RuntimeError, "the 'cpu' backend is not available here (see "
+                                      "`emokern info`)")
+        return backend
+    if device.type == "cpu":
+        return "cpu" if _cpu_scale_kernel() else "reference"
+    if device.type == "cuda" and build.triton_usable():
+        return "triton"
+    return "reference"
+
+
+def _cpu_scale_kernel() -> bool:
+    """Whether the C++ kernel of scale_neurons_ is loaded (an ahead-of-time build made from an
+    older source list may lack it: the reference then runs)."""
+    return build.load_cpu() and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "emokern::scale_neurons_", "CPU")
+
+
+def _call_triton_scale(act, neuron_idx, scale) -> None:
+    from emokern.ops.triton_ablate import triton_scale_neurons_  # Triton is an optional extra
+
+    triton_scale_neurons_(act, neuron_idx, scale)
+
+
+def scale_neurons_runner(backend: str) -> Callable[[torch.Tensor, torch.Tensor, float], None]:
+    """The callable that runs ``emokern::scale_neurons_`` on ``backend`` (``act, neuron_idx,
+    scale``), without the public wrapper's validation: for callers that validated once (the
+    ablator's forward hooks)."""
+    if backend == "reference":
+        return ref_scale_neurons_
+    if backend == "triton":
+        return _call_triton_scale
+    if backend == "cpu" and _cpu_scale_kernel():
+        return _call_scale_neurons
+    _scale_fail(RuntimeError, f"the {backend!r} backend is not available here")
+
+
+def scale_neurons_(act: torch.Tensor, neuron_idx: torch.Tensor, scale: float = 0.0, *,
+                   backend: str | None = None) -> None:
+    r"""Scale a set of neurons (last-dimension columns) of ``act`` in place.
+
+    For every row :math:`r` (all leading dimensions) and listed neuron
+    :math:`j \in \mathrm{neuron\_idx}`, in float32: :math:`a_{r,j} \leftarrow s\,a_{r,j}`. Other
+    entries are untouched bit for bit; an empty ``neuron_idx`` changes nothing. ``scale=0``
+    ablates the neurons.
+
+    Parameters
+    ----------
+    act : Tensor [..., F], float32/bfloat16/float16
+        E.g. an MLP's intermediate activation ``act_fn(gate) * up`` (the input of
+        ``down_proj``). Leading dimensions must collapse into rows of one stride, with a
+        contiguous last dimension.
+    neuron_idx : Tensor [M], int64
+        Strictly increasing (sorted, distinct) indices in ``[0, F)``, on ``act``'s device.
+    scale : float
+        Finite.
+    backend : {"reference", "cpu", "triton"}, optional
+        Force a backend; default ``$EMOKERN_BACKEND`` or the best one for ``act.device``.
+
+    Raises
+    ------
+    TypeError, ValueError
+        Naming the bad argument, before anything is modified.
+
+    Examples
+    --------
+    >>> a = torch.ones(2, 5)
+    >>> scale_neurons_(a, torch.tensor([1, 3]), 0.0)
+    >>> a
+    tensor([[1., 0., 1., 0., 1.],
+            [1., 0., 1., 0., 1.]])
+    """
+    capturing = isinstance(act, torch.Tensor) and act.is_cuda \
+        and torch.cuda.is_current_stream_capturing()
+    validate_scale_neurons_args(act, neuron_idx, scale, check_values=not capturing
+                                and not torch.compiler.is_compiling())
+    chosen = resolve_scale_neurons_backend(backend, act.device)
+    activation_rows(act)  # one layout rule on every backend (the C++ kernel checks it too)
+    scale_neurons_runner(chosen)(act, neuron_idx, float(scale))

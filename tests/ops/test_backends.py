@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from kernel_cases import gpu
 
 import emokern
-from emokern.ops import build, library, resolve_backend
+from emokern.ops import build, resolve_backend
 from emokern.ops.library import rows_disjoint
 
 REPO = Path(__file__).resolve().parents[2]
@@ -100,16 +100,8 @@ def test_load_cpu_builds_into_an_empty_cache(tmp_path):
 MISMATCHES = [("cpu", CUDA), ("cuda", CPU), ("triton", CPU)]
 
 
-@pytest.fixture
-def fresh_resolutions(monkeypatch):
-    """An empty cache of resolved backends for the test. Whether Triton runs on CPU tensors
-    depends on TRITON_INTERPRET, which the cache key does not hold (see the xfail below): a
-    ('triton', 'cpu') resolution made by an earlier test under the interpreter would be reused."""
-    monkeypatch.setattr(library, "_resolved", {})
-
-
 @pytest.mark.parametrize("backend,device", MISMATCHES, ids=lambda v: str(v))
-def test_backend_on_the_wrong_device_is_one_clear_error(monkeypatch, fresh_resolutions, backend,
+def test_backend_on_the_wrong_device_is_one_clear_error(monkeypatch, backend,
                                                         device):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delenv("EMOKERN_BACKEND", raising=False)
@@ -141,10 +133,7 @@ def test_triton_on_cpu_tensors_needs_the_interpreter_in_a_fresh_process():
     assert result["interpreted"] == "triton"
 
 
-@pytest.mark.xfail(strict=True, reason="resolve_backend caches ('triton', 'cpu') whatever "
-                                       "TRITON_INTERPRET says; the key should include it")
-def test_cached_triton_resolution_does_not_outlive_the_interpreter(monkeypatch,
-                                                                   fresh_resolutions):
+def test_cached_triton_resolution_does_not_outlive_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert resolve_backend("triton", CPU) == "triton"
     monkeypatch.delenv("TRITON_INTERPRET")
@@ -162,7 +151,7 @@ def _cpu_call():
 
 @pytest.mark.parametrize("backend,env", [("cuda", None), ("triton", None), (None, "cuda")],
                          ids=["cuda", "triton-no-interpreter", "EMOKERN_BACKEND=cuda"])
-def test_steer_with_a_backend_for_another_device_modifies_nothing(monkeypatch, fresh_resolutions,
+def test_steer_with_a_backend_for_another_device_modifies_nothing(monkeypatch,
                                                                   backend, env):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     if env is None:
