@@ -54,7 +54,7 @@ compiles a handful of variants (decode, prefill lengths); run each once before c
 Offsets are int64 (``B·T·D`` can exceed 2**31); scalars are float32 inside the kernel.
 
 Testing without a GPU: with ``TRITON_INTERPRET=1`` set before the first launch, the kernel runs
-on CPU tensors under Triton's interpreter; tests/test_triton.py also lowers it to sm_90 cubins
+on CPU tensors under Triton's interpreter; tests/ops/test_triton.py also lowers it to sm_90 cubins
 with Triton's bundled ptxas.
 """
 
