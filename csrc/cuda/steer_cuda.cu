@@ -290,7 +290,8 @@ cudaError_t launch_typed(const Params& params, int64_t batch, cudaStream_t strea
   }
   const dim3 grid(static_cast<unsigned int>(batch * params.n_chunks));
   // cudaLaunchKernel rather than <<<>>>: the same call in plain C++, so tests can also run
-  // this file on the CPU under a small emulation of the runtime (tests/ops/test_cuda.py (emulation in tests/ops/cuda_emulation/)).
+  // this file on the CPU under a small emulation of the runtime (tests/ops/test_cuda.py,
+  // tests/ops/cuda_emulation/).
   Params args = params;
   void* arg_ptrs[] = {&args};
   const cudaError_t err = cudaLaunchKernel(steer_kernel<T>, grid, dim3(threads), arg_ptrs, smem,
