@@ -141,3 +141,29 @@ def ref_steer_packed_(
             torch.full((n_slots,), -1, device=hidden.device)  # [S]
         last = p[newest.clamp_min(0)] if n_tokens else run_last
         run_last.copy_(torch.where((newest >= 0)[:, None], last, run_last))
+
+
+def ref_scale_neurons_(act: torch.Tensor, neuron_idx: torch.Tensor, scale: float) -> None:
+    r"""Scale a set of neurons (last-dimension columns) of ``act`` in place.
+
+    For every row :math:`r` of ``act`` (all leading dimensions) and every listed neuron
+    :math:`j \in \mathrm{neuron\_idx}`, in float32 whatever the storage dtype:
+
+    .. math::
+        a_{r,j} \leftarrow s \cdot a_{r,j}
+
+    Every other entry is left untouched (bit for bit); an empty ``neuron_idx`` changes nothing.
+
+    Parameters
+    ----------
+    act : Tensor [..., F], float32/bfloat16/float16
+        MLP intermediate activations, modified in place.
+    neuron_idx : Tensor [M], int64
+        Distinct neuron indices in ``[0, F)``.
+    scale : float
+        :math:`s`; 0 ablates (zeroes) the neurons.
+    """
+    if neuron_idx.numel() == 0:
+        return
+    cols = act.index_select(-1, neuron_idx)
+    act.index_copy_(act.dim() - 1, neuron_idx, (cols.float() * scale).to(act.dtype))
