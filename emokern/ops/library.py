@@ -611,6 +611,16 @@ def resolve_scale_neurons_backend(backend: str | None, device: torch.device) -> 
     Triton when installed; else the reference). There is no compiled CUDA kernel of this op:
     ``"cuda"`` is an error, as is a backend that cannot run on ``device``."""
     backend = backend or os.environ.get("EMOKERN_BACKEND") or None
+    key = (backend, device.type, os.environ.get("TRITON_INTERPRET") == "1")
+    if key not in _scale_resolved:  # decide once per device type (calls are microseconds)
+        _scale_resolved[key] = _resolve_scale(backend, device)
+    return _scale_resolved[key]
+
+
+_scale_resolved: dict[tuple[str | None, str, bool], str] = {}
+
+
+def _resolve_scale(backend: str | None, device: torch.device) -> str:
     if backend is not None:
         if backend not in SCALE_NEURONS_BACKENDS:
             _scale_fail(ValueError, f"backend must be one of {SCALE_NEURONS_BACKENDS} (this op "
@@ -634,8 +644,13 @@ def resolve_scale_neurons_backend(backend: str | None, device: torch.device) -> 
 def _cpu_scale_kernel() -> bool:
     """Whether the C++ kernel of scale_neurons_ is loaded (an ahead-of-time build made from an
     older source list may lack it: the reference then runs)."""
-    return build.load_cpu() and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "emokern::scale_neurons_", "CPU")
+    if "cpu" not in _scale_kernels:  # decided once, eagerly (a resolution before compiling)
+        _scale_kernels["cpu"] = build.load_cpu() and torch._C._dispatch_has_kernel_for_dispatch_key(
+            "emokern::scale_neurons_", "CPU")
+    return _scale_kernels["cpu"]
+
+
+_scale_kernels: dict[str, bool] = {}
 
 
 def _call_triton_scale(act, neuron_idx, scale) -> None:
