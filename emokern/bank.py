@@ -13,9 +13,13 @@ A safetensors file (never a pickle) with tensors
 
 * ``vectors`` [L, K, D] (float32, or float16/bfloat16 for small shipped files),
 * ``hidden_norm`` [L] float32 (optional),
+* ``neutral_mean``, ``neutral_std`` [L, K] float32 (optional, together): the neutral baseline
+  of the readings (mean and spread of the projections of neutral responses; see
+  :meth:`EmotionBank.standardize`),
 
 and, in the header metadata (all strings), ``format`` = ``"emokern.bank/1"`` and the JSON
 encodings of ``names`` (list of K str), ``layers`` (list of L int) and ``metadata`` (dict).
+Files without the optional tensors or metadata keys (older banks) load as before.
 """
 
 from __future__ import annotations
@@ -46,8 +50,13 @@ _TYPED_KEYS = {
     "fingerprint": (dict,),
     "recommended_alpha": (int, float),
     "recommended_layers": (list,),
+    "recommended_weights": (dict,),
+    "detection_layers": (list,),
+    "neutral": (dict,),
     "created": (str,),
 }
+#: The tensors a bank file may hold.
+_TENSORS = ("vectors", "hidden_norm", "neutral_mean", "neutral_std")
 _FINGERPRINT_FIELDS = (
     ("architecture", "architecture"),
     ("hidden_size", "hidden size"),
@@ -119,19 +128,54 @@ def _check_metadata(metadata, layers: list[int]) -> dict:
     alpha = metadata.get("recommended_alpha")
     if alpha is not None and not math.isfinite(alpha):
         _fail(f"metadata['recommended_alpha'] must be finite, got {alpha}")
-    if "recommended_layers" in metadata:
-        rec = _check_int_list("metadata['recommended_layers']", metadata["recommended_layers"])
-        unknown = [layer for layer in rec if layer not in layers]
-        if unknown or not rec:
-            _fail(f"metadata['recommended_layers'] must be a non-empty subset of the bank's "
-                  f"layers {layers}, got {rec}")
+    for key in ("recommended_layers", "detection_layers"):
+        if key in metadata:
+            rec = _check_int_list(f"metadata[{key!r}]", metadata[key])
+            unknown = [layer for layer in rec if layer not in layers]
+            if unknown or not rec:
+                _fail(f"metadata[{key!r}] must be a non-empty subset of the bank's layers "
+                      f"{layers}, got {rec}")
+    for name, record in (metadata.get("recommended_weights") or {}).items():
+        weight = record.get("weight") if isinstance(record, dict) else None
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) \
+                or not math.isfinite(weight):
+            _fail(f"metadata['recommended_weights'][{name!r}] must be a dict with a finite "
+                  f"'weight', got {record!r}")
+        if "layers" in record:
+            band = _check_int_list(f"metadata['recommended_weights'][{name!r}]['layers']",
+                                   record["layers"])
+            if not band or any(layer not in layers for layer in band):
+                _fail(f"metadata['recommended_weights'][{name!r}]['layers'] must be a "
+                      f"non-empty subset of the bank's layers {layers}, got {band}")
     # A JSON round trip is a deep copy that also normalises tuples to lists, so a bank's
     # metadata equals what a saved-and-loaded copy reads back.
     return json.loads(json.dumps(metadata))
 
 
+def _check_neutral(mean, std, n_layers: int, n_names: int, device):
+    if mean is None and std is None:
+        return None, None
+    if mean is None or std is None:
+        _fail("neutral_mean and neutral_std go together: give both or neither")
+    checked = []
+    for name, value in (("neutral_mean", mean), ("neutral_std", std)):
+        if not isinstance(value, torch.Tensor):
+            _fail(f"{name} must be a torch.Tensor, got {type(value).__name__}", TypeError)
+        if not value.is_floating_point():
+            _fail(f"{name} must be floating point, got {value.dtype}", TypeError)
+        if tuple(value.shape) != (n_layers, n_names):
+            _fail(f"{name} must have shape [{n_layers}, {n_names}] (layers x emotions), got "
+                  f"{list(value.shape)}")
+        if not bool(torch.isfinite(value).all()):
+            _fail(f"{name} must be finite")
+        checked.append(value.detach().to(device=device, dtype=torch.float32))
+    if not bool((checked[1] > 0).all()):
+        _fail("neutral_std must be positive (a spread of zero makes standard scores infinite)")
+    return checked[0], checked[1]
+
+
 class EmotionBank:
-    """Emotion vectors of one model: K named emotions at L decoder layers, D dims each.
+    r"""Emotion vectors of one model: K named emotions at L decoder layers, D dims each.
 
     Parameters
     ----------
@@ -147,12 +191,21 @@ class EmotionBank:
     hidden_norm : Tensor [L], optional
         Per-layer mean L2 norm of the hidden states seen during extraction (float32, > 0);
         the scale against which a vector's size is judged.
+    neutral_mean, neutral_std : Tensor [L, K], optional (both or neither)
+        The neutral baseline of the readings: per layer and emotion, the mean projection
+        :math:`\mu_{l,k}` of neutral responses' tokens on the unit direction of
+        ``vectors[l, k]`` and the spread :math:`\sigma_{l,k} > 0` of the per-response mean
+        projection over neutral responses (:meth:`standardize` turns readings into
+        standard scores against them).
     metadata : dict, optional
         str -> JSON-able values. Known keys: ``method`` ("ev" or "concept"), ``source_hash``
         (hash of the prompt set), ``emokern_version``, ``fingerprint`` (the model's
         :func:`emokern.models.model_fingerprint`), ``recommended_alpha`` (float),
-        ``recommended_layers`` (list of bank layers), ``created`` (ISO time); anything else is
-        kept as free-form extras (e.g. ``centered``, ``instruction``).
+        ``recommended_layers`` (list of bank layers), ``recommended_weights`` (emotion ->
+        ``{"weight": float, "layers": [...], ...}``: the per-emotion recommendation),
+        ``detection_layers`` (the bank layers whose readings detect emotions best),
+        ``neutral`` (how the neutral baseline was measured), ``created`` (ISO time); anything
+        else is kept as free-form extras (e.g. ``centered``, ``instruction``).
 
     Raises
     ------
@@ -160,7 +213,8 @@ class EmotionBank:
         One clear error naming the first bad argument.
     """
 
-    def __init__(self, vectors, names, layers, *, hidden_norm=None, metadata=None):
+    def __init__(self, vectors, names, layers, *, hidden_norm=None, metadata=None,
+                 neutral_mean=None, neutral_std=None):
         names = _check_names(names)
         layers = _check_int_list("layers", layers)
         if not isinstance(vectors, torch.Tensor):
@@ -197,7 +251,11 @@ class EmotionBank:
             if not bool((torch.isfinite(hidden_norm) & (hidden_norm > 0)).all()):
                 _fail("hidden_norm must be finite and positive")
             hidden_norm = hidden_norm.detach().to(device=vectors.device, dtype=torch.float32)
+        neutral_mean, neutral_std = _check_neutral(neutral_mean, neutral_std, n_layers,
+                                                   n_names, vectors.device)
         self._metadata = _check_metadata(metadata, layers)
+        self._neutral_mean = neutral_mean
+        self._neutral_std = neutral_std
         self._vectors = vectors.detach()
         self._names = names
         self._layers = layers
@@ -257,6 +315,102 @@ class EmotionBank:
         if rec:
             return list(rec)
         return [self._layers[len(self._layers) // 2]]
+
+    def recommended_weight(self, name: str) -> float:
+        """The recommended weight of emotion ``name``: its own, measured by the per-emotion
+        sweep (``metadata["recommended_weights"]``), else the bank-wide
+        :attr:`recommended_alpha`. Unknown names raise ValueError."""
+        self.index(name)
+        record = (self._metadata.get("recommended_weights") or {}).get(name)
+        if record is not None:
+            return float(record["weight"])
+        return self.recommended_alpha
+
+    @property
+    def recommended_weights(self) -> dict[str, dict]:
+        """The per-emotion recommendations (emotion -> ``{"weight", "layers", ...}``; a copy,
+        empty when unrecorded)."""
+        return json.loads(json.dumps(self._metadata.get("recommended_weights") or {}))
+
+    @property
+    def detection_layers(self) -> list[int]:
+        """Layers whose readings tell emotions apart best (``metadata["detection_layers"]``,
+        chosen on held-out sentences); :attr:`recommended_layers` when unrecorded."""
+        rec = self._metadata.get("detection_layers")
+        return list(rec) if rec else self.recommended_layers
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the bank has a neutral baseline (readings in standard scores)."""
+        return self._neutral_mean is not None
+
+    @property
+    def neutral_mean(self) -> torch.Tensor | None:
+        """Tensor [L, K] float32: mean projection of neutral text, or None."""
+        return self._neutral_mean
+
+    @property
+    def neutral_std(self) -> torch.Tensor | None:
+        """Tensor [L, K] float32: spread of neutral responses' mean projections, or None."""
+        return self._neutral_std
+
+    def neutral_stats(self, layers) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mean [L', K], std [L', K])`` of the neutral baseline at decoder ``layers``.
+
+        Raises
+        ------
+        ValueError
+            When the bank has no neutral baseline, or a layer is not in the bank.
+        """
+        if not self.calibrated:
+            _fail("the bank has no neutral baseline (neutral_mean/neutral_std); compute one "
+                  "with emokern.extract.neutral_baseline")
+        if isinstance(layers, int) and not isinstance(layers, bool):
+            layers = [layers]
+        idx = torch.tensor([self.layer_index(layer) for layer in layers], dtype=torch.long,
+                           device=self._neutral_mean.device)
+        return self._neutral_mean.index_select(0, idx), self._neutral_std.index_select(0, idx)
+
+    def standardize(self, projections: torch.Tensor, layers, names=None) -> torch.Tensor:
+        r"""Raw readings as standard scores against the neutral baseline.
+
+        .. math:: z_{\dots,l,k} = (p_{\dots,l,k} - \mu_{l,k}) / \sigma_{l,k}
+
+        0 reads as neutral text, +2 as two neutral spreads above it.
+
+        Parameters
+        ----------
+        projections : Tensor [..., L', K']
+            Raw projections on the unit directions (what the monitor reads), at ``layers``.
+        layers : list of int
+            The L' decoder layers of the second-to-last axis.
+        names : list of str, optional
+            The K' emotions of the last axis (default all of the bank's, in order).
+
+        Returns
+        -------
+        Tensor [..., L', K'] float32
+        """
+        mean, std = self.neutral_stats(layers)
+        if names is not None:
+            cols = torch.tensor([self.index(n) for n in names], dtype=torch.long,
+                                device=mean.device)
+            mean, std = mean.index_select(1, cols), std.index_select(1, cols)
+        if projections.shape[-2:] != mean.shape:
+            _fail(f"projections must end in [{mean.shape[0]}, {mean.shape[1]}] (layers x "
+                  f"emotions), got {list(projections.shape)}")
+        return (projections.float() - mean.to(projections.device)) / std.to(projections.device)
+
+    def replace(self, *, metadata=None, neutral_mean=None, neutral_std=None) -> EmotionBank:
+        """A copy with new ``metadata`` (merged over the current one) and/or a new neutral
+        baseline; the vectors are shared, unchanged."""
+        meta = self.metadata
+        meta.update(metadata or {})
+        if neutral_mean is None and neutral_std is None:
+            neutral_mean, neutral_std = self._neutral_mean, self._neutral_std
+        return EmotionBank(self._vectors, self._names, self._layers,
+                           hidden_norm=self._hidden_norm, metadata=meta,
+                           neutral_mean=neutral_mean, neutral_std=neutral_std)
 
     @property
     def n_emotions(self) -> int:
@@ -355,13 +509,30 @@ class EmotionBank:
         vectors = self._vectors.index_select(0, li).index_select(1, ki).clone()
         hidden = None if self._hidden_norm is None else self._hidden_norm.index_select(0, li)
         metadata = self.metadata
-        if "recommended_layers" in metadata:
-            kept = [layer for layer in metadata["recommended_layers"] if layer in layers]
-            if kept:
-                metadata["recommended_layers"] = kept
-            else:
-                del metadata["recommended_layers"]
-        return EmotionBank(vectors, names, layers, hidden_norm=hidden, metadata=metadata)
+        for key in ("recommended_layers", "detection_layers"):
+            if key in metadata:
+                kept = [layer for layer in metadata[key] if layer in layers]
+                if kept:
+                    metadata[key] = kept
+                else:
+                    del metadata[key]
+        if "recommended_weights" in metadata:
+            weights = {}
+            for name, record in metadata["recommended_weights"].items():
+                if name not in names:
+                    continue
+                if "layers" in record:
+                    record["layers"] = [layer for layer in record["layers"] if layer in layers]
+                    if not record["layers"]:
+                        del record["layers"]
+                weights[name] = record
+            metadata["recommended_weights"] = weights
+        mean = std = None
+        if self.calibrated:
+            mean = self._neutral_mean.index_select(0, li).index_select(1, ki)
+            std = self._neutral_std.index_select(0, li).index_select(1, ki)
+        return EmotionBank(vectors, names, layers, hidden_norm=hidden, metadata=metadata,
+                           neutral_mean=mean, neutral_std=std)
 
     def to(self, device=None, dtype=None) -> EmotionBank:
         """A copy on ``device`` with vectors in ``dtype`` (float32/float16/bfloat16);
@@ -372,8 +543,10 @@ class EmotionBank:
         if vectors is self._vectors:
             vectors = vectors.clone()
         hidden = None if self._hidden_norm is None else self._hidden_norm.to(device=device)
+        mean = None if self._neutral_mean is None else self._neutral_mean.to(device=device)
+        std = None if self._neutral_std is None else self._neutral_std.to(device=device)
         return EmotionBank(vectors, self._names, self._layers, hidden_norm=hidden,
-                           metadata=self._metadata)
+                           metadata=self._metadata, neutral_mean=mean, neutral_std=std)
 
     # ---------------------------------------------------------------------------------------
     # Statistics
@@ -467,6 +640,9 @@ class EmotionBank:
         tensors = {"vectors": stored}
         if self._hidden_norm is not None:
             tensors["hidden_norm"] = self._hidden_norm.detach().to("cpu", torch.float32)
+        if self.calibrated:
+            tensors["neutral_mean"] = self._neutral_mean.to("cpu").contiguous()
+            tensors["neutral_std"] = self._neutral_std.to("cpu").contiguous()
         metadata = self.metadata
         metadata.setdefault("emokern_version", __version__)
         metadata.setdefault("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
@@ -509,7 +685,7 @@ class EmotionBank:
             raise bad(f"header lacks {missing}")
         if "vectors" not in keys:
             raise bad(f"no 'vectors' tensor (found {sorted(keys)})")
-        extra = keys - {"vectors", "hidden_norm"}
+        extra = keys - set(_TENSORS)
         if extra:
             raise bad(f"unexpected tensors {sorted(extra)}")
         try:
@@ -524,10 +700,13 @@ class EmotionBank:
         if not vectors.is_floating_point():
             raise bad(f"vectors have dtype {vectors.dtype}")
         hidden = tensors.get("hidden_norm")
+        mean, std = tensors.get("neutral_mean"), tensors.get("neutral_std")
         try:
             bank = cls(vectors.float().to(device), names, layers,
                        hidden_norm=None if hidden is None else hidden.float().to(device),
-                       metadata=metadata)
+                       metadata=metadata,
+                       neutral_mean=None if mean is None else mean.float().to(device),
+                       neutral_std=None if std is None else std.float().to(device))
         except (TypeError, ValueError) as exc:
             raise bad(str(exc).removeprefix("EmotionBank: ")) from exc
         return bank
@@ -571,7 +750,13 @@ class EmotionBank:
             lines.append("  (none)")
         lines += ["", f"emotions ({self.n_emotions}): {', '.join(self._names)}",
                   f"recommended: alpha={self.recommended_alpha:g}, "
-                  f"layers={self.recommended_layers}", ""]
+                  f"layers={self.recommended_layers}"]
+        per_emotion = self._metadata.get("recommended_weights") or {}
+        if per_emotion:
+            lines.append("per emotion: " + ", ".join(
+                f"{n}={r['weight']:g}" for n, r in per_emotion.items()))
+        lines += [f"readings: {'calibrated (neutral baseline)' if self.calibrated else 'raw'}, "
+                  f"detection layers {self.detection_layers}", ""]
         norms = self.norms().cpu()
         lines.append(f"{'layer':>5}  {'hidden':>8}  {'|v| min':>8}  {'|v| mean':>8}  "
                      f"{'|v| max':>8}  {'mean |v|/hidden':>15}")

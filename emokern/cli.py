@@ -1,4 +1,4 @@
-"""The emokern command line: demo, info, extract, calibrate, generate, bench.
+"""The emokern command line: demo, info, extract, calibrate, generate, eval, bench.
 
 Each subcommand parses its arguments, calls the library, and prints; the work itself lives in
 the library so that it can be used from Python too. The library is imported inside the
@@ -174,6 +174,46 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_bank(spec: str):
+    """``default`` (the shipped EV bank), ``ev``/``concept`` (a shipped bank) or a path."""
+    from emokern.bank import EmotionBank
+
+    if spec in ("default", "ev", "concept"):
+        return EmotionBank.load_default("ev" if spec == "default" else spec)
+    return EmotionBank.load(spec)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from emokern.eval.evaluation import (
+        check_emotions,
+        check_out_dir,
+        evaluate,
+        load_prompts,
+        parse_alphas,
+    )
+    from emokern.machine import auto_threads
+    from emokern.models import load_model
+
+    # Every bad input fails here, before the model loads or anything is generated.
+    alphas = parse_alphas(args.alphas)
+    prompts = load_prompts(args.prompts)
+    bank = _load_bank(args.bank)
+    emotions = check_emotions(args.emotions, bank)
+    out = check_out_dir(args.out)
+    auto_threads()
+    model, tokenizer = load_model(args.model)
+    result = evaluate(model, tokenizer, bank, emotions=emotions, alphas=alphas, prompts=prompts,
+                      max_new_tokens=args.max_new_tokens, seed=args.seed,
+                      batch_size=args.batch_size, layers=args.layers or "auto", out=out,
+                      model_name=args.model, bank_name=args.bank)
+    from emokern.eval.report import format_table
+
+    print(format_table(result["aggregates"], result["config"]["emotions"]))
+    print(f"wrote {out / 'results.json'}, {out / 'report.md'}, {out / 'eps.png'}, "
+          f"{out / 'perplexity.png'}")
+    return 0
+
+
 def _parse_shape(text: str):
     from emokern.benchmarks.ops import OpShape
 
@@ -283,6 +323,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--monitor", action="store_true", help="print each row's mean projections")
     p.add_argument("--json", action="store_true", help="print JSON rows")
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("eval", help="judge steering with independent scorers: EPS/EAS, "
+                       "fidelity, fluency per emotion and weight")
+    p.add_argument("--model", default="default", help="'default' or a local checkpoint dir")
+    p.add_argument("--bank", default="default",
+                   help="'default' (shipped EV bank), 'concept' or a bank .safetensors path")
+    p.add_argument("--emotions", help="comma-separated (default: the bank's basic emotions)")
+    p.add_argument("--alphas", default="-1,0,1,2,4,rec",
+                   help="comma-separated weights; 'rec' = each emotion's recommended weight")
+    p.add_argument("--prompts", help="JSON list or one prompt per line (default: the "
+                   "built-in 60 prompts)")
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64, help="rows per generation")
+    p.add_argument("--layers", type=lambda s: [int(x) for x in s.split(",")],
+                   help="steered decoder layers (default: the bank's recommendation)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("bench", help="run a benchmark suite on this machine and print ratios")
     p.add_argument("suite", choices=("ops", "generate"))

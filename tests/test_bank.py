@@ -405,3 +405,79 @@ def test_load_default(method):
     fp = bank.fingerprint
     assert (fp["architecture"], fp["num_layers"], fp["vocab_size"]) == ("llama", 30, 49152)
     assert set(bank.recommended_layers) <= set(bank.layers)
+
+
+# ------------------------------------------------------- per-emotion weights, neutral baseline
+
+
+def _calibrated(bank, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shape = (bank.n_layers, bank.n_emotions)
+    return bank.replace(neutral_mean=torch.randn(shape, generator=g),
+                        neutral_std=torch.rand(shape, generator=g) + 0.5)
+
+
+def test_recommended_weight_per_emotion_falls_back_to_the_bank_wide_one():
+    bank = make_bank(recommended_alpha=2.0, recommended_weights={
+        NAMES[0]: {"weight": 4.0, "layers": [LAYERS[0]], "gain": 0.2}})
+    assert bank.recommended_weight(NAMES[0]) == 4.0
+    assert bank.recommended_weight(NAMES[1]) == 2.0
+    assert bank.recommended_weights[NAMES[0]]["gain"] == 0.2
+    with pytest.raises(ValueError, match="unknown emotion"):
+        bank.recommended_weight("boredom")
+    for bad in ({NAMES[0]: {"weight": float("inf")}}, {NAMES[0]: 3.0},
+                {NAMES[0]: {"weight": 1.0, "layers": [99]}}):
+        with pytest.raises((TypeError, ValueError), match="recommended_weights"):
+            make_bank(recommended_weights=bad)
+    # select keeps the kept emotions' records only.
+    kept = bank.select([NAMES[1], NAMES[0]], layers=[LAYERS[1]])
+    assert list(kept.recommended_weights) == [NAMES[0]]
+    assert "layers" not in kept.recommended_weights[NAMES[0]]
+
+
+def test_neutral_baseline_round_trip_and_standard_scores(tmp_path):
+    bank = _calibrated(make_bank(detection_layers=[LAYERS[-1]]))
+    assert bank.calibrated and bank.detection_layers == [LAYERS[-1]]
+    path = bank.save(tmp_path / "b.safetensors", dtype=torch.float16)
+    loaded = EmotionBank.load(path)
+    assert loaded.calibrated
+    torch.testing.assert_close(loaded.neutral_mean, bank.neutral_mean, rtol=0, atol=0)
+    torch.testing.assert_close(loaded.neutral_std, bank.neutral_std, rtol=0, atol=0)
+    mean, std = bank.neutral_stats([LAYERS[2], LAYERS[0]])
+    raw = mean + 2.0 * std  # two neutral spreads above the neutral mean
+    z = bank.standardize(raw[None], [LAYERS[2], LAYERS[0]])
+    torch.testing.assert_close(z, torch.full_like(z, 2.0))
+    z1 = bank.standardize(raw[None, :, [1]], [LAYERS[2], LAYERS[0]], names=[NAMES[1]])
+    torch.testing.assert_close(z1, torch.full_like(z1, 2.0))
+    sub = bank.select([NAMES[2]], layers=[LAYERS[1]])
+    assert sub.neutral_mean.shape == (1, 1)
+    assert float(sub.neutral_mean[0, 0]) == float(bank.neutral_mean[1, 2])
+    assert bank.to(dtype=torch.float16).calibrated
+    with pytest.raises(ValueError, match="must end in"):
+        bank.standardize(torch.zeros(2, 3), [LAYERS[0]])
+
+
+def test_banks_without_a_baseline_still_load_and_say_so(tmp_path):
+    bank = make_bank()
+    path = bank.save(tmp_path / "old.safetensors")
+    assert set(load_file(str(path))) == {"vectors", "hidden_norm"}
+    loaded = EmotionBank.load(path)
+    assert not loaded.calibrated and loaded.detection_layers == loaded.recommended_layers
+    with pytest.raises(ValueError, match="no neutral baseline"):
+        loaded.neutral_stats([LAYERS[0]])
+    for shipped in ("ev", "concept"):
+        assert EmotionBank.load_default(shipped).n_emotions >= 6
+
+
+def test_neutral_baseline_is_checked():
+    bank = make_bank()
+    shape = (bank.n_layers, bank.n_emotions)
+    cases = [({"neutral_mean": torch.zeros(shape)}, "both or neither"),
+             ({"neutral_mean": torch.zeros(shape), "neutral_std": torch.zeros(shape)},
+              "positive"),
+             ({"neutral_mean": torch.zeros(2, 2), "neutral_std": torch.ones(2, 2)}, "shape"),
+             ({"neutral_mean": torch.full(shape, float("nan")), "neutral_std": torch.ones(shape)},
+              "finite")]
+    for kwargs, match in cases:
+        with pytest.raises(ValueError, match=match):
+            EmotionBank(bank.vectors, bank.names, bank.layers, **kwargs)

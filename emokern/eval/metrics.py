@@ -33,11 +33,15 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["AGGREGATE_FIELDS", "aggregate", "eas", "eps", "finite", "pearson", "spearman"]
+__all__ = ["AGGREGATE_FIELDS", "PER_EMOTION_FIELDS", "aggregate", "eas", "eps", "finite",
+           "pearson", "spearman"]
 
 #: Per-row numeric fields averaged by :func:`aggregate` (when present in the rows).
-AGGREGATE_FIELDS = ("fidelity", "adherence", "distinct2", "rep3", "lexicon", "reading",
-                    "raw_reading", "n_tokens")
+AGGREGATE_FIELDS = ("fidelity", "adherence", "distinct2", "rep3", "n_tokens")
+#: Per-row fields that hold one value per emotion (row key -> aggregate key): the target
+#: emotion's value is averaged.
+PER_EMOTION_FIELDS = {"readings": "reading", "projections": "raw_reading",
+                      "lexicon": "lexicon"}
 
 
 def eps(probabilities: np.ndarray, column: int) -> tuple[float, float]:
@@ -81,8 +85,9 @@ def aggregate(rows: Sequence[dict], emotions: Sequence[str]) -> list[dict]:
         Each with ``emotion`` (the target, or None for an unsteered row), ``label`` (the
         weight as asked: ``"0"``, ``"2"``, ``"rec"``...), ``alpha`` (the weight applied),
         ``judge`` (emotion -> nade intensity), ``judge_p`` (emotion -> probability),
-        ``perplexity`` and the :data:`AGGREGATE_FIELDS` that were measured; ``readings``
-        (emotion -> calibrated reading) is read for the target.
+        ``perplexity`` and the :data:`AGGREGATE_FIELDS` that were measured; of the
+        :data:`PER_EMOTION_FIELDS` (``readings``: emotion -> calibrated reading,
+        ``projections``: raw, ``lexicon``: EmoLex density) the target's value is read.
     emotions : sequence of str
         The judged emotions, in the order of the probability columns.
 
@@ -92,7 +97,8 @@ def aggregate(rows: Sequence[dict], emotions: Sequence[str]) -> list[dict]:
         Per (emotion, label): ``emotion``, ``label``, ``alpha`` (mean applied), ``n``,
         ``eps``, ``top``, ``eas``, ``eas_change`` (vs the unsteered rows of the same prompts),
         ``gain`` (EPS minus the unsteered EPS), ``perplexity`` (median) and the means of
-        :data:`AGGREGATE_FIELDS`. The unsteered rows count as weight ``"0"`` of every emotion.
+        :data:`AGGREGATE_FIELDS` and :data:`PER_EMOTION_FIELDS`. The unsteered rows count
+        as weight ``"0"`` of every emotion.
     """
     emotions = list(emotions)
     base = [r for r in rows if r.get("emotion") is None]
@@ -125,9 +131,10 @@ def aggregate(rows: Sequence[dict], emotions: Sequence[str]) -> list[dict]:
                       "perplexity": _nanmedian(r.get("perplexity") for r in group)}
             for field in AGGREGATE_FIELDS:
                 values = [r.get(field) for r in group]
-                if field in ("reading", "raw_reading"):
-                    key = "readings" if field == "reading" else "projections"
-                    values = [(r.get(key) or {}).get(emotion) for r in group]
+                if any(v is not None for v in values):
+                    record[field] = _nanmean(values)
+            for key, field in PER_EMOTION_FIELDS.items():
+                values = [(r.get(key) or {}).get(emotion) for r in group]
                 if any(v is not None for v in values):
                     record[field] = _nanmean(values)
             out.append(record)

@@ -1,0 +1,332 @@
+r"""``emokern eval``: judge steering the way the emotion-vector papers do, by scorers that are
+not the steered model.
+
+The grid is emotions :math:`\times` weights :math:`\times` prompts, one greedy answer per cell,
+plus one unsteered answer per prompt (weight 0, shared by every emotion). All rows go through
+:func:`emokern.steering.generate` in batches of ``batch_size``, each row with its own mix, so
+the whole grid costs ``ceil(rows / batch_size)`` generations. Each answer is then scored by
+
+* the ``nade`` judge (intensities and probabilities over the six basic emotions,
+  :class:`~emokern.eval.scorers.EmotionScorer`),
+* NRC EmoLex word densities (:class:`~emokern.eval.lexicon.LexiconScorer`),
+* semantic fidelity to the unsteered answer and topic adherence to the prompt
+  (:class:`~emokern.eval.similarity.SentenceEmbedder`),
+* perplexity under the unsteered model, distinct-2 and the repeated-3-gram rate,
+
+and carries the monitor's readings (calibrated units when the bank has a neutral baseline).
+:func:`~emokern.eval.metrics.aggregate` gives EPS/EAS per emotion and weight;
+:mod:`emokern.eval.report` writes ``report.md`` and the plots.
+
+Everything that can be wrong with the input (unknown emotion, bad weight list, empty or
+unreadable prompt file, unwritable output directory) raises one ``ValueError`` before the
+model generates anything; ``results.json`` is written atomically at the end, so an interrupted
+run leaves none.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from emokern.data import DATA_DIR
+from emokern.emotions import BASIC_EMOTIONS
+from emokern.eval.lexicon import LexiconScorer
+from emokern.eval.metrics import aggregate
+from emokern.eval.report import format_report, plot_eps, plot_perplexity
+from emokern.eval.scorers import EmotionScorer, degeneration, perplexity
+from emokern.eval.similarity import SentenceEmbedder
+from emokern.files import write_json, write_text
+from emokern.machine import machine_info
+from emokern.steering import generate
+
+__all__ = ["EVAL_PROMPTS_FILE", "REC", "check_emotions", "check_out_dir", "evaluate",
+           "grid_rows", "load_prompts", "parse_alphas", "sanitize"]
+
+#: The built-in prompt set (60 everyday prompts, disjoint from the extraction queries and the
+#: sweep prompts).
+EVAL_PROMPTS_FILE = DATA_DIR / "eval_prompts.txt"
+#: The weight label that means "each emotion's recommended weight".
+REC = "rec"
+
+
+def load_prompts(path: str | os.PathLike | None = None) -> list[str]:
+    """Prompts from a JSON list of strings or a text file with one prompt per line (blank
+    lines and ``#`` comments skipped); default the built-in set.
+
+    Raises
+    ------
+    ValueError
+        Missing, unreadable, non-UTF-8 or empty file; a JSON value that is not a list of
+        non-empty strings.
+    """
+    source = EVAL_PROMPTS_FILE if path is None else Path(path).expanduser()
+    if not source.is_file():
+        raise ValueError(f"prompts file {str(source)!r} does not exist or is not a file")
+    try:
+        text = source.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"prompts file {str(source)!r} cannot be read as UTF-8 text: {exc}") \
+            from exc
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"prompts file {str(source)!r} looks like JSON but does not "
+                             f"parse: {exc}") from exc
+        if not isinstance(data, list) or not all(isinstance(p, str) and p.strip()
+                                                 for p in data):
+            raise ValueError(f"prompts file {str(source)!r} must hold a JSON list of non-empty "
+                             f"strings")
+        prompts = [p.strip() for p in data]
+    else:
+        prompts = [line.strip() for line in text.splitlines()]
+        prompts = [p for p in prompts if p and not p.startswith("#")]
+    if not prompts:
+        raise ValueError(f"prompts file {str(source)!r} holds no prompt")
+    return prompts
+
+
+def parse_alphas(text) -> list[float | str]:
+    """Weights from ``"-1,0,1,2,4"``, ``"rec"`` or a mix (``"0,1,rec"``): floats and the
+    label :data:`REC`, in the order given, without duplicates.
+
+    Raises
+    ------
+    ValueError
+        An empty list, a term that is neither a finite number nor ``rec``, a repeated term.
+    """
+    if isinstance(text, str):
+        terms = [t.strip() for t in text.split(",")]
+    elif isinstance(text, Sequence):
+        terms = list(text)
+    else:
+        raise ValueError(f"alphas must be a comma-separated string such as '-1,0,1,2,4' or "
+                         f"'rec', got {text!r}")
+    out: list[float | str] = []
+    for term in terms:
+        if isinstance(term, str) and term.lower() == REC:
+            value: float | str = REC
+        else:
+            try:
+                value = float(term)
+            except (TypeError, ValueError):
+                raise ValueError(f"alphas: {term!r} is neither a number nor 'rec' (in "
+                                 f"{text!r})") from None
+            if not math.isfinite(value):
+                raise ValueError(f"alphas: {term!r} is not finite")
+        if value in out:
+            raise ValueError(f"alphas: {term!r} is given twice")
+        out.append(value)
+    if not out or out == [""]:
+        raise ValueError("alphas must not be empty")
+    return out
+
+
+def check_emotions(emotions, bank, judge_labels: Sequence[str] = BASIC_EMOTIONS) -> list[str]:
+    """Emotions to evaluate: each must be in the bank and known to the judge (default: the
+    judge's emotions the bank has)."""
+    if emotions is None:
+        chosen = [e for e in judge_labels if e in bank.names]
+        if not chosen:
+            raise ValueError(f"the bank has none of the judge's emotions {list(judge_labels)}; "
+                             f"it has {bank.names}")
+        return chosen
+    if isinstance(emotions, str):
+        emotions = [e.strip() for e in emotions.split(",") if e.strip()]
+    emotions = list(emotions)
+    if not emotions:
+        raise ValueError("emotions must not be empty")
+    for e in emotions:
+        if e not in bank.names:
+            raise ValueError(f"emotions: unknown emotion {e!r}; the bank has {bank.names}")
+        if e not in judge_labels:
+            raise ValueError(f"emotions: {e!r} is not one the judge scores "
+                             f"({list(judge_labels)})")
+    if len(set(emotions)) != len(emotions):
+        raise ValueError(f"emotions lists a name twice: {emotions}")
+    return emotions
+
+
+def check_out_dir(out: str | os.PathLike) -> Path:
+    """Create ``out`` (and parents) and prove it writable by creating and removing a file."""
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"out {str(path)!r} exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".emokern-write-test-"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"out {str(path)!r} is not a writable directory: {exc}") from exc
+    return path
+
+
+def grid_rows(prompts: Sequence[str], emotions: Sequence[str], alphas: Sequence[float | str],
+              bank) -> list[dict]:
+    """The grid as rows ``{prompt, emotion, label, alpha, mix}``: one unsteered row per
+    prompt (``emotion`` None, label ``"0"``), then per emotion and non-zero weight one row
+    per prompt (``rec`` resolved by ``bank.recommended_weight``)."""
+    rows = [{"prompt": p, "emotion": None, "label": "0", "alpha": 0.0, "mix": {}}
+            for p in prompts]
+    for emotion in emotions:
+        for alpha in alphas:
+            if alpha == 0.0:
+                continue
+            weight = bank.recommended_weight(emotion) if alpha == REC else float(alpha)
+            label = REC if alpha == REC else f"{alpha:g}"
+            rows += [{"prompt": p, "emotion": emotion, "label": label, "alpha": weight,
+                      "mix": {emotion: weight}} for p in prompts]
+    return rows
+
+
+def sanitize(value):
+    """``value`` with NaN/inf floats replaced by None (JSON has no NaN), recursively."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (np.floating, np.integer)):
+        return sanitize(value.item())
+    if isinstance(value, dict):
+        return {k: sanitize(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [sanitize(v) for v in value]
+    return value
+
+
+def _generate(model, tokenizer, bank, rows, *, batch_size, max_new_tokens, layers, seed,
+              do_sample, progress) -> None:
+    starts = range(0, len(rows), batch_size)
+    bar = tqdm(starts, desc="eval: generate", unit="batch", disable=not progress)
+    for start in bar:
+        chunk = rows[start:start + batch_size]
+        out = generate(model, tokenizer, bank, [r["prompt"] for r in chunk],
+                       [r["mix"] for r in chunk], max_new_tokens=max_new_tokens, layers=layers,
+                       do_sample=do_sample, seed=seed + start)
+        for row, result in zip(chunk, out, strict=True):
+            row["text"] = result["text"]
+            row["n_tokens"] = result["n_tokens"]
+            row["projections"] = result["projections"]
+            if result.get("readings") is not None:
+                row["readings"] = result["readings"]
+
+
+def _score(model, tokenizer, rows, emotions, *, scorer, lexicon, embedder, fluency) -> None:
+    texts = [r["text"] for r in rows]
+    intensities, probs = scorer.judge(texts)
+    densities = lexicon.score(texts)
+    distinct2, rep3 = degeneration(texts)
+    baseline = {r["prompt"]: r["text"] for r in rows if r["emotion"] is None}
+    fidelity = embedder.similarity(texts, [baseline[r["prompt"]] for r in rows])
+    adherence = embedder.similarity(texts, [r["prompt"] for r in rows])
+    ppl = perplexity(model, tokenizer, texts) if fluency else [float("nan")] * len(rows)
+    for i, row in enumerate(rows):
+        row["judge"] = {e: float(intensities[i, scorer.column(e)]) for e in scorer.emotions}
+        row["judge_p"] = {e: float(probs[i, scorer.column(e)]) for e in scorer.emotions}
+        row["lexicon"] = {e: float(densities[i, lexicon.column(e)]) for e in lexicon.emotions}
+        row["fidelity"] = float(fidelity[i])
+        row["adherence"] = float(adherence[i])
+        row["distinct2"] = float(distinct2[i])
+        row["rep3"] = float(rep3[i])
+        row["perplexity"] = float(ppl[i])
+
+
+def evaluate(model, tokenizer, bank, *, emotions=None, alphas="-1,0,1,2,4,rec", prompts=None,
+             max_new_tokens: int = 40, seed: int = 0, batch_size: int = 64,
+             layers="auto", do_sample: bool = False, out: str | os.PathLike | None = None,
+             fluency: bool = True, progress: bool = True, scorer: EmotionScorer | None = None,
+             lexicon: LexiconScorer | None = None, embedder: SentenceEmbedder | None = None,
+             model_name: str = "?", bank_name: str = "?") -> dict:
+    """Run the evaluation grid and return (and, with ``out``, write) its results.
+
+    Parameters
+    ----------
+    model, tokenizer, bank
+        The model and a bank extracted from it (checked before generating).
+    emotions : str, list of str or None
+        Emotions to steer (default: the six basic emotions the bank has).
+    alphas : str or list
+        Weights (:func:`parse_alphas`); ``0`` is the unsteered baseline, which is always run;
+        ``"rec"`` is each emotion's recommended weight.
+    prompts : list of str, path or None
+        The prompts, a prompts file (:func:`load_prompts`), or None for the built-in set.
+    max_new_tokens, seed, do_sample
+        Generation settings (greedy by default; ``seed`` seeds sampling).
+    batch_size : int
+        Rows per generation.
+    layers : "auto" or list of int
+        Steered layers (default the bank's recommended layers).
+    out : path, optional
+        Directory for ``results.json``, ``report.md`` and the PNG plots.
+    fluency : bool
+        Score perplexity under the unsteered model.
+
+    Returns
+    -------
+    dict
+        ``config``, ``machine``, ``seconds``, ``aggregates`` (one record per emotion and
+        weight, :func:`emokern.eval.metrics.aggregate`) and ``rows`` (every answer with its
+        scores and readings).
+    """
+    # Every check before any generation.
+    emotions = check_emotions(emotions, bank)
+    alphas = parse_alphas(alphas)
+    if prompts is None or isinstance(prompts, (str, os.PathLike)):
+        prompts = load_prompts(prompts)
+    else:
+        prompts = list(prompts)
+        if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+            raise ValueError("prompts must be a non-empty list of non-empty strings")
+    for name, value, low in (("max_new_tokens", max_new_tokens, 1),
+                             ("batch_size", batch_size, 1), ("seed", seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    out_dir = check_out_dir(out) if out is not None else None
+    bank.check_compatible(model)
+    rows = grid_rows(prompts, emotions, alphas, bank)
+    scorer = scorer or EmotionScorer()
+    lexicon = lexicon or LexiconScorer()
+    embedder = embedder or SentenceEmbedder()
+
+    started = time.perf_counter()
+    _generate(model, tokenizer, bank, rows, batch_size=batch_size, max_new_tokens=max_new_tokens,
+              layers=layers, seed=seed, do_sample=do_sample, progress=progress)
+    generated = time.perf_counter()
+    _score(model, tokenizer, rows, emotions, scorer=scorer, lexicon=lexicon, embedder=embedder,
+           fluency=fluency)
+    result = {
+        "config": {"model": model_name, "bank": bank_name, "method": bank.method,
+                   "emotions": emotions, "alphas": [a if a == REC else float(a) for a in alphas],
+                   "recommended": {e: bank.recommended_weight(e) for e in emotions},
+                   "layers": list(bank.recommended_layers) if layers == "auto" else list(layers),
+                   "n_prompts": len(prompts), "n_rows": len(rows),
+                   "max_new_tokens": max_new_tokens, "seed": seed, "do_sample": do_sample,
+                   "batch_size": batch_size, "calibrated": bank.calibrated,
+                   "judge": "nade", "judge_emotions": list(scorer.emotions)},
+        "machine": machine_info(),
+        "seconds": {"generate": round(generated - started, 1),
+                    "score": round(time.perf_counter() - generated, 1)},
+        "aggregates": aggregate(rows, list(scorer.emotions)),
+        "rows": rows,
+    }
+    result["aggregates"] = [a for a in result["aggregates"] if a["emotion"] in emotions]
+    if out_dir is not None:
+        write_results(result, out_dir)
+    return result
+
+
+def write_results(result: dict, out_dir: str | os.PathLike) -> list[Path]:
+    """Write ``results.json``, ``report.md`` and the plots into ``out_dir``, each atomically."""
+    out_dir = Path(out_dir)
+    written = [write_json(out_dir / "results.json", sanitize(result))]
+    written.append(write_text(out_dir / "report.md", format_report(result)))
+    written.append(plot_eps(result, out_dir / "eps.png"))
+    written.append(plot_perplexity(result, out_dir / "perplexity.png"))
+    return written

@@ -1,0 +1,135 @@
+"""The evaluation's report: a Markdown table per emotion and weight, and two plots (EPS vs
+weight per emotion, perplexity vs weight), from the dict :func:`emokern.eval.evaluation.
+evaluate` returns. Plots are PNGs written atomically through :mod:`emokern.files`."""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from pathlib import Path
+
+from emokern.files import atomic_write
+
+__all__ = ["format_report", "format_table", "plot_eps", "plot_perplexity"]
+
+
+def _fmt(value, spec: str = ".2f") -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    return format(value, spec)
+
+
+def _order(record: dict) -> tuple:
+    label = record["label"]
+    return (0, float(label)) if label != "rec" else (1, record.get("alpha") or 0.0)
+
+
+def format_table(aggregates: list[dict], emotions: list[str]) -> str:
+    """Markdown: one line per emotion and weight with EPS, top share, EAS (and its change vs
+    weight 0), gain, fidelity, topic adherence, perplexity, distinct-2, repeated 3-grams and the
+    mean reading of the target."""
+    head = ("| emotion | weight | α | EPS | top | EAS | ΔEAS | gain | fidelity | adherence | "
+            "ppl | distinct-2 | rep-3 | EmoLex | reading |")
+    lines = [head, "|" + "---|" * 15]
+    for emotion in emotions:
+        records = sorted((a for a in aggregates if a["emotion"] == emotion), key=_order)
+        for a in records:
+            change = a.get("eas_change")
+            change_txt = "–" if change is None or not math.isfinite(change) else f"{change:+.0%}"
+            lines.append(
+                f"| {emotion} | {a['label']} | {_fmt(a.get('alpha'), 'g')} | {_fmt(a['eps'])} | "
+                f"{_fmt(a['top'])} | {_fmt(a['eas'])} | {change_txt} | "
+                f"{_fmt(a.get('gain'), '+.2f')} | {_fmt(a.get('fidelity'))} | "
+                f"{_fmt(a.get('adherence'))} | {_fmt(a.get('perplexity'), '.1f')} | "
+                f"{_fmt(a.get('distinct2'))} | {_fmt(a.get('rep3'))} | "
+                f"{_fmt(a.get('lexicon'), '.3f')} | {_fmt(a.get('reading'), '+.2f')} |")
+    return "\n".join(lines)
+
+
+def format_report(result: dict) -> str:
+    """The whole ``report.md``: configuration, the table, how to read it."""
+    c = result["config"]
+    rec = ", ".join(f"{e} {w:g}" for e, w in c.get("recommended", {}).items())
+    lines = [
+        f"# emokern eval: {c['model']} / {c['bank']} ({c.get('method')})", "",
+        f"{c['n_prompts']} prompts, {c['n_rows']} answers, {c['max_new_tokens']} new tokens, "
+        f"{'sampled (seed ' + str(c['seed']) + ')' if c['do_sample'] else 'greedy'}; "
+        f"steered layers {c['layers']}; recommended weights: {rec}.", "",
+        format_table(result["aggregates"], c["emotions"]), "",
+        "EPS: mean judge (nade) probability of the target over the six basic emotions; top: "
+        "share of answers whose top emotion is the target; EAS: mean target intensity, ΔEAS "
+        "its change vs the unsteered answers; gain: EPS minus the unsteered EPS; fidelity: "
+        "MiniLM cosine to the unsteered answer; adherence: cosine to the prompt; ppl: median "
+        "perplexity under the unsteered model; EmoLex: target word density; reading: the "
+        "monitor's mean reading of the target "
+        + ("(standard scores against the bank's neutral baseline)." if c.get("calibrated")
+           else "(raw projections: the bank has no neutral baseline)."), "",
+        f"Generation {result['seconds']['generate']} s, scoring {result['seconds']['score']} s "
+        f"on {result['machine'].get('cpu_model', '?')} "
+        f"({result['machine'].get('torch_threads')} torch threads).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _figure():
+    # matplotlib is heavy and only needed for the figures: imported on use.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | os.PathLike) -> Path:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    return atomic_write(path, buffer.getvalue(), mode=0o644)
+
+
+def _series(result: dict, emotion: str, key: str):
+    numeric, rec = [], None
+    for a in result["aggregates"]:
+        if a["emotion"] != emotion or a.get(key) is None:
+            continue
+        if a["label"] == "rec":
+            rec = (a["alpha"], a[key])
+        else:
+            numeric.append((float(a["label"]), a[key]))
+    return sorted(numeric), rec
+
+
+def _plot(result: dict, key: str, ylabel: str, path, *, log: bool = False) -> Path:
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for i, emotion in enumerate(result["config"]["emotions"]):
+        numeric, rec = _series(result, emotion, key)
+        color = f"C{i}"
+        if numeric:
+            ax.plot([x for x, _ in numeric], [y for _, y in numeric], "o-", color=color,
+                    label=emotion)
+        if rec is not None and rec[1] is not None:
+            ax.plot([rec[0]], [rec[1]], "*", color=color, markersize=13,
+                    markeredgecolor="k")
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel("weight α (★ = the emotion's recommended weight)")
+    ax.set_ylabel(ylabel)
+    c = result["config"]
+    ax.set_title(f"{c['bank']} bank, layers {c['layers']}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    written = _save(fig, path)
+    plt.close(fig)
+    return written
+
+
+def plot_eps(result: dict, path: str | os.PathLike) -> Path:
+    """EPS of each emotion against the weight (the recommended weight starred)."""
+    return _plot(result, "eps", "EPS (judge probability of the target)", path)
+
+
+def plot_perplexity(result: dict, path: str | os.PathLike) -> Path:
+    """Median perplexity under the unsteered model against the weight, per emotion."""
+    return _plot(result, "perplexity", "median perplexity (unsteered model)", path, log=True)

@@ -1,0 +1,170 @@
+"""``emokern eval``: the grid, its scores and files on a tiny model, and every bad input
+refused before anything is generated."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from helpers import random_bank
+
+from emokern.cli import main
+from emokern.eval import evaluation
+from emokern.eval.evaluation import (
+    EVAL_PROMPTS_FILE,
+    evaluate,
+    grid_rows,
+    load_prompts,
+    parse_alphas,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PROMPTS = ["Tell me about your cat.", "What is for dinner?"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama):
+    model, tokenizer = tiny_llama
+    return model, tokenizer, random_bank(model, scale=0.5)
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    from emokern.eval.similarity import SentenceEmbedder
+
+    return SentenceEmbedder()
+
+
+@pytest.fixture
+def no_generation(monkeypatch):
+    """Fails the test if the evaluation reaches generation."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("generation ran despite bad input")
+
+    monkeypatch.setattr(evaluation, "generate", refuse)
+
+
+def test_builtin_prompts_are_new_to_the_project():
+    from emokern.data import load_queries
+    from emokern.eval.sweep import CALIBRATION_PROMPTS
+
+    prompts = load_prompts()
+    assert len(prompts) >= 50 and len(set(prompts)) == len(prompts)
+    known = {q.lower() for q in load_queries()} | {p.lower() for p in CALIBRATION_PROMPTS}
+    assert not [p for p in prompts if p.lower() in known]
+    assert load_prompts(EVAL_PROMPTS_FILE) == prompts
+
+
+def test_prompt_files_json_and_lines(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps(["one?", " two "]))
+    (tmp_path / "b.txt").write_text("# comment\none?\n\ntwo\n")
+    assert load_prompts(tmp_path / "a.json") == ["one?", "two"]
+    assert load_prompts(tmp_path / "b.txt") == ["one?", "two"]
+
+
+def test_parse_alphas():
+    assert parse_alphas("-1,0,1,2,4") == [-1.0, 0.0, 1.0, 2.0, 4.0]
+    assert parse_alphas("rec") == ["rec"]
+    assert parse_alphas("0, REC ,1.5") == [0.0, "rec", 1.5]
+    for bad, match in (("1,lots", "neither a number"), ("1,1", "twice"), ("", "neither"),
+                       ("nan", "not finite")):
+        with pytest.raises(ValueError, match=match):
+            parse_alphas(bad)
+
+
+def test_grid_shares_one_unsteered_row_per_prompt(tiny):
+    _, _, bank = tiny
+    bank = bank.replace(metadata={"recommended_weights": {"fear": {"weight": 3.0}}})
+    rows = grid_rows(PROMPTS, ["joy", "fear"], [0.0, 2.0, "rec"], bank)
+    assert len(rows) == 2 + 2 * 2 * 2
+    assert [r["mix"] for r in rows[:2]] == [{}, {}]
+    rec = {r["emotion"]: r["alpha"] for r in rows if r["label"] == "rec"}
+    assert rec == {"joy": bank.recommended_alpha, "fear": 3.0}
+
+
+def test_evaluate_writes_results_report_and_plots(tiny, embedder, scorer, tmp_path):
+    model, tokenizer, bank = tiny
+    out = tmp_path / "run"
+    result = evaluate(model, tokenizer, bank, emotions="joy,fear", alphas="0,1,rec",
+                      prompts=PROMPTS, max_new_tokens=4, batch_size=4, out=out,
+                      progress=False, scorer=scorer, embedder=embedder)
+    assert len(result["rows"]) == 2 + 2 * 2 * 2
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["config"]["emotions"] == ["joy", "fear"] and len(saved["rows"]) == 10
+    for row in saved["rows"]:
+        assert set(row["judge"]) == set(row["judge_p"]) == set(row["lexicon"])
+        assert 0.0 <= row["distinct2"] <= 1.0 and -1.0 <= row["fidelity"] <= 1.0001
+        assert set(row["projections"]) == {"joy", "sadness", "fear"}
+    base = [r for r in saved["rows"] if r["emotion"] is None]
+    assert all(r["fidelity"] == pytest.approx(1.0, abs=1e-4) for r in base)
+    keys = {(a["emotion"], a["label"]) for a in saved["aggregates"]}
+    assert keys == {(e, w) for e in ("joy", "fear") for w in ("0", "1", "rec")}
+    for a in saved["aggregates"]:
+        assert 0.0 <= a["eps"] <= 1.0 and a["n"] == 2
+    report = (out / "report.md").read_text()
+    assert "| fear | rec |" in report and "EPS" in report
+    for png in ("eps.png", "perplexity.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_interrupted_run_leaves_no_results(tiny, embedder, scorer, tmp_path, monkeypatch):
+    model, tokenizer, bank = tiny
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluation, "perplexity", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(model, tokenizer, bank, emotions="joy", alphas="0,1", prompts=PROMPTS,
+                 max_new_tokens=2, out=tmp_path, progress=False, scorer=scorer,
+                 embedder=embedder)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"emotions": "joy,boredom"}, "unknown emotion 'boredom'"),
+    ({"alphas": "1,two"}, "neither a number"),
+    ({"prompts": []}, "non-empty list"),
+    ({"max_new_tokens": 0}, "max_new_tokens"),
+])
+def test_bad_input_before_generation(tiny, no_generation, options, match):
+    model, tokenizer, bank = tiny
+    kwargs = {"emotions": "joy", "alphas": "0,1", "prompts": PROMPTS, **options}
+    with pytest.raises(ValueError, match=match):
+        evaluate(model, tokenizer, bank, progress=False, **kwargs)
+
+
+def test_bad_files_before_generation(tiny, no_generation, tmp_path):
+    model, tokenizer, bank = tiny
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing\n\n")
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"\xff\xfe\x00bad")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    cases = [({"prompts": str(empty)}, "holds no prompt"),
+             ({"prompts": str(binary)}, "cannot be read as UTF-8"),
+             ({"prompts": str(tmp_path / "missing.txt")}, "does not exist"),
+             ({"out": blocker / "sub"}, "not a writable directory"),
+             ({"out": blocker}, "is not a directory")]
+    for options, match in cases:
+        kwargs = {"emotions": "joy", "alphas": "0,1", "prompts": PROMPTS, **options}
+        with pytest.raises(ValueError, match=match):
+            evaluate(model, tokenizer, bank, progress=False, **kwargs)
+
+
+def test_cli_errors_before_loading_the_model(capsys, tmp_path, monkeypatch):
+    from emokern import models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded despite bad input")
+
+    monkeypatch.setattr(models, "load_model", refuse)
+    for argv, match in ((["--alphas", "1,x"], "neither a number"),
+                        (["--emotions", "joy,boredom"], "unknown emotion"),
+                        (["--prompts", str(tmp_path / "none.txt")], "does not exist")):
+        code = main(["eval", "--out", str(tmp_path / "o"), *argv])
+        assert code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("emokern eval: error:") and match in err
