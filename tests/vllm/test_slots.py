@@ -1,0 +1,86 @@
+"""emokern.vllm without vLLM: slot bookkeeping, token -> slot index, mixes, cache salts,
+settings (the engine tests are in test_engine.py and need vLLM)."""
+
+import numpy as np
+import pytest
+import torch
+
+from emokern.vllm import EmokernConfig, SlotTable, cache_salt, request_mix
+
+NAMES = ("joy", "sadness", "fear")
+
+
+def _table(**kw):
+    return SlotTable(n_layers=2, n_emotions=3, max_requests=4, max_tokens=16, **kw)
+
+
+def test_fill_packs_prompt_and_generated_slots():
+    t = _table(scale=0.5)
+    t.add("a", torch.tensor([2.0, 0.0, 0.0]))
+    t.add("b", None)
+    t.add("c", torch.tensor([0.0, 1.0, -1.0]))
+    # a: prefill of 3 prompt tokens; b: 2 tokens; c: prompt of 4 with 3 computed, 1 prompt + 1
+    # generated token scheduled (a chunked prefill ending and its first decode).
+    t.fill(["a", "b", "c"], np.array([3, 2, 2]), np.array([0, 5, 3]), np.array([3, 9, 4]))
+    a, c = 0, 1  # pairs handed out in order
+    assert t.token_slot[:7].tolist() == [2 * a] * 3 + [-1, -1] + [2 * c, 2 * c + 1]
+    assert t.token_slot[7:].eq(-1).all()
+    assert t.slot_weights[2 * a].tolist() == [1.0, 0.0, 0.0]
+    assert t.slot_weights[2 * a + 1].tolist() == [1.0, 0.0, 0.0]
+    assert t.slot_weights[2 * c].tolist() == [0.0, 0.5, -0.5]
+    # a smaller next step clears the tail it no longer uses
+    t.fill(["a"], np.array([1]), np.array([3]), np.array([3]))
+    assert t.token_slot.tolist() == [2 * a + 1] + [-1] * 15
+
+
+def test_release_keeps_readings_and_reuses_slots():
+    t = _table()
+    t.add("7-abcdefgh", torch.tensor([1.0, 0.0, 0.0]))
+    gen = 1
+    for layer in range(2):
+        t.run_sum[layer][gen] = torch.tensor([2.0, 4.0, 6.0]) * (layer + 1)
+        t.run_count[layer][gen] = 2
+    live = t.readings(["7"])["7"]
+    assert live["count"] == 2 and live["mean"].tolist() == [[1.0, 2.0, 3.0], [2.0, 4.0, 6.0]]
+    t.sync(set())  # finished
+    assert not t.known("7-abcdefgh")
+    assert t.readings(["7"])["7"]["mean"].tolist() == live["mean"].tolist()
+    t.add("8", torch.tensor([0.0, 1.0, 0.0]))  # the freed pair again, statistics zeroed
+    assert t.run_count[0][gen] == 0 and t.slot_weights[gen].tolist() == [0.0, 1.0, 0.0]
+    assert torch.isnan(t.readings(["8"])["8"]["mean"]).all()
+
+
+def test_slots_run_out_with_a_clear_error():
+    t = SlotTable(1, 3, max_requests=1, max_tokens=4)
+    t.add("a", torch.ones(3))
+    with pytest.raises(RuntimeError, match="steering slots are in use"):
+        t.add("b", torch.ones(3))
+
+
+def test_request_mix_forms():
+    assert request_mix(None, NAMES) is None
+    assert request_mix({"emotion": "joy=0"}, NAMES) is None  # all zero = unsteered
+    assert request_mix({"emotion": ""}, NAMES) is None
+    assert request_mix({"emotion": "joy=2,fear=0.5"}, NAMES).tolist() == [2.0, 0.0, 0.5]
+    assert request_mix({"emotion": {"sadness": -1}}, NAMES).tolist() == [0.0, -1.0, 0.0]
+    with pytest.raises(ValueError, match="unknown emotion 'anger'"):
+        request_mix({"emotion": "anger=1"}, NAMES)
+    with pytest.raises(ValueError, match="finite"):
+        request_mix({"emotion": {"joy": float("nan")}}, NAMES)
+
+
+def test_cache_salt_is_per_mix():
+    assert cache_salt(None) is None and cache_salt({"emotion": "joy=0"}) is None
+    assert cache_salt({"emotion": "joy=2,fear=0.5"}) == cache_salt(
+        {"emotion": {"fear": 0.5, "joy": 2}})
+    assert cache_salt({"emotion": "joy=2"}) != cache_salt({"emotion": "joy=2.5"})
+
+
+def test_settings():
+    assert EmokernConfig.from_additional_config({}) is None
+    cfg = EmokernConfig.from_additional_config({"emokern": {"layers": [3, 4], "monitor": False}})
+    assert cfg.layers == (3, 4) and cfg.monitor is False and cfg.bank == "default"
+    with pytest.raises(ValueError, match="unknown setting"):
+        EmokernConfig.from_additional_config({"emokern": {"layer": 3}})
+    with pytest.raises(ValueError, match="spread"):
+        EmokernConfig.from_additional_config({"emokern": {"spread": "all"}})
