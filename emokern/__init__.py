@@ -8,6 +8,7 @@
 >>> s.monitor.mean()   # [B, L, K]
 """
 
+from emokern.analysis.ablate import Ablator, ablate
 from emokern.bank import EmotionBank
 from emokern.models import load_model
 from emokern.ops import RunningProjections, available_backends, steer_
@@ -15,10 +16,12 @@ from emokern.steering import Steerer, steer
 from emokern.version import __version__
 
 __all__ = [
+    "Ablator",
     "EmotionBank",
     "RunningProjections",
     "Steerer",
     "__version__",
+    "ablate",
     "available_backends",
     "load_model",
     "steer",

@@ -263,6 +263,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from emokern.analysis.run import run_analyze
+
+    return run_analyze(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="emokern", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -354,6 +360,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-sweep", action="store_true", help="(generate) skip the sweep")
     p.add_argument("--out", help="directory for the JSON results")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("analyze", help="the seed papers' analyses on a model: emotion space vs "
+                       "human valence/arousal, word ratings, attribute neurons, ablation")
+    an = p.add_subparsers(dest="analysis", required=True)
+    for name, text in (("space", "PCA and RSA of bank categories vs Warriner valence/arousal"),
+                       ("words", "ridge prediction of word ratings from bank projections"),
+                       ("neurons", "RSA of every MLP neuron with each category attribute"),
+                       ("inference", "vignette emotion inference, intact and with neurons "
+                                     "ablated")):
+        a = an.add_parser(name, help=text)
+        a.add_argument("--model", default="default", help="'default' or a model path")
+        a.add_argument("--out", required=True, help="output directory")
+        a.add_argument("--seed", type=int, default=0)
+        a.add_argument("--threads", type=int, default=0, help="torch threads (0: automatic)")
+        if name in ("space", "words", "neurons"):
+            a.add_argument("--bank", default="concept", help="'concept', 'ev' or a bank path")
+        if name in ("space", "neurons"):
+            a.add_argument("--perm", type=int, default=10000 if name == "space" else 20,
+                           help="label permutations of the null")
+        if name == "words":
+            a.add_argument("--size", type=int, default=2000,
+                           help="Warriner words in the seeded subset (0: all 13,915)")
+            a.add_argument("--extra-norms", nargs="*", default=["cvaw"], choices=["cvaw"],
+                           help="other norms analysed the same way (default: cvaw)")
+            a.add_argument("--size-extra", type=int, default=1000,
+                           help="words of each extra norms set (0: all)")
+            a.add_argument("--random", type=int, default=3, help="random-direction draws")
+            a.add_argument("--boot", type=int, default=1000, help="bootstrap resamples")
+        if name == "neurons":
+            a.add_argument("--ev-bank", default="ev",
+                           help="EV bank for the basic-emotion attributes, or 'none'")
+            a.add_argument("--carriers", type=int, default=6, help="carrier sentences (1-6)")
+            a.add_argument("--top-k", type=int, default=1024, help="neurons kept per attribute")
+        if name == "inference":
+            a.add_argument("--neurons", required=True, help="neurons.json of `analyze neurons`")
+            a.add_argument("--k", default="64,256", help="top-k values, comma-separated")
+            a.add_argument("--attributes", default="",
+                           help="attributes to ablate (default: all in neurons.json)")
+            a.add_argument("--draws", type=int, default=5, help="random sets per condition")
+        a.set_defaults(func=_cmd_analyze)
 
     p = sub.add_parser("info", help="versions and backends, or a bank file's metadata")
     p.add_argument("path", nargs="?", help="a bank .safetensors file")

@@ -1,0 +1,240 @@
+r"""Statistics of the analyses, in NumPy/PyTorch (no SciPy needed at run time; the tests
+compare against SciPy).
+
+* :func:`pearson`, :func:`spearman` and :func:`bootstrap_ci` of a correlation;
+* :func:`rsa_permutation`: Spearman RSA between two distance matrices with a Mantel
+  permutation p-value (labels permuted together in rows and columns);
+* :func:`kendall_tau_b_many`: Kendall's :math:`\tau_b` of many variables against a few at
+  once, through sign matrices (:math:`\tau_b = \sum s_x s_y / \sqrt{n_x n_y}` over all pairs of
+  observations, :math:`n_x` the untied pairs of :math:`x`), with SciPy's asymptotic p-value;
+* :func:`fdr_bh`: Benjamini-Hochberg q-values;
+* :func:`ridge_cv_predict`: ridge regression with K-fold cross-validated predictions, the
+  penalty chosen inside each training fold by generalised cross-validation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+__all__ = ["bootstrap_ci", "condensed", "fdr_bh", "kendall_tau_b_many", "pearson", "ranks",
+           "ridge_cv_predict", "rsa_permutation", "spearman"]
+
+
+def pearson(x, y) -> float:
+    """Pearson's r of two 1-D arrays (NaN when either is constant)."""
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    x = x - x.mean()
+    y = y - y.mean()
+    denom = math.sqrt(float(x @ x) * float(y @ y))
+    return float(x @ y / denom) if denom > 0 else float("nan")
+
+
+def ranks(x) -> np.ndarray:
+    """Average ranks (ties share their mean rank), 0-based."""
+    x = np.asarray(x, dtype=np.float64)
+    order = np.argsort(x, kind="mergesort")
+    sorted_x = x[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_x)) + 1]
+    stops = np.r_[starts[1:], len(x)]
+    out = np.empty(len(x))
+    for a, b in zip(starts, stops, strict=True):
+        out[order[a:b]] = (a + b - 1) / 2.0
+    return out
+
+
+def spearman(x, y) -> float:
+    """Spearman's rho: Pearson's r of the average ranks."""
+    return pearson(ranks(x), ranks(y))
+
+
+def bootstrap_ci(x, y, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95,
+                 stat=pearson) -> tuple[float, float]:
+    """Percentile bootstrap CI of ``stat(x, y)`` over resampled pairs."""
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    n = len(x)
+    values = np.empty(n_boot)
+    if stat is pearson:  # vectorised: all resamples at once
+        idx = rng.integers(0, n, size=(n_boot, n))
+        xs, ys = x[idx], y[idx]
+        xs = xs - xs.mean(axis=1, keepdims=True)
+        ys = ys - ys.mean(axis=1, keepdims=True)
+        values = (xs * ys).sum(1) / np.sqrt((xs * xs).sum(1) * (ys * ys).sum(1))
+    else:
+        for b in range(n_boot):
+            idx = rng.integers(0, n, size=n)
+            values[b] = stat(x[idx], y[idx])
+    lo, hi = np.nanpercentile(values, [50 * (1 - level), 50 * (1 + level)])
+    return float(lo), float(hi)
+
+
+def condensed(dist: np.ndarray) -> np.ndarray:
+    """The upper triangle (``i < j``) of a square matrix, row-major: ``[C (C - 1) / 2]``."""
+    i, j = np.triu_indices(dist.shape[0], k=1)
+    return dist[i, j]
+
+
+def rsa_permutation(model_dist: np.ndarray, human_dist: np.ndarray, *, n_perm: int = 10000,
+                    seed: int = 0) -> tuple[float, float]:
+    r"""Spearman RSA between two ``[C, C]`` distance matrices and its Mantel p-value.
+
+    :math:`\rho` = Spearman correlation of the upper triangles; the null permutes the category
+    labels of ``human_dist`` (rows and columns together); one-sided p-value
+    :math:`(1 + \#\{\rho_\pi \ge \rho\}) / (1 + n_\mathrm{perm})`.
+    """
+    a = ranks(condensed(model_dist))
+    h = ranks(condensed(human_dist))
+    rho = pearson(a, h)
+    rng = np.random.default_rng(seed)
+    size = human_dist.shape[0]
+    i, j = np.triu_indices(size, k=1)
+    # Permuting labels permutes the pairs, so the permuted ranks are the ranks' permutation:
+    # rank once, then index a [C, C] matrix of ranks.
+    rank_matrix = np.zeros((size, size))
+    rank_matrix[i, j] = h
+    rank_matrix[j, i] = h
+    perms = np.stack([rng.permutation(size) for _ in range(n_perm)])  # [P, C]
+    r = rank_matrix[perms[:, i], perms[:, j]]  # [P, pairs]
+    a0 = a - a.mean()
+    r0 = r - r.mean(axis=1, keepdims=True)
+    null = (r0 @ a0) / np.sqrt((r0 * r0).sum(1) * (a0 @ a0))
+    p = (1 + int((null >= rho - 1e-12).sum())) / (1 + n_perm)
+    return float(rho), float(p)
+
+
+def _tie_terms(values: np.ndarray) -> tuple[float, float, float]:
+    """SciPy's tie sums of one variable: (sum t(t-1)/2, sum t(t-1)(t-2), sum t(t-1)(2t+5))."""
+    _, counts = np.unique(values, return_counts=True)
+    t = counts[counts > 1].astype(np.float64)
+    return float((t * (t - 1) / 2).sum()), float((t * (t - 1) * (t - 2)).sum()), \
+        float((t * (t - 1) * (2 * t + 5)).sum())
+
+
+def kendall_tau_b_many(x: np.ndarray, y: np.ndarray, *, chunk: int = 512,
+                       alternative: str = "greater") -> tuple[np.ndarray, np.ndarray]:
+    r"""Kendall's :math:`\tau_b` of every row of ``x [V, n]`` against every row of ``y [A, n]``.
+
+    With :math:`s^x_{ij} = \operatorname{sign}(x_i - x_j)` over the :math:`n(n-1)/2` pairs of
+    observations, :math:`S = \sum_{i<j} s^x_{ij} s^y_{ij}` (concordant minus discordant) and
+    :math:`\tau_b = S / \sqrt{(n_0 - n_x)(n_0 - n_y)}` (:math:`n_x` tied pairs). The p-value is
+    SciPy's asymptotic one, :math:`z = S / \sqrt{\mathrm{var}(S)}` with the tie-corrected
+    variance; ``alternative="greater"`` tests :math:`\tau > 0`, ``"two-sided"`` both ways.
+    Chunks of ``chunk`` rows of ``x`` keep memory at ``chunk · n(n-1)/2`` floats.
+
+    Returns
+    -------
+    tau, p : ndarray [V, A]
+        NaN tau and p = 1 for a constant row.
+    """
+    if alternative not in ("greater", "two-sided"):
+        raise ValueError(f"alternative must be 'greater' or 'two-sided', got {alternative!r}")
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    n = x.shape[1]
+    if y.shape[1] != n:
+        raise ValueError(f"x and y must have the same number of observations, got {n} and "
+                         f"{y.shape[1]}")
+    i, j = np.triu_indices(n, k=1)
+    total = n * (n - 1) / 2
+    m = n * (n - 1)
+    sy = torch.from_numpy(np.sign(y[:, i] - y[:, j])).float()  # [A, P]
+    yt = np.array([_tie_terms(row) for row in y]).reshape(-1, 3)  # [A, 3]
+    tau = np.full((x.shape[0], y.shape[0]), np.nan)
+    pval = np.ones((x.shape[0], y.shape[0]))
+    ii, jj = torch.from_numpy(i), torch.from_numpy(j)
+    for start in range(0, x.shape[0], chunk):
+        rows = x[start:start + chunk]
+        block = torch.from_numpy(rows).float()
+        sx = torch.sign(block[:, ii] - block[:, jj])  # [c, P]
+        s = (sx @ sy.T).double().numpy()  # [c, A]: integers, exact in float32 below 2**24
+        untied_x = sx.abs().sum(1).double().numpy()  # pairs of x without a tie
+        xt = np.zeros((len(rows), 3))
+        for r in np.flatnonzero((np.diff(np.sort(rows, axis=1), axis=1) == 0).any(axis=1)):
+            xt[r] = _tie_terms(rows[r])
+        denom = np.sqrt(untied_x[:, None] * (total - yt[None, :, 0]))
+        var = ((m * (2 * n + 5) - xt[:, None, 2] - yt[None, :, 2]) / 18
+               + 2 * xt[:, None, 0] * yt[None, :, 0] / m
+               + xt[:, None, 1] * yt[None, :, 1] / (9 * m * (n - 2)))
+        ok = denom > 0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            tau[start:start + len(rows)] = np.where(ok, s / denom, np.nan)
+            z = torch.from_numpy(np.where(ok & (var > 0), s / np.sqrt(var), 0.0))
+        p = 0.5 * torch.special.erfc(z / math.sqrt(2)) if alternative == "greater" else \
+            torch.special.erfc(z.abs() / math.sqrt(2))
+        pval[start:start + len(rows)] = np.where(ok, p.numpy(), 1.0)
+    return tau, pval
+
+
+def fdr_bh(p: np.ndarray) -> np.ndarray:
+    """Benjamini-Hochberg q-values of the p-values ``p`` (any shape, one family)."""
+    p = np.asarray(p, dtype=np.float64)
+    flat = p.ravel()
+    n = flat.size
+    order = np.argsort(flat)
+    scaled = flat[order] * n / np.arange(1, n + 1)
+    q = np.minimum.accumulate(scaled[::-1])[::-1].clip(max=1.0)
+    out = np.empty(n)
+    out[order] = q
+    return out.reshape(p.shape)
+
+
+def _ridge_fit_gcv(x: np.ndarray, y: np.ndarray, alphas: np.ndarray):
+    """Standardise ``x``, choose the penalty by generalised cross-validation, return
+    ``(mean, scale, coef, intercept, alpha)``."""
+    mean = x.mean(0)
+    scale = x.std(0)
+    scale[scale == 0] = 1.0
+    z = (x - mean) / scale
+    y0 = y.mean()
+    u, s, vt = np.linalg.svd(z, full_matrices=False)
+    uty = u.T @ (y - y0)
+    n = len(y)
+    best = None
+    for alpha in alphas:
+        d = s / (s * s + alpha)
+        fitted = u @ (s * d * uty)
+        resid = (y - y0) - fitted
+        dof = float((s * s / (s * s + alpha)).sum())
+        gcv = float(resid @ resid) / max(n - dof, 1e-9) ** 2
+        if best is None or gcv < best[0]:
+            best = (gcv, alpha, vt.T @ (d * uty))
+    _, alpha, coef = best
+    return mean, scale, coef, y0, float(alpha)
+
+
+def ridge_cv_predict(x: np.ndarray, y: np.ndarray, *, folds: int = 10, seed: int = 0,
+                     alphas=None) -> tuple[np.ndarray, list[float]]:
+    r"""Cross-validated ridge predictions of ``y [N]`` from ``x [N, K]``.
+
+    The rows are shuffled (seeded) into ``folds`` folds; each fold is predicted by a ridge
+    fitted on the others (features standardised on the training fold, penalty
+    :math:`\alpha` chosen from ``alphas`` by generalised cross-validation on the training fold:
+    no test row informs its own prediction).
+
+    Returns
+    -------
+    predictions : ndarray [N]
+    chosen alphas : list of float, one per fold
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    if alphas is None:
+        alphas = np.logspace(-3, 5, 17)
+    n = len(y)
+    if n < folds:
+        raise ValueError(f"need at least {folds} rows for {folds}-fold CV, got {n}")
+    order = np.random.default_rng(seed).permutation(n)
+    pred = np.empty(n)
+    chosen = []
+    for f in range(folds):
+        test = order[f::folds]
+        train = np.setdiff1d(order, test, assume_unique=True)
+        mean, scale, coef, y0, alpha = _ridge_fit_gcv(x[train], y[train], np.asarray(alphas))
+        pred[test] = ((x[test] - mean) / scale) @ coef + y0
+        chosen.append(alpha)
+    return pred, chosen
