@@ -156,10 +156,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from emokern.steering import generate, parse_mix
 
     mixes = [parse_mix(m) for m in args.mix] or [{}]
+    targets = [parse_mix(t) for t in args.target or []]
+    if targets and args.mix:
+        raise ValueError("give --mix or --target, not both")
     model, tokenizer = load_model(args.model)
     bank = EmotionBank.load_default(args.method) if args.bank == "default" \
         else EmotionBank.load(args.bank)
-    rows = generate(model, tokenizer, bank, [args.prompt] * len(mixes), mixes,
+    rows = generate(model, tokenizer, bank, [args.prompt] * len(targets or mixes),
+                    None if targets else mixes, target=targets or None,
                     max_new_tokens=args.max_new_tokens, layers=args.layers or "auto",
                     do_sample=args.sample, seed=args.seed)
     if args.json:
@@ -167,10 +171,17 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         return 0
     for row in rows:
         mix = ", ".join(f"{k}={v:g}" for k, v in row["mix"].items()) or "(unsteered)"
+        if "target" in row:
+            mix = "target " + ", ".join(f"{k}={v:g} (mean weight {row['weights'][k]:.2f})"
+                                        for k, v in row["target"].items())
         print(f"--- {mix}")
         print(row["text"].strip())
         if args.monitor:
-            print("    " + "  ".join(f"{k} {v:+.2f}" for k, v in row["projections"].items()))
+            # Standard scores against the neutral baseline when the bank has one.
+            values = row["readings"] or row["projections"]
+            unit = "readings (neutral = 0, +1 = one neutral spread)" if row["readings"] \
+                else "raw projections (the bank has no neutral baseline)"
+            print(f"    {unit}: " + "  ".join(f"{k} {v:+.2f}" for k, v in values.items()))
     return 0
 
 
@@ -326,7 +337,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--monitor", action="store_true", help="print each row's mean projections")
+    p.add_argument("--target", action="append",
+                   help="closed loop instead of --mix: one row's levels in calibrated units, "
+                        "e.g. sadness=1.5 (repeat per row)")
+    p.add_argument("--monitor", action="store_true",
+                   help="print each row's readings (standard scores against the bank's neutral "
+                        "baseline)")
     p.add_argument("--json", action="store_true", help="print JSON rows")
     p.set_defaults(func=_cmd_generate)
 

@@ -11,6 +11,9 @@
   (:func:`span_hidden_states`).
 * :mod:`emokern.extract.vectors` — centring, pairwise cosines, the recommended weight and
   layers (from the calibration record, :func:`emokern.data.load_calibration`), the bank.
+* :mod:`emokern.extract.baseline` — the readings' neutral baseline (:func:`neutral_stats`,
+  :func:`neutral_baseline`) and the layers that detect emotions best
+  (:func:`detection_layers`).
 * :mod:`emokern.extract.run` — :func:`extract_main`: check, load the model, extract, save.
 
 Both return an :class:`emokern.bank.EmotionBank` with per-layer mean hidden-state norms and
@@ -22,6 +25,12 @@ with::
     emokern extract --method concept --out emokern/data/banks/default-concept.safetensors
 """
 
+from emokern.extract.baseline import (
+    detection_accuracy,
+    detection_layers,
+    neutral_baseline,
+    neutral_stats,
+)
 from emokern.extract.concept import (
     CONCEPT_SLOT,
     DEFAULT_CONCEPT_POOLING,
@@ -41,12 +50,16 @@ __all__ = [
     "METHODS",
     "center_vectors",
     "concept_token_span",
+    "detection_accuracy",
+    "detection_layers",
     "ev_messages",
     "extract_concept",
     "extract_ev",
     "extract_main",
     "generate_responses",
     "make_bank",
+    "neutral_baseline",
+    "neutral_stats",
     "pairwise_cosines",
     "recommend",
     "span_hidden_states",

@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from emokern.data import load_concepts, text_hash
+from emokern.extract.baseline import neutral_baseline
 from emokern.extract.checks import (
     check_layers,
     check_names,
@@ -100,6 +101,8 @@ def extract_concept(
     pooling: str = DEFAULT_CONCEPT_POOLING,
     batch_size: int = 32,
     progress: bool = True,
+    baseline: bool = True,
+    neutral_queries: Sequence[str] | None = None,
 ):
     r"""Extract emotion vectors by Method concept (see the module docstring for the math).
 
@@ -118,12 +121,16 @@ def extract_concept(
         Hidden state at the concept's last token, or the mean over its tokens.
     batch_size : int
     progress : bool
+    baseline : bool
+        Also generate neutral answers to ``neutral_queries`` (default the project's queries)
+        for the readings' neutral baseline and choose the detection layers
+        (:func:`emokern.extract.baseline.neutral_baseline`).
 
     Returns
     -------
     EmotionBank
         Vectors ``[L, C, D]`` (summing to zero over C), ``hidden_norm [L]`` (mean norm of the
-        pooled concept states), metadata.
+        pooled concept states), the neutral baseline (with ``baseline``), metadata.
     """
     concepts = load_concepts()
     chosen = _check_categories(categories, concepts)
@@ -175,4 +182,8 @@ def extract_concept(
     }
     metadata.update(recommend(vectors, layers, hidden_norm, num_layers, "concept", True,
                               fingerprint))
-    return make_bank(vectors, list(chosen), layers, hidden_norm, metadata)
+    bank = make_bank(vectors, list(chosen), layers, hidden_norm, metadata)
+    if baseline:
+        bank = neutral_baseline(model, tokenizer, bank, queries=neutral_queries,
+                                batch_size=batch_size, progress=progress)
+    return bank

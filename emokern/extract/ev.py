@@ -27,8 +27,9 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from emokern.data import load_instructions, load_queries, text_hash
+from emokern.data import load_heldout, load_instructions, load_queries, text_hash
 from emokern.emotions import BASIC_EMOTIONS
+from emokern.extract.baseline import detection_layers, neutral_stats
 from emokern.extract.checks import (
     check_layers,
     check_names,
@@ -118,6 +119,7 @@ def extract_ev(
     seed: int = 0,
     progress: bool = True,
     return_responses: bool = False,
+    detect: bool = True,
 ):
     r"""Extract emotion vectors by Method EV (see the module docstring for the math).
 
@@ -148,13 +150,18 @@ def extract_ev(
         tqdm progress bars.
     return_responses : bool
         Also return the generated texts ``{"neutral": [...], emotion: [...]}``.
+    detect : bool
+        Also choose the detection layers on the held-out sentences
+        (:func:`emokern.extract.baseline.detection_layers`).
 
     Returns
     -------
     EmotionBank
         Vectors ``[L, K, D]``, ``hidden_norm [L]`` (mean norm of response-token hidden states,
-        all conditions), metadata (method, queries hash, instruction id, centered, model
-        fingerprint, emokern version, recommended_alpha, recommended_layers, counts, time).
+        all conditions), the neutral baseline of the readings (from the neutral answers,
+        :func:`emokern.extract.baseline.neutral_stats`), metadata (method, queries hash,
+        instruction id, centered, model fingerprint, emokern version, recommended_alpha,
+        recommended_layers, detection layers, counts, time).
         With ``return_responses``: ``(bank, responses)``.
 
     Raises
@@ -231,7 +238,18 @@ def extract_ev(
     }
     metadata.update(recommend(vectors, layers, hidden_norm, num_layers, "ev", center,
                               fingerprint))
-    bank = make_bank(vectors, emotions, layers, hidden_norm, metadata)
+    # The neutral answers give the readings' baseline at no extra cost.
+    neutral_rows = group == 0
+    mean, std = neutral_stats(sums[neutral_rows], counts[neutral_rows], vectors)
+    metadata["neutral"] = {"source": metadata["source"],
+                           "responses": int((counts[neutral_rows] > 0).sum()),
+                           "tokens": token_counts["neutral"], "max_new_tokens": max_new_tokens}
+    bank = make_bank(vectors, emotions, layers, hidden_norm, metadata, neutral_mean=mean,
+                     neutral_std=std)
+    if detect and set(emotions) & {e for e, _ in load_heldout()}:
+        chosen, accuracy = detection_layers(model, tokenizer, bank)
+        bank = bank.replace(metadata={"detection_layers": chosen, "detection_accuracy": {
+            str(k): v for k, v in accuracy.items()}})
     if not return_responses:
         return bank
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)

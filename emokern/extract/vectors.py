@@ -98,7 +98,10 @@ def recommend(vectors: torch.Tensor, layers: Sequence[int], hidden_norm: torch.T
 
 
 def make_bank(vectors: torch.Tensor, names: Sequence[str], layers: Sequence[int],
-              hidden_norm: torch.Tensor, metadata: dict) -> EmotionBank:
-    """An :class:`~emokern.bank.EmotionBank` of float32 ``vectors [L, K, D]``."""
+              hidden_norm: torch.Tensor, metadata: dict, *, neutral_mean=None,
+              neutral_std=None) -> EmotionBank:
+    """An :class:`~emokern.bank.EmotionBank` of float32 ``vectors [L, K, D]`` (with the
+    neutral baseline ``[L, K]`` when given)."""
     return EmotionBank(vectors.float().contiguous(), list(names), list(layers),
-                       hidden_norm=hidden_norm.float(), metadata=metadata)
+                       hidden_norm=hidden_norm.float(), metadata=metadata,
+                       neutral_mean=neutral_mean, neutral_std=neutral_std)

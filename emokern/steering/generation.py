@@ -21,7 +21,7 @@ from emokern.tokens import encode_prompts, eos_ids, model_device
 __all__ = ["generate"]
 
 
-def _broadcast(prompts, mixes) -> tuple[list[str], list[dict[str, float]]]:
+def _broadcast(prompts, mixes) -> tuple[list[str], list[dict[str, float | str]]]:
     """One prompt and one mix per row: a single prompt (or mix) is repeated for every row."""
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -51,8 +51,11 @@ def generate(
     tokenizer,
     bank,
     prompts,
-    mixes,
+    mixes=None,
     *,
+    target=None,
+    monitor_layers: str | Sequence[int] | None = "auto",
+    control=None,
     max_new_tokens: int = 64,
     layers: str | Sequence[int] = "auto",
     positions: str = "all",
@@ -70,8 +73,14 @@ def generate(
     prompts : str or list of str
         One prompt per row, or one prompt for every mix.
     mixes : list of (dict or str)
-        One mix per row (a dict or a :func:`parse_mix` string such as ``"joy=2,fear=0.5"``),
-        or one mix for every prompt.
+        One mix per row (a dict or a :func:`parse_mix` string such as ``"joy=2,fear=0.5"``;
+        ``"rec"`` weights allowed), or one mix for every prompt.
+    target : list of dict, optional
+        Instead of ``mixes``: closed-loop levels per row in calibrated units (see
+        :func:`~emokern.steering.steer`), with ``control`` its settings.
+    monitor_layers : "auto", None or list of int
+        Where the readings are taken (default the bank's detection layers; None = the
+        steered layers).
     max_new_tokens, do_sample, temperature
         Passed to ``model.generate``; sampling is seeded with ``seed`` without touching the
         global RNG state.
@@ -86,18 +95,30 @@ def generate(
         One per row: ``prompt``, ``mix`` (dict), ``text`` (the generated continuation, up to
         its end-of-sequence token), ``n_tokens`` (generated tokens, EOS included) and
         ``projections`` (emotion → mean projection of the states that chose the row's
-        ``n_tokens`` tokens, from :meth:`Monitor.trajectory`, averaged over the steered
+        ``n_tokens`` tokens, from :meth:`Monitor.trajectory`, averaged over the monitored
         layers: what the model carried while writing the text; tokens after a row's EOS, which
-        ``generate`` keeps feeding while other rows run, are left out).
+        ``generate`` keeps feeding while other rows run, are left out), ``readings`` (the same
+        as standard scores against the bank's neutral baseline, averaged over the monitored
+        layers; None for a bank without one) and, with ``target``, ``target`` and
+        ``weights`` (each emotion's weight averaged over the steps).
     """
-    prompts, mixes = _broadcast(prompts, mixes)
+    if target is not None:
+        if mixes is not None:
+            fail(ValueError, "give either mixes or target, not both")
+        if isinstance(target, Mapping):
+            target = [target]
+        prompts, target = _broadcast(prompts, list(target))
+        mixes = [{} for _ in prompts]
+    else:
+        prompts, mixes = _broadcast(prompts, [{}] if mixes is None else mixes)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
             or max_new_tokens < 1:
         fail(ValueError, f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     device = model_device(model)
-    steerer = steer(model, bank, mixes, layers=layers, positions=positions,
-                    norm_preserving=norm_preserving, monitor=False, trajectory=True,
-                    spread=spread)
+    steerer = steer(model, bank, None if target is not None else mixes, layers=layers,
+                    positions=positions, norm_preserving=norm_preserving, monitor=False,
+                    trajectory=True, spread=spread, monitor_layers=monitor_layers,
+                    target=target, control=control)
     encoded = encode_prompts(tokenizer, prompts, chat=chat, device=device)
     options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample,
                                "pad_token_id": tokenizer.pad_token_id}
@@ -111,17 +132,31 @@ def generate(
     prompt_length = encoded["input_ids"].shape[1]
     trajectory = steerer.monitor.trajectory()  # [S, B, L, K]
     stops = eos_ids(model, tokenizer)
+    names = list(steerer.names)
+    weights = steerer.controller.mean_weights() if steerer.controller is not None else None
     rows = []
     for b, (prompt, mix) in enumerate(zip(prompts, mixes, strict=True)):
         new_tokens = output[b, prompt_length:].cpu()
         ended = [i for i, token in enumerate(new_tokens.tolist()) if token in stops]
         n_tokens = ended[0] + 1 if ended else int(new_tokens.numel())
-        readings = trajectory[:n_tokens, b].mean(dim=(0, 1))
-        rows.append({
+        per_layer = trajectory[:n_tokens, b].mean(dim=0)  # [L, K]
+        raw = per_layer.mean(dim=0)
+        row = {
             "prompt": prompt,
-            "mix": {k: float(v) for k, v in mix.items()},
+            "mix": {k: (float(bank.recommended_weight(k)) if isinstance(v, str) else float(v))
+                    for k, v in mix.items()},
             "text": tokenizer.decode(new_tokens[:n_tokens], skip_special_tokens=True),
             "n_tokens": n_tokens,
-            "projections": {name: float(readings[k]) for k, name in enumerate(steerer.names)},
-        })
+            "projections": {name: float(raw[k]) for k, name in enumerate(names)},
+            "readings": None,
+        }
+        if bank.calibrated:
+            z = bank.standardize(per_layer, list(steerer.monitor_layers), names=names)
+            row["readings"] = {name: float(v) for name, v in zip(names, z.mean(dim=0).tolist(),
+                                                                 strict=True)}
+        if weights is not None:
+            row["target"] = {k: float(v) for k, v in target[b].items()}
+            row["weights"] = {name: float(weights[b, k]) for k, name in enumerate(names)
+                              if name in target[b]}
+        rows.append(row)
     return rows

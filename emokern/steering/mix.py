@@ -2,28 +2,34 @@
 reads.
 
 A *mix* gives each emotion a weight in the bank's units (1.0 adds one vector as extracted;
-negative weights suppress); a batch carries one mix per sequence, as a list of dicts or as a
-float tensor ``[B, K]`` whose columns follow the steered emotions.
+negative weights suppress), or ``"rec"``: the emotion's recommended weight
+(:meth:`emokern.EmotionBank.recommended_weight`, measured per emotion by a sweep); a batch
+carries one mix per sequence, as a list of dicts or as a float tensor ``[B, K]`` whose columns
+follow the steered emotions.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
 from emokern.steering.errors import fail
 
-__all__ = ["mix_to_weights", "parse_mix"]
+__all__ = ["REC", "mix_to_weights", "parse_mix"]
+
+#: The weight that stands for an emotion's recommended weight.
+REC = "rec"
 
 
-def parse_mix(text: str) -> dict[str, float]:
+def parse_mix(text: str) -> dict[str, float | str]:
     """Parse ``"sadness=1.5,fear=0.5"`` into ``{"sadness": 1.5, "fear": 0.5}``.
 
     An empty string, ``"none"`` or ``"{}"`` is the empty (unsteered) mix. Whitespace around
-    names and numbers is ignored.
+    names and numbers is ignored. A weight ``rec`` (``"anger=rec"``) is kept as the string
+    ``"rec"``: :func:`mix_to_weights` resolves it to the emotion's recommended weight.
 
     Raises
     ------
@@ -37,6 +43,8 @@ def parse_mix(text: str) -> dict[str, float]:
     {'joy': 2.0}
     >>> parse_mix("sadness=1.5, fear=-0.5")
     {'sadness': 1.5, 'fear': -0.5}
+    >>> parse_mix("anger=rec")
+    {'anger': 'rec'}
     """
     if not isinstance(text, str):
         raise TypeError(f"parse_mix: expected a string like 'joy=2,fear=0.5', got "
@@ -44,13 +52,18 @@ def parse_mix(text: str) -> dict[str, float]:
     stripped = text.strip()
     if stripped.lower() in ("", "none", "{}"):
         return {}
-    mix: dict[str, float] = {}
+    mix: dict[str, float | str] = {}
     for term in stripped.split(","):
         name, sep, number = term.partition("=")
         name, number = name.strip(), number.strip()
         if not sep or not name or not number:
             raise ValueError(f"parse_mix: bad term {term.strip()!r} in {text!r}; expected "
                              f"name=weight terms separated by commas, e.g. 'sadness=1.5,fear=0.5'")
+        if number.lower() == REC:
+            if name in mix:
+                raise ValueError(f"parse_mix: {name!r} is given twice in {text!r}")
+            mix[name] = REC
+            continue
         try:
             weight = float(number)
         except ValueError:
@@ -64,18 +77,22 @@ def parse_mix(text: str) -> dict[str, float]:
     return mix
 
 
-def mix_to_weights(mix, names: Sequence[str], argument: str = "mix") -> torch.Tensor:
+def mix_to_weights(mix, names: Sequence[str], argument: str = "mix", *,
+                   recommended: Callable[[str], float] | None = None) -> torch.Tensor:
     """Turn a mix (one dict per sequence, or a ``[B, K]`` tensor) into float32 weights ``[B, K]``.
 
     Parameters
     ----------
-    mix : sequence of Mapping[str, float] or Tensor [B, K]
-        One dict per sequence (emotion name → weight; names absent from a dict weigh 0), or a
-        tensor whose columns follow ``names``.
+    mix : sequence of Mapping[str, float | "rec"] or Tensor [B, K]
+        One dict per sequence (emotion name → weight, or ``"rec"``; names absent from a dict
+        weigh 0), or a tensor whose columns follow ``names``.
     names : sequence of str
         The ``K`` emotions the columns stand for.
     argument : str
         The argument's name in error messages.
+    recommended : callable, optional
+        ``recommended(name)`` → the weight that ``"rec"`` stands for (the steerer passes
+        :meth:`EmotionBank.recommended_weight`); without it ``"rec"`` is an error.
 
     Returns
     -------
@@ -118,6 +135,11 @@ def mix_to_weights(mix, names: Sequence[str], argument: str = "mix") -> torch.Te
             if name not in index:
                 fail(ValueError, f"{argument}[{row}] names unknown emotion {name!r}; the bank "
                                  f"has {list(names)}")
+            if isinstance(weight, str) and weight.strip().lower() == REC:
+                if recommended is None:
+                    fail(ValueError, f"{argument}[{row}][{name!r}] is 'rec' but no bank gives "
+                                     f"recommended weights here")
+                weight = recommended(name)
             if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
                 fail(TypeError, f"{argument}[{row}][{name!r}] must be a number, got "
                                 f"{type(weight).__name__}")

@@ -31,9 +31,9 @@ class Monitor:
     names : tuple of str
         The K emotions (columns).
     layers : tuple of int
-        The L steered decoder layers.
+        The L monitored decoder layers (by default the steered ones).
     running : tuple of RunningProjections
-        One per steered layer, updated in place by the op (``sum [B, K]``, ``count [B]``,
+        One per monitored layer, updated in place by the op (``sum [B, K]``, ``count [B]``,
         ``last [B, K]``).
     """
 
@@ -46,7 +46,28 @@ class Monitor:
 
     @property
     def layers(self) -> tuple[int, ...]:
-        return self._steerer.layers
+        """The monitored decoder layers (the steered ones unless ``monitor_layers`` said
+        otherwise)."""
+        return self._steerer.monitor_layers
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether readings are standard scores (the bank has a neutral baseline)."""
+        return bool(self._steerer.bank.calibrated)
+
+    def standardized(self) -> torch.Tensor:
+        r"""The mean readings as standard scores against the bank's neutral baseline,
+        ``[B, L, K]``: :math:`z = (\mathrm{mean} - \mu_{l,k}) / \sigma_{l,k}` (0 = as
+        neutral text, +2 = two neutral spreads above; raises ValueError for a bank without a
+        baseline)."""
+        return self._steerer.bank.standardize(self.mean(), list(self.layers),
+                                              names=list(self.names))
+
+    def readings(self) -> torch.Tensor:
+        """One reading per sequence and emotion, ``[B, K]``: :meth:`standardized` averaged over
+        the monitored layers (the raw :meth:`mean` averaged when the bank has no baseline)."""
+        values = self.standardized() if self.calibrated else self.mean()
+        return values.mean(dim=1)
 
     @property
     def running(self) -> tuple[RunningProjections, ...]:
@@ -93,12 +114,14 @@ class Monitor:
             fail(ValueError, "trajectory was not recorded; pass trajectory=True to steer()")
         steps = steerer.trajectory_steps
         if not steps:
-            return torch.zeros(0, steerer.batch_size, len(steerer.layers), len(steerer.names))
+            return torch.zeros(0, steerer.batch_size, len(steerer.monitor_layers),
+                               len(steerer.names))
         return torch.stack(steps)
 
-    def summary(self) -> list[dict[str, float]]:
-        """Per sequence, the mean projection of each emotion averaged over the steered layers."""
-        means = self.mean().mean(dim=1)
+    def summary(self, calibrated: bool = False) -> list[dict[str, float]]:
+        """Per sequence, each emotion's reading averaged over the monitored layers: the raw
+        mean projection, or with ``calibrated`` the standard score (:meth:`readings`)."""
+        means = self.readings() if calibrated else self.mean().mean(dim=1)
         return [{name: float(means[b, k]) for k, name in enumerate(self.names)}
                 for b in range(means.shape[0])]
 

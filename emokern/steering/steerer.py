@@ -67,6 +67,7 @@ from torch import nn
 from emokern.models import decoder_layers
 from emokern.ops import RunningProjections, resolve_backend, runner_for
 from emokern.steering.adapters import ForwardInputs, layers_owner, module_device, past_length
+from emokern.steering.control import Controller
 from emokern.steering.errors import fail
 from emokern.steering.mix import mix_to_weights
 from emokern.steering.monitor import Monitor
@@ -105,6 +106,9 @@ class Steerer:
         spread: str = "divide",
         emotions: Sequence[str] | None = None,
         backend: str | None = None,
+        monitor_layers: str | Sequence[int] | None = None,
+        target=None,
+        control=None,
     ) -> None:
         if not isinstance(model, nn.Module):
             fail(TypeError, f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -137,19 +141,36 @@ class Steerer:
         if not isinstance(norm_preserving, bool):
             fail(TypeError, f"norm_preserving must be a bool, got "
                             f"{type(norm_preserving).__name__}")
-        weights = mix_to_weights(mix, names)
+        if target is not None:
+            if mix is not None:
+                fail(ValueError, "give either mix (fixed weights) or target (closed-loop "
+                                 "levels), not both")
+            targets = mix_to_weights(target, names, "target")
+            mix = torch.zeros_like(targets)
+        elif mix is None:
+            fail(TypeError, "steer needs mix= (one dict of weights per sequence) or target=")
+        weights = mix_to_weights(mix, names, recommended=bank.recommended_weight)
+        watched = self._check_monitor_layers(monitor_layers, bank, chosen, len(layer_list))
+        reads = monitor_policy is not None or trajectory or target is not None
+        if not reads:
+            watched = ()
 
         self.model = model
         self.bank = bank
         self.names = names
         self.layers = chosen
+        self.monitor_layers = watched if watched else chosen
+        # One slot per hooked layer: the steered layers and the monitored ones, in depth order.
+        self._slot_layers = tuple(sorted(set(chosen) | set(watched)))
+        self._steered = [layer in chosen for layer in self._slot_layers]
+        self._watched = [reads and layer in self.monitor_layers for layer in self._slot_layers]
         self.positions = positions
         self.monitor_positions = monitor_policy
         self.norm_preserving = norm_preserving
         self.spread = spread
         self._record_trajectory = bool(trajectory)
         self._scale = 1.0 / len(chosen) if spread == "divide" else 1.0
-        self._layer_modules = [layer_list[i] for i in chosen]
+        self._layer_modules = [layer_list[i] for i in self._slot_layers]
         self._owner = layers_owner(model, layer_list)
         self._inputs = ForwardInputs(self._owner.forward)
         fallback = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -164,7 +185,7 @@ class Steerer:
         columns = [bank.index(name) for name in names]
         bank_layers = list(bank.layers)
         self._vectors = []
-        for layer, device in zip(chosen, self._devices, strict=True):
+        for layer, device in zip(self._slot_layers, self._devices, strict=True):
             vectors = torch.as_tensor(bank.vectors[bank_layers.index(layer)])[columns]
             vectors = vectors.to(device=device, dtype=torch.float32).contiguous()
             norms = vectors.norm(dim=1)
@@ -179,6 +200,9 @@ class Steerer:
         self._trajectory: list[torch.Tensor] = []
         self._pending_trajectory = None
         self._prompt_step_recorded = False
+        self.controller = None
+        if target is not None:
+            self.controller = Controller(self, target, targets, control)
         self._allocate(weights)
         self.monitor = Monitor(self) if monitor_policy is not None or trajectory else None
 
@@ -212,6 +236,22 @@ class Steerer:
                                  f"{list(bank.layers)}")
         return chosen
 
+    @staticmethod
+    def _check_monitor_layers(monitor_layers, bank, steered, n_model_layers: int
+                              ) -> tuple[int, ...]:
+        if monitor_layers is None:
+            return tuple(steered)
+        if isinstance(monitor_layers, str):
+            if monitor_layers != "auto":
+                fail(ValueError, f"monitor_layers must be None, 'auto' or a list of layer "
+                                 f"indices, got {monitor_layers!r}")
+            return tuple(int(i) for i in bank.detection_layers)
+        try:
+            return Steerer._check_layers(monitor_layers, bank, n_model_layers)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(str(exc).replace("emokern.steer: layer", "emokern.steer: "
+                                             "monitor_layers: layer")) from None
+
     # ------------------------------------------------------------------------- buffers
 
     def _allocate(self, weights: torch.Tensor) -> None:
@@ -228,25 +268,39 @@ class Steerer:
             self._zeros[device] = torch.zeros(batch, n_emotions, device=device)
             self._decode_mask[device] = torch.ones(batch, 1, dtype=torch.bool, device=device)
             self._no_rows[device] = torch.zeros(batch, 1, dtype=torch.bool, device=device)
-        self._running = [RunningProjections(batch, n_emotions, device) for device in self._devices]
-        self._trajectory_step = [torch.zeros(batch, 1, n_emotions, device=device)
-                                 for device in self._devices] if self._record_trajectory else None
+        watched_devices = [d for d, w in zip(self._devices, self._watched, strict=True) if w]
+        self._running = [RunningProjections(batch, n_emotions, device)
+                         for device in watched_devices]
+        # Per watched slot, the newest token's projections [B, 1, K] of each decode step: the
+        # trajectory's step and the controller's reading.
+        self._step_proj = None
+        if self._record_trajectory or self.controller is not None:
+            self._step_proj = [torch.zeros(batch, 1, n_emotions, device=device)
+                               for device in watched_devices]
+        self._trajectory_step = self._step_proj if self._record_trajectory else None
         self._trajectory.clear()
+        if self.controller is not None:
+            self.controller.allocate(batch)
         # The decode step's op arguments, built once: (vectors, weights, mask, norm_preserving,
         # proj_out, run_sum, run_count, run_last) per layer, or None to skip the layer.
         self._decode_calls = self._calls(prompt_forward=False, masks=self._decode_mask,
                                          no_rows=self._no_rows,
-                                         proj_out=self._trajectory_step)
-        self._active: list = [None] * len(self.layers)
+                                         proj_out=self._step_proj)
+        self._active: list = [None] * len(self._slot_layers)
 
     def _calls(self, prompt_forward: bool, masks: dict, no_rows: dict, proj_out) -> list:
-        steer_on = _covers(self.positions, prompt_forward)
-        count_on = _covers(self.monitor_positions, prompt_forward)
+        """The op's arguments per slot. ``proj_out`` holds one buffer per *watched* slot."""
         calls = []
+        watched_index = 0
         for slot, device in enumerate(self._devices):
+            steer_on = self._steered[slot] and _covers(self.positions, prompt_forward)
+            watched = self._watched[slot]
+            count_on = watched and _covers(self.monitor_positions, prompt_forward)
             mask = masks[device]
-            out = proj_out[slot] if proj_out is not None else None
-            running = self._running[slot].tensors() if count_on else (None, None, None)
+            out = proj_out[watched_index] if proj_out is not None and watched else None
+            running = self._running[watched_index].tensors() if count_on \
+                else (None, None, None)
+            watched_index += int(watched)
             if steer_on:
                 calls.append((self._vectors[slot], self._applied[device], mask,
                               self.norm_preserving, out, *running))
@@ -278,13 +332,27 @@ class Steerer:
         next forward uses the new mix. A mix with a different number of rows reallocates the
         buffers and restarts the monitor (do that between ``generate`` calls).
         """
-        weights = mix_to_weights(mix, self.names)
+        weights = mix_to_weights(mix, self.names, recommended=self.bank.recommended_weight)
+        if self.controller is not None:
+            fail(ValueError, "this steerer sets its weights from target= (closed loop); "
+                             "change the levels with set_target")
         if weights.shape[0] != self.batch_size:
             self._allocate(weights)
             return
         self._weights = weights
         for applied in self._applied.values():
             applied.copy_(weights * self._scale)
+
+    def set_target(self, target) -> None:
+        """Replace the closed-loop levels (same batch size; see :func:`steer`'s ``target``);
+        validated before anything changes."""
+        if self.controller is None:
+            fail(ValueError, "this steerer has fixed weights (mix=); set_target needs a "
+                             "steerer made with target=")
+        targets = mix_to_weights(target, self.names, "target")
+        if targets.shape[0] != self.batch_size:
+            fail(ValueError, f"target has {targets.shape[0]} rows, the steerer {self.batch_size}")
+        self.controller.set_target(target, targets)
 
     # ------------------------------------------------------------------------ readings
 
@@ -321,7 +389,7 @@ class Steerer:
         if self._handles:
             return self
         handles = [self._owner.register_forward_pre_hook(self._before_forward, with_kwargs=True)]
-        if self._record_trajectory:
+        if self._record_trajectory or self.controller is not None:
             handles.append(self._owner.register_forward_hook(self._after_forward))
         for slot, module in enumerate(self._layer_modules):
             handles.append(module.register_forward_hook(self._layer_hook(slot)))
@@ -333,7 +401,7 @@ class Steerer:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self._active = [None] * len(self.layers)
+        self._active = [None] * len(self._slot_layers)
 
     def __enter__(self) -> Steerer:
         return self.install()
@@ -399,9 +467,9 @@ class Steerer:
             masks[device] = None if real is None else real.to(device).contiguous()
             no_rows[device] = torch.zeros(batch, new_tokens, dtype=torch.bool, device=device)
         proj_out = None
-        if self._record_trajectory:
+        if self._step_proj is not None:
             proj_out = [torch.zeros(batch, new_tokens, len(self.names), device=device)
-                        for device in self._devices]
+                        for device, w in zip(self._devices, self._watched, strict=True) if w]
             self._pending_trajectory = (proj_out, real)
         self._active = self._calls(True, masks, no_rows, proj_out)
         return None
@@ -409,6 +477,11 @@ class Steerer:
     def _after_forward(self, module, args, output):
         pending = self._pending_trajectory
         if pending is None:
+            if self.controller is not None:
+                # On the device, in place, no host sync: the next step's weights.
+                self.controller.update()
+            if not self._record_trajectory:
+                return None
             step = torch.stack([out[:, 0].to("cpu") for out in self._trajectory_step], dim=1)
             self._trajectory.append(step)
             self._prompt_step_recorded = False
@@ -422,8 +495,13 @@ class Steerer:
                 positions = torch.arange(n_tokens, device=real.device).expand_as(real)
                 newest = torch.where(real, positions, 0).amax(dim=1).to("cpu")
             rows = torch.arange(newest.shape[0])
-            step = torch.stack([out.to("cpu")[rows, newest] for out in proj_out], dim=1)
+            if self.controller is not None:
+                self.controller.start([out[rows.to(out.device), newest.to(out.device)]
+                                       for out in proj_out])
             self._pending_trajectory = None
+            if not self._record_trajectory:
+                return None
+            step = torch.stack([out.to("cpu")[rows, newest] for out in proj_out], dim=1)
             # Of consecutive prompt forwards (a chunked prefill), only the last one's newest
             # token chooses a generated token: it replaces the previous chunk's step.
             if self._prompt_step_recorded and self._trajectory:
@@ -443,7 +521,7 @@ class Steerer:
 def steer(
     model: nn.Module,
     bank,
-    mix,
+    mix=None,
     *,
     layers: str | Sequence[int] = "auto",
     positions: str = "all",
@@ -453,6 +531,9 @@ def steer(
     spread: str = "divide",
     emotions: Sequence[str] | None = None,
     backend: str | None = None,
+    monitor_layers: str | Sequence[int] | None = None,
+    target=None,
+    control=None,
 ) -> Steerer:
     r"""Steer ``model`` with one emotion mix per sequence; a context manager.
 
@@ -475,7 +556,9 @@ def steer(
         Vectors extracted from this model (checked with ``bank.check_compatible(model)``).
     mix : list of dict or Tensor [B, K]
         One dict per sequence (emotion → weight; 1.0 = one vector as extracted; negative
-        weights suppress; ``{}`` leaves the row unsteered), or float weights whose columns
+        weights suppress; ``"rec"`` = the emotion's recommended weight,
+        ``bank.recommended_weight(name)``; ``{}`` leaves the row unsteered), or float weights
+        whose columns
         follow ``emotions`` (default ``bank.names``). ``B`` must equal the batch of every
         forward.
     layers : "auto" or list of int
@@ -499,6 +582,21 @@ def steer(
         Restrict the columns (steered and read) to these bank emotions.
     backend : str, optional
         Force an op backend ("reference", "cpu", "triton", "cuda").
+    monitor_layers : None, "auto" or list of int
+        Where the monitor (and trajectory) read: None = the steered layers; "auto" = the
+        bank's :attr:`~emokern.EmotionBank.detection_layers` (chosen for telling emotions
+        apart on held-out sentences, independently of where steering works best); a list =
+        those layers. A monitored layer that is also steered is read by the steering call
+        itself (no extra pass); any other one gets a zero-weight call that only reads.
+    target : list of dict or Tensor [B, K], optional
+        Closed-loop intensity instead of ``mix``: per sequence, the reading each emotion should
+        reach, in the standard scores of the bank's neutral baseline (0 = as neutral text,
+        2 = two neutral spreads above). Between decode steps each row's weights follow its
+        running reading (:class:`~emokern.steering.control.Controller`: bounded, monotone, on
+        the device, no host sync). Needs a calibrated bank.
+    control : dict, optional
+        Controller settings (``gain``, ``smoothing``, ``max_scale``; see
+        :class:`~emokern.steering.control.Controller`).
 
     Returns
     -------
@@ -510,10 +608,13 @@ def steer(
     Raises
     ------
     TypeError, ValueError
-        Before anything is installed: unknown emotion, non-finite weight, bad ``layers`` or
-        ``positions``, a bank for another model, an unsupported architecture. A forward whose
+        Before anything is installed: unknown emotion, non-finite weight, bad ``layers``,
+        ``monitor_layers`` or ``positions``, both or neither of ``mix`` and ``target``, a
+        target for an emotion the bank lacks or with an uncalibrated bank, a bank for another
+        model, an unsupported architecture. A forward whose
         batch differs from the number of mixes raises ValueError before any layer runs.
     """
     return Steerer(model, bank, mix, layers=layers, positions=positions,
                    norm_preserving=norm_preserving, monitor=monitor, trajectory=trajectory,
-                   spread=spread, emotions=emotions, backend=backend)
+                   spread=spread, emotions=emotions, backend=backend,
+                   monitor_layers=monitor_layers, target=target, control=control)

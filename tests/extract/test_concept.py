@@ -21,16 +21,16 @@ def test_concept_token_span_covers_the_concept(small_llama):
 def test_concept_shapes_centering_and_pooling(small_gpt2):
     model, tokenizer = small_gpt2
     cats = ["joy", "fear", "anger"]
-    last = extract_concept(model, tokenizer, categories=cats, progress=False)
+    last = extract_concept(model, tokenizer, categories=cats, progress=False, baseline=False)
     mean = extract_concept(model, tokenizer, categories=cats, pooling="mean", layers=[1],
-                           progress=False)
+                           progress=False, baseline=False)
     assert last.vectors.shape == (3, 3, 32) and last.names == cats
     torch.testing.assert_close(last.vectors.sum(dim=1), torch.zeros(3, 32), atol=1e-5, rtol=0)
     assert mean.layers == [1] and not torch.allclose(mean.vectors[0], last.vectors[1])
     assert last.metadata["method"] == "concept" and last.metadata["pooling"] == "last"
     custom = extract_concept(model, tokenizer, categories={"a": ["sun", "smile"],
                                                            "b": ["rain", "storm"]},
-                             carriers=["It was {concept}."], progress=False)
+                             carriers=["It was {concept}."], progress=False, baseline=False)
     torch.testing.assert_close(custom.vectors[:, 0], -custom.vectors[:, 1])
     assert custom.metadata["source"] == "custom"
 
@@ -40,7 +40,7 @@ def test_concept_vector_is_category_mean_minus_mean_of_categories(small_llama):
     cats = {"a": ["sun"], "b": ["rain"], "c": ["a storm"]}
     carrier = "It was {concept} again."
     bank = extract_concept(model, tokenizer, categories=cats, carriers=[carrier], layers=[1],
-                           progress=False)
+                           progress=False, baseline=False)
     states = []
     for words in cats.values():
         ids, _, b = concept_token_span(tokenizer, carrier, words[0])

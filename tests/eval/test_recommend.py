@@ -1,0 +1,64 @@
+"""Per-emotion recommended weights: the choice rule, storing it in a bank, the sweep on a tiny
+model."""
+
+import pytest
+import torch
+from helpers import random_bank
+
+from emokern.eval.evaluation import load_prompts
+from emokern.eval.recommend import SWEEP_PROMPTS, choose, store, sweep
+
+
+def _agg(emotion, label, alpha, gain, distinct2=0.9, perplexity=10.0):
+    return {"emotion": emotion, "label": label, "alpha": alpha, "gain": gain, "eps": gain,
+            "distinct2": distinct2, "perplexity": perplexity}
+
+
+def test_choose_takes_the_largest_fluent_gain_per_emotion():
+    aggregates = [
+        _agg("anger", "0", 0.0, 0.0, perplexity=6.0),
+        _agg("anger", "2", 2.0, 0.05), _agg("anger", "4", 4.0, 0.23),
+        _agg("anger", "6", 6.0, 0.40, distinct2=0.5),           # loops: not fluent
+        _agg("anger", "8", 8.0, 0.45, perplexity=30.0),         # > 3x unsteered perplexity
+        _agg("joy", "0", 0.0, 0.0, perplexity=6.0),
+        _agg("joy", "1", 1.0, 0.10), _agg("joy", "2", 2.0, 0.105),  # tie: the smaller weight
+        _agg("fear", "0", 0.0, 0.0, perplexity=6.0),
+        _agg("fear", "1", 1.0, 0.10, distinct2=0.2), _agg("fear", "-1", -1.0, 0.0),
+    ]
+    choice = choose(aggregates)
+    assert choice["anger"]["weight"] == 4.0 and choice["anger"]["fluent"]
+    assert choice["joy"]["weight"] == 1.0
+    assert choice["fear"] == {"weight": 1.0, "gain": 0.1, "eps": 0.1, "distinct2": 0.2,
+                              "perplexity": 10.0, "fluent": False}
+
+
+def test_store_keeps_the_vectors_and_records_the_band(tiny_llama, tmp_path):
+    model, _ = tiny_llama
+    bank = random_bank(model)
+    stored = store(bank, {"joy": {"weight": 3.0, "gain": 0.2, "perplexity": float("nan")}},
+                   prompts=24, reading={"joy": 1.234567})
+    assert torch.equal(stored.vectors, bank.vectors)
+    assert stored.recommended_weight("joy") == 3.0
+    assert stored.recommended_weight("fear") == bank.recommended_alpha
+    record = stored.recommended_weights["joy"]
+    assert record == {"weight": 3.0, "gain": 0.2, "layers": [1, 2], "prompts": 24,
+                      "reading": 1.235}
+    path = stored.save(tmp_path / "b.safetensors", dtype=torch.float16)
+    assert type(stored).load(path).recommended_weights == stored.recommended_weights
+
+
+def test_sweep_prompts_are_not_evaluation_prompts():
+    assert len(SWEEP_PROMPTS) == 24
+    assert not set(SWEEP_PROMPTS) & set(load_prompts())
+
+
+def test_sweep_runs_the_grid(tiny_llama, scorer, one_thread):
+    model, tokenizer = tiny_llama
+    bank = random_bank(model, scale=0.5)
+    result = sweep(model, tokenizer, bank, emotions=["joy"], weights=[1.0, 2.0],
+                   prompts=SWEEP_PROMPTS[:2], max_new_tokens=3, progress=False, scorer=scorer)
+    labels = sorted(a["label"] for a in result["aggregates"])
+    assert labels == ["0", "1", "2"]
+    assert set(choose(result["aggregates"])) == {"joy"}
+    with pytest.raises(ValueError, match="unknown emotion"):
+        sweep(model, tokenizer, bank, emotions=["anger"], progress=False)
