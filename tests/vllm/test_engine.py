@@ -128,3 +128,11 @@ def test_readings_match_the_hugging_face_monitor(steered):
     got = torch.tensor(reading["mean"])
     print("max |vLLM - HF| reading:", (got - hf_mean).abs().max().item())
     torch.testing.assert_close(got, hf_mean, atol=READING_ATOL, rtol=0)
+
+
+def test_a_bad_mix_is_refused_before_the_engine(reference, steered):
+    prompts, expected = reference
+    with pytest.raises(Exception, match="unknown emotion 'hope'"):
+        steered.generate(prompts[:1], [_params("hope=1")], use_tqdm=False)
+    _, after = _generate(steered, prompts[2:3], [None])  # the engine still serves
+    assert after[0] == expected[2]
