@@ -1,31 +1,44 @@
-r"""Triton backend of ``emokern::steer_``: one fused pass over the hidden states.
+r"""Triton backend of ``emokern::steer_`` and ``emokern::steer_packed_``: one fused pass over the
+hidden states, one kernel for both layouts.
 
-For every token row :math:`x = h_{b,t}` (input, float32 compute whatever the storage dtype)
+For every token row with slot :math:`s` and input :math:`x` (``hidden`` plus, in the packed
+layout, the optional split ``residual``), in float32 whatever the storage dtype:
 
 .. math::
     p_k = \langle x, v_k\rangle / \lVert v_k\rVert, \qquad
-    y = x + \textstyle\sum_k w_{b,k}\, v_k, \qquad
+    y = x + \textstyle\sum_k W_{s,k}\, v_k, \qquad
     y \leftarrow y\,\lVert x\rVert / \max(\lVert y\rVert, 10^{-6})\ \text{(norm\_preserving)}
 
-``hidden[b, t] = y`` on masked rows, ``proj_out[b, t] = p`` on every row, and the running
-statistics accumulate ``p`` over masked rows (docs/design.md §2).
+the row becomes ``y`` (``y - residual`` with a split stream) when it has a slot (``s >= 0``),
+``proj_out`` receives ``p`` on every row, and the running statistics of slot ``s`` accumulate
+``p`` (docs/design.md §2).
+
+Layouts
+-------
+The kernel sees rows ``(seq, t)`` of ``B`` sequences of ``T`` rows; a row's slot comes from a
+lookup (:func:`_slot_of`), the only place the two layouts differ:
+
+* **batched** (``steer_``, ``hidden [B, T, D]``): the slot of row ``(b, t)`` is ``b``, or -1
+  where ``mask[b, t]`` is False — computed in the kernel from the program id (no index tensor);
+* **packed** (``steer_packed_``, ``hidden [N, D]``): one "sequence" of ``T = N`` rows whose
+  slots are read from ``token_slot`` (a value outside ``[-1, S)``, which validation rejects
+  when it can read values, is treated as -1 rather than read out of bounds).
 
 Kernel design
 -------------
-The grid is flat: program ``i`` handles sequence ``b = i // n_chunks`` and its ``ROWS``
-consecutive rows ``chunk = i % n_chunks`` (a flat grid has no 65,535 limit on ``B``). All rows
-of a program belong to one sequence, so they share one steering vector
-:math:`\delta_b = \sum_k w_{b,k} v_k`, which each program builds tile by tile from the vector
-tiles it loads for the projections anyway — ``vectors`` is read once per program (twice when
-norm preservation needs a second pass over D) and stays in L2 across programs.
+The grid is flat: program ``i`` handles sequence ``seq = i // n_chunks`` and its ``ROWS``
+consecutive rows ``chunk = i % n_chunks`` (no 65,535 limit on ``B``).
 
-* **Row mode** (``ROWS = 1``; decode and short sequences): a program owns one row; the
+* **Row mode** (``ROWS = 1``; decode and short inputs): a program owns one row; the
   projections are a broadcast-multiply of the row tile ``[1, BLOCK_D]`` with the vector tile
-  ``[BLOCK_K, BLOCK_D]`` reduced over D. A decode step (``T = 1``) is one program per sequence.
-* **Dot mode** (``ROWS = 16``; prefill): a program owns 16 rows, and the projections of the
-  16 rows are one ``tl.dot`` per D tile in IEEE float32 (TF32 would lose the projections'
-  precision). This divides the L2 traffic of re-reading ``vectors`` by 16, which matters
-  when ``K·D`` is large (64 × 8192 float32 = 2 MiB per read).
+  ``[BLOCK_K, BLOCK_D]`` reduced over D, and the steering vector
+  :math:`\delta = \sum_k W_{s,k} v_k` is built tile by tile from the same vector tile.
+* **Dot mode** (``ROWS = 16``; prefill, large packed batches): a program owns 16 rows, and their
+  projections are one ``tl.dot`` per D tile in IEEE float32 (TF32 would lose the projections'
+  precision), dividing the L2 traffic of re-reading ``vectors`` by 16. In the batched layout
+  the 16 rows share one slot, so :math:`\delta` is one broadcast sum; in the packed layout each
+  row may have its own slot and :math:`\delta` is a second ``tl.dot`` of the rows' gathered
+  weights ``[16, BLOCK_K]`` with the vector tile.
 
 D is covered by a single tile when ``next_pow2(D)`` fits the tile budget; the row then stays in
 registers and is written once. Otherwise the kernel loops over D tiles: without norm
@@ -34,21 +47,32 @@ loop accumulates :math:`\lVert x\rVert^2` and :math:`\lVert y\rVert^2` (computed
 through the Gram identity, which cancels catastrophically when :math:`y \approx 0`) and a second
 loop re-reads the row tiles (from L1/L2) and writes the rescaled rows.
 
-Running statistics: a program sums its masked rows' projections and count and adds them to
-``run_sum`` / ``run_count``, with atomics only when a sequence spans several programs (with
-one program per sequence — decode — it is a plain read-add-write, deterministic).
-``run_last`` is written by the one program whose chunk holds the sequence's newest masked row:
-it knows it does when no later row of the sequence is masked (it scans the rest of the mask row
-with an early exit; without a mask it is the last chunk).
+Running statistics (the same code for both layouts). The rows of a program are grouped by slot:
+the first row of each group adds the group's projection sum and row count to ``run_sum`` /
+``run_count`` — with atomics, except in the batched layout when a sequence is one program
+(decode), where it is a plain read-add-write. A slot's tokens may be spread over many programs
+in the packed layout, so float sums there depend on the order the programs' atomics land in
+(ulp-level; counts are exact, and a slot whose tokens of a call lie in one program — every
+decode step — gets the bit-exact sum). ``run_last`` needs no atomics and no extra buffer: a row
+writes it iff it is its slot's newest row of the call, i.e. no later row of the program and no
+row after the program's chunk has the same slot. The program finds the latter by scanning the
+slots of the rows after its chunk (the mask row in the batched layout, ``token_slot[:N]`` in the
+packed one) with an early exit once every candidate has a later twin. Tokens of a request are
+contiguous in serving engines, so the scan usually stops at its first block; its worst case,
+slots interleaved token by token, reads ``O(N · S)`` int32 in total. Exactly one row writes each
+slot's ``run_last``, so the result is deterministic.
 
-Launch configuration (:func:`launch_config`), a pure function of ``(T, D, K)``: dot mode
-when ``T >= 64``; ``BLOCK_K = next_pow2(K)`` (at least 16 in dot mode); ``BLOCK_D`` the largest
-power of two with ``(BLOCK_K [+ 16]) · BLOCK_D <= 2048`` float32 tile elements (at least 16, at
-most ``next_pow2(D)``); ``num_warps = min(8, tile elements / 256)``. Compiled for sm_90 this
-takes 48-80 registers per thread in row mode and 94-128 in dot mode, with no spills.
+Launch configuration (:func:`launch_config`), a pure function of ``(T, D, K, residual)``: dot
+mode when ``T >= 64``; ``BLOCK_K = next_pow2(K)`` (at least 16 in dot mode); ``BLOCK_D`` the
+largest power of two with ``(BLOCK_K [+ 16 [+ 16]]) · BLOCK_D <= 2048`` float32 tile elements
+(the vector tile, the row tile in dot mode, the residual tile in dot mode with a split stream;
+at least 16, at most ``next_pow2(D)``); ``num_warps = min(8, tile elements / 256)``; dot mode
+is capped at 128 registers a thread (two 8-warp programs per SM). Compiled for sm_90
+(tests/ops/test_triton.py), row mode takes 21-64 registers, dot mode up to the cap, and nothing
+spills.
 
-Decode discipline (docs/design.md §6): the launcher allocates nothing, never syncs the host and
-never reads data; no ``@triton.autotune`` (autotuning launches are illegal during CUDA-graph
+Decode discipline (docs/design.md §6): the launchers allocate nothing, never sync the host and
+never read data; no ``@triton.autotune`` (autotuning launches are illegal during CUDA-graph
 capture). Triton specialises integer arguments equal to 1 or divisible by 16, so a model
 compiles a handful of variants (decode, prefill lengths); run each once before capturing.
 Offsets are int64 (``B·T·D`` can exceed 2**31); scalars are float32 inside the kernel.
@@ -73,25 +97,31 @@ from emokern.ops.reference import NORM_EPS
 #: Upper bound of a D tile. Rows longer than the (budget-limited) tile are covered by a loop.
 MAX_BLOCK_D = 1024
 #: Register budget (float32 elements) of the tiles loaded per D step: the vector tile
-#: ``[BLOCK_K, BLOCK_D]`` plus, in dot mode, the row tile ``[ROWS, BLOCK_D]``. Larger budgets
-#: compiled for sm_90 need 150-250 registers per thread (one program per SM) or spill.
+#: ``[BLOCK_K, BLOCK_D]`` plus, in dot mode, the row tile ``[ROWS, BLOCK_D]`` (and the residual
+#: tile). Larger budgets compiled for sm_90 need 150-250 registers per thread or spill.
 TILE_ELEMENTS = 2048
-#: Sequences at least this long use dot mode (16 rows per program); shorter ones row mode.
+#: Inputs with at least this many rows per sequence use dot mode (16 rows per program).
 DOT_MIN_ROWS = 64
 #: Rows per program in dot mode (the minimum M of ``tl.dot``).
 DOT_ROWS = 16
-#: Mask entries read per step while a program looks for later masked rows.
-_SCAN_BLOCK = 1024
+#: Registers per thread in dot mode: 2 programs of 8 warps per SM (65,536 registers).
+DOT_MAX_REGISTERS = 128
+#: Slot comparisons per thread and step while a program looks for later rows of its slots
+#: (the scan block is ``32 · num_warps · this / ROWS`` slots; more would cost registers).
+_SCAN_PER_THREAD = 8
 
 
 class LaunchConfig(NamedTuple):
-    """Fixed launch configuration of the steer kernel, a pure function of ``(T, D, K)``."""
+    """Fixed launch configuration of the steer kernel, a pure function of its shape class."""
 
     rows: int  #: rows per program (1 = row mode, DOT_ROWS = dot mode)
     block_k: int  #: K padded to a power of two (>= 16 in dot mode, the minimum N of tl.dot)
     block_d: int  #: D tile
     single_tile: bool  #: the whole row fits one D tile (kept in registers, written once)
     num_warps: int
+    #: Register cap per thread (ptx ``.maxnreg``), or None: dot mode is held to 128 so that two
+    #: programs of 8 warps share an SM (uncapped, ptxas takes 136-146 with running statistics).
+    max_registers: int | None
 
 
 def _next_pow2(n: int) -> int:
@@ -99,13 +129,14 @@ def _next_pow2(n: int) -> int:
 
 
 @functools.lru_cache(maxsize=256)
-def _launch_config(seq_len: int, dim: int, n_vec: int, max_block_d: int, tile_elements: int,
-                   dot_min_rows: int) -> LaunchConfig:
+def _launch_config(seq_len: int, dim: int, n_vec: int, residual: bool, max_block_d: int,
+                   tile_elements: int, dot_min_rows: int) -> LaunchConfig:
     use_dot = seq_len >= dot_min_rows
     rows = DOT_ROWS if use_dot else 1
     block_k = max(16 if use_dot else 2, _next_pow2(n_vec))
-    # Tile rows held per D column: the vector tile, plus the row tile in dot mode.
-    tile_rows = block_k + (rows if use_dot else 0)
+    # Tile rows held per D column: the vector tile, plus the row (and residual) tiles in dot
+    # mode.
+    tile_rows = block_k + ((rows * (2 if residual else 1)) if use_dot else 0)
     # The largest power of two within the budget, and at least 16 columns (the minimum K of
     # tl.dot; narrower tiles would also waste most of each vector-row load).
     budget_d = max(16, 1 << (max(1, tile_elements // tile_rows).bit_length() - 1))
@@ -115,13 +146,17 @@ def _launch_config(seq_len: int, dim: int, n_vec: int, max_block_d: int, tile_el
     # 8 tile elements per thread: 48-110 registers on sm_90 (no spills), so that several
     # programs share an SM — this kernel is memory bound and needs the occupancy.
     num_warps = min(8, _next_pow2(tile_rows * block_d // 256))
-    return LaunchConfig(rows, block_k, block_d, dim <= block_d, num_warps)
+    return LaunchConfig(rows, block_k, block_d, dim <= block_d, num_warps,
+                        DOT_MAX_REGISTERS if use_dot else None)
 
 
-def launch_config(seq_len: int, dim: int, n_vec: int) -> LaunchConfig:
-    """The launch configuration used for hidden states ``[*, seq_len, dim]`` and ``n_vec``
-    vectors (reads the module constants, so tests can lower ``MAX_BLOCK_D``)."""
-    return _launch_config(seq_len, dim, n_vec, MAX_BLOCK_D, TILE_ELEMENTS, DOT_MIN_ROWS)
+def launch_config(seq_len: int, dim: int, n_vec: int, residual: bool = False) -> LaunchConfig:
+    """The launch configuration used for ``seq_len`` rows per sequence (``T`` of ``[B, T, D]``,
+    ``N`` of a packed ``[N, D]``) of width ``dim``, ``n_vec`` vectors and, in the packed layout,
+    a split ``residual`` or not (reads the module constants, so tests can lower
+    ``MAX_BLOCK_D``)."""
+    return _launch_config(seq_len, dim, n_vec, bool(residual), MAX_BLOCK_D, TILE_ELEMENTS,
+                          DOT_MIN_ROWS)
 
 
 @triton.jit
@@ -144,14 +179,37 @@ def _to_storage(y, out_ty: tl.constexpr):
 
 
 @triton.jit
-def _tile_terms(row_ptrs, vectors_ptr, w, offs_d, rows_ok, offs_k, k_ok, dim,
-                USE_DOT: tl.constexpr):
-    """Load the D tile at ``offs_d`` of the rows and of the vectors; return
-    ``(x [ROWS, BLOCK_D], y = x + delta [ROWS, BLOCK_D], dots [ROWS, BLOCK_K], ||v||² part
-    [BLOCK_K], d_ok [BLOCK_D])`` in float32."""
+def _slot_of(slot_ptr, seq, pos, pos_ok, seq_len, n_slots, PACKED: tl.constexpr,
+             HAS_MASK: tl.constexpr):
+    """The slot (int32, -1 = untouched and not counted) of rows ``pos`` of sequence ``seq``:
+    ``token_slot[pos]`` in the packed layout (out-of-range values read as -1), else ``seq``
+    where the mask (``slot_ptr``, uint8 ``[B, T]``) is set; -1 where not ``pos_ok``."""
+    if PACKED:
+        slot = tl.load(slot_ptr + pos, mask=pos_ok, other=-1)
+        return tl.where((slot >= 0) & (slot < n_slots), slot, -1)
+    else:
+        if HAS_MASK:
+            on = tl.load(slot_ptr + seq * seq_len + pos, mask=pos_ok, other=0) != 0
+            return tl.where(on & pos_ok, seq.to(tl.int32), -1)
+        else:
+            return tl.where(pos_ok, seq.to(tl.int32), -1)
+
+
+@triton.jit
+def _tile_terms(row_ptrs, res_ptrs, vectors_ptr, w, offs_d, rows_ok, offs_k, k_ok, dim,
+                USE_DOT: tl.constexpr, ROW_WEIGHTS: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    """Load the D tile at ``offs_d`` of the rows (plus the residual) and of the vectors; return
+    ``(x [ROWS, BLOCK_D], y = x + delta, residual tile (or 0.0), dots [ROWS, BLOCK_K],
+    ||v||² part [BLOCK_K], d_ok [BLOCK_D])`` in float32. ``w`` is ``[ROWS, BLOCK_K]`` (each
+    row's weights) when ``ROW_WEIGHTS``, else ``[BLOCK_K]`` shared by the rows."""
     d_ok = offs_d < dim
-    x = tl.load(row_ptrs[:, None] + offs_d[None, :], mask=rows_ok[:, None] & d_ok[None, :],
-                other=0.0).to(tl.float32)
+    tile_ok = rows_ok[:, None] & d_ok[None, :]
+    x = tl.load(row_ptrs[:, None] + offs_d[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptrs[:, None] + offs_d[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+        x = x + r
+    else:
+        r = 0.0
     v = tl.load(vectors_ptr + offs_k[:, None].to(tl.int64) * dim + offs_d[None, :],
                 mask=k_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
     if USE_DOT:
@@ -159,46 +217,75 @@ def _tile_terms(row_ptrs, vectors_ptr, w, offs_d, rows_ok, offs_k, k_ok, dim,
     else:
         # ROWS == 1: [BLOCK_K, BLOCK_D] * [1, BLOCK_D] reduced over D -> [1, BLOCK_K].
         dots = tl.sum(v * x, axis=1)[None, :]
-    delta = tl.sum(w[:, None] * v, axis=0)
-    y = x + delta[None, :]
-    return x, y, dots, tl.sum(v * v, axis=1), d_ok
+    if ROW_WEIGHTS:
+        y = x + tl.dot(w, v, input_precision="ieee")
+    else:
+        y = x + tl.sum(w[:, None] * v, axis=0)[None, :]
+    return x, y, r, dots, tl.sum(v * v, axis=1), d_ok
+
+
+@triton.jit
+def _later_twins(slot_ptr, seq, slot, pending, start, seq_len, n_slots, PACKED: tl.constexpr,
+                 HAS_MASK: tl.constexpr, SCAN_BLOCK: tl.constexpr):
+    """For each row ``r`` with ``pending[r]``: whether a row at ``start`` or later (``< T``) has
+    slot ``slot[r]``. Rows not pending report True. Scans ``SCAN_BLOCK`` slots a step and stops
+    as soon as every pending row has found one."""
+    found = (pending == 0).to(tl.int32)
+    while (start < seq_len) & (tl.min(found, axis=0) == 0):
+        offs = start + tl.arange(0, SCAN_BLOCK).to(tl.int64)
+        later = _slot_of(slot_ptr, seq, offs, offs < seq_len, seq_len, n_slots, PACKED,
+                         HAS_MASK)
+        found = found | tl.max((later[None, :] == slot[:, None]).to(tl.int32), axis=1)
+        start += SCAN_BLOCK
+    return found != 0
 
 
 @triton.jit
 def _steer_kernel(
-    hidden_ptr, vectors_ptr, weights_ptr, mask_ptr, proj_ptr, sum_ptr, count_ptr, last_ptr,
-    seq_len, dim, n_vec, stride_b, stride_t, n_chunks,
-    HAS_MASK: tl.constexpr, NORM_PRESERVING: tl.constexpr, HAS_PROJ: tl.constexpr,
-    HAS_RUN: tl.constexpr, ATOMIC_RUN: tl.constexpr, ROWS: tl.constexpr, USE_DOT: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_TILE: tl.constexpr,
-    SCAN_BLOCK: tl.constexpr, EPS: tl.constexpr,
+    hidden_ptr, residual_ptr, vectors_ptr, weights_ptr, slot_ptr, proj_ptr, sum_ptr, count_ptr,
+    last_ptr, seq_len, dim, n_vec, n_slots, stride_b, stride_t, res_stride_t, n_chunks,
+    PACKED: tl.constexpr, HAS_MASK: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    NORM_PRESERVING: tl.constexpr, HAS_PROJ: tl.constexpr, HAS_RUN: tl.constexpr,
+    ATOMIC_RUN: tl.constexpr, ROWS: tl.constexpr, USE_DOT: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr, SINGLE_TILE: tl.constexpr, SCAN_BLOCK: tl.constexpr,
+    EPS: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     seq = pid // n_chunks
     chunk = pid % n_chunks
     rows = chunk * ROWS + tl.arange(0, ROWS).to(tl.int64)
     rows_ok = rows < seq_len
-    if HAS_MASK:
-        steered = (tl.load(mask_ptr + seq * seq_len + rows, mask=rows_ok, other=0) != 0) & rows_ok
-    else:
-        steered = rows_ok
+    slot = _slot_of(slot_ptr, seq, rows, rows_ok, seq_len, n_slots, PACKED, HAS_MASK)
+    steered = slot >= 0
+    slot_safe = tl.maximum(slot, 0).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
     k_ok = offs_k < n_vec
-    w = tl.load(weights_ptr + seq * n_vec + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+    # Each row's weights (packed dot mode: rows of one program may belong to different slots)
+    # or the one weight row every row of the program uses.
+    ROW_WEIGHTS: tl.constexpr = PACKED and USE_DOT
+    if PACKED:
+        w = tl.load(weights_ptr + slot_safe[:, None] * n_vec + offs_k[None, :],
+                    mask=steered[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        if not ROW_WEIGHTS:
+            w = tl.sum(w, axis=0)  # ROWS == 1
+    else:
+        w = tl.load(weights_ptr + seq * n_vec + offs_k, mask=k_ok, other=0.0).to(tl.float32)
     row_ptrs = hidden_ptr + seq * stride_b + rows * stride_t
+    res_ptrs = residual_ptr + rows * res_stride_t if HAS_RESIDUAL else row_ptrs
     offs_tile = tl.arange(0, BLOCK_D)
     out_ty = hidden_ptr.dtype.element_ty
     eps = tl.full((), EPS, tl.float32)
 
     if SINGLE_TILE:
         # The whole row is in registers: compute, rescale and write it once.
-        x, y, dots, vv, d_ok = _tile_terms(row_ptrs, vectors_ptr, w, offs_tile, rows_ok, offs_k,
-                                           k_ok, dim, USE_DOT)
+        x, y, r, dots, vv, d_ok = _tile_terms(row_ptrs, res_ptrs, vectors_ptr, w, offs_tile,
+                                              rows_ok, offs_k, k_ok, dim, USE_DOT, ROW_WEIGHTS,
+                                              HAS_RESIDUAL)
         if NORM_PRESERVING:
             x_norm = tl.sqrt(tl.sum(x * x, axis=1))
             y_norm = tl.sqrt(tl.sum(y * y, axis=1))
             y = y * (x_norm / tl.maximum(y_norm, eps))[:, None]
-        tl.store(row_ptrs[:, None] + offs_tile[None, :], _to_storage(y, out_ty),
+        tl.store(row_ptrs[:, None] + offs_tile[None, :], _to_storage(y - r, out_ty),
                  mask=steered[:, None] & d_ok[None, :])
     else:
         dots = tl.zeros((ROWS, BLOCK_K), tl.float32)
@@ -207,8 +294,9 @@ def _steer_kernel(
         yy = tl.zeros((ROWS,), tl.float32)
         for d0 in range(0, dim, BLOCK_D):
             offs_d = d0 + offs_tile
-            x, y, dots_part, vv_part, d_ok = _tile_terms(row_ptrs, vectors_ptr, w, offs_d,
-                                                         rows_ok, offs_k, k_ok, dim, USE_DOT)
+            x, y, r, dots_part, vv_part, d_ok = _tile_terms(
+                row_ptrs, res_ptrs, vectors_ptr, w, offs_d, rows_ok, offs_k, k_ok, dim, USE_DOT,
+                ROW_WEIGHTS, HAS_RESIDUAL)
             dots += dots_part
             vv += vv_part
             if NORM_PRESERVING:
@@ -216,16 +304,17 @@ def _steer_kernel(
                 yy += tl.sum(y * y, axis=1)
             else:
                 # Nothing later in the row changes this tile: write it now (one pass).
-                tl.store(row_ptrs[:, None] + offs_d[None, :], _to_storage(y, out_ty),
+                tl.store(row_ptrs[:, None] + offs_d[None, :], _to_storage(y - r, out_ty),
                          mask=steered[:, None] & d_ok[None, :])
         if NORM_PRESERVING:
             scale = tl.sqrt(xx) / tl.maximum(tl.sqrt(yy), eps)
             for d0 in range(0, dim, BLOCK_D):
                 offs_d = d0 + offs_tile
-                x, y, dots_part, vv_part, d_ok = _tile_terms(
-                    row_ptrs, vectors_ptr, w, offs_d, rows_ok, offs_k, k_ok, dim, USE_DOT)
+                x, y, r, dots_part, vv_part, d_ok = _tile_terms(
+                    row_ptrs, res_ptrs, vectors_ptr, w, offs_d, rows_ok, offs_k, k_ok, dim,
+                    USE_DOT, ROW_WEIGHTS, HAS_RESIDUAL)
                 tl.store(row_ptrs[:, None] + offs_d[None, :],
-                         _to_storage(y * scale[:, None], out_ty),
+                         _to_storage(y * scale[:, None] - r, out_ty),
                          mask=steered[:, None] & d_ok[None, :])
 
     # Padded columns have ||v|| = 0: keep them at 0 rather than 0/0.
@@ -234,34 +323,58 @@ def _steer_kernel(
         tl.store(proj_ptr + (seq * seq_len + rows)[:, None] * n_vec + offs_k[None, :], proj,
                  mask=rows_ok[:, None] & k_ok[None, :])
     if HAS_RUN:
-        proj_sum = tl.sum(tl.where(steered[:, None], proj, 0.0), axis=0)
-        n_steered = tl.sum(steered.to(tl.int64), axis=0)
-        newest = tl.max(tl.where(steered, rows, -1), axis=0)
-        newest_proj = tl.sum(tl.where((rows == newest)[:, None], proj, 0.0), axis=0)
-        if HAS_MASK:
-            # This chunk holds the sequence's newest masked row iff no later row is masked.
-            later = tl.zeros((), tl.int32)
-            start = (chunk + 1) * ROWS
-            while (start < seq_len) & (later == 0):
-                offs_t = start + tl.arange(0, SCAN_BLOCK)
-                later_mask = tl.load(mask_ptr + seq * seq_len + offs_t, mask=offs_t < seq_len,
-                                     other=0)
-                later += tl.sum((later_mask != 0).to(tl.int32), axis=0)
-                start += SCAN_BLOCK
-            holds_newest = (newest >= 0) & (later == 0)
+        counted = tl.where(steered[:, None], proj, 0.0)  # no NaN of an uncounted row leaks
+        if ROWS == 1:
+            first = steered
+            last_here = steered
+            group_sum = counted
+            group_count = steered.to(tl.int64)
         else:
-            holds_newest = chunk == n_chunks - 1
+            # twin[r, q]: rows r and q of this program count towards the same slot.
+            twin = (slot[:, None] == slot[None, :]) & steered[:, None]
+            order = tl.arange(0, ROWS)
+            first = steered & (tl.sum((twin & (order[None, :] < order[:, None])).to(tl.int32),
+                                      axis=1) == 0)
+            last_here = steered & (tl.sum((twin & (order[None, :] > order[:, None]))
+                                          .to(tl.int32), axis=1) == 0)
+            group_sum = tl.dot(twin.to(tl.float32), counted, input_precision="ieee")
+            group_count = tl.sum(twin.to(tl.int64), axis=1)
+        stat_ptrs = slot_safe[:, None] * n_vec + offs_k[None, :]
+        add_ok = first[:, None] & k_ok[None, :]
         if ATOMIC_RUN:
-            tl.atomic_add(sum_ptr + seq * n_vec + offs_k, proj_sum, mask=k_ok)
-            tl.atomic_add(count_ptr + seq, n_steered)
+            tl.atomic_add(sum_ptr + stat_ptrs, group_sum, mask=add_ok)
+            tl.atomic_add(count_ptr + slot_safe, group_count, mask=first)
         else:
-            old_sum = tl.load(sum_ptr + seq * n_vec + offs_k, mask=k_ok, other=0.0)
-            tl.store(sum_ptr + seq * n_vec + offs_k, old_sum + proj_sum, mask=k_ok)
-            tl.store(count_ptr + seq, tl.load(count_ptr + seq) + n_steered)
-        # (A scalar condition as a bound rather than `k_ok & holds_newest`: the interpreter
-        # mis-types `&` between a vector and a 0-d boolean.)
-        tl.store(last_ptr + seq * n_vec + offs_k, newest_proj,
-                 mask=offs_k < tl.where(holds_newest, n_vec, 0))
+            old_sum = tl.load(sum_ptr + stat_ptrs, mask=add_ok, other=0.0)
+            tl.store(sum_ptr + stat_ptrs, old_sum + group_sum, mask=add_ok)
+            old_count = tl.load(count_ptr + slot_safe, mask=first, other=0)
+            tl.store(count_ptr + slot_safe, old_count + group_count, mask=first)
+        # The slot's newest row of the call: no later row here, none after this chunk.
+        later = _later_twins(slot_ptr, seq, slot, last_here.to(tl.int32), (chunk + 1) * ROWS,
+                             seq_len, n_slots, PACKED, HAS_MASK, SCAN_BLOCK)
+        newest = last_here & (later == 0)
+        tl.store(last_ptr + stat_ptrs, proj, mask=newest[:, None] & k_ok[None, :])
+
+
+def compile_options(cfg: LaunchConfig) -> dict:
+    """The launch options of a configuration (also what the sm_90 lowering test compiles)."""
+    # Fused multiply-adds in the dot products, explicitly: Triton 3.9 warns that its default
+    # (fusion on) changes to off in 3.10.
+    options = {"num_warps": cfg.num_warps, "enable_fp_fusion": True}
+    if cfg.max_registers is not None:
+        options["maxnreg"] = cfg.max_registers
+    return options
+
+
+def scan_block(cfg: LaunchConfig) -> int:
+    """Slots a program compares per step when it looks for later rows of its slots."""
+    return max(16, 32 * cfg.num_warps * _SCAN_PER_THREAD // cfg.rows)
+
+
+def _device_of(tensor: torch.Tensor):
+    """``torch.cuda.device(tensor.device)`` for a CUDA tensor, a no-op context otherwise (CPU
+    tensors under the Triton interpreter)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
 def triton_steer_(
@@ -275,7 +388,7 @@ def triton_steer_(
     run_count: torch.Tensor | None,
     run_last: torch.Tensor | None,
 ) -> None:
-    r"""Steer ``hidden`` in place and read its projections, in one Triton launch.
+    r"""``emokern::steer_`` (batched layout) in one Triton launch.
 
     Same semantics as :func:`emokern.ops.reference.ref_steer_` (see the module docstring for
     the math). Arguments are assumed valid — :func:`emokern.steer_` validates them.
@@ -299,74 +412,128 @@ def triton_steer_(
     has been compiled for the shape class (run it once before capturing).
     """
     batch, seq_len, dim = hidden.shape
-    n_vec = vectors.shape[0]
     if batch == 0 or seq_len == 0 or dim == 0:
         return
+    n_vec = vectors.shape[0]
     cfg = launch_config(seq_len, dim, n_vec)
     n_chunks = triton.cdiv(seq_len, cfg.rows)
-    has_run = run_sum is not None
     # Launch on hidden's own GPU, not the current one (a model split over GPUs steers each
     # layer on its device): the guard flash-attention uses around its launches.
     with _device_of(hidden):
-        _launch(cfg, n_chunks, has_run, batch, seq_len, dim, n_vec, hidden, vectors, weights,
-                mask, norm_preserving, proj_out, run_sum, run_count, run_last)
+        _launch(cfg, batch, n_chunks, hidden, None, vectors, weights,
+                None if mask is None else mask.view(torch.uint8), norm_preserving, proj_out,
+                run_sum, run_count, run_last, hidden.stride(0), hidden.stride(1), 0, batch,
+                False, mask is not None)
 
 
-def _device_of(tensor: torch.Tensor):
-    """``torch.cuda.device(tensor.device)`` for a CUDA tensor, a no-op context otherwise (CPU
-    tensors under the Triton interpreter)."""
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+def triton_steer_packed_(
+    hidden: torch.Tensor,
+    residual: torch.Tensor | None,
+    vectors: torch.Tensor,
+    slot_weights: torch.Tensor,
+    token_slot: torch.Tensor,
+    norm_preserving: bool,
+    proj_out: torch.Tensor | None,
+    run_sum: torch.Tensor | None,
+    run_count: torch.Tensor | None,
+    run_last: torch.Tensor | None,
+) -> None:
+    r"""``emokern::steer_packed_`` (packed tokens) in one Triton launch of the same kernel.
+
+    Same semantics as :func:`emokern.ops.reference.ref_steer_packed_`. Arguments are assumed
+    valid — :func:`emokern.ops.steer_packed_` validates them; a ``token_slot`` value outside
+    ``[-1, S)`` leaves its token untouched instead of reading out of bounds.
+
+    Parameters
+    ----------
+    hidden : Tensor [N, D], float32/bfloat16/float16, CUDA (or CPU under TRITON_INTERPRET=1)
+        Modified in place on tokens with a slot; ``stride(1) == 1``, distinct rows.
+    residual : Tensor [N, D] or None
+        Same dtype, ``stride(1) == 1``; read only (the stream is ``hidden + residual``).
+    vectors : Tensor [K, D], float32, contiguous
+    slot_weights : Tensor [S, K], float32, contiguous
+    token_slot : Tensor [N_max >= N], int32, contiguous; only the first N entries are read
+    norm_preserving : bool
+    proj_out : Tensor [N_max, K], float32, contiguous, or None; rows ``>= N`` are not written
+    run_sum, run_count, run_last : Tensor [S, K] float32, [S] int64, [S, K] float32, or None
+
+    Notes
+    -----
+    Allocates nothing, never syncs the host, the grid depends only on ``N``: capturable in a
+    CUDA graph per token count once compiled (the serving pattern: persistent buffers whose
+    contents change by ``copy_`` between replays).
+    """
+    n_tokens, dim = hidden.shape
+    if n_tokens == 0 or dim == 0:
+        return
+    n_vec = vectors.shape[0]
+    cfg = launch_config(n_tokens, dim, n_vec, residual is not None)
+    n_chunks = triton.cdiv(n_tokens, cfg.rows)
+    with _device_of(hidden):
+        _launch(cfg, 1, n_chunks, hidden, residual, vectors, slot_weights, token_slot,
+                norm_preserving, proj_out, run_sum, run_count, run_last, 0, hidden.stride(0),
+                0 if residual is None else residual.stride(0), slot_weights.shape[0], True,
+                False)
 
 
-def _launch(cfg, n_chunks, has_run, batch, seq_len, dim, n_vec, hidden, vectors, weights, mask,
-            norm_preserving, proj_out, run_sum, run_count, run_last) -> None:
+def _launch(cfg, batch, n_chunks, hidden, residual, vectors, weights, slots, norm_preserving,
+            proj_out, run_sum, run_count, run_last, stride_b, stride_t, res_stride_t, n_slots,
+            packed, has_mask) -> None:
+    """The one launch of :func:`_steer_kernel` behind both ops (positional arguments only)."""
+    seq_len = hidden.shape[-2]
+    has_run = run_sum is not None
     _steer_kernel[(batch * n_chunks,)](
-        hidden, vectors, weights,
-        None if mask is None else mask.view(torch.uint8),
-        proj_out, run_sum, run_count, run_last,
-        seq_len, dim, n_vec, hidden.stride(0), hidden.stride(1), n_chunks,
-        HAS_MASK=mask is not None, NORM_PRESERVING=bool(norm_preserving),
-        HAS_PROJ=proj_out is not None, HAS_RUN=has_run, ATOMIC_RUN=has_run and n_chunks > 1,
+        hidden, residual, vectors, weights, slots, proj_out, run_sum, run_count, run_last,
+        seq_len, hidden.shape[-1], vectors.shape[0], n_slots, stride_b, stride_t, res_stride_t,
+        n_chunks,
+        PACKED=packed, HAS_MASK=has_mask, HAS_RESIDUAL=residual is not None,
+        NORM_PRESERVING=bool(norm_preserving), HAS_PROJ=proj_out is not None, HAS_RUN=has_run,
+        # A slot's rows may span programs: always in the packed layout, in the batched one when
+        # a sequence has several chunks.
+        ATOMIC_RUN=has_run and (packed or n_chunks > 1),
         ROWS=cfg.rows, USE_DOT=cfg.rows > 1, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d,
-        SINGLE_TILE=cfg.single_tile, SCAN_BLOCK=_SCAN_BLOCK, EPS=NORM_EPS,
-        num_warps=cfg.num_warps,
-        # Fused multiply-adds in the dot products, explicitly: Triton 3.9 warns that its
-        # default (fusion on) changes to off in 3.10.
-        enable_fp_fusion=True,
+        SINGLE_TILE=cfg.single_tile, SCAN_BLOCK=scan_block(cfg), EPS=NORM_EPS,
+        **compile_options(cfg),
     )
 
 
-_cuda_registration: torch.library.Library | None = None
+#: The op each Triton launcher implements.
+_KERNELS = {"steer_": triton_steer_, "steer_packed_": triton_steer_packed_}
+_cuda_registration: dict[str, torch.library.Library] = {}
 
 
 def register_cuda_kernel(*, override: bool = False) -> bool:
-    """Register :func:`triton_steer_` as the CUDA kernel of ``emokern::steer_``.
+    """Register :func:`triton_steer_` and :func:`triton_steer_packed_` as the CUDA kernels of
+    ``emokern::steer_`` and ``emokern::steer_packed_``.
 
     Call it when no compiled CUDA kernel exists (a CPU-built extension, no nvcc): afterwards
-    ``torch.ops.emokern.steer_`` on CUDA tensors — including inside ``torch.compile`` graphs —
-    runs the Triton kernel instead of the plain-PyTorch composite reference. The public
-    :func:`emokern.steer_` does not need it (its ``"triton"`` backend calls the kernel directly).
+    ``torch.ops.emokern.steer_`` / ``steer_packed_`` on CUDA tensors — including inside
+    ``torch.compile`` graphs — run the Triton kernel instead of the plain-PyTorch composite
+    reference. Each op is decided on its own: an op that already has a CUDA kernel (the compiled
+    one from ``csrc/cuda``; an older build may lack the packed op) keeps it unless
+    ``override``.
 
     Parameters
     ----------
     override : bool
-        Register even if a CUDA kernel (e.g. the compiled one from ``csrc/cuda``) is already
-        registered; the dispatcher then runs the Triton kernel.
+        Register even where a CUDA kernel is already registered; the dispatcher then runs the
+        Triton kernel.
 
     Returns
     -------
     bool
-        True if the Triton kernel is (now, or already was) the registered CUDA kernel; False if
-        another CUDA kernel was present and ``override`` was False.
+        True if the Triton kernels are (now, or already were) the CUDA kernels of both ops;
+        False if another CUDA kernel was kept for at least one of them.
     """
-    global _cuda_registration
-    if _cuda_registration is not None:
-        return True
-    import emokern.ops.library  # noqa: F401  (defines the schema)
+    import emokern.ops.library  # noqa: F401  (defines the schemas)
 
-    if not override and torch._C._dispatch_has_kernel_for_dispatch_key("emokern::steer_", "CUDA"):
-        return False
-    registration = torch.library.Library("emokern", "IMPL")
-    registration.impl("steer_", triton_steer_, "CUDA")
-    _cuda_registration = registration  # the registration lives as long as this object
-    return True
+    for op, kernel in _KERNELS.items():
+        if op in _cuda_registration:
+            continue
+        if not override and torch._C._dispatch_has_kernel_for_dispatch_key(f"emokern::{op}",
+                                                                            "CUDA"):
+            continue
+        registration = torch.library.Library("emokern", "IMPL")
+        registration.impl(op, kernel, "CUDA")
+        _cuda_registration[op] = registration  # the registration lives as long as this object
+    return all(op in _cuda_registration for op in _KERNELS)

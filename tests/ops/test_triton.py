@@ -1,4 +1,5 @@
-"""The Triton kernel of ``emokern::steer_`` against the reference.
+"""The Triton kernel of ``emokern::steer_`` and ``emokern::steer_packed_`` (one kernel, two
+layouts) against the reference.
 
 Without a GPU the kernel runs on CPU tensors under ``TRITON_INTERPRET=1`` (set by conftest.py
 before Triton is imported), so the shapes are small; on a GPU machine the same tests run the
@@ -26,24 +27,53 @@ triton = pytest.importorskip("triton")
 
 from kernel_cases import (  # noqa: E402  (after the importorskip)
     DTYPE_MASK_CASES,
+    PACKED_CASES,
+    PACKED_SHAPES,
     VIEWS,
     assert_flash_close,
     case_seed,
     check_against_reference,
+    check_packed_against_reference,
+    check_packed_graph_replays,
     gpu,
     make_mask,
+    make_token_slot,
+    packed_case,
+    packed_inputs,
     random_inputs,
     to_device,
 )
 
 import emokern  # noqa: E402
 from emokern.ops import triton_steer  # noqa: E402
-from emokern.ops.reference import ref_steer_  # noqa: E402
-from emokern.ops.triton_steer import launch_config, triton_steer_  # noqa: E402
+from emokern.ops.reference import ref_steer_, ref_steer_packed_  # noqa: E402
+from emokern.ops.triton_steer import (  # noqa: E402
+    launch_config,
+    triton_steer_,
+    triton_steer_packed_,
+)
 
 pytestmark = pytest.mark.triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+@pytest.fixture(autouse=True)
+def _programs_last_to_first(monkeypatch):
+    """Under the interpreter, run each grid's programs last to first. A GPU runs them in no
+    order; in the interpreter's ascending order a program that wrongly wrote a slot's
+    ``run_last`` would be overwritten by the right one (the newest row's program runs last) and
+    go unnoticed. Reversed, the wrong write lands last."""
+    interpreter = getattr(getattr(triton, "runtime", None), "interpreter", None)
+    builder = getattr(interpreter, "InterpreterBuilder", None)
+    if DEVICE != "cpu" or builder is None or not hasattr(builder, "set_grid_idx"):
+        return
+    original = builder.set_grid_idx
+
+    def set_grid_idx(self, x, y, z):
+        original(self, self.grid_dim[0] - 1 - x, y, z)
+
+    monkeypatch.setattr(builder, "set_grid_idx", set_grid_idx)
+
 
 # (B, T, D, K) and the launch path each exercises (checked, so a config change cannot silently
 # leave a path untested).
@@ -112,6 +142,98 @@ def test_d_loop_with_lowered_tile_cap(monkeypatch, seq_len):
         _check_against_reference(hidden, vectors, weights, mask, norm)
 
 
+# --- the packed-token layout (emokern::steer_packed_), same kernel ------------------------------
+
+# The launch path each packed shape exercises (with a split residual).
+PACKED_PATHS = {
+    "decode-N5": dict(rows=1, single_tile=True),
+    "D7-K33": dict(rows=1, single_tile=True),
+    "rows-D577-K17": dict(rows=1, single_tile=False),
+    "dot-D200": dict(rows=16, single_tile=False),
+    "dot-D31-K20": dict(rows=16, single_tile=True),
+}
+
+
+@pytest.mark.parametrize("dtype,residual,norm,layout", PACKED_CASES,
+                         ids=lambda v: str(v).split(".")[-1])
+@pytest.mark.parametrize("case", list(PACKED_SHAPES))
+def test_packed_matches_reference(case, dtype, residual, norm, layout):
+    n_tokens, _, dim, n_vec, _ = PACKED_SHAPES[case]
+    cfg = launch_config(n_tokens, dim, n_vec, residual=True)
+    assert {k: getattr(cfg, k) for k in PACKED_PATHS[case]} == PACKED_PATHS[case], cfg
+    hidden, res, vectors, slot_weights, token_slot = packed_case(case, dtype, residual, layout)
+    check_packed_against_reference(triton_steer_packed_, hidden, res, vectors, slot_weights,
+                                   token_slot, norm, device=DEVICE)
+
+
+@pytest.mark.parametrize("layout", ["none", "one"])
+@pytest.mark.parametrize("n_tokens", [6, 70], ids=["rows", "dot"])
+def test_packed_all_or_no_tokens_steered(n_tokens, layout):
+    gen = torch.Generator().manual_seed(case_seed("all-or-none", layout, str(n_tokens)))
+    hidden, res, vectors, slot_weights = packed_inputs(n_tokens, 40, 3, 2, torch.bfloat16, True,
+                                                       gen)
+    token_slot = make_token_slot(layout, n_tokens, n_tokens + 3, 2, gen)
+    check_packed_against_reference(triton_steer_packed_, hidden, res, vectors, slot_weights,
+                                   token_slot, True, device=DEVICE)
+
+
+@pytest.mark.parametrize("n_tokens", [7, 66], ids=["rows", "dot"])
+def test_packed_strided_rows_and_optional_outputs(n_tokens):
+    """Rows of a wider buffer (row stride > D), and each optional output alone."""
+    gen = torch.Generator().manual_seed(case_seed("packed-strided", str(n_tokens)))
+    hidden, res, vectors, slot_weights = packed_inputs(n_tokens, 48, 4, 5, torch.float16, True,
+                                                       gen)
+    token_slot = make_token_slot("random", n_tokens, n_tokens + 4, 5, gen)
+    check_packed_against_reference(triton_steer_packed_, hidden, res, vectors, slot_weights,
+                                   token_slot, True, device=DEVICE, row_stride=53)
+    for with_proj, with_run in ((False, False), (True, False), (False, True)):
+        check_packed_against_reference(triton_steer_packed_, hidden, None, vectors, slot_weights,
+                                       token_slot, False, device=DEVICE, with_proj=with_proj,
+                                       with_run=with_run)
+
+
+@pytest.mark.parametrize("n_tokens", [5, 70], ids=["rows", "dot"])
+def test_packed_d_loop_with_lowered_tile_cap(monkeypatch, n_tokens):
+    """Many D tiles with a ragged last one (D = 200), with and without norm preservation."""
+    monkeypatch.setattr(triton_steer, "MAX_BLOCK_D", 32)
+    cfg = launch_config(n_tokens, 200, 2, residual=True)
+    assert cfg.block_d == 32 and not cfg.single_tile
+    gen = torch.Generator().manual_seed(case_seed("packed-d-loop", str(n_tokens)))
+    for norm in (False, True):
+        hidden, res, vectors, slot_weights = packed_inputs(n_tokens, 200, 2, 3, torch.bfloat16,
+                                                           True, gen)
+        token_slot = make_token_slot("runs", n_tokens, n_tokens, 3, gen)
+        check_packed_against_reference(triton_steer_packed_, hidden, res, vectors,
+                                       slot_weights, token_slot, norm, device=DEVICE)
+
+
+@pytest.mark.parametrize("n_tokens", [6, 70], ids=["rows", "dot"])
+def test_packed_out_of_range_slots_are_untouched(n_tokens):
+    """A slot outside [-1, S) (validation rejects it when it can read values; under graph
+    capture it cannot) leaves its token untouched and uncounted instead of reading or writing
+    out of bounds."""
+    gen = torch.Generator().manual_seed(case_seed("packed-out-of-range", str(n_tokens)))
+    hidden, res, vectors, slot_weights = packed_inputs(n_tokens, 32, 3, 4, torch.float32, True,
+                                                       gen)
+    token_slot = make_token_slot("random", n_tokens, n_tokens, 4, gen)
+    bad = token_slot.clone()
+    bad[::3] = torch.tensor([4, -2, 1 << 30], dtype=torch.int32).repeat(n_tokens)[:len(bad[::3])]
+    sane = torch.where((bad >= -1) & (bad < 4), bad, -1)
+    want, want_proj = hidden.clone(), torch.empty(n_tokens, 3)
+    want_run = emokern.RunningProjections(4, 3)
+    ref_steer_packed_(want, res, vectors, slot_weights, sane, True, want_proj,
+                      *want_run.tensors())
+    got, got_res, v, w, bad_dev = to_device(DEVICE, hidden, res, vectors, slot_weights, bad)
+    got_proj = torch.empty(n_tokens, 3, device=DEVICE)
+    run = emokern.RunningProjections(4, 3, device=DEVICE)
+    triton_steer_packed_(got, got_res, v, w, bad_dev, True, got_proj, *run.tensors())
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(got_proj.cpu(), want_proj, rtol=1e-5, atol=1e-4)
+    assert torch.equal(run.count.cpu(), want_run.count)
+    torch.testing.assert_close(run.last.cpu(), want_run.last, equal_nan=True, rtol=1e-5,
+                               atol=1e-4)
+
+
 def test_public_wrapper_runs_triton_backend():
     gen = torch.Generator().manual_seed(4)
     hidden, vectors, weights = random_inputs((2, 6, 96, 4), torch.bfloat16, gen)
@@ -155,25 +277,27 @@ def _run_python(code: str, env_drop=(), timeout=300) -> subprocess.CompletedProc
 
 
 def test_register_cuda_kernel():
-    """The Triton kernel becomes the CUDA kernel of the op; a CUDA-keyed dispatch runs it (on
-    CPU tensors here, through the interpreter). In a subprocess: registration is global."""
+    """The Triton kernels become the CUDA kernels of both ops; a CUDA-keyed dispatch runs them
+    (on CPU tensors here, through the interpreter). In a subprocess: registration is global."""
     result = _run_python("""
         import os
         os.environ.setdefault("TRITON_INTERPRET", "1")
         import torch
         from emokern.ops.reference import ref_steer_
         from emokern.ops.triton_steer import register_cuda_kernel
-        cuda_kernel = lambda: torch._C._dispatch_has_kernel_for_dispatch_key(
-            "emokern::steer_", "CUDA")
+        from emokern.ops.reference import ref_steer_packed_
+        ops = ("emokern::steer_", "emokern::steer_packed_")
+        cuda_kernel = lambda op: torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA")
         if not torch.cuda.is_available():
-            assert not cuda_kernel()
+            assert not any(map(cuda_kernel, ops))
         registered = register_cuda_kernel()
-        assert cuda_kernel()
+        assert all(map(cuda_kernel, ops))
         if registered:
             assert register_cuda_kernel()  # idempotent
-            dump = torch._C._dispatch_dump("emokern::steer_")
-            cuda_line = [line for line in dump.splitlines() if line.startswith("CUDA:")][0]
-            assert "triton_steer.py" in cuda_line, dump
+            for op in ops:
+                dump = torch._C._dispatch_dump(op)
+                cuda_line = [line for line in dump.splitlines() if line.startswith("CUDA:")][0]
+                assert "triton_steer.py" in cuda_line, dump
         else:  # a compiled CUDA kernel was already registered: it stays
             assert register_cuda_kernel(override=True)
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -190,6 +314,20 @@ def test_register_cuda_kernel():
         err = (h.cpu().float() - h_ref.float()).abs().max().item()
         assert err <= 0.07, err  # one bf16 ulp at |y| < 16
         torch.testing.assert_close(p.cpu(), p_ref)
+        # The packed op through the same CUDA-keyed dispatch.
+        h = torch.randn(5, 40, dtype=torch.bfloat16)
+        r = torch.randn(5, 40, dtype=torch.bfloat16)
+        sw = torch.randn(3, 4)
+        slots = torch.tensor([0, -1, 2, 2, 1, 0], dtype=torch.int32)
+        h_ref, p_ref = h.clone(), torch.zeros(6, 4)
+        ref_steer_packed_(h_ref, r, v.cpu(), sw, slots, True, p_ref)
+        h, r, sw, slots = h.to(device), r.to(device), sw.to(device), slots.to(device)
+        p = torch.zeros(6, 4, device=device)
+        torch.ops.emokern.steer_packed_.default.redispatch(keys, h, r, v, sw, slots, True, p,
+                                                           None, None, None)
+        err = (h.cpu().float() - h_ref.float()).abs().max().item()
+        assert err <= 0.07, err
+        torch.testing.assert_close(p.cpu(), p_ref)
         print("ok")
     """)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
@@ -201,9 +339,10 @@ _NVIDIA_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia
 @pytest.mark.skipif(not os.path.exists(os.path.join(_NVIDIA_BIN, "ptxas")),
                     reason="Triton's NVIDIA backend (ptxas) is not installed")
 def test_compiles_for_sm90():
-    """Lower representative specialisations (decode, long rows, prefill dot mode; every dtype;
-    every optional output; norm preservation) to sm_90 cubins, and check that none spills to
-    local memory or needs a global scratch buffer."""
+    """Lower representative specialisations of both layouts (decode, long rows, prefill dot
+    mode, packed batches with and without a split residual; every dtype; every optional output;
+    norm preservation) to sm_90 cubins, and check that none spills to local memory or needs a
+    global scratch buffer."""
     result = _run_python("""
         import json, os, subprocess, tempfile
         import triton
@@ -215,43 +354,52 @@ def test_compiles_for_sm90():
         report = []
         shapes = [(1, 576, 6), (1, 8192, 64), (4096, 4096, 8), (128, 577, 33), (1, 7, 1)]
         variants = [("bf16", True, True), ("bf16", False, False)]
-        cases = [(shape, *variant) for shape in shapes for variant in variants]
-        cases += [((1, 576, 6), "fp32", True, False), ((4096, 4096, 8), "fp16", True, True)]
-        for (seq_len, dim, n_vec), dtype, full, norm in cases:
-            cfg = ts.launch_config(seq_len, dim, n_vec)
+        cases = [("batched", shape, *v) for shape in shapes for v in variants]
+        cases += [("batched", (1, 576, 6), "fp32", True, False),
+                  ("batched", (4096, 4096, 8), "fp16", True, True)]
+        # Packed: (N, D, K); N >= 64 is dot mode (a decode batch of 64+ requests too).
+        packed = [(8, 576, 6), (64, 576, 6), (256, 8192, 64), (8192, 4096, 8), (3, 7, 1)]
+        cases += [("packed", shape, *v) for shape in packed for v in variants]
+        cases += [("packed", (64, 4096, 16), "fp16", True, False),
+                  ("packed", (8, 2048, 6), "fp32", True, True)]
+        for layout, (seq_len, dim, n_vec), dtype, full, norm in cases:
+            is_packed = layout == "packed"
+            cfg = ts.launch_config(seq_len, dim, n_vec, residual=is_packed and full)
             opt = lambda ty: ty if full else "constexpr"
             signature = {
-                "hidden_ptr": "*" + dtype, "vectors_ptr": "*fp32", "weights_ptr": "*fp32",
-                "mask_ptr": opt("*u8"), "proj_ptr": opt("*fp32"), "sum_ptr": opt("*fp32"),
-                "count_ptr": opt("*i64"), "last_ptr": opt("*fp32"), "seq_len": "i32",
-                "dim": "i32", "n_vec": "i32", "stride_b": "i64", "stride_t": "i64",
-                "n_chunks": "i32"}
+                "hidden_ptr": "*" + dtype,
+                "residual_ptr": opt("*" + dtype) if is_packed else "constexpr",
+                "vectors_ptr": "*fp32", "weights_ptr": "*fp32",
+                "slot_ptr": "*i32" if is_packed else opt("*u8"), "proj_ptr": opt("*fp32"),
+                "sum_ptr": opt("*fp32"), "count_ptr": opt("*i64"), "last_ptr": opt("*fp32"),
+                "seq_len": "i32", "dim": "i32", "n_vec": "i32", "n_slots": "i32",
+                "stride_b": "i64", "stride_t": "i64", "res_stride_t": "i64", "n_chunks": "i32"}
             constants = {name: None for name, ty in signature.items() if ty == "constexpr"}
             constants.update(
-                HAS_MASK=full, NORM_PRESERVING=norm, HAS_PROJ=full, HAS_RUN=full,
-                ATOMIC_RUN=full and cfg.rows > 1, ROWS=cfg.rows, USE_DOT=cfg.rows > 1,
-                BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d, SINGLE_TILE=cfg.single_tile,
-                SCAN_BLOCK=ts._SCAN_BLOCK, EPS=1e-6)
+                PACKED=is_packed, HAS_MASK=full and not is_packed,
+                HAS_RESIDUAL=full and is_packed, NORM_PRESERVING=norm, HAS_PROJ=full,
+                HAS_RUN=full, ATOMIC_RUN=full and (is_packed or cfg.rows > 1), ROWS=cfg.rows,
+                USE_DOT=cfg.rows > 1, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d,
+                SINGLE_TILE=cfg.single_tile, SCAN_BLOCK=ts.scan_block(cfg), EPS=1e-6)
             for name in constants:
                 signature.setdefault(name, "constexpr")
             names = list(signature)
             source = ASTSource(fn=ts._steer_kernel, signature=signature,
                                constexprs={(names.index(k),): v for k, v in constants.items()})
             kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                                    options={"num_warps": cfg.num_warps,
-                                             "enable_fp_fusion": True})
+                                    options=ts.compile_options(cfg))
             with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
                 f.write(kernel.asm["cubin"])
                 f.flush()
                 usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name],
                                        capture_output=True, text=True, check=True).stdout
-            report.append([seq_len, dim, n_vec, dtype, full, norm,
+            report.append([layout, seq_len, dim, n_vec, dtype, full, norm,
                            kernel.metadata.global_scratch_size, usage])
         print(json.dumps(report))
     """, env_drop=("TRITON_INTERPRET",))
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert len(report) == 5 * 2 + 2
+    assert len(report) == 2 * (5 * 2 + 2)
     for *case, global_scratch, usage in report:
         registers = int(re.search(r"REG:(\d+)", usage).group(1))
         local = int(re.search(r"LOCAL:(\d+)", usage).group(1))
@@ -293,3 +441,10 @@ def test_cuda_graph_capture_and_replay():
         torch.testing.assert_close(proj.cpu(), expected_proj, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(run.sum.cpu(), ref_run.sum, rtol=1e-5, atol=1e-4)
     assert torch.equal(run.count.cpu(), ref_run.count)
+
+
+@gpu
+def test_packed_and_batched_cuda_graph_replays():
+    """Both ops captured over persistent buffers; new states, residuals, slot weights, token
+    slots and masks copied in between replays."""
+    check_packed_graph_replays(triton_steer_packed_, triton_steer_)
