@@ -72,3 +72,10 @@ serve: setup-vllm      ## OpenAI-compatible server with the plugin on (the defau
 	  --model "$$($(VLLM_PY) -P -c 'import emokern.vllm as v; print(v.default_model_dir())')" \
 	  --dtype float32 --max-model-len 1024 --port $${PORT:-8000} \
 	  --additional-config '{"emokern": {"bank": "default", "layers": "auto", "monitor": true}}'
+
+# GPU readiness on a CUDA machine, with that machine's own Python (GPU machines here reach no
+# package index): build the CUDA kernel, run the GPU tests, time both ops on the GPU backends.
+GPU_PY ?= python3
+.PHONY: gpu-check
+gpu-check:             ## results in bench/results/gpu-check.{json,md} (OUT=dir to change)
+	$(GPU_PY) bench/gpu_check.py $(if $(OUT),--out $(OUT))
