@@ -3,7 +3,7 @@ neurons ablated.
 
 The task: ``emokern/data/vignettes.json`` holds 30 original situation vignettes per basic
 emotion (joy, sadness, anger, fear, disgust, surprise), none naming the emotion. Each item is
-the prompt :data:`PROMPT` (the six options listed, the vignette, ``Answer:``); the model's
+the cloze prompt :data:`PROMPT` (the vignette, then "The emotion this person feels is"); the model's
 score of option :math:`o` on item :math:`i` is the log-probability of the option's first token
 (with a leading space) as the next token:
 
@@ -47,9 +47,11 @@ __all__ = ["PROMPT", "VIGNETTES_FILE", "ablation_study", "calibrated", "evaluate
            "load_vignettes", "option_scores", "option_token_ids", "random_matched_set"]
 
 VIGNETTES_FILE = DATA_DIR / "vignettes.json"
-#: The item prompt; ``{options}`` is "joy, sadness, ..., or surprise".
-PROMPT = ("Question: Which emotion does the person most likely feel: {options}?\n"
-          "Situation: {vignette}\nAnswer:")
+#: The item prompt (a cloze: the options are scored as its next token). Measured on the
+#: default model against a prompt that lists the options ("Question: Which emotion does the
+#: person most likely feel: joy, ... or surprise?\nSituation: ...\nAnswer:"): calibrated
+#: accuracy 0.59 vs 0.46, with half the tokens (24 vs 49 per item).
+PROMPT = "{vignette} The emotion this person feels is"
 
 
 def load_vignettes(path=None) -> tuple[list[str], list[tuple[str, str]]]:
@@ -71,9 +73,8 @@ def option_token_ids(tokenizer, options: Sequence[str]) -> list[int]:
 
 
 def _prompt_ids(tokenizer, options, texts) -> list[list[int]]:
-    joined = ", ".join(options[:-1]) + f" or {options[-1]}"
-    return [tokenizer(PROMPT.format(options=joined, vignette=t),
-                      add_special_tokens=False)["input_ids"] for t in texts]
+    return [tokenizer(PROMPT.format(vignette=t), add_special_tokens=False)["input_ids"]
+            for t in texts]
 
 
 def option_scores(model, tokenizer, texts: Sequence[str], options: Sequence[str], *,
@@ -152,7 +153,8 @@ def _top_set(top: Sequence[Sequence], k: int) -> dict[int, list[int]]:
 
 def ablation_study(model, tokenizer, neurons_result: dict, *, ks: Sequence[int] = (100, 400),
                    attributes: Sequence[str] | None = None, draws: int = 5, seed: int = 0,
-                   vignettes_path=None, batch_size: int = 30, progress: bool = True) -> dict:
+                   vignettes_path=None, batch_size: int = 30, progress: bool = True,
+                   on_condition=None) -> dict:
     """Accuracy intact, with each attribute's top-k neurons ablated, and with random
     layer-matched sets ablated (``draws`` per attribute and k).
 
@@ -167,6 +169,9 @@ def ablation_study(model, tokenizer, neurons_result: dict, *, ks: Sequence[int] 
         Default every attribute of ``neurons_result``.
     draws : int
         Random sets per (attribute, k); at least 1.
+    on_condition : callable, optional
+        Called with the partial result (``complete`` False) after each (attribute, k), so a
+        long run can be written as it goes.
 
     Returns
     -------
@@ -194,6 +199,14 @@ def ablation_study(model, tokenizer, neurons_result: dict, *, ks: Sequence[int] 
     prompts = _prompt_ids(tokenizer, options, [t for t, _ in items])
     rng = np.random.default_rng(seed)
     jobs = [(name, k) for k in ks for name in names]
+    rows: list[dict] = []
+
+    def result(complete: bool) -> dict:
+        return {"options": options, "n_items": len(items), "ks": ks, "attributes": names,
+                "draws": draws, "seed": seed, "prompt": PROMPT, "intact": intact,
+                "conditions": list(rows), "complete": complete,
+                "seconds": round(time.perf_counter() - started, 1)}
+
     bar = tqdm(total=1 + len(jobs) * (1 + draws), desc="inference: conditions",
                disable=not progress)
     intact = evaluate(model, tokenizer, vignettes_path=vignettes_path, batch_size=batch_size,
@@ -215,7 +228,7 @@ def ablation_study(model, tokenizer, neurons_result: dict, *, ks: Sequence[int] 
                                           batch_size=batch_size, _cache=prompts))
             bar.update()
         rows.append(row)
+        if on_condition is not None and len(rows) < len(jobs):
+            on_condition(result(False))
     bar.close()
-    return {"options": options, "n_items": len(items), "ks": ks, "attributes": names,
-            "draws": draws, "seed": seed, "intact": intact, "conditions": rows,
-            "seconds": round(time.perf_counter() - started, 1)}
+    return result(True)

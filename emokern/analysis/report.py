@@ -217,11 +217,14 @@ def write_inference(result: dict, out: Path) -> list[Path]:
         md.append(f"| {r['attribute']} | {r['k']} | {_f(r['top'])} | {_f(r['random_mean'])} "
                   f"({_f(r['random_sd'])}) | {r['top_minus_random']:+.2f} | "
                   f"{options[worst]} {r['drop_beyond_random'][worst]:+.2f} |")
+    if not result.get("complete", True):
+        md.insert(1, f"**Partial result**: {len(rows)} of "
+                     f"{len(result['ks']) * len(result['attributes'])} conditions so far.\n")
     plt = _pyplot()
     if plt is None:
         md.append(_no_plot())
-    else:
-        k = max(result["ks"])
+    elif rows:
+        k = max(r["k"] for r in rows)
         sel = [r for r in rows if r["k"] == k]
         mat = np.array([r["drop_beyond_random"] for r in sel])
         fig, ax = plt.subplots(figsize=(6.5, 0.42 * len(sel) + 1.6))

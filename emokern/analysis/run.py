@@ -154,8 +154,12 @@ def run_analyze(args) -> int:
             raise ValueError(f"--draws must be at least 1, got {args.draws}")
         model, tokenizer = load_model(args.model)
         mlp_down_projections(model)
+        def partial(res):
+            res["run"] = _record(args, started, {"neurons": str(path)})
+            write_inference(res, out)
+
         result = ablation_study(model, tokenizer, neurons, ks=ks, attributes=attributes,
-                                draws=args.draws, seed=args.seed)
+                                draws=args.draws, seed=args.seed, on_condition=partial)
         result["run"] = _record(args, started, {"neurons": str(path)})
         write_inference(result, out)
         print(f"intact: raw {result['intact']['raw']['accuracy']:.2f}, calibrated "

@@ -108,7 +108,8 @@ def test_bad_input_is_one_clear_error_before_any_hook(tiny_llama, neurons, scale
 
 
 def test_unrecognised_mlp_layout():
-    with pytest.raises(ValueError, match=r"MLP layout of _NoMLP \(decoder layer 0, a Linear\) is not recognised"):
+    with pytest.raises(ValueError,
+                       match=r"MLP layout of _NoMLP \(decoder layer 0, a Linear\) is not"):
         emokern.ablate(_NoMLP(), neurons={0: [1]})
 
 
