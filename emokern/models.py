@@ -160,6 +160,7 @@ def _build_gguf_cache(gguf: Path, final: Path) -> None:
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.dtype = torch.float32
+    config.architectures = [type(model).__name__]  # serving engines pick the class from it
     with _cache_directory(final) as tmp:
         _save_weights(model, tmp)
         config.save_pretrained(tmp)
@@ -249,6 +250,31 @@ def load_tokenizer(name_or_path="default", *, padding_side: str = "left", cache_
     return _prepare_tokenizer(tokenizer, padding_side)
 
 
+def model_dir(name_or_path="default", *, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The local checkpoint directory of a model (what engines such as vLLM load).
+
+    Parameters
+    ----------
+    name_or_path : str or PathLike
+        ``"default"``, a checkpoint directory (returned as is) or a ``.gguf`` file, which is
+        dequantized into the cache on first use (~25 s) as :func:`load_model` does.
+    cache_dir : path, optional
+        Overrides ``$EMOKERN_CACHE``.
+
+    Returns
+    -------
+    Path
+        A directory with ``config.json``, ``model.safetensors`` and the tokenizer files.
+    """
+    kind, path = _resolve(name_or_path)
+    if kind != "gguf":
+        return path
+    directory = _gguf_cache_dir(path, cache_dir)
+    if not _is_complete_cache(directory):
+        _build_gguf_cache(path, directory)
+    return directory
+
+
 def load_model(
     name_or_path="default",
     *,
@@ -281,13 +307,7 @@ def load_model(
         raise TypeError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, "
                         f"got {dtype!r}")
     device = torch.device(device)
-    kind, path = _resolve(name_or_path)
-    if kind == "gguf":
-        directory = _gguf_cache_dir(path, cache_dir)
-        if not _is_complete_cache(directory):
-            _build_gguf_cache(path, directory)
-    else:
-        directory = path
+    directory = model_dir(name_or_path, cache_dir=cache_dir)
     tokenizer = load_tokenizer(directory, padding_side=padding_side)
     try:
         with _quiet_transformers():

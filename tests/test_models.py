@@ -232,7 +232,10 @@ def test_default_model_cache_is_complete_fast_and_identical(default_loads):
     assert len(entries) == 1 and entries[0].name.startswith("SmolLM2-135M-Instruct.Q4_1-")
     files = {p.name for p in entries[0].iterdir()}
     assert {"model.safetensors", "config.json", models._COMPLETE_MARKER} <= files
-    assert "quantization_config" not in json.loads((entries[0] / "config.json").read_text())
+    config = json.loads((entries[0] / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    assert models.model_dir("default", cache_dir=cache) == entries[0]
     assert default_loads["second_seconds"] < default_loads["first_seconds"] / 4, default_loads
     (m1, tok), (m2, _) = default_loads["first"], default_loads["second"]
     ids = tok(["I am so happy to see you!"], return_tensors="pt")
@@ -249,3 +252,9 @@ def test_default_model_fingerprint_is_dtype_invariant(default_loads):
     assert model_fingerprint(half) == model_fingerprint(model)
     tiny, _ = tiny_model()
     assert model_fingerprint(tiny)["embedding_hash"] != model_fingerprint(model)["embedding_hash"]
+
+
+def test_model_dir_returns_a_checkpoint_directory_as_is(tmp_path):
+    assert models.model_dir(tmp_path) == tmp_path
+    with pytest.raises((ValueError, FileNotFoundError)):
+        models.model_dir(tmp_path / "missing")
