@@ -255,6 +255,9 @@ def test_default_model_fingerprint_is_dtype_invariant(default_loads):
 
 
 def test_model_dir_returns_a_checkpoint_directory_as_is(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
     assert models.model_dir(tmp_path) == tmp_path
-    with pytest.raises((ValueError, FileNotFoundError)):
+    with pytest.raises(FileNotFoundError, match="never downloads"):
         models.model_dir(tmp_path / "missing")
+    with pytest.raises(ValueError, match="no config.json"):
+        models.model_dir(tmp_path.parent)
