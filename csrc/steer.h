@@ -1,4 +1,5 @@
-// Argument checks of emokern::steer_ shared by the C++ backends (CPU, CUDA bindings).
+// Argument checks of emokern::steer_ and emokern::steer_packed_ shared by the C++ backends
+// (CPU, CUDA bindings).
 //
 // These are the cheap metadata checks only (shapes, dtypes, devices, layouts): callers of
 // torch.ops.emokern.steer_ bypass the Python wrapper's validation, so every compiled backend
@@ -46,20 +47,32 @@ inline std::string torch_dtype_name(at::ScalarType t) {
   }
 }
 
-inline void check_same_device(const at::Tensor& t, const at::Tensor& hidden, const char* name) {
-  TORCH_CHECK_VALUE(t.device() == hidden.device(), "emokern.steer_: ", name, " is on ",
-                    t.device(), " but hidden is on ", hidden.device());
+// Message prefixes: the public name of each op.
+constexpr const char* kSteerOp = "emokern.steer_: ";
+constexpr const char* kPackedOp = "emokern.steer_packed_: ";
+
+inline void check_same_device(const at::Tensor& t, const at::Tensor& hidden, const char* name,
+                              const char* op = kSteerOp) {
+  TORCH_CHECK_VALUE(t.device() == hidden.device(), op, name, " is on ", t.device(),
+                    " but hidden is on ", hidden.device());
+}
+
+// dtype, then shape, then device: the order of the Python wrappers' checks.
+inline void check_input(const at::Tensor& t, const at::Tensor& hidden, const char* name,
+                        at::IntArrayRef shape, at::ScalarType dtype, const char* op) {
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, op, name, " must be ", torch_dtype_name(dtype),
+                   ", got ", torch_dtype_name(t.scalar_type()));
+  TORCH_CHECK_VALUE(t.sizes() == shape, op, name, " must have shape ", shape, ", got ",
+                    t.sizes());
+  check_same_device(t, hidden, name, op);
 }
 
 inline void check_output(const std::optional<at::Tensor>& t, const at::Tensor& hidden,
-                         const char* name, at::IntArrayRef shape, at::ScalarType dtype) {
+                         const char* name, at::IntArrayRef shape, at::ScalarType dtype,
+                         const char* op = kSteerOp) {
   if (!t.has_value()) return;
-  TORCH_CHECK_TYPE(t->scalar_type() == dtype, "emokern.steer_: ", name, " must be ",
-                   torch_dtype_name(dtype), ", got ", torch_dtype_name(t->scalar_type()));
-  TORCH_CHECK_VALUE(t->sizes() == shape, "emokern.steer_: ", name, " must have shape ", shape,
-                    ", got ", t->sizes());
-  check_same_device(*t, hidden, name);
-  TORCH_CHECK_VALUE(t->is_contiguous(), "emokern.steer_: ", name, " must be contiguous");
+  check_input(*t, hidden, name, shape, dtype, op);
+  TORCH_CHECK_VALUE(t->is_contiguous(), op, name, " must be contiguous");
 }
 
 // Rows of hidden must be distinct memory: an in-place op on overlapping rows is undefined.
@@ -135,6 +148,72 @@ inline SteerSizes check_steer_args(const at::Tensor& hidden, const at::Tensor& v
   check_output(run_sum, hidden, "running.sum", {s.batch, s.n_vec}, at::kFloat);
   check_output(run_count, hidden, "running.count", {s.batch}, at::kLong);
   check_output(run_last, hidden, "running.last", {s.batch, s.n_vec}, at::kFloat);
+  return s;
+}
+
+struct PackedSizes {
+  int64_t n_tokens;  // N
+  int64_t dim;       // D
+  int64_t n_vec;     // K
+  int64_t n_slots;   // S
+};
+
+// Metadata checks of emokern::steer_packed_, in the order and with the messages of
+// validate_steer_packed_args (emokern/ops/library.py). Stricter in one place: a single token's
+// row (N = 1) must have a contiguous last dimension too, since the kernel reads it so.
+inline PackedSizes check_steer_packed_args(const at::Tensor& hidden,
+                                           const std::optional<at::Tensor>& residual,
+                                           const at::Tensor& vectors,
+                                           const at::Tensor& slot_weights,
+                                           const at::Tensor& token_slot,
+                                           const std::optional<at::Tensor>& proj_out,
+                                           const std::optional<at::Tensor>& run_sum,
+                                           const std::optional<at::Tensor>& run_count,
+                                           const std::optional<at::Tensor>& run_last) {
+  const char* op = kPackedOp;
+  const auto hdt = hidden.scalar_type();
+  TORCH_CHECK_TYPE(hdt == at::kFloat || hdt == at::kBFloat16 || hdt == at::kHalf, op,
+                   "hidden must be float32, bfloat16 or float16, got ", torch_dtype_name(hdt));
+  TORCH_CHECK_VALUE(hidden.dim() == 2, op, "hidden must be [N, D], got shape ", hidden.sizes());
+  PackedSizes s{hidden.size(0), hidden.size(1), 0, 0};
+  TORCH_CHECK_VALUE((hidden.stride(1) == 1 || s.dim <= 1) &&
+                        (s.n_tokens <= 1 || hidden.stride(0) >= s.dim),
+                    op, "hidden must have distinct rows with a contiguous last dimension, got "
+                    "strides ", hidden.strides());
+  if (residual.has_value()) {
+    check_input(*residual, hidden, "residual", {s.n_tokens, s.dim}, hdt, op);
+    TORCH_CHECK_VALUE(residual->stride(1) == 1 || s.dim <= 1, op,
+                      "residual must have a contiguous last dimension");
+  }
+  TORCH_CHECK_TYPE(at::isFloatingType(vectors.scalar_type()), op,
+                   "vectors must be floating point, got ",
+                   torch_dtype_name(vectors.scalar_type()));
+  TORCH_CHECK_VALUE(vectors.dim() == 2 && vectors.size(1) == s.dim && vectors.size(0) >= 1, op,
+                    "vectors must be [K, D] with K >= 1 and D = ", s.dim,
+                    " (hidden's last dimension), got shape ", vectors.sizes());
+  check_same_device(vectors, hidden, "vectors", op);
+  s.n_vec = vectors.size(0);
+  TORCH_CHECK_VALUE(slot_weights.dim() == 2 && slot_weights.size(0) >= 1, op,
+                    "slot_weights must be [S, K] with S >= 1, got shape ", slot_weights.sizes());
+  s.n_slots = slot_weights.size(0);
+  check_input(slot_weights, hidden, "slot_weights", {s.n_slots, s.n_vec}, at::kFloat, op);
+  TORCH_CHECK_VALUE(token_slot.dim() == 1 && token_slot.size(0) >= s.n_tokens, op,
+                    "token_slot must be [N_max] with N_max >= N = ", s.n_tokens,
+                    ", got shape ", token_slot.sizes());
+  check_input(token_slot, hidden, "token_slot", token_slot.sizes(), at::kInt, op);
+  if (proj_out.has_value()) {
+    TORCH_CHECK_VALUE(proj_out->dim() == 2 && proj_out->size(0) >= s.n_tokens, op,
+                      "proj_out must be [N_max, K] with N_max >= ", s.n_tokens,
+                      ", got shape ", proj_out->sizes());
+    check_output(proj_out, hidden, "proj_out", {proj_out->size(0), s.n_vec}, at::kFloat, op);
+  }
+  const int given = int(run_sum.has_value()) + int(run_count.has_value()) +
+                    int(run_last.has_value());
+  TORCH_CHECK_VALUE(given == 0 || given == 3, op, "run_sum, run_count and run_last go together "
+                    "(all three or none), got ", given, " of them");
+  check_output(run_sum, hidden, "running.sum", {s.n_slots, s.n_vec}, at::kFloat, op);
+  check_output(run_count, hidden, "running.count", {s.n_slots}, at::kLong, op);
+  check_output(run_last, hidden, "running.last", {s.n_slots, s.n_vec}, at::kFloat, op);
   return s;
 }
 

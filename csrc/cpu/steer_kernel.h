@@ -1,0 +1,1279 @@
+// The core of the CPU kernel: one source for every instruction set, written on ATen's portable
+// vector types (at::vec::Vectorized: AVX-512, AVX2, SVE, NEON or plain arrays, with vectorised
+// bf16/fp16 conversion). steer_isa.h picks the set; this file is compiled once per set into
+// namespace emokern::cpu::<set> and exposes kernel_table().
+//
+// Semantics (docs/design.md; oracle: emokern.ops.reference): for every row with
+// x = hidden (+ residual), in float32,
+//   p_k = <x, v_k> / ||v_k||;  if the row has a slot s: y = x + delta_s with
+//   delta_s = sum_k w[s, k] v_k (k in order), y *= ||x|| / max(||y||, 1e-6) when norm
+//   preserving, hidden = y (- residual), and the running statistics of s take p.
+//
+// Arithmetic, identical on every instruction set (bit for bit; bf16/fp16 NaN payloads aside):
+//   * sums over D run in 16 logical lanes (lane l takes columns d = l mod 16, in increasing d,
+//     by fused multiply-add), one to four registers per logical vector depending on the set,
+//     then one fixed tree over the lanes (l + 8, l + 4, l + 2, l + 1);
+//   * delta_s[d] accumulates k in order by fused multiply-add;
+//   * y (- residual) rounds once: fma(x + delta, scale, -residual) when norm preserving.
+// So every number a row produces depends on that row only: not on the thread count, the tile
+// a row lands in, the batch around it, or the machine (x86 without FMA, the one exception,
+// rounds products separately).
+//
+// Work (rows in blocks of 8, blocks in chunks that fix the running-sum partials):
+//   * few vectors (K <= kSweepMaxK): one sweep per row (pair) reads the row once, converts it
+//     in registers, accumulates every dot product and writes y in the same pass;
+//   * many vectors: float32 rows (read in place, or converted once into scratch), register
+//     tiles of kTileRows rows x kTileVecs vectors per column panel (vectors packed panel-major
+//     once per call when enough rows share them), then the writes;
+//   * offsets delta_s: once per slot up front when slots have several rows (prefill), else
+//     per block for its rows (decode), both by register tiles of kDeltaRows x kDeltaCols; in
+//     decode on the tiles without norm preservation they never leave the registers (the tile
+//     writes y = x + delta directly).
+// Running statistics: each chunk of rows sums its rows' projections per slot in double, in
+// row order; the chunks are reduced in order after the parallel loop (no atomics).
+
+#include "steer_cpu.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/macros/Macros.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <new>
+#include <type_traits>
+
+namespace emokern {
+namespace cpu {
+namespace CPU_CAPABILITY {
+
+using Vec = at::vec::Vectorized<float>;
+
+// ---------------------------------------------------------------------------------------------
+// 16-lane logical vectors. kN registers of kW floats each.
+
+constexpr int kLanes = 16;
+constexpr int kW = static_cast<int>(Vec::size());
+static_assert(kLanes % kW == 0, "a register holds at most 16 floats");
+constexpr int kN = kLanes / kW;
+
+struct V16 {
+  Vec v[kN];
+};
+
+inline Vec fma1(const Vec& a, const Vec& b, const Vec& c) {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512) || defined(__aarch64__)
+  return at::vec::fmadd(a, b, c);  // vfmadd / vfmaq / svmad: one rounding
+#elif defined(__FMA__)
+  __at_align__ float x[kW], y[kW], z[kW];
+  a.store(x);
+  b.store(y);
+  c.store(z);
+  for (int i = 0; i < kW; ++i) z[i] = std::fma(x[i], y[i], z[i]);  // compiled to vfmadd
+  return Vec::loadu(z);
+#else
+  return a * b + c;  // no FMA unit: products round separately (documented exception)
+#endif
+}
+
+inline V16 zero16() {
+  V16 r;
+  for (int j = 0; j < kN; ++j) r.v[j] = Vec(0.0f);
+  return r;
+}
+inline V16 splat16(float a) {
+  V16 r;
+  for (int j = 0; j < kN; ++j) r.v[j] = Vec(a);
+  return r;
+}
+inline V16 add16(const V16& a, const V16& b) {
+  V16 r;
+  for (int j = 0; j < kN; ++j) r.v[j] = a.v[j] + b.v[j];
+  return r;
+}
+inline V16 sub16(const V16& a, const V16& b) {
+  V16 r;
+  for (int j = 0; j < kN; ++j) r.v[j] = a.v[j] - b.v[j];
+  return r;
+}
+inline V16 mul16(const V16& a, const V16& b) {
+  V16 r;
+  for (int j = 0; j < kN; ++j) r.v[j] = a.v[j] * b.v[j];
+  return r;
+}
+inline V16 fma16(const V16& a, const V16& b, const V16& c) {  // a * b + c, one rounding
+  V16 r;
+  for (int j = 0; j < kN; ++j) r.v[j] = fma1(a.v[j], b.v[j], c.v[j]);
+  return r;
+}
+
+// Loads and stores of 16 elements, converting bf16/fp16 <-> float32 (round to nearest even)
+// with ATen's vectorised conversions.
+template <typename T>
+inline V16 load16(const T* p) {
+  V16 r;
+  if constexpr (std::is_same_v<T, float>) {
+    for (int j = 0; j < kN; ++j) r.v[j] = Vec::loadu(p + j * kW);
+  } else {
+    using VT = at::vec::Vectorized<T>;
+    constexpr int n = static_cast<int>(VT::size());  // 2 kW
+    if constexpr (n > kLanes) {  // one 32-lane register: convert a half-width load
+      auto converted = at::vec::convert_to_float<T>(VT::loadu(p, kLanes));
+      r.v[0] = std::get<0>(converted);
+    } else {
+      for (int j = 0; j < kLanes / n; ++j) {
+        auto converted = at::vec::convert_to_float<T>(VT::loadu(p + j * n));
+        r.v[2 * j] = std::get<0>(converted);
+        r.v[2 * j + 1] = std::get<1>(converted);
+      }
+    }
+  }
+  return r;
+}
+
+template <typename T>
+inline void store16(T* p, const V16& a) {
+  if constexpr (std::is_same_v<T, float>) {
+    for (int j = 0; j < kN; ++j) a.v[j].store(p + j * kW);
+  } else {
+    using VT = at::vec::Vectorized<T>;
+    constexpr int n = static_cast<int>(VT::size());
+    if constexpr (n > kLanes) {
+      at::vec::convert_from_float<T>(a.v[0], a.v[0]).store(p, kLanes);
+    } else {
+      for (int j = 0; j < kLanes / n; ++j)
+        at::vec::convert_from_float<T>(a.v[2 * j], a.v[2 * j + 1]).store(p + j * n);
+    }
+  }
+}
+
+// Two logical vectors at once (32 elements): one full conversion on 32-lane bf16/fp16 registers
+// (AVX-512), and no masked access: a load overlapping a masked store waits for that store.
+template <typename T>
+inline void store16x2(T* p, const V16& a, const V16& b) {
+  if constexpr (!std::is_same_v<T, float> &&
+                static_cast<int>(at::vec::Vectorized<T>::size()) == 2 * kLanes) {
+    at::vec::convert_from_float<T>(a.v[0], b.v[0]).store(p);
+  } else {
+    store16(p, a);
+    store16(p + kLanes, b);
+  }
+}
+
+template <typename T>
+inline void load16x2(const T* p, V16& a, V16& b) {
+  if constexpr (!std::is_same_v<T, float> &&
+                static_cast<int>(at::vec::Vectorized<T>::size()) == 2 * kLanes) {
+    auto converted = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p));
+    a.v[0] = std::get<0>(converted);
+    b.v[0] = std::get<1>(converted);
+  } else {
+    a = load16(p);
+    b = load16(p + kLanes);
+  }
+}
+
+// The first n < 16 elements (the rest read as zero / left alone).
+template <typename T>
+inline V16 load16(const T* p, int64_t n) {
+  T tmp[kLanes] = {};
+  std::memcpy(tmp, p, sizeof(T) * size_t(n));
+  return load16(static_cast<const T*>(tmp));
+}
+template <typename T>
+inline void store16(T* p, const V16& a, int64_t n) {
+  T tmp[kLanes];
+  store16(static_cast<T*>(tmp), a);
+  std::memcpy(p, tmp, sizeof(T) * size_t(n));
+}
+
+// Lane sums by the fixed tree (l + 8, l + 4, l + 2, l + 1).
+inline float hsum16(const V16& a) {
+  __at_align__ float f[kLanes];
+  store16(f, a);
+  for (int h = kLanes / 2; h >= 1; h /= 2)
+    for (int l = 0; l < h; ++l) f[l] += f[l + h];
+  return f[0];
+}
+
+// out[i] = hsum16(acc[i]) for i < n <= 16, the same tree run on 16 sums at once (transposed).
+inline void hsum16_many(const V16* acc, int n, float* out) {
+  __at_align__ float a[kLanes * kLanes];
+  __at_align__ float t[kLanes * kLanes];
+  for (int i = 0; i < n; ++i) store16(a + kLanes * i, acc[i]);
+  std::memset(a + kLanes * n, 0, sizeof(float) * size_t(kLanes * (kLanes - n)));
+  at::vec::transpose_mxn<float, kLanes, kLanes>(a, kLanes, t, kLanes);  // t[l][i] = a[i][l]
+  V16 r[kLanes];
+  for (int l = 0; l < kLanes; ++l) r[l] = load16(static_cast<const float*>(t + kLanes * l));
+  for (int h = kLanes / 2; h >= 1; h /= 2)
+    for (int l = 0; l < h; ++l) r[l] = add16(r[l], r[l + h]);
+  store16(out, r[0], n);
+}
+
+inline void hsum16_all(const V16* acc, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; i += kLanes)
+    hsum16_many(acc + i, int(std::min<int64_t>(kLanes, n - i)), out + i);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sizes, per instruction set: how many logical vectors fit the registers.
+
+#if defined(CPU_CAPABILITY_AVX512)
+// 32 registers, one logical vector each.
+constexpr int kTileRows = 4, kTileVecs = 6;    // projections: 24 accumulators
+constexpr int kDeltaRows = 4, kDeltaCols = 4;  // offsets: 16 accumulators
+constexpr int kSweepRows = 2, kSweepMaxK = 8;  // sweeps: 16 accumulators + norms
+constexpr int kNormGroup = 8;
+#else
+// 16 x 256-bit (AVX2), 32 x 128-bit (NEON), 32 x 256-bit (SVE256), or plain arrays.
+constexpr int kTileRows = 2, kTileVecs = 3;
+constexpr int kDeltaRows = 2, kDeltaCols = 2;
+constexpr int kSweepRows = 1, kSweepMaxK = 4;
+constexpr int kNormGroup = 4;
+#endif
+
+constexpr int64_t kMaxPanel = 512;     // columns per panel of the tiles, at most
+constexpr int kBlock = 8;              // rows per block
+constexpr int64_t kSweepL1Bytes = 24 * 1024;  // vectors a sweep keeps in L1 whole
+constexpr int64_t kSweepChunk = 512;   // else columns per sweep pass
+constexpr int64_t kPackMinRows = 16;   // pack the vectors when this many rows share them
+// Below this much work (multiply-adds) per thread, waking a second thread costs more than it
+// saves, so small decode calls stay on the calling thread.
+constexpr int64_t kMinWorkPerThread = 1 << 18;
+
+inline int64_t round16(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
+
+// Panel width for D columns: D split evenly into panels of at most kMaxPanel (so D = 576 is
+// two panels of 288, not 512 + 64), a multiple of 16.
+inline int64_t panel_width(int64_t dim) {
+  const int64_t n = (dim + kMaxPanel - 1) / kMaxPanel;
+  return std::max<int64_t>(kLanes, round16((dim + n - 1) / n));
+}
+
+inline int64_t grain_for(int64_t work_per_item) {
+  return std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(1, work_per_item));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scratch owned by a thread, grown on demand and kept across calls (no allocation, no page
+// faults on the hot path).
+
+template <typename E>
+struct Buffer {
+  E* data = nullptr;
+  size_t size = 0;
+  Buffer() = default;
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  ~Buffer() { ::operator delete[](data, std::align_val_t(64)); }
+  // 64-byte aligned: a 512-bit load across two cache lines costs two.
+  E* take(size_t n) {
+    if (n > size) {
+      ::operator delete[](data, std::align_val_t(64));
+      data = static_cast<E*>(::operator new[](sizeof(E) * n, std::align_val_t(64)));
+      size = n;
+    }
+    return data;
+  }
+};
+
+// Local helpers rather than std:: algorithms: a template instantiated in several cores is kept
+// once by the linker, and must not carry wider instructions into the portable path.
+template <typename E>
+inline void fill_n(E* p, int64_t n, E value) {
+  for (int64_t i = 0; i < n; ++i) p[i] = value;
+}
+
+struct Scratch {
+  Buffer<float> rows;    // [kBlock, D16] float32 rows (tile path)
+  Buffer<float> deltas;  // [kBlock, D16] offsets of a block (decode)
+  Buffer<float> proj;    // [kBlock, K] projections when proj_out is not given
+  Buffer<float> zeros;   // [D16] padding vector of the sweeps
+  Buffer<V16> acc;       // [kBlock, K] lane accumulators
+  Buffer<float> dots;    // [kBlock, K]
+  // Per call, on the calling thread:
+  Buffer<float> packed;  // vectors, panel-major
+  Buffer<float> table;   // [S, D16] offsets per slot
+  Buffer<double> entry_sums;
+  Buffer<float> entry_last;
+  Buffer<int64_t> entry_meta;  // [slot, count] per entry, entry counts per chunk
+  Buffer<double> slot_sums;
+  Buffer<int64_t> slot_meta;
+};
+
+inline Scratch& thread_scratch() {
+  static thread_local Scratch s;
+  return s;
+}
+
+// The vectors as the tiles read them: vector k's columns [p * width, (p + 1) * width) start at
+// base + p * panel_stride + k * k_stride. Unpacked: panel_stride = width, k_stride = D.
+// Packed: panels of K x k_stride floats (width plus a line), zero padded.
+struct VView {
+  const float* base;
+  int64_t width, panel_stride, k_stride;
+  const float* panel(int64_t p) const { return base + p * panel_stride; }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Register tiles.
+
+// acc[r * acc_stride + k] (+)= lane-wise x_r * v_k over `steps` logical vectors (the sums stay
+// in registers for the whole panel). x: R float rows at the panel's first column; v: vector 0
+// of the tile.
+template <int R, int KT>
+void proj_tile(const float* const* x, const float* v, int64_t k_stride, int64_t steps,
+               V16* acc, int64_t acc_stride, bool first) {
+  V16 a[R][KT];
+  for (int r = 0; r < R; ++r)
+    for (int k = 0; k < KT; ++k) a[r][k] = first ? zero16() : acc[r * acc_stride + k];
+  const float* xr[R];
+  for (int r = 0; r < R; ++r) xr[r] = x[r];
+  for (int64_t s = 0; s < steps; ++s) {
+    const int64_t d = s * kLanes;
+    for (int j = 0; j < kN; ++j) {
+      Vec xv[R];
+      for (int r = 0; r < R; ++r) xv[r] = Vec::loadu(xr[r] + d + j * kW);
+      for (int k = 0; k < KT; ++k) {
+        const Vec vv = Vec::loadu(v + k * k_stride + d + j * kW);
+        for (int r = 0; r < R; ++r) a[r][k].v[j] = fma1(xv[r], vv, a[r][k].v[j]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int k = 0; k < KT; ++k) acc[r * acc_stride + k] = a[r][k];
+}
+
+template <int R, int KT>
+void proj_tile_k(int kt, const float* const* x, const float* v, int64_t k_stride,
+                 int64_t steps, V16* acc, int64_t acc_stride, bool first) {
+  if constexpr (KT > 0) {
+    if (kt == KT) {
+      proj_tile<R, KT>(x, v, k_stride, steps, acc, acc_stride, first);
+    } else {
+      proj_tile_k<R, KT - 1>(kt, x, v, k_stride, steps, acc, acc_stride, first);
+    }
+  }
+}
+
+template <int R>
+void proj_tile_rk(int rows, int kt, const float* const* x, const float* v, int64_t k_stride,
+                  int64_t steps, V16* acc, int64_t acc_stride, bool first) {
+  if constexpr (R > 0) {
+    if (rows == R) {
+      proj_tile_k<R, kTileVecs>(kt, x, v, k_stride, steps, acc, acc_stride, first);
+    } else {
+      proj_tile_rk<R - 1>(rows, kt, x, v, k_stride, steps, acc, acc_stride, first);
+    }
+  }
+}
+
+// dots[r * K + k] = <x_r, v_k> for rows r < n_rows (float rows of D16 floats, zero padded).
+// Panel by panel: a tile of kTileVecs vectors stays in L1 while the row tiles walk the panel,
+// each tile's sums in registers for the panel's width; acc holds them between panels.
+inline void block_dots(const float* const* x, int n_rows, const VView& V, int64_t n_vec,
+                       int64_t dim, V16* acc, float* dots) {
+  const int64_t n_panels = (dim + V.width - 1) / V.width;
+  for (int64_t p = 0; p < n_panels; ++p) {
+    const int64_t c0 = p * V.width;
+    const int64_t width = std::min(V.width, dim - c0);
+    const int64_t steps = width / kLanes, tail = width % kLanes;
+    const float* vp = V.panel(p);
+    // Tiles of near-equal widths (32 = 6 + 6 + 5 + 5 + 5 + 5, not 6 x 5 + 2).
+    const int64_t n_tiles = (n_vec + kTileVecs - 1) / kTileVecs;
+    for (int64_t t = 0, k0 = 0; t < n_tiles; ++t) {
+      const int kt = int(n_vec / n_tiles + (t < n_vec % n_tiles ? 1 : 0));
+      for (int r0 = 0; r0 < n_rows; r0 += kTileRows) {
+        const int rows = std::min(kTileRows, n_rows - r0);
+        const float* xr[kTileRows];
+        for (int r = 0; r < rows; ++r) xr[r] = x[r0 + r] + c0;
+        proj_tile_rk<kTileRows>(rows, kt, xr, vp + k0 * V.k_stride, V.k_stride, steps,
+                                acc + r0 * n_vec + k0, n_vec, p == 0);
+      }
+      k0 += kt;
+    }
+    if (tail > 0) {  // the last panel's partial logical vector (rows are zero padded)
+      const int64_t d = steps * kLanes;
+      for (int r = 0; r < n_rows; ++r) {
+        const V16 xv = load16(x[r] + c0 + d);
+        for (int64_t k = 0; k < n_vec; ++k) {
+          V16& a = acc[r * n_vec + k];  // set by the tiles above, even with steps == 0
+          a = fma16(xv, load16(vp + k * V.k_stride + d, tail), a);
+        }
+      }
+    }
+  }
+  hsum16_all(acc, n_rows * n_vec, dots);
+}
+
+// out_r[c .. c + 16 CT) = sum_k w_r[k] v_k[c ..] (k in order) for R weight rows; v: vector 0
+// at column c.
+template <int R, int CT>
+void delta_tile(const float* const* w, const float* v, int64_t k_stride, int64_t n_vec,
+                float* const* out) {
+  V16 a[R][CT];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < CT; ++c) a[r][c] = zero16();
+  const float* wr[R];
+  for (int r = 0; r < R; ++r) wr[r] = w[r];
+  for (int64_t k = 0; k < n_vec; ++k) {
+    const float* vk = v + k * k_stride;
+    Vec wk[R];
+    for (int r = 0; r < R; ++r) wk[r] = Vec(wr[r][k]);
+    for (int c = 0; c < CT; ++c)
+      for (int j = 0; j < kN; ++j) {
+        const Vec vv = Vec::loadu(vk + c * kLanes + j * kW);
+        for (int r = 0; r < R; ++r) a[r][c].v[j] = fma1(wk[r], vv, a[r][c].v[j]);
+      }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < CT; ++c) store16(out[r] + c * kLanes, a[r][c]);
+}
+
+// The same for one logical vector of which only `tail` < 16 columns exist (16 are written).
+inline void delta_tail(const float* const* w, int rows, const float* v, int64_t k_stride,
+                       int64_t n_vec, int64_t tail, float* const* out) {
+  for (int r = 0; r < rows; ++r) {
+    V16 a = zero16();
+    for (int64_t k = 0; k < n_vec; ++k)
+      a = fma16(splat16(w[r][k]), load16(v + k * k_stride, tail), a);
+    store16(out[r], a);
+  }
+}
+
+template <int R>
+void delta_rows_r(int rows, const float* const* w, const float* v, int64_t k_stride,
+                  int64_t n_vec, int ct, float* const* out) {
+  if constexpr (R > 0) {
+    if (rows == R) {
+      if (ct == kDeltaCols) {
+        delta_tile<R, kDeltaCols>(w, v, k_stride, n_vec, out);
+      } else {
+        float* o[R];
+        for (int c = 0; c < ct; ++c) {
+          for (int r = 0; r < R; ++r) o[r] = out[r] + c * kLanes;
+          delta_tile<R, 1>(w, v + c * kLanes, k_stride, n_vec, o);
+        }
+      }
+    } else {
+      delta_rows_r<R - 1>(rows, w, v, k_stride, n_vec, ct, out);
+    }
+  }
+}
+
+// out[r][0 .. D16) = sum_k w[r][k] v_k for r < n_rows (columns past D are zero). Column tiles
+// outer, so that a tile of every vector stays in L1 while the row tiles use it.
+inline void block_deltas(const float* const* w, int n_rows, const VView& V, int64_t n_vec,
+                         int64_t dim, float* const* out) {
+  const int64_t n_panels = (dim + V.width - 1) / V.width;
+  for (int64_t p = 0; p < n_panels; ++p) {
+    const int64_t c0 = p * V.width;
+    const int64_t width = std::min(V.width, dim - c0);
+    const int64_t full = width / kLanes, tail = width % kLanes;
+    const float* vp = V.panel(p);
+    for (int64_t c = 0; c < full; c += kDeltaCols) {
+      const int ct = int(std::min<int64_t>(kDeltaCols, full - c));
+      for (int r0 = 0; r0 < n_rows; r0 += kDeltaRows) {
+        const int rows = std::min(kDeltaRows, n_rows - r0);
+        float* o[kDeltaRows];
+        for (int r = 0; r < rows; ++r) o[r] = out[r0 + r] + c0 + c * kLanes;
+        delta_rows_r<kDeltaRows>(rows, w + r0, vp + c * kLanes, V.k_stride, n_vec, ct, o);
+      }
+    }
+    if (tail > 0) {
+      float* o[kBlock];
+      for (int r0 = 0; r0 < n_rows; r0 += kBlock) {
+        const int rows = std::min(kBlock, n_rows - r0);
+        for (int r = 0; r < rows; ++r) o[r] = out[r0 + r] + c0 + full * kLanes;
+        delta_tail(w + r0, rows, vp + full * kLanes, V.k_stride, n_vec, tail, o);
+      }
+    }
+  }
+}
+
+// The steered value of 16 columns: y = x + delta, then (x + delta) * scale or minus the
+// residual (one rounding when both).
+template <bool NP, bool RES>
+inline V16 steered16(const V16& x, const V16& delta, const V16& scale, const V16& res) {
+  const V16 y = add16(x, delta);
+  if constexpr (NP && RES) return fma16(y, scale, sub16(zero16(), res));
+  if constexpr (NP) return mul16(y, scale);
+  if constexpr (RES) return sub16(y, res);
+  return y;
+}
+
+// Decode without norm preservation: the offsets never leave the registers. For R steered rows
+// and CT logical vectors of columns: delta as in delta_tile, then hidden = x + delta (minus the
+// residual) is written at once. x, h, res point at the tile's first column.
+template <typename T, int R, int CT, bool RES>
+void delta_write_tile(const float* const* w, const float* v, int64_t k_stride, int64_t n_vec,
+                      const float* const* x, T* const* h, const T* const* res) {
+  V16 a[R][CT];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < CT; ++c) a[r][c] = zero16();
+  const float* wr[R];
+  for (int r = 0; r < R; ++r) wr[r] = w[r];
+  for (int64_t k = 0; k < n_vec; ++k) {
+    const float* vk = v + k * k_stride;
+    Vec wk[R];
+    for (int r = 0; r < R; ++r) wk[r] = Vec(wr[r][k]);
+    for (int c = 0; c < CT; ++c)
+      for (int j = 0; j < kN; ++j) {
+        const Vec vv = Vec::loadu(vk + c * kLanes + j * kW);
+        for (int r = 0; r < R; ++r) a[r][c].v[j] = fma1(wk[r], vv, a[r][c].v[j]);
+      }
+  }
+  const V16 none = zero16();
+  for (int r = 0; r < R; ++r) {
+    int c = 0;
+    for (; c + 2 <= CT; c += 2) {
+      V16 r0 = none, r1 = none;
+      if constexpr (RES) load16x2(res[r] + c * kLanes, r0, r1);
+      store16x2(h[r] + c * kLanes,
+                steered16<false, RES>(load16(x[r] + c * kLanes), a[r][c], none, r0),
+                steered16<false, RES>(load16(x[r] + (c + 1) * kLanes), a[r][c + 1], none, r1));
+    }
+    if (c < CT) {
+      const V16 r0 = RES ? load16(res[r] + c * kLanes) : none;
+      store16(h[r] + c * kLanes,
+              steered16<false, RES>(load16(x[r] + c * kLanes), a[r][c], none, r0));
+    }
+  }
+}
+
+template <typename T, int R, bool RES>
+void delta_write_rows(int ct, const float* const* w, const float* v, int64_t k_stride,
+                      int64_t n_vec, const float* const* x, T* const* h, const T* const* res) {
+  if (ct == kDeltaCols) {
+    delta_write_tile<T, R, kDeltaCols, RES>(w, v, k_stride, n_vec, x, h, res);
+    return;
+  }
+  const float* xc[R];
+  T* hc[R];
+  const T* rc[R];
+  for (int c = 0; c < ct; ++c) {
+    for (int r = 0; r < R; ++r) {
+      xc[r] = x[r] + c * kLanes;
+      hc[r] = h[r] + c * kLanes;
+      rc[r] = RES ? res[r] + c * kLanes : nullptr;
+    }
+    delta_write_tile<T, R, 1, RES>(w, v + c * kLanes, k_stride, n_vec, xc, hc, rc);
+  }
+}
+
+template <typename T, int R, bool RES>
+void delta_write_r(int rows, int ct, const float* const* w, const float* v, int64_t k_stride,
+                   int64_t n_vec, const float* const* x, T* const* h, const T* const* res) {
+  if constexpr (R > 0) {
+    if (rows == R) {
+      delta_write_rows<T, R, RES>(ct, w, v, k_stride, n_vec, x, h, res);
+    } else {
+      delta_write_r<T, R - 1, RES>(rows, ct, w, v, k_stride, n_vec, x, h, res);
+    }
+  }
+}
+
+// hidden_r = x_r + sum_k w_r[k] v_k (- residual_r) for r < n_rows, panel by panel and column
+// tile by column tile like block_deltas.
+template <typename T, bool RES>
+void block_delta_write(const float* const* w, int n_rows, const VView& V, int64_t n_vec,
+                       int64_t dim, const float* const* x, T* const* h, const T* const* res) {
+  const int64_t n_panels = (dim + V.width - 1) / V.width;
+  for (int64_t p = 0; p < n_panels; ++p) {
+    const int64_t c0 = p * V.width;
+    const int64_t width = std::min(V.width, dim - c0);
+    const int64_t full = width / kLanes, tail = width % kLanes;
+    const float* vp = V.panel(p);
+    for (int64_t c = 0; c < full; c += kDeltaCols) {
+      const int ct = int(std::min<int64_t>(kDeltaCols, full - c));
+      const int64_t col = c0 + c * kLanes;
+      for (int r0 = 0; r0 < n_rows; r0 += kDeltaRows) {
+        const int rows = std::min(kDeltaRows, n_rows - r0);
+        const float* xr[kDeltaRows];
+        T* hr[kDeltaRows];
+        const T* rr[kDeltaRows];
+        for (int r = 0; r < rows; ++r) {
+          xr[r] = x[r0 + r] + col;
+          hr[r] = h[r0 + r] + col;
+          rr[r] = RES ? res[r0 + r] + col : nullptr;
+        }
+        delta_write_r<T, kDeltaRows, RES>(rows, ct, w + r0, vp + c * kLanes, V.k_stride,
+                                          n_vec, xr, hr, rr);
+      }
+    }
+    if (tail > 0) {
+      const int64_t col = c0 + full * kLanes;
+      for (int r = 0; r < n_rows; ++r) {
+        __at_align__ float delta[kLanes];
+        float* out[1] = {delta};
+        delta_tail(w + r, 1, vp + full * kLanes, V.k_stride, n_vec, tail, out);
+        const V16 rv = RES ? load16(res[r] + col, tail) : zero16();
+        store16(h[r] + col,
+                steered16<false, RES>(load16(x[r] + col, tail), load16(delta), zero16(), rv),
+                tail);
+      }
+    }
+  }
+}
+
+// ||v_k||: the same lane order and tree as the dot products.
+inline int64_t inv_norms(const float* vectors, int64_t n_vec, int64_t dim, float* inv_norm) {
+  const int64_t steps = dim / kLanes, tail = dim % kLanes;
+  constexpr int G = kNormGroup;  // independent sums in flight
+  for (int64_t k0 = 0; k0 < n_vec; k0 += G) {
+    const int n = int(std::min<int64_t>(G, n_vec - k0));
+    V16 a[G];
+    for (int i = 0; i < G; ++i) a[i] = zero16();
+    for (int64_t s = 0; s < steps; ++s)
+      for (int i = 0; i < n; ++i) {
+        const V16 x = load16(vectors + (k0 + i) * dim + s * kLanes);
+        a[i] = fma16(x, x, a[i]);
+      }
+    if (tail > 0)
+      for (int i = 0; i < n; ++i) {
+        const V16 x = load16(vectors + (k0 + i) * dim + steps * kLanes, tail);
+        a[i] = fma16(x, x, a[i]);
+      }
+    for (int i = 0; i < n; ++i) {
+      const double norm = std::sqrt(double(hsum16(a[i])));
+      if (!(std::isfinite(norm) && norm > 0.0)) return k0 + i;
+      inv_norm[k0 + i] = static_cast<float>(1.0 / norm);
+    }
+  }
+  return -1;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Row passes.
+
+inline float norm_scale(const V16& xx, const V16& yy) {
+  constexpr float kNormEps = 1e-6f;  // = emokern::kNormEps (steer.h)
+  return std::sqrt(hsum16(xx)) / std::max(std::sqrt(hsum16(yy)), kNormEps);
+}
+
+// Writes a steered row from its float32 x (D16 floats, zero padded) and offset. Norm
+// preserving: ||x||^2 and ||y||^2 first (a pass over L1/L2-resident data).
+template <typename T, bool NP, bool RES>
+void write_row(T* h, const T* res, const float* x, const float* delta, int64_t dim,
+               const T* ahead) {
+  V16 scale = splat16(1.0f);
+  const int64_t steps = dim / kLanes, tail = dim % kLanes;
+  if constexpr (NP) {
+    V16 xx = zero16(), yy = zero16();
+    for (int64_t s = 0; s <= steps; ++s) {  // the padded tail adds zeros
+      if (s == steps && tail == 0) break;
+      const V16 xv = load16(x + s * kLanes);
+      const V16 yv = add16(xv, load16(delta + s * kLanes));
+      xx = fma16(xv, xv, xx);
+      yy = fma16(yv, yv, yy);
+    }
+    scale = splat16(norm_scale(xx, yy));
+  }
+  const V16 none = zero16();
+  int64_t s = 0;
+  for (; s + 2 <= steps; s += 2) {
+    const int64_t d = s * kLanes;
+    if (ahead != nullptr) __builtin_prefetch(ahead + d, 0, 2);
+    const V16 y0 = steered16<NP, RES>(load16(x + d), load16(delta + d), scale,
+                                      RES ? load16(res + d) : none);
+    const V16 y1 = steered16<NP, RES>(load16(x + d + kLanes), load16(delta + d + kLanes), scale,
+                                      RES ? load16(res + d + kLanes) : none);
+    store16x2(h + d, y0, y1);
+  }
+  for (; s < steps; ++s) {
+    const int64_t d = s * kLanes;
+    store16(h + d, steered16<NP, RES>(load16(x + d), load16(delta + d), scale,
+                                      RES ? load16(res + d) : none));
+  }
+  if (tail > 0) {
+    const int64_t d = steps * kLanes;
+    store16(h + d,
+            steered16<NP, RES>(load16(x + d), load16(delta + d), scale,
+                               RES ? load16(res + d, tail) : none),
+            tail);
+  }
+}
+
+// x = hidden (+ residual) as float32, D16 floats with a zero tail.
+template <typename T>
+void load_row(const T* h, const T* res, float* x, int64_t dim, const T* ahead) {
+  const int64_t steps = dim / kLanes, tail = dim % kLanes;
+  int64_t s = 0;
+  for (; s + 2 <= steps; s += 2) {
+    const int64_t d = s * kLanes;
+    if (ahead != nullptr) __builtin_prefetch(ahead + d, 0, 2);
+    V16 a, b;
+    load16x2(h + d, a, b);
+    if (res != nullptr) {
+      V16 ra, rb;
+      load16x2(res + d, ra, rb);
+      a = add16(a, ra);
+      b = add16(b, rb);
+    }
+    store16(x + d, a);
+    store16(x + d + kLanes, b);
+  }
+  for (; s < steps; ++s) {
+    const int64_t d = s * kLanes;
+    V16 v = load16(h + d);
+    if (res != nullptr) v = add16(v, load16(res + d));
+    store16(x + d, v);
+  }
+  if (tail > 0) {
+    const int64_t d = steps * kLanes;
+    V16 v = load16(h + d, tail);
+    if (res != nullptr) v = add16(v, load16(res + d, tail));
+    store16(x + d, v);
+  }
+}
+
+// Few vectors: RS rows at once, columns [c0, c1), each loaded once (converted in registers):
+// every dot product accumulates (KB vectors, zero padded, 0 = none), and each steered row is
+// written in the same pass, or, norm preserving, its ||x||^2 and ||y||^2 accumulate for a
+// second pass (sweep_finish). SweepState carries the sums across column chunks.
+struct SweepState {
+  V16 a[kSweepRows][kSweepMaxK];
+  V16 xx[kSweepRows], yy[kSweepRows];
+};
+
+// One step of a sweep over 16 columns; FULL = false: the row's last n < 16 columns. Every
+// loop has constant bounds and is unrolled, so the sums stay in registers.
+#if defined(__clang__)
+#define EMOKERN_UNROLL _Pragma("unroll")
+#elif defined(__GNUC__)
+#define EMOKERN_UNROLL _Pragma("GCC unroll 16")
+#else
+#define EMOKERN_UNROLL
+#endif
+
+#define EMOKERN_SWEEP_STEP(FULL, d, n)                                                   \
+  {                                                                                      \
+    V16 x[RS], rv[RS];                                                                   \
+    EMOKERN_UNROLL for (int r = 0; r < RS; ++r) {                                        \
+      x[r] = FULL ? load16(h[r] + (d)) : load16(h[r] + (d), n);                          \
+      rv[r] = zero16();                                                                  \
+      if (res[r] != nullptr) {                                                           \
+        rv[r] = FULL ? load16(res[r] + (d)) : load16(res[r] + (d), n);                   \
+        x[r] = add16(x[r], rv[r]);                                                       \
+      }                                                                                  \
+    }                                                                                    \
+    EMOKERN_UNROLL for (int k = 0; k < KB; ++k) {                                        \
+      const V16 vv = FULL ? load16(v[k] + (d)) : load16(v[k] + (d), n);                  \
+      EMOKERN_UNROLL for (int r = 0; r < RS; ++r) a[r][k] = fma16(x[r], vv, a[r][k]);    \
+    }                                                                                    \
+    EMOKERN_UNROLL for (int r = 0; r < RS; ++r) {                                        \
+      if (delta[r] == nullptr) continue;                                                 \
+      const V16 y = add16(x[r], load16(delta[r] + (d))); /* offsets are D16 long */      \
+      if constexpr (NP) {                                                                \
+        xx[r] = fma16(x[r], x[r], xx[r]);                                                \
+        yy[r] = fma16(y, y, yy[r]);                                                      \
+      } else {                                                                           \
+        const V16 out = res[r] != nullptr ? sub16(y, rv[r]) : y;                         \
+        if (FULL) {                                                                      \
+          store16(h[r] + (d), out);                                                      \
+        } else {                                                                         \
+          store16(h[r] + (d), out, n);                                                   \
+        }                                                                                \
+      }                                                                                  \
+    }                                                                                    \
+  }
+
+// Two logical vectors (32 columns) per step: whole 64-byte bf16/fp16 vectors, and the same
+// per-lane order as two single steps.
+#define EMOKERN_SWEEP_STEP2(d)                                                           \
+  {                                                                                      \
+    V16 x0[RS], x1[RS], r0[RS], r1[RS];                                                  \
+    EMOKERN_UNROLL for (int r = 0; r < RS; ++r) {                                        \
+      if (ahead[r] != nullptr) __builtin_prefetch(ahead[r] + (d), 0, 2);                 \
+      load16x2(h[r] + (d), x0[r], x1[r]);                                                \
+      r0[r] = zero16();                                                                  \
+      r1[r] = zero16();                                                                  \
+      if (res[r] != nullptr) {                                                           \
+        load16x2(res[r] + (d), r0[r], r1[r]);                                            \
+        x0[r] = add16(x0[r], r0[r]);                                                     \
+        x1[r] = add16(x1[r], r1[r]);                                                     \
+      }                                                                                  \
+    }                                                                                    \
+    EMOKERN_UNROLL for (int k = 0; k < KB; ++k) {                                        \
+      const V16 v0 = load16(v[k] + (d)), v1 = load16(v[k] + (d) + kLanes);               \
+      EMOKERN_UNROLL for (int r = 0; r < RS; ++r) {                                      \
+        a[r][k] = fma16(x0[r], v0, a[r][k]);                                             \
+        a[r][k] = fma16(x1[r], v1, a[r][k]);                                             \
+      }                                                                                  \
+    }                                                                                    \
+    EMOKERN_UNROLL for (int r = 0; r < RS; ++r) {                                        \
+      if (delta[r] == nullptr) continue;                                                 \
+      const V16 y0 = add16(x0[r], load16(delta[r] + (d)));                               \
+      const V16 y1 = add16(x1[r], load16(delta[r] + (d) + kLanes));                      \
+      if constexpr (NP) {                                                                \
+        xx[r] = fma16(x0[r], x0[r], xx[r]);                                              \
+        xx[r] = fma16(x1[r], x1[r], xx[r]);                                              \
+        yy[r] = fma16(y0, y0, yy[r]);                                                    \
+        yy[r] = fma16(y1, y1, yy[r]);                                                    \
+      } else if (res[r] != nullptr) {                                                    \
+        store16x2(h[r] + (d), sub16(y0, r0[r]), sub16(y1, r1[r]));                       \
+      } else {                                                                           \
+        store16x2(h[r] + (d), y0, y1);                                                   \
+      }                                                                                  \
+    }                                                                                    \
+  }
+
+// The last n < 16 columns of a sweep, on the sums in st (kept apart from the main loop so that
+// its partial loads do not push the main loop's sums out of registers).
+template <typename T, int RS, int KB, bool NP>
+C10_NOINLINE void sweep_tail(T* const* h, const T* const* res, const float* const* delta,
+                             const float* const* v, const T* const* ahead, int64_t d,
+                             int64_t n, SweepState& st) {
+  auto& a = st.a;
+  auto& xx = st.xx;
+  auto& yy = st.yy;
+  EMOKERN_SWEEP_STEP(false, d, n)
+}
+
+template <typename T, int RS, int KB, bool NP>
+void sweep(T* const* h, const T* const* res, const float* const* delta,
+           const float* const* v, const T* const* ahead, int64_t c0, int64_t c1,
+           SweepState& st, bool first) {
+  constexpr int NA = KB > 0 ? KB : 1;
+  V16 a[RS][NA], xx[RS], yy[RS];
+  EMOKERN_UNROLL for (int r = 0; r < RS; ++r) {
+    EMOKERN_UNROLL for (int k = 0; k < NA; ++k) a[r][k] = first ? zero16() : st.a[r][k];
+    xx[r] = first ? zero16() : st.xx[r];
+    yy[r] = first ? zero16() : st.yy[r];
+  }
+  int64_t d = c0;
+  for (; d + 2 * kLanes <= c1; d += 2 * kLanes) EMOKERN_SWEEP_STEP2(d)
+  if (d + kLanes <= c1) {
+    EMOKERN_SWEEP_STEP(true, d, kLanes)
+    d += kLanes;
+  }
+  EMOKERN_UNROLL for (int r = 0; r < RS; ++r) {
+    EMOKERN_UNROLL for (int k = 0; k < NA; ++k) st.a[r][k] = a[r][k];
+    st.xx[r] = xx[r];
+    st.yy[r] = yy[r];
+  }
+  if (d < c1) sweep_tail<T, RS, KB, NP>(h, res, delta, v, ahead, d, c1 - d, st);
+}
+
+template <typename T, int RS, bool NP>
+void sweep_kb(int kb, T* const* h, const T* const* res, const float* const* delta,
+              const float* const* v, const T* const* ahead, int64_t c0, int64_t c1,
+              SweepState& st, bool first) {
+  switch (kb) {
+    case 0: sweep<T, RS, 0, NP>(h, res, delta, v, ahead, c0, c1, st, first); break;
+    case 1: sweep<T, RS, 1, NP>(h, res, delta, v, ahead, c0, c1, st, first); break;
+    case 2: sweep<T, RS, 2, NP>(h, res, delta, v, ahead, c0, c1, st, first); break;
+    case 4: sweep<T, RS, 4, NP>(h, res, delta, v, ahead, c0, c1, st, first); break;
+    default:
+      if constexpr (kSweepMaxK >= 8) sweep<T, RS, kSweepMaxK, NP>(h, res, delta, v, ahead, c0,
+                                                                c1, st, first);
+      break;
+  }
+}
+
+// Norm-preserving second pass of a sweep: hidden = (x + delta) * scale (- residual), x read
+// back from the row (in cache).
+template <typename T, bool RES>
+void rescale_row(T* h, const T* res, const float* delta, int64_t dim, float scale_value) {
+  const V16 scale = splat16(scale_value);
+  const V16 none = zero16();
+  const int64_t steps = dim / kLanes, tail = dim % kLanes;
+  int64_t s = 0;
+  for (; s + 2 <= steps; s += 2) {
+    const int64_t d = s * kLanes;
+    V16 x0, x1, r0 = none, r1 = none;
+    load16x2(h + d, x0, x1);
+    if constexpr (RES) {
+      load16x2(res + d, r0, r1);
+      x0 = add16(x0, r0);
+      x1 = add16(x1, r1);
+    }
+    store16x2(h + d, steered16<true, RES>(x0, load16(delta + d), scale, r0),
+              steered16<true, RES>(x1, load16(delta + d + kLanes), scale, r1));
+  }
+  for (; s < steps; ++s) {
+    const int64_t d = s * kLanes;
+    const V16 r = RES ? load16(res + d) : none;
+    const V16 x = RES ? add16(load16(h + d), r) : load16(h + d);
+    store16(h + d, steered16<true, RES>(x, load16(delta + d), scale, r));
+  }
+  if (tail > 0) {
+    const int64_t d = steps * kLanes;
+    const V16 r = RES ? load16(res + d, tail) : none;
+    const V16 x = RES ? add16(load16(h + d, tail), r) : load16(h + d, tail);
+    store16(h + d, steered16<true, RES>(x, load16(delta + d), scale, r), tail);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The problem, blocks and chunks.
+
+struct Plan {
+  const Problem* P;
+  VView V;
+  const float* table;    // [S, D16] offsets per slot, or null (offsets per block)
+  int64_t d16;
+  int64_t row_stride;    // of float scratch rows: D16 plus a line, so rows D apart do not all
+                         // fall into the same L1 sets
+  bool need_proj;
+  bool tiles;            // many vectors: register tiles instead of sweeps
+  int64_t chunk_rows;    // rows per chunk (running-sum partial boundaries)
+  int64_t entry_cap;     // running-sum partials per chunk
+  double* entry_sums;    // [n_chunks * entry_cap, K]
+  float* entry_last;     // [n_chunks * entry_cap, K]
+  int64_t* entry_meta;   // [n_chunks * entry_cap, 2] (slot, count); [n_chunks] used (tail)
+  int64_t* entry_used;
+};
+
+template <typename T>
+inline T* row_ptr(void* base, int64_t i, int64_t seq_len, int64_t sb, int64_t st) {
+  return static_cast<T*>(base) + (i / seq_len) * sb + (i % seq_len) * st;
+}
+template <typename T>
+inline const T* row_ptr(const void* base, int64_t i, int64_t seq_len, int64_t sb, int64_t st) {
+  return static_cast<const T*>(base) + (i / seq_len) * sb + (i % seq_len) * st;
+}
+
+// One block of rows [i0, i0 + n): projections into proj[r], steered rows written.
+template <typename T>
+void process_block(const Plan& L, int64_t i0, int n, const int64_t* slot, float* const* proj,
+                   Scratch& s) {
+  const Problem& P = *L.P;
+  const int64_t K = P.n_vec, D = P.dim;
+  T* h[kBlock];
+  const T* res[kBlock];
+  const T* ahead[kBlock];
+  const float* delta[kBlock];
+  for (int r = 0; r < n; ++r) {
+    const int64_t i = i0 + r;
+    h[r] = row_ptr<T>(P.hidden, i, P.seq_len, P.stride_b, P.stride_t);
+    res[r] = P.residual != nullptr
+                 ? row_ptr<T>(P.residual, i, P.seq_len, P.res_stride_b, P.res_stride_t)
+                 : nullptr;
+    ahead[r] = i + kBlock < P.n_rows
+                   ? row_ptr<T>(P.hidden, i + kBlock, P.seq_len, P.stride_b, P.stride_t)
+                   : nullptr;
+    delta[r] = nullptr;
+  }
+  // Offsets: from the table, or computed here once per distinct slot of the block (decode),
+  // or, decode on the tiles without norm preservation, in registers while writing (below).
+  const bool fused_write = L.tiles && L.table == nullptr && !P.norm_preserving;
+  if (fused_write) {
+    for (int r = 0; r < n; ++r)
+      if (slot[r] >= 0) delta[r] = P.weights;  // only tested against null
+  } else if (L.table != nullptr) {
+    for (int r = 0; r < n; ++r)
+      if (slot[r] >= 0) delta[r] = L.table + slot[r] * L.row_stride;
+  } else {
+    float* buf = s.deltas.take(size_t(kBlock * L.row_stride));
+    const float* w[kBlock];
+    float* out[kBlock];
+    int64_t distinct[kBlock];
+    int m = 0;
+    for (int r = 0; r < n; ++r) {
+      if (slot[r] < 0) continue;
+      int j = 0;
+      while (j < m && distinct[j] != slot[r]) ++j;
+      if (j == m) {
+        distinct[m] = slot[r];
+        w[m] = P.weights + slot[r] * K;
+        out[m] = buf + m * L.row_stride;
+        ++m;
+      }
+      delta[r] = out[j];
+    }
+    if (m > 0) block_deltas(w, m, L.V, K, D, out);
+  }
+
+  if (!L.tiles) {
+    const int kb = !L.need_proj ? 0 : K <= 1 ? 1 : K <= 2 ? 2 : K <= 4 ? 4 : kSweepMaxK;
+    const float* v[kSweepMaxK];
+    if (kb > 0) {
+      float* zeros = nullptr;
+      if (kb > K) {
+        zeros = s.zeros.take(size_t(L.d16));
+        fill_n(zeros, L.d16, 0.0f);
+      }
+      for (int k = 0; k < kb; ++k) v[k] = k < K ? P.vectors + k * D : zeros;
+    }
+    const int64_t chunk = kb * D * int64_t(sizeof(float)) <= kSweepL1Bytes ? D : kSweepChunk;
+    SweepState state[kBlock / kSweepRows];
+    for (int64_t c0 = 0; c0 < D; c0 += chunk) {
+      const int64_t c1 = std::min(D, c0 + chunk);
+      for (int r = 0; r < n; r += kSweepRows) {
+        SweepState& st = state[r / kSweepRows];
+        const bool np = P.norm_preserving, first = c0 == 0;
+        if (r + kSweepRows <= n) {
+          if (np) {
+            sweep_kb<T, kSweepRows, true>(kb, h + r, res + r, delta + r, v, ahead + r, c0, c1,
+                                          st, first);
+          } else {
+            sweep_kb<T, kSweepRows, false>(kb, h + r, res + r, delta + r, v, ahead + r, c0, c1,
+                                           st, first);
+          }
+        } else if (np) {  // the odd row of the block
+          sweep_kb<T, 1, true>(kb, h + r, res + r, delta + r, v, ahead + r, c0, c1, st, first);
+        } else {
+          sweep_kb<T, 1, false>(kb, h + r, res + r, delta + r, v, ahead + r, c0, c1, st, first);
+        }
+      }
+    }
+    for (int r = 0; r < n; r += kSweepRows) {
+      const SweepState& st = state[r / kSweepRows];
+      const int rows = std::min(kSweepRows, n - r);
+      for (int q = 0; q < rows; ++q) {
+        if (P.norm_preserving && delta[r + q] != nullptr) {
+          const float scale = norm_scale(st.xx[q], st.yy[q]);
+          if (res[r + q] != nullptr) {
+            rescale_row<T, true>(h[r + q], res[r + q], delta[r + q], D, scale);
+          } else {
+            rescale_row<T, false>(h[r + q], nullptr, delta[r + q], D, scale);
+          }
+        }
+        if (kb > 0) {
+          float dots[kSweepMaxK];
+          hsum16_many(st.a[q], kb, dots);
+          for (int64_t k = 0; k < K; ++k) proj[r + q][k] = dots[k] * P.inv_norm[k];
+        }
+      }
+    }
+    return;
+  }
+
+  // Many vectors: float32 rows, tiles, then the writes.
+  const float* x[kBlock];
+  if (std::is_same_v<T, float> && P.residual == nullptr && D % kLanes == 0) {
+    for (int r = 0; r < n; ++r) x[r] = reinterpret_cast<const float*>(h[r]);  // read in place
+  } else {
+    float* xbuf = s.rows.take(size_t(kBlock * L.row_stride));
+    for (int r = 0; r < n; ++r) {
+      float* row = xbuf + r * L.row_stride;
+      load_row(h[r], res[r], row, D, ahead[r]);
+      fill_n(row + D, L.d16 - D, 0.0f);
+      x[r] = row;
+    }
+  }
+  V16* acc = s.acc.take(size_t(kBlock * K));
+  float* dots = s.dots.take(size_t(kBlock * K));
+  block_dots(x, n, L.V, K, D, acc, dots);
+  for (int r = 0; r < n; ++r)
+    for (int64_t k = 0; k < K; ++k) proj[r][k] = dots[r * K + k] * P.inv_norm[k];
+  if (fused_write) {
+    const float* w[kBlock];
+    const float* xs[kBlock];
+    T* hs[kBlock];
+    const T* rs[kBlock];
+    int m = 0;
+    for (int r = 0; r < n; ++r) {
+      if (slot[r] < 0) continue;
+      w[m] = P.weights + slot[r] * K;
+      xs[m] = x[r];
+      hs[m] = h[r];
+      rs[m++] = res[r];
+    }
+    if (m == 0) return;
+    if (P.residual != nullptr) {
+      block_delta_write<T, true>(w, m, L.V, K, D, xs, hs, rs);
+    } else {
+      block_delta_write<T, false>(w, m, L.V, K, D, xs, hs, rs);
+    }
+    return;
+  }
+  for (int r = 0; r < n; ++r) {
+    if (delta[r] == nullptr) continue;
+    const bool with_res = res[r] != nullptr;
+    if (P.norm_preserving) {
+      if (with_res) write_row<T, true, true>(h[r], res[r], x[r], delta[r], D, nullptr);
+      else write_row<T, true, false>(h[r], nullptr, x[r], delta[r], D, nullptr);
+    } else {
+      if (with_res) write_row<T, false, true>(h[r], res[r], x[r], delta[r], D, nullptr);
+      else write_row<T, false, false>(h[r], nullptr, x[r], delta[r], D, nullptr);
+    }
+  }
+}
+
+// Chunk c: rows [c * chunk_rows, ...), blocks of kBlock; each steered row's projections go to
+// the chunk's partial of its slot (double sums in row order, count, newest row's values).
+template <typename T>
+void process_chunk(const Plan& L, int64_t c, Scratch& s) {
+  const Problem& P = *L.P;
+  const int64_t K = P.n_vec;
+  const int64_t i_begin = c * L.chunk_rows;
+  const int64_t i_end = std::min(P.n_rows, i_begin + L.chunk_rows);
+  const bool running = P.run_sum != nullptr;
+  int64_t used = 0;
+  int64_t cached_slot = -1, cached_entry = -1;
+  const int64_t e0 = c * L.entry_cap;
+  for (int64_t i0 = i_begin; i0 < i_end; i0 += kBlock) {
+    const int n = int(std::min<int64_t>(kBlock, i_end - i0));
+    int64_t slot[kBlock];
+    float* proj[kBlock];
+    float* proj_buf = s.proj.take(size_t(kBlock * K));
+    for (int r = 0; r < n; ++r) {
+      slot[r] = P.slot(i0 + r);
+      proj[r] = P.proj_out != nullptr ? P.proj_out + (i0 + r) * K : proj_buf + r * K;
+    }
+    process_block<T>(L, i0, n, slot, proj, s);
+    if (!running) continue;
+    for (int r = 0; r < n; ++r) {
+      if (slot[r] < 0) continue;
+      int64_t e = slot[r] == cached_slot ? cached_entry : -1;
+      if (e < 0) {
+        for (int64_t j = 0; j < used; ++j)
+          if (L.entry_meta[2 * (e0 + j)] == slot[r]) {
+            e = e0 + j;
+            break;
+          }
+        if (e < 0) {
+          e = e0 + used++;
+          L.entry_meta[2 * e] = slot[r];
+          L.entry_meta[2 * e + 1] = 0;
+          fill_n(L.entry_sums + e * K, K, 0.0);
+        }
+        cached_slot = slot[r];
+        cached_entry = e;
+      }
+      double* sums = L.entry_sums + e * K;
+      for (int64_t k = 0; k < K; ++k) sums[k] += proj[r][k];
+      std::memcpy(L.entry_last + e * K, proj[r], sizeof(float) * size_t(K));
+      L.entry_meta[2 * e + 1] += 1;
+    }
+  }
+  if (running) L.entry_used[c] = used;
+}
+
+template <typename T>
+void run(const Problem& P) {
+  const int64_t K = P.n_vec, D = P.dim, N = P.n_rows;
+  Scratch& s = thread_scratch();
+  Plan L{};
+  L.P = &P;
+  L.d16 = round16(D);
+  L.row_stride = L.d16 + kLanes;
+  L.need_proj = P.proj_out != nullptr || P.run_sum != nullptr;
+  L.tiles = L.need_proj && K > kSweepMaxK;
+  const int64_t panel = panel_width(D);
+  L.V = VView{P.vectors, panel, panel, D};
+
+  // Work units: chunks of rows; their size fixes the partial sums, so it depends on the shape
+  // only (never on the thread count).
+  L.chunk_rows = N <= 256 ? kBlock : 4 * kBlock;
+  const int64_t n_chunks = (N + L.chunk_rows - 1) / L.chunk_rows;
+  const int64_t work_per_chunk = L.chunk_rows * D * (2 * K + 2);
+  const int64_t grain = grain_for(work_per_chunk);
+
+  // Offsets once per slot when slots average two rows or more (sequences in prefill).
+  const bool per_slot = P.token_slot == nullptr ? P.seq_len >= 2 : N >= 2 * P.n_slots;
+
+  // Pack the vectors panel-major when enough rows share them: each panel of every vector is
+  // then one contiguous block (no L1 set conflicts between vectors D floats apart).
+  const int64_t n_panels = (D + panel - 1) / panel;
+  if ((L.tiles && N >= kPackMinRows) || (per_slot && P.n_slots >= kPackMinRows)) {
+    // A line of padding per vector: panels of vectors 2 KiB apart would share L1 sets.
+    const int64_t k_stride = panel + kLanes;
+    float* packed = s.packed.take(size_t(n_panels * K * k_stride));
+    at::parallel_for(0, n_panels, std::max<int64_t>(1, (1 << 16) / (K * panel)),
+                     [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t c0 = p * panel, width = std::min(panel, D - c0);
+        for (int64_t k = 0; k < K; ++k) {
+          float* dst = packed + (p * K + k) * k_stride;
+          std::memcpy(dst, P.vectors + k * D + c0, sizeof(float) * size_t(width));
+          fill_n(dst + width, k_stride - width, 0.0f);
+        }
+      }
+    });
+    L.V = VView{packed, panel, K * k_stride, k_stride};
+  }
+
+  if (per_slot) {
+    const int64_t S = P.n_slots;
+    float* table = s.table.take(size_t(S * L.row_stride));
+    const int64_t tile = kBlock;
+    at::parallel_for(0, (S + tile - 1) / tile, grain_for(tile * K * D),
+                     [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t s0 = b * tile;
+        const int rows = int(std::min<int64_t>(tile, S - s0));
+        const float* w[kBlock];
+        float* out[kBlock];
+        for (int r = 0; r < rows; ++r) {
+          w[r] = P.weights + (s0 + r) * K;
+          out[r] = table + (s0 + r) * L.row_stride;
+        }
+        block_deltas(w, rows, L.V, K, D, out);
+      }
+    });
+    L.table = table;
+  }
+
+  const bool running = P.run_sum != nullptr;
+  if (running) {
+    L.entry_cap = std::min<int64_t>(L.chunk_rows, P.n_slots);
+    if (P.token_slot == nullptr)  // a chunk spans at most this many sequences
+      L.entry_cap = std::min<int64_t>(L.entry_cap, (L.chunk_rows - 1) / P.seq_len + 2);
+    const int64_t n_entries = n_chunks * L.entry_cap;
+    L.entry_sums = s.entry_sums.take(size_t(n_entries * K));
+    L.entry_last = s.entry_last.take(size_t(n_entries * K));
+    int64_t* meta = s.entry_meta.take(size_t(2 * n_entries + n_chunks));
+    L.entry_meta = meta;
+    L.entry_used = meta + 2 * n_entries;
+  }
+
+  at::parallel_for(0, n_chunks, grain, [&](int64_t begin, int64_t end) {
+    Scratch& ts = thread_scratch();
+    for (int64_t c = begin; c < end; ++c) process_chunk<T>(L, c, ts);
+  });
+
+  if (!running) return;
+  // Ordered reduction: chunks in order, so every sum has one association.
+  const int64_t S = P.n_slots;
+  double* sums = s.slot_sums.take(size_t(S * K));
+  int64_t* meta = s.slot_meta.take(size_t(2 * S));  // [count, newest entry + 1]
+  fill_n(meta, 2 * S, int64_t(0));
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    for (int64_t j = 0; j < L.entry_used[c]; ++j) {
+      const int64_t e = c * L.entry_cap + j;
+      const int64_t slot = L.entry_meta[2 * e];
+      double* acc = sums + slot * K;
+      if (meta[2 * slot] == 0) fill_n(acc, K, 0.0);
+      for (int64_t k = 0; k < K; ++k) acc[k] += L.entry_sums[e * K + k];
+      meta[2 * slot] += L.entry_meta[2 * e + 1];
+      meta[2 * slot + 1] = e + 1;
+    }
+  }
+  for (int64_t slot = 0; slot < S; ++slot) {
+    if (meta[2 * slot] == 0) continue;
+    float* sum = P.run_sum + slot * K;
+    for (int64_t k = 0; k < K; ++k) sum[k] += static_cast<float>(sums[slot * K + k]);
+    P.run_count[slot] += meta[2 * slot];
+    std::memcpy(P.run_last + slot * K, L.entry_last + (meta[2 * slot + 1] - 1) * K,
+                sizeof(float) * size_t(K));
+  }
+}
+
+inline void steer(const Problem& P) {
+  switch (P.dtype) {
+    case Dtype::kFloat32: run<float>(P); break;
+    case Dtype::kBFloat16: run<c10::BFloat16>(P); break;
+    case Dtype::kFloat16: run<c10::Half>(P); break;
+  }
+}
+
+inline const KernelTable& kernel_table() {
+  static const KernelTable table{EMOKERN_ISA_NAME, &steer, &inv_norms};
+  return table;
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace emokern
+
+#undef EMOKERN_SWEEP_STEP
+#undef EMOKERN_SWEEP_STEP2
+#undef EMOKERN_UNROLL
