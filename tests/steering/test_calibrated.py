@@ -191,3 +191,33 @@ def test_controller_decode_step_allocates_nothing(calibrated):
             assert not torch.equal(s.controller.weights(), before)  # it did update
     finally:
         s.remove()
+
+
+# ------------------------------------------------------------------------------ real model
+
+
+@pytest.mark.slow
+@pytest.mark.model
+def test_default_model_calibrated_readings_rec_and_targets():
+    """The shipped concept bank on the default model: unsteered rows read near the neutral
+    baseline, the recommended sadness weight reads far above it, and a higher sadness target
+    gets a higher mean weight and reading (one batch, 16 tokens)."""
+    from emokern import EmotionBank, load_model
+
+    model, tokenizer = load_model("default")
+    bank = EmotionBank.load_default("concept")
+    assert bank.calibrated and bank.recommended_weight("anger") > bank.recommended_weight("joy")
+    prompts = ["Describe the street where you live.", "What are you going to cook tonight?"]
+    rows = generate(model, tokenizer, bank, prompts * 2,
+                    [{}, {}, {"sadness": "rec"}, {"sadness": "rec"}], max_new_tokens=16)
+    plain = [r["readings"]["sadness"] for r in rows[:2]]
+    steered = [r["readings"]["sadness"] for r in rows[2:]]
+    assert all(abs(z) < 4 for z in plain), plain
+    assert min(steered) > max(plain) + 3, (plain, steered)
+    low = bank.recommended_weights["sadness"]["reading"] * 0.5
+    rows = generate(model, tokenizer, bank, prompts * 2,
+                    target=[{"sadness": low}] * 2 + [{"sadness": 3 * low}] * 2,
+                    max_new_tokens=16)
+    weights = [r["weights"]["sadness"] for r in rows]
+    readings = [r["readings"]["sadness"] for r in rows]
+    assert min(weights[2:]) > max(weights[:2]) and min(readings[2:]) > max(readings[:2])
