@@ -1,41 +1,63 @@
-// Fused CUDA kernel of emokern::steer_ — no torch headers, so it compiles on its own:
+// Fused CUDA kernel of emokern::steer_ and emokern::steer_packed_ (one kernel, two layouts) —
+// no torch headers, so it compiles on its own:
 //   nvcc -c -arch=sm_90 -std=c++17 csrc/cuda/steer_cuda.cu
 // The torch side (argument checks, current stream, dispatcher registration) is
 // steer_cuda_binding.cpp.
 //
-// For every token row x = hidden[b, t] (input; float32 compute whatever the storage dtype):
+// For every token row with slot s and input x (float32 compute whatever the storage dtype):
 //   p[k] = <x, v_k> / ||v_k||
-//   y    = x + sum_k w[b, k] v_k;  if norm_preserving: y *= ||x|| / max(||y||, 1e-6)
-//   hidden[b, t] = y on masked rows (unmasked rows are not written), proj_out[b, t, :] = p,
-//   run_sum[b] += p, run_count[b] += 1 over masked rows, run_last[b] = p of the newest one.
+//   y    = x + sum_k W[s, k] v_k;  if norm_preserving: y *= ||x|| / max(||y||, 1e-6)
+//   the row becomes y (y - residual with a split stream) where s >= 0 (other rows are not
+//   written), proj_out[row, :] = p on every row, run_sum[s] += p, run_count[s] += 1 over rows
+//   with a slot, run_last[s] = p of the slot's newest row.
 //
-// Design. One block per (sequence b, chunk of rows of b); blocks are numbered on a flat grid
-// (no 65,535 limit on B). A decode step (T = 1) is one block per sequence. The block's threads
-// split D (thread i owns d = i, i + blockDim, ...); each row is staged once in shared memory in
-// its storage dtype. The projections are computed K-tile by K-tile (kKTile = 8 dot products
-// per thread in registers, reduced by warp shuffles and one shared-memory step: one
-// __syncthreads per tile thanks to double-buffered partials). The first row of a block also
-// builds, from the same vector loads, the sequence's steering vector delta = sum_k w_k v_k
-// (kept in shared memory for the block's other rows) and 1/||v_k||, so the block reads
-// `vectors` once per row and nothing else twice. ||y||^2 is summed directly from y (not from
-// the Gram identity, which cancels catastrophically when y ~ 0).
+// Layouts. The kernel sees rows (seq, t) of `batch` sequences of `seq_len` rows; slot_of() is
+// the only place the two layouts differ:
+//   batched (steer_, hidden [B, T, D]): the slot of row (b, t) is b, or -1 where mask[b, t] is
+//     false — computed from the block index, no index tensor;
+//   packed (steer_packed_, hidden [N, D], optional residual [N, D]): one "sequence" of N rows,
+//     x = hidden + residual, slots read from token_slot (a value outside [-1, S), which the
+//     Python wrapper rejects when it can read values, is treated as -1: never an out-of-bounds
+//     access, even under CUDA-graph capture where values cannot be checked).
 //
-// Running statistics: per block in shared memory, then added to run_sum/run_count with
-// atomics only when a sequence spans several blocks (decode: plain read-add-write,
-// deterministic). run_last is written only by the block whose chunk holds the sequence's
-// newest masked row: it checks that no later row of the sequence is masked (a block-wide
-// scan of the rest of the mask row; without a mask it is the last chunk).
+// Design. One block per (sequence, chunk of rows); blocks are numbered on a flat grid (no
+// 65,535 limit on B). A decode step (T = 1) is one block per sequence. The block's threads
+// split D (thread i owns d = i, i + blockDim, ...); each row (and its residual) is staged once
+// in shared memory in its storage dtype. The projections are computed K-tile by K-tile
+// (kKTile = 8 dot products per thread in registers, reduced by warp shuffles and one
+// shared-memory step: one __syncthreads per tile thanks to double-buffered partials). The
+// first row of a block also computes 1/||v_k||, and a row whose slot differs from the last
+// steered row's builds, from the same vector loads, its slot's steering vector
+// delta = sum_k W[s, k] v_k, kept in shared memory for the following rows of that slot (in the
+// batched layout, once per block). So the block reads `vectors` once per row and nothing else
+// twice. ||y||^2 is summed directly from y (not from the Gram identity, which cancels
+// catastrophically when y ~ 0).
 //
-// Launch configuration, a pure function of (T, D, K, dtype): 64..512 threads (about 8 columns
-// per thread; __launch_bounds__(512, 2) keeps it at <= 64 registers, no spills on sm_80/90),
-// 16 rows per block when T >= 64 else 1, grid = B * ceil(T / rows), dynamic shared memory
-// as below. Decode discipline: the launcher allocates nothing and never synchronises (so it
-// can be captured in a CUDA graph); offsets are 64-bit (B*T*D may exceed 2^31).
+// Running statistics, the same code for both layouts. A block sums the projections of each
+// run of consecutive rows of one slot in shared memory and adds the run's sum and count to
+// run_sum/run_count when the slot changes and at the end — with atomics, except in the batched
+// layout when a sequence is one block (decode: plain read-add-write, deterministic). In the
+// packed layout a slot's tokens may span blocks, so its float sum depends on the order the
+// atomics land in (ulp-level; counts are exact; a slot whose tokens of a call lie in one
+// block, as in every decode step, gets the exact sum). run_last needs neither atomics nor an
+// extra buffer: a run's last row is its slot's newest row iff no later row has that slot,
+// which the block checks with a block-wide scan of the later rows' slots (mask or token_slot)
+// that stops at the first match. Serving engines pack a request's tokens contiguously, so the
+// scan stops in its first step; slots interleaved token by token cost O(N * S) reads in all.
+// Exactly one row writes each slot's run_last: deterministic.
 //
-// Limits: shared memory holds one row and delta, D * (sizeof(storage) + 4) bytes plus ~24 B
-// per vector: D = 16384 in bfloat16 needs 96 KiB (opted in above the 48 KiB default; fine on
-// sm_80+). Rows of a chunk are processed one after another, so `vectors` is re-read from L2
-// for every row; for long prefills with large K*D a multi-row tile would cut that traffic.
+// Launch configuration, a pure function of (T, D, K, dtype, residual): 64..512 threads (about
+// 8 columns per thread; __launch_bounds__(512, 2) keeps it at <= 64 registers, no spills on
+// sm_80/90), 16 rows per block when T (N when packed) >= 64 else 1,
+// grid = B * ceil(T / rows), dynamic shared memory as below. Decode discipline: the launchers
+// allocate nothing and never synchronise (so they can be captured in a CUDA graph); offsets
+// are 64-bit (B*T*D may exceed 2^31).
+//
+// Limits: shared memory holds one row, its residual and delta, D * (sizeof(storage) [* 2] + 4)
+// bytes plus ~20 B per vector: D = 16384 in bfloat16 needs 96 KiB (opted in above the 48 KiB
+// default; fine on sm_80+). Rows of a chunk are processed one after another, so `vectors` is
+// re-read from L2 for every row; for long prefills with large K*D a multi-row tile would cut
+// that traffic.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -80,27 +102,83 @@ __device__ __forceinline__ float warp_sum(float v) {
 
 struct Params {
   void* hidden;
-  int64_t seq_len, dim, n_vec, stride_b, stride_t;
+  const void* residual;  // packed: [N, D] in hidden's dtype (row stride res_stride_t) or null
+  int64_t seq_len, dim, n_vec, stride_b, stride_t, res_stride_t;
   const float* vectors;  // [K, D] contiguous
-  const float* weights;  // [B, K] contiguous
-  const bool* mask;      // [B, T] contiguous or null
-  float* proj_out;       // [B, T, K] contiguous or null
-  float* run_sum;        // [B, K] or null (then run_count, run_last are null too)
-  int64_t* run_count;    // [B]
-  float* run_last;       // [B, K]
+  const float* weights;  // [S, K] contiguous (batched: S = B)
+  const bool* mask;      // batched: [B, T] contiguous or null
+  const int32_t* token_slot;  // packed: [>= N] contiguous; null in the batched layout
+  int64_t n_slots;       // S
+  float* proj_out;       // [B * T, K] contiguous or null
+  float* run_sum;        // [S, K] or null (then run_count, run_last are null too)
+  int64_t* run_count;    // [S]
+  float* run_last;       // [S, K]
   int64_t rows_per_block, n_chunks;
   bool norm_preserving;
+  bool atomic_run;       // a slot's rows may span blocks
 };
 
-// Shared-memory layout, in float-sized slots after the staged row:
-//   delta[D] | w[K] | inv_norm[K] | dots[K] | sum[K] | last[K] | partials[2][2*kKTile][warps]
+// The slot of row t of sequence seq (see "Layouts" above); -1: not steered, not counted.
+__device__ __forceinline__ int64_t slot_of(const Params& p, int64_t seq, int64_t t) {
+  if (p.token_slot != nullptr) {
+    const int64_t s = p.token_slot[t];
+    return s >= 0 && s < p.n_slots ? s : -1;
+  }
+  return p.mask == nullptr || p.mask[seq * p.seq_len + t] ? seq : -1;
+}
+
+__host__ __device__ inline size_t staged_row_bytes(int64_t dim, size_t elem_size) {
+  return ((size_t(dim) * elem_size + 15) / 16) * 16;
+}
+
+// Shared-memory layout, in float-sized slots after the staged row (and staged residual):
+//   delta[D] | inv_norm[K] | dots[K] | sum[K] | last[K] | partials[2][2*kKTile][warps]
 //   | scalars[2][2][warps]
 __host__ __device__ inline size_t smem_bytes(int64_t dim, int64_t n_vec, int warps,
-                                             size_t elem_size) {
-  const size_t row = ((size_t(dim) * elem_size + 15) / 16) * 16;
-  const size_t floats = size_t(dim) + 5 * size_t(n_vec) + 2 * 2 * kKTile * size_t(warps) +
+                                             size_t elem_size, bool residual) {
+  const size_t rows = staged_row_bytes(dim, elem_size) * (residual ? 2 : 1);
+  const size_t floats = size_t(dim) + 4 * size_t(n_vec) + 2 * 2 * kKTile * size_t(warps) +
                         2 * 2 * size_t(warps);
-  return row + floats * sizeof(float);
+  return rows + floats * sizeof(float);
+}
+
+// Whether a row at `from` or later of sequence `seq` has slot `slot`. Block-wide: every
+// thread must call it (the same arguments in every thread); stops at the first step with a
+// match.
+__device__ bool later_row_has_slot(const Params& p, int64_t seq, int64_t slot, int64_t from) {
+  for (int64_t base = from; base < p.seq_len; base += blockDim.x) {
+    const int64_t t = base + threadIdx.x;
+    if (__syncthreads_or(t < p.seq_len && slot_of(p, seq, t) == slot)) return true;
+  }
+  return false;
+}
+
+// Add a run of `count` rows of `slot` (sums in sum_s, newest projections in last_s) to the
+// running statistics, and write run_last if the run's last row is the slot's newest row (no
+// row of the slot at `later_from` or after). Block-wide; resets sum_s.
+__device__ void flush_run(const Params& p, int64_t seq, int64_t slot, int64_t count,
+                          int64_t later_from, float* sum_s, const float* last_s) {
+  const bool newest = !later_row_has_slot(p, seq, slot, later_from);
+  const int64_t K = p.n_vec;
+  for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
+    float* sum = p.run_sum + slot * K + k;
+    if (p.atomic_run) {
+      atomicAdd(sum, sum_s[k]);
+    } else {
+      *sum += sum_s[k];
+    }
+    if (newest) p.run_last[slot * K + k] = last_s[k];
+    sum_s[k] = 0.0f;
+  }
+  if (threadIdx.x == 0) {
+    if (p.atomic_run) {
+      // Two's complement: adding as unsigned is adding as signed.
+      atomicAdd(reinterpret_cast<unsigned long long*>(p.run_count + slot),
+                static_cast<unsigned long long>(count));
+    } else {
+      p.run_count[slot] += count;
+    }
+  }
 }
 
 // Sum per-thread values over the block: values[j] for the `groups` groups of GROUP entries
@@ -136,10 +214,12 @@ __global__ void __launch_bounds__(kMaxThreads, 2) steer_kernel(Params p) {
   extern __shared__ __align__(16) unsigned char smem[];
   const int64_t D = p.dim, K = p.n_vec;
   const int warps = blockDim.x >> 5;
+  const bool has_residual = p.residual != nullptr;
+  const size_t row_bytes = staged_row_bytes(D, sizeof(T));
   T* x_s = reinterpret_cast<T*>(smem);
-  float* delta_s = reinterpret_cast<float*>(smem + ((size_t(D) * sizeof(T) + 15) / 16) * 16);
-  float* w_s = delta_s + D;
-  float* inv_norm_s = w_s + K;
+  T* r_s = reinterpret_cast<T*>(smem + row_bytes);  // the staged residual (packed layout)
+  float* delta_s = reinterpret_cast<float*>(smem + row_bytes * (has_residual ? 2 : 1));
+  float* inv_norm_s = delta_s + D;
   float* dots_s = inv_norm_s + K;
   float* sum_s = dots_s + K;
   float* last_s = sum_s + K;
@@ -153,21 +233,27 @@ __global__ void __launch_bounds__(kMaxThreads, 2) steer_kernel(Params p) {
                                                                : p.seq_len;
   const bool has_run = p.run_sum != nullptr;
 
-  for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
-    w_s[k] = p.weights[seq * K + k];
-    sum_s[k] = 0.0f;
-  }
-  __syncthreads();
+  for (int64_t k = threadIdx.x; k < K; k += blockDim.x) sum_s[k] = 0.0f;
 
   int buffer = 0;
-  int64_t newest = -1, n_steered = 0;
+  int64_t delta_slot = -1;             // the slot whose steering vector delta_s holds
+  int64_t run_slot = -1, run_rows = 0;  // the open run of rows of one slot (statistics)
   for (int64_t t = t_begin; t < t_end; ++t) {
     const bool first = t == t_begin;
-    const bool steered = p.mask == nullptr || p.mask[seq * p.seq_len + t];
+    // Block-uniform: every thread reads the same slot.
+    const int64_t slot = slot_of(p, seq, t);
+    const bool steered = slot >= 0;
+    const bool build_delta = steered && slot != delta_slot;
+    const float* w_row = p.weights + (steered ? slot : 0) * K;
     T* row = reinterpret_cast<T*>(p.hidden) + seq * p.stride_b + t * p.stride_t;
-    // Each thread only ever touches its own columns of x_s and delta_s: no barrier needed
-    // between staging and use.
-    for (int64_t d = threadIdx.x; d < D; d += blockDim.x) x_s[d] = row[d];
+    const T* res_row = has_residual ? reinterpret_cast<const T*>(p.residual) + t * p.res_stride_t
+                                    : nullptr;
+    // Each thread only ever touches its own columns of x_s, r_s and delta_s: no barrier
+    // needed between staging and use.
+    for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+      x_s[d] = row[d];
+      if (has_residual) r_s[d] = res_row[d];
+    }
 
     for (int64_t k0 = 0; k0 < K; k0 += kKTile) {
       const int n = K - k0 < kKTile ? int(K - k0) : kKTile;
@@ -176,20 +262,19 @@ __global__ void __launch_bounds__(kMaxThreads, 2) steer_kernel(Params p) {
       for (int j = 0; j < 2 * kKTile; ++j) acc[j] = 0.0f;
       const float* v_tile = p.vectors + k0 * D;
       for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
-        const float x = to_float(x_s[d]);
-        float delta = (first && k0 > 0) ? delta_s[d] : 0.0f;
+        float x = to_float(x_s[d]);
+        if (has_residual) x += to_float(r_s[d]);
+        float delta = (build_delta && k0 > 0) ? delta_s[d] : 0.0f;
 #pragma unroll
         for (int j = 0; j < kKTile; ++j) {
           if (j < n) {
             const float v = __ldg(v_tile + j * D + d);
             acc[j] = fmaf(x, v, acc[j]);
-            if (first) {
-              acc[kKTile + j] = fmaf(v, v, acc[kKTile + j]);
-              delta = fmaf(w_s[k0 + j], v, delta);
-            }
+            if (first) acc[kKTile + j] = fmaf(v, v, acc[kKTile + j]);
+            if (build_delta) delta = fmaf(__ldg(w_row + k0 + j), v, delta);
           }
         }
-        if (first) delta_s[d] = delta;
+        if (build_delta) delta_s[d] = delta;
       }
       // The n dots and, on the first row, the n squared norms.
       block_sum<2 * kKTile, kKTile>(acc, n, first ? 2 : 1,
@@ -205,13 +290,15 @@ __global__ void __launch_bounds__(kMaxThreads, 2) steer_kernel(Params p) {
         }
       }
     }
+    if (build_delta) delta_slot = slot;
 
     if (steered) {
       float scale = 1.0f;
       if (p.norm_preserving) {
         float norms[2] = {0.0f, 0.0f};  // ||x||^2, ||y||^2
         for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
-          const float x = to_float(x_s[d]);
+          float x = to_float(x_s[d]);
+          if (has_residual) x += to_float(r_s[d]);
           const float y = x + delta_s[d];
           norms[0] = fmaf(x, x, norms[0]);
           norms[1] = fmaf(y, y, norms[1]);
@@ -221,10 +308,21 @@ __global__ void __launch_bounds__(kMaxThreads, 2) steer_kernel(Params p) {
         scale = sqrtf(norms[0]) / fmaxf(sqrtf(norms[1]), kNormEps);
       }
       for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
-        row[d] = from_float<T>((to_float(x_s[d]) + delta_s[d]) * scale);
+        float x = to_float(x_s[d]);
+        if (has_residual) {
+          const float r = to_float(r_s[d]);
+          row[d] = from_float<T>((x + r + delta_s[d]) * scale - r);
+        } else {
+          row[d] = from_float<T>((x + delta_s[d]) * scale);
+        }
       }
-      newest = t;
-      ++n_steered;
+      // A row of another slot closes the open run (rows between them have no slot).
+      if (has_run && run_slot >= 0 && slot != run_slot) {
+        flush_run(p, seq, run_slot, run_rows, t + 1, sum_s, last_s);
+        run_rows = 0;
+      }
+      run_slot = slot;
+      ++run_rows;
     }
     __syncthreads();  // dots_s and inv_norm_s (written by thread 0) are visible below
     for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
@@ -238,37 +336,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2) steer_kernel(Params p) {
     // dots_s is rewritten by the next row only after that row's first block_sum barrier.
   }
 
-  if (!has_run) return;
-  // Does this chunk hold the sequence's newest masked row? Only if no later row is masked.
-  int later = 0;
-  if (p.mask != nullptr) {
-    for (int64_t t = t_end + threadIdx.x; t < p.seq_len && !later; t += blockDim.x) {
-      later = p.mask[seq * p.seq_len + t];
-    }
-  } else {
-    later = t_end < p.seq_len;  // every row is masked: only the last chunk holds the newest
-  }
-  const bool any_later = __syncthreads_or(later) != 0;  // every thread must reach it
-  const bool holds_newest = newest >= 0 && !any_later;
-  const bool atomic = p.n_chunks > 1;
-  for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
-    float* sum = p.run_sum + seq * K + k;
-    if (atomic) {
-      if (n_steered > 0) atomicAdd(sum, sum_s[k]);
-    } else {
-      *sum += sum_s[k];
-    }
-    if (holds_newest) p.run_last[seq * K + k] = last_s[k];
-  }
-  if (threadIdx.x == 0 && n_steered > 0) {
-    if (atomic) {
-      // Two's complement: adding as unsigned is adding as signed.
-      atomicAdd(reinterpret_cast<unsigned long long*>(p.run_count + seq),
-                static_cast<unsigned long long>(n_steered));
-    } else {
-      p.run_count[seq] += n_steered;
-    }
-  }
+  if (has_run && run_slot >= 0) flush_run(p, seq, run_slot, run_rows, t_end, sum_s, last_s);
 }
 
 int threads_for(int64_t dim) {
@@ -281,7 +349,8 @@ int threads_for(int64_t dim) {
 template <typename T>
 cudaError_t launch_typed(const Params& params, int64_t batch, cudaStream_t stream) {
   const int threads = threads_for(params.dim);
-  const size_t smem = smem_bytes(params.dim, params.n_vec, threads / 32, sizeof(T));
+  const size_t smem = smem_bytes(params.dim, params.n_vec, threads / 32, sizeof(T),
+                                 params.residual != nullptr);
   if (smem > kDefaultSmem) {
     // Opt in to the larger shared memory of sm_70+; fails cleanly where the device has less.
     const cudaError_t err = cudaFuncSetAttribute(
@@ -299,14 +368,29 @@ cudaError_t launch_typed(const Params& params, int64_t batch, cudaStream_t strea
   return err != cudaSuccess ? err : cudaGetLastError();
 }
 
+// Rows per block, blocks per sequence and the atomics rule, then the typed launch.
+cudaError_t launch_params(Params& params, HiddenDtype dtype, int64_t batch, bool packed,
+                          cudaStream_t stream) {
+  params.rows_per_block = params.seq_len >= kDotMinRows ? kChunkRows : 1;
+  params.n_chunks = (params.seq_len + params.rows_per_block - 1) / params.rows_per_block;
+  params.atomic_run = packed || params.n_chunks > 1;
+  if (batch > ((int64_t(1) << 31) - 1) / params.n_chunks) return cudaErrorInvalidValue;
+  switch (dtype) {
+    case HiddenDtype::kFloat32: return launch_typed<float>(params, batch, stream);
+    case HiddenDtype::kBFloat16: return launch_typed<__nv_bfloat16>(params, batch, stream);
+    case HiddenDtype::kFloat16: return launch_typed<__half>(params, batch, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
 }  // namespace
 
-// Launch the fused steer kernel on `stream`. Pointers are device pointers; `hidden` is
-// [batch, seq_len, dim] in `dtype` with element strides (stride_b, stride_t, 1); `mask`,
-// `proj_out` and the running statistics may be null (the three running pointers together).
-// Allocates nothing and never synchronises. Returns cudaErrorInvalidValue for sizes it
-// cannot launch (shared memory above the device's opt-in limit, more than 2^31 - 1 blocks),
-// else the launch status.
+// Launch the fused steer kernel on `stream` (emokern::steer_, batched layout). Pointers are
+// device pointers; `hidden` is [batch, seq_len, dim] in `dtype` with element strides
+// (stride_b, stride_t, 1); `mask`, `proj_out` and the running statistics may be null (the
+// three running pointers together). Allocates nothing and never synchronises. Returns
+// cudaErrorInvalidValue for sizes it cannot launch (shared memory above the device's opt-in
+// limit, more than 2^31 - 1 blocks), else the launch status.
 cudaError_t launch_steer(void* hidden, HiddenDtype dtype, int64_t batch, int64_t seq_len,
                          int64_t dim, int64_t stride_b, int64_t stride_t, const float* vectors,
                          int64_t n_vec, const float* weights, const bool* mask,
@@ -324,20 +408,50 @@ cudaError_t launch_steer(void* hidden, HiddenDtype dtype, int64_t batch, int64_t
   params.vectors = vectors;
   params.weights = weights;
   params.mask = mask;
+  params.n_slots = batch;
   params.proj_out = proj_out;
   params.run_sum = run_sum;
   params.run_count = run_count;
   params.run_last = run_last;
   params.norm_preserving = norm_preserving;
-  params.rows_per_block = seq_len >= kDotMinRows ? kChunkRows : 1;
-  params.n_chunks = (seq_len + params.rows_per_block - 1) / params.rows_per_block;
-  if (batch > ((int64_t(1) << 31) - 1) / params.n_chunks) return cudaErrorInvalidValue;
-  switch (dtype) {
-    case HiddenDtype::kFloat32: return launch_typed<float>(params, batch, stream);
-    case HiddenDtype::kBFloat16: return launch_typed<__nv_bfloat16>(params, batch, stream);
-    case HiddenDtype::kFloat16: return launch_typed<__half>(params, batch, stream);
+  return launch_params(params, dtype, batch, false, stream);
+}
+
+// Launch the same kernel on packed tokens (emokern::steer_packed_) on `stream`: `hidden` is
+// [n_tokens, dim] with row stride `stride_n` (last stride 1), `residual` null or
+// [n_tokens, dim] in the same dtype with row stride `res_stride_n`, `slot_weights` [n_slots,
+// n_vec], `token_slot` int32 with at least n_tokens entries (only those are read), `proj_out`
+// [>= n_tokens, n_vec] (only the first n_tokens rows are written) or null, the running
+// statistics [n_slots, n_vec] / [n_slots] / [n_slots, n_vec] or null. Same return values.
+cudaError_t launch_steer_packed(void* hidden, const void* residual, HiddenDtype dtype,
+                                int64_t n_tokens, int64_t dim, int64_t stride_n,
+                                int64_t res_stride_n, const float* vectors, int64_t n_vec,
+                                const float* slot_weights, int64_t n_slots,
+                                const int32_t* token_slot, bool norm_preserving,
+                                float* proj_out, float* run_sum, int64_t* run_count,
+                                float* run_last, cudaStream_t stream) {
+  if (n_tokens == 0 || dim == 0) return cudaSuccess;
+  if (n_tokens < 0 || dim < 0 || n_vec < 1 || n_slots < 1 || token_slot == nullptr) {
+    return cudaErrorInvalidValue;
   }
-  return cudaErrorInvalidValue;
+  Params params{};
+  params.hidden = hidden;
+  params.residual = residual;
+  params.seq_len = n_tokens;
+  params.dim = dim;
+  params.n_vec = n_vec;
+  params.stride_t = stride_n;
+  params.res_stride_t = res_stride_n;
+  params.vectors = vectors;
+  params.weights = slot_weights;
+  params.token_slot = token_slot;
+  params.n_slots = n_slots;
+  params.proj_out = proj_out;
+  params.run_sum = run_sum;
+  params.run_count = run_count;
+  params.run_last = run_last;
+  params.norm_preserving = norm_preserving;
+  return launch_params(params, dtype, 1, true, stream);
 }
 
 }  // namespace cuda

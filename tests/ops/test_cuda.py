@@ -1,16 +1,20 @@
-"""The CUDA kernel of ``emokern::steer_`` on a machine without a GPU.
+"""The CUDA kernel of ``emokern::steer_`` and ``emokern::steer_packed_`` (one kernel, two
+layouts) on a machine without a GPU.
 
 1. ``nvcc`` compiles ``csrc/cuda/steer_cuda.cu`` on its own (no torch headers) for sm_90 with
-   the flags of the JIT build; ptxas reports no register spills; the object defines the
-   launcher.
+   the flags of the JIT build; ptxas reports no register spills; the object defines both
+   launchers.
 2. ``g++`` compiles the torch binding against the installed torch and CUDA headers, and the
-   launcher symbol it needs is exactly the one the kernel object defines (so they link).
+   launcher symbols it needs are exactly the ones the kernel object defines (so they link).
+   The binding's argument checks of the packed op, compiled alone against the CPU torch, raise
+   the Python wrapper's exception types and messages.
 3. The kernel source runs on the CPU under a small emulation of the CUDA runtime
    (``tests/ops/cuda_emulation/``: each CUDA thread of a block is a fiber, ``__syncthreads`` and
-   warp shuffles are barriers, shared memory starts as NaN) and is compared with the reference
-   by the harness the Triton kernel's tests use (``tests/kernel_cases.py``).
+   warp shuffles are barriers, shared memory starts as NaN, blocks run in a scrambled order)
+   and is compared with the reference by the harness the Triton kernel's tests use
+   (``tests/kernel_cases.py``), in both layouts.
 4. On a machine with a GPU and a CUDA torch, the compiled kernel itself is compared with the
-   reference through the public API.
+   reference through the public API, and both ops are captured in CUDA graphs.
 
 Each compile is skipped, with the reason, when its compiler or headers are missing.
 """
@@ -29,23 +33,31 @@ import pytest
 import torch
 from kernel_cases import (
     DTYPE_MASK_CASES,
+    PACKED_CASES,
+    PACKED_SHAPES,
     VIEWS,
     assert_flash_close,
     case_seed,
     check_against_reference,
+    check_packed_against_reference,
+    check_packed_graph_replays,
     gpu,
     make_mask,
+    make_token_slot,
+    packed_case,
+    packed_inputs,
     random_inputs,
 )
 
 import emokern
 from emokern.ops import build
-from emokern.ops.reference import ref_steer_
+from emokern.ops.reference import ref_steer_, ref_steer_packed_
 
 REPO = Path(__file__).resolve().parents[2]
 KERNEL = REPO / "csrc" / "cuda" / "steer_cuda.cu"
 BINDING = REPO / "csrc" / "cuda" / "steer_cuda_binding.cpp"
-LAUNCHER = "emokern::cuda::launch_steer("
+#: The launchers the binding calls and the kernel object defines.
+LAUNCHERS = ("emokern::cuda::launch_steer(", "emokern::cuda::launch_steer_packed(")
 #: The emulated CUDA runtime (``include/``) and the C entry point compiled against it.
 EMULATION = Path(__file__).resolve().parent / "cuda_emulation"
 
@@ -84,8 +96,10 @@ def kernel_object(tmp_path_factory) -> tuple[Path, str]:
 def test_nvcc_compiles_kernel_standalone(kernel_object):
     obj, _ = kernel_object
     assert obj.stat().st_size > 0
-    assert any(s.startswith(LAUNCHER) for s in _defined_symbols(obj, "T")), \
-        "the object does not define emokern::cuda::launch_steer"
+    defined = _defined_symbols(obj, "T")
+    for launcher in LAUNCHERS:
+        assert any(s.startswith(launcher) for s in defined), \
+            f"the object does not define {launcher[:-1]}"
 
 
 @needs_nvcc
@@ -133,9 +147,91 @@ def test_binding_compiles_and_matches_the_kernel_symbol(kernel_object, tmp_path)
            "-Wno-c++20-extensions", *(f"-I{p}" for p in includes), "-o", str(obj), str(BINDING)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stderr[-4000:]}"
-    needed = [s for s in _defined_symbols(obj, "U") if s.startswith(LAUNCHER)]
-    defined = [s for s in _defined_symbols(kernel_object[0], "T") if s.startswith(LAUNCHER)]
-    assert len(needed) == 1 and needed == defined, (needed, defined)
+    for launcher in LAUNCHERS:
+        needed = [s for s in _defined_symbols(obj, "U") if s.startswith(launcher)]
+        defined = [s for s in _defined_symbols(kernel_object[0], "T") if s.startswith(launcher)]
+        assert len(needed) == 1 and needed == defined, (needed, defined)
+
+
+@pytest.fixture(scope="module")
+def packed_checks(tmp_path_factory):
+    """``check_steer_packed_args`` of csrc/steer.h — the checks the CUDA binding runs before
+    launching the packed kernel — compiled against the CPU torch as the op
+    ``emokern_cuda_checks::check_steer_packed`` (tests/ops/cuda_emulation/checks.cpp)."""
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler")
+    from torch.utils.cpp_extension import load
+
+    load(name="emokern_cuda_checks", sources=[str(EMULATION / "checks.cpp")],
+         extra_cflags=["-O0", f"-I{REPO / 'csrc'}"], is_python_module=False,
+         build_directory=str(tmp_path_factory.mktemp("cuda_checks")))
+    return torch.ops.emokern_cuda_checks.check_steer_packed.default
+
+
+def _packed_args():
+    return dict(hidden=torch.randn(4, 8), residual=torch.randn(4, 8), vectors=torch.randn(2, 8),
+                slot_weights=torch.randn(3, 2), token_slot=torch.zeros(6, dtype=torch.int32),
+                proj_out=torch.zeros(6, 2), run_sum=torch.zeros(3, 2),
+                run_count=torch.zeros(3, dtype=torch.int64), run_last=torch.zeros(3, 2))
+
+
+#: Bad metadata of steer_packed_'s arguments (one change each to valid arguments).
+BAD_PACKED_METADATA = {
+    "hidden 3-d": ("hidden", torch.randn(2, 4, 8)),
+    "hidden float64": ("hidden", torch.randn(4, 8).double()),
+    "hidden strided last dim": ("hidden", torch.randn(4, 16)[:, ::2]),
+    "hidden rows overlap": ("hidden", torch.randn(1, 8).expand(4, 8)),
+    "residual shape": ("residual", torch.randn(3, 8)),
+    "residual dtype": ("residual", torch.randn(4, 8).half()),
+    "residual device": ("residual", torch.empty(4, 8, device="meta")),
+    "residual strided last dim": ("residual", torch.randn(4, 16)[:, ::2]),
+    "vectors int": ("vectors", torch.zeros(2, 8, dtype=torch.int32)),
+    "vectors D": ("vectors", torch.randn(2, 7)),
+    "vectors empty": ("vectors", torch.randn(0, 8)),
+    "slot_weights 1-d": ("slot_weights", torch.randn(3)),
+    "slot_weights K": ("slot_weights", torch.randn(3, 5)),
+    "slot_weights float64": ("slot_weights", torch.randn(3, 2).double()),
+    "token_slot int64": ("token_slot", torch.zeros(6, dtype=torch.int64)),
+    "token_slot short": ("token_slot", torch.zeros(3, dtype=torch.int32)),
+    "token_slot 2-d": ("token_slot", torch.zeros(6, 1, dtype=torch.int32)),
+    "proj_out short": ("proj_out", torch.zeros(3, 2)),
+    "proj_out K": ("proj_out", torch.zeros(6, 3)),
+    "proj_out float64": ("proj_out", torch.zeros(6, 2).double()),
+    "proj_out strided": ("proj_out", torch.zeros(6, 4)[:, ::2]),
+    "running.sum shape": ("run_sum", torch.zeros(2, 2)),
+    "running.count dtype": ("run_count", torch.zeros(3, dtype=torch.int32)),
+    "running.last shape": ("run_last", torch.zeros(3, 3)),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_PACKED_METADATA))
+def test_packed_binding_checks_match_the_python_wrapper(packed_checks, case):
+    """The CUDA binding rejects bad metadata with the Python wrapper's exception type and
+    message (the data checks are the wrapper's alone: they would sync the device)."""
+    from emokern.ops.library import validate_steer_packed_args
+
+    name, value = BAD_PACKED_METADATA[case]
+    args = _packed_args()
+    args[name] = value
+    running = emokern.RunningProjections(3, 2)
+    running.sum, running.count, running.last = args["run_sum"], args["run_count"], \
+        args["run_last"]
+    with pytest.raises((TypeError, ValueError)) as python_error:
+        validate_steer_packed_args(args["hidden"], args["residual"], args["vectors"],
+                                   args["slot_weights"], args["token_slot"], args["proj_out"],
+                                   running, check_values=False)
+    with pytest.raises((TypeError, ValueError)) as cpp_error:
+        packed_checks(*args.values())
+    assert cpp_error.type is python_error.type, (cpp_error.value, python_error.value)
+    assert str(cpp_error.value) == str(python_error.value)
+
+
+def test_packed_binding_checks_accept_valid_arguments(packed_checks):
+    args = _packed_args()
+    packed_checks(*args.values())
+    args["residual"] = args["proj_out"] = None
+    args["run_sum"] = args["run_count"] = args["run_last"] = None
+    packed_checks(*args.values())
 
 
 # --- the kernel on the CPU under an emulated CUDA runtime -------------------------------------
@@ -144,9 +240,8 @@ _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 @pytest.fixture(scope="module")
-def emulated_steer_(tmp_path_factory):
-    """``emulated_steer_(hidden, vectors, weights, mask, norm_preserving, proj_out, run_sum,
-    run_count, run_last)``: ``launch_steer`` of steer_cuda.cu run on CPU tensors."""
+def emulation_library(tmp_path_factory) -> ctypes.CDLL:
+    """steer_cuda.cu compiled for the CPU against the emulated CUDA runtime."""
     if platform.machine() not in ("x86_64", "AMD64") or shutil.which("g++") is None:
         pytest.skip("the CUDA emulation needs g++ on x86-64 (its fibers switch in x86-64 asm)")
     lib = tmp_path_factory.mktemp("cuda_emulation") / "libsteer_emulated.so"
@@ -155,23 +250,56 @@ def emulated_steer_(tmp_path_factory):
            str(EMULATION / "harness.cpp")]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stderr[-4000:]}"
-    launch = ctypes.CDLL(str(lib)).emokern_emulated_steer
+    return ctypes.CDLL(str(lib))
+
+
+def _address(t):
+    return None if t is None else t.data_ptr()
+
+
+@pytest.fixture(scope="module")
+def emulated_steer_(emulation_library):
+    """``emulated_steer_(hidden, vectors, weights, mask, norm_preserving, proj_out, run_sum,
+    run_count, run_last)``: ``launch_steer`` of steer_cuda.cu run on CPU tensors."""
+    launch = emulation_library.emokern_emulated_steer
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     launch.restype = ctypes.c_int
     launch.argtypes = [ptr, ctypes.c_int, i64, i64, i64, i64, i64, ptr, i64, ptr, ptr,
                        ctypes.c_bool, ptr, ptr, ptr, ptr]
-
-    def address(t):
-        return None if t is None else t.data_ptr()
 
     def steer(hidden, vectors, weights, mask, norm_preserving, proj_out, run_sum, run_count,
               run_last):
         batch, seq_len, dim = hidden.shape
         status = launch(hidden.data_ptr(), _DTYPE_CODE[hidden.dtype], batch, seq_len, dim,
                         hidden.stride(0), hidden.stride(1), vectors.data_ptr(), vectors.shape[0],
-                        weights.data_ptr(), address(mask), norm_preserving, address(proj_out),
-                        address(run_sum), address(run_count), address(run_last))
+                        weights.data_ptr(), _address(mask), norm_preserving, _address(proj_out),
+                        _address(run_sum), _address(run_count), _address(run_last))
         assert status == 0, f"launch_steer returned cudaError {status}"
+
+    return steer
+
+
+@pytest.fixture(scope="module")
+def emulated_steer_packed_(emulation_library):
+    """``emulated_steer_packed_(hidden, residual, vectors, slot_weights, token_slot,
+    norm_preserving, proj_out, run_sum, run_count, run_last)``: ``launch_steer_packed`` of
+    steer_cuda.cu run on CPU tensors."""
+    launch = emulation_library.emokern_emulated_steer_packed
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    launch.restype = ctypes.c_int
+    launch.argtypes = [ptr, ptr, ctypes.c_int, i64, i64, i64, i64, ptr, i64, ptr, i64, ptr,
+                       ctypes.c_bool, ptr, ptr, ptr, ptr]
+
+    def steer(hidden, residual, vectors, slot_weights, token_slot, norm_preserving, proj_out,
+              run_sum, run_count, run_last):
+        n_tokens, dim = hidden.shape
+        status = launch(hidden.data_ptr(), _address(residual), _DTYPE_CODE[hidden.dtype],
+                        n_tokens, dim, hidden.stride(0),
+                        0 if residual is None else residual.stride(0), vectors.data_ptr(),
+                        vectors.shape[0], slot_weights.data_ptr(), slot_weights.shape[0],
+                        token_slot.data_ptr(), norm_preserving, _address(proj_out),
+                        _address(run_sum), _address(run_count), _address(run_last))
+        assert status == 0, f"launch_steer_packed returned cudaError {status}"
 
     return steer
 
@@ -234,6 +362,83 @@ def test_emulated_kernel_reads_no_uninitialised_shared_memory(emulated_steer_):
             assert not t.isnan().any()
 
 
+# --- the packed-token layout, emulated ------------------------------------------------------
+
+@pytest.mark.parametrize("dtype,residual,norm,layout", PACKED_CASES,
+                         ids=lambda v: str(v).split(".")[-1])
+@pytest.mark.parametrize("case", list(PACKED_SHAPES))
+def test_emulated_packed_matches_reference(emulated_steer_packed_, case, dtype, residual, norm,
+                                           layout):
+    hidden, res, vectors, slot_weights, token_slot = packed_case(case, dtype, residual, layout)
+    check_packed_against_reference(emulated_steer_packed_, hidden, res, vectors, slot_weights,
+                                   token_slot, norm)
+
+
+@pytest.mark.parametrize("layout", ["none", "one"])
+@pytest.mark.parametrize("n_tokens", [6, 70], ids=["rows", "chunks"])
+def test_emulated_packed_all_or_no_tokens_steered(emulated_steer_packed_, n_tokens, layout):
+    gen = torch.Generator().manual_seed(case_seed("all-or-none", layout, str(n_tokens)))
+    hidden, res, vectors, slot_weights = packed_inputs(n_tokens, 40, 3, 2, torch.bfloat16, True,
+                                                       gen)
+    token_slot = make_token_slot(layout, n_tokens, n_tokens + 3, 2, gen)
+    check_packed_against_reference(emulated_steer_packed_, hidden, res, vectors, slot_weights,
+                                   token_slot, True)
+
+
+@pytest.mark.parametrize("n_tokens", [7, 66], ids=["rows", "chunks"])
+def test_emulated_packed_strided_rows_and_optional_outputs(emulated_steer_packed_, n_tokens):
+    gen = torch.Generator().manual_seed(case_seed("packed-strided", str(n_tokens)))
+    hidden, res, vectors, slot_weights = packed_inputs(n_tokens, 48, 4, 5, torch.float16, True,
+                                                       gen)
+    token_slot = make_token_slot("random", n_tokens, n_tokens + 4, 5, gen)
+    check_packed_against_reference(emulated_steer_packed_, hidden, res, vectors, slot_weights,
+                                   token_slot, True, row_stride=53)
+    for with_proj, with_run in ((False, False), (True, False), (False, True)):
+        check_packed_against_reference(emulated_steer_packed_, hidden, None, vectors,
+                                       slot_weights, token_slot, False, with_proj=with_proj,
+                                       with_run=with_run)
+
+
+@pytest.mark.parametrize("n_tokens", [6, 70], ids=["rows", "chunks"])
+def test_emulated_packed_out_of_range_slots_are_untouched(emulated_steer_packed_, n_tokens):
+    """A slot outside [-1, S) leaves its token untouched and uncounted (no out-of-bounds
+    access): what the kernel does under graph capture, where values cannot be validated."""
+    gen = torch.Generator().manual_seed(case_seed("packed-out-of-range", str(n_tokens)))
+    hidden, res, vectors, slot_weights = packed_inputs(n_tokens, 32, 3, 4, torch.float32, True,
+                                                       gen)
+    bad = make_token_slot("random", n_tokens, n_tokens, 4, gen)
+    bad[::3] = torch.tensor([4, -2, 1 << 30], dtype=torch.int32).repeat(n_tokens)[:len(bad[::3])]
+    sane = torch.where((bad >= -1) & (bad < 4), bad, -1)
+    want, want_proj = hidden.clone(), torch.empty(n_tokens, 3)
+    want_run = emokern.RunningProjections(4, 3)
+    ref_steer_packed_(want, res, vectors, slot_weights, sane, True, want_proj,
+                      *want_run.tensors())
+    proj, run = torch.empty(n_tokens, 3), emokern.RunningProjections(4, 3)
+    emulated_steer_packed_(hidden, res, vectors, slot_weights, bad, True, proj, *run.tensors())
+    torch.testing.assert_close(hidden, want, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(proj, want_proj, rtol=1e-5, atol=1e-4)
+    assert torch.equal(run.count, want_run.count)
+    torch.testing.assert_close(run.last, want_run.last, equal_nan=True, rtol=1e-5, atol=1e-4)
+
+
+def test_emulated_packed_reads_no_uninitialised_shared_memory(emulated_steer_packed_):
+    """With a split residual and every output, rows of changing slots (the steering vector is
+    rebuilt in shared memory) and both block sizes: nothing reads shared memory before writing
+    it (it starts as NaN in the emulation)."""
+    gen = torch.Generator().manual_seed(3)
+    for n_tokens in (3, 80):
+        hidden, res, vectors, slot_weights = packed_inputs(n_tokens, 100, 9, 5, torch.float32,
+                                                           True, gen)
+        token_slot = make_token_slot("random", n_tokens, n_tokens, 5, gen)
+        token_slot[:2] = torch.tensor([-1, 2], dtype=torch.int32)  # a block starting unsteered
+        run = emokern.RunningProjections(5, 9)
+        proj = torch.empty(n_tokens, 9)
+        emulated_steer_packed_(hidden, res, vectors, slot_weights, token_slot, True, proj,
+                               *run.tensors())
+        for t in (hidden, proj, run.sum, run.count):
+            assert not t.isnan().any()
+
+
 # --- the compiled kernel on a real GPU ---------------------------------------------------------
 
 @gpu
@@ -291,3 +496,26 @@ def test_gpu_kernel_in_cuda_graph():
         assert_flash_close("hidden", hidden, expected32, expected)
     torch.testing.assert_close(run.last.cpu(), ref_run.last, rtol=1e-5, atol=1e-4)
     assert torch.equal(run.count.cpu(), ref_run.count)
+
+
+@gpu
+@pytest.mark.parametrize("case", ["decode-N5", "rows-D577-K17", "dot-D200"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=lambda d: str(d).split(".")[-1])
+def test_gpu_packed_kernel_matches_reference(case, dtype):
+    """The compiled packed kernel through the dispatcher (what the vLLM plugin calls)."""
+    if not build.load_cuda():
+        pytest.fail(f"the CUDA kernel did not build: {build.build_info()['cuda']}")
+    hidden, res, vectors, slot_weights, token_slot = packed_case(case, dtype, True, "random")
+    check_packed_against_reference(torch.ops.emokern.steer_packed_.default, hidden, res,
+                                   vectors, slot_weights, token_slot, True, device="cuda")
+
+
+@gpu
+def test_gpu_packed_and_batched_cuda_graph_replays():
+    """Both ops captured over persistent buffers; new states, residuals, slot weights, token
+    slots and masks copied in between replays."""
+    if not build.load_cuda():
+        pytest.fail(f"the CUDA kernel did not build: {build.build_info()['cuda']}")
+    check_packed_graph_replays(torch.ops.emokern.steer_packed_.default,
+                               torch.ops.emokern.steer_.default)
