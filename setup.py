@@ -11,8 +11,12 @@ compiled against the torch that will run it::
 
     EMOKERN_BUILD_EXT=1 pip install --no-build-isolation -e .
 
-Either way the kernel sources are copied into the package (emokern/csrc) so that a wheel can
-still JIT-compile them.
+``emokern._C`` runs on any CPU of its architecture, like torch itself: steer_cpu.cpp (argument
+checks, registration, the portable core) is compiled for the baseline instruction set, and the
+cores for wider sets (csrc/cpu/steer_kernel_<set>.cpp) each with their own -m flags, linked
+after it; at load the kernel picks the widest set the CPU supports (``EMOKERN_CPU_CAPABILITY``
+caps the choice). Either way the kernel sources are copied into the package (emokern/csrc) so
+that a wheel can still JIT-compile them.
 """
 
 from __future__ import annotations
@@ -40,19 +44,51 @@ class BuildPyWithKernelSources(build_py):
                             ignore=shutil.ignore_patterns("*.o", "*.so", "__pycache__"))
 
 
+#: Flags of every CPU object; no -march: the binary must load on any CPU of its architecture.
+CPU_FLAGS = ["-O3", "-fopenmp", "-std=c++17"]
+#: The cores for wider instruction sets, per architecture: source and its extra flags (those of
+#: ATen's own per-capability kernels).
+CPU_ISA_CORES = {
+    "x86_64": [
+        ("steer_kernel_avx2.cpp", ["-mavx2", "-mfma", "-mf16c"]),
+        ("steer_kernel_avx512.cpp", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+                                     "-mfma", "-mf16c"]),
+    ],
+}
+
+
 def extensions():
     if os.environ.get("EMOKERN_BUILD_EXT") != "1":
         return [], {}
+    import platform
+
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-    # The same flags as the JIT build (emokern.ops.build): -march=native ties the binary to
-    # this machine's CPU, which is what an ahead-of-time install on the serving host wants.
-    cflags = ["-O3", "-march=native", "-fopenmp", "-std=c++17"]
+    isa_cores = CPU_ISA_CORES.get(platform.machine().lower().replace("amd64", "x86_64"), [])
+
+    class BuildWithIsaCores(BuildExtension):
+        """Compiles each instruction set's core with its own flags and links it after the
+        baseline objects (the first definition of a shared inline function is the one kept)."""
+
+        def build_extension(self, ext):
+            if ext.name == "emokern._C" and isa_cores:
+                base = list(ext.extra_compile_args) if isinstance(ext.extra_compile_args, list) \
+                    else list(ext.extra_compile_args.get("cxx", []))
+                ext.extra_objects = list(ext.extra_objects or [])
+                for source, flags in isa_cores:
+                    ext.extra_objects += self.compiler.compile(
+                        [f"{CSRC}/cpu/{source}"],
+                        output_dir=os.path.join(self.build_temp, "isa", source.split(".")[0]),
+                        macros=ext.define_macros, include_dirs=ext.include_dirs,
+                        extra_postargs=base + flags, depends=ext.depends)
+            super().build_extension(ext)
+
     modules = [CppExtension(
         "emokern._C", [f"{CSRC}/cpu/steer_cpu.cpp"],
-        extra_compile_args=cflags, extra_link_args=["-fopenmp"],
+        extra_compile_args=list(CPU_FLAGS), extra_link_args=["-fopenmp"],
         define_macros=[("EMOKERN_AOT_MODULE", None)],
+        depends=sorted(glob.glob(f"{CSRC}/cpu/*.h") + [f"{CSRC}/steer.h"]),
     )]
     cuda_sources = sorted(glob.glob(f"{CSRC}/cuda/*.cu") + glob.glob(f"{CSRC}/cuda/*.cpp"))
     nvcc = CUDA_HOME and os.path.isfile(os.path.join(CUDA_HOME, "bin", "nvcc"))
@@ -63,7 +99,7 @@ def extensions():
             extra_compile_args={"cxx": ["-O3", "-std=c++17"],
                                 "nvcc": ["-O3", "--use_fast_math", "-std=c++17"]},
         ))
-    return modules, {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
+    return modules, {"build_ext": BuildWithIsaCores.with_options(no_python_abi_suffix=False)}
 
 
 ext_modules, ext_commands = extensions()

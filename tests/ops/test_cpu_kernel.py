@@ -1,0 +1,265 @@
+"""The CPU kernel's instruction-set paths (csrc/cpu): every path this machine runs gives the
+same bits, the packed op and the batched op share one core, and the running statistics do not
+depend on the thread count or on where chunk boundaries fall.
+
+Each path runs in a fresh interpreter with ``EMOKERN_CPU_CAPABILITY`` capping the choice (the
+kernel reads it once, at load). The portable path is compared bit for bit where the compiler
+targets FMA (the JIT build's -march=native on any x86 CPU with AVX2); an ahead-of-time build's
+portable core for CPUs without FMA rounds products separately, which these tests skip.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import emokern
+from emokern.ops import build
+from emokern.ops.reference import ref_steer_, ref_steer_packed_
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def cpu_kernel():
+    assert build.load_cpu(), f"the CPU kernel did not build: {build.build_info()['cpu']}"
+
+
+def kernel_isa() -> str:
+    """The instruction set the loaded kernel runs (``emokern_cpu_isa`` of the library)."""
+    info = build.build_info()["cpu"]
+    if info.get("source") == "aot":
+        import emokern._C as aot
+
+        return aot.isa()
+    lib = ctypes.CDLL(info["path"])
+    lib.emokern_cpu_isa.restype = ctypes.c_char_p
+    return lib.emokern_cpu_isa().decode()
+
+
+def supported_isas() -> list[str]:
+    """The paths this CPU can run, portable first."""
+    isas = ["default"]
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
+    except OSError:
+        flags = []
+    if {"avx2", "fma", "f16c"} <= set(flags):
+        isas.append("avx2")
+        if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= set(flags):
+            isas.append("avx512")
+    return isas
+
+
+# Cases: (batch, seq_len, dim, n_vec). Sweeps (K <= 8) and tiles (K > 8), decode and prefill,
+# dimensions with a partial last logical vector, several panels, blocks and chunks.
+CASES = [(3, 5, 77, 3), (2, 1, 100, 20), (1, 9, 33, 9), (4, 40, 576, 8), (70, 1, 1040, 32),
+         (2, 37, 2048, 12), (1, 300, 64, 1), (5, 3, 4099, 33), (3, 1, 1, 7), (17, 1, 576, 16),
+         (40, 1, 96, 4)]
+
+RUN_CASES = r"""
+import json, sys, torch, emokern
+from emokern.ops import build
+assert build.load_cpu()
+torch.set_num_threads(int(sys.argv[2]))
+cases = json.loads(sys.argv[3])
+out = {}
+for ci, (b, t, d, k) in enumerate(cases):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for norm in (False, True):
+            g = torch.Generator().manual_seed(ci)
+            base = (torch.randn(b, 2 * t, d + 3, generator=g) * 2).to(dtype)
+            h = base[:, ::2, :d]  # strided rows
+            v = torch.randn(k, d, generator=g)
+            w = torch.randn(b, k, generator=g)
+            m = torch.rand(b, t, generator=g) < 0.7
+            p = torch.empty(b, t, k)
+            run = emokern.RunningProjections(b, k)
+            torch.ops.emokern.steer_(h, v, w, m, norm, p, *run.tensors())
+            out[f"{ci} {dtype} {norm}"] = [base, p, *run.tensors()]
+            n, s = b * t, b + 1
+            hp = torch.randn(n, d, generator=g).to(dtype)
+            r = torch.randn(n, d, generator=g).to(dtype)
+            slots = torch.randint(-1, s, (n + 2,), generator=g, dtype=torch.int32)
+            sw = torch.randn(s, k, generator=g)
+            pp = torch.full((n + 2, k), 7.0)
+            rp = emokern.RunningProjections(s, k)
+            torch.ops.emokern.steer_packed_(hp, r, v, sw, slots, norm, pp, *rp.tensors())
+            out[f"{ci} {dtype} {norm} packed"] = [hp, pp, *rp.tensors()]
+torch.save(out, sys.argv[1])
+"""
+
+
+def run_cases(path, isa: str | None, threads: int = 1, cases=CASES) -> str:
+    env = {k: v for k, v in os.environ.items() if k not in ("EMOKERN_CPU_CAPABILITY",
+                                                            "ATEN_CPU_CAPABILITY")}
+    if isa is not None:
+        env["EMOKERN_CPU_CAPABILITY"] = isa
+    code = RUN_CASES + textwrap.dedent("""
+        import ctypes
+        from emokern.ops import build
+        info = build.build_info()['cpu']
+        if info['source'] == 'aot':
+            import emokern._C as aot
+            print(aot.isa())
+        else:
+            lib = ctypes.CDLL(info['path'])
+            lib.emokern_cpu_isa.restype = ctypes.c_char_p
+            print(lib.emokern_cpu_isa().decode())
+    """)
+    done = subprocess.run([sys.executable, "-c", code, str(path), str(threads), json.dumps(cases)],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.strip().splitlines()[-1]
+
+
+def assert_same_bits(a: dict, b: dict, label: str = "") -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        for x, y in zip(a[key], b[key], strict=True):
+            # NaN payloads of bf16/fp16 stores may differ between paths; none arise here.
+            assert torch.equal(x.isnan(), y.isnan()), f"{label} {key}"
+            assert torch.equal(x.nan_to_num(), y.nan_to_num()), f"{label} {key}"
+
+
+def test_the_kernel_names_its_instruction_set(cpu_kernel):
+    assert kernel_isa() in ("avx512", "avx2", "default", "neon", "sve256")
+    if sys.platform.startswith("linux") and os.uname().machine == "x86_64" \
+            and "EMOKERN_CPU_CAPABILITY" not in os.environ:
+        assert kernel_isa() == supported_isas()[-1]
+
+
+def test_every_instruction_set_gives_the_same_bits(cpu_kernel, tmp_path):
+    if os.uname().machine != "x86_64":
+        pytest.skip("the x86 paths")
+    if build.build_info()["cpu"].get("source") == "aot":
+        pytest.skip("an ahead-of-time build's portable core may lack FMA (rounds differently)")
+    results = {}
+    for isa in supported_isas():
+        got = run_cases(tmp_path / f"{isa}.pt", isa)
+        assert got == isa, f"asked for {isa}, the kernel ran {got}"
+        results[isa] = torch.load(tmp_path / f"{isa}.pt")
+    first = results.pop("default")
+    for isa, result in results.items():
+        assert_same_bits(first, result, f"default vs {isa}:")
+
+
+def test_threads_do_not_change_any_bit(cpu_kernel, tmp_path):
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("needs 2 cores")
+    cases = [(70, 1, 1040, 32), (2, 300, 256, 20), (3, 400, 96, 4), (1, 700, 64, 9)]
+    run_cases(tmp_path / "one.pt", None, threads=1, cases=cases)
+    run_cases(tmp_path / "two.pt", None, threads=2, cases=cases)
+    assert_same_bits(torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 37, 96, 5), (33, 1, 576, 32), (2, 300, 64, 12)], ids=str)
+def test_the_batched_op_is_the_packed_op_with_one_slot_per_sequence(cpu_kernel, dtype, shape):
+    """One core serves both: steer_ on [B, T, D] with a mask gives the bits of steer_packed_ on
+    the B*T rows with token_slot = b where the mask is set, else -1."""
+    batch, seq_len, dim, n_vec = shape
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(batch, seq_len, dim, generator=g).to(dtype)
+    vectors = torch.randn(n_vec, dim, generator=g)
+    weights = torch.randn(batch, n_vec, generator=g)
+    mask = torch.rand(batch, seq_len, generator=g) < 0.8
+    for norm in (False, True):
+        a, b = hidden.clone(), hidden.clone().view(batch * seq_len, dim)
+        pa, pb = torch.empty(batch, seq_len, n_vec), torch.empty(batch * seq_len, n_vec)
+        ra, rb = emokern.RunningProjections(batch, n_vec), emokern.RunningProjections(batch, n_vec)
+        torch.ops.emokern.steer_(a, vectors, weights, mask, norm, pa, *ra.tensors())
+        slots = torch.where(mask, torch.arange(batch)[:, None], -1).to(torch.int32).reshape(-1)
+        torch.ops.emokern.steer_packed_(b, None, vectors, weights, slots, norm, pb, *rb.tensors())
+        assert torch.equal(a.view(batch * seq_len, dim), b)
+        assert torch.equal(pa.view(-1, n_vec), pb)
+        for x, y in zip(ra.tensors(), rb.tensors(), strict=True):
+            assert torch.equal(x.nan_to_num(), y.nan_to_num())
+
+
+def test_packed_rows_match_the_reference_with_interleaved_slots(cpu_kernel):
+    """Slots scattered over many chunks (a serving batch that is not sorted by sequence):
+    per-slot sums in chunk order, the newest token's projections, untouched slot -1 rows."""
+    g = torch.Generator().manual_seed(6)
+    n, dim, n_vec, n_slots = 700, 96, 12, 9
+    hidden = torch.randn(n, dim, generator=g).bfloat16()
+    residual = torch.randn(n, dim, generator=g).bfloat16()
+    vectors = torch.randn(n_vec, dim, generator=g)
+    weights = torch.randn(n_slots, n_vec, generator=g)
+    slots = torch.randint(-1, n_slots, (n,), generator=g, dtype=torch.int32)
+    for norm in (False, True):
+        got, want = hidden.clone(), hidden.clone()
+        pg, pw = torch.empty(n, n_vec), torch.empty(n, n_vec)
+        rg = emokern.RunningProjections(n_slots, n_vec)
+        rw = emokern.RunningProjections(n_slots, n_vec)
+        torch.ops.emokern.steer_packed_(got, residual, vectors, weights, slots, norm, pg,
+                                        *rg.tensors())
+        ref_steer_packed_(want, residual, vectors, weights, slots, norm, pw, *rw.tensors())
+        untouched = slots < 0
+        assert torch.equal(got[untouched], hidden[untouched])
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=3e-2)
+        torch.testing.assert_close(pg, pw, rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(rg.sum, rw.sum, rtol=1e-4, atol=1e-2)
+        torch.testing.assert_close(rg.last, rw.last, rtol=1e-4, atol=1e-3, equal_nan=True)
+        assert torch.equal(rg.count, rw.count)
+
+
+def test_the_residual_is_read_not_written(cpu_kernel):
+    """hidden + residual becomes y; the residual keeps its bits."""
+    g = torch.Generator().manual_seed(7)
+    n, dim, n_vec = 20, 64, 3
+    hidden, residual = torch.randn(n, dim, generator=g), torch.randn(n, dim, generator=g)
+    vectors, weights = torch.randn(n_vec, dim, generator=g), torch.randn(2, n_vec, generator=g)
+    slots = torch.tensor([0, 1, -1, 0] * 5, dtype=torch.int32)
+    before = residual.clone()
+    got = hidden.clone()
+    torch.ops.emokern.steer_packed_(got, residual, vectors, weights, slots, False, None, None,
+                                    None, None)
+    assert torch.equal(residual, before)
+    y = hidden + residual + (weights @ vectors)[slots.long().clamp_min(0)]
+    steered = slots >= 0
+    torch.testing.assert_close((got + residual)[steered], y[steered], rtol=1e-5, atol=1e-5)
+
+
+def test_slot_out_of_range_raises_before_writing(cpu_kernel):
+    hidden = torch.randn(4, 16)
+    before = hidden.clone()
+    slots = torch.tensor([0, 1, 2, -1], dtype=torch.int32)  # S = 2: slot 2 is out of range
+    with pytest.raises(ValueError, match=r"token_slot values must be in \[-1, 2\)"):
+        torch.ops.emokern.steer_packed_(hidden, None, torch.randn(3, 16), torch.randn(2, 3),
+                                        slots, False, None, None, None, None)
+    assert torch.equal(hidden, before)
+
+
+def test_only_the_first_n_slots_and_projections_are_touched(cpu_kernel):
+    hidden = torch.randn(3, 32)
+    slots = torch.tensor([0, -1, 0, 99, -5], dtype=torch.int32)  # past N: never read
+    proj = torch.full((5, 2), 7.0)
+    torch.ops.emokern.steer_packed_(hidden, None, torch.randn(2, 32), torch.randn(1, 2), slots,
+                                    False, proj, None, None, None)
+    assert torch.equal(proj[3:], torch.full((2, 2), 7.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_decode_tiles_match_the_reference(cpu_kernel, dtype):
+    """Decode with many emotions: offsets computed and written from registers."""
+    g = torch.Generator().manual_seed(8)
+    batch, dim, n_vec = 37, 1000, 32
+    hidden = torch.randn(batch, 1, dim, generator=g).to(dtype)
+    vectors = torch.randn(n_vec, dim, generator=g)
+    weights = torch.randn(batch, n_vec, generator=g) * 0.1
+    got, want = hidden.clone(), hidden.clone()
+    pg, pw = torch.empty(batch, 1, n_vec), torch.empty(batch, 1, n_vec)
+    torch.ops.emokern.steer_(got, vectors, weights, None, False, pg, None, None, None)
+    ref_steer_(want, vectors, weights, None, False, pw)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * 4)
+    torch.testing.assert_close(pg, pw, rtol=1e-4, atol=1e-3)
