@@ -1,10 +1,15 @@
-"""Op benchmark: the fused CPU ``steer_`` vs naive hooks, plain in-place torch and a copy (issue 2).
+"""Op benchmark: the fused CPU ``steer_`` vs naive hooks, plain in-place torch and a copy.
 
-Full run (the whole decode and prefill grid, fp32 and bf16, ~10 minutes on 2 cores), writing
-``bench/results/ops-cpu.{json,md}``::
+Full run (the whole decode and prefill grid, fp32 and bf16, with 1 and then 2 torch threads,
+~20 minutes on 2 cores), writing ``bench/results/ops-cpu.{json,md}``::
 
     python bench/bench_ops.py [--quick] [--dtypes fp32,bf16] [--repeats 30]
-                              [--max-seconds 4] [--threads N] [--out bench/results]
+                              [--max-seconds 4] [--threads 1,2] [--isa avx2]
+                              [--out bench/results]
+
+``--isa`` caps the kernel's instruction set (``default``, ``avx2``, ``avx512``; it sets
+``EMOKERN_CPU_CAPABILITY`` before the kernel loads), e.g. to measure the AVX2 path on an
+AVX-512 machine; every row records the set it ran.
 
 Variants, shapes and the reported ratios are described in :mod:`emokern.benchmarks.ops`;
 ``emokern bench ops`` runs the same harness.
@@ -22,7 +27,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 from emokern.benchmarks.ops import (
     DTYPES,
@@ -86,16 +90,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtypes", default="fp32,bf16")
     parser.add_argument("--repeats", type=int, default=30, help="rounds per case (max)")
     parser.add_argument("--max-seconds", type=float, default=4.0, help="time budget per case")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--threads", default="1,2",
+                        help="torch intra-op thread counts, run one after the other")
+    parser.add_argument("--isa", choices=["default", "avx2", "avx512"],
+                        help="cap the kernel's instruction set (EMOKERN_CPU_CAPABILITY)")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--stem", default="ops-cpu")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.isa:
+        os.environ["EMOKERN_CPU_CAPABILITY"] = args.isa  # read once, when the kernel loads
     shapes = headline_shapes() if args.quick else decode_shapes() + prefill_shapes()
     machine = machine_info()
-    rows = run_ops_benchmark(shapes, args.dtypes.split(","), args.repeats,
-                             max_seconds=args.max_seconds)
+    if args.isa and machine["cpu_isa"] != args.isa:
+        raise SystemExit(f"asked for {args.isa}, the kernel runs {machine['cpu_isa']} (loaded "
+                         f"before --isa, or the CPU lacks it)")
+    rows = []
+    for threads in (int(t) for t in args.threads.split(",")):
+        rows += run_ops_benchmark(shapes, args.dtypes.split(","), args.repeats,
+                                  max_seconds=args.max_seconds, threads=threads)
     if hasattr(os, "getloadavg"):
         machine["load_average_end"] = list(os.getloadavg())
     print()
