@@ -34,17 +34,19 @@
 // catastrophically when y ~ 0).
 //
 // Running statistics, the same code for both layouts. A block sums the projections of each
-// run of consecutive rows of one slot in shared memory and adds the run's sum and count to
+// run of rows of one slot in shared memory and adds the run's sum and count to
 // run_sum/run_count when the slot changes and at the end — with atomics, except in the batched
 // layout when a sequence is one block (decode: plain read-add-write, deterministic). In the
 // packed layout a slot's tokens may span blocks, so its float sum depends on the order the
 // atomics land in (ulp-level; counts are exact; a slot whose tokens of a call lie in one
 // block, as in every decode step, gets the exact sum). run_last needs neither atomics nor an
-// extra buffer: a run's last row is its slot's newest row iff no later row has that slot,
-// which the block checks with a block-wide scan of the later rows' slots (mask or token_slot)
-// that stops at the first match. Serving engines pack a request's tokens contiguously, so the
-// scan stops in its first step; slots interleaved token by token cost O(N * S) reads in all.
-// Exactly one row writes each slot's run_last: deterministic.
+// extra buffer: a run's last row is its slot's newest row iff no later run of the block and no
+// row after the block has that slot. At its end the block checks all its runs (at most one
+// per row) in one scan of the later rows' slots (mask or token_slot) that stops as soon as
+// every run has a later twin. Serving engines pack a request's tokens contiguously, so the
+// scans of prefill blocks stop in their first step; a block of decode tokens (one token per
+// request) scans the rest of the batch once, N / (4 * threads) steps. Exactly one row writes
+// each slot's run_last: deterministic.
 //
 // Launch configuration, a pure function of (T, D, K, dtype, residual): 64..512 threads (about
 // 8 columns per thread; __launch_bounds__(512, 2) keeps it at <= 64 registers, no spills on
@@ -77,6 +79,7 @@ constexpr int kMaxThreads = 512;   // threads_for() never launches more
 constexpr float kNormEps = 1e-6f;  // lower bound of ||y|| (emokern.ops.reference.NORM_EPS)
 constexpr int kDotMinRows = 64;    // sequences at least this long get kChunkRows rows a block
 constexpr int kChunkRows = 16;
+constexpr int kScanPerThread = 4;  // slots each thread compares per step of the newest-row scan
 constexpr size_t kDefaultSmem = 48 * 1024;
 
 __device__ __forceinline__ float to_float(float v) { return v; }
@@ -131,34 +134,21 @@ __host__ __device__ inline size_t staged_row_bytes(int64_t dim, size_t elem_size
   return ((size_t(dim) * elem_size + 15) / 16) * 16;
 }
 
-// Shared-memory layout, in float-sized slots after the staged row (and staged residual):
-//   delta[D] | inv_norm[K] | dots[K] | sum[K] | last[K] | partials[2][2*kKTile][warps]
-//   | scalars[2][2][warps]
+// Shared-memory layout, in 4-byte words after the staged row (and staged residual), with
+// R = rows per block (so at most R runs of one slot):
+//   delta[D] | inv_norm[K] | dots[K] | sum[K] | last[R][K] | partials[2][2*kKTile][warps]
+//   | scalars[2][2][warps] | run_slot[R] (int32) | run_found[R] (int32)
 __host__ __device__ inline size_t smem_bytes(int64_t dim, int64_t n_vec, int warps,
-                                             size_t elem_size, bool residual) {
-  const size_t rows = staged_row_bytes(dim, elem_size) * (residual ? 2 : 1);
-  const size_t floats = size_t(dim) + 4 * size_t(n_vec) + 2 * 2 * kKTile * size_t(warps) +
-                        2 * 2 * size_t(warps);
-  return rows + floats * sizeof(float);
+                                             size_t elem_size, bool residual, int64_t rows) {
+  const size_t staged = staged_row_bytes(dim, elem_size) * (residual ? 2 : 1);
+  const size_t words = size_t(dim) + (3 + size_t(rows)) * size_t(n_vec) +
+                       2 * 2 * kKTile * size_t(warps) + 2 * 2 * size_t(warps) + 2 * size_t(rows);
+  return staged + words * 4;
 }
 
-// Whether a row at `from` or later of sequence `seq` has slot `slot`. Block-wide: every
-// thread must call it (the same arguments in every thread); stops at the first step with a
-// match.
-__device__ bool later_row_has_slot(const Params& p, int64_t seq, int64_t slot, int64_t from) {
-  for (int64_t base = from; base < p.seq_len; base += blockDim.x) {
-    const int64_t t = base + threadIdx.x;
-    if (__syncthreads_or(t < p.seq_len && slot_of(p, seq, t) == slot)) return true;
-  }
-  return false;
-}
-
-// Add a run of `count` rows of `slot` (sums in sum_s, newest projections in last_s) to the
-// running statistics, and write run_last if the run's last row is the slot's newest row (no
-// row of the slot at `later_from` or after). Block-wide; resets sum_s.
-__device__ void flush_run(const Params& p, int64_t seq, int64_t slot, int64_t count,
-                          int64_t later_from, float* sum_s, const float* last_s) {
-  const bool newest = !later_row_has_slot(p, seq, slot, later_from);
+// Add a closed run of `count` rows of `slot` (projection sums in sum_s) to run_sum/run_count,
+// and reset sum_s. Each thread touches its own k's of sum_s (the proj loop's mapping).
+__device__ void add_run(const Params& p, int64_t slot, int64_t count, float* sum_s) {
   const int64_t K = p.n_vec;
   for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
     float* sum = p.run_sum + slot * K + k;
@@ -167,7 +157,6 @@ __device__ void flush_run(const Params& p, int64_t seq, int64_t slot, int64_t co
     } else {
       *sum += sum_s[k];
     }
-    if (newest) p.run_last[slot * K + k] = last_s[k];
     sum_s[k] = 0.0f;
   }
   if (threadIdx.x == 0) {
@@ -177,6 +166,49 @@ __device__ void flush_run(const Params& p, int64_t seq, int64_t slot, int64_t co
                 static_cast<unsigned long long>(count));
     } else {
       p.run_count[slot] += count;
+    }
+  }
+}
+
+// Write run_last for each of the block's `n_runs` runs (slots run_slot_s[r], projections of
+// their last rows last_s[r]) whose last row is its slot's newest row of the call: no later run
+// of the block has the slot, and no row after the block (t_end .. T-1 of sequence seq) has it.
+// One scan for all runs, kScanPerThread slots per thread a step, stopping once every run has
+// a later twin. Block-wide: every thread must call it with the same arguments.
+__device__ void write_newest(const Params& p, int64_t seq, int64_t t_end, int n_runs,
+                             const int32_t* run_slot_s, int32_t* run_found_s,
+                             const float* last_s) {
+  for (int r = threadIdx.x; r < n_runs; r += blockDim.x) {
+    int later = 0;
+    for (int r2 = r + 1; r2 < n_runs; ++r2) later |= run_slot_s[r2] == run_slot_s[r];
+    run_found_s[r] = later;
+  }
+  __syncthreads();  // run_found_s initialised
+  for (int64_t base = t_end;; base += int64_t(blockDim.x) * kScanPerThread) {
+    // Read between two barriers, while nobody writes: every thread sees the same flags.
+    bool pending = false;
+    for (int r = 0; r < n_runs; ++r) pending |= run_found_s[r] == 0;
+    __syncthreads();
+    if (!pending || base >= p.seq_len) break;
+#pragma unroll
+    for (int j = 0; j < kScanPerThread; ++j) {
+      const int64_t t = base + int64_t(j) * blockDim.x + threadIdx.x;
+      if (t < p.seq_len) {
+        const int64_t s = slot_of(p, seq, t);
+        // Benign races: every writer stores the same 1.
+        for (int r = 0; r < n_runs; ++r) {
+          if (s >= 0 && s == run_slot_s[r]) run_found_s[r] = 1;
+        }
+      }
+    }
+    __syncthreads();  // the flags are visible
+  }
+  const int64_t K = p.n_vec;
+  for (int r = 0; r < n_runs; ++r) {
+    if (run_found_s[r]) continue;
+    const int64_t slot = run_slot_s[r];
+    for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
+      p.run_last[slot * K + k] = last_s[r * K + k];
     }
   }
 }
@@ -222,9 +254,11 @@ __global__ void __launch_bounds__(kMaxThreads, 2) steer_kernel(Params p) {
   float* inv_norm_s = delta_s + D;
   float* dots_s = inv_norm_s + K;
   float* sum_s = dots_s + K;
-  float* last_s = sum_s + K;
-  float* partials = last_s + K;                       // [2][2 * kKTile * warps]
-  float* scalars = partials + 2 * 2 * kKTile * warps;  // [2][2 * warps]
+  float* last_s = sum_s + K;                             // [rows_per_block][K]
+  float* partials = last_s + p.rows_per_block * K;       // [2][2 * kKTile * warps]
+  float* scalars = partials + 2 * 2 * kKTile * warps;    // [2][2 * warps]
+  int32_t* run_slot_s = reinterpret_cast<int32_t*>(scalars + 2 * 2 * warps);
+  int32_t* run_found_s = run_slot_s + p.rows_per_block;
 
   const int64_t seq = blockIdx.x / p.n_chunks;
   const int64_t chunk = blockIdx.x % p.n_chunks;
@@ -237,7 +271,10 @@ __global__ void __launch_bounds__(kMaxThreads, 2) steer_kernel(Params p) {
 
   int buffer = 0;
   int64_t delta_slot = -1;             // the slot whose steering vector delta_s holds
-  int64_t run_slot = -1, run_rows = 0;  // the open run of rows of one slot (statistics)
+  // Runs of rows of one slot (statistics): the open one's slot and rows, and how many there
+  // have been. Rows without a slot between two rows of one slot do not end a run.
+  int64_t run_slot = -1, run_rows = 0;
+  int n_runs = 0;
   for (int64_t t = t_begin; t < t_end; ++t) {
     const bool first = t == t_begin;
     // Block-uniform: every thread reads the same slot.
@@ -316,12 +353,13 @@ __global__ void __launch_bounds__(kMaxThreads, 2) steer_kernel(Params p) {
           row[d] = from_float<T>((x + delta_s[d]) * scale);
         }
       }
-      // A row of another slot closes the open run (rows between them have no slot).
-      if (has_run && run_slot >= 0 && slot != run_slot) {
-        flush_run(p, seq, run_slot, run_rows, t + 1, sum_s, last_s);
+      if (has_run && slot != run_slot) {  // a row of another slot opens a new run
+        if (run_slot >= 0) add_run(p, run_slot, run_rows, sum_s);
+        if (threadIdx.x == 0) run_slot_s[n_runs] = int32_t(slot);
+        ++n_runs;
+        run_slot = slot;
         run_rows = 0;
       }
-      run_slot = slot;
       ++run_rows;
     }
     __syncthreads();  // dots_s and inv_norm_s (written by thread 0) are visible below
@@ -330,13 +368,16 @@ __global__ void __launch_bounds__(kMaxThreads, 2) steer_kernel(Params p) {
       if (p.proj_out != nullptr) p.proj_out[(seq * p.seq_len + t) * K + k] = proj;
       if (has_run && steered) {
         sum_s[k] += proj;
-        last_s[k] = proj;
+        last_s[(n_runs - 1) * K + k] = proj;
       }
     }
     // dots_s is rewritten by the next row only after that row's first block_sum barrier.
   }
 
-  if (has_run && run_slot >= 0) flush_run(p, seq, run_slot, run_rows, t_end, sum_s, last_s);
+  if (!has_run || n_runs == 0) return;  // block-uniform
+  add_run(p, run_slot, run_rows, sum_s);
+  __syncthreads();  // run_slot_s (written by thread 0) is visible
+  write_newest(p, seq, t_end, n_runs, run_slot_s, run_found_s, last_s);
 }
 
 int threads_for(int64_t dim) {
@@ -350,7 +391,7 @@ template <typename T>
 cudaError_t launch_typed(const Params& params, int64_t batch, cudaStream_t stream) {
   const int threads = threads_for(params.dim);
   const size_t smem = smem_bytes(params.dim, params.n_vec, threads / 32, sizeof(T),
-                                 params.residual != nullptr);
+                                 params.residual != nullptr, params.rows_per_block);
   if (smem > kDefaultSmem) {
     // Opt in to the larger shared memory of sm_70+; fails cleanly where the device has less.
     const cudaError_t err = cudaFuncSetAttribute(
