@@ -342,8 +342,9 @@ def _steer_kernel(
         stat_ptrs = slot_safe[:, None] * n_vec + offs_k[None, :]
         add_ok = first[:, None] & k_ok[None, :]
         if ATOMIC_RUN:
-            tl.atomic_add(sum_ptr + stat_ptrs, group_sum, mask=add_ok)
-            tl.atomic_add(count_ptr + slot_safe, group_count, mask=first)
+            # Relaxed: nothing is ordered against these additions within the launch.
+            tl.atomic_add(sum_ptr + stat_ptrs, group_sum, mask=add_ok, sem="relaxed")
+            tl.atomic_add(count_ptr + slot_safe, group_count, mask=first, sem="relaxed")
         else:
             old_sum = tl.load(sum_ptr + stat_ptrs, mask=add_ok, other=0.0)
             tl.store(sum_ptr + stat_ptrs, old_sum + group_sum, mask=add_ok)
@@ -466,6 +467,11 @@ def triton_steer_packed_(
     n_tokens, dim = hidden.shape
     if n_tokens == 0 or dim == 0:
         return
+    # The kernel's layout, which the wrapper's checks leave open for a single token.
+    for name, t in (("hidden", hidden), ("residual", residual)):
+        if t is not None and dim > 1 and t.stride(1) != 1:
+            raise ValueError(f"emokern.steer_packed_: {name} must have a contiguous last "
+                             f"dimension, got strides {list(t.stride())}")
     n_vec = vectors.shape[0]
     cfg = launch_config(n_tokens, dim, n_vec, residual is not None)
     n_chunks = triton.cdiv(n_tokens, cfg.rows)

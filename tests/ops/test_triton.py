@@ -234,6 +234,22 @@ def test_packed_out_of_range_slots_are_untouched(n_tokens):
                                atol=1e-4)
 
 
+def test_packed_single_token_needs_a_contiguous_last_dimension():
+    """The wrapper's checks let one token's row through with any last stride; the kernel reads
+    rows with stride 1, so it refuses rather than steer the wrong elements."""
+    vectors, weights = torch.randn(2, 8, device=DEVICE), torch.randn(1, 2, device=DEVICE)
+    token_slot = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    row = torch.randn(1, 16, device=DEVICE)[:, ::2]
+    before = row.clone()
+    with pytest.raises(ValueError, match="hidden must have a contiguous last dimension"):
+        triton_steer_packed_(row, None, vectors, weights, token_slot, False, None, None, None,
+                             None)
+    with pytest.raises(ValueError, match="residual must have a contiguous last dimension"):
+        triton_steer_packed_(before.clone(), row, vectors, weights, token_slot, False, None,
+                             None, None, None)
+    assert torch.equal(row, before)
+
+
 def test_public_wrapper_runs_triton_backend():
     gen = torch.Generator().manual_seed(4)
     hidden, vectors, weights = random_inputs((2, 6, 96, 4), torch.bfloat16, gen)
