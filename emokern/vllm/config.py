@@ -3,20 +3,21 @@ per-request mix (``SamplingParams(extra_args={"emotion": ...})``)."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import math
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from emokern.bank import EmotionBank
-from emokern.steering.mix import parse_mix
+from emokern.steering.mix import mix_to_weights, parse_mix
 from emokern.steering.steerer import SPREADS
 
-__all__ = ["CONFIG_KEY", "EXTRA_KEY", "EmokernConfig", "cache_salt", "request_mix"]
+__all__ = ["CONFIG_KEY", "EXTRA_KEY", "EmokernConfig", "bank_of", "cache_salt", "check_mix",
+           "describe", "request_mix"]
 
 CONFIG_KEY = "emokern"  # additional_config key
 EXTRA_KEY = "emotion"  # SamplingParams.extra_args key (HTTP: vllm_xargs)
@@ -102,35 +103,38 @@ class EmokernConfig:
         return chosen
 
 
-def request_mix(extra_args, names: Sequence[str]) -> torch.Tensor | None:
+def request_mix(extra_args, names: Sequence[str], *,
+                recommended: Callable[[str], float] | None = None,
+                argument: str = f"extra_args['{EXTRA_KEY}']") -> torch.Tensor | None:
     """The weights ``[K]`` (user units, columns = ``names``) of a request's
     ``extra_args["emotion"]``, or None when the request is unsteered (no mix, an empty mix, or
     all weights zero: identical to no steering).
 
     The mix is a dict ``{"joy": 2.0}`` or the text form ``"joy=2,fear=0.5"``
-    (:func:`emokern.steering.parse_mix`).
+    (:func:`emokern.steering.parse_mix`); a weight ``"rec"`` is ``recommended(name)`` (the
+    bank's :meth:`~emokern.EmotionBank.recommended_weight`). Errors (TypeError/ValueError)
+    name ``argument`` (over HTTP: ``vllm_xargs['emotion']``).
     """
     if not extra_args or EXTRA_KEY not in extra_args:
         return None
     mix = extra_args[EXTRA_KEY]
-    if isinstance(mix, str):
-        mix = parse_mix(mix)
     if mix is None:
         return None
+    if isinstance(mix, str):
+        try:
+            mix = parse_mix(mix)
+        except ValueError as exc:
+            _fail(ValueError, f"{argument}: {str(exc).removeprefix('parse_mix: ')}")
     if not isinstance(mix, Mapping):
-        _fail(TypeError, f"extra_args['{EXTRA_KEY}'] must be a dict or a string like "
-                         f"'joy=2,fear=0.5', got {type(mix).__name__}")
-    index = {name: k for k, name in enumerate(names)}
-    weights = torch.zeros(len(names))
-    for name, weight in mix.items():
-        if name not in index:
-            _fail(ValueError, f"extra_args['{EXTRA_KEY}'] names unknown emotion {name!r}; the "
-                              f"bank has {list(names)}")
-        if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(
-                float(weight)):
-            _fail(ValueError, f"extra_args['{EXTRA_KEY}'][{name!r}] must be a finite number, "
-                              f"got {weight!r}")
-        weights[index[name]] = float(weight)
+        _fail(TypeError, f"{argument} must be a dict or a string like 'joy=2,fear=0.5', got "
+                         f"{type(mix).__name__}")
+    if not mix:
+        return None
+    try:
+        weights = mix_to_weights([mix], names, argument, recommended=recommended)[0]
+    except (TypeError, ValueError) as exc:  # one mix, not a batch: no row index in the message
+        message = str(exc).removeprefix("emokern.steer: ").replace(f"{argument}[0]", argument)
+        _fail(type(exc), message)
     return weights if bool(weights.ne(0).any()) else None
 
 
@@ -151,3 +155,41 @@ def cache_salt(extra_args) -> str | None:
         return None
     text = ",".join(f"{k}={v!r}" for k, v in items)
     return "emokern:" + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=8)
+def bank_of(config: EmokernConfig) -> EmotionBank:
+    """The bank of ``config``, loaded once per process (the front end checks every request's
+    mix against it)."""
+    return config.load_bank()
+
+
+def check_mix(extra_args, config: EmokernConfig | None, *,
+              argument: str = f"extra_args['{EXTRA_KEY}']") -> None:
+    """Refuse a request's mix before it reaches the engine: ValueError/TypeError naming
+    ``argument`` for an unknown emotion, a non-finite or non-numeric weight, a malformed mix
+    string, or any mix sent to an engine that does not enable emokern (``config`` None)."""
+    if config is None:
+        if extra_args and extra_args.get(EXTRA_KEY):
+            _fail(ValueError, f"{argument} was given but this engine was started without "
+                              f"emotion steering; enable it with additional_config="
+                              f"{{'{CONFIG_KEY}': {{}}}} (emokern serve does)")
+        return
+    bank = bank_of(config)
+    request_mix(extra_args, bank.names, recommended=bank.recommended_weight, argument=argument)
+
+
+def describe(config: EmokernConfig, n_model_layers: int) -> dict:
+    """What ``GET /v1/emotions`` answers: the engine's emotions, steered layers and
+    recommended weights (JSON-ready)."""
+    bank = bank_of(config)
+    layers = config.resolve_layers(bank, n_model_layers)
+    return {"object": "emotions", "bank": config.bank, "method": bank.method,
+            "names": list(bank.names), "layers": list(layers),
+            "recommended_weights": {n: bank.recommended_weight(n) for n in bank.names},
+            "spread": config.spread, "norm_preserving": config.norm_preserving,
+            "monitor": config.monitor, "calibrated": bank.calibrated,
+            "mix": {"field": f"vllm_xargs.{EXTRA_KEY}",
+                    "example": "joy=2,fear=0.5",
+                    "note": "weights in the bank's units, 'rec' = the recommended weight; "
+                            "a mix of all zeros is no steering"}}

@@ -9,8 +9,9 @@ methods:
 * ``_update_states`` — frees the slots of finished requests, restarts resumed ones;
 * ``_prepare_inputs`` — after vLLM packs the step's tokens, fills the token → slot index;
 * ``InputProcessor._validate_params`` (front end) — a request whose mix names an unknown
-  emotion or a non-finite weight is refused there (vLLM's ``VLLMValidationError``: HTTP
-  400 with the message), before it can reach a worker;
+  emotion, a non-finite weight or is malformed, or any mix sent to an engine without
+  emokern, is refused there (vLLM's ``VLLMValidationError``: HTTP 400 with the message),
+  before it can reach a worker;
 * ``Request.__init__`` (engine core) — gives a steered request a prefix-cache salt per mix, so
   KV computed under a mix is reused only by requests with the same mix.
 """
@@ -20,7 +21,7 @@ from __future__ import annotations
 import functools
 
 from emokern.vllm import runner as _runner
-from emokern.vllm.config import EmokernConfig, cache_salt, request_mix
+from emokern.vllm.config import EmokernConfig, cache_salt, check_mix
 
 __all__ = ["register"]
 
@@ -88,31 +89,19 @@ def _checked(validate_params):
     @functools.wraps(validate_params)
     def wrapped(self, params, *args, **kwargs):
         result = validate_params(self, params, *args, **kwargs)
-        names = _bank_names(self.vllm_config)
-        if names is not None:
-            try:
-                request_mix(getattr(params, "extra_args", None), names)
-            except (TypeError, ValueError) as exc:
-                # vLLM's client-error type: the OpenAI server answers 400 with the message
-                # (a plain ValueError here becomes a 500 without one).
-                from vllm.exceptions import VLLMValidationError
+        config = EmokernConfig.from_additional_config(self.vllm_config.additional_config)
+        try:
+            check_mix(getattr(params, "extra_args", None), config)
+        except (TypeError, ValueError) as exc:
+            # vLLM's client-error type: the OpenAI server answers 400 with the message
+            # (a plain ValueError here becomes a 500 without one).
+            from vllm.exceptions import VLLMValidationError
 
-                raise VLLMValidationError(str(exc), parameter="vllm_xargs.emotion") from exc
+            raise VLLMValidationError(str(exc), parameter="vllm_xargs.emotion") from exc
         return result
 
     wrapped._emokern = True
     return wrapped
-
-
-@functools.lru_cache(maxsize=8)
-def _names_of(config: EmokernConfig) -> tuple[str, ...]:
-    return tuple(config.load_bank().names)
-
-
-def _bank_names(vllm_config) -> tuple[str, ...] | None:
-    """The emotion names of the engine's bank, or None when emokern is off."""
-    config = EmokernConfig.from_additional_config(vllm_config.additional_config)
-    return None if config is None else _names_of(config)
 
 
 def _patch(cls, name: str, wrapper) -> None:
@@ -149,11 +138,11 @@ def register() -> None:
 READINGS_METHOD = "emokern_readings"
 
 
-def _worker_readings(worker, req_ids=None) -> dict:
+def _worker_readings(worker, req_ids=None, family: bool = False) -> dict:
     """A worker's readings (added to vLLM's ``WorkerBase`` as ``emokern_readings``, so
     ``collective_rpc("emokern_readings")`` reaches it without pickling a function)."""
     steering = steering_of(getattr(worker, "model_runner", None))
-    return {} if steering is None else steering.readings(req_ids)
+    return {} if steering is None else steering.readings(req_ids, family)
 
 
 def steering_of(model_runner):

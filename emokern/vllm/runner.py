@@ -35,12 +35,21 @@ def packed_op():
     return torch.ops.emokern.steer_packed_.default
 
 
+#: vLLM decoder-layer classes (and their subclasses: Mistral, Phi-3, ...) whose forward
+#: returns ``(hidden, residual)`` with the residual stream = their sum: the layouts steered.
+SUPPORTED_LAYERS = ("LlamaDecoderLayer", "Qwen2DecoderLayer", "Gemma3DecoderLayer")
+
+
 def _decoder_layers(model) -> tuple[torch.nn.ModuleList, int]:
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList) or "Llama" not in type(model).__name__:
-        raise ValueError(f"emokern.vllm: steering needs a Llama-family model (LlamaForCausalLM "
-                         f"and its relatives); got {type(model).__name__}")
+    if not isinstance(layers, torch.nn.ModuleList) or not any(
+            cls.__name__ in SUPPORTED_LAYERS for cls in type(layers[0]).__mro__):
+        kind = type(layers[0]).__name__ if isinstance(layers, torch.nn.ModuleList) and len(
+            layers) else "no model.layers"
+        raise ValueError(f"emokern.vllm: steering supports vLLM models whose decoder layers are "
+                         f"{', '.join(SUPPORTED_LAYERS)} or their subclasses (Llama, SmolLM2, "
+                         f"Mistral, Qwen2, Gemma 3, ...); got {type(model).__name__} ({kind})")
     return layers, getattr(inner, "start_layer", 0)
 
 
@@ -50,7 +59,8 @@ class EngineSteering:
     Parameters
     ----------
     model : torch.nn.Module
-        vLLM's ``LlamaForCausalLM`` (or a subclass), before compilation.
+        A vLLM model whose decoder layers are one of :data:`SUPPORTED_LAYERS`, before
+        compilation.
     config : EmokernConfig
     max_requests : int
         Steered requests alive at once.
@@ -67,8 +77,11 @@ class EngineSteering:
                              f"model's hidden size is {hidden}: a bank of another model?")
         n_layers = start + len(layers)
         self.config = config
+        self.recommended = bank.recommended_weight
         self.names = tuple(bank.names)
         self.layers = config.resolve_layers(bank, n_layers)
+        # Neutral baseline of the steered layers (summary readings in standard scores).
+        self.neutral = bank.neutral_stats(list(self.layers)) if bank.calibrated else None
         scale = 1.0 / len(self.layers) if config.spread == "divide" else 1.0
         self.table = SlotTable(len(self.layers), len(self.names), max_requests, max_tokens,
                                scale=scale)
@@ -87,8 +100,8 @@ class EngineSteering:
             running = (None, None, None)
         inner = module.forward
 
-        def forward(positions, hidden_states, residual):
-            hidden_states, residual = inner(positions, hidden_states, residual)
+        def forward(*args, **kwargs):
+            hidden_states, residual = inner(*args, **kwargs)
             op(hidden_states, residual, vectors, table.slot_weights, table.token_slot,
                norm_preserving, None, *running)
             return hidden_states, residual
@@ -99,10 +112,12 @@ class EngineSteering:
 
     def on_update(self, scheduler_output) -> None:
         """Before the runner updates its batch: free the slots of finished requests (keeping
-        their readings) and restart preempted ones that resume (their recomputed tokens are
-        counted again from zero)."""
+        their readings) and of preempted ones (a resumed request is registered again, its
+        recomputed tokens counted from zero)."""
         for req_id in scheduler_output.finished_req_ids:
             self.table.release(req_id)
+        for req_id in getattr(scheduler_output, "preempted_req_ids", None) or ():
+            self.table.release(req_id, keep=False)
         cached = scheduler_output.scheduled_cached_reqs
         for req_id in getattr(cached, "resumed_req_ids", ()) or ():
             self.table.release(req_id, keep=False)
@@ -115,19 +130,33 @@ class EngineSteering:
             if not self.table.known(req_id):
                 params = runner.requests[req_id].sampling_params
                 extra = getattr(params, "extra_args", None) if params is not None else None
-                self.table.add(req_id, request_mix(extra, self.names))
+                weights = request_mix(extra, self.names, recommended=self.recommended)
+                self.table.add(req_id, weights, read=self.config.monitor)
         self.table.fill(req_ids, num_scheduled, batch.num_computed_tokens_cpu,
                         batch.num_prompt_tokens)
 
-    def readings(self, req_ids=None) -> dict:
+    def readings(self, req_ids=None, family: bool = False) -> dict:
         """Plain-Python readings (picklable across vLLM's processes); see
-        :func:`emokern.vllm.readings`."""
+        :func:`emokern.vllm.readings`. Empty when the engine keeps no readings."""
+        if not self.config.monitor:
+            return {}
         out = {}
-        for req_id, r in self.table.readings(req_ids).items():
+        for req_id, r in self.table.readings(req_ids, family=family).items():
+            mean = r["mean"]
+            summary = mean if self.neutral is None else (mean - self.neutral[0]) / self.neutral[1]
             out[req_id] = {"layers": list(self.layers), "names": list(self.names),
-                           "mean": r["mean"].tolist(), "last": r["last"].tolist(),
-                           "count": r["count"]}
+                           "mean": _plain(mean), "last": _plain(r["last"]), "count": r["count"],
+                           "prompt_mean": _plain(r["prompt_mean"]),
+                           "prompt_count": r["prompt_count"],
+                           "readings": dict(zip(self.names, _plain(summary.mean(0)), strict=True)),
+                           "standardized": self.neutral is not None}
         return out
+
+
+def _plain(values: torch.Tensor):
+    """A tensor as nested lists, NaN as None (valid JSON)."""
+    return [_plain(v) for v in values] if values.dim() else (
+        None if values.isnan() else float(values))
 
 
 def make(runner) -> EngineSteering | None:
@@ -138,5 +167,9 @@ def make(runner) -> EngineSteering | None:
         return None
     sched = runner.vllm_config.scheduler_config
     max_requests = config.max_requests or 2 * sched.max_num_seqs
+    if max_requests < sched.max_num_seqs:
+        raise ValueError(f"emokern.vllm: max_requests ({max_requests}) must be at least vLLM's "
+                         f"max_num_seqs ({sched.max_num_seqs}): every running request may need "
+                         f"a slot")
     return EngineSteering(runner.model, config, max_requests=max_requests,
                           max_tokens=sched.max_num_batched_tokens)

@@ -15,6 +15,7 @@ them never changes (``docs/design.md``, house habit 4).
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 
@@ -73,14 +74,15 @@ class SlotTable:
     def known(self, req_id: str) -> bool:
         return req_id in self._pair
 
-    def add(self, req_id: str, weights: torch.Tensor | None) -> None:
+    def add(self, req_id: str, weights: torch.Tensor | None, *, read: bool = False) -> None:
         """Register ``req_id`` with weights ``[K]`` (user units) or None (unsteered).
 
-        A steered request gets a fresh pair of slots with zeroed statistics.
+        A steered request gets a fresh pair of slots with zeroed statistics; so does an
+        unsteered one when ``read`` (its slots weigh zero: the op adds exactly 0 and reads).
         """
         if req_id in self._pair:
             self.release(req_id, keep=False)
-        if weights is None:
+        if weights is None and not read:
             self._pair[req_id] = None
             return
         if not self._free:
@@ -88,7 +90,10 @@ class SlotTable:
                                f"use; raise additional_config['emokern']['max_requests']")
         pair = self._free.pop()
         rows = slice(2 * pair, 2 * pair + 2)
-        self.slot_weights[rows] = (weights.float() * self.scale)[None]
+        if weights is None:
+            self.slot_weights[rows] = 0
+        else:
+            self.slot_weights[rows] = (weights.float() * self.scale)[None]
         for t in (*self.run_sum, *self.run_count, *self.run_last):
             t[rows] = 0
         self._pair[req_id] = pair
@@ -105,18 +110,28 @@ class SlotTable:
         self._free.append(pair)
 
     def _reading(self, pair: int) -> dict:
-        gen = 2 * pair + 1
-        count = torch.stack([c[gen] for c in self.run_count]).cpu()
-        total = torch.stack([s[gen] for s in self.run_sum]).cpu()
-        mean = total / count[:, None].clamp_min(1)
-        mean[count == 0] = float("nan")
-        last = torch.stack([s[gen] for s in self.run_last]).cpu()
-        return {"mean": mean, "last": last, "count": int(count[0])}
+        out = {}
+        for key, slot in (("", 2 * pair + 1), ("prompt_", 2 * pair)):
+            count = torch.stack([c[slot] for c in self.run_count]).cpu()
+            total = torch.stack([s[slot] for s in self.run_sum]).cpu()
+            mean = total / count[:, None].clamp_min(1)
+            mean[count == 0] = float("nan")
+            out[key + "mean"], out[key + "count"] = mean, int(count[0])
+        out["last"] = torch.stack([s[2 * pair + 1] for s in self.run_last]).cpu()
+        return out
 
-    def readings(self, req_ids: Sequence[str] | None = None) -> dict[str, dict]:
-        """Readings by request id: ``{"mean": [L, K], "last": [L, K], "count": int}`` over the
-        generated tokens fed so far (live requests) or in all (finished ones). An id may be
-        vLLM's internal id or the id the user gave (internal = ``<id>-<8 chars>``)."""
+    def readings(self, req_ids: Sequence[str] | None = None, *,
+                 family: bool = False) -> dict[str, dict]:
+        """Readings by request id: ``{"mean": [L, K], "last": [L, K], "count": int,
+        "prompt_mean": [L, K], "prompt_count": int}`` over the generated (``prompt_``: prompt)
+        tokens fed so far (live requests) or in all (finished ones).
+
+        An id may be vLLM's internal id or the id the user gave (internal = ``<id>-<8 hex>``).
+        With ``family``, each wanted id ``X`` also collects the requests vLLM's OpenAI server
+        derives from one HTTP request ``X``: ``X-<i>`` (the i-th prompt), ``X_<i>`` and
+        ``<j>_X...`` (the j-th of ``n`` samples); the result is then keyed by those ids (the
+        random suffix removed).
+        """
         out: dict[str, dict] = {}
         live = {r: self._reading(p) for r, p in self._pair.items() if p is not None}
         for store in (self._finished, live):
@@ -124,9 +139,12 @@ class SlotTable:
                 if req_ids is None:
                     out[rid] = reading
                     continue
+                external = _external_id(rid)
                 for wanted in req_ids:
-                    if rid == wanted or rid.rsplit("-", 1)[0] == wanted:
+                    if rid == wanted or external == wanted:
                         out[wanted] = reading
+                    elif family and _derived(external, wanted):
+                        out[external] = reading
         return out
 
     # ------------------------------------------------------------------ each step
@@ -164,3 +182,23 @@ class SlotTable:
         """Release every registered request not in ``live`` (finished or aborted)."""
         for rid in [r for r in self._pair if r not in live]:
             self.release(rid)
+
+
+_SUFFIX = re.compile(r"-[0-9a-f]{8}$")
+_SAMPLE = re.compile(r"^\d+_")
+
+
+def _external_id(internal: str) -> str:
+    """The id a request was given, from vLLM's internal id (``<id>-<8 hex chars>``)."""
+    return _SUFFIX.sub("", internal)
+
+
+def _derived(external: str, wanted: str) -> bool:
+    """Whether ``external`` is ``wanted`` or one of the ids vLLM's OpenAI server derives from
+    it: ``wanted-<i>`` / ``wanted_<i>`` (prompt ``i``), each optionally as ``<j>_...``
+    (sample ``j`` of ``n``)."""
+    for base in (external, _SAMPLE.sub("", external)):
+        rest = base[len(wanted):] if base.startswith(wanted) else None
+        if rest == "" or (rest and len(rest) > 1 and rest[0] in "-_" and rest[1:].isdigit()):
+            return True
+    return False

@@ -35,7 +35,7 @@ def test_fill_packs_prompt_and_generated_slots():
 
 def test_release_keeps_readings_and_reuses_slots():
     t = _table()
-    t.add("7-abcdefgh", torch.tensor([1.0, 0.0, 0.0]))
+    t.add("7-0a1b2c3d", torch.tensor([1.0, 0.0, 0.0]))
     gen = 1
     for layer in range(2):
         t.run_sum[layer][gen] = torch.tensor([2.0, 4.0, 6.0]) * (layer + 1)
@@ -43,11 +43,39 @@ def test_release_keeps_readings_and_reuses_slots():
     live = t.readings(["7"])["7"]
     assert live["count"] == 2 and live["mean"].tolist() == [[1.0, 2.0, 3.0], [2.0, 4.0, 6.0]]
     t.sync(set())  # finished
-    assert not t.known("7-abcdefgh")
+    assert not t.known("7-0a1b2c3d")
     assert t.readings(["7"])["7"]["mean"].tolist() == live["mean"].tolist()
     t.add("8", torch.tensor([0.0, 1.0, 0.0]))  # the freed pair again, statistics zeroed
     assert t.run_count[0][gen] == 0 and t.slot_weights[gen].tolist() == [0.0, 1.0, 0.0]
     assert torch.isnan(t.readings(["8"])["8"]["mean"]).all()
+
+
+def test_prompt_and_generated_readings_and_unsteered_reads():
+    t = _table()
+    t.add("a", None, read=True)  # unsteered but read: a pair of zero-weight slots
+    t.add("b", None)  # unsteered, not read: no slot
+    assert t.slot_weights[:2].eq(0).all() and t.known("b")
+    t.fill(["a", "b"], np.array([3, 1]), np.array([0, 0]), np.array([3, 1]))
+    assert t.token_slot[:4].tolist() == [0, 0, 0, -1]
+    for layer in range(2):
+        t.run_sum[layer][0] = torch.tensor([3.0, 0.0, 3.0])
+        t.run_count[layer][0] = 3
+    r = t.readings(["a", "b"])
+    assert set(r) == {"a"}
+    assert r["a"]["prompt_count"] == 3 and r["a"]["prompt_mean"][0].tolist() == [1.0, 0.0, 1.0]
+    assert r["a"]["count"] == 0
+
+
+def test_readings_of_one_http_request_by_family():
+    """The ids vLLM's OpenAI server derives from one HTTP request id: prompts as -i (or _i),
+    samples as j_ prefixes, each with vLLM's random suffix."""
+    t = _table()
+    ids = ["cmpl-x-0-0123abcd", "1_cmpl-x-1-89abcdef", "chat-y-00ff00ff", "cmpl-xy-0-0a0a0a0a"]
+    for rid in ids:
+        t.add(rid, torch.ones(3))
+    assert set(t.readings(["cmpl-x"], family=True)) == {"cmpl-x-0", "1_cmpl-x-1"}
+    assert set(t.readings(["chat-y"], family=True)) == {"chat-y"}
+    assert set(t.readings(["cmpl-x"])) == set()  # exact ids only without family
 
 
 def test_slots_run_out_with_a_clear_error():

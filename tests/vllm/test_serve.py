@@ -1,0 +1,303 @@
+"""``emokern serve`` over HTTP with the official ``openai`` client: readings in the answers and
+on the last chunk of a stream, ``GET /v1/emotions``, bad input through every door, concurrent
+clients. One server (the default model, vLLM's compilation on) on 127.0.0.1 at a free port,
+shared by the module; run by ``make test-vllm``. Without vLLM only the first test runs: the
+command explains what is missing.
+"""
+
+import concurrent.futures
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+import emokern
+from emokern.cli import main as cli_main
+from emokern.vllm.http import READINGS_FIELD
+
+try:  # a submodule: this tests/vllm directory would pass for the package ``vllm``
+    import vllm.sampling_params  # noqa: F401
+    HAVE_VLLM = True
+except ImportError:
+    HAVE_VLLM = False
+
+MAX_TOKENS = 12
+START_TIMEOUT_S = 600
+# Readings over HTTP vs the Hugging Face monitor, same tokens (see test_engine.READING_ATOL).
+READING_ATOL = 1e-3
+EMOTIONS = ("joy", "sadness", "anger", "fear", "disgust", "surprise")
+CLIENTS, PER_CLIENT = 32, 4
+
+
+@pytest.mark.skipif(HAVE_VLLM, reason="vLLM is installed here")
+def test_serve_explains_a_missing_vllm(capsys):
+    assert cli_main(["serve", "--port", "8123", "--max-num-seqs", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "vLLM is not installed" in err and 'pip install "emokern[vllm]"' in err
+
+
+needs_vllm = pytest.mark.skipif(not HAVE_VLLM, reason="needs vLLM (make test-vllm)")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str, timeout: float = 10):
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """``emokern serve`` on 127.0.0.1:<free port>; yields its base URL (with
+    ``EMOKERN_TEST_SERVER=<url>``, that running server instead)."""
+    if os.environ.get("EMOKERN_TEST_SERVER"):
+        yield os.environ["EMOKERN_TEST_SERVER"].rstrip("/")
+        return
+    port = _free_port()
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
+    emokern_cmd = Path(sys.executable).with_name("emokern")
+    cmd = [str(emokern_cmd), "serve", "--host", "127.0.0.1", "--port", str(port),
+           "--max-model-len", "512", "--max-num-seqs", "32", "--seed", "0",
+           "--disable-uvicorn-access-log"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    start = time.monotonic()
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"emokern serve exited ({proc.returncode}):\n"
+                            + log.read_text()[-4000:])
+            try:
+                if _get(url + "/health", 2)[0] == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() - start > START_TIMEOUT_S:
+                pytest.fail("emokern serve did not start:\n" + log.read_text()[-4000:])
+            time.sleep(2)
+        print(f"server up in {time.monotonic() - start:.0f} s")
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=server + "/v1", api_key="unused", timeout=300, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def model_name(client):
+    return client.models.list().data[0].id
+
+
+def _xargs(mix):
+    return {"vllm_xargs": {"emotion": mix}} if mix is not None else None
+
+
+def _chat(client, model_name, mix, text="Tell me about your day.", **kw):
+    return client.chat.completions.create(
+        model=model_name, messages=[{"role": "user", "content": text}], temperature=0,
+        max_tokens=MAX_TOKENS, extra_body=_xargs(mix), **kw)
+
+
+@pytest.mark.slow
+@pytest.mark.model
+@needs_vllm
+def test_completion_readings_match_the_hugging_face_monitor(client, model_name):
+    mix = {"joy": 4.0, "fear": 1.0}
+    model, tokenizer = emokern.load_model("default")
+    from emokern.tokens import chat_prompt_ids
+
+    ids = chat_prompt_ids(tokenizer, [{"role": "user", "content": "How was the concert?"}])
+    plain = client.completions.create(model=model_name, prompt=ids, max_tokens=MAX_TOKENS,
+                                      temperature=0)
+    out = client.completions.create(model=model_name, prompt=ids, max_tokens=MAX_TOKENS,
+                                    temperature=0, logprobs=0,
+                                    extra_body=_xargs("joy=4,fear=1"))
+    assert out.choices[0].text != plain.choices[0].text  # steering changed the answer
+    readings = out.model_extra[READINGS_FIELD]
+    choice = readings["choices"][0]
+    assert choice["index"] == 0
+    assert choice["count"] == out.usage.completion_tokens - 1
+    assert choice["prompt_count"] == len(ids)
+    bank = emokern.EmotionBank.load_default()
+    assert readings["names"] == list(bank.names)
+    assert readings["layers"] == list(bank.recommended_layers)
+    assert set(choice["readings"]) == set(bank.names)
+    # The same prompt and mix through Hugging Face: same tokens, same readings.
+    x = torch.tensor([ids])
+    with emokern.steer(model, bank, mix=[mix], layers=readings["layers"], positions="all",
+                       monitor="generated") as s:
+        hf = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
+                            max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS)
+    assert tokenizer.decode(hf[0, len(ids):]) == out.choices[0].text
+    got = torch.tensor(choice["mean"])
+    print("max |HTTP - HF| reading:", (got - s.monitor.mean()[0]).abs().max().item())
+    torch.testing.assert_close(got, s.monitor.mean()[0], atol=READING_ATOL, rtol=0)
+    # the unsteered answer carries readings too (zero weights: read, not steered)
+    assert plain.model_extra[READINGS_FIELD]["choices"][0]["count"] == (
+        plain.usage.completion_tokens - 1)
+
+
+@pytest.mark.slow
+@pytest.mark.model
+@needs_vllm
+def test_chat_stream_has_readings_on_its_last_chunk_only(client, model_name):
+    whole = _chat(client, model_name, "sadness=5")
+    assert whole.model_extra[READINGS_FIELD]["choices"][0]["count"] == (
+        whole.usage.completion_tokens - 1)
+    for usage in (False, True):
+        chunks = list(_chat(client, model_name, "sadness=5", stream=True,
+                            stream_options={"include_usage": True} if usage else None))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == whole.choices[0].message.content
+        with_readings = [i for i, c in enumerate(chunks)
+                         if (c.model_extra or {}).get(READINGS_FIELD)]
+        assert with_readings == [len(chunks) - 1]
+        last = chunks[-1].model_extra[READINGS_FIELD]
+        assert last == whole.model_extra[READINGS_FIELD]
+        if usage:
+            assert chunks[-1].choices == [] and chunks[-1].usage is not None
+
+
+@pytest.mark.slow
+@pytest.mark.model
+@needs_vllm
+def test_completion_stream_and_several_choices(client, model_name):
+    """Two prompts x n = 2 samples: choice i·n + j gets the readings of prompt i's sample j
+    (told apart by the prompts' lengths: each prompt is read once, its second sample may reuse
+    the prefix cache)."""
+    _, tokenizer = emokern.load_model("default")
+    prompts = ["Hi", "Once upon a time, in a small village by the sea, there"]
+    lengths = [len(tokenizer(p)["input_ids"]) for p in prompts]
+    kw = dict(model=model_name, prompt=prompts, max_tokens=6, temperature=0.8, seed=1, n=2,
+              extra_body=_xargs("anger=3"))
+    for stream in (False, True):
+        out = client.completions.create(**kw, stream=stream)
+        if stream:
+            chunks = list(out)
+            found = [c.model_extra.get(READINGS_FIELD) for c in chunks]
+            assert all(r is None for r in found[:-1])
+            readings = found[-1]
+        else:
+            assert [c.index for c in out.choices] == [0, 1, 2, 3]
+            readings = out.model_extra[READINGS_FIELD]
+        choices = readings["choices"]
+        assert [c["index"] for c in choices] == [0, 1, 2, 3]
+        for i, length in enumerate(lengths):
+            counts = [choices[2 * i + j]["prompt_count"] for j in range(2)]
+            assert max(counts) == length and min(counts) <= length, (i, counts, lengths)
+        if not stream:
+            assert sum(c["count"] + 1 for c in choices) == out.usage.completion_tokens
+
+
+@pytest.mark.slow
+@pytest.mark.model
+@needs_vllm
+def test_emotions_endpoint(server):
+    status, body = _get(server + "/v1/emotions")
+    assert status == 200
+    info = json.loads(body)
+    bank = emokern.EmotionBank.load_default()
+    assert info["names"] == list(bank.names)
+    assert info["layers"] == list(bank.recommended_layers)
+    assert info["recommended_weights"] == {n: bank.recommended_weight(n) for n in bank.names}
+
+
+BAD_MIXES = [("hope=1", "unknown emotion 'hope'"), ("joy=nan", "must be finite"),
+             ("joy=inf", "must be finite"), ("joy==2", "must be a number"),
+             ("joy", "bad term 'joy'"), (3, "must be a dict or a string"),
+             (["joy=1"], "must be a dict or a string"), ("joy=rec,joy=1", "given twice")]
+
+
+@pytest.mark.slow
+@pytest.mark.model
+@needs_vllm
+def test_bad_input_is_a_400_and_the_server_stays_healthy(server, client, model_name):
+    import openai
+
+    doors = {
+        "completions": lambda mix, stream: client.completions.create(
+            model=model_name, prompt="Hello", max_tokens=4, stream=stream,
+            extra_body=_xargs(mix)),
+        "chat": lambda mix, stream: _chat(client, model_name, mix, stream=stream),
+    }
+    for mix, message in BAD_MIXES:
+        for door, call in doors.items():
+            for stream in (False, True):
+                with pytest.raises(openai.BadRequestError) as info:
+                    result = call(mix, stream)
+                    if stream:
+                        list(result)
+                assert info.value.status_code == 400
+                assert message in str(info.value), (door, stream, mix, str(info.value))
+                assert "vllm_xargs['emotion']" in str(info.value)
+    assert _get(server + "/health")[0] == 200
+    ok = _chat(client, model_name, "joy=2")
+    assert ok.choices[0].finish_reason in ("length", "stop")
+
+
+@pytest.mark.slow
+@pytest.mark.model
+@needs_vllm
+def test_concurrent_clients_with_distinct_mixes(client, model_name):
+    """32 clients x 4 requests, each with its own mix, all at once: 0 errors, every answer
+    has its readings, and the answers checked alone first are unchanged under load."""
+    mixes = [f"{EMOTIONS[i % 6]}={0.5 + 0.05 * i:.2f}" for i in range(CLIENTS * PER_CLIENT)]
+    questions = ["Describe your neighbour.", "What do you think of the sea?",
+                 "How was the concert?", "Tell me about your day."]
+    alone = {i: _chat(client, model_name, mixes[i], questions[i % 4]).choices[0]
+             .message.content for i in (0, 37, 81, 127)}
+
+    def one_client(c):
+        answers = {}
+        for r in range(PER_CLIENT):
+            i = c * PER_CLIENT + r
+            out = _chat(client, model_name, mixes[i], questions[i % 4])
+            reading = out.model_extra[READINGS_FIELD]["choices"][0]
+            assert reading["count"] == out.usage.completion_tokens - 1
+            answers[i] = out.choices[0].message.content
+        return answers
+
+    start = time.monotonic()
+    answers, errors = {}, []
+    with concurrent.futures.ThreadPoolExecutor(CLIENTS) as pool:
+        for f in [pool.submit(one_client, c) for c in range(CLIENTS)]:
+            try:
+                answers.update(f.result())
+            except Exception as exc:  # counted, then reported
+                errors.append(repr(exc))
+    elapsed = time.monotonic() - start
+    print(f"{CLIENTS} clients x {PER_CLIENT} requests: {len(answers)} answers, "
+          f"{len(errors)} errors in {elapsed:.1f} s")
+    assert errors == []
+    assert len(answers) == CLIENTS * PER_CLIENT
+    for i, text in alone.items():
+        assert answers[i] == text, i
