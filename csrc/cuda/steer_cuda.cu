@@ -56,8 +56,9 @@
 // are 64-bit (B*T*D may exceed 2^31).
 //
 // Limits: shared memory holds one row, its residual and delta, D * (sizeof(storage) [* 2] + 4)
-// bytes plus ~20 B per vector: D = 16384 in bfloat16 needs 96 KiB (opted in above the 48 KiB
-// default; fine on sm_80+). Rows of a chunk are processed one after another, so `vectors` is
+// bytes, plus 16 B per vector (76 B in 16-row blocks, which keep each run's newest
+// projections): D = 16384 in bfloat16 needs 96 KiB (opted in above the 48 KiB default; fine
+// on sm_80+). Rows of a chunk are processed one after another, so `vectors` is
 // re-read from L2 for every row; for long prefills with large K*D a multi-row tile would cut
 // that traffic.
 
