@@ -250,18 +250,34 @@ def _usable_on(device: torch.device) -> list[str]:
     return [b for b in BACKENDS if _backend_runs_on(b, device)]
 
 
-def runner_for(backend: str) -> Callable[..., None]:
-    """The callable that runs ``emokern::steer_`` on ``backend`` (positional arguments in the
-    schema's order), without the public wrapper's per-call validation: for callers that
-    validated their arguments once (the steerer's hot path). Loads (or compiles) the kernel."""
+def _call_triton_packed(*args) -> None:
+    from emokern.ops.triton_steer import triton_steer_packed_  # Triton is an optional extra
+
+    triton_steer_packed_(*args)
+
+
+#: Per op: (reference, Triton launcher, dispatcher entry) — the runners of runner_for.
+_RUNNERS = {
+    "steer_": (ref_steer_, _call_triton, _call_dispatcher),
+    "steer_packed_": (ref_steer_packed_, _call_triton_packed,
+                      torch.ops.emokern.steer_packed_.default),
+}
+
+
+def runner_for(backend: str, op: str = "steer_") -> Callable[..., None]:
+    """The callable that runs ``emokern::<op>`` (``"steer_"`` or ``"steer_packed_"``) on
+    ``backend`` (positional arguments in the schema's order), without the public wrapper's
+    per-call validation: for callers that validated their arguments once (the steerer's hot
+    path, a serving engine's layers). Loads (or compiles) the kernel."""
+    reference, triton, dispatcher = _RUNNERS[op]
     if backend == "reference":
-        return ref_steer_
+        return reference
     if backend == "triton":
-        return _call_triton
+        return triton
     loaded = build.load_cpu() if backend == "cpu" else build.load_cuda()
     if not loaded:
         _fail(RuntimeError, f"the {backend!r} backend is not available here (see `emokern info`)")
-    return _call_dispatcher
+    return dispatcher
 
 
 def steer_(
@@ -366,9 +382,6 @@ def steer_(
                     bool(norm_preserving), proj_out, *run)
 
 
-_call_packed = torch.ops.emokern.steer_packed_.default
-
-
 def _packed_fail(exc: type[Exception], message: str):
     _fail(exc, message, op="steer_packed_")
 
@@ -391,7 +404,7 @@ def validate_steer_packed_args(hidden, residual, vectors, slot_weights, token_sl
     if hidden.dim() != 2:
         fail(ValueError, f"hidden must be [N, D], got shape {list(hidden.shape)}")
     n_tokens, dim = hidden.shape
-    if n_tokens > 1 and (hidden.stride(1) != 1 and dim > 1 or hidden.stride(0) < dim):
+    if hidden.stride(1) != 1 and dim > 1 or n_tokens > 1 and hidden.stride(0) < dim:
         fail(ValueError, f"hidden must have distinct rows with a contiguous last dimension, got "
                          f"strides {list(hidden.stride())}")
     device = hidden.device
@@ -408,7 +421,7 @@ def validate_steer_packed_args(hidden, residual, vectors, slot_weights, token_sl
 
     if residual is not None:
         check("residual", residual, (n_tokens, dim), hidden.dtype)
-        if n_tokens > 1 and (residual.stride(1) != 1 and dim > 1):
+        if residual.stride(1) != 1 and dim > 1:
             fail(ValueError, "residual must have a contiguous last dimension")
     if not vectors.is_floating_point():
         fail(TypeError, f"vectors must be floating point, got {vectors.dtype}")
@@ -440,6 +453,9 @@ def validate_steer_packed_args(hidden, residual, vectors, slot_weights, token_sl
         check("running.sum", running.sum, (n_slots, n_vec), torch.float32)
         check("running.count", running.count, (n_slots,), torch.int64)
         check("running.last", running.last, (n_slots, n_vec), torch.float32)
+        for name, t in zip(("sum", "count", "last"), running.tensors(), strict=True):
+            if not t.is_contiguous():
+                fail(ValueError, f"running.{name} must be contiguous")
     if check_values:
         if not bool(torch.isfinite(slot_weights).all()):
             fail(ValueError, "slot_weights must be finite (found NaN or inf)")
@@ -464,6 +480,7 @@ def steer_packed_(
     norm_preserving: bool = False,
     proj_out: torch.Tensor | None = None,
     running: RunningProjections | None = None,
+    backend: str | None = None,
 ) -> None:
     r""":func:`steer_` for packed tokens: ``hidden [N, D]`` holds the tokens of many sequences
     (a serving engine's flattened batch), each naming its sequence's slot.
@@ -498,6 +515,15 @@ def steer_packed_(
     norm_preserving : bool
     proj_out : Tensor [N_max, K], float32, optional
     running : RunningProjections(S, K), optional
+    backend : {"reference", "cpu", "triton", "cuda"}, optional
+        Force a backend; default ``$EMOKERN_BACKEND`` or the best one for ``hidden.device``
+        (choosing loads the compiled kernels, or registers Triton as the CUDA kernel, so that
+        ``torch.ops.emokern.steer_packed_`` inside a compiled graph runs the same kernel).
+
+    Notes
+    -----
+    On CUDA, Triton compiles one variant per shape class: run each token count once before
+    capturing a CUDA graph.
 
     Raises
     ------
@@ -509,11 +535,13 @@ def steer_packed_(
     validate_steer_packed_args(hidden, residual, vectors, slot_weights, token_slot, proj_out,
                                running, check_values=not capturing
                                and not torch.compiler.is_compiling())
+    chosen = resolve_backend(backend, hidden.device)
     run = running.tensors() if running is not None else (None, None, None)
     if vectors.dtype != torch.float32 or not vectors.is_contiguous():
         vectors = vectors.float().contiguous()
-    _call_packed(hidden, residual, vectors, slot_weights.contiguous(), token_slot.contiguous(),
-                 bool(norm_preserving), proj_out, *run)
+    runner_for(chosen, "steer_packed_")(hidden, residual, vectors, slot_weights.contiguous(),
+                                        token_slot.contiguous(), bool(norm_preserving),
+                                        proj_out, *run)
 
 
 # ------------------------------------------------------------------------ scale_neurons_

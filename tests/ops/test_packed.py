@@ -3,6 +3,8 @@ the batched op as its special case, split residual streams, slots, errors, compi
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -196,3 +198,50 @@ def test_opcheck_and_compile_fullgraph():
 
 def test_public_api_exports():
     assert emokern.ops.steer_packed_ is steer_packed_
+
+
+BACKENDS_HERE = ["reference", "cpu"] + (["triton"] if importlib.util.find_spec("triton") else [])
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+def test_every_backend_matches_the_reference(backend, monkeypatch):
+    from emokern.ops import build
+
+    if backend == "cpu" and not build.load_cpu():
+        pytest.fail("the CPU kernel did not build")
+    if backend == "triton":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    hidden, res, vectors, weights, token_slot = make_case(11, 40, 3, 4, n_max=14)
+    want = hidden.clone()
+    want_run, got_run = RunningProjections(4, 3), RunningProjections(4, 3)
+    want_proj, got_proj = torch.zeros(14, 3), torch.zeros(14, 3)
+    ref_steer_packed_(want, res, vectors, weights, token_slot, True, want_proj,
+                      *want_run.tensors())
+    steer_packed_(hidden, vectors, weights, token_slot, residual=res, norm_preserving=True,
+                  proj_out=got_proj, running=got_run, backend=backend)
+    torch.testing.assert_close(hidden, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_proj, want_proj, rtol=1e-5, atol=1e-4)
+    assert torch.equal(got_run.count, want_run.count)
+    torch.testing.assert_close(got_run.sum, want_run.sum, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(got_run.last, want_run.last, rtol=1e-5, atol=1e-4,
+                               equal_nan=True)
+
+
+def test_a_backend_for_another_device_is_refused():
+    hidden, _, vectors, weights, token_slot = make_case(3, 8, 2, 1)
+    before = hidden.clone()
+    with pytest.raises(ValueError, match="backend 'cuda' cannot run on cpu"):
+        steer_packed_(hidden, vectors, weights, token_slot, backend="cuda")
+    assert torch.equal(hidden, before)
+
+
+def test_layouts_every_backend_refuses():
+    vectors, weights = torch.randn(2, 8), torch.randn(1, 2)
+    one_strided = torch.randn(8, 2)[:, :1].T  # N = 1, last-dimension stride 2
+    with pytest.raises(ValueError, match="contiguous last dimension"):
+        steer_packed_(one_strided, vectors, weights, torch.zeros(1, dtype=torch.int32))
+    running = RunningProjections(1, 2)
+    running.sum = torch.zeros(1, 4)[:, ::2]
+    with pytest.raises(ValueError, match="running.sum must be contiguous"):
+        steer_packed_(torch.randn(2, 8), vectors, weights, torch.zeros(2, dtype=torch.int32),
+                      running=running)
