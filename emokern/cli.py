@@ -1,4 +1,4 @@
-"""The emokern command line: demo, info, extract, calibrate, generate, eval, bench, serve.
+"""The emokern command line: demo, info, extract, calibrate, generate, eval, analyze, bench, serve.
 
 Each subcommand parses its arguments, calls the library, and prints; the work itself lives in
 the library so that it can be used from Python too. The library is imported inside the
