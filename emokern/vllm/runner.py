@@ -111,16 +111,11 @@ class EngineSteering:
     # --------------------------------------------------------------- scheduler events
 
     def on_update(self, scheduler_output) -> None:
-        """Before the runner updates its batch: free the slots of finished requests (keeping
-        their readings) and of preempted ones (a resumed request is registered again, its
-        recomputed tokens counted from zero)."""
+        """Before the runner updates its batch: free the slots of finished requests, keeping
+        their readings. A preempted request keeps its slots: when it resumes, the tokens vLLM
+        recomputes go to its replay slot (:class:`~emokern.vllm.slots.SlotTable`)."""
         for req_id in scheduler_output.finished_req_ids:
             self.table.release(req_id)
-        for req_id in getattr(scheduler_output, "preempted_req_ids", None) or ():
-            self.table.release(req_id, keep=False)
-        cached = scheduler_output.scheduled_cached_reqs
-        for req_id in getattr(cached, "resumed_req_ids", ()) or ():
-            self.table.release(req_id, keep=False)
 
     def before_forward(self, runner, num_scheduled: np.ndarray) -> None:
         """After ``_prepare_inputs``: register new requests, write ``token_slot``."""
@@ -131,7 +126,7 @@ class EngineSteering:
                 params = runner.requests[req_id].sampling_params
                 extra = getattr(params, "extra_args", None) if params is not None else None
                 weights = request_mix(extra, self.names, recommended=self.recommended)
-                self.table.add(req_id, weights, read=self.config.monitor)
+                self.table.add(req_id, weights, read=self.config.monitor, running=req_ids)
         self.table.fill(req_ids, num_scheduled, batch.num_computed_tokens_cpu,
                         batch.num_prompt_tokens)
 

@@ -3,10 +3,13 @@
 vLLM packs the tokens of every scheduled request into one ``[N, D]`` tensor. The way vLLM's
 LoRA maps tokens to adapters, each request that carries a mix owns *slots*, rows of
 ``slot_weights [S, K]``, and before every forward each token is given its request's slot in
-``token_slot [N_max]`` (``-1``: no steering). A steered request owns two slots with the same
-weights: one for its prompt tokens, one for its generated tokens, so the op's per-slot running
-statistics of the generated slot are the readings over generated tokens only (what the Hugging
-Face monitor gives with ``monitor="generated"``).
+``token_slot [N_max]`` (``-1``: no steering). A steered request owns three slots with the same
+weights: one for its prompt tokens, one for its generated tokens — so the op's per-slot
+running statistics of the generated slot are the readings over generated tokens only (what the
+Hugging Face monitor gives with ``monitor="generated"``) — and one for *replayed* tokens: after
+a preemption vLLM recomputes a request's tokens (those its prefix cache no longer holds); they
+are steered the same but were read already, so their statistics go to the replay slot, which
+is never read. Readings are thus exact across preemptions.
 
 Everything here is plain torch/numpy, importable without vLLM (tested in ``tests/vllm``).
 The tensors are allocated once; a step only ``copy_``-es into them, so the graph that reads
@@ -35,7 +38,8 @@ class SlotTable:
     n_emotions : int
         ``K``.
     max_requests : int
-        Steered requests alive at once (each owns two slots, so ``S = 2 * max_requests``).
+        Requests with slots alive at once, preempted ones included (each owns three slots, so
+        ``S = 3 * max_requests``).
     max_tokens : int
         ``N_max``: the most tokens one forward carries (vLLM's ``max_num_batched_tokens``).
     scale : float
@@ -52,7 +56,7 @@ class SlotTable:
 
     def __init__(self, n_layers: int, n_emotions: int, max_requests: int, max_tokens: int,
                  *, scale: float = 1.0, keep_readings: int = 4096, device="cpu") -> None:
-        n_slots = 2 * max_requests
+        n_slots = 3 * max_requests
         self.n_layers, self.n_emotions, self.n_slots = n_layers, n_emotions, n_slots
         self.scale = float(scale)
         self.slot_weights = torch.zeros(n_slots, n_emotions, device=device)
@@ -63,8 +67,10 @@ class SlotTable:
         self.run_count = [torch.zeros(n_slots, dtype=torch.int64, device=device)
                           for _ in range(n_layers)]
         self.run_last = [torch.zeros(n_slots, n_emotions, device=device) for _ in range(n_layers)]
-        self._free = list(range(max_requests - 1, -1, -1))  # pair p = slots (2p, 2p + 1)
-        self._pair: dict[str, int | None] = {}  # req_id -> pair, None = unsteered
+        # request r owns slots 3r (prompt), 3r + 1 (generated), 3r + 2 (replayed)
+        self._free = list(range(max_requests - 1, -1, -1))
+        self._pair: dict[str, int | None] = {}  # req_id -> r, None = no slots
+        self._read_upto: dict[str, int] = {}  # req_id -> positions < this were read
         self._finished: OrderedDict[str, dict] = OrderedDict()
         self._keep = keep_readings
         self._filled = 0
@@ -74,11 +80,14 @@ class SlotTable:
     def known(self, req_id: str) -> bool:
         return req_id in self._pair
 
-    def add(self, req_id: str, weights: torch.Tensor | None, *, read: bool = False) -> None:
+    def add(self, req_id: str, weights: torch.Tensor | None, *, read: bool = False,
+            running: Sequence[str] = ()) -> None:
         """Register ``req_id`` with weights ``[K]`` (user units) or None (unsteered).
 
-        A steered request gets a fresh pair of slots with zeroed statistics; so does an
-        unsteered one when ``read`` (its slots weigh zero: the op adds exactly 0 and reads).
+        A steered request gets fresh slots with zeroed statistics; so does an unsteered one
+        when ``read`` (its slots weigh zero: the op adds exactly 0 and reads). When every slot
+        is taken, a request not in ``running`` (a preempted one) gives its slots up (its
+        readings then restart when it resumes).
         """
         if req_id in self._pair:
             self.release(req_id, keep=False)
@@ -86,10 +95,15 @@ class SlotTable:
             self._pair[req_id] = None
             return
         if not self._free:
-            raise RuntimeError(f"emokern.vllm: all {self.n_slots // 2} steering slots are in "
-                               f"use; raise additional_config['emokern']['max_requests']")
+            busy = set(running)
+            idle = next((r for r, p in self._pair.items() if p is not None and r not in busy),
+                        None)
+            if idle is None:
+                raise RuntimeError(f"emokern.vllm: all {self.n_slots // 3} steering slots are "
+                                   f"in use; raise additional_config['emokern']['max_requests']")
+            self.release(idle, keep=False)  # unknown again: registered afresh on resuming
         pair = self._free.pop()
-        rows = slice(2 * pair, 2 * pair + 2)
+        rows = slice(3 * pair, 3 * pair + 3)
         if weights is None:
             self.slot_weights[rows] = 0
         else:
@@ -97,10 +111,12 @@ class SlotTable:
         for t in (*self.run_sum, *self.run_count, *self.run_last):
             t[rows] = 0
         self._pair[req_id] = pair
+        self._read_upto[req_id] = 0
 
     def release(self, req_id: str, *, keep: bool = True) -> None:
         """Free ``req_id``'s slots; with ``keep``, store its readings for :meth:`readings`."""
         pair = self._pair.pop(req_id, None)
+        self._read_upto.pop(req_id, None)
         if pair is None:
             return
         if keep:
@@ -111,13 +127,13 @@ class SlotTable:
 
     def _reading(self, pair: int) -> dict:
         out = {}
-        for key, slot in (("", 2 * pair + 1), ("prompt_", 2 * pair)):
+        for key, slot in (("", 3 * pair + 1), ("prompt_", 3 * pair)):
             count = torch.stack([c[slot] for c in self.run_count]).cpu()
             total = torch.stack([s[slot] for s in self.run_sum]).cpu()
             mean = total / count[:, None].clamp_min(1)
             mean[count == 0] = float("nan")
             out[key + "mean"], out[key + "count"] = mean, int(count[0])
-        out["last"] = torch.stack([s[2 * pair + 1] for s in self.run_last]).cpu()
+        out["last"] = torch.stack([s[3 * pair + 1] for s in self.run_last]).cpu()
         return out
 
     def readings(self, req_ids: Sequence[str] | None = None, *,
@@ -155,7 +171,8 @@ class SlotTable:
 
         Tokens are packed request by request, ``num_scheduled[i]`` tokens of request ``i``
         starting at its position ``num_computed[i]``; a token at a position ``>=
-        num_prompt[i]`` was generated (it gets the generated slot), the others the prompt slot.
+        num_prompt[i]`` was generated (it gets the generated slot), the others the prompt slot;
+        a token at a position the request had read before a preemption gets the replay slot.
         """
         n_req = len(req_ids)
         pairs = np.array([-1 if (p := self._pair.get(r)) is None else p for r in req_ids],
@@ -174,9 +191,15 @@ class SlotTable:
         starts = np.cumsum(counts) - counts
         position = num_computed[:n_req][req_index] + (np.arange(n_tok) - starts[req_index])
         generated = position >= num_prompt[:n_req][req_index]
+        read_upto = np.array([self._read_upto.get(r, 0) for r in req_ids], dtype=np.int64)
+        replayed = position < read_upto[req_index]
         pair = pairs[req_index]
-        slot = np.where(pair < 0, -1, 2 * pair + generated)
+        slot = np.where(pair < 0, -1, 3 * pair + np.where(replayed, 2, generated))
         self.token_slot[:n_tok] = torch.from_numpy(slot.astype(np.int32))
+        ends = num_computed[:n_req] + counts
+        for i, rid in enumerate(req_ids):
+            if pairs[i] >= 0 and ends[i] > read_upto[i]:
+                self._read_upto[rid] = int(ends[i])
 
     def sync(self, live: Mapping[str, object] | set) -> None:
         """Release every registered request not in ``live`` (finished or aborted)."""

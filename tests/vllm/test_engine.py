@@ -2,7 +2,9 @@
 in ``.venv-vllm``; skipped where vLLM is not installed (``make test``).
 
 One engine without the plugin (the reference tokens) and one with it, each loaded once; the
-default model, greedy decoding, a few tokens.
+default model, greedy decoding, a few tokens. The steered engine has a tiny KV cache (8 blocks
+of 32 tokens) and 16-token steps, so its prompts are prefilled in chunks and long batches are
+preempted: every test below runs under both.
 """
 
 import gc
@@ -27,6 +29,9 @@ MAX_TOKENS = 16
 # float32 but sum in different orders). Measured: 3.8e-6 at 16 tokens, identical tokens.
 READING_ATOL = 1e-3
 ENGINE = {"dtype": "float32", "max_model_len": 512, "max_num_seqs": 32, "seed": 0}
+STEERED_ENGINE = {**ENGINE, "max_model_len": 192, "max_num_seqs": 8, "block_size": 32,
+                  "num_gpu_blocks_override": 8, "max_num_batched_tokens": 16,
+                  "disable_log_stats": False}
 QUESTIONS = ["Tell me about your day.", "What do you think of the sea?",
              "Describe your neighbour.", "How was the concert?"]
 EMOTIONS = ("joy", "sadness", "anger", "fear", "disgust", "surprise")
@@ -67,7 +72,7 @@ def reference(model_dir):
 
 @pytest.fixture(scope="module")
 def steered(model_dir, reference):
-    llm = vllm.LLM(model=model_dir, **ENGINE,
+    llm = vllm.LLM(model=model_dir, **STEERED_ENGINE,
                    additional_config={"emokern": {"bank": "default", "layers": "auto",
                                                   "monitor": True}})
     yield llm
@@ -138,3 +143,38 @@ def test_a_bad_mix_is_refused_before_the_engine(reference, steered):
         steered.generate(prompts[:1], [_params("hope=1")], use_tqdm=False)
     _, after = _generate(steered, prompts[2:3], [None])  # the engine still serves
     assert after[0] == expected[2]
+
+
+def _preemptions(llm) -> float:
+    return sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
+
+
+def test_chunked_prefill_and_preemption_keep_rows_apart(steered):
+    """8 requests with 8 mixes, 32 tokens each: every prefill is chunked (16-token steps) and
+    the 8-block KV cache cannot hold them all past their 64th token, so vLLM preempts and
+    recomputes; each request's tokens and readings are those it gets alone."""
+    long_tokens = 32
+    prompts = _prompts(steered.get_tokenizer())
+    assert min(len(p["prompt_token_ids"]) for p in prompts) > STEERED_ENGINE[
+        "max_num_batched_tokens"]
+    mixes = [{EMOTIONS[i]: 3.25 + i} for i in range(6)] + [None, "joy=2.25,fear=2.25"]
+    batch_prompts = [prompts[i % len(prompts)] for i in range(8)]
+
+    def params(mix):
+        return vllm.SamplingParams(temperature=0.0, max_tokens=long_tokens, ignore_eos=True,
+                                   extra_args=None if mix is None else {"emotion": mix})
+
+    before = _preemptions(steered)
+    batch = steered.generate(batch_prompts, [params(m) for m in mixes], use_tqdm=False)
+    preempted = _preemptions(steered) - before
+    print("preemptions in the batch:", preempted)
+    assert preempted > 0
+    batch_readings = emokern.vllm.readings(steered, batch)
+    for i, (prompt, mix) in enumerate(zip(batch_prompts, mixes, strict=True)):
+        alone = steered.generate([prompt], [params(mix)], use_tqdm=False)
+        assert list(batch[i].outputs[0].token_ids) == list(alone[0].outputs[0].token_ids), i
+        got = batch_readings[batch[i].request_id]
+        want = emokern.vllm.readings(steered, alone)[alone[0].request_id]
+        assert got["count"] == want["count"] == long_tokens - 1
+        torch.testing.assert_close(torch.tensor(got["mean"]), torch.tensor(want["mean"]),
+                                   atol=READING_ATOL, rtol=0)

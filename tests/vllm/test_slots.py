@@ -23,14 +23,14 @@ def test_fill_packs_prompt_and_generated_slots():
     # generated token scheduled (a chunked prefill ending and its first decode).
     t.fill(["a", "b", "c"], np.array([3, 2, 2]), np.array([0, 5, 3]), np.array([3, 9, 4]))
     a, c = 0, 1  # pairs handed out in order
-    assert t.token_slot[:7].tolist() == [2 * a] * 3 + [-1, -1] + [2 * c, 2 * c + 1]
+    assert t.token_slot[:7].tolist() == [3 * a] * 3 + [-1, -1] + [3 * c, 3 * c + 1]
     assert t.token_slot[7:].eq(-1).all()
-    assert t.slot_weights[2 * a].tolist() == [1.0, 0.0, 0.0]
-    assert t.slot_weights[2 * a + 1].tolist() == [1.0, 0.0, 0.0]
-    assert t.slot_weights[2 * c].tolist() == [0.0, 0.5, -0.5]
+    assert t.slot_weights[3 * a].tolist() == [1.0, 0.0, 0.0]
+    assert t.slot_weights[3 * a + 1].tolist() == [1.0, 0.0, 0.0]
+    assert t.slot_weights[3 * c].tolist() == [0.0, 0.5, -0.5]
     # a smaller next step clears the tail it no longer uses
     t.fill(["a"], np.array([1]), np.array([3]), np.array([3]))
-    assert t.token_slot.tolist() == [2 * a + 1] + [-1] * 15
+    assert t.token_slot.tolist() == [3 * a + 1] + [-1] * 15
 
 
 def test_release_keeps_readings_and_reuses_slots():
@@ -54,7 +54,7 @@ def test_prompt_and_generated_readings_and_unsteered_reads():
     t = _table()
     t.add("a", None, read=True)  # unsteered but read: a pair of zero-weight slots
     t.add("b", None)  # unsteered, not read: no slot
-    assert t.slot_weights[:2].eq(0).all() and t.known("b")
+    assert t.slot_weights[:3].eq(0).all() and t.known("b")
     t.fill(["a", "b"], np.array([3, 1]), np.array([0, 0]), np.array([3, 1]))
     assert t.token_slot[:4].tolist() == [0, 0, 0, -1]
     for layer in range(2):
@@ -82,7 +82,22 @@ def test_slots_run_out_with_a_clear_error():
     t = SlotTable(1, 3, max_requests=1, max_tokens=4)
     t.add("a", torch.ones(3))
     with pytest.raises(RuntimeError, match="steering slots are in use"):
-        t.add("b", torch.ones(3))
+        t.add("b", torch.ones(3), running=["a", "b"])
+    t.add("b", torch.ones(3), running=["b"])  # "a" is preempted: it gives its slots up
+    assert not t.known("a") and t.known("b")
+
+
+def test_tokens_recomputed_after_a_preemption_are_steered_but_not_read_again():
+    t = _table()
+    t.add("a", torch.tensor([1.0, 0.0, 0.0]))
+    t.fill(["a"], np.array([3]), np.array([0]), np.array([3]))  # prefill
+    t.fill(["a"], np.array([1]), np.array([3]), np.array([3]))  # decode: positions 0-3 read
+    t.fill(["a"], np.array([1]), np.array([4]), np.array([3]))  # decode: position 4
+    # preempted, resumed with 2 tokens from the prefix cache: positions 2-4 recomputed, then
+    # position 5 is new
+    t.fill(["a"], np.array([4]), np.array([2]), np.array([3]))
+    assert t.token_slot[:4].tolist() == [2, 2, 2, 1]
+    assert t.slot_weights[2].tolist() == t.slot_weights[1].tolist() == [1.0, 0.0, 0.0]
 
 
 def test_request_mix_forms():
