@@ -66,6 +66,18 @@ struct V16 {
   Vec v[kN];
 };
 
+// Loops over registers and tiles have constant bounds; unrolled, their sums stay in registers.
+// The tiles are separate functions (C10_NOINLINE): inlined into a large caller, the compiler
+// kept their sums in memory.
+#if defined(__clang__)
+#define EMOKERN_UNROLL _Pragma("unroll")
+#elif defined(__GNUC__)
+#define EMOKERN_UNROLL _Pragma("GCC unroll 16")
+#else
+#define EMOKERN_UNROLL
+#endif
+
+
 inline Vec fma1(const Vec& a, const Vec& b, const Vec& c) {
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512) || defined(__aarch64__)
   return at::vec::fmadd(a, b, c);  // vfmadd / vfmaq / svmad: one rounding
@@ -320,6 +332,29 @@ struct VView {
   const float* panel(int64_t p) const { return base + p * panel_stride; }
 };
 
+// Fetches the next block's rows into L2 a few lines at a time while the tiles compute on this
+// block (the hardware prefetchers follow a row, not the jump to the next block).
+struct Prefetcher {
+  const char* rows[8];
+  int64_t n_rows = 0, bytes = 0;  // per row
+  int64_t row = 0, offset = 0;
+  void add(const void* p, int64_t n_bytes) {
+    if (p == nullptr || n_rows == 8) return;
+    rows[n_rows++] = static_cast<const char*>(p);
+    bytes = n_bytes;
+  }
+  void advance(int64_t lines) {
+    for (; lines > 0 && row < n_rows; --lines) {
+      __builtin_prefetch(rows[row] + offset, 0, 2);
+      offset += 64;
+      if (offset >= bytes) {
+        offset = 0;
+        ++row;
+      }
+    }
+  }
+};
+
 // ---------------------------------------------------------------------------------------------
 // Register tiles.
 
@@ -327,26 +362,27 @@ struct VView {
 // in registers for the whole panel). x: R float rows at the panel's first column; v: vector 0
 // of the tile.
 template <int R, int KT>
-void proj_tile(const float* const* x, const float* v, int64_t k_stride, int64_t steps,
+C10_NOINLINE void proj_tile(const float* const* x, const float* v, int64_t k_stride, int64_t steps,
                V16* acc, int64_t acc_stride, bool first) {
   V16 a[R][KT];
-  for (int r = 0; r < R; ++r)
-    for (int k = 0; k < KT; ++k) a[r][k] = first ? zero16() : acc[r * acc_stride + k];
+  EMOKERN_UNROLL for (int r = 0; r < R; ++r)
+    EMOKERN_UNROLL for (int k = 0; k < KT; ++k) a[r][k] = first ? zero16()
+                                                                : acc[r * acc_stride + k];
   const float* xr[R];
-  for (int r = 0; r < R; ++r) xr[r] = x[r];
+  EMOKERN_UNROLL for (int r = 0; r < R; ++r) xr[r] = x[r];
   for (int64_t s = 0; s < steps; ++s) {
     const int64_t d = s * kLanes;
-    for (int j = 0; j < kN; ++j) {
+    EMOKERN_UNROLL for (int j = 0; j < kN; ++j) {
       Vec xv[R];
-      for (int r = 0; r < R; ++r) xv[r] = Vec::loadu(xr[r] + d + j * kW);
-      for (int k = 0; k < KT; ++k) {
+      EMOKERN_UNROLL for (int r = 0; r < R; ++r) xv[r] = Vec::loadu(xr[r] + d + j * kW);
+      EMOKERN_UNROLL for (int k = 0; k < KT; ++k) {
         const Vec vv = Vec::loadu(v + k * k_stride + d + j * kW);
-        for (int r = 0; r < R; ++r) a[r][k].v[j] = fma1(xv[r], vv, a[r][k].v[j]);
+        EMOKERN_UNROLL for (int r = 0; r < R; ++r) a[r][k].v[j] = fma1(xv[r], vv, a[r][k].v[j]);
       }
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int k = 0; k < KT; ++k) acc[r * acc_stride + k] = a[r][k];
+  EMOKERN_UNROLL for (int r = 0; r < R; ++r)
+    EMOKERN_UNROLL for (int k = 0; k < KT; ++k) acc[r * acc_stride + k] = a[r][k];
 }
 
 template <int R, int KT>
@@ -377,8 +413,11 @@ void proj_tile_rk(int rows, int kt, const float* const* x, const float* v, int64
 // Panel by panel: a tile of kTileVecs vectors stays in L1 while the row tiles walk the panel,
 // each tile's sums in registers for the panel's width; acc holds them between panels.
 inline void block_dots(const float* const* x, int n_rows, const VView& V, int64_t n_vec,
-                       int64_t dim, V16* acc, float* dots) {
+                       int64_t dim, V16* acc, float* dots, Prefetcher& next) {
   const int64_t n_panels = (dim + V.width - 1) / V.width;
+  const int64_t n_calls = n_panels * ((n_vec + kTileVecs - 1) / kTileVecs) *
+                          ((n_rows + kTileRows - 1) / kTileRows);
+  const int64_t lines = (next.n_rows * next.bytes / 64 + n_calls - 1) / n_calls;
   for (int64_t p = 0; p < n_panels; ++p) {
     const int64_t c0 = p * V.width;
     const int64_t width = std::min(V.width, dim - c0);
@@ -394,6 +433,7 @@ inline void block_dots(const float* const* x, int n_rows, const VView& V, int64_
         for (int r = 0; r < rows; ++r) xr[r] = x[r0 + r] + c0;
         proj_tile_rk<kTileRows>(rows, kt, xr, vp + k0 * V.k_stride, V.k_stride, steps,
                                 acc + r0 * n_vec + k0, n_vec, p == 0);
+        next.advance(lines);
       }
       k0 += kt;
     }
@@ -414,25 +454,25 @@ inline void block_dots(const float* const* x, int n_rows, const VView& V, int64_
 // out_r[c .. c + 16 CT) = sum_k w_r[k] v_k[c ..] (k in order) for R weight rows; v: vector 0
 // at column c.
 template <int R, int CT>
-void delta_tile(const float* const* w, const float* v, int64_t k_stride, int64_t n_vec,
+C10_NOINLINE void delta_tile(const float* const* w, const float* v, int64_t k_stride, int64_t n_vec,
                 float* const* out) {
   V16 a[R][CT];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < CT; ++c) a[r][c] = zero16();
+  EMOKERN_UNROLL for (int r = 0; r < R; ++r)
+    EMOKERN_UNROLL for (int c = 0; c < CT; ++c) a[r][c] = zero16();
   const float* wr[R];
-  for (int r = 0; r < R; ++r) wr[r] = w[r];
+  EMOKERN_UNROLL for (int r = 0; r < R; ++r) wr[r] = w[r];
   for (int64_t k = 0; k < n_vec; ++k) {
     const float* vk = v + k * k_stride;
     Vec wk[R];
-    for (int r = 0; r < R; ++r) wk[r] = Vec(wr[r][k]);
-    for (int c = 0; c < CT; ++c)
-      for (int j = 0; j < kN; ++j) {
+    EMOKERN_UNROLL for (int r = 0; r < R; ++r) wk[r] = Vec(wr[r][k]);
+    EMOKERN_UNROLL for (int c = 0; c < CT; ++c)
+      EMOKERN_UNROLL for (int j = 0; j < kN; ++j) {
         const Vec vv = Vec::loadu(vk + c * kLanes + j * kW);
-        for (int r = 0; r < R; ++r) a[r][c].v[j] = fma1(wk[r], vv, a[r][c].v[j]);
+        EMOKERN_UNROLL for (int r = 0; r < R; ++r) a[r][c].v[j] = fma1(wk[r], vv, a[r][c].v[j]);
       }
   }
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < CT; ++c) store16(out[r] + c * kLanes, a[r][c]);
+  EMOKERN_UNROLL for (int r = 0; r < R; ++r)
+    EMOKERN_UNROLL for (int c = 0; c < CT; ++c) store16(out[r] + c * kLanes, a[r][c]);
 }
 
 // The same for one logical vector of which only `tail` < 16 columns exist (16 are written).
@@ -511,34 +551,35 @@ inline V16 steered16(const V16& x, const V16& delta, const V16& scale, const V16
 // and CT logical vectors of columns: delta as in delta_tile, then hidden = x + delta (minus the
 // residual) is written at once. x, h, res point at the tile's first column.
 template <typename T, int R, int CT, bool RES>
-void delta_write_tile(const float* const* w, const float* v, int64_t k_stride, int64_t n_vec,
+C10_NOINLINE void delta_write_tile(const float* const* w, const float* v, int64_t k_stride, int64_t n_vec,
                       const float* const* x, T* const* h, const T* const* res) {
   V16 a[R][CT];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < CT; ++c) a[r][c] = zero16();
+  EMOKERN_UNROLL for (int r = 0; r < R; ++r)
+    EMOKERN_UNROLL for (int c = 0; c < CT; ++c) a[r][c] = zero16();
   const float* wr[R];
-  for (int r = 0; r < R; ++r) wr[r] = w[r];
+  EMOKERN_UNROLL for (int r = 0; r < R; ++r) wr[r] = w[r];
   for (int64_t k = 0; k < n_vec; ++k) {
     const float* vk = v + k * k_stride;
     Vec wk[R];
-    for (int r = 0; r < R; ++r) wk[r] = Vec(wr[r][k]);
-    for (int c = 0; c < CT; ++c)
-      for (int j = 0; j < kN; ++j) {
+    EMOKERN_UNROLL for (int r = 0; r < R; ++r) wk[r] = Vec(wr[r][k]);
+    EMOKERN_UNROLL for (int c = 0; c < CT; ++c)
+      EMOKERN_UNROLL for (int j = 0; j < kN; ++j) {
         const Vec vv = Vec::loadu(vk + c * kLanes + j * kW);
-        for (int r = 0; r < R; ++r) a[r][c].v[j] = fma1(wk[r], vv, a[r][c].v[j]);
+        EMOKERN_UNROLL for (int r = 0; r < R; ++r) a[r][c].v[j] = fma1(wk[r], vv, a[r][c].v[j]);
       }
   }
   const V16 none = zero16();
-  for (int r = 0; r < R; ++r) {
-    int c = 0;
-    for (; c + 2 <= CT; c += 2) {
+  EMOKERN_UNROLL for (int r = 0; r < R; ++r) {
+    EMOKERN_UNROLL for (int c2 = 0; c2 < CT / 2; ++c2) {
+      const int c = 2 * c2;
       V16 r0 = none, r1 = none;
       if constexpr (RES) load16x2(res[r] + c * kLanes, r0, r1);
       store16x2(h[r] + c * kLanes,
                 steered16<false, RES>(load16(x[r] + c * kLanes), a[r][c], none, r0),
                 steered16<false, RES>(load16(x[r] + (c + 1) * kLanes), a[r][c + 1], none, r1));
     }
-    if (c < CT) {
+    if constexpr (CT % 2 == 1) {
+      constexpr int c = CT - 1;
       const V16 r0 = RES ? load16(res[r] + c * kLanes) : none;
       store16(h[r] + c * kLanes,
               steered16<false, RES>(load16(x[r] + c * kLanes), a[r][c], none, r0));
@@ -743,20 +784,17 @@ struct SweepState {
 
 // One step of a sweep over 16 columns; FULL = false: the row's last n < 16 columns. Every
 // loop has constant bounds and is unrolled, so the sums stay in registers.
-#if defined(__clang__)
-#define EMOKERN_UNROLL _Pragma("unroll")
-#elif defined(__GNUC__)
-#define EMOKERN_UNROLL _Pragma("GCC unroll 16")
-#else
-#define EMOKERN_UNROLL
-#endif
 
+// With DW (decode: every row its own slot), a row's offset is not read but accumulated here
+// from its weights w[r] (KB of them, zero padded) and the vectors the step loads anyway: k in
+// order, by fused multiply-add from zero, the arithmetic of delta_tile.
 #define EMOKERN_SWEEP_STEP(FULL, d, n)                                                   \
   {                                                                                      \
-    V16 x[RS], rv[RS];                                                                   \
+    V16 x[RS], rv[RS], dl[RS];                                                           \
     EMOKERN_UNROLL for (int r = 0; r < RS; ++r) {                                        \
       x[r] = FULL ? load16(h[r] + (d)) : load16(h[r] + (d), n);                          \
       rv[r] = zero16();                                                                  \
+      dl[r] = zero16();                                                                  \
       if (res[r] != nullptr) {                                                           \
         rv[r] = FULL ? load16(res[r] + (d)) : load16(res[r] + (d), n);                   \
         x[r] = add16(x[r], rv[r]);                                                       \
@@ -764,11 +802,15 @@ struct SweepState {
     }                                                                                    \
     EMOKERN_UNROLL for (int k = 0; k < KB; ++k) {                                        \
       const V16 vv = FULL ? load16(v[k] + (d)) : load16(v[k] + (d), n);                  \
-      EMOKERN_UNROLL for (int r = 0; r < RS; ++r) a[r][k] = fma16(x[r], vv, a[r][k]);    \
+      EMOKERN_UNROLL for (int r = 0; r < RS; ++r) {                                      \
+        a[r][k] = fma16(x[r], vv, a[r][k]);                                              \
+        if constexpr (DW) dl[r] = fma16(splat16(w[r][k]), vv, dl[r]);                    \
+      }                                                                                  \
     }                                                                                    \
     EMOKERN_UNROLL for (int r = 0; r < RS; ++r) {                                        \
       if (delta[r] == nullptr) continue;                                                 \
-      const V16 y = add16(x[r], load16(delta[r] + (d))); /* offsets are D16 long */      \
+      if constexpr (!DW) dl[r] = load16(delta[r] + (d)); /* offsets are D16 long */      \
+      const V16 y = add16(x[r], dl[r]);                                                  \
       if constexpr (NP) {                                                                \
         xx[r] = fma16(x[r], x[r], xx[r]);                                                \
         yy[r] = fma16(y, y, yy[r]);                                                      \
@@ -787,12 +829,14 @@ struct SweepState {
 // per-lane order as two single steps.
 #define EMOKERN_SWEEP_STEP2(d)                                                           \
   {                                                                                      \
-    V16 x0[RS], x1[RS], r0[RS], r1[RS];                                                  \
+    V16 x0[RS], x1[RS], r0[RS], r1[RS], d0[RS], d1[RS];                                  \
     EMOKERN_UNROLL for (int r = 0; r < RS; ++r) {                                        \
       if (ahead[r] != nullptr) __builtin_prefetch(ahead[r] + (d), 0, 2);                 \
       load16x2(h[r] + (d), x0[r], x1[r]);                                                \
       r0[r] = zero16();                                                                  \
       r1[r] = zero16();                                                                  \
+      d0[r] = zero16();                                                                  \
+      d1[r] = zero16();                                                                  \
       if (res[r] != nullptr) {                                                           \
         load16x2(res[r] + (d), r0[r], r1[r]);                                            \
         x0[r] = add16(x0[r], r0[r]);                                                     \
@@ -804,12 +848,21 @@ struct SweepState {
       EMOKERN_UNROLL for (int r = 0; r < RS; ++r) {                                      \
         a[r][k] = fma16(x0[r], v0, a[r][k]);                                             \
         a[r][k] = fma16(x1[r], v1, a[r][k]);                                             \
+        if constexpr (DW) {                                                              \
+          const V16 wk = splat16(w[r][k]);                                               \
+          d0[r] = fma16(wk, v0, d0[r]);                                                  \
+          d1[r] = fma16(wk, v1, d1[r]);                                                  \
+        }                                                                                \
       }                                                                                  \
     }                                                                                    \
     EMOKERN_UNROLL for (int r = 0; r < RS; ++r) {                                        \
       if (delta[r] == nullptr) continue;                                                 \
-      const V16 y0 = add16(x0[r], load16(delta[r] + (d)));                               \
-      const V16 y1 = add16(x1[r], load16(delta[r] + (d) + kLanes));                      \
+      if constexpr (!DW) {                                                               \
+        d0[r] = load16(delta[r] + (d));                                                  \
+        d1[r] = load16(delta[r] + (d) + kLanes);                                         \
+      }                                                                                  \
+      const V16 y0 = add16(x0[r], d0[r]);                                                \
+      const V16 y1 = add16(x1[r], d1[r]);                                                \
       if constexpr (NP) {                                                                \
         xx[r] = fma16(x0[r], x0[r], xx[r]);                                              \
         xx[r] = fma16(x1[r], x1[r], xx[r]);                                              \
@@ -823,23 +876,43 @@ struct SweepState {
     }                                                                                    \
   }
 
+// The arguments of a sweep over RS rows: hidden (and residual) rows, offsets (null: the row is
+// not steered; with DW any non-null value), KB vectors, weights per row (DW), the rows of the
+// next block (prefetched).
+template <typename T>
+struct SweepRows {
+  T* const* h;
+  const T* const* res;
+  const float* const* delta;
+  const float* const* w;
+  const T* const* ahead;
+};
+
 // The last n < 16 columns of a sweep, on the sums in st (kept apart from the main loop so that
 // its partial loads do not push the main loop's sums out of registers).
-template <typename T, int RS, int KB, bool NP>
-C10_NOINLINE void sweep_tail(T* const* h, const T* const* res, const float* const* delta,
-                             const float* const* v, const T* const* ahead, int64_t d,
+template <typename T, int RS, int KB, bool NP, bool DW>
+C10_NOINLINE void sweep_tail(const SweepRows<T>& rows, const float* const* v, int64_t d,
                              int64_t n, SweepState& st) {
+  T* const* h = rows.h;
+  const T* const* res = rows.res;
+  const float* const* delta = rows.delta;
+  const float* const* w = rows.w;
   auto& a = st.a;
   auto& xx = st.xx;
   auto& yy = st.yy;
   EMOKERN_SWEEP_STEP(false, d, n)
 }
 
-template <typename T, int RS, int KB, bool NP>
-void sweep(T* const* h, const T* const* res, const float* const* delta,
-           const float* const* v, const T* const* ahead, int64_t c0, int64_t c1,
+template <typename T, int RS, int KB, bool NP, bool DW>
+void sweep(const SweepRows<T>& rows, const float* const* v, int64_t c0, int64_t c1,
            SweepState& st, bool first) {
+  static_assert(!(DW && NP), "norm-preserving sweeps read their offsets twice: from memory");
   constexpr int NA = KB > 0 ? KB : 1;
+  T* const* h = rows.h;
+  const T* const* res = rows.res;
+  const float* const* delta = rows.delta;
+  const float* const* w = rows.w;
+  const T* const* ahead = rows.ahead;
   V16 a[RS][NA], xx[RS], yy[RS];
   EMOKERN_UNROLL for (int r = 0; r < RS; ++r) {
     EMOKERN_UNROLL for (int k = 0; k < NA; ++k) a[r][k] = first ? zero16() : st.a[r][k];
@@ -857,27 +930,36 @@ void sweep(T* const* h, const T* const* res, const float* const* delta,
     st.xx[r] = xx[r];
     st.yy[r] = yy[r];
   }
-  if (d < c1) sweep_tail<T, RS, KB, NP>(h, res, delta, v, ahead, d, c1 - d, st);
+  if (d < c1) sweep_tail<T, RS, KB, NP, DW>(rows, v, d, c1 - d, st);
 }
 
-template <typename T, int RS, bool NP>
-void sweep_kb(int kb, T* const* h, const T* const* res, const float* const* delta,
-              const float* const* v, const T* const* ahead, int64_t c0, int64_t c1,
-              SweepState& st, bool first) {
+// Sweep with KB in {0, 1, 2, 4, kSweepMaxK} vectors; NP norm preserving; DW offsets from the
+// weights (decode, not norm preserving).
+template <typename T, int RS>
+void sweep_kb(int kb, bool np, bool dw, const SweepRows<T>& rows, const float* const* v,
+              int64_t c0, int64_t c1, SweepState& st, bool first) {
+#define EMOKERN_SWEEP_CASE(KB)                                                       \
+  if (np) {                                                                          \
+    sweep<T, RS, KB, true, false>(rows, v, c0, c1, st, first);                       \
+  } else if (dw) {                                                                   \
+    sweep<T, RS, KB, false, true>(rows, v, c0, c1, st, first);                       \
+  } else {                                                                           \
+    sweep<T, RS, KB, false, false>(rows, v, c0, c1, st, first);                      \
+  }
   switch (kb) {
-    case 0: sweep<T, RS, 0, NP>(h, res, delta, v, ahead, c0, c1, st, first); break;
-    case 1: sweep<T, RS, 1, NP>(h, res, delta, v, ahead, c0, c1, st, first); break;
-    case 2: sweep<T, RS, 2, NP>(h, res, delta, v, ahead, c0, c1, st, first); break;
-    case 4: sweep<T, RS, 4, NP>(h, res, delta, v, ahead, c0, c1, st, first); break;
+    case 0: EMOKERN_SWEEP_CASE(0) break;
+    case 1: EMOKERN_SWEEP_CASE(1) break;
+    case 2: EMOKERN_SWEEP_CASE(2) break;
+    case 4: EMOKERN_SWEEP_CASE(4) break;
     default:
-      if constexpr (kSweepMaxK >= 8) sweep<T, RS, kSweepMaxK, NP>(h, res, delta, v, ahead, c0,
-                                                                c1, st, first);
+      if constexpr (kSweepMaxK >= 8) {
+        EMOKERN_SWEEP_CASE(kSweepMaxK)
+      }
       break;
   }
+#undef EMOKERN_SWEEP_CASE
 }
 
-// Norm-preserving second pass of a sweep: hidden = (x + delta) * scale (- residual), x read
-// back from the row (in cache).
 template <typename T, bool RES>
 void rescale_row(T* h, const T* res, const float* delta, int64_t dim, float scale_value) {
   const V16 scale = splat16(scale_value);
@@ -962,7 +1044,7 @@ void process_block(const Plan& L, int64_t i0, int n, const int64_t* slot, float*
   }
   // Offsets: from the table, or computed here once per distinct slot of the block (decode),
   // or, decode on the tiles without norm preservation, in registers while writing (below).
-  const bool fused_write = L.tiles && L.table == nullptr && !P.norm_preserving;
+  const bool fused_write = L.table == nullptr && !P.norm_preserving;
   if (fused_write) {
     for (int r = 0; r < n; ++r)
       if (slot[r] >= 0) delta[r] = P.weights;  // only tested against null
@@ -991,7 +1073,9 @@ void process_block(const Plan& L, int64_t i0, int n, const int64_t* slot, float*
   }
 
   if (!L.tiles) {
-    const int kb = !L.need_proj ? 0 : K <= 1 ? 1 : K <= 2 ? 2 : K <= 4 ? 4 : kSweepMaxK;
+    // Decode without norm preservation: the offsets come from the weights inside the sweep.
+    const bool dw = L.table == nullptr && !P.norm_preserving;
+    int kb = !L.need_proj && !dw ? 0 : K <= 1 ? 1 : K <= 2 ? 2 : K <= 4 ? 4 : kSweepMaxK;
     const float* v[kSweepMaxK];
     if (kb > 0) {
       float* zeros = nullptr;
@@ -1001,25 +1085,27 @@ void process_block(const Plan& L, int64_t i0, int n, const int64_t* slot, float*
       }
       for (int k = 0; k < kb; ++k) v[k] = k < K ? P.vectors + k * D : zeros;
     }
+    float wpad[kBlock][kSweepMaxK];
+    const float* w[kBlock];
+    if (dw) {
+      for (int r = 0; r < n; ++r) {
+        w[r] = wpad[r];
+        for (int k = 0; k < kb; ++k)
+          wpad[r][k] = slot[r] >= 0 && k < K ? P.weights[slot[r] * K + k] : 0.0f;
+      }
+    }
     const int64_t chunk = kb * D * int64_t(sizeof(float)) <= kSweepL1Bytes ? D : kSweepChunk;
     SweepState state[kBlock / kSweepRows];
     for (int64_t c0 = 0; c0 < D; c0 += chunk) {
       const int64_t c1 = std::min(D, c0 + chunk);
       for (int r = 0; r < n; r += kSweepRows) {
         SweepState& st = state[r / kSweepRows];
+        const SweepRows<T> rows{h + r, res + r, delta + r, dw ? w + r : nullptr, ahead + r};
         const bool np = P.norm_preserving, first = c0 == 0;
         if (r + kSweepRows <= n) {
-          if (np) {
-            sweep_kb<T, kSweepRows, true>(kb, h + r, res + r, delta + r, v, ahead + r, c0, c1,
-                                          st, first);
-          } else {
-            sweep_kb<T, kSweepRows, false>(kb, h + r, res + r, delta + r, v, ahead + r, c0, c1,
-                                           st, first);
-          }
-        } else if (np) {  // the odd row of the block
-          sweep_kb<T, 1, true>(kb, h + r, res + r, delta + r, v, ahead + r, c0, c1, st, first);
-        } else {
-          sweep_kb<T, 1, false>(kb, h + r, res + r, delta + r, v, ahead + r, c0, c1, st, first);
+          sweep_kb<T, kSweepRows>(kb, np, dw, rows, v, c0, c1, st, first);
+        } else {  // the odd row of the block
+          sweep_kb<T, 1>(kb, np, dw, rows, v, c0, c1, st, first);
         }
       }
     }
@@ -1035,7 +1121,7 @@ void process_block(const Plan& L, int64_t i0, int n, const int64_t* slot, float*
             rescale_row<T, false>(h[r + q], nullptr, delta[r + q], D, scale);
           }
         }
-        if (kb > 0) {
+        if (kb > 0 && L.need_proj) {
           float dots[kSweepMaxK];
           hsum16_many(st.a[q], kb, dots);
           for (int64_t k = 0; k < K; ++k) proj[r + q][k] = dots[k] * P.inv_norm[k];
@@ -1060,7 +1146,9 @@ void process_block(const Plan& L, int64_t i0, int n, const int64_t* slot, float*
   }
   V16* acc = s.acc.take(size_t(kBlock * K));
   float* dots = s.dots.take(size_t(kBlock * K));
-  block_dots(x, n, L.V, K, D, acc, dots);
+  Prefetcher next;
+  for (int r = 0; r < n; ++r) next.add(ahead[r], D * int64_t(sizeof(T)));
+  block_dots(x, n, L.V, K, D, acc, dots, next);
   for (int r = 0; r < n; ++r)
     for (int64_t k = 0; k < K; ++k) proj[r][k] = dots[r * K + k] * P.inv_norm[k];
   if (fused_write) {
