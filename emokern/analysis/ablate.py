@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from emokern.models import decoder_layers
-from emokern.ops.library import resolve_scale_neurons_backend, scale_neurons_runner
+from emokern.ops import resolve_backend, runner_for
 
 __all__ = ["MLP_LAYOUTS", "Ablator", "ablate", "mlp_down_projections"]
 
@@ -147,8 +147,8 @@ class Ablator:
             self._index[layer] = torch.tensor(self.neurons[layer], dtype=torch.int64,
                                               device=device)
             if device not in self._runners:
-                self._runners[device] = scale_neurons_runner(
-                    resolve_scale_neurons_backend(backend, device))
+                self._runners[device] = runner_for(
+                    resolve_backend(backend, device, "scale_neurons_"), "scale_neurons_")
         self._handles: list = []
 
     @property

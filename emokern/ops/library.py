@@ -18,10 +18,15 @@ from collections.abc import Callable
 import torch
 
 from emokern.ops import build
-from emokern.ops.reference import ref_steer_, ref_steer_packed_
+from emokern.ops.reference import ref_scale_neurons_, ref_steer_, ref_steer_packed_
 from emokern.ops.running import RunningProjections
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
+#: The ops of the steering family (Triton registers itself as their CUDA kernel).
+_STEER_OPS = ("steer_", "steer_packed_")
+#: The backends each op has: scale_neurons_ has no compiled CUDA kernel (Triton covers CUDA).
+OP_BACKENDS = {"steer_": BACKENDS, "steer_packed_": BACKENDS,
+               "scale_neurons_": ("reference", "cpu", "triton")}
 HIDDEN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 torch.library.define(
@@ -193,26 +198,28 @@ def available_backends() -> dict[str, bool]:
     }
 
 
-def resolve_backend(backend: str | None, device: torch.device) -> str:
-    """The backend to run on ``device``: the forced one (argument, then ``EMOKERN_BACKEND``) or
-    the fastest available one.
+def resolve_backend(backend: str | None, device: torch.device, op: str = "steer_") -> str:
+    """The backend of ``emokern::<op>`` on ``device``: the forced one (argument, then
+    ``EMOKERN_BACKEND``) or the fastest available one (a compiled kernel of that op when it is
+    built, Triton on CUDA, else the reference).
 
     Raises
     ------
     ValueError
-        For an unknown backend, or one that cannot run on ``device`` (``"cpu"`` needs CPU
-        tensors, ``"cuda"`` CUDA tensors, ``"triton"`` CUDA tensors or CPU tensors under
-        ``TRITON_INTERPRET=1``): the dispatcher would otherwise silently run another kernel.
+        For a backend the op does not have (``OP_BACKENDS``), or one that cannot run on
+        ``device`` (``"cpu"`` needs CPU tensors, ``"cuda"`` CUDA tensors, ``"triton"`` CUDA
+        tensors or CPU tensors under ``TRITON_INTERPRET=1``): the dispatcher would otherwise
+        silently run another kernel.
     """
     backend = backend or os.environ.get("EMOKERN_BACKEND") or None
     # Whether Triton may run on CPU tensors depends on the interpreter: part of the key.
-    key = (backend, device.type, os.environ.get("TRITON_INTERPRET") == "1")
+    key = (op, backend, device.type, os.environ.get("TRITON_INTERPRET") == "1")
     if key not in _resolved:  # decode calls are microseconds: decide once per device type
-        _resolved[key] = _resolve(backend, device)
+        _resolved[key] = _resolve(op, backend, device)
     return _resolved[key]
 
 
-_resolved: dict[tuple[str | None, str, bool], str] = {}
+_resolved: dict[tuple[str, str | None, str, bool], str] = {}
 
 
 def _backend_runs_on(backend: str, device: torch.device) -> bool:
@@ -224,30 +231,45 @@ def _backend_runs_on(backend: str, device: torch.device) -> bool:
     return device.type == backend
 
 
-def _resolve(backend: str | None, device: torch.device) -> str:
+def _has_kernel(op: str, dispatch_key: str) -> bool:
+    """Whether the compiled kernel of ``op`` is loaded for ``"CPU"``/``"CUDA"`` (an
+    ahead-of-time build made from older sources may lack an op: the reference then runs).
+    Decided once (a plain dict lookup afterwards, which ``torch.compile`` traces through)."""
+    key = (op, dispatch_key)
+    if key not in _kernels:
+        loaded = build.load_cpu() if dispatch_key == "CPU" else build.load_cuda()
+        _kernels[key] = loaded and torch._C._dispatch_has_kernel_for_dispatch_key(
+            f"emokern::{op}", dispatch_key)
+    return _kernels[key]
+
+
+_kernels: dict[tuple[str, str], bool] = {}
+
+
+def _resolve(op: str, backend: str | None, device: torch.device) -> str:
+    allowed = OP_BACKENDS[op]
     if backend is not None:
-        if backend not in BACKENDS:
-            _fail(ValueError, f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend not in allowed:
+            note = "" if "cuda" in allowed else " (this op has no compiled CUDA kernel; Triton " \
+                                                "covers CUDA)"
+            _fail(ValueError, f"backend must be one of {allowed}{note}, got {backend!r}", op)
         if not _backend_runs_on(backend, device):
+            usable = [b for b in allowed if _backend_runs_on(b, device)]
             _fail(ValueError, f"backend {backend!r} cannot run on {device.type} tensors; use "
-                              f"{_usable_on(device)} (or no backend, to choose automatically)")
+                              f"{usable} (or no backend, to choose automatically)", op)
         return backend
     if device.type == "cpu":
-        return "cpu" if build.load_cpu() else "reference"
+        return "cpu" if _has_kernel(op, "CPU") else "reference"
     if device.type == "cuda":
-        if build.load_cuda():
+        if "cuda" in allowed and _has_kernel(op, "CUDA"):
             return "cuda"
         if build.triton_usable():
-            from emokern.ops.triton_steer import register_cuda_kernel  # optional extra
+            if op in _STEER_OPS:
+                from emokern.ops.triton_steer import register_cuda_kernel  # optional extra
 
-            register_cuda_kernel()  # so torch.ops / torch.compile on CUDA run Triton too
+                register_cuda_kernel()  # so torch.ops / torch.compile on CUDA run Triton too
             return "triton"
-        return "reference"
     return "reference"
-
-
-def _usable_on(device: torch.device) -> list[str]:
-    return [b for b in BACKENDS if _backend_runs_on(b, device)]
 
 
 def _call_triton_packed(*args) -> None:
@@ -256,7 +278,7 @@ def _call_triton_packed(*args) -> None:
     triton_steer_packed_(*args)
 
 
-#: Per op: (reference, Triton launcher, dispatcher entry) — the runners of runner_for.
+#: Per op: (reference, Triton launcher, dispatcher entry): what runner_for returns.
 _RUNNERS = {
     "steer_": (ref_steer_, _call_triton, _call_dispatcher),
     "steer_packed_": (ref_steer_packed_, _call_triton_packed,
@@ -265,18 +287,18 @@ _RUNNERS = {
 
 
 def runner_for(backend: str, op: str = "steer_") -> Callable[..., None]:
-    """The callable that runs ``emokern::<op>`` (``"steer_"`` or ``"steer_packed_"``) on
-    ``backend`` (positional arguments in the schema's order), without the public wrapper's
-    per-call validation: for callers that validated their arguments once (the steerer's hot
-    path, a serving engine's layers). Loads (or compiles) the kernel."""
+    """The callable that runs ``emokern::<op>`` on ``backend`` (positional arguments in the
+    schema's order), without the public wrapper's per-call validation: for callers that
+    validated their arguments once (the steerer's hot path, a serving engine's layers, the
+    ablator's hooks). Loads (or compiles) the kernel."""
     reference, triton, dispatcher = _RUNNERS[op]
     if backend == "reference":
         return reference
     if backend == "triton":
         return triton
-    loaded = build.load_cpu() if backend == "cpu" else build.load_cuda()
-    if not loaded:
-        _fail(RuntimeError, f"the {backend!r} backend is not available here (see `emokern info`)")
+    if not _has_kernel(op, backend.upper()):
+        _fail(RuntimeError, f"the {backend!r} backend is not available here (see `emokern info`)",
+              op)
     return dispatcher
 
 
@@ -550,8 +572,6 @@ def steer_packed_(
 # composite kernel, the C++ CPU kernel (csrc/cpu/ablate_cpu.cpp) and Triton
 # (emokern/ops/triton_ablate.py) attached per device.
 
-from emokern.ops.reference import ref_scale_neurons_  # noqa: E402  (this section is appended)
-
 torch.library.define("emokern::scale_neurons_",
                      "(Tensor(a!) act, Tensor neuron_idx, float scale) -> ()")
 torch.library.impl("emokern::scale_neurons_", "CompositeExplicitAutograd")(ref_scale_neurons_)
@@ -563,7 +583,6 @@ def _scale_neurons_fake(act, neuron_idx, scale) -> None:
 
 
 _call_scale_neurons = torch.ops.emokern.scale_neurons_.default
-SCALE_NEURONS_BACKENDS = ("reference", "cpu", "triton")
 
 
 def _scale_fail(exc: type[Exception], message: str):
@@ -633,71 +652,13 @@ def activation_rows(act: torch.Tensor) -> tuple[int, int]:
     return rows, stride
 
 
-def resolve_scale_neurons_backend(backend: str | None, device: torch.device) -> str:
-    """The backend of ``emokern::scale_neurons_`` on ``device``: the forced one (argument, then
-    ``EMOKERN_BACKEND``) or the fastest available one (CPU: the C++ kernel when built; CUDA:
-    Triton when installed; else the reference). There is no compiled CUDA kernel of this op:
-    ``"cuda"`` is an error, as is a backend that cannot run on ``device``."""
-    backend = backend or os.environ.get("EMOKERN_BACKEND") or None
-    key = (backend, device.type, os.environ.get("TRITON_INTERPRET") == "1")
-    if key not in _scale_resolved:  # decide once per device type (calls are microseconds)
-        _scale_resolved[key] = _resolve_scale(backend, device)
-    return _scale_resolved[key]
-
-
-_scale_resolved: dict[tuple[str | None, str, bool], str] = {}
-
-
-def _resolve_scale(backend: str | None, device: torch.device) -> str:
-    if backend is not None:
-        if backend not in SCALE_NEURONS_BACKENDS:
-            _scale_fail(ValueError, f"backend must be one of {SCALE_NEURONS_BACKENDS} (this op "
-                                    f"has no compiled CUDA kernel; Triton covers CUDA), got "
-                                    f"{backend!r}")
-        if not _backend_runs_on(backend, device):
-            usable = [b for b in SCALE_NEURONS_BACKENDS if _backend_runs_on(b, device)]
-            _scale_fail(ValueError, f"backend {backend!r} cannot run on {device.type} tensors; "
-                                    f"use {usable} (or no backend, to choose automatically)")
-        if backend == "cpu" and not _cpu_scale_kernel():
-            _scale_fail(RuntimeError, "the 'cpu' backend is not available here (see "
-                                      "`emokern info`)")
-        return backend
-    if device.type == "cpu":
-        return "cpu" if _cpu_scale_kernel() else "reference"
-    if device.type == "cuda" and build.triton_usable():
-        return "triton"
-    return "reference"
-
-
-def _cpu_scale_kernel() -> bool:
-    """Whether the C++ kernel of scale_neurons_ is loaded (an ahead-of-time build made from an
-    older source list may lack it: the reference then runs)."""
-    if "cpu" not in _scale_kernels:  # decided once, eagerly (a resolution before compiling)
-        _scale_kernels["cpu"] = build.load_cpu() and torch._C._dispatch_has_kernel_for_dispatch_key(
-            "emokern::scale_neurons_", "CPU")
-    return _scale_kernels["cpu"]
-
-
-_scale_kernels: dict[str, bool] = {}
-
-
 def _call_triton_scale(act, neuron_idx, scale) -> None:
     from emokern.ops.triton_ablate import triton_scale_neurons_  # Triton is an optional extra
 
     triton_scale_neurons_(act, neuron_idx, scale)
 
 
-def scale_neurons_runner(backend: str) -> Callable[[torch.Tensor, torch.Tensor, float], None]:
-    """The callable that runs ``emokern::scale_neurons_`` on ``backend`` (``act, neuron_idx,
-    scale``), without the public wrapper's validation: for callers that validated once (the
-    ablator's forward hooks)."""
-    if backend == "reference":
-        return ref_scale_neurons_
-    if backend == "triton":
-        return _call_triton_scale
-    if backend == "cpu" and _cpu_scale_kernel():
-        return _call_scale_neurons
-    _scale_fail(RuntimeError, f"the {backend!r} backend is not available here")
+_RUNNERS["scale_neurons_"] = (ref_scale_neurons_, _call_triton_scale, _call_scale_neurons)
 
 
 def scale_neurons_(act: torch.Tensor, neuron_idx: torch.Tensor, scale: float = 0.0, *,
@@ -739,6 +700,6 @@ def scale_neurons_(act: torch.Tensor, neuron_idx: torch.Tensor, scale: float = 0
         and torch.cuda.is_current_stream_capturing()
     validate_scale_neurons_args(act, neuron_idx, scale, check_values=not capturing
                                 and not torch.compiler.is_compiling())
-    chosen = resolve_scale_neurons_backend(backend, act.device)
+    chosen = resolve_backend(backend, act.device, "scale_neurons_")
     activation_rows(act)  # one layout rule on every backend (the C++ kernel checks it too)
-    scale_neurons_runner(chosen)(act, neuron_idx, float(scale))
+    runner_for(chosen, "scale_neurons_")(act, neuron_idx, float(scale))

@@ -10,11 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from emokern.ops import build
-from emokern.ops.library import (
-    activation_rows,
-    resolve_scale_neurons_backend,
-    scale_neurons_,
-)
+from emokern.ops.library import activation_rows, resolve_backend, scale_neurons_
 from emokern.ops.reference import ref_scale_neurons_
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -221,6 +217,10 @@ def test_the_cpu_kernel_checks_indices_itself(backend):
     with pytest.raises(ValueError, match="strictly increasing"):
         torch.ops.emokern.scale_neurons_(act, torch.tensor([4, 4]), 0.0)
     assert torch.equal(act, before)
+
+
+def resolve_scale_neurons_backend(backend, device):
+    return resolve_backend(backend, device, "scale_neurons_")
 
 
 def test_backend_resolution(monkeypatch):
