@@ -35,8 +35,10 @@ class EmokernConfig:
     method) or a path to a bank file; ``layers``: ``"auto"`` (the bank's recommended layers) or
     decoder-layer indices; ``monitor``: keep readings; ``spread``: ``"divide"`` (each of the
     ``L`` layers adds ``w / L · v_l``) or ``"each"`` (``docs/design.md`` §3);
-    ``norm_preserving``; ``max_requests``: steered requests alive at once (0: twice vLLM's
-    ``max_num_seqs``).
+    ``norm_preserving``; ``max_requests``: requests with slots alive at once (0: twice vLLM's
+    ``max_num_seqs``); ``impl``: ``"op"`` (the packed op, inside vLLM's compiled graph) or
+    ``"hook"`` (a plain-PyTorch forward hook doing the same sums — the benchmark's baseline;
+    needs ``enforce_eager=True``, no norm preservation, no ``last`` readings).
     """
 
     bank: str = "default"
@@ -45,6 +47,7 @@ class EmokernConfig:
     spread: str = "divide"
     norm_preserving: bool = False
     max_requests: int = 0
+    impl: str = "op"
 
     @classmethod
     def from_additional_config(cls, additional) -> EmokernConfig | None:
@@ -74,6 +77,8 @@ class EmokernConfig:
         elif layers != "auto":
             _fail(ValueError, f"layers must be 'auto' or a list of ints, got {layers!r}")
         values["layers"] = layers
+        if values.get("impl", "op") not in ("op", "hook"):
+            _fail(ValueError, f"impl must be 'op' or 'hook', got {values['impl']!r}")
         if values.get("spread", "divide") not in SPREADS:
             _fail(ValueError, f"spread must be one of {SPREADS}, got {values['spread']!r}")
         return cls(**values)

@@ -98,6 +98,9 @@ class EngineSteering:
             running = (table.run_sum[i], table.run_count[i], table.run_last[i])
         else:
             running = (None, None, None)
+        if self.config.impl == "hook":
+            module.register_forward_hook(_torch_hook(vectors, table, i, self.config.monitor))
+            return
         inner = module.forward
 
         def forward(*args, **kwargs):
@@ -146,6 +149,31 @@ class EngineSteering:
                            "readings": dict(zip(self.names, _plain(summary.mean(0)), strict=True)),
                            "standardized": self.neutral is not None}
         return out
+
+
+def _torch_hook(vectors: torch.Tensor, table: SlotTable, i: int, monitor: bool):
+    """The plain-PyTorch alternative to the packed op (``impl="hook"``; the benchmark's
+    baseline): a forward hook on the decoder layer that adds each token's gathered mix,
+    ``hidden += W[slot(t)] @ V``, and (``monitor``) accumulates the projections
+    ``<x, v_k> / ||v_k||`` of ``x = hidden + residual`` per slot with ``index_add_``. No norm
+    preservation, no ``last`` readings. A Python hook with data-dependent indexing: run it with
+    ``enforce_eager=True``."""
+    units = (vectors / vectors.norm(dim=1, keepdim=True)).T.contiguous()  # [D, K]
+
+    def hook(module, args, output):
+        hidden, residual = output
+        n = hidden.shape[0]
+        slot = table.token_slot[:n].long()
+        steered = slot >= 0
+        index = slot.clamp_min(0)
+        if monitor:
+            proj = (hidden + residual) @ units  # [N, K]
+            table.run_sum[i].index_add_(0, index, proj * steered[:, None])
+            table.run_count[i].index_add_(0, index, steered.long())
+        hidden += (table.slot_weights[index] * steered[:, None]) @ vectors
+        return hidden, residual
+
+    return hook
 
 
 def _plain(values: torch.Tensor):

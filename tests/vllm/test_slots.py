@@ -127,3 +127,5 @@ def test_settings():
         EmokernConfig.from_additional_config({"emokern": {"layer": 3}})
     with pytest.raises(ValueError, match="spread"):
         EmokernConfig.from_additional_config({"emokern": {"spread": "all"}})
+    with pytest.raises(ValueError, match="impl must be"):
+        EmokernConfig.from_additional_config({"emokern": {"impl": "triton"}})
