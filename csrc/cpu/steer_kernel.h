@@ -66,6 +66,12 @@ struct V16 {
   Vec v[kN];
 };
 
+#if defined(__GNUC__) || defined(__clang__)
+#define EMOKERN_INLINE __attribute__((always_inline))
+#else
+#define EMOKERN_INLINE
+#endif
+
 // Loops over registers and tiles have constant bounds; unrolled, their sums stay in registers.
 // The tiles are separate functions (C10_NOINLINE): inlined into a large caller, the compiler
 // kept their sums in memory.
@@ -78,7 +84,7 @@ struct V16 {
 #endif
 
 
-inline Vec fma1(const Vec& a, const Vec& b, const Vec& c) {
+EMOKERN_INLINE inline Vec fma1(const Vec& a, const Vec& b, const Vec& c) {
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512) || defined(__aarch64__)
   return at::vec::fmadd(a, b, c);  // vfmadd / vfmaq / svmad: one rounding
 #elif defined(__FMA__)
@@ -239,15 +245,22 @@ inline void hsum16_all(const V16* acc, int64_t n, float* out) {
 // 32 registers, one logical vector each.
 constexpr int kTileRows = 4, kTileVecs = 6;    // projections: 24 accumulators
 constexpr int kDeltaRows = 4, kDeltaCols = 4;  // offsets: 16 accumulators
-constexpr int kSweepRows = 2, kSweepMaxK = 8;  // sweeps: 16 accumulators + norms
+constexpr int kSweepRows = 2;                  // sweeps: 16 accumulators + norms
 constexpr int kNormGroup = 8;
+#elif defined(CPU_CAPABILITY_AVX2)
+// 16 registers, two per logical vector.
+constexpr int kTileRows = 3, kTileVecs = 3;    // 18 registers of sums: the tile walks the
+constexpr int kDeltaRows = 2, kDeltaCols = 3;  // halves in turn (9, then 9 live); offsets: 12
+constexpr int kSweepRows = 1;                  // sweeps: 8 sums per register half
+constexpr int kNormGroup = 4;
 #else
-// 16 x 256-bit (AVX2), 32 x 128-bit (NEON), 32 x 256-bit (SVE256), or plain arrays.
+// NEON (32 x 128-bit: four registers per logical vector), or plain arrays.
 constexpr int kTileRows = 2, kTileVecs = 3;
 constexpr int kDeltaRows = 2, kDeltaCols = 2;
-constexpr int kSweepRows = 1, kSweepMaxK = 4;
+constexpr int kSweepRows = 1;
 constexpr int kNormGroup = 4;
 #endif
+constexpr int kSweepMaxK = 8;  // sweeps up to 8 vectors; more take the tiles
 
 constexpr int64_t kMaxPanel = 512;     // columns per panel of the tiles, at most
 constexpr int kBlock = 8;              // rows per block
@@ -362,27 +375,29 @@ struct Prefetcher {
 // in registers for the whole panel). x: R float rows at the panel's first column; v: vector 0
 // of the tile.
 template <int R, int KT>
-C10_NOINLINE void proj_tile(const float* const* x, const float* v, int64_t k_stride, int64_t steps,
-               V16* acc, int64_t acc_stride, bool first) {
-  V16 a[R][KT];
-  EMOKERN_UNROLL for (int r = 0; r < R; ++r)
-    EMOKERN_UNROLL for (int k = 0; k < KT; ++k) a[r][k] = first ? zero16()
-                                                                : acc[r * acc_stride + k];
+C10_NOINLINE void proj_tile(const float* const* x, const float* v, int64_t k_stride,
+                            int64_t steps, V16* acc, int64_t acc_stride, bool first) {
   const float* xr[R];
   EMOKERN_UNROLL for (int r = 0; r < R; ++r) xr[r] = x[r];
-  for (int64_t s = 0; s < steps; ++s) {
-    const int64_t d = s * kLanes;
-    EMOKERN_UNROLL for (int j = 0; j < kN; ++j) {
+  // One register part of the logical vectors at a time (kN > 1: AVX2, NEON): R x KT sums live,
+  // not R x KT x kN. Each lane still takes its columns in order.
+  EMOKERN_UNROLL for (int j = 0; j < kN; ++j) {
+    Vec a[R][KT];
+    EMOKERN_UNROLL for (int r = 0; r < R; ++r)
+      EMOKERN_UNROLL for (int k = 0; k < KT; ++k) a[r][k] = first ? Vec(0.0f)
+                                                                  : acc[r * acc_stride + k].v[j];
+    for (int64_t s = 0; s < steps; ++s) {
+      const int64_t d = s * kLanes + j * kW;
       Vec xv[R];
-      EMOKERN_UNROLL for (int r = 0; r < R; ++r) xv[r] = Vec::loadu(xr[r] + d + j * kW);
+      EMOKERN_UNROLL for (int r = 0; r < R; ++r) xv[r] = Vec::loadu(xr[r] + d);
       EMOKERN_UNROLL for (int k = 0; k < KT; ++k) {
-        const Vec vv = Vec::loadu(v + k * k_stride + d + j * kW);
-        EMOKERN_UNROLL for (int r = 0; r < R; ++r) a[r][k].v[j] = fma1(xv[r], vv, a[r][k].v[j]);
+        const Vec vv = Vec::loadu(v + k * k_stride + d);
+        EMOKERN_UNROLL for (int r = 0; r < R; ++r) a[r][k] = fma1(xv[r], vv, a[r][k]);
       }
     }
+    EMOKERN_UNROLL for (int r = 0; r < R; ++r)
+      EMOKERN_UNROLL for (int k = 0; k < KT; ++k) acc[r * acc_stride + k].v[j] = a[r][k];
   }
-  EMOKERN_UNROLL for (int r = 0; r < R; ++r)
-    EMOKERN_UNROLL for (int k = 0; k < KT; ++k) acc[r * acc_stride + k] = a[r][k];
 }
 
 template <int R, int KT>
@@ -933,31 +948,128 @@ void sweep(const SweepRows<T>& rows, const float* const* v, int64_t c0, int64_t 
   if (d < c1) sweep_tail<T, RS, KB, NP, DW>(rows, v, d, c1 - d, st);
 }
 
+// Register part j (columns j * kW .. of a logical vector) of 16 elements at p, as float32.
+template <typename T>
+inline Vec load_part(const T* p, int j) {
+  if constexpr (std::is_same_v<T, float>) {
+    return Vec::loadu(p + j * kW);
+#if defined(CPU_CAPABILITY_AVX2)
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    Vec out;
+    at::vec::load_fp32_from_bf16(p + j * kW, out);  // kW elements, converted
+    return out;
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+    Vec out;
+    at::vec::load_fp32_from_fp16(p + j * kW, out);
+    return out;
+#endif
+  } else {
+    return load16(p).v[j];
+  }
+}
+
+// The sweep where a logical vector takes several registers (kN > 1: AVX2, NEON): the dot
+// products in kN passes over the column chunk, one register part each (KB sums live, not
+// KB x kN), then one pass that writes the steered row (or accumulates its norms). The chunk is
+// in L1 after the first pass; every lane sums its columns in the same order as everywhere.
+template <typename T, int KB, bool NP, bool DW>
+void sweep_split(const SweepRows<T>& rows, const float* const* v, int64_t c0, int64_t c1,
+                 SweepState& st, bool first) {
+  static_assert(!(DW && NP), "norm-preserving sweeps read their offsets twice: from memory");
+  T* const h = rows.h[0];
+  const T* const res = rows.res[0];
+  const T* const ahead = rows.ahead[0];
+  const int64_t full_end = c0 + (c1 - c0) / kLanes * kLanes;
+  const int64_t n_tail = c1 - full_end;
+  if constexpr (KB > 0) {
+    EMOKERN_UNROLL for (int j = 0; j < kN; ++j) {
+      Vec a[KB];
+      EMOKERN_UNROLL for (int k = 0; k < KB; ++k) a[k] = first ? Vec(0.0f) : st.a[0][k].v[j];
+      for (int64_t d = c0; d < full_end; d += kLanes) {
+        Vec x = load_part(h + d, j);
+        if (res != nullptr) x = x + load_part(res + d, j);
+        EMOKERN_UNROLL for (int k = 0; k < KB; ++k)
+          a[k] = fma1(x, Vec::loadu(v[k] + d + j * kW), a[k]);
+      }
+      if (n_tail > 0) {
+        V16 x = load16(h + full_end, n_tail);
+        if (res != nullptr) x = add16(x, load16(res + full_end, n_tail));
+        EMOKERN_UNROLL for (int k = 0; k < KB; ++k)
+          a[k] = fma1(x.v[j], load16(v[k] + full_end, n_tail).v[j], a[k]);
+      }
+      EMOKERN_UNROLL for (int k = 0; k < KB; ++k) st.a[0][k].v[j] = a[k];
+    }
+  }
+  if (rows.delta[0] == nullptr) return;  // not steered: nothing to write
+  const float* const delta = rows.delta[0];
+  const float* const w = rows.w != nullptr ? rows.w[0] : nullptr;
+  V16 xx = first ? zero16() : st.xx[0], yy = first ? zero16() : st.yy[0];
+  auto step = [&](int64_t d, int64_t n) EMOKERN_INLINE {
+    const bool full = n == kLanes;
+    V16 r = zero16();
+    V16 x = full ? load16(h + d) : load16(h + d, n);
+    if (res != nullptr) {
+      r = full ? load16(res + d) : load16(res + d, n);
+      x = add16(x, r);
+    }
+    V16 dl = zero16();
+    if constexpr (DW) {
+      EMOKERN_UNROLL for (int k = 0; k < KB; ++k)
+        dl = fma16(splat16(w[k]), full ? load16(v[k] + d) : load16(v[k] + d, n), dl);
+    } else {
+      dl = load16(delta + d);  // offsets are D16 long
+    }
+    const V16 y = add16(x, dl);
+    if constexpr (NP) {
+      xx = fma16(x, x, xx);
+      yy = fma16(y, y, yy);
+    } else {
+      const V16 out = res != nullptr ? sub16(y, r) : y;
+      if (full) {
+        store16(h + d, out);
+      } else {
+        store16(h + d, out, n);
+      }
+    }
+  };
+  for (int64_t d = c0; d < full_end; d += kLanes) {
+    if (ahead != nullptr) __builtin_prefetch(ahead + d, 0, 2);
+    step(d, kLanes);
+  }
+  if (n_tail > 0) step(full_end, n_tail);
+  st.xx[0] = xx;
+  st.yy[0] = yy;
+}
+
 // Sweep with KB in {0, 1, 2, 4, kSweepMaxK} vectors; NP norm preserving; DW offsets from the
 // weights (decode, not norm preserving).
 template <typename T, int RS>
 void sweep_kb(int kb, bool np, bool dw, const SweepRows<T>& rows, const float* const* v,
               int64_t c0, int64_t c1, SweepState& st, bool first) {
+#define EMOKERN_SWEEP_ONE(KB, NP, DW)                                                \
+  if constexpr (kN == 1) {                                                           \
+    sweep<T, RS, KB, NP, DW>(rows, v, c0, c1, st, first);                            \
+  } else {                                                                           \
+    static_assert(RS == 1, "split sweeps take one row at a time");                   \
+    sweep_split<T, KB, NP, DW>(rows, v, c0, c1, st, first);                          \
+  }
 #define EMOKERN_SWEEP_CASE(KB)                                                       \
   if (np) {                                                                          \
-    sweep<T, RS, KB, true, false>(rows, v, c0, c1, st, first);                       \
+    EMOKERN_SWEEP_ONE(KB, true, false)                                               \
   } else if (dw) {                                                                   \
-    sweep<T, RS, KB, false, true>(rows, v, c0, c1, st, first);                       \
+    EMOKERN_SWEEP_ONE(KB, false, true)                                               \
   } else {                                                                           \
-    sweep<T, RS, KB, false, false>(rows, v, c0, c1, st, first);                      \
+    EMOKERN_SWEEP_ONE(KB, false, false)                                              \
   }
   switch (kb) {
     case 0: EMOKERN_SWEEP_CASE(0) break;
     case 1: EMOKERN_SWEEP_CASE(1) break;
     case 2: EMOKERN_SWEEP_CASE(2) break;
     case 4: EMOKERN_SWEEP_CASE(4) break;
-    default:
-      if constexpr (kSweepMaxK >= 8) {
-        EMOKERN_SWEEP_CASE(kSweepMaxK)
-      }
-      break;
+    default: EMOKERN_SWEEP_CASE(kSweepMaxK) break;
   }
 #undef EMOKERN_SWEEP_CASE
+#undef EMOKERN_SWEEP_ONE
 }
 
 template <typename T, bool RES>
@@ -1365,3 +1477,4 @@ inline const KernelTable& kernel_table() {
 #undef EMOKERN_SWEEP_STEP
 #undef EMOKERN_SWEEP_STEP2
 #undef EMOKERN_UNROLL
+#undef EMOKERN_INLINE
