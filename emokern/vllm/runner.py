@@ -89,8 +89,10 @@ class EngineSteering:
         for i, layer in enumerate(self.layers):
             vectors = bank.layer_vectors(layer).to(torch.float32).contiguous()
             self._wrap(layers[layer - start], op, vectors, i)
-        log.info("emokern.vllm: steering layers %s, emotions %s", list(self.layers),
-                 list(self.names))
+        log.info("emokern.vllm: steering layers %s, emotions %s (%s; compiled CPU kernel: %s)",
+                 list(self.layers), list(self.names), config.impl,
+                 "loaded" if build.build_info()["cpu"].get("loaded") else
+                 "not loaded, the reference kernel runs")
 
     def _wrap(self, module, op, vectors: torch.Tensor, i: int) -> None:
         table, norm_preserving = self.table, self.config.norm_preserving

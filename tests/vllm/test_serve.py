@@ -23,6 +23,7 @@ import torch
 import emokern
 from emokern.cli import main as cli_main
 from emokern.vllm.http import READINGS_FIELD
+from emokern.vllm.serve import MIDDLEWARE, vllm_argv
 
 try:  # a submodule: this tests/vllm directory would pass for the package ``vllm``
     import vllm.sampling_params  # noqa: F401
@@ -43,6 +44,29 @@ def test_serve_explains_a_missing_vllm(capsys):
     assert cli_main(["serve", "--port", "8123", "--max-num-seqs", "4"]) == 2
     err = capsys.readouterr().err
     assert "vLLM is not installed" in err and 'pip install "emokern[vllm]"' in err
+
+
+def test_serve_arguments_for_vllm():
+    argv = vllm_argv(model="/m", bank="concept", layers="3,4", host="127.0.0.1", port=8001,
+                     extra=["--max-num-seqs", "4",
+                            "--additional-config={\"x\": 1, \"emokern\": {\"monitor\": false}}"],
+                     cuda=False)
+    assert argv[argv.index("--middleware") + 1] == MIDDLEWARE
+    assert argv[argv.index("--dtype") + 1] == "float32"
+    assert argv[argv.index("--max-num-seqs") + 1] == "4" and argv.count("--additional-config") == 1
+    additional = json.loads(argv[argv.index("--additional-config") + 1])
+    assert additional == {"x": 1, "emokern": {"monitor": False, "bank": "concept",
+                                              "layers": [3, 4]}}
+    cuda = vllm_argv(model="/m", bank="default", layers="auto", host="h", port=1, extra=[],
+                     cuda=True)
+    assert "--dtype" not in cuda
+    for kw, message in ((dict(bank="nope"), "--bank"), (dict(layers="3,x"), "--layers"),
+                        (dict(port=0), "--port"), (dict(extra=["--additional-config", "{"]),
+                                                   "--additional-config must be JSON")):
+        args = dict(model="/m", bank="default", layers="auto", host="h", port=1, extra=[],
+                    cuda=False) | kw
+        with pytest.raises(ValueError, match=message):
+            vllm_argv(**args)
 
 
 needs_vllm = pytest.mark.skipif(not HAVE_VLLM, reason="needs vLLM (make test-vllm)")
