@@ -50,11 +50,14 @@ def run_demo(max_new_tokens: int = 40, prompt: str = PROMPT, *, model: str = "de
         mix = ", ".join(f"{k}={v:+g}" for k, v in row["mix"].items()) or "unsteered"
         print(f"[{mix}]")
         print(textwrap.indent(textwrap.fill(row["text"].strip(), 96), "    "), "\n")
-    names = list(rows[0]["projections"])
-    print("mean projection of the generating states on each emotion direction "
-          "(steered layers, before steering):")
+    calibrated = rows[0]["readings"] is not None
+    key = "readings" if calibrated else "projections"
+    names = list(rows[0][key])
+    print("emotion readings of the generating states at the bank's detection layers, "
+          + ("as standard scores (0 = as neutral text, +1 = one neutral spread above):"
+             if calibrated else "as raw projections (the bank has no neutral baseline):"))
     print(f"{'row':<14}" + "".join(f"{n:>10}" for n in names))
     for row in rows:
         mix = ", ".join(f"{k}={v:+g}" for k, v in row["mix"].items()) or "unsteered"
-        print(f"{mix[:13]:<14}" + "".join(f"{row['projections'][n]:>+10.2f}" for n in names))
+        print(f"{mix[:13]:<14}" + "".join(f"{row[key][n]:>+10.2f}" for n in names))
     return rows

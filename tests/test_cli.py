@@ -77,7 +77,7 @@ def test_demo_runs_on_any_model_and_bank(capsys, saved):
     assert main(["demo", "--model", str(model), "--bank", str(bank),
                  "--max-new-tokens", "3"]) == 0
     out = capsys.readouterr().out
-    assert "[unsteered]" in out and "[joy=+1]" in out and "mean projection" in out
+    assert "[unsteered]" in out and "[joy=+1]" in out and "emotion readings" in out
 
 
 def test_extract_writes_a_bank(capsys, saved, tmp_path):
