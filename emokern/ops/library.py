@@ -1,13 +1,20 @@
-"""The ``emokern::steer_`` op: schema, fake kernel, reference registration, public wrapper.
+"""The op layer: every emokern op's schema, fake kernel, reference registration, backend
+choice, argument checks and public wrapper — ``steer_`` (batched), ``steer_packed_`` (packed
+tokens, for serving engines) and ``scale_neurons_`` (neuron ablation).
 
-One schema, defined once here; backends only attach implementations:
+One schema per op, defined once here; backends only attach implementations:
 
-* ``CompositeExplicitAutograd`` — the reference (:func:`ref_steer_`), so the op exists on every
-  device even when nothing compiled;
-* ``CPU`` — the fused C++ kernel (``csrc/cpu``), loaded by :mod:`emokern.ops.build`; a
+* ``CompositeExplicitAutograd`` — the reference (:mod:`emokern.ops.reference`), so each op
+  exists on every device even when nothing compiled;
+* ``CPU`` — the C++ kernels (``csrc/cpu``), loaded by :mod:`emokern.ops.build`; a
   backend-specific kernel takes precedence over the composite one;
-* ``CUDA`` — the CUDA kernel (``csrc/cuda``) when built against a CUDA torch, else the Triton
-  kernel (:mod:`emokern.ops.triton_steer`).
+* ``CUDA`` — the CUDA kernels (``csrc/cuda``) when built against a CUDA torch, else the Triton
+  kernels (:mod:`emokern.ops.triton_steer`, :mod:`emokern.ops.triton_ablate`).
+
+One module on purpose (~700 lines): the three ops share the backend choice
+(:func:`resolve_backend`, :func:`runner_for`) and the habit of checking every argument before
+anything is written; the wrappers' checks mirror ``csrc/steer.h`` message for message.
+Semantics: ``docs/design.md`` §2.
 """
 
 from __future__ import annotations
