@@ -20,15 +20,17 @@
 // rounds products separately).
 //
 // Work (rows in blocks of 8, blocks in chunks that fix the running-sum partials):
-//   * few vectors (K <= kSweepMaxK): one sweep per row (pair) reads the row once, converts it
-//     in registers, accumulates every dot product and writes y in the same pass;
+//   * few vectors (K <= 8): one sweep per row (pair) reads the row from memory once and
+//     converts it in registers; with one register per logical vector (AVX-512) it accumulates
+//     every dot product and writes y in the same pass, with several (AVX2, NEON) it takes the
+//     dot products one register part at a time over an L1-resident column chunk, then writes;
 //   * many vectors: float32 rows (read in place, or converted once into scratch), register
 //     tiles of kTileRows rows x kTileVecs vectors per column panel (vectors packed panel-major
 //     once per call when enough rows share them), then the writes;
-//   * offsets delta_s: once per slot up front when slots have several rows (prefill), else
-//     per block for its rows (decode), both by register tiles of kDeltaRows x kDeltaCols; in
-//     decode on the tiles without norm preservation they never leave the registers (the tile
-//     writes y = x + delta directly).
+//   * offsets delta_s: once per slot up front when slots have several rows (prefill);
+//     otherwise (decode) built in registers from the weights, inside the sweep or by register
+//     tiles of kDeltaRows rows x kDeltaCols logical vectors that write y = x + delta directly
+//     (norm preserving: per block into scratch, then the scaled writes).
 // Running statistics: each chunk of rows sums its rows' projections per slot in double, in
 // row order; the chunks are reduced in order after the parallel loop (no atomics).
 
@@ -683,20 +685,24 @@ inline int64_t inv_norms(const float* vectors, int64_t n_vec, int64_t dim, float
   constexpr int G = kNormGroup;  // independent sums in flight
   for (int64_t k0 = 0; k0 < n_vec; k0 += G) {
     const int n = int(std::min<int64_t>(G, n_vec - k0));
+    const float* row[G];  // a short last group repeats its first vector (results unused)
+    EMOKERN_UNROLL for (int i = 0; i < G; ++i) row[i] = vectors + (k0 + (i < n ? i : 0)) * dim;
     V16 a[G];
-    for (int i = 0; i < G; ++i) a[i] = zero16();
+    EMOKERN_UNROLL for (int i = 0; i < G; ++i) a[i] = zero16();
     for (int64_t s = 0; s < steps; ++s)
-      for (int i = 0; i < n; ++i) {
-        const V16 x = load16(vectors + (k0 + i) * dim + s * kLanes);
+      EMOKERN_UNROLL for (int i = 0; i < G; ++i) {
+        const V16 x = load16(row[i] + s * kLanes);
         a[i] = fma16(x, x, a[i]);
       }
     if (tail > 0)
-      for (int i = 0; i < n; ++i) {
-        const V16 x = load16(vectors + (k0 + i) * dim + steps * kLanes, tail);
+      for (int i = 0; i < G; ++i) {
+        const V16 x = load16(row[i] + steps * kLanes, tail);
         a[i] = fma16(x, x, a[i]);
       }
+    float ss[G];
+    hsum16_many(a, G, ss);  // the tree of hsum16, on the group at once
     for (int i = 0; i < n; ++i) {
-      const double norm = std::sqrt(double(hsum16(a[i])));
+      const double norm = std::sqrt(double(ss[i]));
       if (!(std::isfinite(norm) && norm > 0.0)) return k0 + i;
       inv_norm[k0 + i] = static_cast<float>(1.0 / norm);
     }
