@@ -99,12 +99,6 @@ Dtype dtype_of(const at::Tensor& t) {
   }
 }
 
-bool all_finite(const float* p, int64_t n) {
-  float acc = 0.0f;  // x - x is 0 for finite x and NaN otherwise
-  for (int64_t i = 0; i < n; ++i) acc += p[i] - p[i];
-  return acc == 0.0f;
-}
-
 // The float32 contiguous vectors and their inverse norms (data check: every norm nonzero and
 // finite).
 void vector_norms(const at::Tensor& vec, int64_t n_vec, int64_t dim, const char* op,
@@ -151,7 +145,7 @@ void steer_cpu(const at::Tensor& hidden, const at::Tensor& vectors, const at::Te
   std::optional<at::Tensor> m;
   if (mask.has_value()) m = mask->contiguous();
 
-  TORCH_CHECK_VALUE(all_finite(w.data_ptr<float>(), w.numel()), kSteerOp,
+  TORCH_CHECK_VALUE(kernels().all_finite(w.data_ptr<float>(), w.numel()), kSteerOp,
                     "weights must be finite (found NaN or inf)");
   c10::SmallVector<float, 64> inv_norm;
   vector_norms(vec, sz.n_vec, sz.dim, kSteerOp, inv_norm);
@@ -192,7 +186,7 @@ void steer_packed_cpu(const at::Tensor& hidden, const std::optional<at::Tensor>&
   const at::Tensor w = slot_weights.contiguous();
   const at::Tensor slots = token_slot.contiguous();
 
-  TORCH_CHECK_VALUE(all_finite(w.data_ptr<float>(), w.numel()), kPackedOp,
+  TORCH_CHECK_VALUE(kernels().all_finite(w.data_ptr<float>(), w.numel()), kPackedOp,
                     "slot_weights must be finite (found NaN or inf)");
   c10::SmallVector<float, 64> inv_norm;
   vector_norms(vec, sz.n_vec, sz.dim, kPackedOp, inv_norm);

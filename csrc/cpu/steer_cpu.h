@@ -58,6 +58,8 @@ struct KernelTable {
   // inv_norm[k] = 1 / ||v_k|| in the kernel's arithmetic; returns the first k whose norm is
   // zero or not finite (nothing meaningful is written then), or -1.
   int64_t (*inv_norms)(const float* vectors, int64_t n_vec, int64_t dim, float* inv_norm);
+  // Whether all n floats are finite.
+  bool (*all_finite)(const float* values, int64_t n);
 };
 
 }  // namespace cpu

@@ -275,10 +275,10 @@ constexpr int64_t kMinWorkPerThread = 1 << 18;
 
 inline int64_t round16(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
 
-// Panel width for D columns: D split evenly into panels of at most kMaxPanel (so D = 576 is
-// two panels of 288, not 512 + 64), a multiple of 16.
+// Panel width for D columns: one panel up to 768 columns (a tile's vectors and a block's rows
+// still fit L1), else D split evenly into panels of at most kMaxPanel, a multiple of 16.
 inline int64_t panel_width(int64_t dim) {
-  const int64_t n = (dim + kMaxPanel - 1) / kMaxPanel;
+  const int64_t n = dim <= 768 ? 1 : (dim + kMaxPanel - 1) / kMaxPanel;
   return std::max<int64_t>(kLanes, round16((dim + n - 1) / n));
 }
 
@@ -347,29 +347,6 @@ struct VView {
   const float* panel(int64_t p) const { return base + p * panel_stride; }
 };
 
-// Fetches the next block's rows into L2 a few lines at a time while the tiles compute on this
-// block (the hardware prefetchers follow a row, not the jump to the next block).
-struct Prefetcher {
-  const char* rows[8];
-  int64_t n_rows = 0, bytes = 0;  // per row
-  int64_t row = 0, offset = 0;
-  void add(const void* p, int64_t n_bytes) {
-    if (p == nullptr || n_rows == 8) return;
-    rows[n_rows++] = static_cast<const char*>(p);
-    bytes = n_bytes;
-  }
-  void advance(int64_t lines) {
-    for (; lines > 0 && row < n_rows; --lines) {
-      __builtin_prefetch(rows[row] + offset, 0, 2);
-      offset += 64;
-      if (offset >= bytes) {
-        offset = 0;
-        ++row;
-      }
-    }
-  }
-};
-
 // ---------------------------------------------------------------------------------------------
 // Register tiles.
 
@@ -430,11 +407,8 @@ void proj_tile_rk(int rows, int kt, const float* const* x, const float* v, int64
 // Panel by panel: a tile of kTileVecs vectors stays in L1 while the row tiles walk the panel,
 // each tile's sums in registers for the panel's width; acc holds them between panels.
 inline void block_dots(const float* const* x, int n_rows, const VView& V, int64_t n_vec,
-                       int64_t dim, V16* acc, float* dots, Prefetcher& next) {
+                       int64_t dim, V16* acc, float* dots) {
   const int64_t n_panels = (dim + V.width - 1) / V.width;
-  const int64_t n_calls = n_panels * ((n_vec + kTileVecs - 1) / kTileVecs) *
-                          ((n_rows + kTileRows - 1) / kTileRows);
-  const int64_t lines = (next.n_rows * next.bytes / 64 + n_calls - 1) / n_calls;
   for (int64_t p = 0; p < n_panels; ++p) {
     const int64_t c0 = p * V.width;
     const int64_t width = std::min(V.width, dim - c0);
@@ -450,7 +424,6 @@ inline void block_dots(const float* const* x, int n_rows, const VView& V, int64_
         for (int r = 0; r < rows; ++r) xr[r] = x[r0 + r] + c0;
         proj_tile_rk<kTileRows>(rows, kt, xr, vp + k0 * V.k_stride, V.k_stride, steps,
                                 acc + r0 * n_vec + k0, n_vec, p == 0);
-        next.advance(lines);
       }
       k0 += kt;
     }
@@ -677,6 +650,21 @@ void block_delta_write(const float* const* w, int n_rows, const VView& V, int64_
       }
     }
   }
+}
+
+// Whether all n floats are finite (x - x is 0 for finite x, NaN otherwise).
+inline bool all_finite(const float* p, int64_t n) {
+  V16 acc = zero16();
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const V16 x = load16(p + i);
+    acc = add16(acc, sub16(x, x));
+  }
+  if (i < n) {
+    const V16 x = load16(p + i, n - i);
+    acc = add16(acc, sub16(x, x));
+  }
+  return hsum16(acc) == 0.0f;
 }
 
 // ||v_k||: the same lane order and tree as the dot products.
@@ -1264,9 +1252,7 @@ void process_block(const Plan& L, int64_t i0, int n, const int64_t* slot, float*
   }
   V16* acc = s.acc.take(size_t(kBlock * K));
   float* dots = s.dots.take(size_t(kBlock * K));
-  Prefetcher next;
-  for (int r = 0; r < n; ++r) next.add(ahead[r], D * int64_t(sizeof(T)));
-  block_dots(x, n, L.V, K, D, acc, dots, next);
+  block_dots(x, n, L.V, K, D, acc, dots);
   for (int r = 0; r < n; ++r)
     for (int64_t k = 0; k < K; ++k) proj[r][k] = dots[r * K + k] * P.inv_norm[k];
   if (fused_write) {
@@ -1472,7 +1458,7 @@ inline void steer(const Problem& P) {
 }
 
 inline const KernelTable& kernel_table() {
-  static const KernelTable table{EMOKERN_ISA_NAME, &steer, &inv_norms};
+  static const KernelTable table{EMOKERN_ISA_NAME, &steer, &inv_norms, &all_finite};
   return table;
 }
 
