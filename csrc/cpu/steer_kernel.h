@@ -221,7 +221,33 @@ inline float hsum16(const V16& a) {
   return f[0];
 }
 
-// out[i] = hsum16(acc[i]) for i < n <= 16, the same tree run on 16 sums at once (transposed).
+// out[i] = hsum16(acc[i]) for i < n <= 16: the same tree run on 16 sums at once.
+#if defined(CPU_CAPABILITY_AVX512)
+// In registers: each shuffle level adds the lanes the portable tree adds (l and l + 8, then
+// l + 4, l + 2, l + 1), 15 adds and 30 shuffles for 16 sums. The one place the core names
+// intrinsics; the portable version below defines the result (the tests compare them).
+inline void hsum16_many(const V16* acc, int n, float* out) {
+  __m512 v[16];
+  for (int i = 0; i < 16; ++i) v[i] = i < n ? __m512(acc[i].v[0]) : _mm512_setzero_ps();
+  __m512 c[8], d[4], e[2];
+  for (int i = 0; i < 8; ++i)  // [l + (l + 8) of v[2i] | of v[2i + 1]], l < 8
+    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xee));
+  for (int i = 0; i < 4; ++i)  // 128-bit block j: l + (l + 4) of v[4i + j], l < 4
+    d[i] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0xdd));
+  for (int i = 0; i < 2; ++i)  // block j: l + (l + 2) of v[8i + j], of v[8i + 4 + j]
+    e[i] = _mm512_add_ps(_mm512_shuffle_ps(d[2 * i], d[2 * i + 1], 0x44),
+                         _mm512_shuffle_ps(d[2 * i], d[2 * i + 1], 0xee));
+  const __m512 f = _mm512_add_ps(_mm512_shuffle_ps(e[0], e[1], 0x88),  // l + (l + 1)
+                                 _mm512_shuffle_ps(e[0], e[1], 0xdd));
+  // Block j of f holds the sums of v[j], v[4 + j], v[8 + j], v[12 + j].
+  constexpr int kLane[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};
+  __at_align__ float tmp[16];
+  _mm512_store_ps(tmp, f);
+  for (int i = 0; i < n; ++i) out[i] = tmp[kLane[i]];
+}
+#else
 inline void hsum16_many(const V16* acc, int n, float* out) {
   __at_align__ float a[kLanes * kLanes];
   __at_align__ float t[kLanes * kLanes];
@@ -234,6 +260,7 @@ inline void hsum16_many(const V16* acc, int n, float* out) {
     for (int l = 0; l < h; ++l) r[l] = add16(r[l], r[l + h]);
   store16(out, r[0], n);
 }
+#endif
 
 inline void hsum16_all(const V16* acc, int64_t n, float* out) {
   for (int64_t i = 0; i < n; i += kLanes)
@@ -1110,6 +1137,7 @@ struct Plan {
                          // fall into the same L1 sets
   bool need_proj;
   bool tiles;            // many vectors: register tiles instead of sweeps
+  bool direct_stats;     // every row its own slot (batched decode): statistics updated in place
   int64_t chunk_rows;    // rows per chunk (running-sum partial boundaries)
   int64_t entry_cap;     // running-sum partials per chunk
   double* entry_sums;    // [n_chunks * entry_cap, K]
@@ -1312,6 +1340,16 @@ void process_chunk(const Plan& L, int64_t c, Scratch& s) {
     }
     process_block<T>(L, i0, n, slot, proj, s);
     if (!running) continue;
+    if (L.direct_stats) {  // one row per slot: sum += float(double(p)) is sum += p
+      for (int r = 0; r < n; ++r) {
+        if (slot[r] < 0) continue;
+        float* sum = P.run_sum + slot[r] * K;
+        for (int64_t k = 0; k < K; ++k) sum[k] += proj[r][k];
+        std::memcpy(P.run_last + slot[r] * K, proj[r], sizeof(float) * size_t(K));
+        P.run_count[slot[r]] += 1;
+      }
+      continue;
+    }
     for (int r = 0; r < n; ++r) {
       if (slot[r] < 0) continue;
       int64_t e = slot[r] == cached_slot ? cached_entry : -1;
@@ -1336,7 +1374,7 @@ void process_chunk(const Plan& L, int64_t c, Scratch& s) {
       L.entry_meta[2 * e + 1] += 1;
     }
   }
-  if (running) L.entry_used[c] = used;
+  if (running && !L.direct_stats) L.entry_used[c] = used;
 }
 
 template <typename T>
@@ -1405,7 +1443,8 @@ void run(const Problem& P) {
   }
 
   const bool running = P.run_sum != nullptr;
-  if (running) {
+  L.direct_stats = P.token_slot == nullptr && P.seq_len == 1;
+  if (running && !L.direct_stats) {
     L.entry_cap = std::min<int64_t>(L.chunk_rows, P.n_slots);
     if (P.token_slot == nullptr)  // a chunk spans at most this many sequences
       L.entry_cap = std::min<int64_t>(L.entry_cap, (L.chunk_rows - 1) / P.seq_len + 2);
@@ -1422,7 +1461,7 @@ void run(const Problem& P) {
     for (int64_t c = begin; c < end; ++c) process_chunk<T>(L, c, ts);
   });
 
-  if (!running) return;
+  if (!running || L.direct_stats) return;
   // Ordered reduction: chunks in order, so every sum has one association.
   const int64_t S = P.n_slots;
   double* sums = s.slot_sums.take(size_t(S * K));
