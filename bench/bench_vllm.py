@@ -185,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{flag} must be at least 1")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB per engine; three are loaded
     # here, not at module level: vLLM's spawned processes re-import this module
+    import torch
     import vllm
 
     import emokern
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     from emokern.tokens import chat_prompt_ids
     from emokern.vllm.runner import packed_op
 
-    packed_op()
+    packed_op(torch.device("cpu"))  # loads (or compiles) the CPU kernel once, before the engines
     bank = emokern.EmotionBank.load_default()
     layers = middle_layers(bank, args.layers)
     _, tokenizer = emokern.load_model("default")

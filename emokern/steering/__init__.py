@@ -25,7 +25,7 @@ modules, from the bottom up:
 from emokern.steering.generation import generate
 from emokern.steering.mix import mix_to_weights, parse_mix
 from emokern.steering.monitor import Monitor
-from emokern.steering.steerer import POSITIONS, SPREADS, Steerer, steer
+from emokern.steering.steerer import POSITIONS, SPREADS, Steerer, check_layers, steer
 
-__all__ = ["POSITIONS", "SPREADS", "Monitor", "Steerer", "generate", "mix_to_weights",
-           "parse_mix", "steer"]
+__all__ = ["POSITIONS", "SPREADS", "Monitor", "Steerer", "check_layers", "generate",
+           "mix_to_weights", "parse_mix", "steer"]

@@ -8,6 +8,7 @@ from typing import NoReturn
 __all__ = ["fail"]
 
 
-def fail(exc: type[Exception], message: str) -> NoReturn:
-    """Raise ``exc("emokern.steer: " + message)``."""
-    raise exc(f"emokern.steer: {message}")
+def fail(exc: type[Exception], message: str, who: str = "emokern.steer") -> NoReturn:
+    """Raise ``exc(who + ": " + message)`` (``who``: the public entry point the user called,
+    ``emokern.steer`` unless a serving engine's settings are being checked)."""
+    raise exc(f"{who}: {message}")

@@ -64,6 +64,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from emokern.bank import EmotionBank
 from emokern.models import decoder_layers
 from emokern.ops import RunningProjections, resolve_backend, runner_for
 from emokern.steering.adapters import ForwardInputs, layers_owner, module_device, past_length
@@ -75,7 +76,7 @@ from emokern.steering.monitor import Monitor
 POSITIONS = ("all", "prompt", "generated")
 SPREADS = ("divide", "each")
 
-__all__ = ["POSITIONS", "SPREADS", "Steerer", "steer"]
+__all__ = ["POSITIONS", "SPREADS", "Steerer", "check_layers", "steer"]
 
 
 def _covers(policy: str | None, prompt_forward: bool) -> bool:
@@ -87,6 +88,39 @@ def _covers(policy: str | None, prompt_forward: bool) -> bool:
 
 
 # -------------------------------------------------------------------------------- steerer
+
+
+def check_layers(layers, bank: EmotionBank, n_model_layers: int, *, argument: str = "layers",
+                 who: str = "emokern.steer") -> tuple[int, ...]:
+    """The decoder layers ``layers`` names, in the order given: ``"auto"`` (the bank's
+    recommended layers), one index or a list of distinct indices, each inside the model
+    (``0 <= l < n_model_layers``) and covered by the bank. One TypeError/ValueError
+    ``"<who>: <argument> ..."`` otherwise (``who``: the entry point the user called)."""
+    if isinstance(layers, str):
+        if layers != "auto":
+            fail(ValueError, f"{argument} must be 'auto' or a list of layer indices, got "
+                             f"{layers!r}", who)
+        chosen = tuple(int(i) for i in bank.recommended_layers)
+    else:
+        if isinstance(layers, int) and not isinstance(layers, bool):
+            layers = [layers]
+        if not isinstance(layers, Sequence) or len(layers) == 0:
+            fail(ValueError, f"{argument} must be 'auto' or a non-empty list of layer indices, "
+                             f"got {layers!r}", who)
+        for layer in layers:
+            if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
+                fail(TypeError, f"{argument} must hold ints, got {layer!r}", who)
+        chosen = tuple(int(i) for i in layers)
+    if len(set(chosen)) != len(chosen):
+        fail(ValueError, f"{argument} lists a layer twice: {list(chosen)}", who)
+    for layer in chosen:
+        if not 0 <= layer < n_model_layers:
+            fail(ValueError, f"{argument}: layer {layer} is outside the model, which has "
+                             f"{n_model_layers} decoder layers (0..{n_model_layers - 1})", who)
+        if layer not in bank.layers:
+            fail(ValueError, f"{argument}: layer {layer} has no vectors in the bank, which "
+                             f"covers layers {list(bank.layers)}", who)
+    return chosen
 
 
 class Steerer:
@@ -124,7 +158,7 @@ class Steerer:
                                  f"{list(bank.names)}")
         if len(set(names)) != len(names):
             fail(ValueError, f"emotions lists a name twice: {list(names)}")
-        chosen = self._check_layers(layers, bank, len(layer_list))
+        chosen = check_layers(layers, bank, len(layer_list))
         if positions not in POSITIONS:
             fail(ValueError, f"positions must be one of {POSITIONS}, got {positions!r}")
         if monitor is True:
@@ -209,34 +243,6 @@ class Steerer:
     # ----------------------------------------------------------------------- validation
 
     @staticmethod
-    def _check_layers(layers, bank, n_model_layers: int) -> tuple[int, ...]:
-        if isinstance(layers, str):
-            if layers != "auto":
-                fail(ValueError, f"layers must be 'auto' or a list of layer indices, got "
-                                 f"{layers!r}")
-            chosen = tuple(int(i) for i in bank.recommended_layers)
-        else:
-            if isinstance(layers, int) and not isinstance(layers, bool):
-                layers = [layers]
-            if not isinstance(layers, Sequence) or len(layers) == 0:
-                fail(ValueError, f"layers must be 'auto' or a non-empty list of layer indices, "
-                                 f"got {layers!r}")
-            for layer in layers:
-                if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
-                    fail(TypeError, f"layers must hold ints, got {layer!r}")
-            chosen = tuple(int(i) for i in layers)
-        if len(set(chosen)) != len(chosen):
-            fail(ValueError, f"layers lists a layer twice: {list(chosen)}")
-        for layer in chosen:
-            if not 0 <= layer < n_model_layers:
-                fail(ValueError, f"layer {layer} is outside the model, which has "
-                                 f"{n_model_layers} decoder layers (0..{n_model_layers - 1})")
-            if layer not in bank.layers:
-                fail(ValueError, f"layer {layer} has no vectors in the bank, which covers layers "
-                                 f"{list(bank.layers)}")
-        return chosen
-
-    @staticmethod
     def _check_monitor_layers(monitor_layers, bank, steered, n_model_layers: int
                               ) -> tuple[int, ...]:
         if monitor_layers is None:
@@ -246,11 +252,7 @@ class Steerer:
                 fail(ValueError, f"monitor_layers must be None, 'auto' or a list of layer "
                                  f"indices, got {monitor_layers!r}")
             return tuple(int(i) for i in bank.detection_layers)
-        try:
-            return Steerer._check_layers(monitor_layers, bank, n_model_layers)
-        except (TypeError, ValueError) as exc:
-            raise type(exc)(str(exc).replace("emokern.steer: layer", "emokern.steer: "
-                                             "monitor_layers: layer")) from None
+        return check_layers(monitor_layers, bank, n_model_layers, argument="monitor_layers")
 
     # ------------------------------------------------------------------------- buffers
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ import torch
 
 from emokern.bank import EmotionBank
 from emokern.steering.mix import mix_to_weights, parse_mix
-from emokern.steering.steerer import SPREADS
+from emokern.steering.steerer import SPREADS, check_layers
 
 __all__ = ["CONFIG_KEY", "EXTRA_KEY", "EmokernConfig", "bank_of", "cache_salt", "check_mix",
            "describe", "request_mix"]
@@ -66,16 +65,8 @@ class EmokernConfig:
                               f"{sorted(cls.__dataclass_fields__)}")
         values = dict(raw)
         layers = values.get("layers", "auto")
-        if isinstance(layers, int) and not isinstance(layers, bool):
-            layers = (layers,)
-        if not isinstance(layers, str):
-            if not isinstance(layers, Sequence) or not layers or not all(
-                    isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in layers):
-                _fail(ValueError, f"layers must be 'auto' or a non-empty list of ints, got "
-                                  f"{layers!r}")
-            layers = tuple(int(v) for v in layers)
-        elif layers != "auto":
-            _fail(ValueError, f"layers must be 'auto' or a list of ints, got {layers!r}")
+        if isinstance(layers, list):  # hashable (the settings key the bank cache); checked
+            layers = tuple(layers)    # against the bank and model by resolve_layers
         values["layers"] = layers
         if values.get("impl", "op") not in ("op", "hook"):
             _fail(ValueError, f"impl must be 'op' or 'hook', got {values['impl']!r}")
@@ -94,18 +85,8 @@ class EmokernConfig:
         return EmotionBank.load(self.bank)
 
     def resolve_layers(self, bank: EmotionBank, n_model_layers: int) -> tuple[int, ...]:
-        chosen = (tuple(int(i) for i in bank.recommended_layers) if self.layers == "auto"
-                  else tuple(self.layers))
-        if len(set(chosen)) != len(chosen):
-            _fail(ValueError, f"layers lists a layer twice: {list(chosen)}")
-        for layer in chosen:
-            if not 0 <= layer < n_model_layers:
-                _fail(ValueError, f"layer {layer} is outside the model, which has "
-                                  f"{n_model_layers} decoder layers")
-            if layer not in bank.layers:
-                _fail(ValueError, f"layer {layer} has no vectors in the bank, which covers "
-                                  f"layers {list(bank.layers)}")
-        return chosen
+        """The steered decoder layers (:func:`emokern.steering.check_layers`)."""
+        return check_layers(self.layers, bank, n_model_layers, who="emokern.vllm")
 
 
 def request_mix(extra_args, names: Sequence[str], *,

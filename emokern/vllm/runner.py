@@ -13,11 +13,13 @@ contents change (:class:`~emokern.vllm.slots.SlotTable`).
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
-from emokern.ops import build
+from emokern.ops import resolve_backend, runner_for
 from emokern.vllm.config import EmokernConfig, request_mix
 from emokern.vllm.slots import SlotTable
 
@@ -27,12 +29,20 @@ __all__ = ["EngineSteering", "packed_op"]
 log = logging.getLogger("vllm.emokern")
 
 
-def packed_op():
-    """``torch.ops.emokern.steer_packed_`` (importing :mod:`emokern.ops` defines it); loads the
-    compiled CPU kernel when it is ready without compiling, else the reference kernel runs."""
-    if build.cpu_ready():
-        build.load_cpu()
-    return torch.ops.emokern.steer_packed_.default
+def packed_op(device: torch.device) -> tuple[Callable[..., None], str]:
+    """The callable the wrapped layers run, and its backend: the packed op on ``device``.
+
+    Normally the dispatcher entry ``torch.ops.emokern.steer_packed_``, so that vLLM's compiler
+    traces one op (with its fake kernel) into the graph; resolving the backend first makes that
+    entry run the fastest kernel (it loads the compiled CPU kernel, compiling it once into the
+    shared extension cache when no build exists, or registers the Triton kernel as the op's
+    CUDA kernel). A backend forced with ``EMOKERN_BACKEND`` runs through its own runner
+    (:func:`emokern.ops.runner_for`), which fails clearly when that backend is unavailable.
+    """
+    backend = resolve_backend(None, device, "steer_packed_")
+    if os.environ.get("EMOKERN_BACKEND"):
+        return runner_for(backend, "steer_packed_"), backend
+    return torch.ops.emokern.steer_packed_.default, backend
 
 
 #: vLLM decoder-layer classes (and their subclasses: Mistral, Phi-3, ...) whose forward
@@ -85,14 +95,13 @@ class EngineSteering:
         scale = 1.0 / len(self.layers) if config.spread == "divide" else 1.0
         self.table = SlotTable(len(self.layers), len(self.names), max_requests, max_tokens,
                                scale=scale)
-        op = packed_op()
+        device = next(model.parameters()).device
+        op, self.backend = packed_op(device)
         for i, layer in enumerate(self.layers):
             vectors = bank.layer_vectors(layer).to(torch.float32).contiguous()
             self._wrap(layers[layer - start], op, vectors, i)
-        log.info("emokern.vllm: steering layers %s, emotions %s (%s; compiled CPU kernel: %s)",
-                 list(self.layers), list(self.names), config.impl,
-                 "loaded" if build.build_info()["cpu"].get("loaded") else
-                 "not loaded, the reference kernel runs")
+        log.info("emokern.vllm: steering layers %s, emotions %s (%s; op backend on %s: %s)",
+                 list(self.layers), list(self.names), config.impl, device.type, self.backend)
 
     def _wrap(self, module, op, vectors: torch.Tensor, i: int) -> None:
         table, norm_preserving = self.table, self.config.norm_preserving
