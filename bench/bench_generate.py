@@ -8,7 +8,9 @@ Full run, writing ``bench/results/generate.{json,md,png}``::
 It measures, as ratios within one run (see :mod:`emokern.benchmarks.generate`): (a) decode
 tokens/s steered (10 layers, K = 6, a distinct mix per row, monitor on) over unsteered, paired
 per step, at batch 1, 8, 32, 64, with the naive hook baseline and the ``steering-vectors``
-library alongside; (b) 64 distinct mixes vs one shared mix at batch 64; (c) a 336-sequence
+library alongside; (b) 64 distinct mixes vs one shared mix at batch 64, for emokern and for
+plain hooks (the naive shared-vector hook vs a per-row hook ``h.add_((W @ V)[:, None])``, the
+plain PyTorch for distinct mixes in one batch); (c) a 336-sequence
 sweep, emokern batched vs the baseline's per-condition loop. ``emokern bench generate`` runs the
 same harness on any model.
 

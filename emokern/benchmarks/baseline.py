@@ -1,11 +1,15 @@
-"""The baselines emokern is measured against: forward hooks that add one shared vector.
+"""The baselines emokern is measured against: plain forward hooks.
 
 1. :class:`NaiveSteering` — the common forward-hook approach of existing steering libraries:
    one hook per steered decoder layer returns ``output + delta`` (one shared vector for the
    whole batch, every position), projections come from a separate matmul appended to Python
    lists, and different mixes run by looping over conditions, one batch each
    (:func:`emokern.benchmarks.sweep.sweep_loop`).
-2. The published ``steering-vectors`` library (``pip install --no-deps steering-vectors``; it
+2. :class:`PerRowSteering` — the plain PyTorch a user would write for a distinct mix per row
+   of one batch: one hook per steered layer adding ``(W @ V_l)[:, None]`` in place (``W``
+   ``[B, K]`` the rows' weights, ``V_l`` ``[K, D]`` the layer's vectors), with the same
+   projection reads as (1).
+3. The published ``steering-vectors`` library (``pip install --no-deps steering-vectors``; it
    pins transformers<5 but works with 5.x, and imports scikit-learn), through
    ``SteeringVector(...).apply(model)`` (:func:`steering_vectors_patch`).
 """
@@ -20,8 +24,8 @@ from torch import nn
 
 from emokern.models import decoder_layers
 
-__all__ = ["NaiveSteering", "shared_deltas", "steering_vectors_available",
-           "steering_vectors_patch", "steering_vectors_version"]
+__all__ = ["NaiveSteering", "PerRowSteering", "mix_rows", "shared_deltas",
+           "steering_vectors_available", "steering_vectors_patch", "steering_vectors_version"]
 
 
 def shared_deltas(bank, mix: Mapping[str, float], layers: Sequence[int],
@@ -38,6 +42,32 @@ def shared_deltas(bank, mix: Mapping[str, float], layers: Sequence[int],
             delta += float(weight) * bank.vector(name, layer).float().cpu()
         deltas[layer] = delta * scale
     return deltas
+
+
+def mix_rows(names: Sequence[str], mixes: Sequence[Mapping[str, float]]) -> torch.Tensor:
+    """The weights ``W`` ``[B, K]`` (float32) of one mix per row: ``W[b, k] = mixes[b][names[k]]``
+    (0 where a mix leaves an emotion out). An emotion not in ``names`` is a ValueError."""
+    rows = []
+    for b, mix in enumerate(mixes):
+        unknown = set(mix) - set(names)
+        if unknown:
+            raise ValueError(f"mix_rows: mixes[{b}] names {sorted(unknown)}, not in {list(names)}")
+        rows.append([float(mix.get(name, 0.0)) for name in names])
+    return torch.tensor(rows, dtype=torch.float32).reshape(len(rows), len(names))
+
+
+def _read_hidden(hidden: torch.Tensor, directions: torch.Tensor | None,
+                 readings: list[torch.Tensor]) -> None:
+    """The baselines' monitor: projections ``hidden @ directions.T`` ``[B, T, K]`` appended."""
+    if directions is not None:
+        readings.append((hidden.float() @ directions.T).detach())
+
+
+def _unit_directions(directions, device) -> dict[int, torch.Tensor] | None:
+    if directions is None:
+        return None
+    return {layer: (v.float() / v.float().norm(dim=-1, keepdim=True)).to(device)
+            for layer, v in directions.items()}
 
 
 class NaiveSteering:
@@ -65,10 +95,7 @@ class NaiveSteering:
         device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
         self.deltas = {layer: d.to(device=device, dtype=dtype) for layer, d in deltas.items()}
-        self.directions = None
-        if directions is not None:
-            self.directions = {layer: (v.float() / v.float().norm(dim=-1, keepdim=True)).to(device)
-                               for layer, v in directions.items()}
+        self.directions = _unit_directions(directions, device)
         self.readings: dict[int, list[torch.Tensor]] = {layer: [] for layer in self.deltas}
         self._handles: list = []
 
@@ -79,8 +106,7 @@ class NaiveSteering:
 
         def hook(module, args, output):
             hidden = output[0] if isinstance(output, tuple) else output
-            if directions is not None:
-                readings.append((hidden.float() @ directions.T).detach())
+            _read_hidden(hidden, directions, readings)
             steered = hidden + delta
             return (steered, *output[1:]) if isinstance(output, tuple) else steered
 
@@ -88,6 +114,80 @@ class NaiveSteering:
 
     def __enter__(self) -> NaiveSteering:
         for layer in self.deltas:
+            self._handles.append(self.layers[layer].register_forward_hook(self._hook(layer)))
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+class PerRowSteering:
+    """A distinct mix per row with plain forward hooks: what a user would write by hand.
+
+    One forward hook per steered decoder layer ``l`` adds each row's own offset to every
+    position of that row, in place::
+
+        hidden[b, t] += s · Σ_k W[b, k] · V_l[k]        i.e.  hidden.add_((W @ (s · V_l))[:, None])
+
+    with ``s = 1 / len(vectors)`` for ``spread="divide"`` (emokern's default) or 1 for
+    ``"each"``, the same units as :func:`emokern.steer`. Like :class:`NaiveSteering` it first
+    appends the projections ``hidden @ unit(V_l).T`` ``[B, T, K]`` of the layer output to
+    ``readings[l]`` (when ``read``), and it steers padding too.
+
+    Parameters
+    ----------
+    model : transformers model
+    weights : Tensor [B, K]
+        Each row's weights in the bank's units (:func:`mix_rows`); the batch must have ``B``
+        rows.
+    vectors : dict int -> Tensor [K, D]
+        The emotion vectors of each steered layer (``bank.layer_vectors(l)``).
+    read : bool
+        Keep the projection readings.
+    spread : "divide" | "each"
+    """
+
+    def __init__(self, model: nn.Module, weights: torch.Tensor,
+                 vectors: Mapping[int, torch.Tensor], *, read: bool = True,
+                 spread: str = "divide") -> None:
+        if spread not in ("divide", "each"):
+            raise ValueError(f"PerRowSteering: spread must be 'divide' or 'each', got {spread!r}")
+        if weights.dim() != 2 or any(v.dim() != 2 or v.shape[0] != weights.shape[1]
+                                     for v in vectors.values()):
+            raise ValueError(f"PerRowSteering: weights must be [B, K] and every layer's vectors "
+                             f"[K, D]; got weights {tuple(weights.shape)}, vectors "
+                             f"{[tuple(v.shape) for v in vectors.values()]}")
+        self.model = model
+        self.layers = decoder_layers(model)
+        parameter = next(model.parameters())
+        scale = 1.0 / len(vectors) if spread == "divide" else 1.0
+        self.weights = weights.to(device=parameter.device, dtype=torch.float32)
+        self.vectors = {layer: (v.float() * scale).to(parameter.device)
+                        for layer, v in vectors.items()}
+        self.directions = _unit_directions(vectors, parameter.device) if read else None
+        self.readings: dict[int, list[torch.Tensor]] = {layer: [] for layer in self.vectors}
+        self._handles: list = []
+
+    def _hook(self, layer: int):
+        weights, vectors = self.weights, self.vectors[layer]
+        directions = None if self.directions is None else self.directions[layer]
+        readings = self.readings[layer]
+
+        def hook(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            if hidden.shape[0] != weights.shape[0]:
+                raise ValueError(f"PerRowSteering: a batch of {hidden.shape[0]} rows, but "
+                                 f"weights for {weights.shape[0]}")
+            _read_hidden(hidden, directions, readings)
+            hidden.add_((weights @ vectors).to(hidden.dtype)[:, None])
+            return output
+
+        return hook
+
+    def __enter__(self) -> PerRowSteering:
+        for layer in self.vectors:
             self._handles.append(self.layers[layer].register_forward_hook(self._hook(layer)))
         return self
 

@@ -6,14 +6,17 @@
     cache back (``DynamicCache.crop(-1)``) after each, and rotate the arms' order every round
     (:func:`paired_decode`). The ratio of a round is ``t_unsteered / t_arm`` (= steered
     tokens/s over unsteered tokens/s); the median over rounds is reported with its quartiles.
-(b) **distinct vs shared mixes** at the largest batch: emokern with one mix per row vs one mix
-    for all rows, paired the same way (``t_shared / t_distinct``); and what the baseline pays
-    for distinct mixes, one batch-1 forward per row, from (a)'s timings.
+(b) **distinct vs shared mixes** at the largest batch, paired the same way
+    (``t_shared / t_distinct``): emokern with one mix per row vs one mix for all rows; and the
+    plain hooks, the per-row hook (:class:`~emokern.benchmarks.baseline.PerRowSteering`,
+    ``h.add_((W @ V)[:, None])``, the same distinct mixes) vs the naive hook adding one shared
+    vector. Before timing, the per-row hook and emokern must give the same logits.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import statistics
 import time
 from collections.abc import Mapping, Sequence
@@ -22,7 +25,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from emokern.benchmarks.baseline import NaiveSteering, shared_deltas, steering_vectors_patch
+from emokern.benchmarks.baseline import (
+    NaiveSteering,
+    PerRowSteering,
+    mix_rows,
+    shared_deltas,
+    steering_vectors_patch,
+)
 from emokern.benchmarks.workload import PROMPTS
 from emokern.steering import steer
 from emokern.tokens import encode_prompts, model_device
@@ -138,8 +147,8 @@ def decode_overhead(model: nn.Module, tokenizer, bank, *, batch_sizes: Sequence[
     mixes_result: dict[str, Any] = {}
     for batch in batch_sizes:
         state = DecodeState(model, tokenizer, batch)
-        distinct = steer(model, bank, distinct_mixes(names, batch, alpha, seed=batch),
-                         layers=list(layers), monitor=True)
+        row_mixes = distinct_mixes(names, batch, alpha, seed=batch)
+        distinct = steer(model, bank, row_mixes, layers=list(layers), monitor=True)
         arms: dict[str, Any] = {
             "unsteered": None,
             "emokern": _steerer_factory(distinct),
@@ -151,6 +160,9 @@ def decode_overhead(model: nn.Module, tokenizer, bank, *, batch_sizes: Sequence[
         if largest:
             shared = steer(model, bank, [shared_mix] * batch, layers=list(layers), monitor=True)
             arms["emokern_shared"] = _steerer_factory(shared)
+            arms["per_row"] = functools.partial(PerRowSteering, model,
+                                                mix_rows(names, row_mixes), directions)
+            _check_same_logits(state, _steerer_factory(distinct), arms["per_row"])
         measured = paired_decode(state, arms, rounds=rounds)
         row = {"batch": batch, "context": state.context, "rounds": rounds, **measured}
         rows.append(row)
@@ -159,25 +171,43 @@ def decode_overhead(model: nn.Module, tokenizer, bank, *, batch_sizes: Sequence[
             f"unsteered {measured['time_ms']['unsteered']['median']:.1f} ms/step; "
             f"tokens/s ratio vs unsteered: {msg}")
         if largest:
-            mixes_result = _mixes_summary(measured, batch, rows)
+            mixes_result = _mixes_summary(measured, batch)
         del state
     return rows, mixes_result
 
 
-def _mixes_summary(measured: dict, batch: int, rows: list[dict]) -> dict:
-    """(b): emokern distinct vs shared at the largest batch, and the baseline's loop cost."""
-    rounds = zip(measured["times_ms"]["emokern_shared"], measured["times_ms"]["emokern"],
-                 strict=True)
-    paired = quantiles([shared / distinct for shared, distinct in rounds])
-    summary = {"batch": batch,
-               "emokern_distinct_ms": measured["time_ms"]["emokern"]["median"],
-               "emokern_shared_ms": measured["time_ms"]["emokern_shared"]["median"],
-               "ratio_distinct_vs_shared": paired["median"],
-               "ratio_distinct_vs_shared_quartiles": paired}
-    one = next((r for r in rows if r["batch"] == 1), None)
-    if one is not None and batch > 1:
-        naive_loop_ms = one["time_ms"]["naive"]["median"] * batch
-        summary["naive_loop_ms"] = naive_loop_ms
-        summary["naive_shared_ms"] = measured["time_ms"]["naive"]["median"]
-        summary["naive_ratio_distinct_vs_shared"] = summary["naive_shared_ms"] / naive_loop_ms
-    return summary
+def _check_same_logits(state: DecodeState, emokern_arm, hook_arm) -> None:
+    """Check, then time: the per-row hook steers like emokern (same decode-step logits)."""
+    logits = []
+    for factory in (emokern_arm, hook_arm):
+        with factory(), torch.inference_mode():
+            logits.append(state.model(input_ids=state.next_tokens,
+                                      attention_mask=state.attention_mask,
+                                      past_key_values=state.cache, use_cache=True).logits)
+        state.cache.crop(-1)
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-3)
+
+
+def _paired_ratio(measured: dict, numerator: str, denominator: str) -> dict[str, float]:
+    """Quantiles of ``t_numerator / t_denominator`` paired per round."""
+    return quantiles([a / b for a, b in zip(measured["times_ms"][numerator],
+                                            measured["times_ms"][denominator], strict=True)])
+
+
+def _mixes_summary(measured: dict, batch: int) -> dict:
+    """(b): distinct vs shared mixes at the largest batch, emokern and the plain hooks."""
+    times = measured["time_ms"]
+    emokern = _paired_ratio(measured, "emokern_shared", "emokern")
+    hooks = _paired_ratio(measured, "naive", "per_row")
+    return {"batch": batch,
+            "emokern_distinct_ms": times["emokern"]["median"],
+            "emokern_shared_ms": times["emokern_shared"]["median"],
+            "ratio_distinct_vs_shared": emokern["median"],
+            "ratio_distinct_vs_shared_quartiles": emokern,
+            "hook_distinct_ms": times["per_row"]["median"],
+            "hook_shared_ms": times["naive"]["median"],
+            "hook_ratio_distinct_vs_shared": hooks["median"],
+            "hook_ratio_distinct_vs_shared_quartiles": hooks,
+            "emokern_distinct_vs_unsteered": measured["ratio"]["emokern"],
+            "hook_distinct_vs_unsteered": measured["ratio"]["per_row"],
+            "emokern_distinct_vs_hook_distinct": _paired_ratio(measured, "per_row", "emokern")}

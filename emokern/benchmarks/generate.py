@@ -7,7 +7,8 @@ all ratios taken within one run (whole-run wall time on shared machines varies b
 (a) **decode overhead** — steered over unsteered decode tokens/s, paired per step, at each
     batch size, for emokern (a distinct mix per row, monitor on), the naive hooks and the
     ``steering-vectors`` library (:mod:`emokern.benchmarks.decode`);
-(b) **distinct vs shared mixes** at the largest batch (:mod:`emokern.benchmarks.decode`);
+(b) **distinct vs shared mixes** at the largest batch, emokern and the plain hooks (one
+    shared vector vs a per-row ``h.add_((W @ V)[:, None])``) (:mod:`emokern.benchmarks.decode`);
 (c) **sweep** — 336 sequences, emokern in batched ``generate`` calls vs the baseline's loop
     over the 42 conditions (:mod:`emokern.benchmarks.sweep`).
 
@@ -179,17 +180,26 @@ def format_table(result: Mapping[str, Any]) -> str:
                      + f" | {met} |")
     mixes = result.get("mixes") or {}
     if mixes:
-        lines += ["", f"(b) batch {mixes['batch']}: distinct mixes vs one shared mix "
-                      f"(target >= {TARGETS['mixes']})", "",
-                  "| system | shared ms/step | distinct ms/step | shared / distinct |",
-                  "|---|---:|---:|---:|",
-                  f"| emokern | {mixes['emokern_shared_ms']:.1f} | "
-                  f"{mixes['emokern_distinct_ms']:.1f} | {mixes['ratio_distinct_vs_shared']:.3f} |"]
-        if "naive_loop_ms" in mixes:
-            lines.append(f"| naive hooks (one batch-1 forward per mix; {mixes['batch']} x "
-                         f"the batch-1 step of (a)) | "
-                         f"{mixes['naive_shared_ms']:.1f} | {mixes['naive_loop_ms']:.1f} | "
-                         f"{mixes['naive_ratio_distinct_vs_shared']:.3f} |")
+        lines += ["", f"(b) batch {mixes['batch']}: {mixes['batch']} distinct mixes vs one shared "
+                      f"mix, paired per step (target >= {TARGETS['mixes']})", "",
+                  "| system | shared ms/step | distinct ms/step | shared / distinct "
+                  "| distinct, tokens/s vs unsteered |",
+                  "|---|---:|---:|---:|---:|"]
+        for label, key, tag in (("emokern", "emokern", "ratio"),
+                                ("plain hooks (shared: naive `h + delta`; distinct: per-row "
+                                 "`h.add_((W @ V)[:, None])`)", "hook", "hook_ratio")):
+            if f"{key}_distinct_ms" not in mixes:  # results of older versions of this harness
+                continue
+            q = mixes[f"{tag}_distinct_vs_shared_quartiles"]
+            u = mixes[f"{key}_distinct_vs_unsteered"]
+            lines.append(f"| {label} | {mixes[f'{key}_shared_ms']:.1f} | "
+                         f"{mixes[f'{key}_distinct_ms']:.1f} | {q['median']:.3f} "
+                         f"[{q['q25']:.3f}, {q['q75']:.3f}] | {u['median']:.3f} "
+                         f"[{u['q25']:.3f}, {u['q75']:.3f}] |")
+        if "emokern_distinct_vs_hook_distinct" in mixes:
+            q = mixes["emokern_distinct_vs_hook_distinct"]
+            lines += ["", f"Distinct mixes, per-row hook time / emokern time (paired): "
+                          f"{q['median']:.3f} [{q['q25']:.3f}, {q['q75']:.3f}]."]
     sweep_result = result.get("sweep")
     if sweep_result:
         s = sweep_result
@@ -257,9 +267,9 @@ def plot_results(result: Mapping[str, Any], path: str | os.PathLike) -> Path:
         labels = ["emokern\nshared", "emokern\ndistinct"]
         values = [mixes["emokern_shared_ms"], mixes["emokern_distinct_ms"]]
         colors = ["C0", "C0"]
-        if "naive_loop_ms" in mixes:
-            labels += ["naive\nshared", "naive\ndistinct (loop)"]
-            values += [mixes["naive_shared_ms"], mixes["naive_loop_ms"]]
+        if "hook_distinct_ms" in mixes:
+            labels += ["hook\nshared", "hook\nper-row"]
+            values += [mixes["hook_shared_ms"], mixes["hook_distinct_ms"]]
             colors += ["C1", "C1"]
         bars = ax.bar(labels, values, color=colors)
         for bar, value in zip(bars, values, strict=True):

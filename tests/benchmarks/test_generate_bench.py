@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from emokern.benchmarks import sweep as sweep_module
-from emokern.benchmarks.baseline import NaiveSteering, shared_deltas
+from emokern.benchmarks.baseline import NaiveSteering, PerRowSteering, mix_rows, shared_deltas
 from emokern.benchmarks.decode import DecodeState, decode_overhead, distinct_mixes, quantiles
 from emokern.benchmarks.generate import (
     TARGETS,
@@ -23,6 +23,7 @@ from emokern.benchmarks.sweep import sweep, sweep_conditions
 from emokern.benchmarks.workload import PROMPTS, benchmark_bank, middle_layers
 from emokern.emotions import BASIC_EMOTIONS
 from emokern.steering import steer
+from emokern.tokens import encode_prompts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -88,8 +89,63 @@ def test_decode_overhead(setup):
         assert all(len(times) == 2 and min(times) > 0 for times in row["times_ms"].values())
         assert row["ratio"]["emokern"]["n"] == 2
     assert "emokern_shared" in rows[1]["ratio"] and "emokern_shared" not in rows[0]["ratio"]
-    assert mixes["batch"] == 2
-    assert mixes["naive_loop_ms"] == pytest.approx(2 * rows[0]["time_ms"]["naive"]["median"])
+    assert mixes["batch"] == 2 and "per_row" in rows[1]["ratio"] and "per_row" not in rows[0]
+    assert mixes["hook_distinct_ms"] == rows[1]["time_ms"]["per_row"]["median"]
+    assert mixes["hook_shared_ms"] == rows[1]["time_ms"]["naive"]["median"]
+    paired = [a / b for a, b in zip(rows[1]["times_ms"]["naive"], rows[1]["times_ms"]["per_row"],
+                                    strict=True)]
+    assert mixes["hook_ratio_distinct_vs_shared"] == pytest.approx(sum(paired) / 2)
+    assert mixes["hook_distinct_vs_unsteered"] == rows[1]["ratio"]["per_row"]
+
+
+def test_mix_rows():
+    weights = mix_rows(["joy", "fear"], [{"fear": 2.0}, {}, {"joy": -1.0, "fear": 0.5}])
+    assert weights.dtype == torch.float32
+    assert weights.tolist() == [[0.0, 2.0], [0.0, 0.0], [-1.0, 0.5]]
+    assert mix_rows(["joy"], []).shape == (0, 1)
+    with pytest.raises(ValueError, match=r"mixes\[1\] names \['rage'\]"):
+        mix_rows(["joy"], [{"joy": 1.0}, {"rage": 1.0}])
+
+
+def test_per_row_hook_matches_emokern_and_naive(setup):
+    """The per-row hook steers each row by its own mix: on a left-padded prefill, the same
+    logits at real tokens as emokern with those mixes (emokern leaves padding alone, the hooks
+    do not), and with one mix in every row the same logits and readings as the naive hook."""
+    model, tokenizer, bank, _ = setup
+    layers = middle_layers(bank, 2)
+    vectors = {layer: bank.layer_vectors(layer) for layer in layers}
+    mixes = [{bank.names[0]: 2.0}, {bank.names[1]: -1.0, bank.names[2]: 3.0}]
+    encoded = encode_prompts(tokenizer, list(PROMPTS[:2]))
+    real = encoded["attention_mask"].bool()
+    assert not real.all()  # the prompts differ in length: padding is present
+
+    def logits():
+        with torch.inference_mode():
+            return model(**encoded).logits
+
+    plain = logits()
+    with steer(model, bank, mixes, layers=layers):
+        fused = logits()
+    with PerRowSteering(model, mix_rows(bank.names, mixes), vectors, read=False) as hook:
+        hooked = logits()
+    assert hook.readings == {layer: [] for layer in layers}
+    torch.testing.assert_close(hooked[real], fused[real], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(hooked[real], plain[real], atol=1e-2)
+    shared = [mixes[1]] * 2
+    with PerRowSteering(model, mix_rows(bank.names, shared), vectors) as per_row:
+        per_row_logits = logits()
+    with NaiveSteering(model, shared_deltas(bank, mixes[1], layers), vectors) as naive:
+        naive_logits = logits()
+    torch.testing.assert_close(per_row_logits, naive_logits, rtol=1e-5, atol=1e-5)
+    for layer in layers:
+        torch.testing.assert_close(per_row.readings[layer][0], naive.readings[layer][0])
+    with PerRowSteering(model, mix_rows(bank.names, mixes[:1]), vectors):
+        with pytest.raises(ValueError, match="a batch of 2 rows, but weights for 1"):
+            logits()
+    with pytest.raises(ValueError, match="spread must be"):
+        PerRowSteering(model, mix_rows(bank.names, mixes), vectors, spread="sum")
+    with pytest.raises(ValueError, match=r"weights must be \[B, K\]"):
+        PerRowSteering(model, torch.zeros(2, 3), vectors)
 
 
 def test_sweep_on_two_conditions(setup, monkeypatch):
