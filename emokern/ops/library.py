@@ -185,6 +185,29 @@ def _call_triton(*args) -> None:
     triton_steer_(*args)
 
 
+_ENVIRON = os.environ
+#: CPython's dict behind os.environ and its key encoding (None where they differ).
+_ENVIRON_DATA = getattr(_ENVIRON, "_data", None)
+_ENVIRON_KEYS = {name: _ENVIRON.encodekey(name) for name in ("EMOKERN_BACKEND", "TRITON_INTERPRET")
+                 } if _ENVIRON_DATA is not None and hasattr(_ENVIRON, "encodekey") else {}
+
+
+def environ_get(name: str) -> str | None:
+    """``os.environ.get(name)``, read on every call (so a variable set while the program runs,
+    by a test or a notebook, takes effect at once), costing one dict lookup when it is unset.
+
+    ``os.environ.get`` of an unset name raises and catches a ``KeyError`` inside
+    ``Mapping.get`` (~0.9 us, a third of a decode-size ``steer_`` call); CPython's
+    ``os.environ`` keeps its entries in the dict ``_data`` under encoded names, every change
+    made through ``os.environ`` updates it, and this looks there first. Where ``os.environ`` is
+    not that object (replaced, another Python), it falls back to ``os.environ.get``.
+    """
+    key = _ENVIRON_KEYS.get(name)
+    if key is not None and os.environ is _ENVIRON and key not in _ENVIRON_DATA:
+        return None
+    return os.environ.get(name)
+
+
 def available_backends() -> dict[str, bool]:
     """Which backends can run here, without compiling anything.
 
@@ -218,9 +241,9 @@ def resolve_backend(backend: str | None, device: torch.device, op: str = "steer_
         tensors or CPU tensors under ``TRITON_INTERPRET=1``): the dispatcher would otherwise
         silently run another kernel.
     """
-    backend = backend or os.environ.get("EMOKERN_BACKEND") or None
+    backend = backend or environ_get("EMOKERN_BACKEND") or None
     # Whether Triton may run on CPU tensors depends on the interpreter: part of the key.
-    key = (op, backend, device.type, os.environ.get("TRITON_INTERPRET") == "1")
+    key = (op, backend, device.type, environ_get("TRITON_INTERPRET") == "1")
     if key not in _resolved:  # decode calls are microseconds: decide once per device type
         _resolved[key] = _resolve(op, backend, device)
     return _resolved[key]
@@ -234,7 +257,7 @@ def _backend_runs_on(backend: str, device: torch.device) -> bool:
         return True
     if backend == "triton":
         return device.type == "cuda" or (device.type == "cpu"
-                                         and os.environ.get("TRITON_INTERPRET") == "1")
+                                         and environ_get("TRITON_INTERPRET") == "1")
     return device.type == backend
 
 
@@ -367,27 +390,35 @@ def steer_(
     torch.Size([2, 3])
     """
     # Fast path: CPU tensors on the C++ kernel, which checks every shape, dtype, layout and value
-    # itself (same messages) before writing. Devices are checked here because a meta or CUDA
-    # argument would route the call to another kernel. Decode calls cost ~3 us instead of ~8.
+    # itself (same messages) before writing. Here only what the kernel cannot see: devices (a
+    # meta or CUDA argument routes the call to another kernel), the Python type of running and
+    # the backend choice: a few attribute reads and one dict lookup.
     try:
-        fast = (running is None or type(running) is RunningProjections) and hidden.is_cpu \
-            and vectors.is_cpu and weights.is_cpu and (mask is None or mask.is_cpu) \
-            and (proj_out is None or proj_out.is_cpu) \
-            and (running is None or (running.sum.is_cpu and running.count.is_cpu
-                                     and running.last.is_cpu)) \
-            and (backend or os.environ.get("EMOKERN_BACKEND") or "cpu") == "cpu" \
-            and build.load_cpu()
+        if running is None:
+            run = (None, None, None)
+        elif type(running) is RunningProjections:
+            run = (running.sum, running.count, running.last)
+        else:
+            run = None  # the full path names it
+        fast = run is not None and hidden.is_cpu and vectors.is_cpu and weights.is_cpu \
+            and (mask is None or mask.is_cpu) and (proj_out is None or proj_out.is_cpu) \
+            and (running is None or (run[0].is_cpu and run[1].is_cpu and run[2].is_cpu)) \
+            and (backend or environ_get("EMOKERN_BACKEND") or "cpu") == "cpu" \
+            and (_kernels.get(("steer_", "CPU")) or _has_kernel("steer_", "CPU"))
     except AttributeError:  # not tensors: the full path names the argument
         fast = False
     if fast:
-        if running is not None and hidden.dim() == 3 and vectors.dim() == 2 \
-                and running.sum.shape != (hidden.shape[0], vectors.shape[0]):
-            _check_fast(hidden, vectors, weights, mask, proj_out, running)
-        run = (None, None, None) if running is None else (running.sum, running.count, running.last)
         try:
             _call_dispatcher(hidden, vectors, weights, mask, bool(norm_preserving), proj_out, *run)
-        except RuntimeError:  # dispatcher argument errors (e.g. a list): name them our way
-            validate_steer_args(hidden, vectors, weights, mask, proj_out, running, False)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            # Nothing was written. A running of the wrong size is named as the full path names
+            # it (checked here, off the hot path); the dispatcher's own argument errors (e.g. a
+            # list) by our checks; the kernel's errors are ours already.
+            if running is not None and hidden.dim() == 3 and vectors.dim() == 2 \
+                    and run[0].shape != (hidden.shape[0], vectors.shape[0]):
+                _check_fast(hidden, vectors, weights, mask, proj_out, running)
+            if isinstance(exc, RuntimeError):
+                validate_steer_args(hidden, vectors, weights, mask, proj_out, running, False)
             raise
         return
     for name, value in (("hidden", hidden), ("vectors", vectors), ("weights", weights)):
@@ -564,7 +595,7 @@ def steer_packed_(
     validate_steer_packed_args(hidden, residual, vectors, slot_weights, token_slot, proj_out,
                                running, check_values=not capturing
                                and not torch.compiler.is_compiling())
-    chosen = resolve_backend(backend, hidden.device)
+    chosen = resolve_backend(backend, hidden.device, "steer_packed_")
     run = running.tensors() if running is not None else (None, None, None)
     if vectors.dtype != torch.float32 or not vectors.is_contiguous():
         vectors = vectors.float().contiguous()

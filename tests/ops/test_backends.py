@@ -170,6 +170,37 @@ def test_steer_with_a_backend_for_another_device_modifies_nothing(monkeypatch,
         assert torch.equal(want.nan_to_num(3.0), got.nan_to_num(3.0))
 
 
+def test_emokern_backend_set_while_running_takes_effect_at_once(monkeypatch, cpu_kernel):
+    """The variable is read on every call (the decode fast path included), not once."""
+    monkeypatch.delenv("EMOKERN_BACKEND", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for _ in range(2):
+        emokern.steer_(**_cpu_call())  # the C++ kernel's fast path
+        monkeypatch.setenv("EMOKERN_BACKEND", "cuda")
+        with pytest.raises(ValueError, match=r"emokern\.steer_: backend 'cuda' cannot run"):
+            emokern.steer_(**_cpu_call())
+        with pytest.raises(ValueError, match=r"emokern\.steer_packed_: backend 'cuda' cannot"):
+            emokern.ops.steer_packed_(torch.zeros(2, 8), torch.randn(4, 8), torch.zeros(1, 4),
+                                      torch.zeros(2, dtype=torch.int32))
+        monkeypatch.setenv("EMOKERN_BACKEND", "reference")
+        emokern.steer_(**_cpu_call())
+        monkeypatch.delenv("EMOKERN_BACKEND")
+
+
+@pytest.mark.parametrize("value", [None, "", "cpu", "reference"])
+@pytest.mark.parametrize("name", ["EMOKERN_BACKEND", "TRITON_INTERPRET", "EMOKERN_NOT_CACHED"])
+def test_environ_get_agrees_with_os_environ(monkeypatch, name, value):
+    from emokern.ops.library import environ_get
+
+    if value is None:
+        monkeypatch.delenv(name, raising=False)
+    else:
+        monkeypatch.setenv(name, value)
+    assert environ_get(name) == os.environ.get(name)
+    monkeypatch.setattr(os, "environ", {name: "replaced"})  # a stand-in: read through it
+    assert environ_get(name) == "replaced"
+
+
 @gpu
 def test_cpu_backend_on_cuda_tensors_modifies_nothing():
     args = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in _cpu_call().items()}

@@ -244,14 +244,15 @@ def test_torch_compile_fullgraph(backend):
     assert torch.equal(run_comp.count, run_eager.count)
 
 
-def test_public_wrapper_compiles_fullgraph():
+@pytest.mark.parametrize("backend", ["reference", *COMPILED, None])
+def test_public_wrapper_compiles_fullgraph(backend):
     _, hidden, vectors, weights, _ = make_case(2, 3, 32, 2, torch.float32, masked=False, seed=6)
     want = hidden.clone()
     emokern.steer_(want, vectors, weights)
 
     @torch.compile(fullgraph=True, backend="eager")
     def step(h):
-        emokern.steer_(h, vectors, weights, backend="reference")
+        emokern.steer_(h, vectors, weights, backend=backend)
         return h
 
     torch.testing.assert_close(step(hidden.clone()), want)
