@@ -24,9 +24,9 @@ are paired and survive a noisy machine):
     call's dispatch can reach.
 
 Every variant is checked against :func:`emokern.ops.reference.ref_steer_` before it is timed.
-Each row records the instruction set the kernel ran (:func:`kernel_isa`: ``avx512``, ``avx2``,
-``neon``, ``default``; ``EMOKERN_CPU_CAPABILITY`` caps it before the kernel loads) and the
-thread count.
+Each row records the instruction set the kernel ran (:func:`emokern.ops.build.cpu_isa`:
+``avx512``, ``avx2``, ``neon``, ``default``; ``EMOKERN_CPU_CAPABILITY`` caps it before the
+kernel loads) and the thread count.
 Bandwidth counts one read and one write of ``hidden``:
 :math:`\text{GB/s} = 2 B T D \cdot \text{itemsize} / t`.
 
@@ -36,8 +36,6 @@ rows into the markdown table; :func:`save_results` writes both atomically.
 
 from __future__ import annotations
 
-import ctypes
-import importlib
 import os
 import statistics
 import time
@@ -328,7 +326,7 @@ def measure_case(shape: OpShape, dtype: str, *, rounds: int = 30, max_seconds: f
     times = time_variants(inp, variants, rounds=rounds, max_seconds=max_seconds)
     n_bytes = 2 * inp.hidden.numel() * inp.hidden.element_size()
     row: dict[str, Any] = {**asdict(shape), "dtype": dtype, "bytes": n_bytes,
-                           "isa": kernel_isa(), "threads": torch.get_num_threads(),
+                           "isa": build.cpu_isa(), "threads": torch.get_num_threads(),
                            "rounds": len(times["fused"]), "variants": {}}
     for variant, values in times.items():
         q25, median, q75 = _quantiles(values)
@@ -416,7 +414,8 @@ def run_ops_benchmark(shapes: Iterable[OpShape] | None = None,
 def _progress_line(row: Mapping[str, Any]) -> str:
     f, r = row["variants"]["fused"], row["ratios"]
     text = (f"{OpShape(**{k: row[k] for k in ('kind', 'batch', 'seq_len', 'dim', 'n_vec')}).label}"
-            f" {row['dtype']}: fused {f['median_us']:.1f} us, {f['gbps']:.1f} GB/s, "
+            f" {row['dtype']}: fused {f['median_us']:.1f} us (op "
+            f"{row['variants']['fused_op']['median_us']:.1f} us), {f['gbps']:.1f} GB/s, "
             f"x{r['speedup_vs_naive']:.2f} vs naive, x{r['speedup_vs_torch']:.2f} vs torch, "
             f"{r['copy_fraction']:.2f} of copy")
     if "fused_over_bare" in r:
@@ -425,22 +424,6 @@ def _progress_line(row: Mapping[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------- reporting
-
-
-def kernel_isa() -> str | None:
-    """The instruction set the loaded CPU kernel runs (``"avx512"``, ``"avx2"``, ``"neon"``,
-    ``"default"``), or None when it is not loaded. Loads nothing, compiles nothing."""
-    info = build.build_info()["cpu"]
-    if not info.get("loaded"):
-        return None
-    try:
-        if info.get("source") == "aot":
-            return importlib.import_module("emokern._C").isa()
-        lib = ctypes.CDLL(info["path"])  # already loaded: the same handle
-        lib.emokern_cpu_isa.restype = ctypes.c_char_p
-        return lib.emokern_cpu_isa().decode()
-    except (OSError, AttributeError, ImportError):  # a kernel older than the ISA report
-        return None
 
 
 def cpu_vector_features() -> list[str]:
@@ -464,7 +447,7 @@ def machine_info() -> dict[str, Any]:
     the instruction set the kernel runs and the CPU's vector extensions."""
     build.load_cpu()  # so that the record says where the measured kernel came from
     info = common_machine_info()
-    info["cpu_isa"] = kernel_isa()
+    info["cpu_isa"] = build.cpu_isa()
     info["cpu_vector_features"] = cpu_vector_features()
     info["busy_cpus_at_start"] = round(busy_cpus(), 2)
     return info
@@ -512,15 +495,18 @@ def format_ratio_table(rows: Sequence[Mapping[str, Any]], machine: Mapping[str, 
         lines += [f"Kernel instruction set: {', '.join(isas)}", ""]
     lines += [
         "Times are medians per call (IQR in brackets). Ratios are medians of per-round ratios "
-        "(variants interleaved): ×naive and ×torch = their time / fused time (higher is better), "
+        "(variants interleaved). fused = the public `emokern.steer_`, Python wrapper included; "
+        "op = the same kernel through `torch.ops.emokern.steer_` (no wrapper). "
+        "×naive and ×torch = their time / fused time (higher is better), "
         "of copy = copy time / fused time (the fraction of copy bandwidth), bare = fused time / "
-        "one bare `h.add_` (decode, wrapper included; op = without the Python wrapper). "
+        "one bare `h.add_` (decode), op/bare the same for the op. "
         f"Targets: prefill ×naive ≥ {TARGETS['prefill_speedup_vs_naive']}, ×torch > 1, "
         f"of copy ≥ {TARGETS['prefill_copy_fraction_fp32']} (fp32) / "
         f"{TARGETS['prefill_copy_fraction_lowp']} (bf16, fp16); decode ×naive > 1, ×torch > 1, "
         f"bare ≤ {TARGETS['decode_fused_over_bare']}. ✗ marks a miss.", "",
-        "| case | dtype | threads | fused µs | GB/s | of copy | ×naive | ×torch | bare | op/bare |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| case | dtype | threads | fused µs | op µs | GB/s | of copy | ×naive | ×torch | bare "
+        "| op/bare |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def mark(row, name):
@@ -529,13 +515,14 @@ def format_ratio_table(rows: Sequence[Mapping[str, Any]], machine: Mapping[str, 
         return text if ok is None or ok else f"{text} ✗"
 
     for row in rows:
-        f, r = row["variants"]["fused"], row["ratios"]
+        f, op, r = row["variants"]["fused"], row["variants"]["fused_op"], row["ratios"]
         bare = mark(row, "fused_over_bare") if "fused_over_bare" in r else ""
         op_bare = f"{r['fused_op_over_bare']:.2f}" if "fused_op_over_bare" in r else ""
         lines.append(
             f"| {_case_label(row)} | {row['dtype']} | {row.get('threads', '')} | "
             f"{f['median_us']:.1f} [{f['iqr_us']:.1f}] | "
-            f"{f['gbps']:.1f} | {mark(row, 'copy_fraction')} | "
+            f"{op['median_us']:.1f} [{op['iqr_us']:.1f}] | {f['gbps']:.1f} | "
+            f"{mark(row, 'copy_fraction')} | "
             f"{mark(row, 'speedup_vs_naive')} | {mark(row, 'speedup_vs_torch')} | {bare} | "
             f"{op_bare} |")
     summary = summarize(rows)

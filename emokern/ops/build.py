@@ -23,9 +23,11 @@ directory serialises concurrent compiles of the same build.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import glob
 import hashlib
+import importlib
 import importlib.util
 import os
 import platform
@@ -291,6 +293,24 @@ def load_cuda() -> bool:
     return True
 
 
+def cpu_isa() -> str | None:
+    """The instruction set the loaded CPU kernel runs: ``"avx512"``, ``"avx2"``, ``"sve256"``,
+    ``"neon"`` or ``"default"`` (the widest the CPU and the build have, capped by
+    ``$EMOKERN_CPU_CAPABILITY`` as it was when the kernel first ran), or None when the kernel
+    is not loaded or predates the report. Loads nothing, compiles nothing."""
+    info = _state.get("cpu", {})
+    if not info.get("loaded"):
+        return None
+    try:
+        if info.get("source") == "aot":
+            return importlib.import_module("emokern._C").isa()
+        lib = ctypes.CDLL(info["path"])  # already loaded: the same handle
+        lib.emokern_cpu_isa.restype = ctypes.c_char_p
+        return lib.emokern_cpu_isa().decode()
+    except (OSError, AttributeError, ImportError, TypeError):  # a kernel older than the report
+        return None
+
+
 def triton_usable() -> bool:
     """Whether the Triton kernel can run: Triton importable, and a GPU or the interpreter
     (``TRITON_INTERPRET=1``)."""
@@ -308,8 +328,11 @@ def build_info() -> dict:
         ``compiler`` (path or None), ``ninja`` (path or None), ``nvcc`` (path or None),
         ``cache_dir``, ``csrc``, ``cpu_flags``, and per backend (``cpu``, ``cuda``) whether it
         is loaded, from where (``"aot"`` or ``"jit"``), the build name and path, and the last
-        error.
+        error; ``cpu`` also names the instruction set the kernel runs (``isa``, see
+        :func:`cpu_isa`).
     """
+    cpu = dict(_state.get("cpu", {"loaded": False, "source": None}))
+    cpu["isa"] = cpu_isa()
     return {
         "compiler": shutil.which(_compiler()),
         "ninja": shutil.which("ninja"),
@@ -318,6 +341,6 @@ def build_info() -> dict:
         "csrc": str(csrc_dir()) if csrc_dir() else None,
         "cpu_flags": " ".join(CPU_CFLAGS),
         "aot_cpu_available": importlib.util.find_spec("emokern._C") is not None,
-        "cpu": dict(_state.get("cpu", {"loaded": False, "source": None})),
+        "cpu": cpu,
         "cuda": dict(_state.get("cuda", {"loaded": False, "source": None})),
     }

@@ -48,6 +48,19 @@ def test_jit_build_registers_a_cpu_kernel(cpu_kernel):
         assert name.startswith("emokern_cpu_") and os.path.isfile(info["cpu"]["path"])
         assert info["cpu"]["path"].startswith(info["cache_dir"])
     assert emokern.available_backends()["cpu"]
+    assert info["cpu"]["isa"] in ("avx512", "avx2", "sve256", "neon", "default")
+
+
+def test_build_info_names_the_capped_instruction_set_in_a_fresh_process():
+    result = run_python("""
+        import json
+        from emokern.ops import build
+        before = build.build_info()["cpu"]["isa"]
+        build.load_cpu()
+        print(json.dumps({"before": before, "after": build.build_info()["cpu"]["isa"]}))
+    """, clean_env(EMOKERN_CPU_CAPABILITY="default"))
+    assert result["before"] is None  # nothing loaded, nothing to name
+    assert result["after"] in ("default", "neon")
 
 
 def test_cache_location_follows_the_environment(monkeypatch, tmp_path):
