@@ -40,8 +40,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
                  if torch.cuda.is_available() else ""))
     backends = emokern.available_backends()
     print("backends:  " + ", ".join(f"{k} {'yes' if ok else 'no'}" for k, ok in backends.items())
-          + ("" if backends["cpu"] else "  (the CPU kernel compiles on first use, ~40 s once; "
-             "`emokern info --build` compiles it now)"))
+          + ("" if backends["cpu"] else "  (the CPU kernel compiles on first use, once: "
+             "a minute or two; `emokern info --build` compiles it now)"))
     for key, value in build.build_info().items():
         print(f"  {key}: {value}")
     return 0

@@ -138,8 +138,9 @@ def _jit_load(name: str, sources: list[str], build_dir: Path, what: str, **kwarg
 
     build_dir.mkdir(parents=True, exist_ok=True)
     if not built.exists():
-        print(f"emokern: compiling the {what} once (~40 s) into {build_dir}", file=sys.stderr,
-              flush=True)
+        # The CPU build compiles the kernel core once per instruction set: 30-160 s on 2 cores.
+        print(f"emokern: compiling the {what} into {build_dir} (a minute or two, once)",
+              file=sys.stderr, flush=True)
     cpp_extension.load(name=name, sources=sources, build_directory=str(build_dir),
                        is_python_module=False, verbose=False, **kwargs)
 
