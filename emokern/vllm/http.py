@@ -1,13 +1,15 @@
 """Emotion readings over HTTP and ``GET /v1/emotions``: an ASGI middleware for vLLM's
 OpenAI-compatible server.
 
-How it plugs in, without patching vLLM: vLLM's API server takes ``--middleware <import
-path>`` (repeatable; a class is added with Starlette's ``app.add_middleware``), its supported
-way to extend the app. ``emokern serve`` passes ``--middleware
-emokern.vllm.http.EmotionMiddleware``; with vLLM's own launcher, add that flag yourself::
+How it plugs in, without patching vLLM, by either of vLLM's supported ways to extend its
+app: ``--middleware <import path>`` (a class is added with Starlette's
+``app.add_middleware``; ``emokern serve`` passes ``--middleware
+emokern.vllm.http.EmotionMiddleware``), or the ``vllm.endpoint_plugins`` entry point
+``emokern`` (:class:`EndpointPlugin`), which vLLM loads only when ``VLLM_PLUGINS`` names it::
 
     python -m vllm.entrypoints.openai.api_server --model PATH \\
         --additional-config '{"emokern": {}}' --middleware emokern.vllm.http.EmotionMiddleware
+    VLLM_PLUGINS=emokern vllm serve PATH --additional-config '{"emokern": {}}'
 
 The middleware sees each HTTP exchange as ASGI messages and reaches the engine through the
 app's state (``app.state.engine_client``, what vLLM's own routes use). It
@@ -46,7 +48,7 @@ from collections.abc import Callable
 
 from emokern.vllm.config import EXTRA_KEY, EmokernConfig, check_mix, describe
 
-__all__ = ["EMOTIONS_PATH", "READINGS_FIELD", "EmotionMiddleware"]
+__all__ = ["EMOTIONS_PATH", "READINGS_FIELD", "EmotionMiddleware", "EndpointPlugin"]
 
 EMOTIONS_PATH = "/v1/emotions"
 READINGS_FIELD = "emotion_readings"
@@ -301,3 +303,21 @@ async def _send_json(send, status: int, content: dict) -> None:
                 "headers": [(b"content-type", b"application/json"),
                             (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+class EndpointPlugin:
+    """The ``vllm.endpoint_plugins`` entry point: adds :class:`EmotionMiddleware` to vLLM's
+    API server when ``VLLM_PLUGINS`` names ``emokern`` (vLLM loads endpoint plugins only when
+    allowlisted), unless ``--middleware`` already adds it. Its ``GET /v1/emotions`` answers 404
+    and no readings are added for an engine without ``additional_config["emokern"]``."""
+
+    name = "emokern"
+    required_tasks = ("generate",)
+
+    def attach_router(self, app) -> None:
+        path = f"{EmotionMiddleware.__module__}.{EmotionMiddleware.__qualname__}"
+        if path not in (getattr(getattr(app.state, "args", None), "middleware", None) or ()):
+            app.add_middleware(EmotionMiddleware)
+
+    async def init_state(self, engine_client, state, args) -> None:
+        """Nothing to prepare: the middleware reads ``app.state`` per request."""

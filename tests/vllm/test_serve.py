@@ -6,6 +6,7 @@ command explains what is missing.
 """
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import signal
@@ -86,20 +87,13 @@ def _get(url: str, timeout: float = 10):
         return e.code, e.read()
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """``emokern serve`` on 127.0.0.1:<free port>; yields its base URL (with
-    ``EMOKERN_TEST_SERVER=<url>``, that running server instead)."""
-    if os.environ.get("EMOKERN_TEST_SERVER"):
-        yield os.environ["EMOKERN_TEST_SERVER"].rstrip("/")
-        return
+@contextlib.contextmanager
+def _running(cmd: list[str], env: dict, log: Path):
+    """Run a server command; yield its base URL once ``/health`` answers; stop it after."""
     port = _free_port()
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
-    emokern_cmd = Path(sys.executable).with_name("emokern")
-    cmd = [str(emokern_cmd), "serve", "--host", "127.0.0.1", "--port", str(port),
-           "--max-model-len", "512", "--max-num-seqs", "32", "--seed", "0",
-           "--disable-uvicorn-access-log"]
+    cmd = [*cmd, "--host", "127.0.0.1", "--port", str(port)]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
+           **env}
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
@@ -108,7 +102,7 @@ def server(tmp_path_factory):
     try:
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"emokern serve exited ({proc.returncode}):\n"
+                pytest.fail(f"{cmd[:3]} exited ({proc.returncode}):\n"
                             + log.read_text()[-4000:])
             try:
                 if _get(url + "/health", 2)[0] == 200:
@@ -116,17 +110,31 @@ def server(tmp_path_factory):
             except OSError:
                 pass
             if time.monotonic() - start > START_TIMEOUT_S:
-                pytest.fail("emokern serve did not start:\n" + log.read_text()[-4000:])
+                pytest.fail(f"{cmd[:3]} did not start:\n" + log.read_text()[-4000:])
             time.sleep(2)
         print(f"server up in {time.monotonic() - start:.0f} s")
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
+        with contextlib.suppress(ProcessLookupError):  # already gone
+            os.killpg(proc.pid, signal.SIGINT)
         try:
             proc.wait(60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """``emokern serve`` on 127.0.0.1:<free port>; yields its base URL (with
+    ``EMOKERN_TEST_SERVER=<url>``, that running server instead)."""
+    if os.environ.get("EMOKERN_TEST_SERVER"):
+        yield os.environ["EMOKERN_TEST_SERVER"].rstrip("/")
+        return
+    cmd = [str(Path(sys.executable).with_name("emokern")), "serve", "--max-model-len", "512",
+           "--max-num-seqs", "32", "--seed", "0", "--disable-uvicorn-access-log"]
+    with _running(cmd, {}, tmp_path_factory.mktemp("serve") / "serve.log") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -325,3 +333,27 @@ def test_concurrent_clients_with_distinct_mixes(client, model_name):
     assert len(answers) == CLIENTS * PER_CLIENT
     for i, text in alone.items():
         assert answers[i] == text, i
+
+
+@pytest.mark.slow
+@pytest.mark.model
+@needs_vllm
+def test_vllm_own_server_with_the_endpoint_plugin(tmp_path):
+    """vLLM's own launcher, no ``--middleware``: with ``VLLM_PLUGINS=emokern`` the endpoint
+    plugin adds the readings and ``/v1/emotions`` (eager: this test is about the HTTP side)."""
+    additional = json.dumps({"emokern": {"layers": [12]}})
+    cmd = [sys.executable, "-P", "-m", "vllm.entrypoints.openai.api_server",
+           "--model", str(emokern.vllm.default_model_dir()), "--served-model-name", "m",
+           "--dtype", "float32", "--enforce-eager", "--max-model-len", "256",
+           "--additional-config", additional]
+    with _running(cmd, {"VLLM_PLUGINS": "emokern"}, tmp_path / "vllm.log") as url:
+        status, body = _get(url + "/v1/emotions")
+        assert status == 200 and json.loads(body)["layers"] == [12]
+        request = urllib.request.Request(
+            url + "/v1/completions", method="POST", headers={"content-type": "application/json"},
+            data=json.dumps({"model": "m", "prompt": "Today I", "max_tokens": 4,
+                             "temperature": 0, "vllm_xargs": {"emotion": "joy=2"}}).encode())
+        with urllib.request.urlopen(request, timeout=120) as answer:
+            readings = json.loads(answer.read())[READINGS_FIELD]
+        assert readings["layers"] == [12]
+        assert readings["choices"][0]["count"] == 3  # 4 tokens, the last one never fed back
