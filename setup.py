@@ -3,7 +3,7 @@
 By default this installs pure Python: the C++ CPU kernel is compiled on first use into a
 cache (emokern/ops/build.py). With ``EMOKERN_BUILD_EXT=1`` it builds, with the installed torch,
 
-* ``emokern._C`` from csrc/cpu (always), and
+* ``emokern._C`` from every csrc/cpu/*.cpp, as the JIT build (always), and
 * ``emokern._C_cuda`` from csrc/cuda (only when torch is a CUDA build and nvcc is found),
 
 which emokern then loads instead of compiling. Build without isolation so the extension is
@@ -12,11 +12,11 @@ compiled against the torch that will run it::
     EMOKERN_BUILD_EXT=1 pip install --no-build-isolation -e .
 
 ``emokern._C`` runs on any CPU of its architecture, like torch itself: steer_cpu.cpp (argument
-checks, registration, the portable core) is compiled for the baseline instruction set, and the
-cores for wider sets (csrc/cpu/steer_kernel_<set>.cpp) each with their own -m flags, linked
-after it; at load the kernel picks the widest set the CPU supports (``EMOKERN_CPU_CAPABILITY``
-caps the choice). Either way the kernel sources are copied into the package (emokern/csrc) so
-that a wheel can still JIT-compile them.
+checks, registration, the portable core) and ablate_cpu.cpp are compiled for the baseline
+instruction set, and the cores for wider sets (csrc/cpu/steer_kernel_<set>.cpp) each with their
+own -m flags, linked after them; at load the kernel picks the widest set the CPU supports
+(``EMOKERN_CPU_CAPABILITY`` caps the choice). Either way the kernel sources are copied into the
+package (emokern/csrc) so that a wheel can still JIT-compile them.
 """
 
 from __future__ import annotations
@@ -46,15 +46,32 @@ class BuildPyWithKernelSources(build_py):
 
 #: Flags of every CPU object; no -march: the binary must load on any CPU of its architecture.
 CPU_FLAGS = ["-O3", "-fopenmp", "-std=c++17"]
-#: The cores for wider instruction sets, per architecture: source and its extra flags (those of
-#: ATen's own per-capability kernels).
-CPU_ISA_CORES = {
-    "x86_64": [
-        ("steer_kernel_avx2.cpp", ["-mavx2", "-mfma", "-mf16c"]),
-        ("steer_kernel_avx512.cpp", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
-                                     "-mfma", "-mf16c"]),
-    ],
+#: The cores for wider instruction sets, csrc/cpu/steer_kernel_<set>.cpp, per architecture:
+#: each one's extra flags (those of ATen's own per-capability kernels). A core without flags
+#: here is not built (its entry point stays null and the kernel runs a narrower set).
+CPU_ISA_FLAGS = {
+    "x86_64": {
+        "avx2": ["-mavx2", "-mfma", "-mf16c"],
+        "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
+    },
 }
+ISA_CORE_PREFIX = "steer_kernel_"
+
+
+def cpu_sources(arch: str) -> tuple[list[str], list[tuple[str, list[str]]]]:
+    """``(baseline sources, [(core source, its flags)])``: every csrc/cpu/*.cpp, the files the
+    JIT build (emokern/ops/build.py) compiles, split into the objects built for the baseline
+    and the instruction-set cores built with their own flags."""
+    flags = CPU_ISA_FLAGS.get(arch, {})
+    baseline, cores = [], []
+    for source in sorted(glob.glob(f"{CSRC}/cpu/*.cpp")):
+        name = os.path.splitext(os.path.basename(source))[0]
+        isa = name.removeprefix(ISA_CORE_PREFIX)
+        if isa == name:
+            baseline.append(source)
+        elif isa in flags:
+            cores.append((source, flags[isa]))
+    return baseline, cores
 
 
 def extensions():
@@ -65,7 +82,7 @@ def extensions():
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-    isa_cores = CPU_ISA_CORES.get(platform.machine().lower().replace("amd64", "x86_64"), [])
+    baseline, isa_cores = cpu_sources(platform.machine().lower().replace("amd64", "x86_64"))
 
     class BuildWithIsaCores(BuildExtension):
         """Compiles each instruction set's core with its own flags and links it after the
@@ -77,15 +94,15 @@ def extensions():
                     else list(ext.extra_compile_args.get("cxx", []))
                 ext.extra_objects = list(ext.extra_objects or [])
                 for source, flags in isa_cores:
+                    core = os.path.splitext(os.path.basename(source))[0]
                     ext.extra_objects += self.compiler.compile(
-                        [f"{CSRC}/cpu/{source}"],
-                        output_dir=os.path.join(self.build_temp, "isa", source.split(".")[0]),
+                        [source], output_dir=os.path.join(self.build_temp, "isa", core),
                         macros=ext.define_macros, include_dirs=ext.include_dirs,
                         extra_postargs=base + flags, depends=ext.depends)
             super().build_extension(ext)
 
     modules = [CppExtension(
-        "emokern._C", [f"{CSRC}/cpu/steer_cpu.cpp"],
+        "emokern._C", baseline,
         extra_compile_args=list(CPU_FLAGS), extra_link_args=["-fopenmp"],
         define_macros=[("EMOKERN_AOT_MODULE", None)],
         depends=sorted(glob.glob(f"{CSRC}/cpu/*.h") + [f"{CSRC}/steer.h"]),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -267,3 +268,83 @@ def test_concurrent_first_builds_share_one_cache(tmp_path):
         pytest.skip("an ahead-of-time emokern._C is installed; nothing is compiled")
     assert all(r["ok"] and r["close"] and r["info"]["source"] == "jit" for r in results)
     assert results[0]["info"]["path"] == results[1]["info"]["path"]
+
+
+_AOT_RUN = """
+    import ctypes, json, sys, torch
+    import emokern.ops.library  # the schemas, before the kernels register
+    so, out = sys.argv[1], sys.argv[2]
+    torch.ops.load_library(so)
+    lib = ctypes.CDLL(so)
+    lib.emokern_cpu_isa.restype = ctypes.c_char_p
+    sys.path.insert(0, "tests/ops")
+    from test_build import aot_cases
+    torch.save(aot_cases(), out)
+    print(json.dumps({"isa": lib.emokern_cpu_isa().decode(), "has": {
+        op: torch._C._dispatch_has_kernel_for_dispatch_key(f"emokern::{op}", "CPU")
+        for op in ("steer_", "steer_packed_", "scale_neurons_")}}))
+"""
+
+
+def aot_cases() -> list[torch.Tensor]:
+    """Seeded calls of every CPU op through the dispatcher (whichever kernel is registered)."""
+    gen = torch.Generator().manual_seed(5)
+    torch.set_num_threads(1)
+    results = []
+    for (b, t, d, k), dtype, norm in [((3, 5, 77, 3), torch.float32, False),
+                                      ((2, 1, 576, 8), torch.bfloat16, True),
+                                      ((1, 9, 33, 9), torch.float16, False)]:
+        h = torch.randn(b, t, d, generator=gen).to(dtype)
+        v, w = torch.randn(k, d, generator=gen), torch.randn(b, k, generator=gen)
+        m = torch.rand(b, t, generator=gen) < 0.7
+        p, run = torch.empty(b, t, k), emokern.RunningProjections(b, k)
+        torch.ops.emokern.steer_(h, v, w, m, norm, p, *run.tensors())
+        packed, slots = torch.randn(6, d, generator=gen).to(dtype), torch.tensor(
+            [0, -1, 1, 0, 1, 1], dtype=torch.int32)
+        p_packed = torch.empty(6, k)
+        torch.ops.emokern.steer_packed_(packed, None, v, torch.randn(2, k, generator=gen),
+                                        slots, norm, p_packed, None, None, None)
+        act = torch.randn(4, 3, d, generator=gen).to(dtype)
+        torch.ops.emokern.scale_neurons_(act, torch.tensor([0, 5, d - 1]), 0.5)
+        results += [h, p, *run.tensors(), packed, p_packed, act]
+    return results
+
+
+@pytest.mark.slow
+def test_ahead_of_time_build_has_every_op_and_the_jit_bits(cpu_kernel, tmp_path):
+    """setup.py (EMOKERN_BUILD_EXT=1) compiles every csrc/cpu/*.cpp the JIT build compiles: the
+    baseline objects without -march and each instruction set's core with its own flags. The
+    module registers every CPU op; its widest path gives the JIT kernel's bits, and so does its
+    portable core except where that core has no FMA while the JIT build's has (the x86-64
+    baseline on an FMA machine rounds products separately, the documented exception): there
+    it agrees within rounding."""
+    if build.build_info()["cpu"]["source"] != "jit":
+        pytest.skip("compares the ahead-of-time build with a JIT build")
+    done = subprocess.run(
+        [sys.executable, "setup.py", "-q", "build_ext", "--build-lib", str(tmp_path / "lib"),
+         "--build-temp", str(tmp_path / "tmp")], cwd=REPO, capture_output=True, text=True,
+        env=clean_env(EMOKERN_BUILD_EXT="1"), timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (module,) = (tmp_path / "lib" / "emokern").glob("_C*.so")
+    want = aot_cases()
+    for cap in (None, "default"):
+        out = tmp_path / f"cases-{cap}.pt"
+        env = clean_env() if cap is None else clean_env(EMOKERN_CPU_CAPABILITY=cap)
+        ran = subprocess.run([sys.executable, "-c", textwrap.dedent(_AOT_RUN), str(module),
+                              str(out)], env=env, cwd=REPO, capture_output=True, text=True,
+                             timeout=300)
+        assert ran.returncode == 0, ran.stderr[-3000:]
+        result = json.loads(ran.stdout.strip().splitlines()[-1])
+        assert all(result["has"].values()), result
+        assert result["isa"] == (build.cpu_isa() if cap is None else "default") or \
+            cap is not None and result["isa"] == "neon"
+        exact = result["isa"] != "default" or build.cpu_isa() == "default" \
+            or platform.machine().lower() not in ("x86_64", "amd64")
+        for i, (got, exp) in enumerate(zip(torch.load(out), want, strict=True)):
+            assert torch.equal(got.isnan(), exp.isnan()), (cap, i)
+            if exact or not got.is_floating_point():
+                assert torch.equal(got.nan_to_num(), exp.nan_to_num()), (cap, i)
+            else:
+                tol = {torch.float32: 1e-4, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
+                torch.testing.assert_close(got, exp, rtol=tol[got.dtype], atol=tol[got.dtype],
+                                           equal_nan=True, msg=f"{cap}, case {i}")
