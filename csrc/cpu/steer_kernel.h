@@ -26,7 +26,8 @@
 //     dot products one register part at a time over an L1-resident column chunk, then writes;
 //   * many vectors: float32 rows (read in place, or converted once into scratch), register
 //     tiles of kTileRows rows x kTileVecs vectors per column panel (vectors packed panel-major
-//     once per call when enough rows share them), then the writes;
+//     once per call when enough rows share them and, in decode, when their layout needs it),
+//     then the writes;
 //   * offsets delta_s: once per slot up front when slots have several rows (prefill);
 //     otherwise (decode) built in registers from the weights, inside the sweep or by register
 //     tiles of kDeltaRows rows x kDeltaCols logical vectors that write y = x + delta directly
@@ -132,13 +133,62 @@ inline V16 fma16(const V16& a, const V16& b, const V16& c) {  // a * b + c, one 
   return r;
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// AVX-512: 16 bf16/fp16 elements as one 256-bit half, converted by one widening load or one
+// narrowing instruction (no masked access, no shuffles). The same numbers as ATen's
+// conversions: bf16 -> fp32 places the bits high; fp16 <-> fp32 by vcvtph2ps / vcvtps2ph
+// (nearest even); fp32 -> bf16 by vcvtne(2)ps2bf16 where the CPU has it, which rounds to
+// nearest even exactly as ATen's integer rounding except that it flushes denormal inputs to
+// zero (checked exhaustively over all 2^32 inputs, NaN payloads aside): a vector holding a
+// denormal takes ATen's conversion.
+template <typename T>
+EMOKERN_INLINE inline __m512 widen16(const T* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+  } else {
+    return _mm512_cvtph_ps(raw);
+  }
+}
+
+template <typename T>
+EMOKERN_INLINE inline __m256i narrow16(const __m512 a) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+#if defined(__AVX512BF16__)
+    if (C10_LIKELY(_mm512_fpclass_ps_mask(a, 0x20) == 0))  // 0x20: denormal
+      return __m256i(_mm512_cvtneps_pbh(a));
+#endif
+    const __m512i both = at::vec::convert_from_float<T>(Vec(a), Vec(a));
+    return _mm512_castsi512_si256(both);
+  } else {
+    return _mm512_cvtps_ph(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
+}
+
+template <typename T>
+EMOKERN_INLINE inline __m512i narrow32(const __m512 a, const __m512 b) {
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (C10_LIKELY((_mm512_fpclass_ps_mask(a, 0x20) | _mm512_fpclass_ps_mask(b, 0x20)) == 0))
+      return __m512i(_mm512_cvtne2ps_pbh(b, a));
+    return at::vec::convert_from_float<T>(Vec(a), Vec(b));
+  }
+#endif
+  return _mm512_inserti64x4(_mm512_castsi256_si512(narrow16<T>(a)), narrow16<T>(b), 1);
+}
+#endif
+
 // Loads and stores of 16 elements, converting bf16/fp16 <-> float32 (round to nearest even)
-// with ATen's vectorised conversions.
+// with ATen's vectorised conversions (AVX-512: the functions above).
 template <typename T>
 inline V16 load16(const T* p) {
   V16 r;
   if constexpr (std::is_same_v<T, float>) {
     for (int j = 0; j < kN; ++j) r.v[j] = Vec::loadu(p + j * kW);
+#if defined(CPU_CAPABILITY_AVX512)
+  } else if constexpr (true) {
+    r.v[0] = widen16(p);
+#endif
   } else {
     using VT = at::vec::Vectorized<T>;
     constexpr int n = static_cast<int>(VT::size());  // 2 kW
@@ -160,6 +210,10 @@ template <typename T>
 inline void store16(T* p, const V16& a) {
   if constexpr (std::is_same_v<T, float>) {
     for (int j = 0; j < kN; ++j) a.v[j].store(p + j * kW);
+#if defined(CPU_CAPABILITY_AVX512)
+  } else if constexpr (true) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), narrow16<T>(a.v[0]));
+#endif
   } else {
     using VT = at::vec::Vectorized<T>;
     constexpr int n = static_cast<int>(VT::size());
@@ -176,6 +230,12 @@ inline void store16(T* p, const V16& a) {
 // (AVX-512), and no masked access: a load overlapping a masked store waits for that store.
 template <typename T>
 inline void store16x2(T* p, const V16& a, const V16& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (!std::is_same_v<T, float>) {
+    _mm512_storeu_si512(p, narrow32<T>(a.v[0], b.v[0]));
+    return;
+  }
+#endif
   if constexpr (!std::is_same_v<T, float> &&
                 static_cast<int>(at::vec::Vectorized<T>::size()) == 2 * kLanes) {
     at::vec::convert_from_float<T>(a.v[0], b.v[0]).store(p);
@@ -187,6 +247,13 @@ inline void store16x2(T* p, const V16& a, const V16& b) {
 
 template <typename T>
 inline void load16x2(const T* p, V16& a, V16& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (!std::is_same_v<T, float>) {  // two widening loads
+    a.v[0] = widen16(p);
+    b.v[0] = widen16(p + kLanes);
+    return;
+  }
+#endif
   if constexpr (!std::is_same_v<T, float> &&
                 static_cast<int>(at::vec::Vectorized<T>::size()) == 2 * kLanes) {
     auto converted = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p));
@@ -224,8 +291,9 @@ inline float hsum16(const V16& a) {
 // out[i] = hsum16(acc[i]) for i < n <= 16: the same tree run on 16 sums at once.
 #if defined(CPU_CAPABILITY_AVX512)
 // In registers: each shuffle level adds the lanes the portable tree adds (l and l + 8, then
-// l + 4, l + 2, l + 1), 15 adds and 30 shuffles for 16 sums. The one place the core names
-// intrinsics; the portable version below defines the result (the tests compare them).
+// l + 4, l + 2, l + 1), 15 adds and 30 shuffles for 16 sums, one permute to put them in order.
+// With the bf16/fp16 conversions above, the places the core names intrinsics; the portable
+// version below defines the result (the tests compare them).
 inline void hsum16_many(const V16* acc, int n, float* out) {
   __m512 v[16];
   for (int i = 0; i < 16; ++i) v[i] = i < n ? __m512(acc[i].v[0]) : _mm512_setzero_ps();
@@ -241,11 +309,10 @@ inline void hsum16_many(const V16* acc, int n, float* out) {
                          _mm512_shuffle_ps(d[2 * i], d[2 * i + 1], 0xee));
   const __m512 f = _mm512_add_ps(_mm512_shuffle_ps(e[0], e[1], 0x88),  // l + (l + 1)
                                  _mm512_shuffle_ps(e[0], e[1], 0xdd));
-  // Block j of f holds the sums of v[j], v[4 + j], v[8 + j], v[12 + j].
-  constexpr int kLane[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};
-  __at_align__ float tmp[16];
-  _mm512_store_ps(tmp, f);
-  for (int i = 0; i < n; ++i) out[i] = tmp[kLane[i]];
+  // Block j of f holds the sums of v[j], v[4 + j], v[8 + j], v[12 + j]: sum i sits in lane
+  // 4 (i mod 4) + i / 4.
+  const __m512i lane = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  _mm512_mask_storeu_ps(out, __mmask16((1u << n) - 1u), _mm512_permutexvar_ps(lane, f));
 }
 #else
 inline void hsum16_many(const V16* acc, int n, float* out) {
@@ -265,6 +332,18 @@ inline void hsum16_many(const V16* acc, int n, float* out) {
 inline void hsum16_all(const V16* acc, int64_t n, float* out) {
   for (int64_t i = 0; i < n; i += kLanes)
     hsum16_many(acc + i, int(std::min<int64_t>(kLanes, n - i)), out + i);
+}
+
+// out[i] = a[i] * b[i] and acc[i] += a[i] for i < n: the scalar arithmetic, in registers.
+inline void mul_n(const float* a, const float* b, float* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) (Vec::loadu(a + i) * Vec::loadu(b + i)).store(out + i);
+  for (; i < n; ++i) out[i] = a[i] * b[i];
+}
+inline void add_to_n(float* acc, const float* a, int64_t n) {
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) (Vec::loadu(acc + i) + Vec::loadu(a + i)).store(acc + i);
+  for (; i < n; ++i) acc[i] += a[i];
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -568,8 +647,9 @@ inline V16 steered16(const V16& x, const V16& delta, const V16& scale, const V16
 // and CT logical vectors of columns: delta as in delta_tile, then hidden = x + delta (minus the
 // residual) is written at once. x, h, res point at the tile's first column.
 template <typename T, int R, int CT, bool RES>
-C10_NOINLINE void delta_write_tile(const float* const* w, const float* v, int64_t k_stride, int64_t n_vec,
-                      const float* const* x, T* const* h, const T* const* res) {
+C10_NOINLINE void delta_write_tile(const float* const* w, const float* v, int64_t k_stride,
+                                   int64_t n_vec, const float* const* x, T* const* h,
+                                   const T* const* res) {
   V16 a[R][CT];
   EMOKERN_UNROLL for (int r = 0; r < R; ++r)
     EMOKERN_UNROLL for (int c = 0; c < CT; ++c) a[r][c] = zero16();
@@ -1258,7 +1338,7 @@ void process_block(const Plan& L, int64_t i0, int n, const int64_t* slot, float*
         if (kb > 0 && L.need_proj) {
           float dots[kSweepMaxK];
           hsum16_many(st.a[q], kb, dots);
-          for (int64_t k = 0; k < K; ++k) proj[r + q][k] = dots[k] * P.inv_norm[k];
+          mul_n(dots, P.inv_norm, proj[r + q], K);
         }
       }
     }
@@ -1281,8 +1361,7 @@ void process_block(const Plan& L, int64_t i0, int n, const int64_t* slot, float*
   V16* acc = s.acc.take(size_t(kBlock * K));
   float* dots = s.dots.take(size_t(kBlock * K));
   block_dots(x, n, L.V, K, D, acc, dots);
-  for (int r = 0; r < n; ++r)
-    for (int64_t k = 0; k < K; ++k) proj[r][k] = dots[r * K + k] * P.inv_norm[k];
+  for (int r = 0; r < n; ++r) mul_n(dots + r * K, P.inv_norm, proj[r], K);
   if (fused_write) {
     const float* w[kBlock];
     const float* xs[kBlock];
@@ -1344,7 +1423,7 @@ void process_chunk(const Plan& L, int64_t c, Scratch& s) {
       for (int r = 0; r < n; ++r) {
         if (slot[r] < 0) continue;
         float* sum = P.run_sum + slot[r] * K;
-        for (int64_t k = 0; k < K; ++k) sum[k] += proj[r][k];
+        add_to_n(sum, proj[r], K);
         std::memcpy(P.run_last + slot[r] * K, proj[r], sizeof(float) * size_t(K));
         P.run_count[slot[r]] += 1;
       }
@@ -1401,9 +1480,15 @@ void run(const Problem& P) {
   const bool per_slot = P.token_slot == nullptr ? P.seq_len >= 2 : N >= 2 * P.n_slots;
 
   // Pack the vectors panel-major when enough rows share them: each panel of every vector is
-  // then one contiguous block (no L1 set conflicts between vectors D floats apart).
+  // then one contiguous block (no L1 set conflicts between vectors D floats apart). Decode
+  // reads them in place where that is as good: rows of whole 64-byte lines, not a multiple of
+  // 1 KiB apart (the copy, rewritten at every call, costs more than it saves there, and with
+  // two threads each core would read the other's freshly written lines).
   const int64_t n_panels = (D + panel - 1) / panel;
-  if ((L.tiles && N >= kPackMinRows) || (per_slot && P.n_slots >= kPackMinRows)) {
+  const bool lines_apart = reinterpret_cast<uintptr_t>(P.vectors) % 64 == 0 && D % kLanes == 0 &&
+                           D * int64_t(sizeof(float)) % 1024 != 0;
+  const bool pack_tiles = L.tiles && N >= kPackMinRows && (per_slot || !lines_apart);
+  if (pack_tiles || (per_slot && P.n_slots >= kPackMinRows)) {
     // A line of padding per vector: panels of vectors 2 KiB apart would share L1 sets.
     const int64_t k_stride = panel + kLanes;
     float* packed = s.packed.take(size_t(n_panels * K * k_stride));

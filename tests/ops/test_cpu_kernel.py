@@ -263,3 +263,24 @@ def test_decode_tiles_match_the_reference(cpu_kernel, dtype):
     tol = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}[dtype]
     torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * 4)
     torch.testing.assert_close(pg, pw, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(4, 1, 96, 3), (2, 9, 100, 5), (9, 1, 64, 12)], ids=str)
+def test_denormal_rows_keep_their_bits(cpu_kernel, dtype, shape):
+    """Rows of denormal (and normal) bf16/fp16 values steered by zero weights come back as
+    y = x + 0, bit for bit (-0 becomes +0): no instruction set flushes denormals when it narrows
+    float32 rows (AVX-512 BF16's vcvtneps2bf16 would; vectors holding a denormal take the exact
+    rounding). Sweeps and tiles, decode and prefill, one and two logical vectors per store."""
+    batch, seq_len, dim, n_vec = shape
+    g = torch.Generator().manual_seed(9)
+    tiny = torch.finfo(dtype).smallest_normal
+    scale = torch.where(torch.rand(batch, seq_len, dim, generator=g) < 0.5, tiny / 8, 1.0)
+    hidden = (torch.randn(batch, seq_len, dim, generator=g) * scale).to(dtype)
+    assert (hidden.abs() < tiny).logical_and(hidden != 0).any()
+    vectors = torch.randn(n_vec, dim, generator=g)
+    got = hidden.clone()
+    torch.ops.emokern.steer_(got, vectors, torch.zeros(batch, n_vec), None, False, None, None,
+                             None, None)
+    want = (hidden.float() + 0.0).to(dtype)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
