@@ -93,15 +93,16 @@ class EngineSteering:
         # Neutral baseline of the steered layers (summary readings in standard scores).
         self.neutral = bank.neutral_stats(list(self.layers)) if bank.calibrated else None
         scale = 1.0 / len(self.layers) if config.spread == "divide" else 1.0
+        device = next(model.parameters()).device  # buffers and vectors live beside the model
         self.table = SlotTable(len(self.layers), len(self.names), max_requests, max_tokens,
-                               scale=scale)
-        device = next(model.parameters()).device
-        op, self.backend = packed_op(device)
+                               scale=scale, device=device)
+        op, self.backend = packed_op(device) if config.impl == "op" else (None, "hook")
         for i, layer in enumerate(self.layers):
-            vectors = bank.layer_vectors(layer).to(torch.float32).contiguous()
-            self._wrap(layers[layer - start], op, vectors, i)
-        log.info("emokern.vllm: steering layers %s, emotions %s (%s; op backend on %s: %s)",
-                 list(self.layers), list(self.names), config.impl, device.type, self.backend)
+            vectors = bank.layer_vectors(layer).to(device=device, dtype=torch.float32)
+            self._wrap(layers[layer - start], op, vectors.contiguous(), i)
+        log.info("emokern.vllm: steering layers %s, emotions %s (%s)", list(self.layers),
+                 list(self.names), f"op backend on {device.type}: {self.backend}"
+                 if op is not None else f"plain-PyTorch hook on {device.type}, eager")
 
     def _wrap(self, module, op, vectors: torch.Tensor, i: int) -> None:
         table, norm_preserving = self.table, self.config.norm_preserving
