@@ -70,7 +70,29 @@ def _unit_directions(directions, device) -> dict[int, torch.Tensor] | None:
             for layer, v in directions.items()}
 
 
-class NaiveSteering:
+class _LayerHooks:
+    """A context manager that registers ``self._hook(l)`` as a forward hook on decoder layer
+    ``l`` for every key ``l`` of ``self.readings`` on entry and removes them on exit."""
+
+    layers: nn.ModuleList
+    readings: dict[int, list[torch.Tensor]]
+    _handles: list
+
+    def _hook(self, layer: int):
+        raise NotImplementedError
+
+    def __enter__(self):
+        for layer in self.readings:
+            self._handles.append(self.layers[layer].register_forward_hook(self._hook(layer)))
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+class NaiveSteering(_LayerHooks):
     """The common forward-hook steering of existing libraries (the benchmark baseline).
 
     One forward hook per steered layer returns ``hidden + delta_l`` (a new tensor: the same
@@ -112,18 +134,8 @@ class NaiveSteering:
 
         return hook
 
-    def __enter__(self) -> NaiveSteering:
-        for layer in self.deltas:
-            self._handles.append(self.layers[layer].register_forward_hook(self._hook(layer)))
-        return self
 
-    def __exit__(self, *exc_info) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-
-class PerRowSteering:
+class PerRowSteering(_LayerHooks):
     """A distinct mix per row with plain forward hooks: what a user would write by hand.
 
     One forward hook per steered decoder layer ``l`` adds each row's own offset to every
@@ -185,16 +197,6 @@ class PerRowSteering:
             return output
 
         return hook
-
-    def __enter__(self) -> PerRowSteering:
-        for layer in self.vectors:
-            self._handles.append(self.layers[layer].register_forward_hook(self._hook(layer)))
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
 
 
 def steering_vectors_available() -> bool:
