@@ -376,7 +376,7 @@ def report_lines(result: dict) -> list[str]:
             f"{s['load_after_hf']}, after vLLM {s['load_after_vllm']}, after the loop again "
             f"{s['load_after_hf_loop_again']}.", ""]
     lines += [f"Packed op backend: the workers logged {result['worker_op_backends']} "
-              f"(one per engine that loads the plugin, hook engine included); in the main "
+              f"(one per engine that runs the packed op); in the main "
               f"process `emokern.ops.resolve_backend(None, cpu, 'steer_packed_')` gives "
               f"`{result['main_op_backend']}`. What the engines logged (each distinct message "
               f"once; every line in the JSON):", ""]
