@@ -426,3 +426,25 @@ def test_default_model_empty_row_equals_unsteered_generation():
     assert torch.equal(steered[1], plain[1])
     assert not torch.equal(steered[0], plain[0])
     assert s.monitor.mean().shape == (2, 10, bank.n_emotions)
+
+
+def test_check_layers_is_one_check_for_every_caller(tiny_llama):
+    """The Steerer, its monitor layers and the vLLM plugin share one layer check: "auto" = the
+    bank's recommended layers, order kept, and every error names the caller and argument."""
+    from emokern.steering import check_layers
+
+    bank = random_bank(tiny_llama[0])
+    n = len(bank.layers)
+    assert check_layers("auto", bank, n) == (1, 2)
+    assert check_layers([2, 0], bank, n) == (2, 0)
+    assert check_layers(1, bank, n) == (1,)
+    with pytest.raises(ValueError, match=r"^emokern\.vllm: layers: layer 9 is outside the model"):
+        check_layers([9], bank, n, who="emokern.vllm")
+    with pytest.raises(ValueError, match=r"^emokern\.steer: monitor_layers lists a layer twice"):
+        check_layers([1, 1], bank, n, argument="monitor_layers")
+    with pytest.raises(TypeError, match=r"^emokern\.steer: layers must hold ints, got '1'"):
+        check_layers(["1"], bank, n)
+    with pytest.raises(ValueError, match=r"must be 'auto' or a list of layer indices"):
+        check_layers("all", bank, n)
+    with pytest.raises(ValueError, match="layer 2 has no vectors in the bank"):
+        check_layers([2], bank.select(layers=[0, 1]), n)
