@@ -74,6 +74,15 @@ def close(llm) -> None:
 # ------------------------------------------------------------------------ throughput
 
 
+def gpu_share(engines: int) -> dict:
+    """On a CUDA machine, the share of GPU memory each of ``engines`` engines loaded side by
+    side may take (vLLM's default, 0.9, lets only one load); nothing on a CPU."""
+    import torch
+
+    return {"gpu_memory_utilization": round(0.85 / engines, 2)} if torch.cuda.is_available() \
+        else {}
+
+
 def load_engine(name: str, args, layers: list[int], mix_list) -> dict:
     """One engine (``unsteered`` | ``emokern`` | ``hook``) and its sampling parameters."""
     from vllm import LLM, SamplingParams
@@ -81,7 +90,7 @@ def load_engine(name: str, args, layers: list[int], mix_list) -> dict:
     import emokern.vllm
 
     engine = {"dtype": "float32", "max_model_len": 256, "max_num_seqs": args.requests,
-              "seed": 0}
+              "seed": 0, **gpu_share(3)}
     if name == "unsteered":
         extra = {}
     else:
@@ -208,6 +217,7 @@ def sweep_vs_hf(args, layers, model, tokenizer) -> dict:
     params = sampling_params(mix_list, args.sweep_tokens)
     engine = {"dtype": "float32", "max_model_len": 256, "max_num_seqs": args.sweep_max_seqs,
               "seed": 0, "enable_prefix_caching": False, "enforce_eager": args.eager,
+              **gpu_share(1),
               "additional_config": {"emokern": {"bank": "ev", "layers": layers,
                                                 "spread": "divide", "monitor": True,
                                                 "impl": "op"}}}

@@ -10,12 +10,17 @@ write) and a ``copy_`` of the same tensor, with CUDA events around CUDA-graph re
 machines here reach no package index) and is sized to finish in a few minutes on one GPU.
 Without a CUDA device it says so and exits 0 without doing anything.
 
-The vLLM plugin is checked by ``make test-vllm`` in an environment with vLLM installed.
+Where this Python also has vLLM, it then (5) runs the plugin's engine tests
+(``tests/vllm/test_engine.py``: compiled engines, CUDA graphs on, vLLM's GPU default) and (6) the
+vLLM throughput benchmark without its Hugging Face sweep (``bench/bench_vllm.py --no-sweep
+--repeats 3``, results beside the others); without vLLM both are recorded as skipped.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import importlib.util
 import json
 import os
 import statistics
@@ -56,6 +61,21 @@ def _run(step: str, argv: list[str], log: list[dict], timeout: int) -> bool:
     if not ok:
         print(tail, flush=True)
     return ok
+
+
+def _why_no_vllm() -> str | None:
+    """Why the vLLM steps cannot run in this Python, or None."""
+    if importlib.util.find_spec("vllm") is None:
+        return "vLLM is not installed in this Python"
+    plugins = importlib.metadata.entry_points(group="vllm.general_plugins")
+    if not any(p.value.startswith("emokern.") for p in plugins):
+        return ("vLLM cannot find emokern's plugin: install emokern in this Python "
+                "(pip install --no-deps --no-build-isolation -e .)")
+    return None
+
+
+def _verdict(step: dict) -> str:
+    return "skipped: " + step["tail"] if step.get("skipped") else "ok" if step["ok"] else "FAILED"
 
 
 def graph_time(fn, reps: int = 20) -> float:
@@ -149,13 +169,23 @@ def main(argv=None) -> int:
             for backend in backends:
                 rows.append(time_case(*shape, dtype_name, backend))
                 print(format_table(rows[-1:]).splitlines()[-1], flush=True)
+    why_not = _why_no_vllm()
+    if why_not is None:
+        _run("vLLM plugin tests (CUDA graphs on)",
+             [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+              "tests/vllm/test_engine.py"], log, 240)
+        _run("vLLM benchmark", [sys.executable, "bench/bench_vllm.py", "--no-sweep",
+                                "--repeats", "3", "--out", str(args.out)], log, 180)
+    else:
+        log.append({"step": "vLLM plugin tests and benchmark", "ok": True, "seconds": 0,
+                    "skipped": True, "tail": why_not})
     result = {"machine": {**machine_info(), "gpu": torch.cuda.get_device_name()},
               "steps": log, "rows": rows}
     out = Path(args.out)
     write_text(out / "gpu-check.json", json.dumps(result, indent=2) + "\n")
     write_text(out / "gpu-check.md", f"# GPU check ({result['machine']['gpu']})\n\n"
-               + "".join(f"- {s['step']}: {'ok' if s['ok'] else 'FAILED'} ({s['seconds']} s)\n"
-                         for s in log) + "\n" + format_table(rows))
+               + "".join(f"- {s['step']}: {_verdict(s)} ({s['seconds']} s)\n" for s in log)
+               + "\n" + format_table(rows))
     print(f"wrote {out / 'gpu-check.json'} and {out / 'gpu-check.md'}")
     return 0 if all(s["ok"] for s in log) else 1
 
