@@ -1,15 +1,16 @@
 """Op benchmark: the fused CPU ``steer_`` vs naive hooks, plain in-place torch and a copy.
 
 Full run (the whole decode and prefill grid, fp32 and bf16, with 1 and then 2 torch threads,
-~20 minutes on 2 cores), writing ``bench/results/ops-cpu.{json,md}``::
+~8 minutes on 2 idle cores), writing ``bench/results/ops-cpu.{json,md}``::
 
     python bench/bench_ops.py [--quick] [--dtypes fp32,bf16] [--repeats 30]
-                              [--max-seconds 4] [--threads 1,2] [--isa avx2]
+                              [--max-seconds 4] [--threads 1,2] [--isa avx2 [--cap-torch]]
                               [--out bench/results]
 
 ``--isa`` caps the kernel's instruction set (``default``, ``avx2``, ``avx512``; it sets
 ``EMOKERN_CPU_CAPABILITY`` before the kernel loads), e.g. to measure the AVX2 path on an
-AVX-512 machine; every row records the set it ran.
+AVX-512 machine; every row records the set it ran. ``--isa avx2 --cap-torch`` caps PyTorch's
+own kernels and MKL to AVX2 as well (the torch baselines of an AVX2-only CPU).
 
 Variants, shapes and the reported ratios are described in :mod:`emokern.benchmarks.ops`;
 ``emokern bench ops`` runs the same harness.
@@ -27,6 +28,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from emokern.benchmarks.ops import (
     DTYPES,
@@ -94,13 +96,25 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch intra-op thread counts, run one after the other")
     parser.add_argument("--isa", choices=["default", "avx2", "avx512"],
                         help="cap the kernel's instruction set (EMOKERN_CPU_CAPABILITY)")
+    parser.add_argument("--cap-torch", action="store_true",
+                        help="with --isa avx2: cap PyTorch's kernels and MKL to AVX2 as well "
+                             "(ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS): a stand-in for "
+                             "an AVX2-only CPU")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--stem", default="ops-cpu")
     args = parser.parse_args(argv)
     if args.isa:
         os.environ["EMOKERN_CPU_CAPABILITY"] = args.isa  # read once, when the kernel loads
+    if args.cap_torch:
+        if args.isa != "avx2":
+            parser.error("--cap-torch goes with --isa avx2")
+        # Both are read at the first operation that needs them, none of which has run yet.
+        os.environ["ATEN_CPU_CAPABILITY"] = "avx2"
+        os.environ["MKL_ENABLE_INSTRUCTIONS"] = "AVX2"
     shapes = headline_shapes() if args.quick else decode_shapes() + prefill_shapes()
     machine = machine_info()
+    machine["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    machine["mkl_enable_instructions"] = os.environ.get("MKL_ENABLE_INSTRUCTIONS")
     if args.isa and machine["cpu_isa"] != args.isa:
         raise SystemExit(f"asked for {args.isa}, the kernel runs {machine['cpu_isa']} (loaded "
                          f"before --isa, or the CPU lacks it)")

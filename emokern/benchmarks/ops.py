@@ -486,6 +486,9 @@ def format_ratio_table(rows: Sequence[Mapping[str, Any]], machine: Mapping[str, 
         lines += [f"torch {machine.get('torch')}, {machine.get('cpu_model')} "
                   f"({machine.get('cpu_count')} CPUs; vector extensions: {features}), "
                   f"kernel instruction set: {machine.get('cpu_isa')}"
+                  + (f", PyTorch's kernels capped to {machine['torch_cpu_capability']} and MKL "
+                     f"to {machine.get('mkl_enable_instructions')}"
+                     if machine.get("mkl_enable_instructions") else "")
                   + (f", 1-min load average at start {load[0]:.1f}" if load else "")
                   + (f", at end {load_end[0]:.1f}" if load_end else "")
                   + (f", CPUs busy with other processes at start: "
