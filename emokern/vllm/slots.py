@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -200,11 +200,6 @@ class SlotTable:
         for i, rid in enumerate(req_ids):
             if pairs[i] >= 0 and ends[i] > read_upto[i]:
                 self._read_upto[rid] = int(ends[i])
-
-    def sync(self, live: Mapping[str, object] | set) -> None:
-        """Release every registered request not in ``live`` (finished or aborted)."""
-        for rid in [r for r in self._pair if r not in live]:
-            self.release(rid)
 
 
 _SUFFIX = re.compile(r"-[0-9a-f]{8}$")

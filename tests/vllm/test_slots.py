@@ -42,7 +42,7 @@ def test_release_keeps_readings_and_reuses_slots():
         t.run_count[layer][gen] = 2
     live = t.readings(["7"])["7"]
     assert live["count"] == 2 and live["mean"].tolist() == [[1.0, 2.0, 3.0], [2.0, 4.0, 6.0]]
-    t.sync(set())  # finished
+    t.release("7-0a1b2c3d")  # finished (the plugin's on_update)
     assert not t.known("7-0a1b2c3d")
     assert t.readings(["7"])["7"]["mean"].tolist() == live["mean"].tolist()
     t.add("8", torch.tensor([0.0, 1.0, 0.0]))  # the freed pair again, statistics zeroed
