@@ -10,12 +10,10 @@ portable core for CPUs without FMA rounds products separately, which these tests
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -30,18 +28,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 @pytest.fixture(scope="module")
 def cpu_kernel():
     assert build.load_cpu(), f"the CPU kernel did not build: {build.build_info()['cpu']}"
-
-
-def kernel_isa() -> str:
-    """The instruction set the loaded kernel runs (``emokern_cpu_isa`` of the library)."""
-    info = build.build_info()["cpu"]
-    if info.get("source") == "aot":
-        import emokern._C as aot
-
-        return aot.isa()
-    lib = ctypes.CDLL(info["path"])
-    lib.emokern_cpu_isa.restype = ctypes.c_char_p
-    return lib.emokern_cpu_isa().decode()
 
 
 def supported_isas() -> list[str]:
@@ -103,18 +89,7 @@ def run_cases(path, isa: str | None, threads: int = 1, cases=CASES) -> str:
                                                             "ATEN_CPU_CAPABILITY")}
     if isa is not None:
         env["EMOKERN_CPU_CAPABILITY"] = isa
-    code = RUN_CASES + textwrap.dedent("""
-        import ctypes
-        from emokern.ops import build
-        info = build.build_info()['cpu']
-        if info['source'] == 'aot':
-            import emokern._C as aot
-            print(aot.isa())
-        else:
-            lib = ctypes.CDLL(info['path'])
-            lib.emokern_cpu_isa.restype = ctypes.c_char_p
-            print(lib.emokern_cpu_isa().decode())
-    """)
+    code = RUN_CASES + "print(build.cpu_isa())\n"
     done = subprocess.run([sys.executable, "-c", code, str(path), str(threads), json.dumps(cases)],
                           env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -131,10 +106,10 @@ def assert_same_bits(a: dict, b: dict, label: str = "") -> None:
 
 
 def test_the_kernel_names_its_instruction_set(cpu_kernel):
-    assert kernel_isa() in ("avx512", "avx2", "default", "neon", "sve256")
+    assert build.cpu_isa() in ("avx512", "avx2", "default", "neon", "sve256")
     if sys.platform.startswith("linux") and os.uname().machine == "x86_64" \
             and "EMOKERN_CPU_CAPABILITY" not in os.environ:
-        assert kernel_isa() == supported_isas()[-1]
+        assert build.cpu_isa() == supported_isas()[-1]
 
 
 def test_every_instruction_set_gives_the_same_bits(cpu_kernel, tmp_path):
