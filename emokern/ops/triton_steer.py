@@ -467,7 +467,8 @@ def triton_steer_packed_(
     n_tokens, dim = hidden.shape
     if n_tokens == 0 or dim == 0:
         return
-    # The kernel's layout, which the wrapper's checks leave open for a single token.
+    # The kernel reads rows with stride 1: refuse any other layout here too, for callers that
+    # skip the wrapper's checks (emokern.ops.runner_for).
     for name, t in (("hidden", hidden), ("residual", residual)):
         if t is not None and dim > 1 and t.stride(1) != 1:
             raise ValueError(f"emokern.steer_packed_: {name} must have a contiguous last "

@@ -235,8 +235,9 @@ def test_packed_out_of_range_slots_are_untouched(n_tokens):
 
 
 def test_packed_single_token_needs_a_contiguous_last_dimension():
-    """The wrapper's checks let one token's row through with any last stride; the kernel reads
-    rows with stride 1, so it refuses rather than steer the wrong elements."""
+    """The launcher itself (what runner_for hands out, without the wrapper's checks) refuses a
+    row with a strided last dimension: the kernel reads rows with stride 1, so it would steer
+    the wrong elements."""
     vectors, weights = torch.randn(2, 8, device=DEVICE), torch.randn(1, 2, device=DEVICE)
     token_slot = torch.zeros(1, dtype=torch.int32, device=DEVICE)
     row = torch.randn(1, 16, device=DEVICE)[:, ::2]
