@@ -193,6 +193,7 @@ def sweep_vs_hf(args, layers, model, tokenizer) -> dict:
     from emokern.bank import EmotionBank
     from emokern.benchmarks.baseline import NaiveSteering
     from emokern.benchmarks.serving import (
+        first_differences,
         identical_rows,
         sampling_params,
         sweep_requests,
@@ -279,28 +280,14 @@ def sweep_vs_hf(args, layers, model, tokenizer) -> dict:
         "identical_rows_vs_hf_loop": identical_rows(vllm_tokens, hf_tokens["naive"]),
         "identical_rows_between_vllm_repeats": [identical_rows(vllm_tokens, r)
                                                 for r in runs[1:]],
-        "first_differing_step_vs_hf_emokern": _first_differences(vllm_tokens,
-                                                                 hf_tokens["emokern"]),
+        "first_differing_step_vs_hf_emokern": first_differences(vllm_tokens,
+                                                                hf_tokens["emokern"]),
         "reading_counts": sorted({r["count"] for r in readings.values()}),
         "requests_with_readings": len(readings),
         "load_before_hf": load_before, "load_after_hf": load_middle,
         "load_after_vllm": load_after,
         "load_after_hf_loop_again": [round(x, 2) for x in os.getloadavg()],
     }
-
-
-def _first_differences(a, b) -> dict[str, int]:
-    """Where rows that differ first differ: ``{step: rows}`` (``step`` counts from 0)."""
-    steps: dict[str, int] = {}
-    for x, y in zip(a, b, strict=True):
-        y = y.tolist() if hasattr(y, "tolist") else list(y)
-        if x != y:
-            step = next(i for i, (u, v) in enumerate(zip(x, y, strict=True)) if u != v)
-            steps[str(step)] = steps.get(str(step), 0) + 1
-    return dict(sorted(steps.items(), key=lambda item: int(item[0])))
-
-
-# ------------------------------------------------------------------------ report
 
 
 def report_lines(result: dict) -> list[str]:

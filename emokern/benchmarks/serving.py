@@ -35,8 +35,8 @@ from emokern.benchmarks.sweep import sweep_conditions
 from emokern.benchmarks.workload import PROMPTS
 from emokern.tokens import encode_prompts
 
-__all__ = ["CapturedLines", "identical_rows", "sampling_params", "sweep_requests",
-           "timed_vllm_generate"]
+__all__ = ["CapturedLines", "first_differences", "identical_rows", "sampling_params",
+           "sweep_requests", "timed_vllm_generate"]
 
 
 def sweep_requests(tokenizer, bank) -> tuple[list[dict], list[dict[str, float]]]:
@@ -77,15 +77,30 @@ def timed_vllm_generate(llm, prompts: Sequence[dict], params: Sequence) -> tuple
     return outputs, time.perf_counter() - start
 
 
+def _token_list(row) -> list[int]:
+    return row.tolist() if isinstance(row, torch.Tensor) else [int(t) for t in row]
+
+
+def _row_pairs(a: Sequence, b: Sequence, caller: str):
+    if len(a) != len(b):
+        raise ValueError(f"{caller}: {len(a)} rows against {len(b)}")
+    return ((_token_list(x), _token_list(y)) for x, y in zip(a, b, strict=True))
+
+
 def identical_rows(a: Sequence, b: Sequence) -> int:
     """How many rows of two token lists (lists of int or 1-d tensors) are identical."""
-    if len(a) != len(b):
-        raise ValueError(f"identical_rows: {len(a)} rows against {len(b)}")
+    return sum(x == y for x, y in _row_pairs(a, b, "identical_rows"))
 
-    def as_list(row) -> list[int]:
-        return row.tolist() if isinstance(row, torch.Tensor) else [int(t) for t in row]
 
-    return sum(as_list(x) == as_list(y) for x, y in zip(a, b, strict=True))
+def first_differences(a: Sequence, b: Sequence) -> dict[str, int]:
+    """Where the rows of two token lists that differ first differ: ``{step: rows}`` (``step``
+    counts from 0), in step order."""
+    steps: dict[str, int] = {}
+    for x, y in _row_pairs(a, b, "first_differences"):
+        if x != y:
+            step = next(i for i, (u, v) in enumerate(zip(x, y, strict=True)) if u != v)
+            steps[str(step)] = steps.get(str(step), 0) + 1
+    return dict(sorted(steps.items(), key=lambda item: int(item[0])))
 
 
 class CapturedLines:

@@ -12,7 +12,12 @@ import pytest
 import torch
 
 from emokern.benchmarks import sweep as sweep_module
-from emokern.benchmarks.serving import CapturedLines, identical_rows, sweep_requests
+from emokern.benchmarks.serving import (
+    CapturedLines,
+    first_differences,
+    identical_rows,
+    sweep_requests,
+)
 from emokern.benchmarks.sweep import generate_options, sweep, sweep_conditions
 from emokern.benchmarks.workload import PROMPTS, benchmark_bank
 from emokern.tokens import encode_prompts
@@ -60,6 +65,15 @@ def test_identical_rows():
     assert identical_rows([[1, 2]], [[1, 2, 3]]) == 0
     with pytest.raises(ValueError, match="2 rows against 1"):
         identical_rows([[1], [2]], [[1]])
+
+
+def test_first_differences():
+    a = [[1, 2, 3], [1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    b = [torch.tensor([1, 2, 3]), [1, 0, 3], [0, 5, 6], [7, 8, 0]]
+    assert first_differences(a, b) == {"0": 1, "1": 1, "2": 1}
+    assert list(first_differences([[0, 1]] * 3 + [[1, 1]], [[0, 2]] * 3 + [[0, 1]])) == ["0", "1"]
+    with pytest.raises(ValueError, match="first_differences: 1 rows against 2"):
+        first_differences([[1]], [[1], [2]])
 
 
 def test_sweep_hands_out_its_tokens(setup, monkeypatch):
