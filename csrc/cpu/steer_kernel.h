@@ -314,6 +314,37 @@ inline void hsum16_many(const V16* acc, int n, float* out) {
   const __m512i lane = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
   _mm512_mask_storeu_ps(out, __mmask16((1u << n) - 1u), _mm512_permutexvar_ps(lane, f));
 }
+#elif defined(CPU_CAPABILITY_AVX2)
+// In registers, eight sums at a time: l + (l + 8) is one add of a logical vector's two halves,
+// then the AVX-512 version's levels on 128-bit blocks (l + 4, l + 2, l + 1) and one permute.
+inline void hsum8_avx2(const V16* acc, int n, float* out) {
+  __m256 c[8];
+  for (int i = 0; i < 8; ++i)
+    c[i] = i < n ? _mm256_add_ps(acc[i].v[0], acc[i].v[1]) : _mm256_setzero_ps();
+  __m256 d[4], e[2];
+  for (int i = 0; i < 4; ++i)  // block j: l + (l + 4) of c[2i + j], l < 4
+    d[i] = _mm256_add_ps(_mm256_permute2f128_ps(c[2 * i], c[2 * i + 1], 0x20),
+                         _mm256_permute2f128_ps(c[2 * i], c[2 * i + 1], 0x31));
+  for (int i = 0; i < 2; ++i)  // block j: l + (l + 2) of c[4i + j], of c[4i + 2 + j]
+    e[i] = _mm256_add_ps(_mm256_shuffle_ps(d[2 * i], d[2 * i + 1], 0x44),
+                         _mm256_shuffle_ps(d[2 * i], d[2 * i + 1], 0xee));
+  const __m256 f = _mm256_add_ps(_mm256_shuffle_ps(e[0], e[1], 0x88),  // l + (l + 1)
+                                 _mm256_shuffle_ps(e[0], e[1], 0xdd));
+  // Block j of f holds the sums of c[j], c[2 + j], c[4 + j], c[6 + j]: sum i sits in lane
+  // 4 (i mod 2) + i / 2.
+  const __m256 sums = _mm256_permutevar8x32_ps(f, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  if (n >= 8) {
+    _mm256_storeu_ps(out, sums);
+  } else {
+    __at_align__ float tmp[8];
+    _mm256_store_ps(tmp, sums);
+    for (int i = 0; i < n; ++i) out[i] = tmp[i];
+  }
+}
+inline void hsum16_many(const V16* acc, int n, float* out) {
+  hsum8_avx2(acc, std::min(n, 8), out);
+  if (n > 8) hsum8_avx2(acc + 8, n - 8, out + 8);
+}
 #else
 inline void hsum16_many(const V16* acc, int n, float* out) {
   __at_align__ float a[kLanes * kLanes];
@@ -355,20 +386,28 @@ constexpr int kTileRows = 4, kTileVecs = 6;    // projections: 24 accumulators
 constexpr int kDeltaRows = 4, kDeltaCols = 4;  // offsets: 16 accumulators
 constexpr int kSweepRows = 2;                  // sweeps: 16 accumulators + norms
 constexpr int kNormGroup = 8;
+constexpr int kTilesAboveK = 8;                // more vectors take the tiles
 #elif defined(CPU_CAPABILITY_AVX2)
 // 16 registers, two per logical vector.
-constexpr int kTileRows = 3, kTileVecs = 3;    // 18 registers of sums: the tile walks the
-constexpr int kDeltaRows = 2, kDeltaCols = 3;  // halves in turn (9, then 9 live); offsets: 12
+// Projections: 12 sums (one register part at a time) + 3 rows + 1 vector, 7 loads per 12
+// FMAs; offsets: 12 sums (3 rows x 2 logical vectors) + 4 vector loads and 3 broadcasts.
+constexpr int kTileRows = 3, kTileVecs = 4;
+constexpr int kDeltaRows = 3, kDeltaCols = 2;
 constexpr int kSweepRows = 1;                  // sweeps: 8 sums per register half
 constexpr int kNormGroup = 4;
+constexpr int kTilesAboveK = 4;
 #else
 // NEON (32 x 128-bit: four registers per logical vector), or plain arrays.
 constexpr int kTileRows = 2, kTileVecs = 3;
 constexpr int kDeltaRows = 2, kDeltaCols = 2;
 constexpr int kSweepRows = 1;
 constexpr int kNormGroup = 4;
+constexpr int kTilesAboveK = 8;
 #endif
-constexpr int kSweepMaxK = 8;  // sweeps up to 8 vectors; more take the tiles
+constexpr int kSweepMaxK = 8;  // sweeps up to 8 vectors
+// With several registers per logical vector, sweeps over more vectors than this take their dot
+// products one register part at a time (sweep_split); up to this many, every sum stays live.
+constexpr int kLiveSweepMaxK = 4;
 
 constexpr int64_t kMaxPanel = 512;     // columns per panel of the tiles, at most
 constexpr int kBlock = 8;              // rows per block
@@ -1036,10 +1075,15 @@ void sweep(const SweepRows<T>& rows, const float* const* v, int64_t c0, int64_t 
     yy[r] = first ? zero16() : st.yy[r];
   }
   int64_t d = c0;
-  for (; d + 2 * kLanes <= c1; d += 2 * kLanes) EMOKERN_SWEEP_STEP2(d)
-  if (d + kLanes <= c1) {
+  if constexpr (kN == 1) {  // with several registers per logical vector, one at a time
+    for (; d + 2 * kLanes <= c1; d += 2 * kLanes) EMOKERN_SWEEP_STEP2(d)
+  }
+  for (; d + kLanes <= c1; d += kLanes) {
+    if constexpr (kN > 1) {
+      EMOKERN_UNROLL for (int r = 0; r < RS; ++r)
+        if (ahead[r] != nullptr) __builtin_prefetch(ahead[r] + d, 0, 2);
+    }
     EMOKERN_SWEEP_STEP(true, d, kLanes)
-    d += kLanes;
   }
   EMOKERN_UNROLL for (int r = 0; r < RS; ++r) {
     EMOKERN_UNROLL for (int k = 0; k < NA; ++k) st.a[r][k] = a[r][k];
@@ -1148,7 +1192,7 @@ template <typename T, int RS>
 void sweep_kb(int kb, bool np, bool dw, const SweepRows<T>& rows, const float* const* v,
               int64_t c0, int64_t c1, SweepState& st, bool first) {
 #define EMOKERN_SWEEP_ONE(KB, NP, DW)                                                \
-  if constexpr (kN == 1) {                                                           \
+  if constexpr (kN == 1 || KB <= kLiveSweepMaxK) {                                       \
     sweep<T, RS, KB, NP, DW>(rows, v, c0, c1, st, first);                            \
   } else {                                                                           \
     static_assert(RS == 1, "split sweeps take one row at a time");                   \
@@ -1358,10 +1402,12 @@ void process_block(const Plan& L, int64_t i0, int n, const int64_t* slot, float*
       x[r] = row;
     }
   }
-  V16* acc = s.acc.take(size_t(kBlock * K));
-  float* dots = s.dots.take(size_t(kBlock * K));
-  block_dots(x, n, L.V, K, D, acc, dots);
-  for (int r = 0; r < n; ++r) mul_n(dots + r * K, P.inv_norm, proj[r], K);
+  if (L.need_proj) {
+    V16* acc = s.acc.take(size_t(kBlock * K));
+    float* dots = s.dots.take(size_t(kBlock * K));
+    block_dots(x, n, L.V, K, D, acc, dots);
+    for (int r = 0; r < n; ++r) mul_n(dots + r * K, P.inv_norm, proj[r], K);
+  }
   if (fused_write) {
     const float* w[kBlock];
     const float* xs[kBlock];
@@ -1465,7 +1511,6 @@ void run(const Problem& P) {
   L.d16 = round16(D);
   L.row_stride = L.d16 + kLanes;
   L.need_proj = P.proj_out != nullptr || P.run_sum != nullptr;
-  L.tiles = L.need_proj && K > kSweepMaxK;
   const int64_t panel = panel_width(D);
   L.V = VView{P.vectors, panel, panel, D};
 
@@ -1478,6 +1523,10 @@ void run(const Problem& P) {
 
   // Offsets once per slot when slots average two rows or more (sequences in prefill).
   const bool per_slot = P.token_slot == nullptr ? P.seq_len >= 2 : N >= 2 * P.n_slots;
+  // Many vectors take the tiles where the rows need their dot products or build their offsets
+  // from the weights (decode without norm preservation); else the sweeps only write
+  // x + delta from the offsets computed up front.
+  L.tiles = K > kTilesAboveK && (L.need_proj || (!per_slot && !P.norm_preserving));
 
   // Pack the vectors panel-major when enough rows share them: each panel of every vector is
   // then one contiguous block (no L1 set conflicts between vectors D floats apart). Decode

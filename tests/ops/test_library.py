@@ -168,6 +168,26 @@ def test_awkward_shapes(backend, dtype, shape):
                                  norm_preserving=norm_preserving, strided=True, seed=1)
 
 
+@pytest.mark.parametrize("backend", COMPILED)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_vec", [1, 3, 5, 8, 9, 32, 33])
+@pytest.mark.parametrize("seq_len", [1, 3])
+def test_steering_without_readings_writes_the_same_rows(backend, dtype, n_vec, seq_len):
+    """Without proj_out and running the kernel skips the dot products but must still add every
+    vector (decode with more vectors than a sweep holds once applied only the first eight)."""
+    for norm_preserving in (False, True):
+        _, hidden, vectors, weights, mask = make_case(17, seq_len, 577, n_vec, dtype, masked=True,
+                                                      seed=n_vec)
+        bare, read, ref = hidden.clone(), hidden.clone(), hidden.float()
+        emokern.steer_(bare, vectors, weights, mask=mask, norm_preserving=norm_preserving,
+                       backend=backend)
+        run_backend(backend, read, vectors, weights, mask, norm_preserving)
+        ref_steer_(ref, vectors, weights, mask, norm_preserving)
+        assert torch.equal(bare, read)
+        tol = {torch.float32: 1e-4, torch.bfloat16: 6e-2, torch.float16: 1e-2}[dtype]
+        torch.testing.assert_close(bare.float(), ref, rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("backend", ["reference", *COMPILED])
 def test_mask_none_equals_all_true_and_all_false_changes_nothing(backend):
     _, hidden, vectors, weights, _ = make_case(3, 4, 64, 5, torch.float32, masked=False, seed=2)
