@@ -97,9 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--isa", choices=["default", "avx2", "avx512"],
                         help="cap the kernel's instruction set (EMOKERN_CPU_CAPABILITY)")
     parser.add_argument("--cap-torch", action="store_true",
-                        help="with --isa avx2: cap PyTorch's kernels and MKL to AVX2 as well "
-                             "(ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS): a stand-in for "
-                             "an AVX2-only CPU")
+                        help="with --isa avx2: a stand-in for an AVX2-only CPU: the kernel "
+                             "compiled for x86-64-v3 (EMOKERN_CPU_MARCH: 16 ymm registers, no "
+                             "AVX-512 instructions), PyTorch's kernels and MKL capped to AVX2 "
+                             "(ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS)")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--stem", default="ops-cpu")
     args = parser.parse_args(argv)
@@ -108,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cap_torch:
         if args.isa != "avx2":
             parser.error("--cap-torch goes with --isa avx2")
-        # Both are read at the first operation that needs them, none of which has run yet.
+        # All are read at the first operation that needs them, none of which has run yet.
+        os.environ["EMOKERN_CPU_MARCH"] = "x86-64-v3"
         os.environ["ATEN_CPU_CAPABILITY"] = "avx2"
         os.environ["MKL_ENABLE_INSTRUCTIONS"] = "AVX2"
     shapes = headline_shapes() if args.quick else decode_shapes() + prefill_shapes()

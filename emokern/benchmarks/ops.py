@@ -448,6 +448,10 @@ def machine_info() -> dict[str, Any]:
     build.load_cpu()  # so that the record says where the measured kernel came from
     info = common_machine_info()
     info["cpu_isa"] = build.cpu_isa()
+    built = build.build_info()
+    info["kernel_march"] = (next((f.removeprefix("-march=") for f in built["cpu_flags"].split()
+                                  if f.startswith("-march=")), None)
+                            if built["cpu"].get("source") == "jit" else None)
     info["cpu_vector_features"] = cpu_vector_features()
     info["busy_cpus_at_start"] = round(busy_cpus(), 2)
     return info
@@ -486,6 +490,8 @@ def format_ratio_table(rows: Sequence[Mapping[str, Any]], machine: Mapping[str, 
         lines += [f"torch {machine.get('torch')}, {machine.get('cpu_model')} "
                   f"({machine.get('cpu_count')} CPUs; vector extensions: {features}), "
                   f"kernel instruction set: {machine.get('cpu_isa')}"
+                  + (f" (compiled with -march={machine['kernel_march']})"
+                     if machine.get("kernel_march") else "")
                   + (f", PyTorch's kernels capped to {machine['torch_cpu_capability']} and MKL "
                      f"to {machine.get('mkl_enable_instructions')}"
                      if machine.get("mkl_enable_instructions") else "")

@@ -41,7 +41,8 @@ import torch
 
 from emokern.files import cache_root
 
-#: Flags of the CPU kernel: -march=native is why builds are per CPU.
+#: Flags of the CPU kernel: -march=native is why builds are per CPU (``$EMOKERN_CPU_MARCH``
+#: replaces native, see :func:`cpu_cflags`).
 CPU_CFLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17")
 CPU_LDFLAGS = ("-fopenmp",)
 CUDA_CFLAGS = ("-O3", "-std=c++17")
@@ -145,6 +146,17 @@ def _jit_load(name: str, sources: list[str], build_dir: Path, what: str, **kwarg
                        is_python_module=False, verbose=False, **kwargs)
 
 
+def cpu_cflags() -> tuple[str, ...]:
+    """The JIT build's compiler flags: :data:`CPU_CFLAGS`, with ``-march=$EMOKERN_CPU_MARCH``
+    when that is set (e.g. ``x86-64-v3``: AVX2 without AVX-512, to build on an AVX-512 machine
+    what an AVX2-only CPU runs; the build name hashes the flags, so each -march keeps its own
+    build)."""
+    march = os.environ.get("EMOKERN_CPU_MARCH")
+    if not march:
+        return CPU_CFLAGS
+    return tuple(f"-march={march}" if f == "-march=native" else f for f in CPU_CFLAGS)
+
+
 def _cpu_target() -> tuple[str, Path, list[str]] | None:
     """``(build name, build directory, sources)`` of the JIT CPU build, or None without csrc.
     The name hashes every file under ``csrc/cpu`` and ``csrc/steer.h``."""
@@ -152,7 +164,7 @@ def _cpu_target() -> tuple[str, Path, list[str]] | None:
     if src is None:
         return None
     files = sorted(p for p in (src / "cpu").iterdir() if p.is_file())
-    name = _build_name("emokern_cpu", [*files, src / "steer.h"], CPU_CFLAGS, CPU_LDFLAGS)
+    name = _build_name("emokern_cpu", [*files, src / "steer.h"], cpu_cflags(), CPU_LDFLAGS)
     return name, extensions_dir() / name, [str(p) for p in files if p.suffix == ".cpp"]
 
 
@@ -211,7 +223,7 @@ def load_cpu() -> bool:
         return _give_up(info, missing)
     try:
         _jit_load(name, sources, build_dir, "CPU kernel",
-                  extra_cflags=list(CPU_CFLAGS), extra_ldflags=list(CPU_LDFLAGS))
+                  extra_cflags=list(cpu_cflags()), extra_ldflags=list(CPU_LDFLAGS))
     except Exception as exc:  # noqa: BLE001  (any build failure means: fall back)
         return _give_up(info, f"{_first_line(exc)} (compiler: {_compiler()})")
     info.update(loaded=True, source="jit", error=None)
@@ -340,7 +352,7 @@ def build_info() -> dict:
         "nvcc": _nvcc() if torch.version.cuda else None,
         "cache_dir": str(extensions_dir()),
         "csrc": str(csrc_dir()) if csrc_dir() else None,
-        "cpu_flags": " ".join(CPU_CFLAGS),
+        "cpu_flags": " ".join(cpu_cflags()),
         "aot_cpu_available": importlib.util.find_spec("emokern._C") is not None,
         "cpu": cpu,
         "cuda": dict(_state.get("cuda", {"loaded": False, "source": None})),

@@ -85,6 +85,18 @@ def test_build_names_differ_by_flags_and_sources(tmp_path):
     assert base != build._build_name("emokern_cpu", [source], build.CPU_CFLAGS)
 
 
+def test_cpu_march_replaces_native_and_names_its_own_build(monkeypatch):
+    monkeypatch.delenv("EMOKERN_CPU_MARCH", raising=False)
+    assert build.cpu_cflags() == build.CPU_CFLAGS
+    native = build._cpu_target()
+    monkeypatch.setenv("EMOKERN_CPU_MARCH", "x86-64-v3")
+    flags = build.cpu_cflags()
+    assert "-march=x86-64-v3" in flags and "-march=native" not in flags
+    assert len(flags) == len(build.CPU_CFLAGS)
+    assert build._cpu_target()[0] != native[0]
+    assert build.build_info()["cpu_flags"] == " ".join(flags)
+
+
 def test_the_kernel_runs_instead_of_the_reference(cpu_kernel):
     # The kernel is batch-invariant by construction (every row's arithmetic is fixed), the
     # reference's matmuls are not guaranteed to be: a row computed alone equals the same row in
