@@ -19,7 +19,7 @@
 // a row lands in, the batch around it, or the machine (x86 without FMA, the one exception,
 // rounds products separately).
 //
-// Work (rows in blocks of 8, blocks in chunks that fix the running-sum partials):
+// Work (rows in blocks of 8 (AVX2: 9), blocks in chunks that fix the running-sum partials):
 //   * few vectors (K <= 8): one sweep per row (pair) reads the row from memory once and
 //     converts it in registers; with one register per logical vector (AVX-512) it accumulates
 //     every dot product and writes y in the same pass, with several (AVX2, NEON) it takes the
@@ -410,7 +410,15 @@ constexpr int kSweepMaxK = 8;  // sweeps up to 8 vectors
 constexpr int kLiveSweepMaxK = 4;
 
 constexpr int64_t kMaxPanel = 512;     // columns per panel of the tiles, at most
-constexpr int kBlock = 8;              // rows per block
+// Rows per block: whole row tiles (AVX2: three of 3 rows). The running-sum partials are fixed
+// apart from it: chunks of kStatsRows rows (4 kStatsRows past 256 rows) wherever rows share a
+// slot, so that their sums associate the same on every instruction set.
+#if defined(CPU_CAPABILITY_AVX2)
+constexpr int kBlock = 9;
+#else
+constexpr int kBlock = 8;
+#endif
+constexpr int kStatsRows = 8;
 constexpr int64_t kSweepL1Bytes = 24 * 1024;  // vectors a sweep keeps in L1 whole
 constexpr int64_t kSweepChunk = 512;   // else columns per sweep pass
 constexpr int64_t kPackMinRows = 16;   // pack the vectors when this many rows share them
@@ -1516,7 +1524,10 @@ void run(const Problem& P) {
 
   // Work units: chunks of rows; their size fixes the partial sums, so it depends on the shape
   // only (never on the thread count).
-  L.chunk_rows = N <= 256 ? kBlock : 4 * kBlock;
+  const bool running = P.run_sum != nullptr;
+  L.direct_stats = P.token_slot == nullptr && P.seq_len == 1;
+  const int chunk_unit = running && !L.direct_stats ? kStatsRows : kBlock;
+  L.chunk_rows = N <= 256 ? chunk_unit : 4 * chunk_unit;
   const int64_t n_chunks = (N + L.chunk_rows - 1) / L.chunk_rows;
   const int64_t work_per_chunk = L.chunk_rows * D * (2 * K + 2);
   const int64_t grain = grain_for(work_per_chunk);
@@ -1576,8 +1587,6 @@ void run(const Problem& P) {
     L.table = table;
   }
 
-  const bool running = P.run_sum != nullptr;
-  L.direct_stats = P.token_slot == nullptr && P.seq_len == 1;
   if (running && !L.direct_stats) {
     L.entry_cap = std::min<int64_t>(L.chunk_rows, P.n_slots);
     if (P.token_slot == nullptr)  // a chunk spans at most this many sequences
