@@ -178,8 +178,27 @@ EMOKERN_INLINE inline __m512i narrow32(const __m512 a, const __m512 b) {
 }
 #endif
 
+#if defined(CPU_CAPABILITY_AVX2)
+// AVX2: 16 floats to bf16 by ATen's integer rounding (x + 0x7fff + lsb) >> 16, with one NaN
+// test for all 16 instead of a blend per register; a vector holding a NaN takes ATen's
+// conversion (NaN -> 0xffff). The same bits as ATen's.
+EMOKERN_INLINE inline __m256i narrow16_bf16(const __m256 a, const __m256 b) {
+  if (C10_UNLIKELY(_mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_UNORD_Q)) != 0))
+    return at::vec::convert_from_float<c10::BFloat16>(Vec(a), Vec(b));
+  const __m256i bias = _mm256_set1_epi32(0x7fff), one = _mm256_set1_epi32(1);
+  const __m256i ia = _mm256_castps_si256(a), ib = _mm256_castps_si256(b);
+  const __m256i ra = _mm256_srli_epi32(
+      _mm256_add_epi32(_mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(ia, 16), one), bias),
+                       ia), 16);
+  const __m256i rb = _mm256_srli_epi32(
+      _mm256_add_epi32(_mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(ib, 16), one), bias),
+                       ib), 16);
+  return _mm256_permute4x64_epi64(_mm256_packus_epi32(ra, rb), 0xd8);
+}
+#endif
+
 // Loads and stores of 16 elements, converting bf16/fp16 <-> float32 (round to nearest even)
-// with ATen's vectorised conversions (AVX-512: the functions above).
+// with ATen's vectorised conversions (AVX-512 and AVX2 bf16 stores: the functions above).
 template <typename T>
 inline V16 load16(const T* p) {
   V16 r;
@@ -213,6 +232,9 @@ inline void store16(T* p, const V16& a) {
 #if defined(CPU_CAPABILITY_AVX512)
   } else if constexpr (true) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), narrow16<T>(a.v[0]));
+#elif defined(CPU_CAPABILITY_AVX2)
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), narrow16_bf16(a.v[0], a.v[1]));
 #endif
   } else {
     using VT = at::vec::Vectorized<T>;

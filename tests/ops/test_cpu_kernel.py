@@ -240,6 +240,53 @@ def test_decode_tiles_match_the_reference(cpu_kernel, dtype):
     torch.testing.assert_close(pg, pw, rtol=1e-4, atol=1e-3)
 
 
+SPECIAL_VALUES = r"""
+import sys, torch
+from emokern.ops import build
+assert build.load_cpu()
+g = torch.Generator().manual_seed(5)
+for dtype in (torch.bfloat16, torch.float16):
+    big = torch.finfo(dtype).max
+    for batch, seq_len, dim, n_vec in ((6, 1, 100, 1), (6, 1, 100, 9), (2, 7, 100, 9)):
+        hidden = (torch.randn(batch, seq_len, dim, generator=g) * 100).to(dtype)
+        flat = hidden.view(-1)  # specials written in dtype: NaN is 0x7fc0 (bf16), not 0xffff
+        picks = torch.randperm(flat.numel(), generator=g)[:24]
+        flat[picks[:6]] = float("nan")
+        flat[picks[6:10]] = float("inf")
+        flat[picks[10:14]] = -float("inf")
+        flat[picks[14:24]] = (big * torch.tensor([1.0, -1.0]).repeat(5)).to(dtype)
+        vectors = torch.randn(n_vec, dim, generator=g)
+        weights = torch.zeros(batch, n_vec)
+        weights[:, 0] = torch.randn(batch, generator=g).clamp(-2, 2) * (big / 4)
+        weights[0, 0] = 0.37  # ordinary rounding on the first row
+        got = hidden.clone()
+        torch.ops.emokern.steer_(got, vectors, weights, None, False, None, None, None, None)
+        # one vector with weight: delta = w0 v0 rounded once, y = x + delta rounded once
+        want = (hidden.float() + weights[:, :1, None] * vectors[0]).to(dtype)
+        assert torch.equal(got.isnan(), want.isnan()), (dtype, n_vec)
+        assert torch.equal(got.nan_to_num().view(torch.int16),
+                           want.nan_to_num().view(torch.int16)), (dtype, n_vec)
+        if build.cpu_isa() == "avx2":  # ATen's AVX2 NaN is 0xffff, as torch's .to() here
+            assert torch.equal(got.view(torch.int16), want.view(torch.int16)), (dtype, n_vec)
+print(build.cpu_isa())
+"""
+
+
+@pytest.mark.parametrize("isa", supported_isas())
+def test_special_values_narrow_as_aten_does(cpu_kernel, isa):
+    """NaN, infinities, the largest finite values and overflow to infinity through every
+    instruction set's bf16/fp16 stores (AVX2 rounds bf16 with one NaN test per 16 values and
+    falls back to ATen's conversion where one is NaN): the bits of ATen's own conversion, NaN
+    payloads too on AVX2 (the other paths write other NaN payloads). Sweeps and tiles, decode
+    and prefill."""
+    env = {k: v for k, v in os.environ.items() if k != "EMOKERN_CPU_CAPABILITY"}
+    env["EMOKERN_CPU_CAPABILITY"] = isa
+    done = subprocess.run([sys.executable, "-c", SPECIAL_VALUES], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == isa
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(4, 1, 96, 3), (2, 9, 100, 5), (9, 1, 64, 12)], ids=str)
 def test_denormal_rows_keep_their_bits(cpu_kernel, dtype, shape):
