@@ -20,10 +20,11 @@
 // rounds products separately).
 //
 // Work (rows in blocks of 8 (AVX2: 9), blocks in chunks that fix the running-sum partials):
-//   * few vectors (K <= 8): one sweep per row (pair) reads the row from memory once and
-//     converts it in registers; with one register per logical vector (AVX-512) it accumulates
-//     every dot product and writes y in the same pass, with several (AVX2, NEON) it takes the
-//     dot products one register part at a time over an L1-resident column chunk, then writes;
+//   * few vectors (K <= 8; decode on AVX2: K <= 4): one sweep per row (pair) reads the row
+//     from memory once and converts it in registers; with one register per logical vector
+//     (AVX-512), or up to four vectors, it accumulates every dot product and writes y in the
+//     same pass; with several registers (AVX2, NEON) and more vectors it takes the dot
+//     products one register part at a time over an L1-resident column chunk, then writes;
 //   * many vectors: float32 rows (read in place, or converted once into scratch), register
 //     tiles of kTileRows rows x kTileVecs vectors per column panel (vectors packed panel-major
 //     once per call when enough rows share them and, in decode, when their layout needs it),
@@ -408,7 +409,7 @@ constexpr int kTileRows = 4, kTileVecs = 6;    // projections: 24 accumulators
 constexpr int kDeltaRows = 4, kDeltaCols = 4;  // offsets: 16 accumulators
 constexpr int kSweepRows = 2;                  // sweeps: 16 accumulators + norms
 constexpr int kNormGroup = 8;
-constexpr int kTilesAboveK = 8;                // more vectors take the tiles
+constexpr int kDecodeTilesAboveK = 8;          // decode: more vectors take the tiles
 #elif defined(CPU_CAPABILITY_AVX2)
 // 16 registers, two per logical vector.
 // Projections: 12 sums (one register part at a time) + 3 rows + 1 vector, 7 loads per 12
@@ -417,14 +418,14 @@ constexpr int kTileRows = 3, kTileVecs = 4;
 constexpr int kDeltaRows = 3, kDeltaCols = 2;
 constexpr int kSweepRows = 1;                  // sweeps: 8 sums per register half
 constexpr int kNormGroup = 4;
-constexpr int kTilesAboveK = 4;
+constexpr int kDecodeTilesAboveK = 4;  // (offsets built per row: the tiles share the loads)
 #else
 // NEON (32 x 128-bit: four registers per logical vector), or plain arrays.
 constexpr int kTileRows = 2, kTileVecs = 3;
 constexpr int kDeltaRows = 2, kDeltaCols = 2;
 constexpr int kSweepRows = 1;
 constexpr int kNormGroup = 4;
-constexpr int kTilesAboveK = 8;
+constexpr int kDecodeTilesAboveK = 8;
 #endif
 constexpr int kSweepMaxK = 8;  // sweeps up to 8 vectors
 // With several registers per logical vector, sweeps over more vectors than this take their dot
@@ -1558,8 +1559,10 @@ void run(const Problem& P) {
   const bool per_slot = P.token_slot == nullptr ? P.seq_len >= 2 : N >= 2 * P.n_slots;
   // Many vectors take the tiles where the rows need their dot products or build their offsets
   // from the weights (decode without norm preservation); else the sweeps only write
-  // x + delta from the offsets computed up front.
-  L.tiles = K > kTilesAboveK && (L.need_proj || (!per_slot && !P.norm_preserving));
+  // x + delta from the offsets computed up front. Rows with offsets from the table (prefill)
+  // sweep up to kSweepMaxK vectors, decode rows up to kDecodeTilesAboveK.
+  L.tiles = K > (per_slot ? kSweepMaxK : kDecodeTilesAboveK) &&
+            (L.need_proj || (!per_slot && !P.norm_preserving));
 
   // Pack the vectors panel-major when enough rows share them: each panel of every vector is
   // then one contiguous block (no L1 set conflicts between vectors D floats apart). Decode
