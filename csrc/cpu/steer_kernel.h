@@ -186,15 +186,13 @@ EMOKERN_INLINE inline __m512i narrow32(const __m512 a, const __m512 b) {
 EMOKERN_INLINE inline __m256i narrow16_bf16(const __m256 a, const __m256 b) {
   if (C10_UNLIKELY(_mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_UNORD_Q)) != 0))
     return at::vec::convert_from_float<c10::BFloat16>(Vec(a), Vec(b));
-  const __m256i bias = _mm256_set1_epi32(0x7fff), one = _mm256_set1_epi32(1);
-  const __m256i ia = _mm256_castps_si256(a), ib = _mm256_castps_si256(b);
-  const __m256i ra = _mm256_srli_epi32(
-      _mm256_add_epi32(_mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(ia, 16), one), bias),
-                       ia), 16);
-  const __m256i rb = _mm256_srli_epi32(
-      _mm256_add_epi32(_mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(ib, 16), one), bias),
-                       ib), 16);
-  return _mm256_permute4x64_epi64(_mm256_packus_epi32(ra, rb), 0xd8);
+  auto round = [](const __m256 f) EMOKERN_INLINE {  // (x + 0x7fff + lsb) >> 16, per lane
+    const __m256i x = _mm256_castps_si256(f);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(1));
+    return _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)),
+                                              x), 16);
+  };
+  return _mm256_permute4x64_epi64(_mm256_packus_epi32(round(a), round(b)), 0xd8);
 }
 #endif
 
@@ -1223,7 +1221,7 @@ template <typename T, int RS>
 void sweep_kb(int kb, bool np, bool dw, const SweepRows<T>& rows, const float* const* v,
               int64_t c0, int64_t c1, SweepState& st, bool first) {
 #define EMOKERN_SWEEP_ONE(KB, NP, DW)                                                \
-  if constexpr (kN == 1 || KB <= kLiveSweepMaxK) {                                       \
+  if constexpr (kN == 1 || KB <= kLiveSweepMaxK) {                                   \
     sweep<T, RS, KB, NP, DW>(rows, v, c0, c1, st, first);                            \
   } else {                                                                           \
     static_assert(RS == 1, "split sweeps take one row at a time");                   \
