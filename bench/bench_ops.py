@@ -28,7 +28,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 from emokern.benchmarks.ops import (
     DTYPES,
@@ -115,8 +114,6 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["MKL_ENABLE_INSTRUCTIONS"] = "AVX2"
     shapes = headline_shapes() if args.quick else decode_shapes() + prefill_shapes()
     machine = machine_info()
-    machine["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
-    machine["mkl_enable_instructions"] = os.environ.get("MKL_ENABLE_INSTRUCTIONS")
     if args.isa and machine["cpu_isa"] != args.isa:
         raise SystemExit(f"asked for {args.isa}, the kernel runs {machine['cpu_isa']} (loaded "
                          f"before --isa, or the CPU lacks it)")

@@ -444,14 +444,16 @@ def cpu_vector_features() -> list[str]:
 
 def machine_info() -> dict[str, Any]:
     """:func:`emokern.machine.machine_info` (versions, CPU, threads, kernel build, load) plus
-    the instruction set the kernel runs and the CPU's vector extensions."""
+    the instruction set the kernel runs (and the -march of its JIT build), PyTorch's CPU
+    capability, MKL's instruction cap, and the CPU's vector extensions."""
     build.load_cpu()  # so that the record says where the measured kernel came from
     info = common_machine_info()
     info["cpu_isa"] = build.cpu_isa()
-    built = build.build_info()
-    info["kernel_march"] = (next((f.removeprefix("-march=") for f in built["cpu_flags"].split()
-                                  if f.startswith("-march=")), None)
-                            if built["cpu"].get("source") == "jit" else None)
+    jit = build.build_info()["cpu"].get("source") == "jit"
+    info["kernel_march"] = next((f.removeprefix("-march=") for f in build.cpu_cflags()
+                                 if f.startswith("-march=")), None) if jit else None
+    info["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    info["mkl_enable_instructions"] = os.environ.get("MKL_ENABLE_INSTRUCTIONS")
     info["cpu_vector_features"] = cpu_vector_features()
     info["busy_cpus_at_start"] = round(busy_cpus(), 2)
     return info

@@ -84,16 +84,22 @@ torch.save(out, sys.argv[1])
 """
 
 
-def run_cases(path, isa: str | None, threads: int = 1, cases=CASES) -> str:
+def run_under(isa: str | None, code: str, *args: str) -> str:
+    """Runs ``code`` in a fresh Python whose kernel is capped to ``isa`` (None: the widest);
+    returns the last line it printed."""
     env = {k: v for k, v in os.environ.items() if k not in ("EMOKERN_CPU_CAPABILITY",
                                                             "ATEN_CPU_CAPABILITY")}
     if isa is not None:
         env["EMOKERN_CPU_CAPABILITY"] = isa
-    code = RUN_CASES + "print(build.cpu_isa())\n"
-    done = subprocess.run([sys.executable, "-c", code, str(path), str(threads), json.dumps(cases)],
-                          env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-c", code, *args], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout.strip().splitlines()[-1]
+
+
+def run_cases(path, isa: str | None, threads: int = 1, cases=CASES) -> str:
+    return run_under(isa, RUN_CASES + "print(build.cpu_isa())\n", str(path), str(threads),
+                     json.dumps(cases))
 
 
 def assert_same_bits(a: dict, b: dict, label: str = "") -> None:
@@ -279,12 +285,7 @@ def test_special_values_narrow_as_aten_does(cpu_kernel, isa):
     falls back to ATen's conversion where one is NaN): the bits of ATen's own conversion, NaN
     payloads too on AVX2 (the other paths write other NaN payloads). Sweeps and tiles, decode
     and prefill."""
-    env = {k: v for k, v in os.environ.items() if k != "EMOKERN_CPU_CAPABILITY"}
-    env["EMOKERN_CPU_CAPABILITY"] = isa
-    done = subprocess.run([sys.executable, "-c", SPECIAL_VALUES], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().splitlines()[-1] == isa
+    assert run_under(isa, SPECIAL_VALUES) == isa
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
