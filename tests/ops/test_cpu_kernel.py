@@ -46,10 +46,11 @@ def supported_isas() -> list[str]:
 
 
 # Cases: (batch, seq_len, dim, n_vec). Sweeps (K <= 8) and tiles (K > 8), decode and prefill,
-# dimensions with a partial last logical vector, several panels, blocks and chunks.
+# dimensions with a partial last logical vector, several panels, blocks and chunks (column
+# chunks of a sweep: 1040 columns, six vectors).
 CASES = [(3, 5, 77, 3), (2, 1, 100, 20), (1, 9, 33, 9), (4, 40, 576, 8), (70, 1, 1040, 32),
          (2, 37, 2048, 12), (1, 300, 64, 1), (5, 3, 4099, 33), (3, 1, 1, 7), (17, 1, 576, 16),
-         (40, 1, 96, 4)]
+         (40, 1, 96, 4), (2, 9, 1040, 6)]
 
 RUN_CASES = r"""
 import json, sys, torch, emokern
