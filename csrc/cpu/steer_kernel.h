@@ -1090,19 +1090,17 @@ struct SweepRows {
 // The sweep's pointers and weights as locals (registers): read through rows, every store of a
 // step (whose vector types may alias anything) would make the compiler read them again.
 #define EMOKERN_SWEEP_LOCALS                                                             \
-  constexpr int NW = KB > 0 ? KB : 1;                                                    \
   T* h[RS];                                                                              \
   const T* res[RS];                                                                      \
   const float* delta[RS];                                                                \
-  float w[RS][NW];                                                                       \
-  const float* v[NW];                                                                    \
+  const float* const* w = rows.w;                                                        \
+  const float* const* v = vectors;                                                       \
   EMOKERN_UNROLL for (int r = 0; r < RS; ++r) {                                          \
     h[r] = rows.h[r];                                                                    \
     res[r] = rows.res[r];                                                                \
     delta[r] = rows.delta[r];                                                            \
-    EMOKERN_UNROLL for (int k = 0; k < NW; ++k) w[r][k] = DW ? rows.w[r][k] : 0.0f;      \
   }                                                                                      \
-  EMOKERN_UNROLL for (int k = 0; k < NW; ++k) v[k] = KB > 0 ? vectors[k] : nullptr;
+  (void)v;
 
 // The last n < 16 columns of a sweep, on the sums in st (kept apart from the main loop so that
 // its partial loads do not push the main loop's sums out of registers).
@@ -1150,23 +1148,28 @@ void sweep_rows(const SweepRows<T>& rows, const float* const* vectors, int64_t c
   if (d < c1) sweep_tail<T, RS, KB, NP, DW>(rows, vectors, d, c1 - d, st);
 }
 
+// The rows' mode, then the sweep compiled for it: with several registers per logical vector
+// (AVX2, NEON) the two common modes have their own loops; on AVX-512 GCC kept the specialised
+// loop's 16 sums on the stack (12% slower), so it takes the general loop only.
 template <typename T, int RS, int KB, bool NP, bool DW>
 void sweep(const SweepRows<T>& rows, const float* const* vectors, int64_t c0, int64_t c1,
            SweepState& st, bool first) {
-  bool res = false, all = true, none = true;
-  for (int r = 0; r < RS; ++r) {
-    res = res || rows.res[r] != nullptr;
-    all = all && rows.delta[r] != nullptr;
-    none = none && rows.delta[r] == nullptr;
-  }
-  if (!res && all) {
-    sweep_rows<T, RS, KB, NP, DW, kRowsWrite>(rows, vectors, c0, c1, st, first);
-    return;
-  }
-  if constexpr (kN > 1 && KB == kLiveSweepMaxK && !NP && !DW) {  // sweep_halves' first pass
-    if (!res && none) {
-      sweep_rows<T, RS, KB, NP, DW, kRowsDots>(rows, vectors, c0, c1, st, first);
+  if constexpr (kN > 1) {
+    bool res = false, all = true, none = true;
+    for (int r = 0; r < RS; ++r) {
+      res = res || rows.res[r] != nullptr;
+      all = all && rows.delta[r] != nullptr;
+      none = none && rows.delta[r] == nullptr;
+    }
+    if (!res && all) {
+      sweep_rows<T, RS, KB, NP, DW, kRowsWrite>(rows, vectors, c0, c1, st, first);
       return;
+    }
+    if constexpr (KB == kLiveSweepMaxK && !NP && !DW) {  // sweep_halves' first pass
+      if (!res && none) {
+        sweep_rows<T, RS, KB, NP, DW, kRowsDots>(rows, vectors, c0, c1, st, first);
+        return;
+      }
     }
   }
   sweep_rows<T, RS, KB, NP, DW, kRowsAny>(rows, vectors, c0, c1, st, first);
