@@ -1087,25 +1087,23 @@ struct SweepRows {
   const T* const* ahead;
 };
 
-// The sweep's pointers and weights as locals (registers): read through rows, every store of a
-// step (whose vector types may alias anything) would make the compiler read them again.
+// The sweep's row pointers as locals (registers): read through rows, every store of a step
+// (whose vector types may alias anything) would make the compiler read them again.
 #define EMOKERN_SWEEP_LOCALS                                                             \
   T* h[RS];                                                                              \
   const T* res[RS];                                                                      \
   const float* delta[RS];                                                                \
   const float* const* w = rows.w;                                                        \
-  const float* const* v = vectors;                                                       \
   EMOKERN_UNROLL for (int r = 0; r < RS; ++r) {                                          \
     h[r] = rows.h[r];                                                                    \
     res[r] = rows.res[r];                                                                \
     delta[r] = rows.delta[r];                                                            \
-  }                                                                                      \
-  (void)v;
+  }
 
 // The last n < 16 columns of a sweep, on the sums in st (kept apart from the main loop so that
 // its partial loads do not push the main loop's sums out of registers).
 template <typename T, int RS, int KB, bool NP, bool DW>
-C10_NOINLINE void sweep_tail(const SweepRows<T>& rows, const float* const* vectors, int64_t d,
+C10_NOINLINE void sweep_tail(const SweepRows<T>& rows, const float* const* v, int64_t d,
                              int64_t n, SweepState& st) {
   constexpr int RM = kRowsAny;
   EMOKERN_SWEEP_LOCALS
@@ -1116,7 +1114,7 @@ C10_NOINLINE void sweep_tail(const SweepRows<T>& rows, const float* const* vecto
 }
 
 template <typename T, int RS, int KB, bool NP, bool DW, int RM>
-void sweep_rows(const SweepRows<T>& rows, const float* const* vectors, int64_t c0, int64_t c1,
+void sweep_rows(const SweepRows<T>& rows, const float* const* v, int64_t c0, int64_t c1,
                 SweepState& st, bool first) {
   static_assert(!(DW && NP), "norm-preserving sweeps read their offsets twice: from memory");
   constexpr int NA = KB > 0 ? KB : 1;
@@ -1145,14 +1143,14 @@ void sweep_rows(const SweepRows<T>& rows, const float* const* vectors, int64_t c
     st.xx[r] = xx[r];
     st.yy[r] = yy[r];
   }
-  if (d < c1) sweep_tail<T, RS, KB, NP, DW>(rows, vectors, d, c1 - d, st);
+  if (d < c1) sweep_tail<T, RS, KB, NP, DW>(rows, v, d, c1 - d, st);
 }
 
 // The rows' mode, then the sweep compiled for it: with several registers per logical vector
 // (AVX2, NEON) the two common modes have their own loops; on AVX-512 GCC kept the specialised
 // loop's 16 sums on the stack (12% slower), so it takes the general loop only.
 template <typename T, int RS, int KB, bool NP, bool DW>
-void sweep(const SweepRows<T>& rows, const float* const* vectors, int64_t c0, int64_t c1,
+void sweep(const SweepRows<T>& rows, const float* const* v, int64_t c0, int64_t c1,
            SweepState& st, bool first) {
   if constexpr (kN > 1) {
     bool res = false, all = true, none = true;
@@ -1162,17 +1160,17 @@ void sweep(const SweepRows<T>& rows, const float* const* vectors, int64_t c0, in
       none = none && rows.delta[r] == nullptr;
     }
     if (!res && all) {
-      sweep_rows<T, RS, KB, NP, DW, kRowsWrite>(rows, vectors, c0, c1, st, first);
+      sweep_rows<T, RS, KB, NP, DW, kRowsWrite>(rows, v, c0, c1, st, first);
       return;
     }
     if constexpr (KB == kLiveSweepMaxK && !NP && !DW) {  // sweep_halves' first pass
       if (!res && none) {
-        sweep_rows<T, RS, KB, NP, DW, kRowsDots>(rows, vectors, c0, c1, st, first);
+        sweep_rows<T, RS, KB, NP, DW, kRowsDots>(rows, v, c0, c1, st, first);
         return;
       }
     }
   }
-  sweep_rows<T, RS, KB, NP, DW, kRowsAny>(rows, vectors, c0, c1, st, first);
+  sweep_rows<T, RS, KB, NP, DW, kRowsAny>(rows, v, c0, c1, st, first);
 }
 
 // Register part j (columns j * kW .. of a logical vector) of 16 elements at p, as float32.
