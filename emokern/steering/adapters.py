@@ -13,7 +13,9 @@ import inspect
 import torch
 from torch import nn
 
-from emokern.steering.errors import fail
+from emokern.errors import failing
+
+fail = failing("emokern.steer")
 
 __all__ = ["ForwardInputs", "layers_owner", "module_device", "past_length"]
 

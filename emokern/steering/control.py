@@ -39,7 +39,9 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from emokern.steering.errors import fail
+from emokern.errors import failing
+
+fail = failing("emokern.steer")
 
 __all__ = ["DEFAULT_CONTROL", "Controller"]
 

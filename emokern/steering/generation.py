@@ -13,10 +13,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from emokern.steering.errors import fail
+from emokern.errors import failing
 from emokern.steering.mix import parse_mix
 from emokern.steering.steerer import steer
 from emokern.tokens import encode_prompts, eos_ids, model_device
+
+fail = failing("emokern.steer")
 
 __all__ = ["generate"]
 

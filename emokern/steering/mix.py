@@ -16,7 +16,9 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from emokern.steering.errors import fail
+from emokern.errors import failing
+
+fail = failing("emokern.steer")
 
 __all__ = ["REC", "mix_to_weights", "parse_mix"]
 

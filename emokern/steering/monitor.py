@@ -13,8 +13,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from emokern.errors import failing
 from emokern.ops.running import RunningProjections
-from emokern.steering.errors import fail
+
+fail = failing("emokern.steer")
 
 if TYPE_CHECKING:  # the steerer builds its monitor: only the annotation points back
     from emokern.steering.steerer import Steerer

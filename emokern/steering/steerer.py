@@ -65,13 +65,15 @@ import torch
 from torch import nn
 
 from emokern.bank import EmotionBank
+from emokern.errors import failing
 from emokern.models import decoder_layers
 from emokern.ops import RunningProjections, resolve_backend, runner_for
 from emokern.steering.adapters import ForwardInputs, layers_owner, module_device, past_length
 from emokern.steering.control import Controller
-from emokern.steering.errors import fail
 from emokern.steering.mix import mix_to_weights
 from emokern.steering.monitor import Monitor
+
+fail = failing("emokern.steer")
 
 POSITIONS = ("all", "prompt", "generated")
 SPREADS = ("divide", "each")
