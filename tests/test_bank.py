@@ -13,7 +13,9 @@ from safetensors.torch import load_file, save_file
 
 import emokern
 import emokern.bank as bank_module
-from emokern.bank import FORMAT, EmotionBank
+from emokern import bankfile
+from emokern.bank import EmotionBank
+from emokern.bankfile import FORMAT
 from emokern.models import model_fingerprint, tiny_model
 
 NAMES = ["joy", "sadness", "anger", "fear", "disgust", "surprise"]
@@ -371,15 +373,18 @@ def test_load_never_unpickles(tmp_path):
     assert not marker.exists()
 
 
-def test_load_reads_safetensors_only():
-    source = inspect.getsource(bank_module)
+@pytest.mark.parametrize("module", [bank_module, bankfile], ids=["bank", "bankfile"])
+def test_load_reads_safetensors_only(module):
+    source = inspect.getsource(module)
     tree = ast.parse(source)
     imported = {alias.name for node in ast.walk(tree)
                 if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
     modules = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert "pickle" not in imported and "pickle" not in modules
     assert "torch.load" not in source and "np.load" not in source
-    assert "safe_open" in inspect.getsource(EmotionBank.load)
+    # EmotionBank.load reads through the file module, which opens safetensors only.
+    assert "bankfile.read" in inspect.getsource(EmotionBank.load)
+    assert "safe_open" in inspect.getsource(bankfile.read)
 
 
 # ------------------------------------------------------------------------------------------

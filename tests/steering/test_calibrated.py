@@ -39,7 +39,7 @@ def test_rec_weights_resolve_per_emotion(calibrated):
     model, _, bank = calibrated
     assert parse_mix("joy=rec, fear=1") == {"joy": "rec", "fear": 1.0}
     s = steer(model, bank, [{"joy": "rec"}, {"fear": "rec", "sadness": "REC"}], layers=[1])
-    expected = torch.tensor([[1.5, 0.0, 0.0], [0.0, bank.recommended_alpha, 0.5]])
+    expected = torch.tensor([[1.5, 0.0, 0.0], [0.0, bank.default_weight, 0.5]])
     assert torch.equal(s.weights, expected)
     s.set_mix([{"fear": "rec"}, {}])
     assert s.weights[0, 2] == 0.5

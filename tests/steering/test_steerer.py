@@ -419,7 +419,7 @@ def test_default_model_empty_row_equals_unsteered_generation():
     bank, _ = benchmark_bank(model, tokenizer)
     prompts = ["Tell me about your weekend.", "Tell me about your weekend."]
     encoded = encode_prompts(tokenizer, prompts)
-    joy = {"joy": 4.0 * bank.recommended_alpha}
+    joy = {"joy": 4.0 * bank.default_weight}
     with steer(model, bank, [joy, {}], layers=list(range(10, 20))) as s:
         steered = greedy(model, tokenizer, encoded, new_tokens=24)
     plain = greedy(model, tokenizer, encoded, new_tokens=24)
