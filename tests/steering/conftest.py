@@ -1,6 +1,7 @@
 """Fixtures of the steering tests: the shared tiny models with a random bank each."""
 
 import pytest
+import torch
 from helpers import random_bank
 
 
@@ -16,3 +17,15 @@ def llama(tiny_llama):
     """``(model, tokenizer, bank)`` for the tiny Llama."""
     model, tokenizer = tiny_llama
     return model, tokenizer, random_bank(model)
+
+
+@pytest.fixture(scope="module")
+def calibrated(tiny_llama):
+    """The tiny Llama with a bank whose neutral baseline is mean 0.5, spread 2 everywhere,
+    detection layers [3], recommended weights joy 1.5 (reading 2.0), fear 0.5."""
+    model, tokenizer = tiny_llama
+    bank = random_bank(model, detection_layers=[3], recommended_weights={
+        "joy": {"weight": 1.5, "reading": 2.0}, "fear": {"weight": 0.5}})
+    shape = (bank.n_layers, bank.n_emotions)
+    bank = bank.replace(neutral_mean=torch.full(shape, 0.5), neutral_std=torch.full(shape, 2.0))
+    return model, tokenizer, bank

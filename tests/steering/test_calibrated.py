@@ -1,5 +1,6 @@
-"""Readings in calibrated units at chosen monitor layers, ``"rec"`` weights, and the
-closed-loop ``target=`` controller, on the tiny models."""
+"""Readings in calibrated units at chosen monitor layers and ``"rec"`` weights, on the tiny
+models (the closed-loop ``target=`` controller: ``test_control.py``; the ``calibrated``
+fixture: ``conftest.py``)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,8 @@ import pytest
 import torch
 from helpers import random_bank
 from steering_helpers import encode, greedy
-from torch.profiler import ProfilerActivity, profile
 
 from emokern.steering import generate, mix_to_weights, parse_mix, steer
-from emokern.steering.control import DEFAULT_CONTROL
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -18,18 +17,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _unit(bank, layer):
     v = bank.layer_vectors(layer).float()
     return v / v.norm(dim=-1, keepdim=True)
-
-
-@pytest.fixture(scope="module")
-def calibrated(tiny_llama):
-    """The tiny Llama with a bank whose neutral baseline is mean 0.5, spread 2 everywhere,
-    detection layers [3], recommended weights joy 1.5 (reading 2.0), fear 0.5."""
-    model, tokenizer = tiny_llama
-    bank = random_bank(model, detection_layers=[3], recommended_weights={
-        "joy": {"weight": 1.5, "reading": 2.0}, "fear": {"weight": 0.5}})
-    shape = (bank.n_layers, bank.n_emotions)
-    bank = bank.replace(neutral_mean=torch.full(shape, 0.5), neutral_std=torch.full(shape, 2.0))
-    return model, tokenizer, bank
 
 
 # ------------------------------------------------------------------------------ "rec"
@@ -97,100 +84,6 @@ def test_generate_reports_calibrated_readings(calibrated):
     rows = generate(model, tokenizer, uncalibrated, "Hi", [{}], max_new_tokens=2, layers=[1])
     assert rows[0]["readings"] is None and set(rows[0]["projections"]) == {"joy", "sadness",
                                                                             "fear"}
-
-
-# ------------------------------------------------------------------------------ controller
-
-
-def test_target_is_validated_before_anything_is_installed(calibrated, tiny_llama):
-    model, _, bank = calibrated
-    hooks = [len(m._forward_hooks) for m in model.modules()]
-    cases = [({"target": [{"anger": 1.0}]}, ValueError, "unknown emotion 'anger'"),
-             ({"target": [{"joy": float("nan")}]}, ValueError, "finite"),
-             ({"target": [{"joy": 1.0}], "mix": [{}]}, ValueError, "not both"),
-             ({"target": [{"joy": 1.0}], "control": {"gain": -1}}, ValueError, "positive"),
-             ({"target": [{"joy": 1.0}], "control": {"speed": 1}}, ValueError, "unknown"),
-             ({}, TypeError, "needs mix")]
-    for kwargs, exc, match in cases:
-        with pytest.raises(exc, match=match):
-            steer(model, bank, layers=[1], **kwargs)
-    with pytest.raises(ValueError, match="no neutral baseline|has none"):
-        steer(model, random_bank(model), target=[{"joy": 1.0}], layers=[1])
-    assert [len(m._forward_hooks) for m in model.modules()] == hooks
-
-
-def test_controller_is_bounded_and_monotone_in_the_target(calibrated):
-    model, tokenizer, bank = calibrated
-    levels = [-1.0, 0.0, 1.0, 3.0, 50.0]
-    encoded = encode(tokenizer, ["the cat sat on the mat"] * len(levels))
-    s = steer(model, bank, target=[{"joy": t} for t in levels], layers=[1],
-              monitor_layers=[1, 3])
-    with s:
-        greedy(model, tokenizer, encoded, new_tokens=8)
-    w = s.controller.weights()
-    bound = DEFAULT_CONTROL["max_scale"] * 1.5
-    assert bool((w.abs() <= bound + 1e-6).all())
-    assert torch.equal(w[:, 1:], torch.zeros(len(levels), 2))  # untargeted emotions stay 0
-    joy = w[:, 0].tolist()
-    # Same prompt, same readings until the weights differ: a higher target never gets less.
-    assert joy == sorted(joy) and joy[-1] == pytest.approx(bound)
-    assert s.controller.steps == 7
-    mean = s.controller.mean_weights()[:, 0]
-    assert mean.tolist() == sorted(mean.tolist())
-    # The applied weights the op reads are the controller's, spread over the steered layers.
-    torch.testing.assert_close(s._applied[torch.device("cpu")], w)
-    with pytest.raises(ValueError, match="set_target"):
-        s.set_mix([{}] * len(levels))
-    s.set_target([{"joy": 0.0}] * len(levels))
-
-
-def test_controller_feeds_forward_from_the_recorded_reading(calibrated):
-    model, tokenizer, bank = calibrated
-    encoded = encode(tokenizer, ["hello"])
-    s = steer(model, bank, target=[{"joy": 1.0, "fear": 0.4}], layers=[1],
-              control={"gain": 1e-9})  # (almost) no feedback: the start value stays
-    with s:
-        greedy(model, tokenizer, encoded, new_tokens=2)
-    w = s.controller.weights()[0]
-    # joy: 1.5 x 1.0 / 2.0 (its recorded reading); fear: 0.5 x 0.4 / 1.0 (none recorded).
-    assert float(w[0]) == pytest.approx(0.75, abs=1e-5)
-    assert float(w[2]) == pytest.approx(0.2, abs=1e-5)
-
-
-def _allocated_bytes(fn) -> int:
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    return sum(e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0)
-
-
-def test_controller_decode_step_allocates_nothing(calibrated):
-    """The decode step of a closed-loop steerer (pre-hook, layer hooks, the controller's update
-    in the post-hook) allocates nothing and never syncs: all in-place on preallocated
-    tensors."""
-    model, _, bank = calibrated
-    s = steer(model, bank, target=[{"joy": 1.0}, {"fear": 2.0}], layers=[1, 2],
-              monitor_layers=[2, 3], monitor=False).install()
-    try:
-        hooks = [s._layer_hook(slot) for slot in range(len(s._slot_layers))]
-        hidden = torch.randn(2, 1, model.config.hidden_size)
-        mask = torch.ones(2, 12, dtype=torch.long)
-        decode = {"input_ids": torch.zeros(2, 1, dtype=torch.long), "attention_mask": mask}
-        prompt = {"input_ids": torch.zeros(2, 12, dtype=torch.long), "attention_mask": mask}
-
-        def step(kwargs, h):
-            s._before_forward(None, (), kwargs)
-            for hook in hooks:
-                hook(None, (), h)
-            s._after_forward(None, (), None)
-
-        with torch.inference_mode():
-            step(prompt, torch.randn(2, 12, model.config.hidden_size))
-            before = s.controller.weights()
-            step(decode, hidden)  # warm-up
-            assert _allocated_bytes(lambda: step(decode, hidden)) == 0
-            assert not torch.equal(s.controller.weights(), before)  # it did update
-    finally:
-        s.remove()
 
 
 # ------------------------------------------------------------------------------ real model

@@ -233,12 +233,12 @@ def test_set_mix_mid_generation_without_reinstall(llama):
         s = steer(model, bank, [{"joy": 2.0}] * 3, layers=[1]).install()
         capture.attach_after()
         handles = list(s._handles)
-        weights_storage = s._applied[torch.device("cpu")].data_ptr()
+        weights_storage = s.applied[torch.device("cpu")].data_ptr()
         switch = _SwitchMix(s, [{}] * 3, after=2, prompt_length=encoded["input_ids"].shape[1])
         greedy(model, tokenizer, encoded, new_tokens=5,
                logits_processor=LogitsProcessorList([switch]))
         assert s._handles == handles
-        assert s._applied[torch.device("cpu")].data_ptr() == weights_storage
+        assert s.applied[torch.device("cpu")].data_ptr() == weights_storage
         s.remove()
     finally:
         capture.remove()
