@@ -53,7 +53,9 @@ keeps, per steered layer, a :class:`~emokern.RunningProjections` over the tokens
 the statistics restart at every forward without past (a new batch of sequences).
 
 This module is one cohesive thing, the steerer's state and hooks (with its :func:`steer`
-factory), hence its length; mixes, model plumbing and the monitor live in the sibling modules.
+factory), hence its length; the settings' validation (:class:`SteeringConfig`), mixes, model
+plumbing, the monitor and the controller live in the sibling modules, which use only the
+steerer's documented properties.
 """
 
 from __future__ import annotations
@@ -144,12 +146,10 @@ class Steerer:
         self._slot_layers = tuple(sorted(set(chosen) | set(watched)))
         self._steered = [layer in chosen for layer in self._slot_layers]
         self._watched = [reads and layer in self.monitor_layers for layer in self._slot_layers]
-        self.positions = config.positions
-        self.monitor_positions = config.monitor
-        self.norm_preserving = config.norm_preserving
-        self.spread = config.spread
-        self._record_trajectory = config.trajectory
-        self._scale = config.scale
+        # The op's read buffers follow the slots (depth order); readings follow monitor_layers
+        # (the order given): position i of the readings is watched slot _read_order[i].
+        watched_slots = [layer for layer in self._slot_layers if layer in watched]
+        self._read_order = [watched_slots.index(layer) for layer in watched]
         self._layer_modules = [layer_list[i] for i in self._slot_layers]
         self._owner = layers_owner(model, layer_list)
         self._inputs = ForwardInputs(self._owner.forward)
@@ -199,7 +199,7 @@ class Steerer:
         self._decode_mask = {}
         self._no_rows = {}
         for device in set(self._devices):
-            self._applied[device] = (weights * self._scale).to(device)
+            self._applied[device] = (weights * self.config.scale).to(device)
             self._zeros[device] = torch.zeros(batch, n_emotions, device=device)
             self._decode_mask[device] = torch.ones(batch, 1, dtype=torch.bool, device=device)
             self._no_rows[device] = torch.zeros(batch, 1, dtype=torch.bool, device=device)
@@ -209,10 +209,10 @@ class Steerer:
         # Per watched slot, the newest token's projections [B, 1, K] of each decode step: the
         # trajectory's step and the controller's reading.
         self._step_proj = None
-        if self._record_trajectory or self.controller is not None:
+        if self.config.trajectory or self.controller is not None:
             self._step_proj = [torch.zeros(batch, 1, n_emotions, device=device)
                                for device in watched_devices]
-        self._trajectory_step = self._step_proj if self._record_trajectory else None
+        self._trajectory_step = self._step_proj if self.config.trajectory else None
         self._trajectory.clear()
         if self.controller is not None:
             self.controller.allocate(batch)
@@ -276,7 +276,7 @@ class Steerer:
             return
         self._weights = weights
         for applied in self._applied.values():
-            applied.copy_(weights * self._scale)
+            applied.copy_(weights * self.config.scale)
 
     def set_target(self, target) -> None:
         """Replace the closed-loop levels (same batch size; see :func:`steer`'s ``target``);
@@ -289,6 +289,27 @@ class Steerer:
             fail(ValueError, f"target has {targets.shape[0]} rows, the steerer {self.batch_size}")
         self.controller.set_target(target, targets)
 
+    # ------------------------------------------------------------------ settings (public)
+    # Read from the one configuration the steerer owns (:attr:`config`), never copied.
+
+    @property
+    def positions(self) -> str:
+        """The steered tokens (``"all"``, ``"prompt"`` or ``"generated"``)."""
+        return self.config.positions
+
+    @property
+    def monitor_positions(self) -> str | None:
+        """The tokens the running readings cover (None: no running readings)."""
+        return self.config.monitor
+
+    @property
+    def norm_preserving(self) -> bool:
+        return self.config.norm_preserving
+
+    @property
+    def spread(self) -> str:
+        return self.config.spread
+
     # ------------------------------------------------------------------------ buffers (public)
 
     @property
@@ -300,7 +321,7 @@ class Steerer:
     def scale(self) -> float:
         """What each steered layer adds per unit of weight (:attr:`SteeringConfig.scale`:
         ``1 / L`` for ``spread="divide"``, 1 for ``"each"``)."""
-        return self._scale
+        return self.config.scale
 
     @property
     def applied(self) -> dict[torch.device, torch.Tensor]:
@@ -315,7 +336,7 @@ class Steerer:
         """Per monitored layer, the ``[B, 1, K]`` projections of the newest token of the last
         decode step (what the trajectory records and the controller reads), written in place
         by the op; None unless ``trajectory=True`` or ``target=``. Read-only."""
-        return None if self._step_proj is None else tuple(self._step_proj)
+        return None if self._step_proj is None else self._in_reading_order(self._step_proj)
 
     # ------------------------------------------------------------------------ readings
 
@@ -324,12 +345,16 @@ class Steerer:
         """The running statistics the op updates, one per steered layer (``sum [B, K]``,
         ``count [B]``, ``last [B, K]`` on the layer's device); read them through
         :attr:`monitor`."""
-        return tuple(self._running)
+        return self._in_reading_order(self._running)
+
+    def _in_reading_order(self, per_slot) -> tuple:
+        """Per-watched-slot items (depth order) in the order of :attr:`monitor_layers`."""
+        return tuple(per_slot[i] for i in self._read_order)
 
     @property
     def records_trajectory(self) -> bool:
         """Whether each generated token's projections are recorded (``trajectory=True``)."""
-        return self._record_trajectory
+        return self.config.trajectory
 
     @property
     def trajectory_steps(self) -> tuple[torch.Tensor, ...]:
@@ -352,7 +377,7 @@ class Steerer:
         if self._handles:
             return self
         handles = [self._owner.register_forward_pre_hook(self._before_forward, with_kwargs=True)]
-        if self._record_trajectory or self.controller is not None:
+        if self.config.trajectory or self.controller is not None:
             handles.append(self._owner.register_forward_hook(self._after_forward))
         for slot, module in enumerate(self._layer_modules):
             handles.append(module.register_forward_hook(self._layer_hook(slot)))
@@ -443,13 +468,15 @@ class Steerer:
             if self.controller is not None:
                 # On the device, in place, no host sync: the next step's weights.
                 self.controller.update()
-            if not self._record_trajectory:
+            if not self.config.trajectory:
                 return None
-            step = torch.stack([out[:, 0].to("cpu") for out in self._trajectory_step], dim=1)
+            step = torch.stack([out[:, 0].to("cpu")
+                                for out in self._in_reading_order(self._trajectory_step)], dim=1)
             self._trajectory.append(step)
             self._prompt_step_recorded = False
         else:
             proj_out, real = pending
+            proj_out = self._in_reading_order(proj_out)
             # The newest real token of each row chose the next token.
             n_tokens = proj_out[0].shape[1]
             if real is None:
@@ -462,7 +489,7 @@ class Steerer:
                 self.controller.start([out[rows.to(out.device), newest.to(out.device)]
                                        for out in proj_out])
             self._pending_trajectory = None
-            if not self._record_trajectory:
+            if not self.config.trajectory:
                 return None
             step = torch.stack([out.to("cpu")[rows, newest] for out in proj_out], dim=1)
             # Of consecutive prompt forwards (a chunked prefill), only the last one's newest

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from helpers import random_bank
+from steering_helpers import neutral_baseline
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
@@ -21,11 +22,13 @@ def llama(tiny_llama):
 
 @pytest.fixture(scope="module")
 def calibrated(tiny_llama):
-    """The tiny Llama with a bank whose neutral baseline is mean 0.5, spread 2 everywhere,
-    detection layers [3], recommended weights joy 1.5 (reading 2.0), fear 0.5."""
+    """The tiny Llama with a bank whose neutral baseline differs per layer and emotion
+    (:func:`neutral_baseline`), detection layers [3], recommended weights joy 1.5 (reading
+    2.0), fear 0.5."""
     model, tokenizer = tiny_llama
     bank = random_bank(model, detection_layers=[3], recommended_weights={
         "joy": {"weight": 1.5, "reading": 2.0}, "fear": {"weight": 0.5}})
-    shape = (bank.n_layers, bank.n_emotions)
-    bank = bank.replace(neutral_mean=torch.full(shape, 0.5), neutral_std=torch.full(shape, 2.0))
+    mean, std = neutral_baseline(bank.n_layers, bank.n_emotions)
+    bank = bank.replace(neutral_mean=torch.tensor(mean, dtype=torch.float32),
+                        neutral_std=torch.tensor(std, dtype=torch.float32))
     return model, tokenizer, bank

@@ -4,10 +4,11 @@ fixture: ``conftest.py``)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from helpers import random_bank
-from steering_helpers import encode, greedy
+from steering_helpers import encode, greedy, neutral_baseline
 
 from emokern.steering import generate, mix_to_weights, parse_mix, steer
 
@@ -50,20 +51,35 @@ def test_monitor_layers_read_unsteered_layers_without_changing_the_output(calibr
         assert torch.equal(greedy(model, tokenizer, encoded, new_tokens=3), steered)
     assert s.monitor.layers == (1, 3) and s.monitor.mean().shape == (3, 2, 3)
     torch.testing.assert_close(s.monitor.mean()[:, 0], plain.monitor.mean()[:, 0])
-    # Layer 2 is read (after steering at 1 has flowed through) by a zero-weight call:
-    # recompute it from the hidden states of the same steered forward (not at the last layer,
-    # whose hidden_states entry is taken after the final norm).
-    with steer(model, bank, mixes, layers=[1], monitor_layers=[2]) as s, \
+    # Layers 2 and 0 (in that order) are read by zero-weight calls: layer 2 after steering at
+    # 1 has flowed through. Recompute both from the hidden states of the same steered forward
+    # (not at the last layer, whose hidden_states entry is taken after the final norm).
+    with steer(model, bank, mixes, layers=[1], monitor_layers=[2, 0]) as s, \
             torch.inference_mode():
         hidden = model(**encoded, output_hidden_states=True).hidden_states
     p = hidden[3].float() @ _unit(bank, 2).T
     expected = (p * real[..., None]).sum(1) / real.sum(1, keepdim=True)
     torch.testing.assert_close(s.monitor.mean()[:, 0], expected, rtol=1e-4, atol=1e-4)
-    # Standard scores against the baseline (mean 0.5, spread 2).
-    torch.testing.assert_close(s.monitor.standardized()[:, 0], (expected - 0.5) / 2.0,
-                               rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(s.monitor.readings(), (expected - 0.5) / 2.0, rtol=1e-4,
+    # Standard scores by hand, float64, against the baseline of each layer and emotion.
+    mu, sigma = neutral_baseline(bank.n_layers, bank.n_emotions)
+    mask = real[..., None].double().numpy()
+    means = np.stack([((hidden[layer + 1].double() @ _unit(bank, layer).double().T).numpy()
+                       * mask).sum(1) / mask.sum(1) for layer in (2, 0)], axis=1)  # [B, 2, K]
+    z = (means - mu[[2, 0]][None]) / sigma[[2, 0]][None]
+    np.testing.assert_allclose(s.monitor.standardized().numpy(), z, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(s.monitor.readings().numpy(), z.mean(axis=1), rtol=1e-4,
                                atol=1e-4)
+    # The same with a subset of emotions in another order: columns follow the names.
+    with steer(model, bank, mixes, layers=[1], monitor_layers=[2, 0],
+               emotions=["fear", "joy"]) as sub, torch.inference_mode():
+        model(**encoded)
+    cols = [bank.index("fear"), bank.index("joy")]
+    np.testing.assert_allclose(sub.monitor.mean().double().numpy(), means[:, :, cols],
+                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(sub.monitor.standardized().numpy(), z[:, :, cols], rtol=1e-4,
+                               atol=1e-4)
+    np.testing.assert_allclose(sub.monitor.readings().numpy(), z[:, :, cols].mean(axis=1),
+                               rtol=1e-4, atol=1e-4)
     auto = steer(model, bank, mixes, layers=[1], monitor_layers="auto")
     assert auto.monitor.layers == (3,)
     for bad in ("best", [9], [1, 1]):
@@ -76,10 +92,12 @@ def test_generate_reports_calibrated_readings(calibrated):
     rows = generate(model, tokenizer, bank, ["Hello there", "Hi"], [{"joy": "rec"}, {}],
                     max_new_tokens=3, layers=[1])
     assert rows[0]["mix"] == {"joy": 1.5}
+    mu, sigma = neutral_baseline(bank.n_layers, bank.n_emotions)
     for row in rows:
         raw, z = row["projections"], row["readings"]
-        for name in raw:  # one baseline everywhere: z is an affine map of the raw reading
-            assert z[name] == pytest.approx((raw[name] - 0.5) / 2.0, abs=1e-5)
+        for name in raw:  # read at the detection layer (3): against layer 3's baseline
+            k = bank.index(name)
+            assert z[name] == pytest.approx((raw[name] - mu[3, k]) / sigma[3, k], abs=1e-5)
     uncalibrated = random_bank(model)
     rows = generate(model, tokenizer, uncalibrated, "Hi", [{}], max_new_tokens=2, layers=[1])
     assert rows[0]["readings"] is None and set(rows[0]["projections"]) == {"joy", "sadness",
