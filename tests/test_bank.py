@@ -448,12 +448,25 @@ def test_neutral_baseline_round_trip_and_standard_scores(tmp_path):
     assert loaded.calibrated
     torch.testing.assert_close(loaded.neutral_mean, bank.neutral_mean, rtol=0, atol=0)
     torch.testing.assert_close(loaded.neutral_std, bank.neutral_std, rtol=0, atol=0)
+    # Expected values by hand (float64), from the baseline as given, rows picked by position:
+    # bank layers [LAYERS[2], LAYERS[0]] are rows 2 and 0 of the baseline.
+    mu = bank.neutral_mean.double().numpy()
+    sigma = bank.neutral_std.double().numpy()
+    raw = np.random.default_rng(1).normal(size=(4, 2, len(NAMES))) * 3  # [B, L', K]
+    expected = (raw - mu[[2, 0]][None]) / sigma[[2, 0]][None]
+    z = bank.standardize(torch.tensor(raw, dtype=torch.float32), [LAYERS[2], LAYERS[0]])
+    np.testing.assert_allclose(z.numpy(), expected, rtol=1e-5, atol=1e-5)
+    two = mu[[2, 0]] + 2.0 * sigma[[2, 0]]  # two neutral spreads above the neutral mean
+    z2 = bank.standardize(torch.tensor(two[None], dtype=torch.float32), [LAYERS[2], LAYERS[0]])
+    torch.testing.assert_close(z2, torch.full_like(z2, 2.0))
+    # One emotion (column 1 of the baseline) and the layers reversed.
+    z1 = bank.standardize(torch.tensor(raw[:, ::-1, [1]].copy(), dtype=torch.float32),
+                          [LAYERS[0], LAYERS[2]], names=[NAMES[1]])
+    np.testing.assert_allclose(z1.numpy(), (raw[:, ::-1, [1]] - mu[[0, 2]][None, :, [1]])
+                               / sigma[[0, 2]][None, :, [1]], rtol=1e-5, atol=1e-5)
     mean, std = bank.neutral_stats([LAYERS[2], LAYERS[0]])
-    raw = mean + 2.0 * std  # two neutral spreads above the neutral mean
-    z = bank.standardize(raw[None], [LAYERS[2], LAYERS[0]])
-    torch.testing.assert_close(z, torch.full_like(z, 2.0))
-    z1 = bank.standardize(raw[None, :, [1]], [LAYERS[2], LAYERS[0]], names=[NAMES[1]])
-    torch.testing.assert_close(z1, torch.full_like(z1, 2.0))
+    np.testing.assert_array_equal(mean.numpy(), mu[[2, 0]].astype(np.float32))
+    np.testing.assert_array_equal(std.numpy(), sigma[[2, 0]].astype(np.float32))
     sub = bank.select([NAMES[2]], layers=[LAYERS[1]])
     assert sub.neutral_mean.shape == (1, 1)
     assert float(sub.neutral_mean[0, 0]) == float(bank.neutral_mean[1, 2])
