@@ -9,54 +9,27 @@ Steering at layer ``l`` adds to the output of decoder layer ``l``.
 
 File format
 -----------
-A safetensors file (never a pickle) with tensors
-
-* ``vectors`` [L, K, D] (float32, or float16/bfloat16 for small shipped files),
-* ``hidden_norm`` [L] float32 (optional),
-* ``neutral_mean``, ``neutral_std`` [L, K] float32 (optional, together): the neutral baseline
-  of the readings (mean and spread of the projections of neutral responses; see
-  :meth:`EmotionBank.standardize`),
-
-and, in the header metadata (all strings), ``format`` = ``"emokern.bank/1"`` and the JSON
-encodings of ``names`` (list of K str), ``layers`` (list of L int) and ``metadata`` (dict).
-Files without the optional tensors or metadata keys (older banks) load as before.
+A safetensors file (never a pickle); its layout, metadata schema and safe I/O live in
+:mod:`emokern.bankfile`. Tested in ``tests/test_bank.py``.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import operator
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save as safetensors_save
 
+from emokern import bankfile
+from emokern.bankfile import SAVE_DTYPES, check_int_list, check_metadata, check_names
 from emokern.data import BANKS_DIR
-from emokern.files import atomic_write
+from emokern.errors import failing
 from emokern.models import decoder_layers, model_fingerprint
-from emokern.version import __version__
 
-FORMAT = "emokern.bank/1"
+fail = failing("EmotionBank")
+
 METHODS = ("ev", "concept")
-SAVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Metadata keys with a known meaning, and the JSON type each must have.
-_TYPED_KEYS = {
-    "method": (str,),
-    "source_hash": (str,),
-    "emokern_version": (str,),
-    "fingerprint": (dict,),
-    "recommended_alpha": (int, float),
-    "recommended_layers": (list,),
-    "recommended_weights": (dict,),
-    "detection_layers": (list,),
-    "neutral": (dict,),
-    "created": (str,),
-}
-#: The tensors a bank file may hold.
-_TENSORS = ("vectors", "hidden_norm", "neutral_mean", "neutral_std")
 _FINGERPRINT_FIELDS = (
     ("architecture", "architecture"),
     ("hidden_size", "hidden size"),
@@ -66,111 +39,26 @@ _FINGERPRINT_FIELDS = (
 )
 
 
-def _fail(message: str, exc: type[Exception] = ValueError):
-    raise exc(f"EmotionBank: {message}")
-
-
-def _as_int(value, message: str) -> int:
-    """``value`` as a Python int (numpy and 0-d torch integers too), refusing bools and floats."""
-    if isinstance(value, bool):
-        _fail(message, TypeError)
-    try:
-        return operator.index(value)
-    except TypeError:
-        _fail(message, TypeError)
-
-
-def _check_int_list(name: str, values, *, unique: bool = True) -> list[int]:
-    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
-        _fail(f"{name} must be a list of ints, got {type(values).__name__}", TypeError)
-    checked = []
-    for v in values:
-        checked.append(_as_int(v, f"{name} must be a list of ints, got an element {v!r}"))
-    values = checked
-    for v in values:
-        if v < 0:
-            _fail(f"{name} must be non-negative (0-based decoder-layer indices), got {v}")
-    if unique and len(set(values)) != len(values):
-        dupes = sorted({v for v in values if values.count(v) > 1})
-        _fail(f"{name} must be unique, got duplicates {dupes}")
-    return values
-
-
-def _check_names(names) -> list[str]:
-    if isinstance(names, (str, bytes)) or not hasattr(names, "__iter__"):
-        _fail(f"names must be a list of str, got {type(names).__name__}", TypeError)
-    names = list(names)
-    for n in names:
-        if not isinstance(n, str) or not n:
-            _fail(f"names must be non-empty strings, got {n!r}", TypeError)
-    if len(set(names)) != len(names):
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        _fail(f"names must be unique, got duplicates {dupes}")
-    return names
-
-
-def _check_metadata(metadata, layers: list[int]) -> dict:
-    if metadata is None:
-        return {}
-    if not isinstance(metadata, dict):
-        _fail(f"metadata must be a dict, got {type(metadata).__name__}", TypeError)
-    for key, value in metadata.items():
-        if not isinstance(key, str):
-            _fail(f"metadata keys must be str, got {key!r}", TypeError)
-        try:
-            json.dumps(value, allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            _fail(f"metadata[{key!r}] is not JSON-serialisable ({exc})", type(exc))
-        expected = _TYPED_KEYS.get(key)
-        if expected is not None and (isinstance(value, bool) or not isinstance(value, expected)):
-            names = " or ".join(t.__name__ for t in expected)
-            _fail(f"metadata[{key!r}] must be {names}, got {type(value).__name__}", TypeError)
-    alpha = metadata.get("recommended_alpha")
-    if alpha is not None and not math.isfinite(alpha):
-        _fail(f"metadata['recommended_alpha'] must be finite, got {alpha}")
-    for key in ("recommended_layers", "detection_layers"):
-        if key in metadata:
-            rec = _check_int_list(f"metadata[{key!r}]", metadata[key])
-            unknown = [layer for layer in rec if layer not in layers]
-            if unknown or not rec:
-                _fail(f"metadata[{key!r}] must be a non-empty subset of the bank's layers "
-                      f"{layers}, got {rec}")
-    for name, record in (metadata.get("recommended_weights") or {}).items():
-        weight = record.get("weight") if isinstance(record, dict) else None
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) \
-                or not math.isfinite(weight):
-            _fail(f"metadata['recommended_weights'][{name!r}] must be a dict with a finite "
-                  f"'weight', got {record!r}")
-        if "layers" in record:
-            band = _check_int_list(f"metadata['recommended_weights'][{name!r}]['layers']",
-                                   record["layers"])
-            if not band or any(layer not in layers for layer in band):
-                _fail(f"metadata['recommended_weights'][{name!r}]['layers'] must be a "
-                      f"non-empty subset of the bank's layers {layers}, got {band}")
-    # A JSON round trip is a deep copy that also normalises tuples to lists, so a bank's
-    # metadata equals what a saved-and-loaded copy reads back.
-    return json.loads(json.dumps(metadata))
-
-
 def _check_neutral(mean, std, n_layers: int, n_names: int, device):
     if mean is None and std is None:
         return None, None
     if mean is None or std is None:
-        _fail("neutral_mean and neutral_std go together: give both or neither")
+        fail(ValueError, "neutral_mean and neutral_std go together: give both or neither")
     checked = []
     for name, value in (("neutral_mean", mean), ("neutral_std", std)):
         if not isinstance(value, torch.Tensor):
-            _fail(f"{name} must be a torch.Tensor, got {type(value).__name__}", TypeError)
+            fail(TypeError, f"{name} must be a torch.Tensor, got {type(value).__name__}")
         if not value.is_floating_point():
-            _fail(f"{name} must be floating point, got {value.dtype}", TypeError)
+            fail(TypeError, f"{name} must be floating point, got {value.dtype}")
         if tuple(value.shape) != (n_layers, n_names):
-            _fail(f"{name} must have shape [{n_layers}, {n_names}] (layers x emotions), got "
-                  f"{list(value.shape)}")
+            fail(ValueError, f"{name} must have shape [{n_layers}, {n_names}] (layers x emotions), "
+                             f"got {list(value.shape)}")
         if not bool(torch.isfinite(value).all()):
-            _fail(f"{name} must be finite")
+            fail(ValueError, f"{name} must be finite")
         checked.append(value.detach().to(device=device, dtype=torch.float32))
     if not bool((checked[1] > 0).all()):
-        _fail("neutral_std must be positive (a spread of zero makes standard scores infinite)")
+        fail(ValueError, "neutral_std must be positive (a spread of zero makes standard scores "
+                         "infinite)")
     return checked[0], checked[1]
 
 
@@ -200,7 +88,8 @@ class EmotionBank:
     metadata : dict, optional
         str -> JSON-able values. Known keys: ``method`` ("ev" or "concept"), ``source_hash``
         (hash of the prompt set), ``emokern_version``, ``fingerprint`` (the model's
-        :func:`emokern.models.model_fingerprint`), ``recommended_alpha`` (float),
+        :func:`emokern.models.model_fingerprint`), ``default_weight`` (float: the
+        bank-wide default weight; ``recommended_alpha`` in older files is read as it),
         ``recommended_layers`` (list of bank layers), ``recommended_weights`` (emotion ->
         ``{"weight": float, "layers": [...], ...}``: the per-emotion recommendation),
         ``detection_layers`` (the bank layers whose readings detect emotions best),
@@ -215,45 +104,46 @@ class EmotionBank:
 
     def __init__(self, vectors, names, layers, *, hidden_norm=None, metadata=None,
                  neutral_mean=None, neutral_std=None):
-        names = _check_names(names)
-        layers = _check_int_list("layers", layers)
+        names = check_names(names)
+        layers = check_int_list("layers", layers)
         if not isinstance(vectors, torch.Tensor):
-            _fail(f"vectors must be a torch.Tensor, got {type(vectors).__name__}", TypeError)
+            fail(TypeError, f"vectors must be a torch.Tensor, got {type(vectors).__name__}")
         if vectors.dtype not in SAVE_DTYPES:
-            _fail(f"vectors must be float32, float16 or bfloat16, got {vectors.dtype}", TypeError)
+            fail(TypeError, f"vectors must be float32, float16 or bfloat16, got {vectors.dtype}")
         if vectors.dim() != 3:
-            _fail(f"vectors must be [L, K, D], got shape {list(vectors.shape)}")
+            fail(ValueError, f"vectors must be [L, K, D], got shape {list(vectors.shape)}")
         n_layers, n_names, dim = vectors.shape
         if not names or not layers:
-            _fail(f"a bank needs at least one emotion and one layer, got {len(names)} names and "
-                  f"{len(layers)} layers")
+            fail(ValueError, f"a bank needs at least one emotion and one layer, got {len(names)} "
+                             f"names and {len(layers)} layers")
         if n_layers != len(layers) or n_names != len(names) or dim < 1:
-            _fail(f"vectors has shape {list(vectors.shape)} but there are {len(layers)} layers "
-                  f"and {len(names)} names (expected [{len(layers)}, {len(names)}, D >= 1])")
+            fail(ValueError, f"vectors has shape {list(vectors.shape)} but there are {len(layers)} "
+                             f"layers and {len(names)} names (expected [{len(layers)}, "
+                             f"{len(names)}, D >= 1])")
         norms = vectors.detach().float().norm(dim=-1)
         if not bool(torch.isfinite(vectors).all()):
             bad = (~torch.isfinite(vectors).all(dim=-1)).nonzero()[0].tolist()
-            _fail(f"vectors must be finite; the vector of {names[bad[1]]!r} at layer "
-                  f"{layers[bad[0]]} has NaN or inf")
+            fail(ValueError, f"vectors must be finite; the vector of {names[bad[1]]!r} at layer "
+                             f"{layers[bad[0]]} has NaN or inf")
         if not bool((norms > 0).all()):
             bad = (norms <= 0).nonzero()[0].tolist()
-            _fail(f"the vector of {names[bad[1]]!r} at layer {layers[bad[0]]} has zero norm; "
-                  f"an emotion vector needs a direction")
+            fail(ValueError, f"the vector of {names[bad[1]]!r} at layer {layers[bad[0]]} has zero "
+                             "norm; an emotion vector needs a direction")
         if hidden_norm is not None:
             if not isinstance(hidden_norm, torch.Tensor):
-                _fail(f"hidden_norm must be a torch.Tensor, got {type(hidden_norm).__name__}",
-                      TypeError)
+                fail(TypeError, "hidden_norm must be a torch.Tensor, got "
+                                f"{type(hidden_norm).__name__}")
             if not hidden_norm.is_floating_point():
-                _fail(f"hidden_norm must be floating point, got {hidden_norm.dtype}", TypeError)
+                fail(TypeError, f"hidden_norm must be floating point, got {hidden_norm.dtype}")
             if tuple(hidden_norm.shape) != (n_layers,):
-                _fail(f"hidden_norm must have shape [{n_layers}] (one per layer), got "
-                      f"{list(hidden_norm.shape)}")
+                fail(ValueError, f"hidden_norm must have shape [{n_layers}] (one per layer), got "
+                                 f"{list(hidden_norm.shape)}")
             if not bool((torch.isfinite(hidden_norm) & (hidden_norm > 0)).all()):
-                _fail("hidden_norm must be finite and positive")
+                fail(ValueError, "hidden_norm must be finite and positive")
             hidden_norm = hidden_norm.detach().to(device=vectors.device, dtype=torch.float32)
         neutral_mean, neutral_std = _check_neutral(neutral_mean, neutral_std, n_layers,
                                                    n_names, vectors.device)
-        self._metadata = _check_metadata(metadata, layers)
+        self._metadata = check_metadata(metadata, layers)
         self._neutral_mean = neutral_mean
         self._neutral_std = neutral_std
         self._vectors = vectors.detach()
@@ -303,10 +193,16 @@ class EmotionBank:
         return dict(fp) if fp is not None else None
 
     @property
+    def default_weight(self) -> float:
+        """The bank-wide default weight (of a single emotion; ``metadata["default_weight"]``,
+        ``"recommended_alpha"`` in older files): 1.0 when unrecorded, i.e. adding the vector
+        as extracted. :meth:`recommended_weight` falls back to it."""
+        return float(self._metadata.get("default_weight", 1.0))
+
+    @property
     def recommended_alpha(self) -> float:
-        """Recommended steering strength (the weight of a single emotion); 1.0 when
-        unrecorded, i.e. adding the vector as extracted."""
-        return float(self._metadata.get("recommended_alpha", 1.0))
+        """Deprecated name of :attr:`default_weight`."""
+        return self.default_weight
 
     @property
     def recommended_layers(self) -> list[int]:
@@ -319,12 +215,12 @@ class EmotionBank:
     def recommended_weight(self, name: str) -> float:
         """The recommended weight of emotion ``name``: its own, measured by the per-emotion
         sweep (``metadata["recommended_weights"]``), else the bank-wide
-        :attr:`recommended_alpha`. Unknown names raise ValueError."""
+        :attr:`default_weight`. Unknown names raise ValueError."""
         self.index(name)
         record = (self._metadata.get("recommended_weights") or {}).get(name)
         if record is not None:
             return float(record["weight"])
-        return self.recommended_alpha
+        return self.default_weight
 
     @property
     def recommended_weights(self) -> dict[str, dict]:
@@ -363,8 +259,8 @@ class EmotionBank:
             When the bank has no neutral baseline, or a layer is not in the bank.
         """
         if not self.calibrated:
-            _fail("the bank has no neutral baseline (neutral_mean/neutral_std); compute one "
-                  "with emokern.extract.neutral_baseline")
+            fail(ValueError, "the bank has no neutral baseline (neutral_mean/neutral_std); "
+                             "compute one with emokern.extract.neutral_baseline")
         if isinstance(layers, int) and not isinstance(layers, bool):
             layers = [layers]
         idx = torch.tensor([self.layer_index(layer) for layer in layers], dtype=torch.long,
@@ -397,8 +293,8 @@ class EmotionBank:
                                 device=mean.device)
             mean, std = mean.index_select(1, cols), std.index_select(1, cols)
         if projections.shape[-2:] != mean.shape:
-            _fail(f"projections must end in [{mean.shape[0]}, {mean.shape[1]}] (layers x "
-                  f"emotions), got {list(projections.shape)}")
+            fail(ValueError, f"projections must end in [{mean.shape[0]}, {mean.shape[1]}] (layers "
+                             f"x emotions), got {list(projections.shape)}")
         return (projections.float() - mean.to(projections.device)) / std.to(projections.device)
 
     def replace(self, *, metadata=None, neutral_mean=None, neutral_std=None) -> EmotionBank:
@@ -458,7 +354,7 @@ class EmotionBank:
         try:
             return self._index[name]
         except (KeyError, TypeError):
-            _fail(f"unknown emotion {name!r}; the bank has {self._names}")
+            fail(ValueError, f"unknown emotion {name!r}; the bank has {self._names}")
 
     def layer_index(self, layer: int) -> int:
         """Position of decoder layer ``layer`` on the L axis."""
@@ -468,7 +364,7 @@ class EmotionBank:
         except TypeError:
             as_int = None
         if as_int is None or as_int not in self._layers:
-            _fail(message)
+            fail(ValueError, message)
         return self._layers.index(as_int)
 
     def vector(self, name: str, layer: int) -> torch.Tensor:
@@ -489,20 +385,20 @@ class EmotionBank:
             names = self._names
         elif isinstance(names, str):
             names = [names]
-        names = _check_names(names)
+        names = check_names(names)
         unknown = [n for n in names if n not in self._index]
         if unknown:
-            _fail(f"unknown emotions {unknown}; the bank has {self._names}")
+            fail(ValueError, f"unknown emotions {unknown}; the bank has {self._names}")
         if layers is None:
             layers = self._layers
         elif not hasattr(layers, "__iter__"):
             layers = [layers]
-        layers = _check_int_list("layers", layers)
+        layers = check_int_list("layers", layers)
         missing = [layer for layer in layers if layer not in self._layers]
         if missing:
-            _fail(f"unknown layers {missing}; the bank has layers {self._layers}")
+            fail(ValueError, f"unknown layers {missing}; the bank has layers {self._layers}")
         if not names or not layers:
-            _fail("select needs at least one emotion and one layer")
+            fail(ValueError, "select needs at least one emotion and one layer")
         li = torch.tensor([self._layers.index(layer) for layer in layers],
                           device=self._vectors.device)
         ki = torch.tensor([self._index[n] for n in names], device=self._vectors.device)
@@ -538,7 +434,7 @@ class EmotionBank:
         """A copy on ``device`` with vectors in ``dtype`` (float32/float16/bfloat16);
         ``hidden_norm`` stays float32."""
         if dtype is not None and dtype not in SAVE_DTYPES:
-            _fail(f"dtype must be float32, float16 or bfloat16, got {dtype!r}", TypeError)
+            fail(TypeError, f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
         vectors = self._vectors.to(device=device, dtype=dtype)
         if vectors is self._vectors:
             vectors = vectors.clone()
@@ -579,7 +475,7 @@ class EmotionBank:
         try:
             current = model_fingerprint(model)
         except (AttributeError, NotImplementedError) as exc:
-            _fail(f"cannot fingerprint the model ({type(model).__name__}): {exc}", TypeError)
+            fail(TypeError, f"cannot fingerprint the model ({type(model).__name__}): {exc}")
         problems = []
         recorded = self._metadata.get("fingerprint")
         if recorded:
@@ -599,15 +495,15 @@ class EmotionBank:
         if problems:
             what = f"{recorded.get('architecture')} {recorded.get('model_class', '')}".strip() \
                 if recorded else "another model"
-            _fail(f"bank (extracted from {what}) is not compatible with this "
-                  f"{type(model).__name__}: " + "; ".join(problems))
+            fail(ValueError, f"bank (extracted from {what}) is not compatible with this "
+                             f"{type(model).__name__}: " + "; ".join(problems))
 
     # ---------------------------------------------------------------------------------------
     # Files
     # ---------------------------------------------------------------------------------------
 
     def save(self, path, *, dtype: torch.dtype = torch.float32) -> Path:
-        """Write the bank to a safetensors file, atomically.
+        """Write the bank to a safetensors file, atomically (:func:`emokern.bankfile.write`).
 
         The bytes go to a temporary file in the same directory, which replaces ``path`` only
         once completely written and flushed, so a failure never leaves a partial file nor
@@ -625,97 +521,33 @@ class EmotionBank:
         -------
         Path
         """
-        if dtype not in SAVE_DTYPES:
-            _fail(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype!r}",
-                  TypeError)
-        path = Path(path)
-        if path.is_dir():
-            _fail(f"path {str(path)!r} is a directory; give a file name such as bank.safetensors")
-        stored = self._vectors.detach().to(device="cpu", dtype=dtype).contiguous()
-        if not bool(torch.isfinite(stored).all()):
-            _fail(f"vectors overflow {dtype} (largest |value| "
-                  f"{self._vectors.abs().max().item():.3g}); save in float32")
-        if not bool((stored.float().norm(dim=-1) > 0).all()):
-            _fail(f"some vectors underflow to zero in {dtype}; save in float32")
-        tensors = {"vectors": stored}
-        if self._hidden_norm is not None:
-            tensors["hidden_norm"] = self._hidden_norm.detach().to("cpu", torch.float32)
-        if self.calibrated:
-            tensors["neutral_mean"] = self._neutral_mean.to("cpu").contiguous()
-            tensors["neutral_std"] = self._neutral_std.to("cpu").contiguous()
-        metadata = self.metadata
-        metadata.setdefault("emokern_version", __version__)
-        metadata.setdefault("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
-        header = {
-            "format": FORMAT,
-            "names": json.dumps(self._names),
-            "layers": json.dumps(self._layers),
-            "metadata": json.dumps(metadata, allow_nan=False),
-        }
-        data = safetensors_save(tensors, metadata=header)
-        return atomic_write(path, data, mode=0o644)
+        return bankfile.write(path, self._vectors, self._names, self._layers, self.metadata,
+                              hidden_norm=self._hidden_norm, neutral_mean=self._neutral_mean,
+                              neutral_std=self._neutral_std, dtype=dtype)
 
     @classmethod
     def load(cls, path, *, device="cpu") -> EmotionBank:
         """Read a bank saved by :meth:`save`; vectors are returned as float32 on ``device``.
 
-        Only safetensors is read (never pickle). A missing file raises FileNotFoundError; a
-        truncated or corrupt file, missing keys or metadata, shapes that do not match the
-        names and layers, or non-finite values raise one ValueError naming the file.
+        Only safetensors is read (never pickle; :func:`emokern.bankfile.read`). A missing file
+        raises FileNotFoundError; a truncated or corrupt file, missing keys or metadata, shapes
+        that do not match the names and layers, or non-finite values raise one ValueError
+        naming the file. Files of older versions (metadata ``recommended_alpha``) load too.
         """
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"EmotionBank.load: no bank file at {str(path)!r}")
-
-        def bad(reason: str) -> ValueError:
-            return ValueError(f"EmotionBank.load: {str(path)!r} is not a valid emotion bank: "
-                              f"{reason}")
-
+        fields = bankfile.read(path)
+        for key, value in fields.items():
+            if isinstance(value, torch.Tensor):
+                fields[key] = value.to(device)
         try:
-            with safe_open(str(path), framework="pt", device="cpu") as fh:
-                header = fh.metadata() or {}
-                keys = set(fh.keys())
-                tensors = {k: fh.get_tensor(k) for k in keys}
-        except Exception as exc:  # safetensors raises its own error types for corrupt files
-            raise bad(f"cannot read it as safetensors (truncated or corrupt?): {exc}") from exc
-        if header.get("format") != FORMAT:
-            raise bad(f"header 'format' is {header.get('format')!r}, expected {FORMAT!r}")
-        missing = [k for k in ("names", "layers", "metadata") if k not in header]
-        if missing:
-            raise bad(f"header lacks {missing}")
-        if "vectors" not in keys:
-            raise bad(f"no 'vectors' tensor (found {sorted(keys)})")
-        extra = keys - set(_TENSORS)
-        if extra:
-            raise bad(f"unexpected tensors {sorted(extra)}")
-        try:
-            names = json.loads(header["names"])
-            layers = json.loads(header["layers"])
-            metadata = json.loads(header["metadata"])
-        except json.JSONDecodeError as exc:
-            raise bad(f"header JSON does not parse: {exc}") from exc
-        if not isinstance(metadata, dict):
-            raise bad(f"header 'metadata' must be a JSON object, got {type(metadata).__name__}")
-        vectors = tensors["vectors"]
-        if not vectors.is_floating_point():
-            raise bad(f"vectors have dtype {vectors.dtype}")
-        hidden = tensors.get("hidden_norm")
-        mean, std = tensors.get("neutral_mean"), tensors.get("neutral_std")
-        try:
-            bank = cls(vectors.float().to(device), names, layers,
-                       hidden_norm=None if hidden is None else hidden.float().to(device),
-                       metadata=metadata,
-                       neutral_mean=None if mean is None else mean.float().to(device),
-                       neutral_std=None if std is None else std.float().to(device))
+            return cls(**fields)
         except (TypeError, ValueError) as exc:
-            raise bad(str(exc).removeprefix("EmotionBank: ")) from exc
-        return bank
+            raise bankfile.invalid(path, str(exc).removeprefix("EmotionBank: ")) from exc
 
     @classmethod
     def default_path(cls, method: str = "ev") -> Path:
         """Path of the shipped bank of the default model for ``method`` ("ev" or "concept")."""
         if method not in METHODS:
-            _fail(f"method must be one of {METHODS}, got {method!r}")
+            fail(ValueError, f"method must be one of {METHODS}, got {method!r}")
         return BANKS_DIR / f"default-{method}.safetensors"
 
     @classmethod
@@ -749,7 +581,7 @@ class EmotionBank:
         if not meta:
             lines.append("  (none)")
         lines += ["", f"emotions ({self.n_emotions}): {', '.join(self._names)}",
-                  f"recommended: alpha={self.recommended_alpha:g}, "
+                  f"recommended: default weight={self.default_weight:g}, "
                   f"layers={self.recommended_layers}"]
         per_emotion = self._metadata.get("recommended_weights") or {}
         if per_emotion:

@@ -1,8 +1,10 @@
 """Helpers shared by the steering tests (``tests/steering/``): a padded batch of prompts,
-plain forwards and greedy generation, and a probe of what a steering hook changed."""
+plain forwards and greedy generation, a probe of what a steering hook changed, and the
+calibrated bank's neutral baseline."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from emokern.tokens import encode_prompts
@@ -56,3 +58,12 @@ class Capture:
     def changed(self):
         """Per forward, which token rows the steering modified: list of [B, T] bool."""
         return [(a != b).any(dim=-1) for a, b in zip(self.after, self.before, strict=True)]
+
+
+def neutral_baseline(n_layers: int, n_emotions: int):
+    """The ``calibrated`` bank's neutral baseline, float64 numpy ``(mean, std) [L, K]``: a
+    different value at every layer and emotion (``0.3 l - 0.7 k`` and ``1 + 0.5 l + 0.3 k``),
+    so a reading standardized against the wrong layer or emotion shows."""
+    layer = np.arange(n_layers, dtype=np.float64)[:, None]
+    emotion = np.arange(n_emotions, dtype=np.float64)[None, :]
+    return 0.3 * layer - 0.7 * emotion, 1.0 + 0.5 * layer + 0.3 * emotion

@@ -13,7 +13,9 @@ from safetensors.torch import load_file, save_file
 
 import emokern
 import emokern.bank as bank_module
-from emokern.bank import FORMAT, EmotionBank
+from emokern import bankfile
+from emokern.bank import EmotionBank
+from emokern.bankfile import FORMAT
 from emokern.models import model_fingerprint, tiny_model
 
 NAMES = ["joy", "sadness", "anger", "fear", "disgust", "surprise"]
@@ -371,15 +373,18 @@ def test_load_never_unpickles(tmp_path):
     assert not marker.exists()
 
 
-def test_load_reads_safetensors_only():
-    source = inspect.getsource(bank_module)
+@pytest.mark.parametrize("module", [bank_module, bankfile], ids=["bank", "bankfile"])
+def test_load_reads_safetensors_only(module):
+    source = inspect.getsource(module)
     tree = ast.parse(source)
     imported = {alias.name for node in ast.walk(tree)
                 if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
     modules = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert "pickle" not in imported and "pickle" not in modules
     assert "torch.load" not in source and "np.load" not in source
-    assert "safe_open" in inspect.getsource(EmotionBank.load)
+    # EmotionBank.load reads through the file module, which opens safetensors only.
+    assert "bankfile.read" in inspect.getsource(EmotionBank.load)
+    assert "safe_open" in inspect.getsource(bankfile.read)
 
 
 # ------------------------------------------------------------------------------------------
@@ -443,12 +448,25 @@ def test_neutral_baseline_round_trip_and_standard_scores(tmp_path):
     assert loaded.calibrated
     torch.testing.assert_close(loaded.neutral_mean, bank.neutral_mean, rtol=0, atol=0)
     torch.testing.assert_close(loaded.neutral_std, bank.neutral_std, rtol=0, atol=0)
+    # Expected values by hand (float64), from the baseline as given, rows picked by position:
+    # bank layers [LAYERS[2], LAYERS[0]] are rows 2 and 0 of the baseline.
+    mu = bank.neutral_mean.double().numpy()
+    sigma = bank.neutral_std.double().numpy()
+    raw = np.random.default_rng(1).normal(size=(4, 2, len(NAMES))) * 3  # [B, L', K]
+    expected = (raw - mu[[2, 0]][None]) / sigma[[2, 0]][None]
+    z = bank.standardize(torch.tensor(raw, dtype=torch.float32), [LAYERS[2], LAYERS[0]])
+    np.testing.assert_allclose(z.numpy(), expected, rtol=1e-5, atol=1e-5)
+    two = mu[[2, 0]] + 2.0 * sigma[[2, 0]]  # two neutral spreads above the neutral mean
+    z2 = bank.standardize(torch.tensor(two[None], dtype=torch.float32), [LAYERS[2], LAYERS[0]])
+    torch.testing.assert_close(z2, torch.full_like(z2, 2.0))
+    # One emotion (column 1 of the baseline) and the layers reversed.
+    z1 = bank.standardize(torch.tensor(raw[:, ::-1, [1]].copy(), dtype=torch.float32),
+                          [LAYERS[0], LAYERS[2]], names=[NAMES[1]])
+    np.testing.assert_allclose(z1.numpy(), (raw[:, ::-1, [1]] - mu[[0, 2]][None, :, [1]])
+                               / sigma[[0, 2]][None, :, [1]], rtol=1e-5, atol=1e-5)
     mean, std = bank.neutral_stats([LAYERS[2], LAYERS[0]])
-    raw = mean + 2.0 * std  # two neutral spreads above the neutral mean
-    z = bank.standardize(raw[None], [LAYERS[2], LAYERS[0]])
-    torch.testing.assert_close(z, torch.full_like(z, 2.0))
-    z1 = bank.standardize(raw[None, :, [1]], [LAYERS[2], LAYERS[0]], names=[NAMES[1]])
-    torch.testing.assert_close(z1, torch.full_like(z1, 2.0))
+    np.testing.assert_array_equal(mean.numpy(), mu[[2, 0]].astype(np.float32))
+    np.testing.assert_array_equal(std.numpy(), sigma[[2, 0]].astype(np.float32))
     sub = bank.select([NAMES[2]], layers=[LAYERS[1]])
     assert sub.neutral_mean.shape == (1, 1)
     assert float(sub.neutral_mean[0, 0]) == float(bank.neutral_mean[1, 2])

@@ -12,6 +12,9 @@ modules, from the bottom up:
 
 * :mod:`~emokern.steering.mix` — mixes: :func:`parse_mix` (``"joy=2,fear=0.5"``) and
   :func:`mix_to_weights` (one dict per sequence → ``[B, K]`` weights);
+* :mod:`~emokern.steering.config` — :class:`SteeringConfig`: every setting (layers,
+  positions, spread, monitor, ...) validated once against a bank and a layer count, shared by
+  the steerer and the vLLM plugin;
 * :mod:`~emokern.steering.adapters` — transformers plumbing: the module that runs the
   decoder layers, the arguments of a forward, the past length, a layer's device;
 * :mod:`~emokern.steering.monitor` — :class:`Monitor`, the running readings;
@@ -22,10 +25,11 @@ modules, from the bottom up:
   readings out.
 """
 
+from emokern.steering.config import POSITIONS, SPREADS, SteeringConfig, check_layers
 from emokern.steering.generation import generate
 from emokern.steering.mix import mix_to_weights, parse_mix
 from emokern.steering.monitor import Monitor
-from emokern.steering.steerer import POSITIONS, SPREADS, Steerer, check_layers, steer
+from emokern.steering.steerer import Steerer, steer
 
-__all__ = ["POSITIONS", "SPREADS", "Monitor", "Steerer", "check_layers", "generate",
-           "mix_to_weights", "parse_mix", "steer"]
+__all__ = ["POSITIONS", "SPREADS", "Monitor", "Steerer", "SteeringConfig", "check_layers",
+           "generate", "mix_to_weights", "parse_mix", "steer"]

@@ -60,6 +60,12 @@ class Controller:
     """The closed-loop weights of a :class:`~emokern.steering.Steerer` made with ``target=``
     (see the module docstring for the law, its gains and bounds).
 
+    It reads and writes the steerer only through its public buffers:
+    :attr:`~emokern.steering.Steerer.devices`, :attr:`~emokern.steering.Steerer.applied`
+    (written in place), :attr:`~emokern.steering.Steerer.scale` and
+    :attr:`~emokern.steering.Steerer.step_projections` (read), plus ``bank``, ``names`` and
+    ``monitor_layers``.
+
     Parameters
     ----------
     steerer : Steerer
@@ -92,12 +98,11 @@ class Controller:
         if settings["smoothing"] > 1:
             fail(ValueError, f"control['smoothing'] must be in (0, 1], got "
                              f"{settings['smoothing']}")
-        devices = set(steerer._devices)
-        if len(devices) != 1:
+        if len(steerer.devices) != 1:
             fail(ValueError, "target= needs the steered and monitored layers on one device")
         self.settings = settings
         self._steerer = steerer
-        self.device = devices.pop()
+        self.device = steerer.devices[0]
         names = list(steerer.names)
         rec = torch.tensor([abs(bank.recommended_weight(n)) or 1.0 for n in names])
         records = bank.recommended_weights
@@ -125,10 +130,10 @@ class Controller:
         bound = (self.settings["max_scale"] * self._rec).expand(batch, k).contiguous()
         self._hi, self._lo = bound, -bound
         self._step = (self.settings["gain"] * self._rec * self._mask).contiguous()  # [B, K]
-        self._applied = self._steerer._applied[self.device]
+        self._applied = self._steerer.applied[self.device]
         # Python scalars would be wrapped into fresh tensors at every step: keep tensors.
-        self._scale = torch.tensor(float(self._steerer._scale), device=self.device)
-        views = self._steerer._step_proj
+        self._scale = torch.tensor(float(self._steerer.scale), device=self.device)
+        views = self._steerer.step_projections
         self._views = [v[:, 0] for v in views] if views is not None else []
         self.steps = 0
 

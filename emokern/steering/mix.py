@@ -20,10 +20,19 @@ from emokern.errors import failing
 
 fail = failing("emokern.steer")
 
-__all__ = ["REC", "mix_to_weights", "parse_mix"]
+__all__ = ["FLOAT32_MAX", "REC", "mix_to_weights", "parse_mix"]
 
 #: The weight that stands for an emotion's recommended weight.
 REC = "rec"
+
+#: The largest magnitude a weight may have: the op reads float32 weights, and a finite Python
+#: float above this becomes inf there (the finite float32 range is ``[-FLOAT32_MAX, FLOAT32_MAX]``).
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _float32_range_error(where: str, weight) -> str:
+    return (f"{where} is {weight}, outside float32's finite range "
+            f"[-{FLOAT32_MAX:.4g}, {FLOAT32_MAX:.4g}] (the op reads float32 weights)")
 
 
 def parse_mix(text: str) -> dict[str, float | str]:
@@ -36,8 +45,8 @@ def parse_mix(text: str) -> dict[str, float | str]:
     Raises
     ------
     ValueError
-        On a term without ``=``, an empty name, a weight that is not a finite number, or a
-        name given twice.
+        On a term without ``=``, an empty name, a weight that is not a finite number or does
+        not fit float32 (``|w| > 3.4e38``, :data:`FLOAT32_MAX`), or a name given twice.
 
     Examples
     --------
@@ -73,6 +82,8 @@ def parse_mix(text: str) -> dict[str, float | str]:
                              f"in {text!r}") from None
         if not math.isfinite(weight):
             raise ValueError(f"parse_mix: weight of {name!r} must be finite, got {number!r}")
+        if abs(weight) > FLOAT32_MAX:
+            raise ValueError("parse_mix: " + _float32_range_error(f"weight of {name!r}", number))
         if name in mix:
             raise ValueError(f"parse_mix: {name!r} is given twice in {text!r}")
         mix[name] = weight
@@ -105,8 +116,9 @@ def mix_to_weights(mix, names: Sequence[str], argument: str = "mix", *,
     Raises
     ------
     TypeError, ValueError
-        Naming the bad row and emotion: unknown emotion, non-finite or non-numeric weight,
-        wrong tensor shape, empty batch.
+        Naming the bad row and emotion: unknown emotion, non-finite or non-numeric weight, a
+        weight outside float32's finite range (:data:`FLOAT32_MAX`; e.g. ``1e40``, finite in
+        Python but inf in the float32 weights), wrong tensor shape, empty batch.
     """
     n_names = len(names)
     if isinstance(mix, torch.Tensor):
@@ -115,13 +127,19 @@ def mix_to_weights(mix, names: Sequence[str], argument: str = "mix", *,
         if mix.dim() != 2 or mix.shape[1] != n_names or mix.shape[0] < 1:
             fail(ValueError, f"{argument} tensor must be [B, K] with K = {n_names} "
                              f"(one column per emotion {list(names)}), got {list(mix.shape)}")
-        weights = mix.detach().to("cpu", torch.float32).clone()
-        bad = ~torch.isfinite(weights)
+        source = mix.detach().to("cpu")
+        bad = ~torch.isfinite(source)
         if bool(bad.any()):
             row, col = (int(i) for i in bad.nonzero()[0])
             fail(ValueError, f"{argument}[{row}, {col}] ({names[col]!r}) must be finite, got "
-                             f"{weights[row, col].item()}")
-        return weights
+                             f"{source[row, col].item()}")
+        # A float64 weight can be finite yet overflow the float32 the op reads.
+        big = source.abs() > FLOAT32_MAX
+        if bool(big.any()):
+            row, col = (int(i) for i in big.nonzero()[0])
+            fail(ValueError, _float32_range_error(f"{argument}[{row}, {col}] ({names[col]!r})",
+                                                  source[row, col].item()))
+        return source.to(torch.float32).clone()
     if isinstance(mix, (str, bytes, Mapping)) or not isinstance(mix, Sequence):
         fail(TypeError, f"{argument} must be a list with one dict per sequence (emotion -> "
                         f"weight) or a [B, K] tensor, got {type(mix).__name__}")
@@ -147,5 +165,7 @@ def mix_to_weights(mix, names: Sequence[str], argument: str = "mix", *,
                                 f"{type(weight).__name__}")
             if not math.isfinite(float(weight)):
                 fail(ValueError, f"{argument}[{row}][{name!r}] must be finite, got {weight}")
+            if abs(float(weight)) > FLOAT32_MAX:
+                fail(ValueError, _float32_range_error(f"{argument}[{row}][{name!r}]", weight))
             weights[row, index[name]] = float(weight)
     return weights

@@ -53,31 +53,30 @@ keeps, per steered layer, a :class:`~emokern.RunningProjections` over the tokens
 the statistics restart at every forward without past (a new batch of sequences).
 
 This module is one cohesive thing, the steerer's state and hooks (with its :func:`steer`
-factory), hence its length; mixes, model plumbing and the monitor live in the sibling modules.
+factory), hence its length; the settings' validation (:class:`SteeringConfig`), mixes, model
+plumbing, the monitor and the controller live in the sibling modules, which use only the
+steerer's documented properties.
 """
 
 from __future__ import annotations
 
-import numbers
-from collections.abc import Sequence
+import inspect
 
 import torch
 from torch import nn
 
-from emokern.bank import EmotionBank
 from emokern.errors import failing
 from emokern.models import decoder_layers
 from emokern.ops import RunningProjections, resolve_backend, runner_for
 from emokern.steering.adapters import ForwardInputs, layers_owner, module_device, past_length
+from emokern.steering.config import POSITIONS, SPREADS, SteeringConfig, check_layers
 from emokern.steering.control import Controller
 from emokern.steering.mix import mix_to_weights
 from emokern.steering.monitor import Monitor
 
 fail = failing("emokern.steer")
 
-POSITIONS = ("all", "prompt", "generated")
-SPREADS = ("divide", "each")
-
+# POSITIONS, SPREADS and check_layers live in emokern.steering.config; kept importable here.
 __all__ = ["POSITIONS", "SPREADS", "Steerer", "check_layers", "steer"]
 
 
@@ -92,91 +91,39 @@ def _covers(policy: str | None, prompt_forward: bool) -> bool:
 # -------------------------------------------------------------------------------- steerer
 
 
-def check_layers(layers, bank: EmotionBank, n_model_layers: int, *, argument: str = "layers",
-                 who: str = "emokern.steer") -> tuple[int, ...]:
-    """The decoder layers ``layers`` names, in the order given: ``"auto"`` (the bank's
-    recommended layers), one index or a list of distinct indices, each inside the model
-    (``0 <= l < n_model_layers``) and covered by the bank. One TypeError/ValueError
-    ``"<who>: <argument> ..."`` otherwise (``who``: the entry point the user called)."""
-    if isinstance(layers, str):
-        if layers != "auto":
-            fail(ValueError, f"{argument} must be 'auto' or a list of layer indices, got "
-                             f"{layers!r}", who)
-        chosen = tuple(int(i) for i in bank.recommended_layers)
-    else:
-        if isinstance(layers, int) and not isinstance(layers, bool):
-            layers = [layers]
-        if not isinstance(layers, Sequence) or len(layers) == 0:
-            fail(ValueError, f"{argument} must be 'auto' or a non-empty list of layer indices, "
-                             f"got {layers!r}", who)
-        for layer in layers:
-            if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
-                fail(TypeError, f"{argument} must hold ints, got {layer!r}", who)
-        chosen = tuple(int(i) for i in layers)
-    if len(set(chosen)) != len(chosen):
-        fail(ValueError, f"{argument} lists a layer twice: {list(chosen)}", who)
-    for layer in chosen:
-        if not 0 <= layer < n_model_layers:
-            fail(ValueError, f"{argument}: layer {layer} is outside the model, which has "
-                             f"{n_model_layers} decoder layers (0..{n_model_layers - 1})", who)
-        if layer not in bank.layers:
-            fail(ValueError, f"{argument}: layer {layer} has no vectors in the bank, which "
-                             f"covers layers {list(bank.layers)}", who)
-    return chosen
-
-
 class Steerer:
-    """Per-sequence emotion steering of a transformers model; see :func:`steer`."""
+    """Per-sequence emotion steering of a transformers model; see :func:`steer`.
 
-    def __init__(
-        self,
-        model: nn.Module,
-        bank,
-        mix,
-        *,
-        layers: str | Sequence[int] = "auto",
-        positions: str = "all",
-        norm_preserving: bool = False,
-        monitor: bool | str = True,
-        trajectory: bool = False,
-        spread: str = "divide",
-        emotions: Sequence[str] | None = None,
-        backend: str | None = None,
-        monitor_layers: str | Sequence[int] | None = None,
-        target=None,
-        control=None,
-    ) -> None:
+    ``Steerer(model, bank, mix, **settings)`` validates ``settings`` (the keyword arguments
+    of :func:`steer` other than ``target`` and ``control``) through
+    :meth:`SteeringConfig.resolve`; ``config=`` passes an already resolved
+    :class:`~emokern.steering.config.SteeringConfig` instead (checked again against this bank
+    and model).
+
+    The public state the controller and the monitor use: :attr:`config`, :attr:`names`,
+    :attr:`layers`, :attr:`monitor_layers`, :attr:`batch_size`, :attr:`devices`,
+    :attr:`applied`, :attr:`scale`, :attr:`step_projections`, :attr:`running`,
+    :attr:`trajectory_steps`.
+    """
+
+    def __init__(self, model: nn.Module, bank, mix=None, *, target=None, control=None,
+                 config: SteeringConfig | None = None, **settings) -> None:
         if not isinstance(model, nn.Module):
             fail(TypeError, f"model must be a torch.nn.Module, got {type(model).__name__}")
         layer_list = decoder_layers(model)
         bank.check_compatible(model)
-        names = tuple(bank.names) if emotions is None else tuple(emotions)
-        if isinstance(emotions, str) or len(names) == 0:
-            fail(ValueError, f"emotions must be a non-empty list of emotion names, got "
-                             f"{emotions!r}")
-        for name in names:
-            if name not in bank.names:
-                fail(ValueError, f"emotions names unknown emotion {name!r}; the bank has "
-                                 f"{list(bank.names)}")
-        if len(set(names)) != len(names):
-            fail(ValueError, f"emotions lists a name twice: {list(names)}")
-        chosen = check_layers(layers, bank, len(layer_list))
-        if positions not in POSITIONS:
-            fail(ValueError, f"positions must be one of {POSITIONS}, got {positions!r}")
-        if monitor is True:
-            monitor_policy = positions
-        elif monitor is False or monitor is None:
-            monitor_policy = None
-        elif monitor in POSITIONS:
-            monitor_policy = monitor
-        else:
-            fail(ValueError, f"monitor must be True, False or one of {POSITIONS}, got "
-                             f"{monitor!r}")
-        if spread not in SPREADS:
-            fail(ValueError, f"spread must be one of {SPREADS}, got {spread!r}")
-        if not isinstance(norm_preserving, bool):
-            fail(TypeError, f"norm_preserving must be a bool, got "
-                            f"{type(norm_preserving).__name__}")
+        if config is not None:
+            if settings:
+                fail(TypeError, f"give config or settings, not both (got config and "
+                                f"{sorted(settings)})")
+            if not isinstance(config, SteeringConfig):
+                fail(TypeError, f"config must be a SteeringConfig, got {type(config).__name__}")
+            settings = config.settings()
+        unknown = sorted(set(settings) - set(_SETTINGS))
+        if unknown:
+            fail(TypeError, f"unknown setting(s) {unknown}; known: {sorted(_SETTINGS)}")
+        config = SteeringConfig.resolve(bank, len(layer_list), **settings)
+        names, chosen = config.names, config.layers
         if target is not None:
             if mix is not None:
                 fail(ValueError, "give either mix (fixed weights) or target (closed-loop "
@@ -186,11 +133,10 @@ class Steerer:
         elif mix is None:
             fail(TypeError, "steer needs mix= (one dict of weights per sequence) or target=")
         weights = mix_to_weights(mix, names, recommended=bank.recommended_weight)
-        watched = self._check_monitor_layers(monitor_layers, bank, chosen, len(layer_list))
-        reads = monitor_policy is not None or trajectory or target is not None
-        if not reads:
-            watched = ()
+        reads = config.reads or target is not None
+        watched = config.monitor_layers if reads else ()
 
+        self.config = config
         self.model = model
         self.bank = bank
         self.names = names
@@ -200,12 +146,10 @@ class Steerer:
         self._slot_layers = tuple(sorted(set(chosen) | set(watched)))
         self._steered = [layer in chosen for layer in self._slot_layers]
         self._watched = [reads and layer in self.monitor_layers for layer in self._slot_layers]
-        self.positions = positions
-        self.monitor_positions = monitor_policy
-        self.norm_preserving = norm_preserving
-        self.spread = spread
-        self._record_trajectory = bool(trajectory)
-        self._scale = 1.0 / len(chosen) if spread == "divide" else 1.0
+        # The op's read buffers follow the slots (depth order); readings follow monitor_layers
+        # (the order given): position i of the readings is watched slot _read_order[i].
+        watched_slots = [layer for layer in self._slot_layers if layer in watched]
+        self._read_order = [watched_slots.index(layer) for layer in watched]
         self._layer_modules = [layer_list[i] for i in self._slot_layers]
         self._owner = layers_owner(model, layer_list)
         self._inputs = ForwardInputs(self._owner.forward)
@@ -213,7 +157,8 @@ class Steerer:
         self._devices = [module_device(m, fallback) for m in self._layer_modules]
         # The raw op of each device, without the public wrapper's per-call validation (the
         # steerer validates everything once, at install and set_mix); resolving loads kernels.
-        self._ops = {d: runner_for(resolve_backend(backend, d)) for d in set(self._devices)}
+        self._ops = {d: runner_for(resolve_backend(config.backend, d))
+                     for d in set(self._devices)}
         self._grad_probe = next(model.parameters(), None)
 
         # Vectors of the steered layers and chosen emotions, float32 [K, D] on each layer's
@@ -240,21 +185,7 @@ class Steerer:
         if target is not None:
             self.controller = Controller(self, target, targets, control)
         self._allocate(weights)
-        self.monitor = Monitor(self) if monitor_policy is not None or trajectory else None
-
-    # ----------------------------------------------------------------------- validation
-
-    @staticmethod
-    def _check_monitor_layers(monitor_layers, bank, steered, n_model_layers: int
-                              ) -> tuple[int, ...]:
-        if monitor_layers is None:
-            return tuple(steered)
-        if isinstance(monitor_layers, str):
-            if monitor_layers != "auto":
-                fail(ValueError, f"monitor_layers must be None, 'auto' or a list of layer "
-                                 f"indices, got {monitor_layers!r}")
-            return tuple(int(i) for i in bank.detection_layers)
-        return check_layers(monitor_layers, bank, n_model_layers, argument="monitor_layers")
+        self.monitor = Monitor(self) if config.reads else None
 
     # ------------------------------------------------------------------------- buffers
 
@@ -268,7 +199,7 @@ class Steerer:
         self._decode_mask = {}
         self._no_rows = {}
         for device in set(self._devices):
-            self._applied[device] = (weights * self._scale).to(device)
+            self._applied[device] = (weights * self.config.scale).to(device)
             self._zeros[device] = torch.zeros(batch, n_emotions, device=device)
             self._decode_mask[device] = torch.ones(batch, 1, dtype=torch.bool, device=device)
             self._no_rows[device] = torch.zeros(batch, 1, dtype=torch.bool, device=device)
@@ -278,10 +209,10 @@ class Steerer:
         # Per watched slot, the newest token's projections [B, 1, K] of each decode step: the
         # trajectory's step and the controller's reading.
         self._step_proj = None
-        if self._record_trajectory or self.controller is not None:
+        if self.config.trajectory or self.controller is not None:
             self._step_proj = [torch.zeros(batch, 1, n_emotions, device=device)
                                for device in watched_devices]
-        self._trajectory_step = self._step_proj if self._record_trajectory else None
+        self._trajectory_step = self._step_proj if self.config.trajectory else None
         self._trajectory.clear()
         if self.controller is not None:
             self.controller.allocate(batch)
@@ -345,7 +276,7 @@ class Steerer:
             return
         self._weights = weights
         for applied in self._applied.values():
-            applied.copy_(weights * self._scale)
+            applied.copy_(weights * self.config.scale)
 
     def set_target(self, target) -> None:
         """Replace the closed-loop levels (same batch size; see :func:`steer`'s ``target``);
@@ -358,6 +289,55 @@ class Steerer:
             fail(ValueError, f"target has {targets.shape[0]} rows, the steerer {self.batch_size}")
         self.controller.set_target(target, targets)
 
+    # ------------------------------------------------------------------ settings (public)
+    # Read from the one configuration the steerer owns (:attr:`config`), never copied.
+
+    @property
+    def positions(self) -> str:
+        """The steered tokens (``"all"``, ``"prompt"`` or ``"generated"``)."""
+        return self.config.positions
+
+    @property
+    def monitor_positions(self) -> str | None:
+        """The tokens the running readings cover (None: no running readings)."""
+        return self.config.monitor
+
+    @property
+    def norm_preserving(self) -> bool:
+        return self.config.norm_preserving
+
+    @property
+    def spread(self) -> str:
+        return self.config.spread
+
+    # ------------------------------------------------------------------------ buffers (public)
+
+    @property
+    def devices(self) -> tuple[torch.device, ...]:
+        """The distinct devices of the hooked (steered and monitored) layers, in depth order."""
+        return tuple(dict.fromkeys(self._devices))
+
+    @property
+    def scale(self) -> float:
+        """What each steered layer adds per unit of weight (:attr:`SteeringConfig.scale`:
+        ``1 / L`` for ``spread="divide"``, 1 for ``"each"``)."""
+        return self.config.scale
+
+    @property
+    def applied(self) -> dict[torch.device, torch.Tensor]:
+        """Per device, the ``[B, K]`` float32 weights the hooks pass to the op: the current
+        weights times :attr:`scale`. The op reads these very tensors (captured once per
+        allocation): change them only in place (``copy_``, ``out=``), between forwards; a new
+        batch size (:meth:`set_mix`) allocates new ones."""
+        return dict(self._applied)
+
+    @property
+    def step_projections(self) -> tuple[torch.Tensor, ...] | None:
+        """Per monitored layer, the ``[B, 1, K]`` projections of the newest token of the last
+        decode step (what the trajectory records and the controller reads), written in place
+        by the op; None unless ``trajectory=True`` or ``target=``. Read-only."""
+        return None if self._step_proj is None else self._in_reading_order(self._step_proj)
+
     # ------------------------------------------------------------------------ readings
 
     @property
@@ -365,12 +345,16 @@ class Steerer:
         """The running statistics the op updates, one per steered layer (``sum [B, K]``,
         ``count [B]``, ``last [B, K]`` on the layer's device); read them through
         :attr:`monitor`."""
-        return tuple(self._running)
+        return self._in_reading_order(self._running)
+
+    def _in_reading_order(self, per_slot) -> tuple:
+        """Per-watched-slot items (depth order) in the order of :attr:`monitor_layers`."""
+        return tuple(per_slot[i] for i in self._read_order)
 
     @property
     def records_trajectory(self) -> bool:
         """Whether each generated token's projections are recorded (``trajectory=True``)."""
-        return self._record_trajectory
+        return self.config.trajectory
 
     @property
     def trajectory_steps(self) -> tuple[torch.Tensor, ...]:
@@ -393,7 +377,7 @@ class Steerer:
         if self._handles:
             return self
         handles = [self._owner.register_forward_pre_hook(self._before_forward, with_kwargs=True)]
-        if self._record_trajectory or self.controller is not None:
+        if self.config.trajectory or self.controller is not None:
             handles.append(self._owner.register_forward_hook(self._after_forward))
         for slot, module in enumerate(self._layer_modules):
             handles.append(module.register_forward_hook(self._layer_hook(slot)))
@@ -484,13 +468,15 @@ class Steerer:
             if self.controller is not None:
                 # On the device, in place, no host sync: the next step's weights.
                 self.controller.update()
-            if not self._record_trajectory:
+            if not self.config.trajectory:
                 return None
-            step = torch.stack([out[:, 0].to("cpu") for out in self._trajectory_step], dim=1)
+            step = torch.stack([out[:, 0].to("cpu")
+                                for out in self._in_reading_order(self._trajectory_step)], dim=1)
             self._trajectory.append(step)
             self._prompt_step_recorded = False
         else:
             proj_out, real = pending
+            proj_out = self._in_reading_order(proj_out)
             # The newest real token of each row chose the next token.
             n_tokens = proj_out[0].shape[1]
             if real is None:
@@ -503,7 +489,7 @@ class Steerer:
                 self.controller.start([out[rows.to(out.device), newest.to(out.device)]
                                        for out in proj_out])
             self._pending_trajectory = None
-            if not self._record_trajectory:
+            if not self.config.trajectory:
                 return None
             step = torch.stack([out.to("cpu")[rows, newest] for out in proj_out], dim=1)
             # Of consecutive prompt forwards (a chunked prefill), only the last one's newest
@@ -522,23 +508,8 @@ class Steerer:
                 f"spread={self.spread!r}, {state})")
 
 
-def steer(
-    model: nn.Module,
-    bank,
-    mix=None,
-    *,
-    layers: str | Sequence[int] = "auto",
-    positions: str = "all",
-    norm_preserving: bool = False,
-    monitor: bool | str = True,
-    trajectory: bool = False,
-    spread: str = "divide",
-    emotions: Sequence[str] | None = None,
-    backend: str | None = None,
-    monitor_layers: str | Sequence[int] | None = None,
-    target=None,
-    control=None,
-) -> Steerer:
+def steer(model: nn.Module, bank, mix=None, *, target=None, control=None,
+          config: SteeringConfig | None = None, **settings) -> Steerer:
     r"""Steer ``model`` with one emotion mix per sequence; a context manager.
 
     At each steered decoder layer ``l`` (output side), every non-padding token row ``x`` of
@@ -601,6 +572,13 @@ def steer(
     control : dict, optional
         Controller settings (``gain``, ``smoothing``, ``max_scale``; see
         :class:`~emokern.steering.control.Controller`).
+    config : SteeringConfig, optional
+        The settings above (``layers`` to ``monitor_layers``) already resolved
+        (:meth:`SteeringConfig.resolve`), instead of giving them one by one.
+    **settings
+        ``layers``, ``positions``, ``norm_preserving``, ``monitor``, ``trajectory``,
+        ``spread``, ``emotions``, ``backend``, ``monitor_layers`` as above: validated once, by
+        :meth:`SteeringConfig.resolve`, the parameter list the signature shows.
 
     Returns
     -------
@@ -618,7 +596,22 @@ def steer(
         model, an unsupported architecture. A forward whose
         batch differs from the number of mixes raises ValueError before any layer runs.
     """
-    return Steerer(model, bank, mix, layers=layers, positions=positions,
-                   norm_preserving=norm_preserving, monitor=monitor, trajectory=trajectory,
-                   spread=spread, emotions=emotions, backend=backend,
-                   monitor_layers=monitor_layers, target=target, control=control)
+    return Steerer(model, bank, mix, target=target, control=control, config=config,
+                   **settings)
+
+
+#: The settings :func:`steer` forwards to :meth:`SteeringConfig.resolve` (its keyword-only
+#: parameters but ``who``): one parameter list for both.
+_SETTINGS = {name: p for name, p in inspect.signature(SteeringConfig.resolve).parameters.items()
+             if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "who"}
+
+
+def _shared_signature(function) -> inspect.Signature:
+    """``function``'s signature with ``**settings`` spelled out as the settings' own
+    parameters (for ``help()`` and editors)."""
+    signature = inspect.signature(function)
+    head = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    return signature.replace(parameters=head + list(_SETTINGS.values()))
+
+
+steer.__signature__ = _shared_signature(steer)

@@ -86,7 +86,7 @@ def test_ev_shapes_metadata_and_centering(small_llama):
     assert raw.hidden_norm.shape == (3,) and bool((raw.hidden_norm > 0).all())
     meta = centred.metadata
     for key in ("method", "source_hash", "instruction", "centered", "fingerprint",
-                "emokern_version", "recommended_alpha", "recommended_layers"):
+                "emokern_version", "default_weight", "recommended_layers"):
         assert key in meta, key
     assert meta["method"] == "ev" and meta["centered"] is True and raw.metadata["centered"] is False
     assert meta["fingerprint"]["num_layers"] == 3

@@ -61,11 +61,17 @@ def test_forward_inputs_reads_the_cache_under_either_name():
     def old_forward(input_ids=None, past_key_values=None, attention_mask=None):
         pass
 
-    cache = object()
-    for forward in (new_forward, old_forward):
+    cache, mask = object(), object()
+    # (forward, position of its cache argument, position of its attention mask)
+    for forward, cache_at, mask_at in ((new_forward, 2, 1), (old_forward, 1, 2)):
         inputs = ForwardInputs(forward)
-        assert inputs.get("past_key_values", (), {"cache": cache}) is cache or \
-            forward is old_forward
+        # A keyword is read under either name, whatever the forward calls it.
+        assert inputs.get("past_key_values", (), {"cache": cache}) is cache
         assert inputs.get("past_key_values", (), {"past_key_values": cache}) is cache
-        assert inputs.get("past_key_values", (None, None, cache) if forward is new_forward
-                          else (None, cache), {}) is cache
+        # Positionally, each forward's own order decides.
+        args = [None, None, None]
+        args[cache_at], args[mask_at] = cache, mask
+        assert inputs.get("past_key_values", tuple(args), {}) is cache
+        assert inputs.get("attention_mask", tuple(args), {}) is mask
+        assert inputs.get("past_key_values", tuple(args[:cache_at]), {}) is None
+        assert inputs.get("past_key_values", (), {}) is None

@@ -35,3 +35,22 @@ def test_mix_to_weights_dicts_and_tensors():
         mix_to_weights([{}, {"rage": 1.0}], names, argument="rows")
     with pytest.raises(TypeError, match="must be floating point"):
         mix_to_weights(torch.zeros(1, 3, dtype=torch.long), names)
+
+
+@pytest.mark.parametrize("weight", [1e40, -1e40])
+def test_weights_beyond_float32_are_one_clear_error(weight):
+    """1e40 is finite in Python but inf in the float32 weights the op reads: refused up front,
+    naming the emotion and float32's range, by every form a mix comes in."""
+    names = ["joy", "fear"]
+    with pytest.raises(ValueError, match=r"mix\[0\]\['fear'\] is -?1e\+40, outside float32's "
+                                         r"finite range \[-3\.403e\+38, 3\.403e\+38\]"):
+        mix_to_weights([{"joy": 1.0, "fear": weight}], names)
+    with pytest.raises(ValueError, match=r"weight of 'fear' .*outside float32's finite range"):
+        parse_mix(f"joy=1,fear={weight!r}")
+    tensor = torch.tensor([[0.0, weight]], dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"mix\[0, 1\] \('fear'\) is -?1e\+40, outside "
+                                         r"float32's finite range"):
+        mix_to_weights(tensor, names)
+    # The largest float32 itself still fits.
+    edge = mix_to_weights([{"fear": -torch.finfo(torch.float32).max}], names)
+    assert torch.isfinite(edge).all()

@@ -233,12 +233,12 @@ def test_set_mix_mid_generation_without_reinstall(llama):
         s = steer(model, bank, [{"joy": 2.0}] * 3, layers=[1]).install()
         capture.attach_after()
         handles = list(s._handles)
-        weights_storage = s._applied[torch.device("cpu")].data_ptr()
+        weights_storage = s.applied[torch.device("cpu")].data_ptr()
         switch = _SwitchMix(s, [{}] * 3, after=2, prompt_length=encoded["input_ids"].shape[1])
         greedy(model, tokenizer, encoded, new_tokens=5,
                logits_processor=LogitsProcessorList([switch]))
         assert s._handles == handles
-        assert s._applied[torch.device("cpu")].data_ptr() == weights_storage
+        assert s.applied[torch.device("cpu")].data_ptr() == weights_storage
         s.remove()
     finally:
         capture.remove()
@@ -312,6 +312,30 @@ def test_sampling_and_bfloat16():
                              pad_token_id=tokenizer.pad_token_id)
     assert out.shape[1] == encoded["input_ids"].shape[1] + 4
     assert torch.isfinite(s.monitor.mean()).all()
+    real = encoded["attention_mask"].bool()
+    # Every real prompt token and the 3 generated tokens fed back were counted.
+    assert torch.equal(s.monitor.count(), real.sum(1) + 3)
+    # One bfloat16 forward checked by hand (float64): layer 1 adds (w / 2) v_1 to the real
+    # tokens of the steered rows only, and the monitor reads the state before steering.
+    mixes = [{"joy": 1.0}, {}, {"fear": -2.0, "sadness": 0.5}]
+    capture = Capture(decoder_layers(model)[1])
+    try:
+        s = steer(model, bank, mixes, layers=[1, 2]).install()
+        capture.attach_after()
+        logits(model, encoded)
+        s.remove()
+    finally:
+        capture.remove()
+    before, after = capture.before[0].double(), capture.after[0].double()
+    added = (s.weights.double() / 2) @ bank.layer_vectors(1).double()  # [B, D]
+    expected = before + added[:, None, :] * real[..., None]
+    torch.testing.assert_close(after, expected, rtol=1e-2, atol=2e-2)
+    assert torch.equal(after[1], before[1]) and torch.equal(after[~real], before[~real])
+    unit = bank.layer_vectors(1).double()
+    unit = unit / unit.norm(dim=-1, keepdim=True)
+    projections = (before @ unit.T) * real[..., None]
+    mean = projections.sum(1) / real.sum(1, keepdim=True)
+    torch.testing.assert_close(s.monitor.mean()[:, 0].double(), mean, rtol=1e-3, atol=1e-3)
 
 
 # ------------------------------------------------------------------------ errors
@@ -419,7 +443,7 @@ def test_default_model_empty_row_equals_unsteered_generation():
     bank, _ = benchmark_bank(model, tokenizer)
     prompts = ["Tell me about your weekend.", "Tell me about your weekend."]
     encoded = encode_prompts(tokenizer, prompts)
-    joy = {"joy": 4.0 * bank.recommended_alpha}
+    joy = {"joy": 4.0 * bank.default_weight}
     with steer(model, bank, [joy, {}], layers=list(range(10, 20))) as s:
         steered = greedy(model, tokenizer, encoded, new_tokens=24)
     plain = greedy(model, tokenizer, encoded, new_tokens=24)
