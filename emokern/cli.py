@@ -82,8 +82,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
     from emokern.bank import EmotionBank
     from emokern.data import CALIBRATION_FILE
-    from emokern.eval.instructions import ev_report, format_ev_report, instruction_sweep
-    from emokern.eval.sweep import (
+    from emokern.eval.calibration_sweep import (
         DEFAULT_ALPHAS,
         calibrate,
         choose_recommendation,
@@ -91,6 +90,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         parse_layers,
         store_recommendation,
     )
+    from emokern.eval.instructions import ev_report, format_ev_report, instruction_sweep
     from emokern.extract import DEFAULT_CENTER
     from emokern.files import write_text
     from emokern.machine import auto_threads
@@ -217,7 +217,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                       max_new_tokens=args.max_new_tokens, seed=args.seed,
                       batch_size=args.batch_size, layers=args.layers or "auto", out=out,
                       model_name=args.model, bank_name=args.bank)
-    from emokern.eval.report import format_table
+    from emokern.eval.eval_report import format_table
 
     print(format_table(result["aggregates"], result["config"]["emotions"]))
     print(f"wrote {out / 'results.json'}, {out / 'report.md'}, {out / 'eps.png'}, "
@@ -275,7 +275,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
-    from emokern.analysis.run import run_analyze
+    from emokern.analysis.analyze_command import run_analyze
 
     return run_analyze(args)
 

@@ -8,7 +8,7 @@
     tokens/s over unsteered tokens/s); the median over rounds is reported with its quartiles.
 (b) **distinct vs shared mixes** at the largest batch, paired the same way
     (``t_shared / t_distinct``): emokern with one mix per row vs one mix for all rows; and the
-    plain hooks, the per-row hook (:class:`~emokern.benchmarks.baseline.PerRowSteering`,
+    plain hooks, the per-row hook (:class:`~emokern.benchmarks.hook_baselines.PerRowSteering`,
     ``h.add_((W @ V)[:, None])``, the same distinct mixes) vs the naive hook adding one shared
     vector. Before timing, the per-row hook and emokern must give the same logits.
 """
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from emokern.benchmarks.baseline import (
+from emokern.benchmarks.hook_baselines import (
     NaiveSteering,
     PerRowSteering,
     mix_rows,

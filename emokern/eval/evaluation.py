@@ -15,7 +15,7 @@ the whole grid costs ``ceil(rows / batch_size)`` generations. Each answer is the
 
 and carries the monitor's readings (calibrated units when the bank has a neutral baseline).
 :func:`~emokern.eval.metrics.aggregate` gives EPS/EAS per emotion and weight;
-:mod:`emokern.eval.report` writes ``report.md`` and the plots.
+:mod:`emokern.eval.eval_report` writes ``report.md`` and the plots.
 
 Everything that can be wrong with the input (unknown emotion, bad weight list, empty or
 unreadable prompt file, unwritable output directory) raises one ``ValueError`` before the
@@ -38,9 +38,9 @@ from tqdm.auto import tqdm
 
 from emokern.data import DATA_DIR
 from emokern.emotions import BASIC_EMOTIONS
+from emokern.eval.eval_report import format_report, plot_eps, plot_perplexity
 from emokern.eval.lexicon import LexiconScorer
 from emokern.eval.metrics import aggregate
-from emokern.eval.report import format_report, plot_eps, plot_perplexity
 from emokern.eval.scorers import EmotionScorer, degeneration, perplexity
 from emokern.eval.similarity import SentenceEmbedder
 from emokern.files import write_json, write_text

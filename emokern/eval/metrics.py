@@ -33,8 +33,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["AGGREGATE_FIELDS", "PER_EMOTION_FIELDS", "aggregate", "eas", "eps", "finite",
-           "pearson", "spearman"]
+__all__ = ["AGGREGATE_FIELDS", "PER_EMOTION_FIELDS", "aggregate", "eas", "eps", "finite"]
 
 #: Per-row numeric fields averaged by :func:`aggregate` (when present in the rows).
 AGGREGATE_FIELDS = ("fidelity", "adherence", "distinct2", "rep3", "n_tokens")
@@ -139,42 +138,6 @@ def aggregate(rows: Sequence[dict], emotions: Sequence[str]) -> list[dict]:
                     record[field] = _nanmean(values)
             out.append(record)
     return out
-
-
-def pearson(x: Sequence[float], y: Sequence[float]) -> float:
-    """Pearson correlation of two equal-length sequences (NaN pairs dropped; NaN when fewer
-    than 3 pairs or a constant sequence)."""
-    a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    if a.shape != b.shape:
-        raise ValueError(f"x and y must have the same length, got {a.shape} and {b.shape}")
-    ok = np.isfinite(a) & np.isfinite(b)
-    a, b = a[ok], b[ok]
-    if a.size < 3 or a.std() == 0 or b.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(a, b)[0, 1])
-
-
-def _ranks(values: np.ndarray) -> np.ndarray:
-    order = np.argsort(values, kind="mergesort")
-    ranks = np.empty(values.size, dtype=np.float64)
-    ranks[order] = np.arange(values.size, dtype=np.float64)
-    # Ties share their mean rank.
-    for v in np.unique(values):
-        tie = values == v
-        if tie.sum() > 1:
-            ranks[tie] = ranks[tie].mean()
-    return ranks
-
-
-def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman rank correlation (Pearson of the tie-averaged ranks)."""
-    a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    if a.shape != b.shape:
-        raise ValueError(f"x and y must have the same length, got {a.shape} and {b.shape}")
-    ok = np.isfinite(a) & np.isfinite(b)
-    if ok.sum() < 3:
-        return float("nan")
-    return pearson(_ranks(a[ok]), _ranks(b[ok]))
 
 
 def finite(value: float) -> float | None:

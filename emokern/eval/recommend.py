@@ -23,8 +23,8 @@ from collections.abc import Sequence
 import torch
 
 from emokern.data import load_queries
+from emokern.eval.calibration_sweep import CALIBRATION_PROMPTS
 from emokern.eval.evaluation import evaluate
-from emokern.eval.sweep import CALIBRATION_PROMPTS
 
 __all__ = ["DEFAULT_SWEEP_WEIGHTS", "SWEEP_PROMPTS", "choose", "store", "sweep"]
 

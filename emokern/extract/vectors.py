@@ -3,7 +3,7 @@ weight and layers, and the :class:`~emokern.bank.EmotionBank` itself.
 
 The recommendation comes from the calibration record (``emokern/data/calibration.json``, read
 through :func:`emokern.data.load_calibration`), written by the calibration sweep
-(``emokern calibrate sweep --write``, :mod:`emokern.eval.sweep`).
+(``emokern calibrate sweep --write``, :mod:`emokern.eval.calibration_sweep`).
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from collections.abc import Sequence
 
 import torch
 
-import emokern
 from emokern.bank import EmotionBank
 from emokern.data import load_calibration
+from emokern.version import __version__
 
 __all__ = ["center_vectors", "emokern_version", "make_bank", "pairwise_cosines", "recommend"]
 
@@ -44,9 +44,7 @@ def pairwise_cosines(vectors: torch.Tensor) -> torch.Tensor:
 
 def emokern_version() -> str:
     """The installed emokern's version, recorded in every bank's metadata."""
-    # emokern/__init__.py sets __version__ before it imports anything, so this module-level
-    # ``import emokern`` is safe even while the package is still being imported.
-    return emokern.__version__
+    return __version__
 
 
 def recommend(vectors: torch.Tensor, layers: Sequence[int], hidden_norm: torch.Tensor,

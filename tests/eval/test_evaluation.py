@@ -47,7 +47,7 @@ def no_generation(monkeypatch):
 
 def test_builtin_prompts_are_new_to_the_project():
     from emokern.data import load_queries
-    from emokern.eval.sweep import CALIBRATION_PROMPTS
+    from emokern.eval.calibration_sweep import CALIBRATION_PROMPTS
 
     prompts = load_prompts()
     assert len(prompts) >= 50 and len(set(prompts)) == len(prompts)

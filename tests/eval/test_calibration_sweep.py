@@ -10,7 +10,7 @@ from helpers import random_bank
 
 from emokern.bank import EmotionBank
 from emokern.data import load_calibration
-from emokern.eval.sweep import (
+from emokern.eval.calibration_sweep import (
     RowSteering,
     calibrate,
     calibration_record,

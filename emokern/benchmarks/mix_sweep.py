@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from emokern.benchmarks.baseline import NaiveSteering, shared_deltas, steering_vectors_patch
+from emokern.benchmarks.hook_baselines import NaiveSteering, shared_deltas, steering_vectors_patch
 from emokern.benchmarks.workload import PROMPTS
 from emokern.ops import resolve_backend
 from emokern.steering import steer
