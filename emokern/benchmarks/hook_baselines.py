@@ -12,6 +12,8 @@
 3. The published ``steering-vectors`` library (``pip install --no-deps steering-vectors``; it
    pins transformers<5 but works with 5.x, and imports scikit-learn), through
    ``SteeringVector(...).apply(model)`` (:func:`steering_vectors_patch`).
+
+Tested in ``tests/benchmarks/test_generate.py`` (the hooks against emokern's logits).
 """
 
 from __future__ import annotations

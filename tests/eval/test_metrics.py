@@ -10,9 +10,9 @@ from emokern.eval.metrics import aggregate, eas, eps
 EMOTIONS = ["joy", "sadness"]
 
 
-def _row(prompt, emotion, label, alpha, joy, sad, **extra):
+def _row(prompt, emotion, label, weight, joy, sad, **extra):
     total = joy + sad
-    return {"prompt": prompt, "emotion": emotion, "label": label, "alpha": alpha,
+    return {"prompt": prompt, "emotion": emotion, "label": label, "weight": weight,
             "judge": {"joy": joy, "sadness": sad},
             "judge_p": {"joy": joy / total, "sadness": sad / total}, **extra}
 
@@ -40,7 +40,7 @@ def test_aggregate_per_emotion_and_weight():
     out = {(r["emotion"], r["label"]): r for r in aggregate(rows, EMOTIONS)}
     assert set(out) == {("joy", "0"), ("joy", "rec"), ("sadness", "0"), ("sadness", "2")}
     sad = out[("sadness", "2")]
-    assert sad["n"] == 2 and sad["alpha"] == 2.0
+    assert sad["n"] == 2 and sad["weight"] == 2.0
     assert sad["eps"] == pytest.approx((0.75 + 0.5) / 2)
     assert sad["top"] == pytest.approx(0.5)  # the tie row's argmax is joy (first column)
     assert sad["eas"] == pytest.approx(0.5)
