@@ -26,9 +26,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from emokern.benchmarks.baseline import NaiveSteering, shared_deltas
 from emokern.benchmarks.decode import DecodeState
 from emokern.benchmarks.generate import format_table, run_generate_benchmark, save_results
+from emokern.benchmarks.hook_baselines import NaiveSteering, shared_deltas
 from emokern.benchmarks.workload import benchmark_bank, middle_layers
 from emokern.models import load_model
 from emokern.steering import steer

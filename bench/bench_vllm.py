@@ -21,7 +21,7 @@ a shared machine hits all three. The steered tokens of (2) and (3) are compared 
 math: the same greedy tokens but for float summation order).
 
 **Sweep.** 6 emotions x 7 weights (x the bank's recommended weight) x 8 prompts = 336
-sequences of ``--sweep-tokens`` greedy tokens (:mod:`emokern.benchmarks.sweep`, the generate
+sequences of ``--sweep-tokens`` greedy tokens (:mod:`emokern.benchmarks.mix_sweep`, the generate
 benchmark's (c)). First, in this process, the Hugging Face side: emokern in batched
 ``generate`` calls (168 rows each) and the baseline, one ``generate`` call of the 8 prompts
 per condition with a forward hook adding that condition's vector (readings on in both). Then
@@ -191,7 +191,8 @@ def sweep_vs_hf(args, layers, model, tokenizer) -> dict:
 
     import emokern.vllm
     from emokern.bank import EmotionBank
-    from emokern.benchmarks.baseline import NaiveSteering
+    from emokern.benchmarks.hook_baselines import NaiveSteering
+    from emokern.benchmarks.mix_sweep import sweep, sweep_loop
     from emokern.benchmarks.serving import (
         first_differences,
         identical_rows,
@@ -199,7 +200,6 @@ def sweep_vs_hf(args, layers, model, tokenizer) -> dict:
         sweep_requests,
         timed_vllm_generate,
     )
-    from emokern.benchmarks.sweep import sweep, sweep_loop
     from emokern.benchmarks.workload import benchmark_bank
 
     torch.set_num_threads(args.hf_threads)

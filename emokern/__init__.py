@@ -8,11 +8,11 @@
 >>> s.monitor.mean()   # [B, L, K]
 """
 
-from emokern.analysis.ablate import Ablator, ablate
 from emokern.bank import EmotionBank
 from emokern.models import load_model
 from emokern.ops import RunningProjections, available_backends, steer_
 from emokern.steering import Steerer, steer
+from emokern.steering.ablate import Ablator, ablate
 from emokern.version import __version__
 
 __all__ = [

@@ -82,15 +82,15 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
     from emokern.bank import EmotionBank
     from emokern.data import CALIBRATION_FILE
-    from emokern.eval.instructions import ev_report, format_ev_report, instruction_sweep
-    from emokern.eval.sweep import (
-        DEFAULT_ALPHAS,
+    from emokern.eval.calibration_sweep import (
+        DEFAULT_WEIGHTS,
         calibrate,
         choose_recommendation,
         format_sweep,
         parse_layers,
         store_recommendation,
     )
+    from emokern.eval.instructions import ev_report, format_ev_report, instruction_sweep
     from emokern.extract import DEFAULT_CENTER
     from emokern.files import write_text
     from emokern.machine import auto_threads
@@ -105,9 +105,9 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     if args.calibrate_command == "sweep":
         path = Path(args.bank) if args.bank else EmotionBank.default_path(args.method)
         bank = EmotionBank.load(path)
-        alphas = [float(a) for a in (args.alphas or DEFAULT_ALPHAS[args.method]).split(",")]
+        weights = [float(w) for w in (args.weights or DEFAULT_WEIGHTS[args.method]).split(",")]
         rows = calibrate(model, tokenizer, bank, layers=parse_layers(args.layers),
-                         alphas=alphas, emotions=args.emotions.split(","),
+                         weights=weights, emotions=args.emotions.split(","),
                          max_new_tokens=args.max_new_tokens)
         print(format_sweep(rows))
         best = choose_recommendation(rows)
@@ -200,24 +200,24 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         check_out_dir,
         evaluate,
         load_prompts,
-        parse_alphas,
+        parse_weights,
     )
     from emokern.machine import auto_threads
     from emokern.models import load_model
 
     # Every bad input fails here, before the model loads or anything is generated.
-    alphas = parse_alphas(args.alphas)
+    weights = parse_weights(args.weights)
     prompts = load_prompts(args.prompts)
     bank = _load_bank(args.bank)
     emotions = check_emotions(args.emotions, bank)
     out = check_out_dir(args.out)
     auto_threads()
     model, tokenizer = load_model(args.model)
-    result = evaluate(model, tokenizer, bank, emotions=emotions, alphas=alphas, prompts=prompts,
+    result = evaluate(model, tokenizer, bank, emotions=emotions, weights=weights, prompts=prompts,
                       max_new_tokens=args.max_new_tokens, seed=args.seed,
                       batch_size=args.batch_size, layers=args.layers or "auto", out=out,
                       model_name=args.model, bank_name=args.bank)
-    from emokern.eval.report import format_table
+    from emokern.eval.eval_report import format_table
 
     print(format_table(result["aggregates"], result["config"]["emotions"]))
     print(f"wrote {out / 'results.json'}, {out / 'report.md'}, {out / 'eps.png'}, "
@@ -275,7 +275,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
-    from emokern.analysis.run import run_analyze
+    from emokern.analysis.analyze_command import run_analyze
 
     return run_analyze(args)
 
@@ -302,6 +302,19 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                      port=args.port, extra=args.vllm_args, cuda=cuda)
     print("emokern serve: vLLM " + " ".join(argv), file=sys.stderr)
     return serve(argv, cuda=cuda)
+
+
+def _deprecated_alias(parser: argparse.ArgumentParser, old: str, new: str) -> None:
+    """Accept ``old`` as a hidden spelling of the option ``new`` (same destination), with a
+    note on stderr, so that commands written before the rename keep working."""
+
+    class Alias(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            print(f"{parser.prog}: {old} is deprecated, use {new}", file=sys.stderr)
+            setattr(namespace, self.dest, values)
+
+    parser.add_argument(old, dest=new.lstrip("-").replace("-", "_"), action=Alias,
+                        default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -335,8 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--method", choices=("ev", "concept"), default="ev")
     c.add_argument("--bank", help="bank file (default: the shipped bank of --method)")
     c.add_argument("--layers", default="6,9,12,15,18", help="e.g. 6,9,12 or 8-20 for a band")
-    c.add_argument("--alphas", help="weights to try (default: 2,4,6,8 for ev, "
-                                    "0.5,1,1.5,2 for concept, whose vectors are ~5x longer)")
+    c.add_argument("--weights", help="weights to try (default: 2,4,6,8 for ev, "
+                                     "0.5,1,1.5,2 for concept, whose vectors are ~5x longer)")
+    _deprecated_alias(c, "--alphas", "--weights")
     c.add_argument("--emotions", default="joy,fear,sadness")
     c.add_argument("--max-new-tokens", type=int, default=40)
     c.add_argument("--json", help="write the sweep rows to this JSON file")
@@ -376,8 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bank", default="default",
                    help="'default' (shipped EV bank), 'concept' or a bank .safetensors path")
     p.add_argument("--emotions", help="comma-separated (default: the bank's basic emotions)")
-    p.add_argument("--alphas", default="-1,0,1,2,4,rec",
+    p.add_argument("--weights", default="-1,0,1,2,4,rec",
                    help="comma-separated weights; 'rec' = each emotion's recommended weight")
+    _deprecated_alias(p, "--alphas", "--weights")
     p.add_argument("--prompts", help="JSON list or one prompt per line (default: the "
                    "built-in 60 prompts)")
     p.add_argument("--max-new-tokens", type=int, default=40)

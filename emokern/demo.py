@@ -12,9 +12,9 @@ from emokern.steering import generate
 PROMPT = "Tell me about your plans for this weekend."
 
 
-def demo_mixes(alpha: float) -> list[dict[str, float]]:
+def demo_mixes(weight: float) -> list[dict[str, float]]:
     """Five rows: unsteered, joy, fear, sadness, and joy suppressed (weights in bank units)."""
-    return [{}, {"joy": alpha}, {"fear": alpha}, {"sadness": alpha}, {"joy": -alpha}]
+    return [{}, {"joy": weight}, {"fear": weight}, {"sadness": weight}, {"joy": -weight}]
 
 
 def run_demo(max_new_tokens: int = 40, prompt: str = PROMPT, *, model: str = "default",
@@ -36,13 +36,13 @@ def run_demo(max_new_tokens: int = 40, prompt: str = PROMPT, *, model: str = "de
     start = time.perf_counter()
     lm, tokenizer = load_model(model)
     emotions = EmotionBank.load_default("ev") if bank == "default" else EmotionBank.load(bank)
-    alpha = emotions.recommended_alpha or 1.0
+    weight = emotions.recommended_alpha or 1.0
     name = "SmolLM2-135M-Instruct" if model == "default" else model
     print(f"model {name} loaded in {time.perf_counter() - start:.1f} s; "
           f"bank: {len(emotions.names)} emotions, steering layers {emotions.recommended_layers} "
-          f"at weight {alpha:g}")
+          f"at weight {weight:g}")
     start = time.perf_counter()
-    rows = generate(lm, tokenizer, emotions, prompt, demo_mixes(alpha),
+    rows = generate(lm, tokenizer, emotions, prompt, demo_mixes(weight),
                     max_new_tokens=max_new_tokens)
     seconds = time.perf_counter() - start
     print(f"\nprompt: {prompt!r} — {len(rows)} rows, one batched generate, {seconds:.1f} s\n")

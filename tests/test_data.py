@@ -128,18 +128,21 @@ def test_heldout_files(tmp_path):
 def test_calibration_record_round_trip(tmp_path):
     path = tmp_path / "calibration.json"
     assert load_calibration(path) == {}  # absent: nothing calibrated
-    store_calibration("ev", {"recommended_alpha": 6.0, "recommended_layers": [12]}, path)
-    store_calibration("concept", {"recommended_alpha": 1.5, "recommended_layers": [18]}, path)
-    store_calibration("ev", {"recommended_alpha": 4.0, "recommended_layers": [9]}, path)
+    store_calibration("ev", {"default_weight": 6.0, "recommended_layers": [12]}, path)
+    store_calibration("concept", {"default_weight": 1.5, "recommended_layers": [18]}, path)
+    store_calibration("ev", {"default_weight": 4.0, "recommended_layers": [9]}, path)
     assert load_calibration(path) == {
-        "ev": {"recommended_alpha": 4.0, "recommended_layers": [9]},
-        "concept": {"recommended_alpha": 1.5, "recommended_layers": [18]}}
+        "ev": {"default_weight": 4.0, "recommended_layers": [9]},
+        "concept": {"default_weight": 1.5, "recommended_layers": [18]}}
     assert path.read_text().endswith("}\n")
     # An unreadable record starts afresh rather than failing after a long sweep.
     path.write_text("{truncated")
-    store_calibration("ev", {"recommended_alpha": 2.0}, path)
-    assert load_calibration(path) == {"ev": {"recommended_alpha": 2.0}}
+    store_calibration("ev", {"default_weight": 2.0}, path)
+    assert load_calibration(path) == {"ev": {"default_weight": 2.0}}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calibration.json"]
+    # A record that still names the weight recommended_alpha reads it as default_weight.
+    path.write_text('{"ev": {"recommended_alpha": 6.0, "recommended_layers": [12]}}')
+    assert load_calibration(path) == {"ev": {"default_weight": 6.0, "recommended_layers": [12]}}
 
 
 # ---------------------------------------------------------------------------- shipped banks
@@ -234,7 +237,7 @@ def test_recommended_setting_steers_sadness_fluently(default_model, method):
     model, tokenizer = default_model
     bank = EmotionBank.load_default(method)
     rows = calibrate(model, tokenizer, bank, layers=bank.recommended_layers,
-                     alphas=[bank.recommended_alpha], emotions=["sadness"], fluency=False,
+                     weights=[bank.recommended_alpha], emotions=["sadness"], fluency=False,
                      progress=False)
     steered = rows[1]
     assert steered["gain"] >= 0.15 and steered["hit_rate"] >= 0.5, steered

@@ -6,15 +6,9 @@
 * :mod:`~emokern.analysis.words` — cross-validated prediction of word ratings;
 * :mod:`~emokern.analysis.neurons` — emotion-attribute MLP neurons (RSA per neuron);
 * :mod:`~emokern.analysis.inference` — vignette emotion inference, intact and ablated;
-* :mod:`~emokern.analysis.ablate` — :func:`ablate`, the neuron-ablation context manager
-  (op ``emokern::scale_neurons_``);
-* :mod:`~emokern.analysis.stats`, :mod:`~emokern.analysis.report`,
-  :mod:`~emokern.analysis.run` — statistics, written results, the command.
+* :mod:`~emokern.analysis.analysis_report`, :mod:`~emokern.analysis.analyze_command` — the
+  written results, the command.
 
-Only the ablation API is imported here (it is re-exported as ``emokern.ablate``); import the
-analysis modules themselves for the rest.
+They use :mod:`emokern.stats` (the statistics) and :mod:`emokern.steering.ablate` (the neuron
+ablation, ``emokern.ablate``). Nothing is imported here: import the modules themselves.
 """
-
-from emokern.analysis.ablate import Ablator, ablate, mlp_down_projections
-
-__all__ = ["Ablator", "ablate", "mlp_down_projections"]

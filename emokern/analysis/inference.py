@@ -39,8 +39,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from emokern.analysis.ablate import ablate, mlp_down_projections
 from emokern.data import DATA_DIR
+from emokern.steering.ablate import ablate, mlp_down_projections
 from emokern.tokens import model_device, pad_batch, pad_id
 
 __all__ = ["PROMPT", "VIGNETTES_FILE", "ablation_study", "calibrated", "evaluate",

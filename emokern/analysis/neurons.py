@@ -4,7 +4,7 @@ emotion categories (after Li, Su et al. 2024, "Human-like emotion concepts in LL
 1. **Activations.** Every concept word of each category (``emokern/data/concepts.json``, the
    concept bank's categories) is read in neutral carrier sentences; the activation of every
    MLP intermediate neuron (the input of the down projection, see
-   :mod:`emokern.analysis.ablate`) at the concept's last token is averaged per category:
+   :mod:`emokern.steering.ablate`) at the concept's last token is averaged per category:
    :math:`a_n(c)`, ``[C, L, F]``.
 2. **RSA per neuron.** A neuron's category distance matrix is
    :math:`D^n_{cc'} = |a_n(c) - a_n(c')|`; an attribute's is :math:`D^x_{cc'} = |x(c) - x(c')|`.
@@ -28,11 +28,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from emokern.analysis.ablate import mlp_down_projections
 from emokern.analysis.norms import Norms
-from emokern.analysis.stats import fdr_bh, kendall_tau_b_many
 from emokern.data import load_concepts
 from emokern.extract.concept import concept_token_span
+from emokern.stats import fdr_bh, kendall_tau_b_many
+from emokern.steering.ablate import mlp_down_projections
 from emokern.tokens import model_device, pad_batch, pad_id
 
 __all__ = ["MIN_CATEGORIES", "attribute_neurons", "category_activations",

@@ -21,7 +21,7 @@ import torch
 
 from emokern.analysis.neurons import MIN_CATEGORIES
 from emokern.analysis.norms import Norms
-from emokern.analysis.stats import pearson, rsa_permutation
+from emokern.stats import pearson, rsa_permutation
 
 __all__ = ["analyze_space", "category_distances", "pca_scores"]
 

@@ -5,7 +5,7 @@ For each rated word :math:`w` (a seeded subset of the norms, or all of them), th
 :math:`h_l(w)` at the word's last token in a neutral carrier sentence is read at every bank
 layer :math:`l`; its features are the projections on the bank's :math:`K` unit directions,
 :math:`x_{l,k}(w) = \langle h_l(w), v_{l,k}\rangle / \lVert v_{l,k}\rVert`. A ridge regression
-with 10-fold cross-validation (:func:`emokern.analysis.stats.ridge_cv_predict`) predicts each
+with 10-fold cross-validation (:func:`emokern.stats.ridge_cv_predict`) predicts each
 rating dimension from :math:`x_l`; the score is Pearson :math:`r` between the held-out
 predictions and the ratings, with a bootstrap 95% CI over words. The baseline is the same
 pipeline on :math:`K` random Gaussian directions (``n_random`` draws per layer): what any
@@ -20,10 +20,10 @@ import numpy as np
 import torch
 
 from emokern.analysis.norms import Norms
-from emokern.analysis.stats import bootstrap_ci, pearson, ridge_cv_predict
 from emokern.data import load_concepts
 from emokern.extract.concept import concept_token_span
 from emokern.extract.hidden import span_hidden_states
+from emokern.stats import bootstrap_ci, pearson, ridge_cv_predict
 from emokern.tokens import pad_id
 
 __all__ = ["CARRIERS", "analyze_words", "word_states"]

@@ -8,9 +8,11 @@
     tokens/s over unsteered tokens/s); the median over rounds is reported with its quartiles.
 (b) **distinct vs shared mixes** at the largest batch, paired the same way
     (``t_shared / t_distinct``): emokern with one mix per row vs one mix for all rows; and the
-    plain hooks, the per-row hook (:class:`~emokern.benchmarks.baseline.PerRowSteering`,
+    plain hooks, the per-row hook (:class:`~emokern.benchmarks.hook_baselines.PerRowSteering`,
     ``h.add_((W @ V)[:, None])``, the same distinct mixes) vs the naive hook adding one shared
     vector. Before timing, the per-row hook and emokern must give the same logits.
+
+Tested in ``tests/benchmarks/test_generate.py`` (the generate benchmark's smoke test).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from emokern.benchmarks.baseline import (
+from emokern.benchmarks.hook_baselines import (
     NaiveSteering,
     PerRowSteering,
     mix_rows,
@@ -46,13 +48,14 @@ def quantiles(values: Sequence[float]) -> dict[str, float]:
     return {"median": q[1], "q25": q[0], "q75": q[2], "n": len(ordered)}
 
 
-def distinct_mixes(names: Sequence[str], batch: int, alpha: float, seed: int) -> list[dict]:
-    """``batch`` random mixes, each of two emotions with weights uniform in ``[-α, 3α)``."""
+def distinct_mixes(names: Sequence[str], batch: int, weight: float, seed: int) -> list[dict]:
+    """``batch`` random mixes, each of two emotions with weights uniform in
+    ``[-weight, 3 weight)``."""
     generator = torch.Generator().manual_seed(seed)
     mixes = []
     for _ in range(batch):
         chosen = torch.randperm(len(names), generator=generator)[:2].tolist()
-        weights = (torch.rand(2, generator=generator) * 4 - 1) * alpha
+        weights = (torch.rand(2, generator=generator) * 4 - 1) * weight
         mixes.append({names[k]: float(w) for k, w in zip(chosen, weights, strict=True)})
     return mixes
 
@@ -139,15 +142,15 @@ def decode_overhead(model: nn.Module, tokenizer, bank, *, batch_sizes: Sequence[
         ``times_ms``), and the summary of (b) at the largest batch.
     """
     names = list(bank.names)
-    alpha = bank.recommended_alpha
-    shared_mix = {names[0]: 2.0 * alpha, names[3 % len(names)]: 0.5 * alpha}
+    weight = bank.recommended_alpha
+    shared_mix = {names[0]: 2.0 * weight, names[3 % len(names)]: 0.5 * weight}
     deltas = shared_deltas(bank, shared_mix, layers)
     directions = {layer: bank.layer_vectors(layer) for layer in layers}
     rows = []
     mixes_result: dict[str, Any] = {}
     for batch in batch_sizes:
         state = DecodeState(model, tokenizer, batch)
-        row_mixes = distinct_mixes(names, batch, alpha, seed=batch)
+        row_mixes = distinct_mixes(names, batch, weight, seed=batch)
         distinct = steer(model, bank, row_mixes, layers=list(layers), monitor=True)
         arms: dict[str, Any] = {
             "unsteered": None,

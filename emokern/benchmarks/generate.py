@@ -10,12 +10,12 @@ all ratios taken within one run (whole-run wall time on shared machines varies b
 (b) **distinct vs shared mixes** at the largest batch, emokern and the plain hooks (one
     shared vector vs a per-row ``h.add_((W @ V)[:, None])``) (:mod:`emokern.benchmarks.decode`);
 (c) **sweep** — 336 sequences, emokern in batched ``generate`` calls vs the baseline's loop
-    over the 42 conditions (:mod:`emokern.benchmarks.sweep`).
+    over the 42 conditions (:mod:`emokern.benchmarks.mix_sweep`).
 
 This module runs them (:func:`run_generate_benchmark`) and reports the result
 (:func:`format_table`, :func:`plot_results`, :func:`save_results`). The workload (prompts,
 bank, layers) is in :mod:`emokern.benchmarks.workload`, the baselines in
-:mod:`emokern.benchmarks.baseline`.
+:mod:`emokern.benchmarks.hook_baselines`.
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from emokern.benchmarks.baseline import steering_vectors_available, steering_vectors_version
 from emokern.benchmarks.decode import decode_overhead
-from emokern.benchmarks.sweep import sweep, warm_up
+from emokern.benchmarks.hook_baselines import steering_vectors_available, steering_vectors_version
+from emokern.benchmarks.mix_sweep import sweep, warm_up
 from emokern.benchmarks.workload import benchmark_bank, middle_layers
 from emokern.files import atomic_write, write_text
 from emokern.machine import machine_info

@@ -1,10 +1,10 @@
 """What ``bench/bench_vllm.py`` needs beyond vLLM itself: the generate benchmark's sweep as vLLM
 requests, and the lines its engines' worker processes log.
 
-**The sweep.** The sweep of :mod:`emokern.benchmarks.sweep` (6 emotions × 7 weights × 8
+**The sweep.** The sweep of :mod:`emokern.benchmarks.mix_sweep` (6 emotions × 7 weights × 8
 prompts, greedy, ``new_tokens`` per sequence) as one ``LLM.generate`` call of 336 requests,
 each carrying its own mix in ``SamplingParams(extra_args={"emotion": mix})``, in the same order
-as :func:`~emokern.benchmarks.sweep.sweep_emokern`'s rows (condition-major), so the tokens of
+as :func:`~emokern.benchmarks.mix_sweep.sweep_emokern`'s rows (condition-major), so the tokens of
 the two can be compared row by row. ``bench/bench_vllm.py`` runs it against the Hugging Face loop.
 
 The prompts are the very token ids the Hugging Face sweep feeds (its left-padded batch with
@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from emokern.benchmarks.sweep import sweep_conditions
+from emokern.benchmarks.mix_sweep import sweep_conditions
 from emokern.benchmarks.workload import PROMPTS
 from emokern.tokens import encode_prompts
 
@@ -45,7 +45,7 @@ def sweep_requests(tokenizer, bank) -> tuple[list[dict], list[dict[str, float]]]
     ``prompts[i]`` is ``{"prompt_token_ids": [...]}``, the chat-formatted prompt of
     :data:`~emokern.benchmarks.workload.PROMPTS` ``[i % 8]`` tokenized exactly as the Hugging
     Face sweep does (:func:`emokern.tokens.encode_prompts`, padding removed); ``mixes[i]`` is
-    condition ``i // 8`` of :func:`~emokern.benchmarks.sweep.sweep_conditions` (bank units).
+    condition ``i // 8`` of :func:`~emokern.benchmarks.mix_sweep.sweep_conditions` (bank units).
     """
     encoded = encode_prompts(tokenizer, list(PROMPTS))
     ids = [row[mask.bool()].tolist() for row, mask in

@@ -1,4 +1,7 @@
-"""What the generate benchmark runs on: its prompts, its bank and the steered layers."""
+"""What the generate benchmark runs on: its prompts, its bank and the steered layers.
+
+Tested in ``tests/benchmarks/test_generate.py`` (the workload's bank and layers).
+"""
 
 from __future__ import annotations
 

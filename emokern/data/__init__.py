@@ -14,6 +14,8 @@
 Every file was written for emokern (see ``docs/emotions.md`` for how each was chosen). Loaders
 take an optional path to read a user's own file of the same format; bad input is a
 ``ValueError`` (``TypeError`` for a non-path argument) that names the argument and the file.
+
+Tested in ``tests/test_data.py``.
 """
 
 from __future__ import annotations
@@ -158,13 +160,20 @@ def load_calibration(path: str | os.PathLike | None = None) -> dict:
     -------
     dict
         Method (``"ev"``, ``"concept"``) -> the record :func:`store_calibration` stored:
-        ``recommended_alpha``, ``recommended_layers``, ``relative_depth``,
-        ``relative_strength``, ``centered``, ``fingerprint`` and the sweep's measures.
+        ``default_weight`` (the bank-wide steering weight), ``recommended_layers``,
+        ``relative_depth``, ``relative_strength``, ``centered``, ``fingerprint`` and the sweep's
+        measures. A record that still names the weight ``recommended_alpha`` (as files of
+        earlier versions do) is read with it as ``default_weight``.
     """
     path = CALIBRATION_FILE if path is None else Path(path)
     if not Path(path).is_file():
         return {}
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    for record in data.values():
+        if isinstance(record, dict) and "recommended_alpha" in record:
+            record.setdefault("default_weight", record["recommended_alpha"])
+            del record["recommended_alpha"]
+    return data
 
 
 def store_calibration(method: str, record: dict, path: str | os.PathLike | None = None

@@ -7,8 +7,9 @@ classification and the measures of Method EV.
 * :mod:`emokern.eval.similarity` — :class:`SentenceEmbedder` (all-MiniLM-L6-v2): semantic
   fidelity and topic adherence;
 * :mod:`emokern.eval.metrics` — the papers' EPS and EAS per emotion and weight
-  (:func:`aggregate`), correlations;
-* :mod:`emokern.eval.sweep` — steering sweeps (:func:`calibrate`), the choice of the
+  (:func:`aggregate`); correlations (:func:`pearson`, :func:`spearman`) are
+  :mod:`emokern.stats`'s, re-exported here;
+* :mod:`emokern.eval.calibration_sweep` — steering sweeps (:func:`calibrate`), the choice of the
   recommended weight and layers (:func:`choose_recommendation`) and storing it
   (:func:`store_recommendation`);
 * :mod:`emokern.eval.heldout` — held-out classification accuracy of a bank
@@ -20,6 +21,14 @@ classification and the measures of Method EV.
 """
 
 from emokern.emotions import BASIC_EMOTIONS
+from emokern.eval.calibration_sweep import (
+    RowSteering,
+    calibrate,
+    calibration_record,
+    choose_recommendation,
+    format_sweep,
+    store_recommendation,
+)
 from emokern.eval.heldout import (
     heldout_report,
     heldout_states,
@@ -28,17 +37,10 @@ from emokern.eval.heldout import (
 )
 from emokern.eval.instructions import ev_report, format_ev_report, instruction_sweep
 from emokern.eval.lexicon import LexiconScorer
-from emokern.eval.metrics import aggregate, eas, eps, pearson, spearman
+from emokern.eval.metrics import aggregate, eas, eps
 from emokern.eval.scorers import EmotionScorer, degeneration, distinct_n, perplexity, repetition
 from emokern.eval.similarity import SentenceEmbedder
-from emokern.eval.sweep import (
-    RowSteering,
-    calibrate,
-    calibration_record,
-    choose_recommendation,
-    format_sweep,
-    store_recommendation,
-)
+from emokern.stats import pearson, spearman
 
 __all__ = [
     "BASIC_EMOTIONS",

@@ -15,7 +15,7 @@ the whole grid costs ``ceil(rows / batch_size)`` generations. Each answer is the
 
 and carries the monitor's readings (calibrated units when the bank has a neutral baseline).
 :func:`~emokern.eval.metrics.aggregate` gives EPS/EAS per emotion and weight;
-:mod:`emokern.eval.report` writes ``report.md`` and the plots.
+:mod:`emokern.eval.eval_report` writes ``report.md`` and the plots.
 
 Everything that can be wrong with the input (unknown emotion, bad weight list, empty or
 unreadable prompt file, unwritable output directory) raises one ``ValueError`` before the
@@ -38,9 +38,9 @@ from tqdm.auto import tqdm
 
 from emokern.data import DATA_DIR
 from emokern.emotions import BASIC_EMOTIONS
+from emokern.eval.eval_report import format_report, plot_eps, plot_perplexity
 from emokern.eval.lexicon import LexiconScorer
 from emokern.eval.metrics import aggregate
-from emokern.eval.report import format_report, plot_eps, plot_perplexity
 from emokern.eval.scorers import EmotionScorer, degeneration, perplexity
 from emokern.eval.similarity import SentenceEmbedder
 from emokern.files import write_json, write_text
@@ -48,7 +48,7 @@ from emokern.machine import machine_info
 from emokern.steering import generate
 
 __all__ = ["EVAL_PROMPTS_FILE", "REC", "check_emotions", "check_out_dir", "evaluate",
-           "grid_rows", "load_prompts", "parse_alphas", "sanitize"]
+           "grid_rows", "load_prompts", "parse_weights", "sanitize"]
 
 #: The built-in prompt set (60 everyday prompts, disjoint from the extraction queries and the
 #: sweep prompts).
@@ -95,7 +95,7 @@ def load_prompts(path: str | os.PathLike | None = None) -> list[str]:
     return prompts
 
 
-def parse_alphas(text) -> list[float | str]:
+def parse_weights(text) -> list[float | str]:
     """Weights from ``"-1,0,1,2,4"``, ``"rec"`` or a mix (``"0,1,rec"``): floats and the
     label :data:`REC`, in the order given, without duplicates.
 
@@ -109,7 +109,7 @@ def parse_alphas(text) -> list[float | str]:
     elif isinstance(text, Sequence):
         terms = list(text)
     else:
-        raise ValueError(f"alphas must be a comma-separated string such as '-1,0,1,2,4' or "
+        raise ValueError(f"weights must be a comma-separated string such as '-1,0,1,2,4' or "
                          f"'rec', got {text!r}")
     out: list[float | str] = []
     for term in terms:
@@ -119,15 +119,15 @@ def parse_alphas(text) -> list[float | str]:
             try:
                 value = float(term)
             except (TypeError, ValueError):
-                raise ValueError(f"alphas: {term!r} is neither a number nor 'rec' (in "
+                raise ValueError(f"weights: {term!r} is neither a number nor 'rec' (in "
                                  f"{text!r})") from None
             if not math.isfinite(value):
-                raise ValueError(f"alphas: {term!r} is not finite")
+                raise ValueError(f"weights: {term!r} is not finite")
         if value in out:
-            raise ValueError(f"alphas: {term!r} is given twice")
+            raise ValueError(f"weights: {term!r} is given twice")
         out.append(value)
     if not out or out == [""]:
-        raise ValueError("alphas must not be empty")
+        raise ValueError("weights must not be empty")
     return out
 
 
@@ -170,20 +170,20 @@ def check_out_dir(out: str | os.PathLike) -> Path:
     return path
 
 
-def grid_rows(prompts: Sequence[str], emotions: Sequence[str], alphas: Sequence[float | str],
+def grid_rows(prompts: Sequence[str], emotions: Sequence[str], weights: Sequence[float | str],
               bank) -> list[dict]:
-    """The grid as rows ``{prompt, emotion, label, alpha, mix}``: one unsteered row per
+    """The grid as rows ``{prompt, emotion, label, weight, mix}``: one unsteered row per
     prompt (``emotion`` None, label ``"0"``), then per emotion and non-zero weight one row
     per prompt (``rec`` resolved by ``bank.recommended_weight``)."""
-    rows = [{"prompt": p, "emotion": None, "label": "0", "alpha": 0.0, "mix": {}}
+    rows = [{"prompt": p, "emotion": None, "label": "0", "weight": 0.0, "mix": {}}
             for p in prompts]
     for emotion in emotions:
-        for alpha in alphas:
-            if alpha == 0.0:
+        for asked in weights:
+            if asked == 0.0:
                 continue
-            weight = bank.recommended_weight(emotion) if alpha == REC else float(alpha)
-            label = REC if alpha == REC else f"{alpha:g}"
-            rows += [{"prompt": p, "emotion": emotion, "label": label, "alpha": weight,
+            weight = bank.recommended_weight(emotion) if asked == REC else float(asked)
+            label = REC if asked == REC else f"{asked:g}"
+            rows += [{"prompt": p, "emotion": emotion, "label": label, "weight": weight,
                       "mix": {emotion: weight}} for p in prompts]
     return rows
 
@@ -238,7 +238,7 @@ def _score(model, tokenizer, rows, emotions, *, scorer, lexicon, embedder, fluen
         row["perplexity"] = float(ppl[i])
 
 
-def evaluate(model, tokenizer, bank, *, emotions=None, alphas="-1,0,1,2,4,rec", prompts=None,
+def evaluate(model, tokenizer, bank, *, emotions=None, weights="-1,0,1,2,4,rec", prompts=None,
              max_new_tokens: int = 40, seed: int = 0, batch_size: int = 64,
              layers="auto", do_sample: bool = False, out: str | os.PathLike | None = None,
              fluency: bool = True, progress: bool = True, scorer: EmotionScorer | None = None,
@@ -252,8 +252,8 @@ def evaluate(model, tokenizer, bank, *, emotions=None, alphas="-1,0,1,2,4,rec", 
         The model and a bank extracted from it (checked before generating).
     emotions : str, list of str or None
         Emotions to steer (default: the six basic emotions the bank has).
-    alphas : str or list
-        Weights (:func:`parse_alphas`); ``0`` is the unsteered baseline, which is always run;
+    weights : str or list
+        Weights (:func:`parse_weights`); ``0`` is the unsteered baseline, which is always run;
         ``"rec"`` is each emotion's recommended weight.
     prompts : list of str, path or None
         The prompts, a prompts file (:func:`load_prompts`), or None for the built-in set.
@@ -277,7 +277,7 @@ def evaluate(model, tokenizer, bank, *, emotions=None, alphas="-1,0,1,2,4,rec", 
     """
     # Every check before any generation.
     emotions = check_emotions(emotions, bank)
-    alphas = parse_alphas(alphas)
+    weights = parse_weights(weights)
     if prompts is None or isinstance(prompts, (str, os.PathLike)):
         prompts = load_prompts(prompts)
     else:
@@ -290,7 +290,7 @@ def evaluate(model, tokenizer, bank, *, emotions=None, alphas="-1,0,1,2,4,rec", 
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     out_dir = check_out_dir(out) if out is not None else None
     bank.check_compatible(model)
-    rows = grid_rows(prompts, emotions, alphas, bank)
+    rows = grid_rows(prompts, emotions, weights, bank)
     scorer = scorer or EmotionScorer()
     lexicon = lexicon or LexiconScorer()
     embedder = embedder or SentenceEmbedder()
@@ -303,7 +303,8 @@ def evaluate(model, tokenizer, bank, *, emotions=None, alphas="-1,0,1,2,4,rec", 
            fluency=fluency)
     result = {
         "config": {"model": model_name, "bank": bank_name, "method": bank.method,
-                   "emotions": emotions, "alphas": [a if a == REC else float(a) for a in alphas],
+                   "emotions": emotions,
+                   "weights": [w if w == REC else float(w) for w in weights],
                    "recommended": {e: bank.recommended_weight(e) for e in emotions},
                    "layers": list(bank.recommended_layers) if layers == "auto" else list(layers),
                    "n_prompts": len(prompts), "n_rows": len(rows),

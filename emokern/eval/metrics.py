@@ -1,24 +1,24 @@
 r"""The emotion-vector papers' metrics, per emotion and weight, from judged answers.
 
 Following Dong et al., *Controllable Emotion Generation with Emotion Vectors* (arXiv
-2502.04075), for a target emotion :math:`e` steered at weight :math:`\alpha` over prompts
+2502.04075), for a target emotion :math:`e` steered at weight :math:`w` over prompts
 :math:`i = 1..N`, with a judge (here the ``nade`` classifier, :class:`~emokern.eval.scorers.
 EmotionScorer`) giving each answer intensities :math:`s_{i,k}\in[0,1]` over the six basic
 emotions and probabilities :math:`p_{i,k} = s_{i,k}/\sum_j s_{i,j}`:
 
 .. math::
-    \mathrm{EPS}(e, \alpha) = \frac1N\sum_i p_{i,e}, \qquad
-    \mathrm{top}(e, \alpha) = \frac1N\sum_i [\arg\max_k p_{i,k} = e]
+    \mathrm{EPS}(e, w) = \frac1N\sum_i p_{i,e}, \qquad
+    \mathrm{top}(e, w) = \frac1N\sum_i [\arg\max_k p_{i,k} = e]
 
 (Emotion Probability Score, and the share of answers whose top emotion is the target), and
 
 .. math::
-    \mathrm{EAS}(e, \alpha) = \frac1N\sum_i s_{i,e}, \qquad
-    \Delta\mathrm{EAS}(e, \alpha) = \frac{\mathrm{EAS}(e,\alpha) - \mathrm{EAS}(e,0)}
-                                         {\mathrm{EAS}(e,0)}
+    \mathrm{EAS}(e, w) = \frac1N\sum_i s_{i,e}, \qquad
+    \Delta\mathrm{EAS}(e, w) = \frac{\mathrm{EAS}(e,w) - \mathrm{EAS}(e,0)}
+                                     {\mathrm{EAS}(e,0)}
 
 (Emotion Absolute Score: the target's mean intensity, and its relative change against the
-unsteered answers to the same prompts, :math:`\alpha = 0`). The paper judges with a large
+unsteered answers to the same prompts, :math:`w = 0`). The paper judges with a large
 model; the judge here is a small, independent classifier, so absolute levels differ, trends
 compare.
 
@@ -33,8 +33,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["AGGREGATE_FIELDS", "PER_EMOTION_FIELDS", "aggregate", "eas", "eps", "finite",
-           "pearson", "spearman"]
+__all__ = ["AGGREGATE_FIELDS", "PER_EMOTION_FIELDS", "aggregate", "eas", "eps", "finite"]
 
 #: Per-row numeric fields averaged by :func:`aggregate` (when present in the rows).
 AGGREGATE_FIELDS = ("fidelity", "adherence", "distinct2", "rep3", "n_tokens")
@@ -83,7 +82,7 @@ def aggregate(rows: Sequence[dict], emotions: Sequence[str]) -> list[dict]:
     ----------
     rows : sequence of dict
         Each with ``emotion`` (the target, or None for an unsteered row), ``label`` (the
-        weight as asked: ``"0"``, ``"2"``, ``"rec"``...), ``alpha`` (the weight applied),
+        weight as asked: ``"0"``, ``"2"``, ``"rec"``...), ``weight`` (the weight applied),
         ``judge`` (emotion -> nade intensity), ``judge_p`` (emotion -> probability),
         ``perplexity`` and the :data:`AGGREGATE_FIELDS` that were measured; of the
         :data:`PER_EMOTION_FIELDS` (``readings``: emotion -> calibrated reading,
@@ -94,7 +93,7 @@ def aggregate(rows: Sequence[dict], emotions: Sequence[str]) -> list[dict]:
     Returns
     -------
     list of dict
-        Per (emotion, label): ``emotion``, ``label``, ``alpha`` (mean applied), ``n``,
+        Per (emotion, label): ``emotion``, ``label``, ``weight`` (mean applied), ``n``,
         ``eps``, ``top``, ``eas``, ``eas_change`` (vs the unsteered rows of the same prompts),
         ``gain`` (EPS minus the unsteered EPS), ``perplexity`` (median) and the means of
         :data:`AGGREGATE_FIELDS` and :data:`PER_EMOTION_FIELDS`. The unsteered rows count
@@ -125,7 +124,7 @@ def aggregate(rows: Sequence[dict], emotions: Sequence[str]) -> list[dict]:
             e_ps, top = eps(probs, k)
             e_as, change = eas(ints, k, base_eas)
             record = {"emotion": emotion, "label": label,
-                      "alpha": _nanmean(r.get("alpha", 0.0) for r in group), "n": len(group),
+                      "weight": _nanmean(r.get("weight", 0.0) for r in group), "n": len(group),
                       "eps": e_ps, "top": top, "eas": e_as, "eas_change": change,
                       "gain": e_ps - base_eps,
                       "perplexity": _nanmedian(r.get("perplexity") for r in group)}
@@ -139,42 +138,6 @@ def aggregate(rows: Sequence[dict], emotions: Sequence[str]) -> list[dict]:
                     record[field] = _nanmean(values)
             out.append(record)
     return out
-
-
-def pearson(x: Sequence[float], y: Sequence[float]) -> float:
-    """Pearson correlation of two equal-length sequences (NaN pairs dropped; NaN when fewer
-    than 3 pairs or a constant sequence)."""
-    a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    if a.shape != b.shape:
-        raise ValueError(f"x and y must have the same length, got {a.shape} and {b.shape}")
-    ok = np.isfinite(a) & np.isfinite(b)
-    a, b = a[ok], b[ok]
-    if a.size < 3 or a.std() == 0 or b.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(a, b)[0, 1])
-
-
-def _ranks(values: np.ndarray) -> np.ndarray:
-    order = np.argsort(values, kind="mergesort")
-    ranks = np.empty(values.size, dtype=np.float64)
-    ranks[order] = np.arange(values.size, dtype=np.float64)
-    # Ties share their mean rank.
-    for v in np.unique(values):
-        tie = values == v
-        if tie.sum() > 1:
-            ranks[tie] = ranks[tie].mean()
-    return ranks
-
-
-def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman rank correlation (Pearson of the tie-averaged ranks)."""
-    a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    if a.shape != b.shape:
-        raise ValueError(f"x and y must have the same length, got {a.shape} and {b.shape}")
-    ok = np.isfinite(a) & np.isfinite(b)
-    if ok.sum() < 3:
-        return float("nan")
-    return pearson(_ranks(a[ok]), _ranks(b[ok]))
 
 
 def finite(value: float) -> float | None:

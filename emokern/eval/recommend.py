@@ -23,8 +23,8 @@ from collections.abc import Sequence
 import torch
 
 from emokern.data import load_queries
+from emokern.eval.calibration_sweep import CALIBRATION_PROMPTS
 from emokern.eval.evaluation import evaluate
-from emokern.eval.sweep import CALIBRATION_PROMPTS
 
 __all__ = ["DEFAULT_SWEEP_WEIGHTS", "SWEEP_PROMPTS", "choose", "store", "sweep"]
 
@@ -44,8 +44,8 @@ def sweep(model, tokenizer, bank, *, emotions=None, weights: Sequence[float] | N
     prompts and the method's :data:`DEFAULT_SWEEP_WEIGHTS`); returns ``evaluate``'s result."""
     if weights is None:
         weights = DEFAULT_SWEEP_WEIGHTS.get(bank.method or "", DEFAULT_SWEEP_WEIGHTS["ev"])
-    alphas = [0.0, *[float(w) for w in weights if float(w) != 0.0]]
-    return evaluate(model, tokenizer, bank, emotions=emotions, alphas=alphas,
+    weights = [0.0, *[float(w) for w in weights if float(w) != 0.0]]
+    return evaluate(model, tokenizer, bank, emotions=emotions, weights=weights,
                     prompts=list(prompts), max_new_tokens=max_new_tokens,
                     batch_size=batch_size, progress=progress, **options)
 
@@ -57,7 +57,7 @@ def choose(aggregates: Sequence[dict], *, min_distinct2: float = 0.7,
     Parameters
     ----------
     aggregates : sequence of dict
-        :func:`emokern.eval.metrics.aggregate` records (``emotion``, ``label``, ``alpha``,
+        :func:`emokern.eval.metrics.aggregate` records (``emotion``, ``label``, ``weight``,
         ``gain``, ``distinct2``, ``perplexity``).
 
     Returns
@@ -73,8 +73,8 @@ def choose(aggregates: Sequence[dict], *, min_distinct2: float = 0.7,
         records = [a for a in aggregates if a["emotion"] == emotion]
         base = [a for a in records if a["label"] == "0"]
         base_ppl = base[0]["perplexity"] if base else float("nan")
-        swept = sorted((a for a in records if a["label"] != "0" and a["alpha"] > 0),
-                       key=lambda a: a["alpha"])
+        swept = sorted((a for a in records if a["label"] != "0" and a["weight"] > 0),
+                       key=lambda a: a["weight"])
         if not swept:
             continue
         best = None
@@ -86,7 +86,7 @@ def choose(aggregates: Sequence[dict], *, min_distinct2: float = 0.7,
             if fluent and (best is None or a["gain"] > best["gain"] + 0.01):
                 best = a
         chosen = best if best is not None else swept[0]
-        out[emotion] = {"weight": float(chosen["alpha"]), "gain": round(chosen["gain"], 4),
+        out[emotion] = {"weight": float(chosen["weight"]), "gain": round(chosen["gain"], 4),
                         "eps": round(chosen["eps"], 4),
                         "distinct2": round(chosen.get("distinct2", float("nan")), 4),
                         "perplexity": round(chosen.get("perplexity", float("nan")), 2),

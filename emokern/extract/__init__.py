@@ -11,10 +11,11 @@
   (:func:`span_hidden_states`).
 * :mod:`emokern.extract.vectors` — centring, pairwise cosines, the recommended weight and
   layers (from the calibration record, :func:`emokern.data.load_calibration`), the bank.
-* :mod:`emokern.extract.baseline` — the readings' neutral baseline (:func:`neutral_stats`,
-  :func:`neutral_baseline`) and the layers that detect emotions best
+* :mod:`emokern.extract.neutral_readings` — the readings' neutral baseline
+  (:func:`neutral_stats`, :func:`neutral_baseline`) and the layers that detect emotions best
   (:func:`detection_layers`).
-* :mod:`emokern.extract.run` — :func:`extract_main`: check, load the model, extract, save.
+* :mod:`emokern.extract.extract_command` — :func:`extract_main`: check, load the model,
+  extract, save.
 
 Both return an :class:`emokern.bank.EmotionBank` with per-layer mean hidden-state norms and
 metadata (method, source-set hash, model fingerprint, emokern version, recommended weight and
@@ -25,12 +26,6 @@ with::
     emokern extract --method concept --out emokern/data/banks/default-concept.safetensors
 """
 
-from emokern.extract.baseline import (
-    detection_accuracy,
-    detection_layers,
-    neutral_baseline,
-    neutral_stats,
-)
 from emokern.extract.concept import (
     CONCEPT_SLOT,
     DEFAULT_CONCEPT_POOLING,
@@ -38,8 +33,14 @@ from emokern.extract.concept import (
     extract_concept,
 )
 from emokern.extract.ev import DEFAULT_CENTER, ev_messages, extract_ev
+from emokern.extract.extract_command import METHODS, extract_main
 from emokern.extract.hidden import DEFAULT_MAX_NEW_TOKENS, generate_responses, span_hidden_states
-from emokern.extract.run import METHODS, extract_main
+from emokern.extract.neutral_readings import (
+    detection_accuracy,
+    detection_layers,
+    neutral_baseline,
+    neutral_stats,
+)
 from emokern.extract.vectors import center_vectors, make_bank, pairwise_cosines, recommend
 
 __all__ = [

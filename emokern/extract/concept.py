@@ -21,7 +21,6 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from emokern.data import load_concepts, text_hash
-from emokern.extract.baseline import neutral_baseline
 from emokern.extract.checks import (
     check_layers,
     check_names,
@@ -29,6 +28,7 @@ from emokern.extract.checks import (
     num_decoder_layers,
 )
 from emokern.extract.hidden import span_hidden_states
+from emokern.extract.neutral_readings import neutral_baseline
 from emokern.extract.vectors import center_vectors, emokern_version, make_bank, recommend
 from emokern.models import model_fingerprint
 from emokern.tokens import pad_id
@@ -124,7 +124,7 @@ def extract_concept(
     baseline : bool
         Also generate neutral answers to ``neutral_queries`` (default the project's queries)
         for the readings' neutral baseline and choose the detection layers
-        (:func:`emokern.extract.baseline.neutral_baseline`).
+        (:func:`emokern.extract.neutral_readings.neutral_baseline`).
 
     Returns
     -------

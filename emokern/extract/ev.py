@@ -29,7 +29,6 @@ import torch
 
 from emokern.data import load_heldout, load_instructions, load_queries, text_hash
 from emokern.emotions import BASIC_EMOTIONS
-from emokern.extract.baseline import detection_layers, neutral_stats
 from emokern.extract.checks import (
     check_layers,
     check_names,
@@ -37,6 +36,7 @@ from emokern.extract.checks import (
     num_decoder_layers,
 )
 from emokern.extract.hidden import DEFAULT_MAX_NEW_TOKENS, generate_responses, span_hidden_states
+from emokern.extract.neutral_readings import detection_layers, neutral_stats
 from emokern.extract.vectors import center_vectors, emokern_version, make_bank, recommend
 from emokern.models import model_fingerprint
 from emokern.tokens import chat_prompt_ids, pad_id
@@ -152,14 +152,14 @@ def extract_ev(
         Also return the generated texts ``{"neutral": [...], emotion: [...]}``.
     detect : bool
         Also choose the detection layers on the held-out sentences
-        (:func:`emokern.extract.baseline.detection_layers`).
+        (:func:`emokern.extract.neutral_readings.detection_layers`).
 
     Returns
     -------
     EmotionBank
         Vectors ``[L, K, D]``, ``hidden_norm [L]`` (mean norm of response-token hidden states,
         all conditions), the neutral baseline of the readings (from the neutral answers,
-        :func:`emokern.extract.baseline.neutral_stats`), metadata (method, queries hash,
+        :func:`emokern.extract.neutral_readings.neutral_stats`), metadata (method, queries hash,
         instruction id, centered, model fingerprint, emokern version, recommended_alpha,
         recommended_layers, detection layers, counts, time).
         With ``return_responses``: ``(bank, responses)``.

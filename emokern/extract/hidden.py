@@ -50,7 +50,8 @@ def generate_responses(
         state is restored afterwards).
     steer_weights : callable, optional
         ``steer_weights(start, stop)`` is called before each batch of prompts
-        ``prompts[start:stop]`` (used by :mod:`emokern.eval.sweep` to set per-row steering).
+        ``prompts[start:stop]`` (used by :mod:`emokern.eval.calibration_sweep` to set per-row
+        steering).
 
     Returns
     -------

@@ -3,7 +3,7 @@ weight and layers, and the :class:`~emokern.bank.EmotionBank` itself.
 
 The recommendation comes from the calibration record (``emokern/data/calibration.json``, read
 through :func:`emokern.data.load_calibration`), written by the calibration sweep
-(``emokern calibrate sweep --write``, :mod:`emokern.eval.sweep`).
+(``emokern calibrate sweep --write``, :mod:`emokern.eval.calibration_sweep`).
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from collections.abc import Sequence
 
 import torch
 
-import emokern
 from emokern.bank import EmotionBank
 from emokern.data import load_calibration
+from emokern.version import __version__
 
 __all__ = ["center_vectors", "emokern_version", "make_bank", "pairwise_cosines", "recommend"]
 
@@ -44,9 +44,7 @@ def pairwise_cosines(vectors: torch.Tensor) -> torch.Tensor:
 
 def emokern_version() -> str:
     """The installed emokern's version, recorded in every bank's metadata."""
-    # emokern/__init__.py sets __version__ before it imports anything, so this module-level
-    # ``import emokern`` is safe even while the package is still being imported.
-    return emokern.__version__
+    return __version__
 
 
 def recommend(vectors: torch.Tensor, layers: Sequence[int], hidden_norm: torch.Tensor,
@@ -56,8 +54,9 @@ def recommend(vectors: torch.Tensor, layers: Sequence[int], hidden_norm: torch.T
     When the calibration was measured on the same model (same fingerprint), method and
     centring, its values are used as they are. Otherwise they are transferred: the layer at the
     same relative depth (nearest extracted layer), and the weight that gives the same relative
-    steering strength :math:`\alpha\,\overline{\lVert v_{l}\rVert}/\overline{\lVert h_l\rVert}`
-    (mean vector norm over emotions relative to the mean hidden norm). A transferred value is a
+    steering strength :math:`w\,\overline{\lVert v_{l}\rVert}/\overline{\lVert h_l\rVert}`
+    (weight :math:`w` times the mean vector norm over emotions, relative to the mean hidden
+    norm). A transferred value is a
     starting point only; calibrate the bank on its own model for real use.
 
     Parameters
@@ -76,14 +75,15 @@ def recommend(vectors: torch.Tensor, layers: Sequence[int], hidden_norm: torch.T
     Returns
     -------
     dict
-        ``recommended_alpha`` (float), ``recommended_layers`` (list of int) and
-        ``recommendation`` ("calibrated", "transferred" or "heuristic").
+        The bank metadata: ``recommended_alpha`` (float, the bank-wide default weight: the
+        key the bank file reads), ``recommended_layers`` (list of int) and ``recommendation``
+        ("calibrated", "transferred" or "heuristic").
     """
     record = load_calibration().get(method, {})
     same = (record.get("fingerprint") == fingerprint
             and record.get("centered") == centered)
     if same and all(layer in layers for layer in record["recommended_layers"]):
-        return {"recommended_alpha": float(record["recommended_alpha"]),
+        return {"recommended_alpha": float(record["default_weight"]),
                 "recommended_layers": list(record["recommended_layers"]),
                 "recommendation": "calibrated"}
     depth = float(record.get("relative_depth", 0.4))
@@ -92,8 +92,8 @@ def recommend(vectors: torch.Tensor, layers: Sequence[int], hidden_norm: torch.T
     layer = min(layers, key=lambda x: abs(x - target))
     i = list(layers).index(layer)
     ratio = float(vectors[i].norm(dim=-1).mean() / hidden_norm[i].clamp_min(1e-12))
-    alpha = strength / ratio if ratio > 0 else 1.0
-    return {"recommended_alpha": round(float(alpha), 2), "recommended_layers": [int(layer)],
+    weight = strength / ratio if ratio > 0 else 1.0
+    return {"recommended_alpha": round(float(weight), 2), "recommended_layers": [int(layer)],
             "recommendation": "transferred" if record else "heuristic"}
 
 

@@ -605,7 +605,7 @@ def steer_packed_(
 
 
 # ------------------------------------------------------------------------ scale_neurons_
-# Neuron ablation: scale a set of MLP intermediate neurons in place (emokern.analysis.ablate
+# Neuron ablation: scale a set of MLP intermediate neurons in place (emokern.steering.ablate
 # installs it on a model). Same conventions as steer_: one schema, the reference as the
 # composite kernel, the C++ CPU kernel (csrc/cpu/ablate_cpu.cpp) and Triton
 # (emokern/ops/triton_ablate.py) attached per device.

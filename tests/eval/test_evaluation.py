@@ -15,7 +15,7 @@ from emokern.eval.evaluation import (
     evaluate,
     grid_rows,
     load_prompts,
-    parse_alphas,
+    parse_weights,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -47,7 +47,7 @@ def no_generation(monkeypatch):
 
 def test_builtin_prompts_are_new_to_the_project():
     from emokern.data import load_queries
-    from emokern.eval.sweep import CALIBRATION_PROMPTS
+    from emokern.eval.calibration_sweep import CALIBRATION_PROMPTS
 
     prompts = load_prompts()
     assert len(prompts) >= 50 and len(set(prompts)) == len(prompts)
@@ -63,14 +63,14 @@ def test_prompt_files_json_and_lines(tmp_path):
     assert load_prompts(tmp_path / "b.txt") == ["one?", "two"]
 
 
-def test_parse_alphas():
-    assert parse_alphas("-1,0,1,2,4") == [-1.0, 0.0, 1.0, 2.0, 4.0]
-    assert parse_alphas("rec") == ["rec"]
-    assert parse_alphas("0, REC ,1.5") == [0.0, "rec", 1.5]
+def test_parse_weights():
+    assert parse_weights("-1,0,1,2,4") == [-1.0, 0.0, 1.0, 2.0, 4.0]
+    assert parse_weights("rec") == ["rec"]
+    assert parse_weights("0, REC ,1.5") == [0.0, "rec", 1.5]
     for bad, match in (("1,lots", "neither a number"), ("1,1", "twice"), ("", "neither"),
                        ("nan", "not finite")):
         with pytest.raises(ValueError, match=match):
-            parse_alphas(bad)
+            parse_weights(bad)
 
 
 def test_grid_shares_one_unsteered_row_per_prompt(tiny):
@@ -79,14 +79,14 @@ def test_grid_shares_one_unsteered_row_per_prompt(tiny):
     rows = grid_rows(PROMPTS, ["joy", "fear"], [0.0, 2.0, "rec"], bank)
     assert len(rows) == 2 + 2 * 2 * 2
     assert [r["mix"] for r in rows[:2]] == [{}, {}]
-    rec = {r["emotion"]: r["alpha"] for r in rows if r["label"] == "rec"}
+    rec = {r["emotion"]: r["weight"] for r in rows if r["label"] == "rec"}
     assert rec == {"joy": bank.recommended_alpha, "fear": 3.0}
 
 
 def test_evaluate_writes_results_report_and_plots(tiny, embedder, scorer, tmp_path):
     model, tokenizer, bank = tiny
     out = tmp_path / "run"
-    result = evaluate(model, tokenizer, bank, emotions="joy,fear", alphas="0,1,rec",
+    result = evaluate(model, tokenizer, bank, emotions="joy,fear", weights="0,1,rec",
                       prompts=PROMPTS, max_new_tokens=4, batch_size=4, out=out,
                       progress=False, scorer=scorer, embedder=embedder)
     assert len(result["rows"]) == 2 + 2 * 2 * 2
@@ -116,7 +116,7 @@ def test_interrupted_run_leaves_no_results(tiny, embedder, scorer, tmp_path, mon
 
     monkeypatch.setattr(evaluation, "perplexity", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        evaluate(model, tokenizer, bank, emotions="joy", alphas="0,1", prompts=PROMPTS,
+        evaluate(model, tokenizer, bank, emotions="joy", weights="0,1", prompts=PROMPTS,
                  max_new_tokens=2, out=tmp_path, progress=False, scorer=scorer,
                  embedder=embedder)
     assert list(tmp_path.iterdir()) == []
@@ -124,13 +124,13 @@ def test_interrupted_run_leaves_no_results(tiny, embedder, scorer, tmp_path, mon
 
 @pytest.mark.parametrize("options, match", [
     ({"emotions": "joy,boredom"}, "unknown emotion 'boredom'"),
-    ({"alphas": "1,two"}, "neither a number"),
+    ({"weights": "1,two"}, "neither a number"),
     ({"prompts": []}, "non-empty list"),
     ({"max_new_tokens": 0}, "max_new_tokens"),
 ])
 def test_bad_input_before_generation(tiny, no_generation, options, match):
     model, tokenizer, bank = tiny
-    kwargs = {"emotions": "joy", "alphas": "0,1", "prompts": PROMPTS, **options}
+    kwargs = {"emotions": "joy", "weights": "0,1", "prompts": PROMPTS, **options}
     with pytest.raises(ValueError, match=match):
         evaluate(model, tokenizer, bank, progress=False, **kwargs)
 
@@ -149,7 +149,7 @@ def test_bad_files_before_generation(tiny, no_generation, tmp_path):
              ({"out": blocker / "sub"}, "not a writable directory"),
              ({"out": blocker}, "is not a directory")]
     for options, match in cases:
-        kwargs = {"emotions": "joy", "alphas": "0,1", "prompts": PROMPTS, **options}
+        kwargs = {"emotions": "joy", "weights": "0,1", "prompts": PROMPTS, **options}
         with pytest.raises(ValueError, match=match):
             evaluate(model, tokenizer, bank, progress=False, **kwargs)
 
@@ -161,10 +161,14 @@ def test_cli_errors_before_loading_the_model(capsys, tmp_path, monkeypatch):
         raise AssertionError("the model was loaded despite bad input")
 
     monkeypatch.setattr(models, "load_model", refuse)
-    for argv, match in ((["--alphas", "1,x"], "neither a number"),
+    for argv, match in ((["--weights", "1,x"], "neither a number"),
                         (["--emotions", "joy,boredom"], "unknown emotion"),
                         (["--prompts", str(tmp_path / "none.txt")], "does not exist")):
         code = main(["eval", "--out", str(tmp_path / "o"), *argv])
         assert code == 2
         err = capsys.readouterr().err
         assert err.startswith("emokern eval: error:") and match in err
+    # The option's former spelling still works, with a note.
+    assert main(["eval", "--out", str(tmp_path / "o"), "--alphas", "1,x"]) == 2
+    err = capsys.readouterr().err
+    assert "--alphas is deprecated, use --weights" in err and "neither a number" in err

@@ -9,8 +9,8 @@ from emokern.eval.evaluation import load_prompts
 from emokern.eval.recommend import SWEEP_PROMPTS, choose, store, sweep
 
 
-def _agg(emotion, label, alpha, gain, distinct2=0.9, perplexity=10.0):
-    return {"emotion": emotion, "label": label, "alpha": alpha, "gain": gain, "eps": gain,
+def _agg(emotion, label, weight, gain, distinct2=0.9, perplexity=10.0):
+    return {"emotion": emotion, "label": label, "weight": weight, "gain": gain, "eps": gain,
             "distinct2": distinct2, "perplexity": perplexity}
 
 

@@ -27,7 +27,7 @@ def test_pairwise_cosines():
 
 
 def _record(fingerprint, **overrides):
-    record = {"recommended_alpha": 6.0, "recommended_layers": [1], "relative_depth": 0.5,
+    record = {"default_weight": 6.0, "recommended_layers": [1], "relative_depth": 0.5,
               "relative_strength": 0.25, "centered": True, "fingerprint": fingerprint}
     return record | overrides
 
@@ -35,7 +35,7 @@ def _record(fingerprint, **overrides):
 def test_recommend_copies_transfers_or_guesses(small_llama, monkeypatch):
     model, _ = small_llama
     fingerprint = model_fingerprint(model)
-    # |v| = 2 at every layer, |h| = 4: relative strength 0.5 per unit of alpha.
+    # |v| = 2 at every layer, |h| = 4: relative strength 0.5 per unit of weight.
     vectors = torch.zeros(3, 2, 4)
     vectors[..., 0] = 2.0
     hidden_norm = torch.full((3,), 4.0)

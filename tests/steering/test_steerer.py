@@ -16,7 +16,7 @@ from steering_helpers import Capture, encode, greedy, hook_counts, logits
 from torch.profiler import ProfilerActivity, profile
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from emokern.benchmarks import baseline
+from emokern.benchmarks import hook_baselines as baseline
 from emokern.benchmarks.workload import benchmark_bank
 from emokern.models import decoder_layers, load_model, tiny_model
 from emokern.steering import Steerer, steer

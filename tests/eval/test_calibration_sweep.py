@@ -10,7 +10,7 @@ from helpers import random_bank
 
 from emokern.bank import EmotionBank
 from emokern.data import load_calibration
-from emokern.eval.sweep import (
+from emokern.eval.calibration_sweep import (
     RowSteering,
     calibrate,
     calibration_record,
@@ -56,7 +56,7 @@ def test_row_steering_adds_each_rows_mix(small_llama):
 def test_calibrate_rows_and_recommendation(small_llama, scorer):
     model, tokenizer = small_llama
     bank = _bank(model)
-    rows = calibrate(model, tokenizer, bank, layers=[1, (0, 1)], alphas=[0.5, 2.0],
+    rows = calibrate(model, tokenizer, bank, layers=[1, (0, 1)], weights=[0.5, 2.0],
                      prompts=["Tell me about your day.", "How are you?"],
                      emotions=["joy", "fear"], max_new_tokens=6, scorer=scorer,
                      progress=False)
@@ -72,11 +72,11 @@ def test_calibrate_rows_and_recommendation(small_llama, scorer):
     table = format_sweep(rows)
     assert table.count("\n") == 1 + 1 + 4
     with pytest.raises(ValueError, match="not in the bank"):
-        calibrate(model, tokenizer, bank, layers=[7], alphas=[1.0], scorer=scorer)
-    with pytest.raises(ValueError, match="alphas must be positive"):
-        calibrate(model, tokenizer, bank, layers=[1], alphas=[0.0], scorer=scorer)
+        calibrate(model, tokenizer, bank, layers=[7], weights=[1.0], scorer=scorer)
+    with pytest.raises(ValueError, match="weights must be positive"):
+        calibrate(model, tokenizer, bank, layers=[1], weights=[0.0], scorer=scorer)
     with pytest.raises(ValueError, match="not in the bank"):
-        calibrate(model, tokenizer, bank, layers=[1], alphas=[1.0], emotions=["anger"],
+        calibrate(model, tokenizer, bank, layers=[1], weights=[1.0], emotions=["anger"],
                   scorer=scorer)
 
 
@@ -84,11 +84,11 @@ def test_calibrate_bad_layers_and_prompts(small_llama, scorer):
     model, tokenizer = small_llama
     bank = _bank(model)
     with pytest.raises(TypeError, match="ints or tuples of ints"):
-        calibrate(model, tokenizer, bank, layers=[(1, "2")], alphas=[1.0], scorer=scorer)
+        calibrate(model, tokenizer, bank, layers=[(1, "2")], weights=[1.0], scorer=scorer)
     with pytest.raises(ValueError, match="layers must not be empty"):
-        calibrate(model, tokenizer, bank, layers=[], alphas=[1.0], scorer=scorer)
+        calibrate(model, tokenizer, bank, layers=[], weights=[1.0], scorer=scorer)
     with pytest.raises(ValueError, match="prompts must be a non-empty list"):
-        calibrate(model, tokenizer, bank, layers=[1], alphas=[1.0], prompts=[" "],
+        calibrate(model, tokenizer, bank, layers=[1], weights=[1.0], prompts=[" "],
                   scorer=scorer)
     with pytest.raises(ValueError, match="one entry per prompt"):
         generate_steered(model, tokenizer, bank, ["Hi"], [{}, {}])
@@ -104,14 +104,14 @@ def test_generate_steered_unsteered_rows_are_plain_generation(small_llama):
     assert texts[0] == plain[0] and texts[1] != plain[0]
 
 
-def _row(layer, alpha, emotion, gain, rep, ppl=10.0):
-    return {"layer": str(layer), "layers": [layer], "alpha": alpha, "emotion": emotion,
+def _row(layer, weight, emotion, gain, rep, ppl=10.0):
+    return {"layer": str(layer), "layers": [layer], "weight": weight, "emotion": emotion,
             "score": 0.2 + gain, "gain": gain, "hit_rate": gain, "repetition": rep,
             "perplexity": ppl}
 
 
 def test_choose_recommendation_prefers_fluent_gain():
-    base = {"layer": "-", "layers": [], "alpha": 0.0, "emotion": "none", "scores": {},
+    base = {"layer": "-", "layers": [], "weight": 0.0, "emotion": "none", "scores": {},
             "repetition": 0.0, "perplexity": 10.0}
     rows = [base,
             _row(5, 2.0, "joy", 0.10, 0.05), _row(5, 2.0, "fear", 0.10, 0.05),
@@ -119,14 +119,14 @@ def test_choose_recommendation_prefers_fluent_gain():
             _row(9, 4.0, "joy", 0.30, 0.10), _row(9, 4.0, "fear", 0.20, 0.10),
             _row(9, 6.0, "joy", 0.40, 0.10, ppl=80.0), _row(9, 6.0, "fear", 0.40, 0.1)]
     best = choose_recommendation(rows)
-    assert best["layers"] == [9] and best["alpha"] == 4.0
+    assert best["layers"] == [9] and best["weight"] == 4.0
     assert best["gain"] == pytest.approx(0.25)
     assert choose_recommendation(rows, max_repetition=0.01) == {}
 
 
 def test_choose_recommendation_breaks_ties_towards_the_smaller_weight():
     rows = [_row(5, 4.0, "joy", 0.305, 0.0), _row(5, 2.0, "joy", 0.30, 0.0)]
-    assert choose_recommendation(rows)["alpha"] == 2.0
+    assert choose_recommendation(rows)["weight"] == 2.0
 
 
 def test_parse_layers():
@@ -137,12 +137,12 @@ def test_parse_layers():
 def test_recommendation_is_stored_in_the_record_and_the_bank(small_llama, tmp_path):
     model, _ = small_llama
     bank = _bank(model, centered=True)
-    best = {"layers": [1], "alpha": 4.0, "gain": 0.21234, "hit_rate": 0.5, "repetition": 0.01,
+    best = {"layers": [1], "weight": 4.0, "gain": 0.21234, "hit_rate": 0.5, "repetition": 0.01,
             "perplexity": 12.0}
     rows = [{"emotion": "none"}] * 5
     record = calibration_record(bank, best, rows)
     ratio = float(bank.vectors[1].norm(dim=-1).mean())  # hidden norm 1
-    assert record["recommended_alpha"] == 4.0 and record["recommended_layers"] == [1]
+    assert record["default_weight"] == 4.0 and record["recommended_layers"] == [1]
     assert record["relative_depth"] == 0.5  # layer 1 of 0..2
     assert record["relative_strength"] == pytest.approx(round(4.0 * ratio, 4))
     assert record["centered"] is True and record["fingerprint"] == bank.fingerprint
@@ -153,7 +153,8 @@ def test_recommendation_is_stored_in_the_record_and_the_bank(small_llama, tmp_pa
     calibration.write_text(json.dumps({"concept": {"recommended_alpha": 1.5}}))
     path = tmp_path / "bank.safetensors"
     store_recommendation("ev", path, bank, best, rows, calibration_path=calibration)
-    assert load_calibration(calibration) == {"concept": {"recommended_alpha": 1.5},
+    # The other method's record keeps its old key in the file and reads as default_weight.
+    assert load_calibration(calibration) == {"concept": {"default_weight": 1.5},
                                              "ev": record}
     saved = EmotionBank.load(path)
     assert saved.recommended_alpha == 4.0 and saved.recommended_layers == [1]

@@ -10,8 +10,7 @@ import os
 import pytest
 import torch
 
-from emokern.benchmarks import sweep as sweep_module
-from emokern.benchmarks.baseline import NaiveSteering, PerRowSteering, mix_rows, shared_deltas
+from emokern.benchmarks import mix_sweep as sweep_module
 from emokern.benchmarks.decode import DecodeState, decode_overhead, distinct_mixes, quantiles
 from emokern.benchmarks.generate import (
     TARGETS,
@@ -19,7 +18,8 @@ from emokern.benchmarks.generate import (
     run_generate_benchmark,
     save_results,
 )
-from emokern.benchmarks.sweep import sweep, sweep_conditions
+from emokern.benchmarks.hook_baselines import NaiveSteering, PerRowSteering, mix_rows, shared_deltas
+from emokern.benchmarks.mix_sweep import sweep, sweep_conditions
 from emokern.benchmarks.workload import PROMPTS, benchmark_bank, middle_layers
 from emokern.emotions import BASIC_EMOTIONS
 from emokern.steering import steer

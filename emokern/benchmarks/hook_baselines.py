@@ -4,7 +4,7 @@
    one hook per steered decoder layer returns ``output + delta`` (one shared vector for the
    whole batch, every position), projections come from a separate matmul appended to Python
    lists, and different mixes run by looping over conditions, one batch each
-   (:func:`emokern.benchmarks.sweep.sweep_loop`).
+   (:func:`emokern.benchmarks.mix_sweep.sweep_loop`).
 2. :class:`PerRowSteering` — the plain PyTorch a user would write for a distinct mix per row
    of one batch: one hook per steered layer adding ``(W @ V_l)[:, None]`` in place (``W``
    ``[B, K]`` the rows' weights, ``V_l`` ``[K, D]`` the layer's vectors), with the same
@@ -12,6 +12,8 @@
 3. The published ``steering-vectors`` library (``pip install --no-deps steering-vectors``; it
    pins transformers<5 but works with 5.x, and imports scikit-learn), through
    ``SteeringVector(...).apply(model)`` (:func:`steering_vectors_patch`).
+
+Tested in ``tests/benchmarks/test_generate.py`` (the hooks against emokern's logits).
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from torch import nn
 
 from emokern.models import decoder_layers
 
-__all__ = ["NaiveSteering", "PerRowSteering", "mix_rows", "shared_deltas",
-           "steering_vectors_available", "steering_vectors_patch", "steering_vectors_version"]
+__all__ = ["NaiveSteering", "PerRowSteering", "mix_rows", "parity_on_default_model",
+           "shared_deltas", "steering_vectors_available", "steering_vectors_patch",
+           "steering_vectors_version"]
 
 
 def shared_deltas(bank, mix: Mapping[str, float], layers: Sequence[int],
@@ -228,3 +231,45 @@ def steering_vectors_patch(model: nn.Module, deltas: Mapping[int, torch.Tensor])
         layer_type="decoder_block",
     )
     return vector.apply(model, multiplier=1.0)
+
+
+def parity_on_default_model() -> dict[str, float]:
+    """Check, on the default model, that the naive hooks (and ``steering-vectors`` when
+    installed) give emokern's logits for one shared mix (``python bench/hook_parity.py``).
+
+    Returns
+    -------
+    dict
+        ``naive`` (and ``steering_vectors``): the largest ``|fused - baseline|`` over the real
+        tokens; ``moved``: the largest ``|fused - unsteered|``, the scale they compare to.
+    """
+    # Imported on use: the workload loads the benchmark bank, steering runs the fused op.
+    from emokern.benchmarks.workload import PROMPTS, benchmark_bank, middle_layers
+    from emokern.models import load_model
+    from emokern.steering import steer
+    from emokern.tokens import encode_prompts
+
+    model, tokenizer = load_model("default")
+    bank, source = benchmark_bank(model, tokenizer)
+    layers = middle_layers(bank, 10)
+    mix = {bank.names[0]: 2.0 * bank.recommended_alpha}
+    encoded = encode_prompts(tokenizer, list(PROMPTS[:4]))
+    with torch.inference_mode():
+        with steer(model, bank, [mix] * 4, layers=layers, positions="all"):
+            fused = model(**encoded).logits
+        with NaiveSteering(model, shared_deltas(bank, mix, layers)):
+            naive = model(**encoded).logits
+        plain = model(**encoded).logits
+    real = encoded["attention_mask"].bool()
+    out = {"naive": float((fused - naive)[real].abs().max()),
+           "moved": float((fused - plain)[real].abs().max())}
+    print(f"bank: {source}; layers {layers}; mix {mix}")
+    print(f"max |fused - naive| over real tokens: {out['naive']:.2e} "
+          f"(steering moved the logits by up to {out['moved']:.2f})")
+    if steering_vectors_available():
+        deltas = shared_deltas(bank, mix, layers)
+        with torch.inference_mode(), steering_vectors_patch(model, deltas):
+            library = model(**encoded).logits
+        out["steering_vectors"] = float((fused - library)[real].abs().max())
+        print(f"max |fused - steering-vectors|: {out['steering_vectors']:.2e}")
+    return out

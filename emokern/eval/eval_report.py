@@ -1,6 +1,9 @@
 """The evaluation's report: a Markdown table per emotion and weight, and two plots (EPS vs
 weight per emotion, perplexity vs weight), from the dict :func:`emokern.eval.evaluation.
-evaluate` returns. Plots are PNGs written atomically through :mod:`emokern.files`."""
+evaluate` returns. Plots are PNGs written atomically through :mod:`emokern.files`.
+
+Tested through ``tests/eval/test_evaluation.py`` (the written report and plots).
+"""
 
 from __future__ import annotations
 
@@ -22,14 +25,15 @@ def _fmt(value, spec: str = ".2f") -> str:
 
 def _order(record: dict) -> tuple:
     label = record["label"]
-    return (0, float(label)) if label != "rec" else (1, record.get("alpha") or 0.0)
+    return (0, float(label)) if label != "rec" else (1, record.get("weight") or 0.0)
 
 
 def format_table(aggregates: list[dict], emotions: list[str]) -> str:
-    """Markdown: one line per emotion and weight with EPS, top share, EAS (and its change vs
+    """Markdown: one line per emotion and weight (as asked, and the weight applied: ``rec``
+    resolves per emotion) with EPS, top share, EAS (and its change vs
     weight 0), gain, fidelity, topic adherence, perplexity, distinct-2, repeated 3-grams and the
     mean reading of the target."""
-    head = ("| emotion | weight | α | EPS | top | EAS | ΔEAS | gain | fidelity | adherence | "
+    head = ("| emotion | weight | applied | EPS | top | EAS | ΔEAS | gain | fidelity | adherence | "
             "ppl | distinct-2 | rep-3 | EmoLex | reading |")
     lines = [head, "|" + "---|" * 15]
     for emotion in emotions:
@@ -38,7 +42,7 @@ def format_table(aggregates: list[dict], emotions: list[str]) -> str:
             change = a.get("eas_change")
             change_txt = "–" if change is None or not math.isfinite(change) else f"{change:+.0%}"
             lines.append(
-                f"| {emotion} | {a['label']} | {_fmt(a.get('alpha'), 'g')} | {_fmt(a['eps'])} | "
+                f"| {emotion} | {a['label']} | {_fmt(a.get('weight'), 'g')} | {_fmt(a['eps'])} | "
                 f"{_fmt(a['top'])} | {_fmt(a['eas'])} | {change_txt} | "
                 f"{_fmt(a.get('gain'), '+.2f')} | {_fmt(a.get('fidelity'))} | "
                 f"{_fmt(a.get('adherence'))} | {_fmt(a.get('perplexity'), '.1f')} | "
@@ -94,7 +98,7 @@ def _series(result: dict, emotion: str, key: str):
         if a["emotion"] != emotion or a.get(key) is None:
             continue
         if a["label"] == "rec":
-            rec = (a["alpha"], a[key])
+            rec = (a["weight"], a[key])
         else:
             numeric.append((float(a["label"]), a[key]))
     return sorted(numeric), rec
@@ -114,7 +118,7 @@ def _plot(result: dict, key: str, ylabel: str, path, *, log: bool = False) -> Pa
                     markeredgecolor="k")
     if log:
         ax.set_yscale("log")
-    ax.set_xlabel("weight α (★ = the emotion's recommended weight)")
+    ax.set_xlabel("weight (★ = the emotion's recommended weight)")
     ax.set_ylabel(ylabel)
     c = result["config"]
     ax.set_title(f"{c['bank']} bank, layers {c['layers']}", fontsize=10)

@@ -10,7 +10,12 @@ from pathlib import Path
 
 import torch
 
-from emokern.analysis.ablate import mlp_down_projections
+from emokern.analysis.analysis_report import (
+    write_inference,
+    write_neurons,
+    write_space,
+    write_words,
+)
 from emokern.analysis.inference import ablation_study
 from emokern.analysis.neurons import (
     MIN_CATEGORIES,
@@ -19,13 +24,13 @@ from emokern.analysis.neurons import (
     category_attributes,
 )
 from emokern.analysis.norms import NormsUnavailableError, load_norms, warriner_norms
-from emokern.analysis.report import write_inference, write_neurons, write_space, write_words
 from emokern.analysis.space import analyze_space
 from emokern.analysis.words import analyze_words
 from emokern.bank import EmotionBank
 from emokern.data import load_concepts
 from emokern.machine import auto_threads, machine_info
 from emokern.models import load_model
+from emokern.steering.ablate import mlp_down_projections
 
 __all__ = ["load_bank", "parse_int_list", "run_analyze"]
 

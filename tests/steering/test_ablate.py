@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import emokern
-from emokern.analysis.ablate import mlp_down_projections
+from emokern.steering.ablate import mlp_down_projections
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -4,8 +4,8 @@ weight, and which setting to recommend.
 * :func:`calibrate` — layers x weights x emotions x prompts, batched (each row of a batch
   carries its own layer, weight and emotion), scored by the ``nade`` classifier, a repetition
   measure and the unsteered model's perplexity (:mod:`emokern.eval.scorers`);
-* :func:`choose_recommendation` turns its rows into ``recommended_alpha`` /
-  ``recommended_layers``; :func:`format_sweep` renders them for ``docs/emotions.md``;
+* :func:`choose_recommendation` turns its rows into the bank's default weight and
+  recommended layers; :func:`format_sweep` renders them for ``docs/emotions.md``;
 * :func:`store_recommendation` stores the choice in the calibration record
   (:func:`emokern.data.store_calibration`, read back by extraction) and in the bank file.
 
@@ -38,7 +38,7 @@ from emokern.tokens import chat_prompt_ids
 
 __all__ = [
     "CALIBRATION_PROMPTS",
-    "DEFAULT_ALPHAS",
+    "DEFAULT_WEIGHTS",
     "RowSteering",
     "calibrate",
     "calibration_record",
@@ -63,7 +63,7 @@ CALIBRATION_PROMPTS = (
 
 
 #: Weights swept by ``emokern calibrate sweep`` per method.
-DEFAULT_ALPHAS = {"ev": "2,4,6,8", "concept": "0.5,1,1.5,2"}
+DEFAULT_WEIGHTS = {"ev": "2,4,6,8", "concept": "0.5,1,1.5,2"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,7 +171,7 @@ def calibrate(
     bank,
     *,
     layers: Sequence[int | Sequence[int]],
-    alphas: Sequence[float],
+    weights: Sequence[float],
     prompts: Sequence[str] = CALIBRATION_PROMPTS,
     emotions: Sequence[str] = ("joy", "fear", "sadness"),
     max_new_tokens: int = 40,
@@ -182,8 +182,8 @@ def calibrate(
 ) -> list[dict]:
     r"""Steering sweep: how emotional and how fluent is the steered text?
 
-    Every combination (layer set, weight :math:`\alpha`, emotion :math:`e`, prompt) is one row
-    of a batched greedy generation; row :math:`b` adds :math:`\alpha\,v_{e,l}` to the output
+    Every combination (layer set, weight :math:`w`, emotion :math:`e`, prompt) is one row
+    of a batched greedy generation; row :math:`b` adds :math:`w\,v_{e,l}` to the output
     of each decoder layer :math:`l` of its layer set at every position. Unsteered answers to the
     same prompts are the baseline.
 
@@ -193,7 +193,7 @@ def calibrate(
         The model the bank was extracted from (checked with ``bank.check_compatible``).
     layers : sequence of int or tuple of int
         Layer sets to try: an int steers one layer, a tuple steers all its layers at once.
-    alphas : sequence of float
+    weights : sequence of float
         Weights (> 0).
     prompts : sequence of str
         User messages (chat template applied).
@@ -206,9 +206,9 @@ def calibrate(
     Returns
     -------
     list of dict
-        One row per (layer set, alpha, emotion), plus baseline rows (``alpha == 0``,
+        One row per (layer set, weight, emotion), plus baseline rows (``weight == 0``,
         ``emotion == "none"``, with ``scores`` and ``top_rates`` per emotion), each with
-        ``layer`` (label, e.g. "12" or "8-20"), ``alpha``,
+        ``layer`` (label, e.g. "12" or "8-20"), ``weight``,
         ``emotion``, ``score`` (mean classifier intensity of the target emotion, in [0, 1]),
         ``gain`` (score minus the unsteered score on the same prompts), ``hit_rate`` (fraction
         of answers whose top basic emotion is the target), ``repetition`` (mean repeated
@@ -221,9 +221,9 @@ def calibrate(
         missing = [layer for layer in layer_set if layer not in bank.layers]
         if missing:
             raise ValueError(f"layers {missing} are not in the bank (it has {bank.layers})")
-    alphas = [float(a) for a in alphas]
-    if not alphas or not all(math.isfinite(a) and a > 0 for a in alphas):
-        raise ValueError(f"alphas must be positive finite numbers, got {alphas}")
+    weights = [float(w) for w in weights]
+    if not weights or not all(math.isfinite(w) and w > 0 for w in weights):
+        raise ValueError(f"weights must be positive finite numbers, got {weights}")
     prompts = list(prompts)
     if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty strings")
@@ -234,13 +234,13 @@ def calibrate(
             raise ValueError(f"emotions: {e!r} is not in the bank ({bank.names})")
         scorer.column(e)
 
-    configs = [((), 0.0, "none")] + [(ls, a, e) for ls in layer_sets for a in alphas
+    configs = [((), 0.0, "none")] + [(ls, w, e) for ls in layer_sets for w in weights
                                      for e in emotions]
     rows_prompts, rows_mix, rows_config = [], [], []
-    for c, (layer_set, alpha, emotion) in enumerate(configs):
+    for c, (layer_set, weight, emotion) in enumerate(configs):
         for prompt in prompts:
             rows_prompts.append(prompt)
-            rows_mix.append({layer: {emotion: alpha} for layer in layer_set})
+            rows_mix.append({layer: {emotion: weight} for layer in layer_set})
             rows_config.append(c)
     texts = generate_steered(model, tokenizer, bank, rows_prompts, rows_mix,
                              max_new_tokens=max_new_tokens, batch_size=batch_size,
@@ -253,11 +253,11 @@ def calibrate(
     base = config_of == 0
     base_scores = scores[base]  # [P, E]
     out = []
-    for c, (layer_set, alpha, emotion) in enumerate(configs):
+    for c, (layer_set, weight, emotion) in enumerate(configs):
         sel = config_of == c
         s = scores[sel]
         row = {"layer": _label(layer_set) if layer_set else "-", "layers": list(layer_set),
-               "alpha": alpha, "emotion": emotion}
+               "weight": weight, "emotion": emotion}
         if emotion != "none":
             k = scorer.column(emotion)
             row["score"] = float(s[:, k].mean())
@@ -281,17 +281,17 @@ def calibrate(
 
 def choose_recommendation(rows: Sequence[dict], *, max_repetition: float = 0.2,
                           max_perplexity_ratio: float = 3.0) -> dict:
-    r"""Pick the (layer set, alpha) with the largest mean classifier gain over the swept
+    r"""Pick the (layer set, weight) with the largest mean classifier gain over the swept
     emotions among those whose text stays fluent.
 
     Fluent means: mean repeated-3-gram fraction :math:`\le` ``max_repetition`` for every
     emotion, and median perplexity :math:`\le` ``max_perplexity_ratio`` x the unsteered
-    median. Ties (gains within 0.01) go to the smaller alpha.
+    median. Ties (gains within 0.01) go to the smaller weight.
 
     Returns
     -------
     dict
-        ``layers`` (list of int), ``alpha``, ``gain``, ``hit_rate``, ``repetition``,
+        ``layers`` (list of int), ``weight``, ``gain``, ``hit_rate``, ``repetition``,
         ``perplexity``; ``{}`` when no configuration is fluent.
     """
     base = [r for r in rows if r["emotion"] == "none"]
@@ -299,9 +299,9 @@ def choose_recommendation(rows: Sequence[dict], *, max_repetition: float = 0.2,
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if r["emotion"] != "none":
-            groups.setdefault((tuple(r["layers"]), r["alpha"]), []).append(r)
+            groups.setdefault((tuple(r["layers"]), r["weight"]), []).append(r)
     best = {}
-    for (layers, alpha), group in groups.items():
+    for (layers, weight), group in groups.items():
         rep = max(r["repetition"] for r in group)
         ppl = max(r.get("perplexity", float("nan")) for r in group)
         if rep > max_repetition:
@@ -311,21 +311,21 @@ def choose_recommendation(rows: Sequence[dict], *, max_repetition: float = 0.2,
             continue
         gain = float(np.mean([r["gain"] for r in group]))
         better = not best or gain > best["gain"] + 0.01 or (
-            abs(gain - best["gain"]) <= 0.01 and alpha < best["alpha"])
+            abs(gain - best["gain"]) <= 0.01 and weight < best["weight"])
         if better:
-            best = {"layers": list(layers), "alpha": alpha, "gain": gain,
+            best = {"layers": list(layers), "weight": weight, "gain": gain,
                     "hit_rate": float(np.mean([r["hit_rate"] for r in group])),
                     "repetition": rep, "perplexity": ppl}
     return best
 
 
 def format_sweep(rows: Sequence[dict]) -> str:
-    """A Markdown table of :func:`calibrate` rows (one line per layer set x alpha, one column
+    """A Markdown table of :func:`calibrate` rows (one line per layer set x weight, one column
     group per emotion: classifier score / gain / hit rate / repetition)."""
     base = [r for r in rows if r["emotion"] == "none"]
     emotions = sorted({r["emotion"] for r in rows if r["emotion"] != "none"},
                       key=lambda e: BASIC_EMOTIONS.index(e) if e in BASIC_EMOTIONS else 99)
-    head = "| layer | alpha | " + " | ".join(f"{e} score (gain) / hit / rep" for e in emotions)
+    head = "| layer | weight | " + " | ".join(f"{e} score (gain) / hit / rep" for e in emotions)
     head += " | ppl (max) |"
     lines = [head, "|" + "---|" * (3 + len(emotions))]
     if base:
@@ -337,15 +337,15 @@ def format_sweep(rows: Sequence[dict]) -> str:
     groups: dict[tuple, dict] = {}
     for r in rows:
         if r["emotion"] != "none":
-            groups.setdefault((r["layer"], r["alpha"]), {})[r["emotion"]] = r
-    for (layer, alpha), by_e in groups.items():
+            groups.setdefault((r["layer"], r["weight"]), {})[r["emotion"]] = r
+    for (layer, weight), by_e in groups.items():
         cells = []
         for e in emotions:
             r = by_e.get(e)
             cells.append("–" if r is None else f"{r['score']:.2f} ({r['gain']:+.2f}) / "
                          f"{r['hit_rate']:.2f} / {r['repetition']:.2f}")
         ppl = max(r.get("perplexity", float("nan")) for r in by_e.values())
-        lines.append(f"| {layer} | {alpha:g} | " + " | ".join(cells) + f" | {ppl:.1f} |")
+        lines.append(f"| {layer} | {weight:g} | " + " | ".join(cells) + f" | {ppl:.1f} |")
     return "\n".join(lines)
 
 
@@ -362,10 +362,10 @@ def calibration_record(bank, best: dict, rows: Sequence[dict]) -> dict:
     ratio = float(bank.vectors[i].norm(dim=-1).mean() / bank.hidden_norm[i])
     n_layers = bank.fingerprint["num_layers"] if bank.fingerprint else max(bank.layers) + 1
     return {
-        "recommended_alpha": best["alpha"],
+        "default_weight": best["weight"],
         "recommended_layers": best["layers"],
         "relative_depth": round(layer / max(n_layers - 1, 1), 4),
-        "relative_strength": round(best["alpha"] * ratio, 4),
+        "relative_strength": round(best["weight"] * ratio, 4),
         "centered": bool(bank.metadata.get("centered", True)),
         "fingerprint": bank.fingerprint,
         "gain": round(best["gain"], 4),
@@ -382,12 +382,13 @@ def store_recommendation(method: str, path: str | os.PathLike, bank: EmotionBank
 
     Writes :func:`calibration_record` into the calibration record
     (:func:`emokern.data.store_calibration`; default ``emokern/data/calibration.json``) and
-    saves ``bank`` to ``path`` (float16) with ``recommended_alpha``, ``recommended_layers`` and
-    ``recommendation = "calibrated"`` in its metadata. Both writes are atomic.
+    saves ``bank`` to ``path`` (float16) with the weight (metadata key ``recommended_alpha``),
+    ``recommended_layers`` and ``recommendation = "calibrated"`` in its metadata. Both writes
+    are atomic.
     """
     store_calibration(method, calibration_record(bank, best, rows), calibration_path)
     meta = bank.metadata
-    meta.update(recommended_alpha=best["alpha"], recommended_layers=best["layers"],
+    meta.update(recommended_alpha=best["weight"], recommended_layers=best["layers"],
                 recommendation="calibrated")
     updated = EmotionBank(bank.vectors, bank.names, bank.layers, hidden_norm=bank.hidden_norm,
                           metadata=meta)

@@ -1,6 +1,10 @@
 """Writing the analyses' results: JSON (the numbers), markdown (tables) and PNG plots, all
 through :mod:`emokern.files` (atomic). Plots need matplotlib (the ``analysis`` extra); without
-it the JSON and markdown are written and the markdown says why there is no plot."""
+it the JSON and markdown are written and the markdown says why there is no plot.
+
+Tested through ``tests/analysis/test_analyze_command.py`` (every analysis end to end,
+with its written files).
+"""
 
 from __future__ import annotations
 

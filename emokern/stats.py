@@ -1,7 +1,7 @@
-r"""Statistics of the analyses, in NumPy/PyTorch (no SciPy needed at run time; the tests
-compare against SciPy).
+r"""emokern's statistics, one module for the evaluation and the analyses (SciPy where it has
+the function, NumPy/PyTorch where a vectorised form is much faster).
 
-* :func:`pearson`, :func:`spearman` and :func:`bootstrap_ci` of a correlation;
+* :func:`pearson`, :func:`spearman`, :func:`ranks` and :func:`bootstrap_ci` of a correlation;
 * :func:`rsa_permutation`: Spearman RSA between two distance matrices with a Mantel
   permutation p-value (labels permuted together in rows and columns);
 * :func:`kendall_tau_b_many`: Kendall's :math:`\tau_b` of many variables against a few at
@@ -10,6 +10,13 @@ compare against SciPy).
 * :func:`fdr_bh`: Benjamini-Hochberg q-values;
 * :func:`ridge_cv_predict`: ridge regression with K-fold cross-validated predictions, the
   penalty chosen inside each training fold by generalised cross-validation.
+
+**The NaN rule of the correlations** (:func:`pearson`, :func:`spearman`): a pair
+:math:`(x_i, y_i)` with a non-finite value on either side is dropped; the result is NaN when
+fewer than 3 pairs remain or either side is constant over them (no correlation is defined),
+never a warning. Sequences of different lengths are a ``ValueError``.
+
+Tested in ``tests/test_stats.py`` (against SciPy's reference functions and planted signals).
 """
 
 from __future__ import annotations
@@ -18,37 +25,53 @@ import math
 
 import numpy as np
 import torch
+from scipy import stats as scipy_stats
+
+from emokern.errors import failing
 
 __all__ = ["bootstrap_ci", "condensed", "fdr_bh", "kendall_tau_b_many", "pearson", "ranks",
            "ridge_cv_predict", "rsa_permutation", "spearman"]
 
+fail = failing("emokern.stats")
+
+
+def _finite_pairs(x, y) -> tuple[np.ndarray, np.ndarray]:
+    """``(x, y)`` as float64 arrays without the pairs that hold a non-finite value."""
+    a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if a.shape != b.shape:
+        fail(ValueError, f"x and y must have the same length, got {a.shape} and {b.shape}")
+    ok = np.isfinite(a) & np.isfinite(b)
+    return a[ok], b[ok]
+
+
+def _defined(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether a correlation of the finite pairs ``a, b`` is defined: at least 3 pairs, neither
+    side constant."""
+    return a.size >= 3 and np.ptp(a) > 0 and np.ptp(b) > 0
+
 
 def pearson(x, y) -> float:
-    """Pearson's r of two 1-D arrays (NaN when either is constant)."""
-    x = np.asarray(x, dtype=np.float64)
-    y = np.asarray(y, dtype=np.float64)
-    x = x - x.mean()
-    y = y - y.mean()
-    denom = math.sqrt(float(x @ x) * float(y @ y))
-    return float(x @ y / denom) if denom > 0 else float("nan")
+    """Pearson's r of two equal-length 1-D sequences (:func:`scipy.stats.pearsonr`), under the
+    module's NaN rule."""
+    a, b = _finite_pairs(x, y)
+    if not _defined(a, b):
+        return float("nan")
+    return float(scipy_stats.pearsonr(a, b).statistic)
 
 
 def ranks(x) -> np.ndarray:
-    """Average ranks (ties share their mean rank), 0-based."""
-    x = np.asarray(x, dtype=np.float64)
-    order = np.argsort(x, kind="mergesort")
-    sorted_x = x[order]
-    starts = np.r_[0, np.flatnonzero(np.diff(sorted_x)) + 1]
-    stops = np.r_[starts[1:], len(x)]
-    out = np.empty(len(x))
-    for a, b in zip(starts, stops, strict=True):
-        out[order[a:b]] = (a + b - 1) / 2.0
-    return out
+    """Average ranks of a 1-D sequence, 0-based (ties share their mean rank):
+    :func:`scipy.stats.rankdata` minus 1."""
+    return scipy_stats.rankdata(np.asarray(x, dtype=np.float64), method="average") - 1.0
 
 
 def spearman(x, y) -> float:
-    """Spearman's rho: Pearson's r of the average ranks."""
-    return pearson(ranks(x), ranks(y))
+    """Spearman's rho: Pearson's r of the average ranks of the finite pairs, under the module's
+    NaN rule (the ranks are taken after the non-finite pairs are dropped)."""
+    a, b = _finite_pairs(x, y)
+    if not _defined(a, b):
+        return float("nan")
+    return pearson(ranks(a), ranks(b))
 
 
 def bootstrap_ci(x, y, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95,

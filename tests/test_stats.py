@@ -1,11 +1,13 @@
-"""The analyses' statistics against SciPy and against planted signals."""
+"""emokern.stats against SciPy and against planted signals; the NaN rule of the correlations."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
 
-from emokern.analysis.stats import (
+from emokern.stats import (
     bootstrap_ci,
     fdr_bh,
     kendall_tau_b_many,
@@ -82,3 +84,21 @@ def test_bootstrap_ci_brackets_the_estimate():
     assert lo < pearson(x, y) < hi and hi - lo < 0.25
     lo_s, hi_s = bootstrap_ci(x, y, n_boot=200, stat=spearman)
     assert lo_s < spearman(x, y) < hi_s
+
+
+def test_correlations_match_scipy():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=40)
+    y = x + rng.normal(size=40)
+    y[3] = np.nan
+    ok = np.isfinite(y)
+    assert pearson(x, y) == pytest.approx(scipy_stats.pearsonr(x[ok], y[ok])[0])
+    ties = np.round(x, 0)
+    assert spearman(ties, y) == pytest.approx(scipy_stats.spearmanr(ties[ok], y[ok])[0])
+    assert math.isnan(pearson([1, 1, 1], [1, 2, 3]))
+    assert math.isnan(spearman([1, 2], [1, 2]))
+    assert math.isnan(pearson([1.0, np.nan, 2.0, 3.0], [1.0, 2.0, np.inf, 4.0]))  # 2 pairs left
+    assert spearman([1.0, np.nan, 2.0, 3.0, 5.0], [2.0, 0.0, 3.0, 4.0, 1.0]) == pytest.approx(
+        scipy_stats.spearmanr([1, 2, 3, 5], [2, 3, 4, 1]).statistic)
+    with pytest.raises(ValueError, match="same length"):
+        pearson([1, 2, 3], [1, 2])

@@ -11,6 +11,8 @@ The default ``max_batch`` of the benchmark is 168 (2 calls), not 336: memory all
 but on a CPU the prefill of 336 prompts at once runs out of cache and is slower per token than
 in smaller batches (measured on the default model, 2 threads: 336 rows in 1 call 43–45 s, 168
 in 2 calls 34.5 s, 112 in 3 calls 34 s).
+
+Tested in ``tests/benchmarks/test_generate.py`` (a two-condition sweep).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from emokern.benchmarks.baseline import NaiveSteering, shared_deltas, steering_vectors_patch
+from emokern.benchmarks.hook_baselines import NaiveSteering, shared_deltas, steering_vectors_patch
 from emokern.benchmarks.workload import PROMPTS
 from emokern.ops import resolve_backend
 from emokern.steering import steer
@@ -34,9 +36,10 @@ SWEEP_WEIGHTS = (-1.0, 0.0, 0.5, 1.0, 2.0, 3.0, 4.0)
 
 
 def sweep_conditions(bank) -> list[dict[str, float]]:
-    """The 42 conditions: each emotion at each of :data:`SWEEP_WEIGHTS` × recommended_alpha."""
-    alpha = bank.recommended_alpha
-    return [{name: weight * alpha} for name in bank.names for weight in SWEEP_WEIGHTS]
+    """The 42 conditions: each emotion at each of :data:`SWEEP_WEIGHTS` × the bank's default
+    weight."""
+    unit = bank.recommended_alpha
+    return [{name: weight * unit} for name in bank.names for weight in SWEEP_WEIGHTS]
 
 
 def generate_options(tokenizer, new_tokens: int) -> dict[str, Any]:
@@ -143,6 +146,7 @@ def sweep(model, tokenizer, bank, layers, *, new_tokens: int, max_batch: int,
     result: dict[str, Any] = {"sequences": len(sweep_conditions(bank)) * len(PROMPTS),
                               "conditions": len(sweep_conditions(bank)),
                               "prompts": len(PROMPTS), "new_tokens": new_tokens,
+                              # The result keys of the committed results (bench/results).
                               "weights_x_alpha": list(SWEEP_WEIGHTS),
                               "alpha": bank.recommended_alpha, "max_batch": max_batch}
     start = time.perf_counter()

@@ -11,7 +11,7 @@ from emokern.extract import (
     neutral_baseline,
     neutral_stats,
 )
-from emokern.extract.baseline import neutral_prompts
+from emokern.extract.neutral_readings import neutral_prompts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
