@@ -44,7 +44,7 @@ def setup():
     model, tokenizer = load_model("default")
     bank, _ = benchmark_bank(model, tokenizer)
     layers = middle_layers(bank, 10)
-    mix = {bank.names[0]: 2.0 * bank.recommended_alpha}
+    mix = {bank.names[0]: 2.0 * bank.default_weight}
     state = DecodeState(model, tokenizer, batch=8)
     steerer = steer(model, bank, [mix] * 8, layers=layers, monitor=True)
     naive = NaiveSteering(model, shared_deltas(bank, mix, layers),

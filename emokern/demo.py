@@ -36,7 +36,7 @@ def run_demo(max_new_tokens: int = 40, prompt: str = PROMPT, *, model: str = "de
     start = time.perf_counter()
     lm, tokenizer = load_model(model)
     emotions = EmotionBank.load_default("ev") if bank == "default" else EmotionBank.load(bank)
-    weight = emotions.recommended_alpha or 1.0
+    weight = emotions.default_weight or 1.0
     name = "SmolLM2-135M-Instruct" if model == "default" else model
     print(f"model {name} loaded in {time.perf_counter() - start:.1f} s; "
           f"bank: {len(emotions.names)} emotions, steering layers {emotions.recommended_layers} "

@@ -30,7 +30,7 @@ def tiny():
 
 def make_bank(model=None, *, n_layers=3, names=NAMES, layers=LAYERS, dim=DIM, **meta):
     vectors = torch.randn(len(layers), len(names), dim)
-    metadata = {"method": "ev", "source_hash": "abc123", "recommended_alpha": 4.0,
+    metadata = {"method": "ev", "source_hash": "abc123", "default_weight": 4.0,
                 "recommended_layers": [layers[len(layers) // 2]], "centered": True}
     if model is not None:
         metadata["fingerprint"] = model_fingerprint(model)
@@ -52,7 +52,7 @@ def assert_same_bank(a, b, **tol):
 def test_accessors(tiny):
     bank = make_bank(tiny)
     assert len(bank) == bank.n_emotions == 6 and bank.n_layers == 3 and bank.dim == DIM
-    assert bank.method == "ev" and bank.recommended_alpha == 4.0
+    assert bank.method == "ev" and bank.default_weight == 4.0
     assert bank.recommended_layers == [1]
     assert bank.fingerprint == model_fingerprint(tiny)
     assert bank.index("anger") == 2 and "fear" in bank and "calm" not in bank
@@ -76,7 +76,7 @@ def test_accessors(tiny):
 def test_fallbacks_without_metadata():
     bank = EmotionBank(torch.randn(5, 2, 8), ["a", "b"], [2, 4, 6, 8, 10])
     assert bank.metadata == {} and bank.method is None and bank.fingerprint is None
-    assert bank.recommended_alpha == 1.0
+    assert bank.default_weight == 1.0
     assert bank.recommended_layers == [6]
     assert bank.hidden_norm is None
     assert "hidden" in bank.summary()
@@ -423,7 +423,7 @@ def _calibrated(bank, seed=0):
 
 
 def test_recommended_weight_per_emotion_falls_back_to_the_bank_wide_one():
-    bank = make_bank(recommended_alpha=2.0, recommended_weights={
+    bank = make_bank(default_weight=2.0, recommended_weights={
         NAMES[0]: {"weight": 4.0, "layers": [LAYERS[0]], "gain": 0.2}})
     assert bank.recommended_weight(NAMES[0]) == 4.0
     assert bank.recommended_weight(NAMES[1]) == 2.0

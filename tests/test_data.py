@@ -170,7 +170,7 @@ def test_shipped_banks_are_small_float16_and_belong_to_the_default_model(default
         bank.check_compatible(model)
         assert bank.metadata["method"] == method
         assert bank.metadata.get("recommendation") == "calibrated"
-        assert bank.recommended_alpha > 0 and bank.recommended_layers
+        assert bank.default_weight > 0 and bank.recommended_layers
         with safe_open(str(path), framework="pt") as fh:
             assert fh.get_tensor("vectors").dtype == torch.float16
     assert total < 5 * 2**20
@@ -237,7 +237,7 @@ def test_recommended_setting_steers_sadness_fluently(default_model, method):
     model, tokenizer = default_model
     bank = EmotionBank.load_default(method)
     rows = calibrate(model, tokenizer, bank, layers=bank.recommended_layers,
-                     weights=[bank.recommended_alpha], emotions=["sadness"], fluency=False,
+                     weights=[bank.default_weight], emotions=["sadness"], fluency=False,
                      progress=False)
     steered = rows[1]
     assert steered["gain"] >= 0.15 and steered["hit_rate"] >= 0.5, steered

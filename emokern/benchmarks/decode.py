@@ -142,7 +142,7 @@ def decode_overhead(model: nn.Module, tokenizer, bank, *, batch_sizes: Sequence[
         ``times_ms``), and the summary of (b) at the largest batch.
     """
     names = list(bank.names)
-    weight = bank.recommended_alpha
+    weight = bank.default_weight
     shared_mix = {names[0]: 2.0 * weight, names[3 % len(names)]: 0.5 * weight}
     deltas = shared_deltas(bank, shared_mix, layers)
     directions = {layer: bank.layer_vectors(layer) for layer in layers}

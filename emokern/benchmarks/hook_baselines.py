@@ -252,7 +252,7 @@ def parity_on_default_model() -> dict[str, float]:
     model, tokenizer = load_model("default")
     bank, source = benchmark_bank(model, tokenizer)
     layers = middle_layers(bank, 10)
-    mix = {bank.names[0]: 2.0 * bank.recommended_alpha}
+    mix = {bank.names[0]: 2.0 * bank.default_weight}
     encoded = encode_prompts(tokenizer, list(PROMPTS[:4]))
     with torch.inference_mode():
         with steer(model, bank, [mix] * 4, layers=layers, positions="all"):

@@ -38,7 +38,7 @@ SWEEP_WEIGHTS = (-1.0, 0.0, 0.5, 1.0, 2.0, 3.0, 4.0)
 def sweep_conditions(bank) -> list[dict[str, float]]:
     """The 42 conditions: each emotion at each of :data:`SWEEP_WEIGHTS` × the bank's default
     weight."""
-    unit = bank.recommended_alpha
+    unit = bank.default_weight
     return [{name: weight * unit} for name in bank.names for weight in SWEEP_WEIGHTS]
 
 
@@ -116,7 +116,7 @@ def warm_up(model, tokenizer, bank, layers) -> None:
     device = model_device(model)
     resolve_backend(None, device)
     encoded = encode_prompts(tokenizer, list(PROMPTS[:2]), device=device)
-    mix = {bank.names[0]: bank.recommended_alpha}
+    mix = {bank.names[0]: bank.default_weight}
     options = generate_options(tokenizer, 2)
     with torch.inference_mode():
         model.generate(**encoded, **options)
@@ -148,7 +148,7 @@ def sweep(model, tokenizer, bank, layers, *, new_tokens: int, max_batch: int,
                               "prompts": len(PROMPTS), "new_tokens": new_tokens,
                               # The result keys of the committed results (bench/results).
                               "weights_x_alpha": list(SWEEP_WEIGHTS),
-                              "alpha": bank.recommended_alpha, "max_batch": max_batch}
+                              "alpha": bank.default_weight, "max_batch": max_batch}
     start = time.perf_counter()
     fused, calls, prefill, decode = sweep_emokern(model, tokenizer, bank, layers,
                                                   new_tokens=new_tokens, max_batch=max_batch)

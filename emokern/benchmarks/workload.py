@@ -63,7 +63,7 @@ def benchmark_bank(model: nn.Module, tokenizer, *, model_name: str = "default",
     vectors = vectors / vectors.norm(dim=-1, keepdim=True) * (0.2 * norms.cpu())[:, None, None]
     bank = EmotionBank(vectors, list(names), list(range(n_layers)),
                        hidden_norm=norms.cpu().float(),
-                       metadata={"fingerprint": model_fingerprint(model), "recommended_alpha": 1.0,
+                       metadata={"fingerprint": model_fingerprint(model), "default_weight": 1.0,
                                  "random": True})
     return bank, "random vectors, norm 0.2 x mean hidden norm per layer (no shipped bank)"
 

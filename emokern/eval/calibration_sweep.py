@@ -382,13 +382,13 @@ def store_recommendation(method: str, path: str | os.PathLike, bank: EmotionBank
 
     Writes :func:`calibration_record` into the calibration record
     (:func:`emokern.data.store_calibration`; default ``emokern/data/calibration.json``) and
-    saves ``bank`` to ``path`` (float16) with the weight (metadata key ``recommended_alpha``),
+    saves ``bank`` to ``path`` (float16) with the weight (metadata key ``default_weight``),
     ``recommended_layers`` and ``recommendation = "calibrated"`` in its metadata. Both writes
     are atomic.
     """
     store_calibration(method, calibration_record(bank, best, rows), calibration_path)
     meta = bank.metadata
-    meta.update(recommended_alpha=best["weight"], recommended_layers=best["layers"],
+    meta.update(default_weight=best["weight"], recommended_layers=best["layers"],
                 recommendation="calibrated")
     updated = EmotionBank(bank.vectors, bank.names, bank.layers, hidden_norm=bank.hidden_norm,
                           metadata=meta)

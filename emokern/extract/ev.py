@@ -160,7 +160,7 @@ def extract_ev(
         Vectors ``[L, K, D]``, ``hidden_norm [L]`` (mean norm of response-token hidden states,
         all conditions), the neutral baseline of the readings (from the neutral answers,
         :func:`emokern.extract.neutral_readings.neutral_stats`), metadata (method, queries hash,
-        instruction id, centered, model fingerprint, emokern version, recommended_alpha,
+        instruction id, centered, model fingerprint, emokern version, default_weight,
         recommended_layers, detection layers, counts, time).
         With ``return_responses``: ``(bank, responses)``.
 

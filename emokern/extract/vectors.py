@@ -75,7 +75,7 @@ def recommend(vectors: torch.Tensor, layers: Sequence[int], hidden_norm: torch.T
     Returns
     -------
     dict
-        The bank metadata: ``recommended_alpha`` (float, the bank-wide default weight: the
+        The bank metadata: ``default_weight`` (float, the bank-wide default weight: the
         key the bank file reads), ``recommended_layers`` (list of int) and ``recommendation``
         ("calibrated", "transferred" or "heuristic").
     """
@@ -83,7 +83,7 @@ def recommend(vectors: torch.Tensor, layers: Sequence[int], hidden_norm: torch.T
     same = (record.get("fingerprint") == fingerprint
             and record.get("centered") == centered)
     if same and all(layer in layers for layer in record["recommended_layers"]):
-        return {"recommended_alpha": float(record["default_weight"]),
+        return {"default_weight": float(record["default_weight"]),
                 "recommended_layers": list(record["recommended_layers"]),
                 "recommendation": "calibrated"}
     depth = float(record.get("relative_depth", 0.4))
@@ -93,7 +93,7 @@ def recommend(vectors: torch.Tensor, layers: Sequence[int], hidden_norm: torch.T
     i = list(layers).index(layer)
     ratio = float(vectors[i].norm(dim=-1).mean() / hidden_norm[i].clamp_min(1e-12))
     weight = strength / ratio if ratio > 0 else 1.0
-    return {"recommended_alpha": round(float(weight), 2), "recommended_layers": [int(layer)],
+    return {"default_weight": round(float(weight), 2), "recommended_layers": [int(layer)],
             "recommendation": "transferred" if record else "heuristic"}
 
 

@@ -157,6 +157,6 @@ def test_recommendation_is_stored_in_the_record_and_the_bank(small_llama, tmp_pa
     assert load_calibration(calibration) == {"concept": {"default_weight": 1.5},
                                              "ev": record}
     saved = EmotionBank.load(path)
-    assert saved.recommended_alpha == 4.0 and saved.recommended_layers == [1]
+    assert saved.default_weight == 4.0 and saved.recommended_layers == [1]
     assert saved.metadata["recommendation"] == "calibrated"
     torch.testing.assert_close(saved.vectors, bank.vectors.half().float())

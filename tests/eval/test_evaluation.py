@@ -80,7 +80,7 @@ def test_grid_shares_one_unsteered_row_per_prompt(tiny):
     assert len(rows) == 2 + 2 * 2 * 2
     assert [r["mix"] for r in rows[:2]] == [{}, {}]
     rec = {r["emotion"]: r["weight"] for r in rows if r["label"] == "rec"}
-    assert rec == {"joy": bank.recommended_alpha, "fear": 3.0}
+    assert rec == {"joy": bank.default_weight, "fear": 3.0}
 
 
 def test_evaluate_writes_results_report_and_plots(tiny, embedder, scorer, tmp_path):

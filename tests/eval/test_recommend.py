@@ -39,7 +39,7 @@ def test_store_keeps_the_vectors_and_records_the_band(tiny_llama, tmp_path):
                    prompts=24, reading={"joy": 1.234567})
     assert torch.equal(stored.vectors, bank.vectors)
     assert stored.recommended_weight("joy") == 3.0
-    assert stored.recommended_weight("fear") == bank.recommended_alpha
+    assert stored.recommended_weight("fear") == bank.default_weight
     record = stored.recommended_weights["joy"]
     assert record == {"weight": 3.0, "gain": 0.2, "layers": [1, 2], "prompts": 24,
                       "reading": 1.235}

@@ -47,11 +47,11 @@ def test_recommend_copies_transfers_or_guesses(small_llama, monkeypatch):
         return recommend(vectors, layers, hidden_norm, 3, **args)
 
     same = run({"ev": _record(fingerprint)})
-    assert same == {"recommended_alpha": 6.0, "recommended_layers": [1],
+    assert same == {"default_weight": 6.0, "recommended_layers": [1],
                     "recommendation": "calibrated"}
     # Another model: same relative depth (0.5 of layers 0..2 -> 1), same relative strength.
     other = run({"ev": _record(dict(fingerprint, hidden_size=999))})
-    assert other == {"recommended_alpha": 0.5, "recommended_layers": [1],
+    assert other == {"default_weight": 0.5, "recommended_layers": [1],
                      "recommendation": "transferred"}
     # Calibrated without centring: transferred, not copied.
     assert run({"ev": _record(fingerprint)}, centered=False)["recommendation"] == "transferred"
@@ -59,7 +59,7 @@ def test_recommend_copies_transfers_or_guesses(small_llama, monkeypatch):
     assert run({"concept": _record(fingerprint)})["recommendation"] == "heuristic"
     nothing = run({})
     # No record: relative depth 0.4 (layer 0.8 -> 1) and relative strength 0.5.
-    assert nothing == {"recommended_alpha": 1.0, "recommended_layers": [1],
+    assert nothing == {"default_weight": 1.0, "recommended_layers": [1],
                        "recommendation": "heuristic"}
 
 
