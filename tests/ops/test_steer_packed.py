@@ -245,3 +245,13 @@ def test_layouts_every_backend_refuses():
     with pytest.raises(ValueError, match="running.sum must be contiguous"):
         steer_packed_(torch.randn(2, 8), vectors, weights, torch.zeros(2, dtype=torch.int32),
                       running=running)
+
+
+def test_schema_is_derived_from_the_reference_signature():
+    from emokern.ops import steer_packed
+
+    want = ("(Tensor(a!) hidden, Tensor? residual, Tensor vectors, Tensor slot_weights, "
+            "Tensor token_slot, bool norm_preserving, Tensor(b!)? proj_out, Tensor(c!)? run_sum, "
+            "Tensor(d!)? run_count, Tensor(e!)? run_last) -> ()")
+    assert steer_packed.SCHEMA == want
+    assert str(torch.ops.emokern.steer_packed_.default._schema) == f"emokern::steer_packed_{want}"
