@@ -69,9 +69,11 @@ def test_backend_matches_reference_bit_for_bit(backend, lead, features, frac, dt
     idx = random_idx(features, round(frac * features), seed)
     want = act.clone()
     ref_scale_neurons_(want, idx, scale)
+    literal = literal_scale(act, idx, scale)  # the definition: the reference is checked too
     before = act.clone()
     scale_neurons_(act, idx, scale, backend=backend)
-    assert torch.equal(act, want)  # one float32 multiply rounded once: exact on every backend
+    assert torch.equal(act, literal)  # one float32 multiply rounded once: exact everywhere
+    assert torch.equal(act, want)
     untouched = torch.ones(features, dtype=torch.bool)
     untouched[idx] = False
     assert torch.equal(act[..., untouched], before[..., untouched])
