@@ -201,8 +201,8 @@ def load_cpu() -> bool:
         True when ``torch.ops.emokern.steer_`` now runs the C++ kernel on CPU tensors; False
         (after one warning naming the cause) when it keeps running the reference.
     """
-    import emokern.ops.library  # noqa: F401  (the schema must exist before the kernel)
-
+    # The schemas exist before the kernel: importing emokern.ops (this module's package)
+    # defined them.
     info = _state.setdefault("cpu", {"loaded": False, "source": None, "error": None,
                                      "name": None, "path": None})
     try:
@@ -268,8 +268,6 @@ def load_cuda() -> bool:
     bool
         False unless torch is a CUDA build, a GPU is visible and the kernel loaded.
     """
-    import emokern.ops.library  # noqa: F401
-
     info = _state.setdefault("cuda", {"loaded": False, "source": None, "error": None,
                                       "name": None, "path": None})
     if not (torch.version.cuda and torch.cuda.is_available()):

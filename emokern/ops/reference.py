@@ -2,7 +2,8 @@
 
 Each ``ref_<op>`` computes in float32 whatever the storage dtype and has exactly the
 semantics documented in docs/design.md §2. Arguments are assumed valid (the public wrappers in
-:mod:`emokern.ops.library` validate them); the reference favours clarity over speed.
+:mod:`emokern.ops.steer`, :mod:`~emokern.ops.steer_packed`, :mod:`~emokern.ops.scale_neurons`
+validate them); the reference favours clarity over speed.
 """
 
 from __future__ import annotations

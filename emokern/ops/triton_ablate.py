@@ -22,7 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from emokern.ops.library import activation_rows
+from emokern.ops import dispatch
+from emokern.ops.scale_neurons import activation_rows
 
 #: Rows per program.
 BLOCK_R = 16
@@ -80,8 +81,7 @@ def register_cuda_kernel(*, override: bool = False) -> bool:
     global _cuda_registration
     if _cuda_registration is not None:
         return True
-    import emokern.ops.library  # noqa: F401  (defines the schema)
-
+    # The schema exists: importing emokern.ops (this module's package) defined it.
     if not override and torch._C._dispatch_has_kernel_for_dispatch_key(
             "emokern::scale_neurons_", "CUDA"):
         return False
@@ -89,3 +89,8 @@ def register_cuda_kernel(*, override: bool = False) -> bool:
     lib.impl("scale_neurons_", triton_scale_neurons_, "CUDA")
     _cuda_registration = lib
     return True
+
+
+# Not registered as the CUDA kernel when chosen (no on_cuda): the ablator runs it through
+# runner_for; register_cuda_kernel is for callers of torch.ops.emokern.scale_neurons_.
+dispatch.register_runner("scale_neurons_", "triton", triton_scale_neurons_)

@@ -92,6 +92,7 @@ import torch
 import triton
 import triton.language as tl
 
+from emokern.ops import dispatch
 from emokern.ops.reference import NORM_EPS
 
 #: Upper bound of a D tile. Rows longer than the (budget-limited) tile are covered by a loop.
@@ -532,8 +533,7 @@ def register_cuda_kernel(*, override: bool = False) -> bool:
         True if the Triton kernels are (now, or already were) the CUDA kernels of both ops;
         False if another CUDA kernel was kept for at least one of them.
     """
-    import emokern.ops.library  # noqa: F401  (defines the schemas)
-
+    # The schemas exist: importing emokern.ops (this module's package) defined them.
     for op, kernel in _KERNELS.items():
         if op in _cuda_registration:
             continue
@@ -544,3 +544,7 @@ def register_cuda_kernel(*, override: bool = False) -> bool:
         registration.impl(op, kernel, "CUDA")
         _cuda_registration[op] = registration  # the registration lives as long as this object
     return all(op in _cuda_registration for op in _KERNELS)
+
+
+for _op, _kernel in _KERNELS.items():
+    dispatch.register_runner(_op, "triton", _kernel, on_cuda=register_cuda_kernel)

@@ -228,14 +228,14 @@ def test_missing_compiler_warns_and_falls_back_to_the_reference(tmp_path):
         import torch
         with warnings.catch_warnings(record=True) as caught:
             import emokern
-            from emokern.ops import build, library
+            from emokern.ops import build, dispatch
             loaded = build.load_cpu()
         ours = [str(w.message) for w in caught if str(w.message).startswith("emokern:")]
         h = torch.ones(1, 2, 3)
         emokern.steer_(h, torch.ones(1, 3), torch.ones(1, 1))
         print(json.dumps({
             "loaded": loaded, "warnings": ours, "h": h.tolist(),
-            "backend": library.resolve_backend(None, h.device),
+            "backend": dispatch.resolve_backend(None, h.device),
             "cpu_key": torch._C._dispatch_has_kernel_for_dispatch_key("emokern::steer_", "CPU"),
             "aot": build.build_info()["aot_cpu_available"],
         }))
@@ -284,7 +284,7 @@ def test_concurrent_first_builds_share_one_cache(tmp_path):
 
 _AOT_RUN = """
     import ctypes, json, sys, torch
-    import emokern.ops.library  # the schemas, before the kernels register
+    import emokern.ops  # the schemas, before the kernels register
     so, out = sys.argv[1], sys.argv[2]
     torch.ops.load_library(so)
     lib = ctypes.CDLL(so)

@@ -208,7 +208,7 @@ BAD_PACKED_METADATA = {
 def test_packed_binding_checks_match_the_python_wrapper(packed_checks, case):
     """The CUDA binding rejects bad metadata with the Python wrapper's exception type and
     message (the data checks are the wrapper's alone: they would sync the device)."""
-    from emokern.ops.library import validate_steer_packed_args
+    from emokern.ops.steer_packed import validate_steer_packed_args
 
     name, value = BAD_PACKED_METADATA[case]
     args = _packed_args()

@@ -10,8 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from emokern.ops import build
-from emokern.ops.library import activation_rows, resolve_backend, scale_neurons_
+from emokern.ops.dispatch import resolve_backend
 from emokern.ops.reference import ref_scale_neurons_
+from emokern.ops.scale_neurons import activation_rows, scale_neurons_
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 COMPILED = [b for b in ("cpu",) if build.load_cpu()]
@@ -68,9 +69,11 @@ def test_backend_matches_reference_bit_for_bit(backend, lead, features, frac, dt
     idx = random_idx(features, round(frac * features), seed)
     want = act.clone()
     ref_scale_neurons_(want, idx, scale)
+    literal = literal_scale(act, idx, scale)  # the definition: the reference is checked too
     before = act.clone()
     scale_neurons_(act, idx, scale, backend=backend)
-    assert torch.equal(act, want)  # one float32 multiply rounded once: exact on every backend
+    assert torch.equal(act, literal)  # one float32 multiply rounded once: exact everywhere
+    assert torch.equal(act, want)
     untouched = torch.ones(features, dtype=torch.bool)
     untouched[idx] = False
     assert torch.equal(act[..., untouched], before[..., untouched])
@@ -240,3 +243,11 @@ def test_activation_rows():
     assert activation_rows(torch.zeros(5)) == (1, 5)
     assert activation_rows(torch.zeros(3, 1, 9)[:, :, :4]) == (3, 9)
     assert activation_rows(torch.zeros(0, 4)) == (0, 4)
+
+
+def test_schema_is_derived_from_the_reference_signature():
+    from emokern.ops import scale_neurons
+
+    want = "(Tensor(a!) act, Tensor neuron_idx, float scale) -> ()"
+    assert scale_neurons.SCHEMA == want
+    assert str(torch.ops.emokern.scale_neurons_.default._schema) == f"emokern::scale_neurons_{want}"

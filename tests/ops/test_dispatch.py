@@ -1,4 +1,4 @@
-"""Choosing a backend (``emokern/ops/library.py``, ``emokern/ops/build.py``): reporting without
+"""Choosing a backend (``emokern/ops/dispatch.py``, ``emokern/ops/build.py``): reporting without
 compiling, a backend that cannot run on the tensors' device is one clear error, the Python
 overlap check agrees with the C++ one, and Triton launches under the tensors' own device."""
 
@@ -20,7 +20,7 @@ from kernel_cases import gpu
 
 import emokern
 from emokern.ops import build, resolve_backend
-from emokern.ops.library import rows_disjoint
+from emokern.ops.steer import rows_disjoint
 
 REPO = Path(__file__).resolve().parents[2]
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -190,7 +190,7 @@ def test_emokern_backend_set_while_running_takes_effect_at_once(monkeypatch, cpu
 @pytest.mark.parametrize("value", [None, "", "cpu", "reference"])
 @pytest.mark.parametrize("name", ["EMOKERN_BACKEND", "TRITON_INTERPRET", "EMOKERN_NOT_CACHED"])
 def test_environ_get_agrees_with_os_environ(monkeypatch, name, value):
-    from emokern.ops.library import environ_get
+    from emokern.ops.dispatch import environ_get
 
     if value is None:
         monkeypatch.delenv(name, raising=False)
@@ -345,3 +345,104 @@ def test_triton_launches_on_the_tensors_device(monkeypatch):
     assert launched_on == [1]
     torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(got_proj.cpu(), want_proj, rtol=1e-5, atol=1e-4)
+
+
+# --- the op layer's structure: no import circle, Triton imported only when used ---------------
+
+OPS_DIR = REPO / "emokern" / "ops"
+
+
+def ops_import_graph() -> dict[str, set[str]]:
+    """``module -> the emokern.ops modules it imports`` for every module of ``emokern/ops``
+    (the package itself is ``emokern.ops``), counting every import statement: top level and
+    deferred (inside functions), ``import a.b`` and ``from a import b`` (``b`` a submodule or
+    a name of ``a``)."""
+    import ast
+
+    modules = {p.stem: p for p in OPS_DIR.glob("*.py")}
+
+    def name_of(stem):
+        return "emokern.ops" if stem == "__init__" else f"emokern.ops.{stem}"
+
+    graph = {}
+    for stem, path in modules.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                found = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: from the package emokern.ops
+                    base = "emokern.ops" + (f".{base}" if base else "")
+                found = [f"{base}.{alias.name}" if base == "emokern.ops"
+                         and alias.name in modules else base for alias in node.names]
+            else:
+                continue
+            targets |= {t for t in found if t == "emokern.ops" or t.startswith("emokern.ops.")
+                        or t.split(".")[0] == "triton"}
+        graph[name_of(stem)] = targets - {name_of(stem)}
+    return graph
+
+
+def import_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of ``graph`` (a list of modules, the first repeated last), or None."""
+    state: dict[str, str] = {}
+
+    def visit(node, path):
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                return [*path[path.index(nxt):], nxt] if nxt in path else [node, nxt]
+            if nxt not in state and (found := visit(nxt, [*path, nxt])):
+                return found
+        state[node] = "done"
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (found := visit(start, [start])):
+            return found
+    return None
+
+
+def test_ops_modules_import_each_other_without_a_circle():
+    graph = ops_import_graph()
+    assert {"emokern.ops.dispatch", "emokern.ops.steer", "emokern.ops.steer_packed",
+            "emokern.ops.scale_neurons"} <= graph.keys()
+    assert "emokern.ops.library" not in graph
+    assert import_cycle(graph) is None, " -> ".join(import_cycle(graph))
+    # Triton is an optional extra: only the Triton kernel modules import it.
+    assert {name for name, targets in graph.items() if any(t.startswith("triton")
+                                                            for t in targets)} \
+        == {"emokern.ops.triton_steer", "emokern.ops.triton_ablate"}
+    # The dispatcher sits below the op and kernel modules: it names kernel modules by string.
+    assert graph["emokern.ops.dispatch"] <= {"emokern.ops.build"}
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert import_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert import_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+def test_cpu_calls_leave_the_triton_kernels_unimported():
+    """(torch itself may import triton, when installed: torch._dynamo does.)"""
+    result = run_python("""
+        import json, sys, torch
+        import emokern
+        from emokern.ops import scale_neurons_, steer_packed_
+        emokern.steer_(torch.ones(1, 2, 8), torch.ones(2, 8), torch.ones(1, 2), backend="reference")
+        steer_packed_(torch.ones(3, 8), torch.ones(2, 8), torch.ones(1, 2),
+                      torch.zeros(3, dtype=torch.int32), backend="reference")
+        scale_neurons_(torch.ones(2, 8), torch.tensor([1, 3]), backend="reference")
+        print(json.dumps(sorted(m for m in sys.modules if m.startswith("emokern.ops.triton"))))
+    """, TRITON_INTERPRET="0")
+    assert result == []
+
+
+@pytest.mark.parametrize("op", ["steer_", "steer_packed_", "scale_neurons_"])
+def test_every_backend_of_an_op_has_a_runner(op):
+    from emokern.ops import dispatch
+
+    assert dispatch.runner_for("reference", op) is getattr(emokern.ops, f"ref_{op}")
+    if build.triton_usable() or "triton" in sys.modules:
+        pytest.importorskip("triton")
+        assert callable(dispatch.runner_for("triton", op))

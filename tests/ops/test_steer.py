@@ -1,4 +1,4 @@
-"""The steer_ op (``emokern/ops/library.py``): the reference vs the op's definition in
+"""The steer_ op (``emokern/ops/steer.py``): the reference vs the op's definition in
 ``docs/design.md`` literally, compiled backends vs the reference, errors."""
 
 from __future__ import annotations
@@ -335,3 +335,14 @@ def test_bad_input_raises_one_clear_error_and_modifies_nothing(backend, name, co
     if run_before is not None:
         for before, after in zip(run_before, run.tensors(), strict=True):
             assert torch.equal(before.nan_to_num(7.0), after.nan_to_num(7.0))
+
+
+def test_schema_is_derived_from_the_reference_signature():
+    """One signature: the schema comes from ``ref_steer_``'s, alias annotations included."""
+    from emokern.ops import steer
+
+    want = ("(Tensor(a!) hidden, Tensor vectors, Tensor weights, Tensor? mask, "
+            "bool norm_preserving, Tensor(b!)? proj_out, Tensor(c!)? run_sum, "
+            "Tensor(d!)? run_count, Tensor(e!)? run_last) -> ()")
+    assert steer.SCHEMA == want
+    assert str(torch.ops.emokern.steer_.default._schema) == f"emokern::steer_{want}"
