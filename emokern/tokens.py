@@ -1,6 +1,11 @@
 """Tokenizer plumbing shared by steering, extraction and evaluation: chat prompts, padded
 batches, the pad and end-of-sequence ids, a model's device.
 
+Prompt format: a tokenizer with a chat template (SmolLM2-Instruct) gets its prompts wrapped as a
+user turn; one without (a base model such as Gemma 3 270M) gets them as plain text with the
+tokenizer's own special tokens (Gemma's ``<bos>``). :func:`prompt_format` says which, so
+callers can report it; the choice is made here, automatically, and logged once per tokenizer.
+
 Generation appends on the right, so batches that will be continued are padded on the *left*;
 ``position_ids`` are then 0 at each row's first real token, so that absolute-position models
 (GPT-2) see the same positions as without padding. Scoring a finished text pads on the right.
@@ -8,12 +13,42 @@ Generation appends on the right, so batches that will be continued are padded on
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["chat_prompt_ids", "encode_prompts", "eos_ids", "model_device", "pad_batch", "pad_id"]
+__all__ = ["PROMPT_FORMATS", "chat_prompt_ids", "encode_prompts", "eos_ids", "model_device",
+           "pad_batch", "pad_id", "prompt_format"]
+
+#: What :func:`prompt_format` returns.
+PROMPT_FORMATS = ("chat", "plain")
+
+_log = logging.getLogger(__name__)
+
+
+def prompt_format(tokenizer) -> str:
+    """``"chat"`` when the tokenizer has a chat template (prompts become user turns), else
+    ``"plain"`` (prompts are tokenized as they are, with the tokenizer's special tokens).
+
+    Examples
+    --------
+    SmolLM2-135M-Instruct (``"default"``) gives ``"chat"``; Gemma 3 270M base
+    (``"gemma3-270m"``) gives ``"plain"``.
+    """
+    return "chat" if getattr(tokenizer, "chat_template", None) else "plain"
+
+
+def _note_plain(tokenizer) -> None:
+    """Log, once per tokenizer, that chat prompts fall back to plain text."""
+    if not getattr(tokenizer, "_emokern_plain_noted", False):
+        _log.info("%s has no chat template: prompts are plain text",
+                  getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__)
+        try:
+            tokenizer._emokern_plain_noted = True
+        except AttributeError:  # a tokenizer that refuses attributes is simply noted again
+            pass
 
 
 def pad_id(tokenizer) -> int:
@@ -77,29 +112,41 @@ def pad_batch(sequences: Sequence[Sequence[int]], pad_token_id: int, *, side: st
 
 def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     """Token ids of ``messages`` rendered with the tokenizer's chat template, ending with the
-    assistant's turn header (a plain "Role: text" transcript when the tokenizer has none)."""
-    if getattr(tokenizer, "chat_template", None):
+    assistant's turn header; for a tokenizer without one (:func:`prompt_format` ``"plain"``),
+    a plain "Role: text" transcript ending with ``"Assistant:"``, with the tokenizer's special
+    tokens (a template writes its own)."""
+    if prompt_format(tokenizer) == "chat":
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                              tokenize=False)
-    else:
-        text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
-        text += "Assistant:"
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    _note_plain(tokenizer)
+    text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
+    text += "Assistant:"
+    return list(tokenizer(text, add_special_tokens=True)["input_ids"])
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str], *, chat: bool = True, device=None):
-    """Tokenize ``prompts`` as one left-padded batch (``input_ids``, ``attention_mask``), each
-    wrapped in the chat template as a user turn when ``chat`` and the tokenizer has one."""
-    if chat and getattr(tokenizer, "chat_template", None):
+    """Tokenize ``prompts`` as one left-padded batch (``input_ids``, ``attention_mask``).
+
+    With ``chat`` and a tokenizer that has a chat template, each prompt is wrapped as a user
+    turn (the template writes the special tokens); otherwise (``chat=False``, or
+    :func:`prompt_format` ``"plain"``: a base model) the prompts are plain text with the
+    tokenizer's special tokens, e.g. Gemma's ``<bos>``.
+    """
+    templated = chat and prompt_format(tokenizer) == "chat"
+    if templated:
         texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}],
                                                tokenize=False, add_generation_prompt=True)
                  for p in prompts]
     else:
+        if chat:
+            _note_plain(tokenizer)
         texts = list(prompts)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation appends on the right: pad on the left
     try:
-        encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat)
+        encoded = tokenizer(texts, return_tensors="pt", padding=True,
+                            add_special_tokens=not templated)
     finally:
         tokenizer.padding_side = side
     return encoded.to(device) if device is not None else encoded

