@@ -12,8 +12,10 @@ from one run, written to ``bench/results/vllm.{json,md,png}``::
 then kept loaded (only one generates at a time): (1) unsteered, compiled, without the plugin;
 (2) emokern, compiled: ``L`` steered layers (``--layers`` consecutive bank layers around the
 middle), K = 6, every request with its own mix, readings on; (3) the hook,
-``enforce_eager=True``, same layers, mixes and readings (the plugin's ``impl="hook"``:
-``hidden += W[slot(t)] @ V`` and the projections summed per slot with ``index_add_``). Each
+``enforce_eager=True``, same layers, mixes and readings: the plugin's slots with a
+plain-PyTorch forward hook in place of the op (:mod:`emokern.benchmarks.vllm_hook`, installed
+through vLLM's ``worker_extension_cls``: ``hidden += W[slot(t)] @ V`` and the projections
+summed per slot with ``index_add_``). Each
 engine runs the ``--requests`` prompts once to warm up, then the engines take turns for
 ``--repeats`` rounds (the order rotating); throughput = generated tokens / wall seconds (fixed
 length, ``ignore_eos``); the ratios are paired per round (median, quartiles), so the drift of
@@ -88,6 +90,7 @@ def load_engine(name: str, args, layers: list[int], mix_list) -> dict:
     from vllm import LLM, SamplingParams
 
     import emokern.vllm
+    from emokern.benchmarks.vllm_hook import EXTENSION
 
     engine = {"dtype": "float32", "max_model_len": 256, "max_num_seqs": args.requests,
               "seed": 0, **gpu_share(3)}
@@ -95,13 +98,16 @@ def load_engine(name: str, args, layers: list[int], mix_list) -> dict:
         extra = {}
     else:
         extra = {"additional_config": {"emokern": {"bank": "default", "layers": layers,
-                                                   "monitor": True,
-                                                   "impl": "hook" if name == "hook" else "op"}}}
+                                                   "monitor": True}}}
+    if name == "hook":
+        extra["worker_extension_cls"] = EXTENSION
     compiled = name != "hook" and not args.eager
     if not compiled:
         engine["enforce_eager"] = True
     t0 = time.perf_counter()
     llm = LLM(model=str(emokern.vllm.default_model_dir()), **engine, **extra)
+    if name == "hook":  # before the first generate: the hook takes the op's place
+        llm.collective_rpc("emokern_use_hook")
     load_s = time.perf_counter() - t0
     print(f"{name}: loaded in {load_s:.0f} s", flush=True)
     params = [SamplingParams(temperature=0.0, max_tokens=args.tokens, ignore_eos=True,
@@ -220,8 +226,7 @@ def sweep_vs_hf(args, layers, model, tokenizer) -> dict:
               "seed": 0, "enable_prefix_caching": False, "enforce_eager": args.eager,
               **gpu_share(1),
               "additional_config": {"emokern": {"bank": "ev", "layers": layers,
-                                                "spread": "divide", "monitor": True,
-                                                "impl": "op"}}}
+                                                "spread": "divide", "monitor": True}}}
     previous_kv = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(args.sweep_kv_gib)  # read by the worker
     try:

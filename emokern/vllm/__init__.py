@@ -31,12 +31,17 @@ Weights are in the bank's units and spread over layers as in :func:`emokern.stee
 (``docs/design.md`` §3). A mix of all zeros is no steering. Steered requests get a
 prefix-cache salt per mix, so their KV is never reused by another mix or by unsteered requests.
 
+The plugin runs on the vLLM versions :data:`emokern.vllm.internals.SUPPORTED_VLLM` names and
+refuses others when it loads (``EMOKERN_VLLM_ANY_VERSION=1`` tries anyway): it wraps a few
+private vLLM methods, all declared in :mod:`~emokern.vllm.internals`.
+
 Modules: :mod:`~emokern.vllm.config` (settings, mix parsing, cache salt),
 :mod:`~emokern.vllm.slots` (persistent buffers and request → slot bookkeeping),
 :mod:`~emokern.vllm.runner` (the layer wrapping inside a worker), :mod:`~emokern.vllm.plugin`
 (the entry point), :mod:`~emokern.vllm.http` (readings over HTTP, ``/v1/emotions``),
-:mod:`~emokern.vllm.serve` (``emokern serve``). Only the last three import vLLM, inside
-functions.
+:mod:`~emokern.vllm.serve` (``emokern serve``), :mod:`~emokern.vllm.internals` (every touch
+point on vLLM's internals, the version check, the request-id formats). Only internals imports
+vLLM, inside functions.
 """
 
 from __future__ import annotations

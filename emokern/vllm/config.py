@@ -1,5 +1,12 @@
 """The plugin's per-engine settings (``additional_config={"emokern": {...}}``) and the
-per-request mix (``SamplingParams(extra_args={"emotion": ...})``)."""
+per-request mix (``SamplingParams(extra_args={"emotion": ...})``).
+
+A mix is parsed once, at the front door (:func:`check_mix`: the HTTP middleware, and vLLM's
+front end for every request), into its *normal form*: a dict ``{name: weight}`` of the
+bank's emotions with non-zero finite weights, in the bank's order, ``"rec"`` resolved
+(None: unsteered). The front end writes that form back into the request's ``extra_args``;
+the engine core's cache salt (:func:`cache_salt`) and the workers (:func:`mix_weights`)
+only read it. Tested in ``tests/vllm/test_slots.py``."""
 
 from __future__ import annotations
 
@@ -16,7 +23,7 @@ from emokern.steering.mix import mix_to_weights, parse_mix
 from emokern.steering.steerer import SPREADS, check_layers
 
 __all__ = ["CONFIG_KEY", "EXTRA_KEY", "EmokernConfig", "bank_of", "cache_salt", "check_mix",
-           "describe", "request_mix"]
+           "describe", "mix_weights", "normal_mix", "request_mix", "with_mix"]
 
 CONFIG_KEY = "emokern"  # additional_config key
 EXTRA_KEY = "emotion"  # SamplingParams.extra_args key (HTTP: vllm_xargs)
@@ -35,9 +42,7 @@ class EmokernConfig:
     decoder-layer indices; ``monitor``: keep readings; ``spread``: ``"divide"`` (each of the
     ``L`` layers adds ``w / L · v_l``) or ``"each"`` (``docs/design.md`` §3);
     ``norm_preserving``; ``max_requests``: requests with slots alive at once (0: twice vLLM's
-    ``max_num_seqs``); ``impl``: ``"op"`` (the packed op, inside vLLM's compiled graph) or
-    ``"hook"`` (a plain-PyTorch forward hook doing the same sums — the benchmark's baseline;
-    needs ``enforce_eager=True``, no norm preservation, no ``last`` readings).
+    ``max_num_seqs``).
     """
 
     bank: str = "default"
@@ -46,7 +51,6 @@ class EmokernConfig:
     spread: str = "divide"
     norm_preserving: bool = False
     max_requests: int = 0
-    impl: str = "op"
 
     @classmethod
     def from_additional_config(cls, additional) -> EmokernConfig | None:
@@ -68,8 +72,6 @@ class EmokernConfig:
         if isinstance(layers, list):  # hashable (the settings key the bank cache); checked
             layers = tuple(layers)    # against the bank and model by resolve_layers
         values["layers"] = layers
-        if values.get("impl", "op") not in ("op", "hook"):
-            _fail(ValueError, f"impl must be 'op' or 'hook', got {values['impl']!r}")
         if values.get("spread", "divide") not in SPREADS:
             _fail(ValueError, f"spread must be one of {SPREADS}, got {values['spread']!r}")
         return cls(**values)
@@ -124,19 +126,61 @@ def request_mix(extra_args, names: Sequence[str], *,
     return weights if bool(weights.ne(0).any()) else None
 
 
-def cache_salt(extra_args) -> str | None:
-    """A prefix-cache salt for a request's mix (None for an unsteered request): KV computed
-    under one mix is only reused by requests with the same mix. Validates nothing (the worker
-    does); an unparsable mix gets its own salt from its text."""
-    if not extra_args or EXTRA_KEY not in extra_args:
+def normal_mix(extra_args, names: Sequence[str], *,
+               recommended: Callable[[str], float] | None = None,
+               argument: str = f"extra_args['{EXTRA_KEY}']") -> dict[str, float] | None:
+    """A request's mix in normal form: ``{name: weight}`` over ``names`` (their order), the
+    non-zero weights only, as :func:`request_mix` reads them; None when unsteered. Errors as
+    :func:`request_mix`'s."""
+    weights = request_mix(extra_args, names, recommended=recommended, argument=argument)
+    if weights is None:
         return None
-    mix = extra_args[EXTRA_KEY]
-    try:
-        if isinstance(mix, str):
-            mix = parse_mix(mix)
-        items = sorted((str(k), float(v)) for k, v in dict(mix).items() if float(v) != 0.0)
-    except (TypeError, ValueError):
-        items = [("?", repr(mix))]
+    return {n: float(w) for n, w in zip(names, weights.tolist(), strict=True) if w != 0.0}
+
+
+def with_mix(extra_args, mix: dict[str, float] | None):
+    """``extra_args`` (a new dict; None stays None) with its mix replaced by ``mix``, a normal
+    form (its key dropped when None)."""
+    if not extra_args:
+        return extra_args
+    out = {k: v for k, v in extra_args.items() if k != EXTRA_KEY}
+    if mix is not None:
+        out[EXTRA_KEY] = mix
+    return out
+
+
+def _normal_items(extra_args) -> list[tuple[str, float]]:
+    mix = extra_args.get(EXTRA_KEY) if extra_args else None
+    if not mix:
+        return []
+    if not isinstance(mix, Mapping):  # the front end writes the normal form only
+        _fail(TypeError, f"extra_args['{EXTRA_KEY}'] reached the engine unchecked "
+                         f"({type(mix).__name__}); requests enter through vLLM's front end, "
+                         f"which puts the mix in normal form")
+    return [(str(k), float(v)) for k, v in mix.items() if float(v) != 0.0]
+
+
+def mix_weights(extra_args, names: Sequence[str]) -> torch.Tensor | None:
+    """The weights ``[K]`` (float32, columns = ``names``) of a mix in normal form, or None when
+    unsteered. Parses nothing (the front end did); an emotion not in ``names`` is an
+    error (a request checked against another bank)."""
+    items = _normal_items(extra_args)
+    if not items:
+        return None
+    index = {n: i for i, n in enumerate(names)}
+    weights = torch.zeros(len(names))
+    for name, w in items:
+        if name not in index:
+            _fail(ValueError, f"extra_args['{EXTRA_KEY}'] names {name!r}, not an emotion of "
+                              f"this engine's bank {list(names)}")
+        weights[index[name]] = w
+    return weights
+
+
+def cache_salt(extra_args) -> str | None:
+    """A prefix-cache salt for a request's mix in normal form (None for an unsteered request):
+    KV computed under one mix is only reused by requests with the same mix."""
+    items = sorted(_normal_items(extra_args))
     if not items:
         return None
     text = ",".join(f"{k}={v!r}" for k, v in items)
@@ -151,18 +195,20 @@ def bank_of(config: EmokernConfig) -> EmotionBank:
 
 
 def check_mix(extra_args, config: EmokernConfig | None, *,
-              argument: str = f"extra_args['{EXTRA_KEY}']") -> None:
-    """Refuse a request's mix before it reaches the engine: ValueError/TypeError naming
-    ``argument`` for an unknown emotion, a non-finite or non-numeric weight, a malformed mix
-    string, or any mix sent to an engine that does not enable emokern (``config`` None)."""
+              argument: str = f"extra_args['{EXTRA_KEY}']") -> dict[str, float] | None:
+    """The front door's check: a request's mix in normal form (:func:`normal_mix` against
+    ``config``'s bank; None when unsteered). ValueError/TypeError naming ``argument`` for an
+    unknown emotion, a non-finite or non-numeric weight, a malformed mix string, or any mix
+    sent to an engine that does not enable emokern (``config`` None)."""
     if config is None:
         if extra_args and extra_args.get(EXTRA_KEY):
             _fail(ValueError, f"{argument} was given but this engine was started without "
                               f"emotion steering; enable it with additional_config="
                               f"{{'{CONFIG_KEY}': {{}}}} (emokern serve does)")
-        return
+        return None
     bank = bank_of(config)
-    request_mix(extra_args, bank.names, recommended=bank.recommended_weight, argument=argument)
+    return normal_mix(extra_args, bank.names, recommended=bank.recommended_weight,
+                      argument=argument)
 
 
 def describe(config: EmokernConfig, n_model_layers: int) -> dict:

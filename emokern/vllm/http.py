@@ -46,6 +46,7 @@ import json
 import re
 from collections.abc import Callable
 
+from emokern.vllm import internals
 from emokern.vllm.config import EXTRA_KEY, EmokernConfig, check_mix, describe
 
 __all__ = ["EMOTIONS_PATH", "READINGS_FIELD", "EmotionMiddleware", "EndpointPlugin"]
@@ -105,9 +106,8 @@ class _State:
     def __init__(self, scope) -> None:
         app_state = scope["app"].state
         self.engine = getattr(app_state, "engine_client", None)
-        vllm_config = getattr(self.engine, "vllm_config", None)
         self.config = EmokernConfig.from_additional_config(
-            getattr(vllm_config, "additional_config", None))
+            internals.additional_config(self.engine))
         self.authorized = _authorized(scope, getattr(app_state, "args", None))
 
     async def readings(self, response_id: str) -> dict:
@@ -127,12 +127,7 @@ def _authorized(scope, args) -> bool:
               if t]
     if not tokens:
         return True
-    # vLLM's own check, imported here: vLLM (and Starlette) are only present where this
-    # middleware runs, and the module stays importable without them.
-    from starlette.datastructures import Headers
-    from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
-
-    return AuthenticationMiddleware(None, tokens).verify_token(Headers(scope=scope))
+    return internals.api_key_ok(scope, tokens)
 
 
 class _ReadingSender:
@@ -232,15 +227,15 @@ class _ReadingSender:
 
 def _choice_index(response_id: str, kind: str, n: int) -> Callable[[str], int | None]:
     """The choice index of each request vLLM's server made for response ``response_id``:
-    ``[<j>_]<id>[-<i>]`` is sample ``j`` of prompt ``i`` (completions: index ``i·n + j``;
-    chat: one prompt, index ``j``)."""
-    pattern = re.compile(r"(?:(\d+)_)?" + re.escape(response_id) + r"(?:[-_](\d+))?")
+    ``[<j>_]<id>[-<i>]`` is sample ``j`` of prompt ``i``
+    (:func:`emokern.vllm.internals.derived_index`; completions: index ``i·n + j``; chat: one
+    prompt, index ``j``)."""
 
     def index(request_id: str) -> int | None:
-        match = pattern.fullmatch(request_id)
-        if match is None:
+        found = internals.derived_index(request_id, response_id)
+        if found is None:
             return None
-        sample, prompt = int(match.group(1) or 0), int(match.group(2) or 0)
+        sample, prompt = found
         return sample if kind == "chat" else prompt * n + sample
 
     return index

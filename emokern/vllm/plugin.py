@@ -1,141 +1,120 @@
 """The ``vllm.general_plugins`` entry point: vLLM calls :func:`register` in every process it
 starts (front end, engine core, workers). It changes nothing on disk and nothing for engines
-that do not set ``additional_config={"emokern": {...}}``; it adds the worker method
-``emokern_readings`` (what :func:`emokern.vllm.readings` calls) and wraps, in memory, five
-methods:
+that do not set ``additional_config={"emokern": {...}}``; it refuses a vLLM outside the
+supported versions (:func:`emokern.vllm.internals.check_version`), adds the worker method
+``emokern_readings`` (what :func:`emokern.vllm.readings` calls) and wraps, in memory, the
+methods :data:`emokern.vllm.internals.WRAPS` declares:
 
 * the model runners' ``load_model`` — after the model loads (before compilation), an engine
   with emokern enabled wraps its steered decoder layers (:mod:`emokern.vllm.runner`);
 * ``_update_states`` — frees the slots of finished requests, restarts resumed ones;
 * ``_prepare_inputs`` — after vLLM packs the step's tokens, fills the token → slot index;
-* ``InputProcessor._validate_params`` (front end) — a request whose mix names an unknown
-  emotion, a non-finite weight or is malformed, or any mix sent to an engine without
-  emokern, is refused there (vLLM's ``VLLMValidationError``: HTTP 400 with the message),
-  before it can reach a worker;
+* ``InputProcessor._validate_params`` (front end) — the front door: a request whose mix names
+  an unknown emotion, a non-finite weight or is malformed, or any mix sent to an engine
+  without emokern, is refused there (vLLM's ``VLLMValidationError``: HTTP 400 with the
+  message), before it can reach a worker; an accepted mix is written back in normal form
+  (:func:`emokern.vllm.config.check_mix`), the only form the engine core and workers read;
 * ``Request.__init__`` (engine core) — gives a steered request a prefix-cache salt per mix, so
   KV computed under a mix is reused only by requests with the same mix.
+
+Tested in ``tests/vllm/test_internals.py`` (the wraps) and ``tests/vllm/test_engine.py``.
 """
 
 from __future__ import annotations
 
-import functools
-
+from emokern.vllm import internals
 from emokern.vllm import runner as _runner
-from emokern.vllm.config import EmokernConfig, cache_salt, check_mix
+from emokern.vllm.config import EXTRA_KEY, EmokernConfig, cache_salt, check_mix, with_mix
 
-__all__ = ["register"]
+__all__ = ["READINGS_METHOD", "register", "steering_of"]
 
 _ATTR = "_emokern_steering"
-# Position of ``cache_salt`` among Request.__init__'s arguments after ``self`` (vLLM 0.32).
-_SALT_POSITION = 10
+READINGS_METHOD = "emokern_readings"
 
 
-def _after_load(load_model):
-    @functools.wraps(load_model)
+def _after_load(load_model, arguments):
     def wrapped(self, *args, **kwargs):
         result = load_model(self, *args, **kwargs)
         setattr(self, _ATTR, _runner.make(self))
         return result
 
-    wrapped._emokern = True
     return wrapped
 
 
-def _before_update(update_states):
-    @functools.wraps(update_states)
-    def wrapped(self, scheduler_output, *args, **kwargs):
+def _before_update(update_states, arguments):
+    scheduler_output = arguments["scheduler_output"]
+
+    def wrapped(self, *args, **kwargs):
         steering = getattr(self, _ATTR, None)
         if steering is not None:
-            steering.on_update(scheduler_output)
-        return update_states(self, scheduler_output, *args, **kwargs)
+            steering.on_update(scheduler_output.get(args, kwargs))
+        return update_states(self, *args, **kwargs)
 
-    wrapped._emokern = True
     return wrapped
 
 
-def _after_prepare(prepare_inputs):
-    @functools.wraps(prepare_inputs)
-    def wrapped(self, scheduler_output, num_scheduled_tokens, *args, **kwargs):
-        result = prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
+def _after_prepare(prepare_inputs, arguments):
+    num_scheduled_tokens = arguments["num_scheduled_tokens"]
+
+    def wrapped(self, *args, **kwargs):
+        result = prepare_inputs(self, *args, **kwargs)
         steering = getattr(self, _ATTR, None)
         if steering is not None:
-            steering.before_forward(self, num_scheduled_tokens)
+            steering.before_forward(self, num_scheduled_tokens.get(args, kwargs))
         return result
 
-    wrapped._emokern = True
     return wrapped
 
 
-def _salted(init):
-    @functools.wraps(init)
+def _salted(init, arguments):
+    sampling_params, salt_arg = arguments["sampling_params"], arguments["cache_salt"]
+
     def wrapped(self, *args, **kwargs):
-        params = kwargs.get("sampling_params", args[2] if len(args) > 2 else None)
+        params = sampling_params.get(args, kwargs)
         salt = cache_salt(getattr(params, "extra_args", None))
         if salt is not None:
-            if len(args) > _SALT_POSITION:  # cache_salt passed positionally
-                args = list(args)
-                old = args[_SALT_POSITION]
-                args[_SALT_POSITION] = salt if not old else f"{old}|{salt}"
-            else:
-                old = kwargs.get("cache_salt")
-                kwargs["cache_salt"] = salt if not old else f"{old}|{salt}"
+            old = salt_arg.get(args, kwargs)
+            args, kwargs = salt_arg.put(args, kwargs, salt if not old else f"{old}|{salt}")
         return init(self, *args, **kwargs)
 
-    wrapped._emokern = True
     return wrapped
 
 
-def _checked(validate_params):
-    @functools.wraps(validate_params)
-    def wrapped(self, params, *args, **kwargs):
-        result = validate_params(self, params, *args, **kwargs)
-        config = EmokernConfig.from_additional_config(self.vllm_config.additional_config)
-        try:
-            check_mix(getattr(params, "extra_args", None), config)
-        except (TypeError, ValueError) as exc:
-            # vLLM's client-error type: the OpenAI server answers 400 with the message
-            # (a plain ValueError here becomes a 500 without one).
-            from vllm.exceptions import VLLMValidationError
+_PARAMETER = f"vllm_xargs.{EXTRA_KEY}"
 
-            raise VLLMValidationError(str(exc), parameter="vllm_xargs.emotion") from exc
+
+def _checked(validate_params, arguments):
+    params = arguments["params"]
+
+    def wrapped(self, *args, **kwargs):
+        result = validate_params(self, *args, **kwargs)
+        request = params.get(args, kwargs)
+        extra = getattr(request, "extra_args", None)
+        config = EmokernConfig.from_additional_config(internals.additional_config(self))
+        try:
+            mix = check_mix(extra, config)
+        except (TypeError, ValueError) as exc:
+            raise internals.validation_error(str(exc), _PARAMETER) from exc
+        if extra and EXTRA_KEY in extra:
+            # a new dict: the caller's may be shared by other requests (vLLM clones the
+            # parameters only after this check)
+            request.extra_args = with_mix(extra, mix)
         return result
 
-    wrapped._emokern = True
     return wrapped
-
-
-def _patch(cls, name: str, wrapper) -> None:
-    current = cls.__dict__.get(name)
-    if current is None or getattr(current, "_emokern", False):
-        return
-    setattr(cls, name, wrapper(current))
 
 
 def register() -> None:
-    """Install the plugin's wrappers in this process (idempotent)."""
-    # vLLM is imported here, not at module level: it is an optional dependency, and importing
-    # it costs seconds; only vLLM itself calls this function.
-    from vllm.v1.request import Request
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-    from vllm.v1.worker.worker_base import WorkerBase
-
-    if not hasattr(WorkerBase, READINGS_METHOD):
-        setattr(WorkerBase, READINGS_METHOD, _worker_readings)
-    from vllm.v1.engine.input_processor import InputProcessor
-
-    _patch(InputProcessor, "_validate_params", _checked)
-    _patch(Request, "__init__", _salted)
-    _patch(GPUModelRunner, "load_model", _after_load)
-    _patch(GPUModelRunner, "_update_states", _before_update)
-    _patch(GPUModelRunner, "_prepare_inputs", _after_prepare)
-    try:
-        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
-    except ImportError:  # a vLLM build without the CPU runner
-        return
-    _patch(CPUModelRunner, "load_model", _after_load)
-
-
-READINGS_METHOD = "emokern_readings"
+    """Check the vLLM version and install the plugin's wrappers in this process
+    (idempotent)."""
+    internals.check_version()
+    internals.add_worker_method(READINGS_METHOD, _worker_readings)
+    internals.wrap("validate_params", _checked)
+    internals.wrap("request_init", _salted)
+    internals.wrap("load_model", _after_load)
+    internals.wrap("cpu_load_model", _after_load)
+    internals.wrap("update_states", _before_update)
+    internals.wrap("prepare_inputs", _after_prepare)
 
 
 def _worker_readings(worker, req_ids=None, family: bool = False) -> dict:

@@ -7,7 +7,10 @@ sum is the residual stream at the output of that layer (vLLM's Llama defers the 
 to the next layer's fused add-norm), so the op steers exactly the state the Hugging Face path
 steers (``docs/design.md`` §3: layer ``l`` = the output of decoder layer ``l``). The op and
 its persistent buffers are traced into vLLM's compiled graph; between steps only the buffers'
-contents change (:class:`~emokern.vllm.slots.SlotTable`).
+contents change (:class:`~emokern.vllm.slots.SlotTable`). What it reads of vLLM's model runner
+comes through :mod:`emokern.vllm.internals`.
+
+Tested in ``tests/vllm/test_engine.py`` and ``tests/vllm/test_layouts.py`` (need vLLM).
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import numpy as np
 import torch
 
 from emokern.ops import resolve_backend, runner_for
-from emokern.vllm.config import EmokernConfig, request_mix
+from emokern.vllm import internals
+from emokern.vllm.config import EmokernConfig, mix_weights
 from emokern.vllm.slots import SlotTable
 
 __all__ = ["EngineSteering", "packed_op"]
@@ -87,7 +91,6 @@ class EngineSteering:
                              f"model's hidden size is {hidden}: a bank of another model?")
         n_layers = start + len(layers)
         self.config = config
-        self.recommended = bank.recommended_weight
         self.names = tuple(bank.names)
         self.layers = config.resolve_layers(bank, n_layers)
         # Neutral baseline of the steered layers (summary readings in standard scores).
@@ -96,13 +99,14 @@ class EngineSteering:
         device = next(model.parameters()).device  # buffers and vectors live beside the model
         self.table = SlotTable(len(self.layers), len(self.names), max_requests, max_tokens,
                                scale=scale, device=device)
-        op, self.backend = packed_op(device) if config.impl == "op" else (None, "hook")
+        op, self.backend = packed_op(device)
+        #: ``(module, vectors [K, D])`` of each steered layer, in :attr:`layers` order.
+        self.steered: list[tuple[torch.nn.Module, torch.Tensor]] = []
         for i, layer in enumerate(self.layers):
             vectors = bank.layer_vectors(layer).to(device=device, dtype=torch.float32)
             self._wrap(layers[layer - start], op, vectors.contiguous(), i)
-        log.info("emokern.vllm: steering layers %s, emotions %s (%s)", list(self.layers),
-                 list(self.names), f"op backend on {device.type}: {self.backend}"
-                 if op is not None else f"plain-PyTorch hook on {device.type}, eager")
+        log.info("emokern.vllm: steering layers %s, emotions %s (op backend on %s: %s)",
+                 list(self.layers), list(self.names), device.type, self.backend)
 
     def _wrap(self, module, op, vectors: torch.Tensor, i: int) -> None:
         table, norm_preserving = self.table, self.config.norm_preserving
@@ -110,9 +114,6 @@ class EngineSteering:
             running = (table.run_sum[i], table.run_count[i], table.run_last[i])
         else:
             running = (None, None, None)
-        if self.config.impl == "hook":
-            module.register_forward_hook(_torch_hook(vectors, table, i, self.config.monitor))
-            return
         inner = module.forward
 
         def forward(*args, **kwargs):
@@ -121,7 +122,19 @@ class EngineSteering:
                norm_preserving, None, *running)
             return hidden_states, residual
 
-        module.forward = forward
+        module.forward = forward  # an instance attribute: unwrap_layers deletes it
+        self.steered.append((module, vectors))
+
+    def unwrap_layers(self) -> list[tuple[torch.nn.Module, torch.Tensor]]:
+        """Remove the op from the steered layers (their own forward again) and return
+        :attr:`steered`: the way for another implementation of the same sums over the same
+        :attr:`table` to take the op's place before the first forward (the benchmark's
+        plain-PyTorch baseline, :mod:`emokern.benchmarks.vllm_hook`). Slots, token → slot
+        index and readings stay the plugin's."""
+        for module, _ in self.steered:
+            if "forward" in vars(module):
+                del module.forward
+        return list(self.steered)
 
     # --------------------------------------------------------------- scheduler events
 
@@ -129,21 +142,17 @@ class EngineSteering:
         """Before the runner updates its batch: free the slots of finished requests, keeping
         their readings. A preempted request keeps its slots: when it resumes, the tokens vLLM
         recomputes go to its replay slot (:class:`~emokern.vllm.slots.SlotTable`)."""
-        for req_id in scheduler_output.finished_req_ids:
+        for req_id in internals.finished_ids(scheduler_output):
             self.table.release(req_id)
 
     def before_forward(self, runner, num_scheduled: np.ndarray) -> None:
         """After ``_prepare_inputs``: register new requests, write ``token_slot``."""
-        batch = runner.input_batch
-        req_ids = batch.req_ids[:batch.num_reqs]
+        req_ids, num_computed, num_prompt = internals.batch_state(runner)
         for req_id in req_ids:
             if not self.table.known(req_id):
-                params = runner.requests[req_id].sampling_params
-                extra = getattr(params, "extra_args", None) if params is not None else None
-                weights = request_mix(extra, self.names, recommended=self.recommended)
+                weights = mix_weights(internals.request_extra_args(runner, req_id), self.names)
                 self.table.add(req_id, weights, read=self.config.monitor, running=req_ids)
-        self.table.fill(req_ids, num_scheduled, batch.num_computed_tokens_cpu,
-                        batch.num_prompt_tokens)
+        self.table.fill(req_ids, num_scheduled, num_computed, num_prompt)
 
     def readings(self, req_ids=None, family: bool = False) -> dict:
         """Plain-Python readings (picklable across vLLM's processes); see
@@ -163,31 +172,6 @@ class EngineSteering:
         return out
 
 
-def _torch_hook(vectors: torch.Tensor, table: SlotTable, i: int, monitor: bool):
-    """The plain-PyTorch alternative to the packed op (``impl="hook"``; the benchmark's
-    baseline): a forward hook on the decoder layer that adds each token's gathered mix,
-    ``hidden += W[slot(t)] @ V``, and (``monitor``) accumulates the projections
-    ``<x, v_k> / ||v_k||`` of ``x = hidden + residual`` per slot with ``index_add_``. No norm
-    preservation, no ``last`` readings. A Python hook with data-dependent indexing: run it with
-    ``enforce_eager=True``."""
-    units = (vectors / vectors.norm(dim=1, keepdim=True)).T.contiguous()  # [D, K]
-
-    def hook(module, args, output):
-        hidden, residual = output
-        n = hidden.shape[0]
-        slot = table.token_slot[:n].long()
-        steered = slot >= 0
-        index = slot.clamp_min(0)
-        if monitor:
-            proj = (hidden + residual) @ units  # [N, K]
-            table.run_sum[i].index_add_(0, index, proj * steered[:, None])
-            table.run_count[i].index_add_(0, index, steered.long())
-        hidden += (table.slot_weights[index] * steered[:, None]) @ vectors
-        return hidden, residual
-
-    return hook
-
-
 def _plain(values: torch.Tensor):
     """A tensor as nested lists, NaN as None (valid JSON)."""
     return [_plain(v) for v in values] if values.dim() else (
@@ -197,14 +181,14 @@ def _plain(values: torch.Tensor):
 def make(runner) -> EngineSteering | None:
     """The steering of ``runner`` (a vLLM GPU/CPU model runner) per its
     ``additional_config``, or None when the engine does not enable emokern."""
-    config = EmokernConfig.from_additional_config(runner.vllm_config.additional_config)
+    additional, max_num_seqs, max_tokens = internals.engine_sizes(runner)
+    config = EmokernConfig.from_additional_config(additional)
     if config is None:
         return None
-    sched = runner.vllm_config.scheduler_config
-    max_requests = config.max_requests or 2 * sched.max_num_seqs
-    if max_requests < sched.max_num_seqs:
+    max_requests = config.max_requests or 2 * max_num_seqs
+    if max_requests < max_num_seqs:
         raise ValueError(f"emokern.vllm: max_requests ({max_requests}) must be at least vLLM's "
-                         f"max_num_seqs ({sched.max_num_seqs}): every running request may need "
+                         f"max_num_seqs ({max_num_seqs}): every running request may need "
                          f"a slot")
     return EngineSteering(runner.model, config, max_requests=max_requests,
-                          max_tokens=sched.max_num_batched_tokens)
+                          max_tokens=max_tokens)

@@ -114,7 +114,9 @@ def serve(argv: list[str], *, cuda: bool) -> int:
     """Run vLLM's OpenAI-compatible server with ``argv`` (see :func:`vllm_argv`) in this
     process, until it is stopped."""
     # vLLM is imported here: it is an optional dependency (the caller checked it is there).
-    from vllm.entrypoints.launchers.api_server.entry import main as vllm_main
+    from emokern.vllm.internals import api_server_main
+
+    vllm_main = api_server_main()
 
     if not cuda:
         # vLLM on CPU sizes its KV cache from this (GiB); without it the engine may not start.

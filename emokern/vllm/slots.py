@@ -18,12 +18,13 @@ them never changes (``docs/design.md``, house habit 4).
 
 from __future__ import annotations
 
-import re
 from collections import OrderedDict
 from collections.abc import Sequence
 
 import numpy as np
 import torch
+
+from emokern.vllm.internals import derived_index, external_id
 
 __all__ = ["SlotTable"]
 
@@ -155,11 +156,11 @@ class SlotTable:
                 if req_ids is None:
                     out[rid] = reading
                     continue
-                external = _external_id(rid)
+                external = external_id(rid)
                 for wanted in req_ids:
                     if rid == wanted or external == wanted:
                         out[wanted] = reading
-                    elif family and _derived(external, wanted):
+                    elif family and derived_index(external, wanted) is not None:
                         out[external] = reading
         return out
 
@@ -200,23 +201,3 @@ class SlotTable:
         for i, rid in enumerate(req_ids):
             if pairs[i] >= 0 and ends[i] > read_upto[i]:
                 self._read_upto[rid] = int(ends[i])
-
-
-_SUFFIX = re.compile(r"-[0-9a-f]{8}$")
-_SAMPLE = re.compile(r"^\d+_")
-
-
-def _external_id(internal: str) -> str:
-    """The id a request was given, from vLLM's internal id (``<id>-<8 hex chars>``)."""
-    return _SUFFIX.sub("", internal)
-
-
-def _derived(external: str, wanted: str) -> bool:
-    """Whether ``external`` is ``wanted`` or one of the ids vLLM's OpenAI server derives from
-    it: ``wanted-<i>`` / ``wanted_<i>`` (prompt ``i``), each optionally as ``<j>_...``
-    (sample ``j`` of ``n``)."""
-    for base in (external, _SAMPLE.sub("", external)):
-        rest = base[len(wanted):] if base.startswith(wanted) else None
-        if rest == "" or (rest and len(rest) > 1 and rest[0] in "-_" and rest[1:].isdigit()):
-            return True
-    return False

@@ -21,3 +21,89 @@ def test_events():
     assert _maybe_last(b'{"choices": [{"index": 0, "finish_reason": "length"}]}')
     assert _maybe_last(b'{"choices": [], "usage": {}}')
     assert not _maybe_last(b"not json")
+
+
+# ---------------------------------------------------------------------------- the middleware
+
+
+import asyncio  # noqa: E402
+import json  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+import pytest  # noqa: E402
+
+from emokern.vllm.http import EmotionMiddleware  # noqa: E402
+
+
+class _App:
+    """A stand-in for vLLM's app: records what reached it, answers 200 ``{}``."""
+
+    def __init__(self, additional=None, api_key=None):
+        engine = SimpleNamespace(vllm_config=SimpleNamespace(additional_config=additional))
+        self.state = SimpleNamespace(engine_client=engine, args=SimpleNamespace(api_key=api_key))
+        self.bodies = []
+
+    async def __call__(self, scope, receive, send):
+        self.bodies.append((await receive())["body"])
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+
+def _exchange(app, method, path, body=None, headers=()):
+    sent = []
+    messages = [{"type": "http.request", "body": json.dumps(body).encode() if body else b"",
+                 "more_body": False}]
+
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": method, "path": path, "app": app,
+             "headers": list(headers)}
+    asyncio.run(EmotionMiddleware(app)(scope, receive, send))
+    status = sent[0]["status"]
+    payload = b"".join(m.get("body", b"") for m in sent[1:])
+    return status, payload
+
+
+def test_middleware_refuses_a_bad_mix_with_one_400_naming_the_field(monkeypatch):
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    app = _App({"emokern": {}})
+    for mix in ("banana=1", "joy=", {"joy": "x"}, 5, {"joy": float("inf")}):
+        status, payload = _exchange(app, "POST", "/v1/completions",
+                                    {"prompt": "hi", "vllm_xargs": {"emotion": mix}})
+        error = json.loads(payload)["error"]
+        assert status == 400 and error["code"] == 400 and error["type"] == "BadRequestError"
+        assert error["param"] == "vllm_xargs['emotion']"
+        assert "vllm_xargs['emotion']" in error["message"]
+    assert app.bodies == []  # nothing reached vLLM
+    body = {"prompt": "hi", "vllm_xargs": {"emotion": "joy=2"}}
+    status, payload = _exchange(app, "POST", "/v1/embeddings", body)
+    assert status == 200 and json.loads(app.bodies[0]) == body  # the body replayed whole
+
+
+def test_middleware_without_emokern(monkeypatch):
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    app = _App(None)
+    status, payload = _exchange(app, "POST", "/v1/completions",
+                                {"prompt": "hi", "vllm_xargs": {"emotion": "joy=2"}})
+    assert status == 400 and "started without emotion steering" in payload.decode()
+    status, payload = _exchange(app, "GET", "/v1/emotions")
+    assert status == 404 and json.loads(payload)["error"]["type"] == "NotFoundError"
+    status, _ = _exchange(app, "POST", "/v1/completions", {"prompt": "hi"})
+    assert status == 200 and len(app.bodies) == 1
+
+
+def test_middleware_leaves_unauthorized_requests_to_vllm(monkeypatch):
+    pytest.importorskip("vllm.entrypoints.serve.middleware.authenticate")
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    app = _App({"emokern": {}}, api_key=["k1"])
+    assert _exchange(app, "GET", "/v1/emotions")[0] == 401
+    bad = {"prompt": "hi", "vllm_xargs": {"emotion": "banana=1"}}
+    # not checked without the key: vLLM's own authentication answers (here: the stand-in)
+    assert _exchange(app, "POST", "/v1/completions", bad)[0] == 200
+    key = [(b"authorization", b"Bearer k1")]
+    assert _exchange(app, "POST", "/v1/completions", bad, key)[0] == 400

