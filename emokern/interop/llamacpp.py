@@ -53,7 +53,6 @@ Tested in ``tests/interop/test_llamacpp.py``.
 from __future__ import annotations
 
 import argparse
-import math
 import numbers
 import os
 import re
@@ -67,6 +66,8 @@ import torch
 from emokern.bank import EmotionBank
 from emokern.errors import failing
 from emokern.files import atomic_write
+from emokern.steering.config import SteeringConfig
+from emokern.steering.mix import mix_to_weights
 
 fail = failing("emokern.interop")
 
@@ -77,7 +78,6 @@ ARCHITECTURE = "controlvector"
 KEY_HINT = f"{ARCHITECTURE}.model_hint"
 KEY_LAYER_COUNT = f"{ARCHITECTURE}.layer_count"
 _DIRECTION = re.compile(r"direction\.(\d+)")
-_SPREADS = ("divide", "each")
 # transformers' model_type -> llama.cpp's general.architecture, where they differ.
 _LLAMACPP_ARCH = {"gemma3_text": "gemma3", "mistral": "llama", "smollm3": "smollm3"}
 
@@ -97,51 +97,17 @@ def _model_layers(bank: EmotionBank) -> int | None:
     return count if isinstance(count, int) and not isinstance(count, bool) else None
 
 
-def _resolve_mix(bank: EmotionBank, mix) -> dict[str, float]:
-    if not isinstance(mix, Mapping) or not mix:
-        fail(ValueError, f"mix must be a non-empty dict of emotion -> weight (e.g. "
-                         f"{{'joy': 2.0}}), got {mix!r}")
-    weights = {}
-    for name, weight in mix.items():
-        if name not in bank:
-            fail(ValueError, f"mix names {name!r}, which the bank lacks (it has "
-                             f"{bank.names})")
-        if weight == "rec":
-            weight = bank.recommended_weight(name)
-        if isinstance(weight, bool) or not isinstance(weight, numbers.Real) \
-                or not math.isfinite(weight):
-            fail(ValueError, f"mix weight of {name!r} must be a finite number or 'rec', got "
-                             f"{weight!r}")
-        weights[name] = float(weight)
-    return weights
-
-
-def _resolve_layers(bank: EmotionBank, layers) -> list[int]:
-    if isinstance(layers, str):
-        if layers != "auto":
-            fail(ValueError, f"layers must be 'auto' or a list of layer indices, got "
-                             f"{layers!r}")
-        chosen = list(bank.recommended_layers)
-    else:
-        if isinstance(layers, numbers.Integral) and not isinstance(layers, bool):
-            layers = [layers]
-        if not isinstance(layers, Sequence) or not layers:
-            fail(ValueError, f"layers must be 'auto' or a non-empty list of layer indices, "
-                             f"got {layers!r}")
-        if any(isinstance(x, bool) or not isinstance(x, numbers.Integral) for x in layers):
-            fail(TypeError, f"layers must hold ints, got {list(layers)!r}")
-        chosen = [int(x) for x in layers]
-    if len(set(chosen)) != len(chosen):
-        fail(ValueError, f"layers lists a layer twice: {chosen}")
-    for layer in chosen:
-        if layer not in bank.layers:
-            fail(ValueError, f"layers: layer {layer} has no vectors in the bank, which covers "
-                             f"layers {bank.layers}")
-        if layer == 0:
-            fail(ValueError, "layers: layer 0 cannot be exported: llama.cpp never steers the "
-                             "output of block 0 (its loader rejects direction.0); choose "
-                             "layers >= 1")
-    return sorted(chosen)
+def _steered_layers(bank: EmotionBank, layers, spread: str) -> tuple[tuple[int, ...], float]:
+    """``(layers, scale)`` as :func:`emokern.steer` would resolve them (the one place steering
+    settings are checked), refusing layer 0, which llama.cpp never steers."""
+    n_model = _model_layers(bank) or max(bank.layers) + 1
+    config = SteeringConfig.resolve(bank, n_model, layers=layers, spread=spread, monitor=False,
+                                    who="emokern.interop")
+    if 0 in config.layers:
+        fail(ValueError, "layers: layer 0 cannot be exported: llama.cpp never steers the "
+                         "output of block 0 (its loader rejects direction.0); choose "
+                         "layers >= 1")
+    return tuple(sorted(config.layers)), config.scale
 
 
 def mix_directions(bank: EmotionBank, mix, *, layers="auto", spread: str = "divide"
@@ -164,16 +130,19 @@ def mix_directions(bank: EmotionBank, mix, *, layers="auto", spread: str = "divi
     dict of int -> ndarray [D] float32
         Sorted by layer; summed in float32 on the CPU.
     """
-    if spread not in _SPREADS:
-        fail(ValueError, f"spread must be one of {_SPREADS}, got {spread!r}")
-    weights = _resolve_mix(bank, mix)
-    chosen = _resolve_layers(bank, layers)
-    scale = 1.0 / len(chosen) if spread == "divide" else 1.0
+    if not isinstance(mix, Mapping) or not mix:
+        fail(ValueError, f"mix must be a non-empty dict of emotion -> weight (e.g. "
+                         f"{{'joy': 2.0}}), got {mix!r}")
+    weights = mix_to_weights([mix], bank.names, "mix", recommended=bank.recommended_weight,
+                             who="emokern.interop")[0]
+    chosen, scale = _steered_layers(bank, layers, spread)
     out = {}
     for layer in chosen:
         delta = torch.zeros(bank.dim, dtype=torch.float32)
-        for name, weight in weights.items():
-            delta += weight * bank.vector(name, layer).detach().to("cpu", torch.float32)
+        for k, weight in enumerate(weights.tolist()):
+            if weight != 0.0:
+                delta += weight * bank.vector(bank.names[k], layer).detach().to("cpu",
+                                                                                torch.float32)
         out[layer] = (delta * scale).numpy()
     return out
 
@@ -466,7 +435,7 @@ def export_main(args: argparse.Namespace) -> int:
             fail(ValueError, f"--layers must be 'auto' or comma-separated ints, got {layers!r}")
     spread = getattr(args, "spread", None) or "divide"
     hint = getattr(args, "model_hint", None) or model_hint_for(bank)
-    chosen = _resolve_layers(bank, layers)
+    chosen, _ = _steered_layers(bank, layers, spread)
     path = write_control_vector(bank, args.mix, args.out, layers=chosen, spread=spread,
                                 model_hint=hint)
     mix = ",".join(f"{name}={weight}" for name, weight in args.mix.items())

@@ -35,6 +35,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from emokern.errors import failing
 from emokern.models import decoder_layers
 from emokern.ops import resolve_backend, runner_for
 
@@ -46,8 +47,7 @@ MLP_LAYOUTS = (("mlp.down_proj", "Llama-like"), ("mlp.c_proj", "GPT-2"),
                ("mlp.dense_4h_to_h", "GPT-NeoX"), ("fc2", "OPT"))
 
 
-def _fail(exc: type[Exception], message: str):
-    raise exc(f"emokern.ablate: {message}")
+_fail = failing("emokern.ablate")
 
 
 def _input_features(module: nn.Module) -> int | None:

@@ -91,7 +91,8 @@ def parse_mix(text: str) -> dict[str, float | str]:
 
 
 def mix_to_weights(mix, names: Sequence[str], argument: str = "mix", *,
-                   recommended: Callable[[str], float] | None = None) -> torch.Tensor:
+                   recommended: Callable[[str], float] | None = None,
+                   who: str = "emokern.steer") -> torch.Tensor:
     """Turn a mix (one dict per sequence, or a ``[B, K]`` tensor) into float32 weights ``[B, K]``.
 
     Parameters
@@ -106,6 +107,8 @@ def mix_to_weights(mix, names: Sequence[str], argument: str = "mix", *,
     recommended : callable, optional
         ``recommended(name)`` → the weight that ``"rec"`` stands for (the steerer passes
         :meth:`EmotionBank.recommended_weight`); without it ``"rec"`` is an error.
+    who : str
+        The entry point named in errors (``"emokern.steer"``, ``"emokern.vllm"``, ...).
 
     Returns
     -------
@@ -120,6 +123,7 @@ def mix_to_weights(mix, names: Sequence[str], argument: str = "mix", *,
         weight outside float32's finite range (:data:`FLOAT32_MAX`; e.g. ``1e40``, finite in
         Python but inf in the float32 weights), wrong tensor shape, empty batch.
     """
+    fail = failing(who)
     n_names = len(names)
     if isinstance(mix, torch.Tensor):
         if not mix.is_floating_point():

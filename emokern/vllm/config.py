@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 
 from emokern.bank import EmotionBank
+from emokern.errors import failing
+from emokern.steering.config import SPREADS, SteeringConfig
 from emokern.steering.mix import mix_to_weights, parse_mix
-from emokern.steering.steerer import SPREADS, check_layers
 
 __all__ = ["CONFIG_KEY", "EXTRA_KEY", "EmokernConfig", "bank_of", "cache_salt", "check_mix",
            "describe", "mix_weights", "normal_mix", "request_mix", "with_mix"]
@@ -29,8 +30,7 @@ CONFIG_KEY = "emokern"  # additional_config key
 EXTRA_KEY = "emotion"  # SamplingParams.extra_args key (HTTP: vllm_xargs)
 
 
-def _fail(exc: type[Exception], message: str):
-    raise exc(f"emokern.vllm: {message}")
+_fail = failing("emokern.vllm")
 
 
 @dataclass(frozen=True)
@@ -70,9 +70,9 @@ class EmokernConfig:
         values = dict(raw)
         layers = values.get("layers", "auto")
         if isinstance(layers, list):  # hashable (the settings key the bank cache); checked
-            layers = tuple(layers)    # against the bank and model by resolve_layers
+            layers = tuple(layers)    # against the bank and model by steering()
         values["layers"] = layers
-        if values.get("spread", "divide") not in SPREADS:
+        if values.get("spread", "divide") not in SPREADS:  # early, before any bank loads
             _fail(ValueError, f"spread must be one of {SPREADS}, got {values['spread']!r}")
         return cls(**values)
 
@@ -86,9 +86,16 @@ class EmokernConfig:
                               f"{self.bank!r} is none of these")
         return EmotionBank.load(self.bank)
 
-    def resolve_layers(self, bank: EmotionBank, n_model_layers: int) -> tuple[int, ...]:
-        """The steered decoder layers (:func:`emokern.steering.check_layers`)."""
-        return check_layers(self.layers, bank, n_model_layers, who="emokern.vllm")
+    def steering(self, bank: EmotionBank, n_model_layers: int) -> SteeringConfig:
+        """These settings validated against ``bank`` and a model of ``n_model_layers`` decoder
+        layers by the one place every steering setting is checked
+        (:meth:`emokern.steering.config.SteeringConfig.resolve`, errors prefixed
+        ``emokern.vllm:``): steered layers, spread (:attr:`SteeringConfig.scale`), norm
+        handling and readings (every scheduled token; the slot table picks the generated
+        ones)."""
+        return SteeringConfig.resolve(bank, n_model_layers, layers=self.layers,
+                                      spread=self.spread, norm_preserving=self.norm_preserving,
+                                      monitor=self.monitor, who="emokern.vllm")
 
 
 def request_mix(extra_args, names: Sequence[str], *,
@@ -119,10 +126,10 @@ def request_mix(extra_args, names: Sequence[str], *,
     if not mix:
         return None
     try:
-        weights = mix_to_weights([mix], names, argument, recommended=recommended)[0]
+        weights = mix_to_weights([mix], names, argument, recommended=recommended,
+                                 who="emokern.vllm")[0]
     except (TypeError, ValueError) as exc:  # one mix, not a batch: no row index in the message
-        message = str(exc).removeprefix("emokern.steer: ").replace(f"{argument}[0]", argument)
-        _fail(type(exc), message)
+        raise type(exc)(str(exc).replace(f"{argument}[0]", argument)) from None
     return weights if bool(weights.ne(0).any()) else None
 
 
@@ -215,12 +222,12 @@ def describe(config: EmokernConfig, n_model_layers: int) -> dict:
     """What ``GET /v1/emotions`` answers: the engine's emotions, steered layers and
     recommended weights (JSON-ready)."""
     bank = bank_of(config)
-    layers = config.resolve_layers(bank, n_model_layers)
+    steering = config.steering(bank, n_model_layers)
     return {"object": "emotions", "bank": config.bank, "method": bank.method,
-            "names": list(bank.names), "layers": list(layers),
+            "names": list(bank.names), "layers": list(steering.layers),
             "recommended_weights": {n: bank.recommended_weight(n) for n in bank.names},
-            "spread": config.spread, "norm_preserving": config.norm_preserving,
-            "monitor": config.monitor, "calibrated": bank.calibrated,
+            "spread": steering.spread, "norm_preserving": steering.norm_preserving,
+            "monitor": steering.monitor is not None, "calibrated": bank.calibrated,
             "mix": {"field": f"vllm_xargs.{EXTRA_KEY}",
                     "example": "joy=2,fear=0.5",
                     "note": "weights in the bank's units, 'rec' = the recommended weight; "

@@ -92,13 +92,13 @@ class EngineSteering:
         n_layers = start + len(layers)
         self.config = config
         self.names = tuple(bank.names)
-        self.layers = config.resolve_layers(bank, n_layers)
+        self.steering = config.steering(bank, n_layers)
+        self.layers = self.steering.layers
         # Neutral baseline of the steered layers (summary readings in standard scores).
         self.neutral = bank.neutral_stats(list(self.layers)) if bank.calibrated else None
-        scale = 1.0 / len(self.layers) if config.spread == "divide" else 1.0
         device = next(model.parameters()).device  # buffers and vectors live beside the model
         self.table = SlotTable(len(self.layers), len(self.names), max_requests, max_tokens,
-                               scale=scale, device=device)
+                               scale=self.steering.scale, device=device)
         op, self.backend = packed_op(device)
         #: ``(module, vectors [K, D])`` of each steered layer, in :attr:`layers` order.
         self.steered: list[tuple[torch.nn.Module, torch.Tensor]] = []
@@ -109,8 +109,8 @@ class EngineSteering:
                  list(self.layers), list(self.names), device.type, self.backend)
 
     def _wrap(self, module, op, vectors: torch.Tensor, i: int) -> None:
-        table, norm_preserving = self.table, self.config.norm_preserving
-        if self.config.monitor:
+        table, norm_preserving = self.table, self.steering.norm_preserving
+        if self.steering.monitor is not None:
             running = (table.run_sum[i], table.run_count[i], table.run_last[i])
         else:
             running = (None, None, None)
@@ -151,13 +151,14 @@ class EngineSteering:
         for req_id in req_ids:
             if not self.table.known(req_id):
                 weights = mix_weights(internals.request_extra_args(runner, req_id), self.names)
-                self.table.add(req_id, weights, read=self.config.monitor, running=req_ids)
+                self.table.add(req_id, weights, read=self.steering.monitor is not None,
+                               running=req_ids)
         self.table.fill(req_ids, num_scheduled, num_computed, num_prompt)
 
     def readings(self, req_ids=None, family: bool = False) -> dict:
         """Plain-Python readings (picklable across vLLM's processes); see
         :func:`emokern.vllm.readings`. Empty when the engine keeps no readings."""
-        if not self.config.monitor:
+        if self.steering.monitor is None:
             return {}
         out = {}
         for req_id, r in self.table.readings(req_ids, family=family).items():
