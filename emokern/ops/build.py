@@ -159,13 +159,15 @@ def cpu_cflags() -> tuple[str, ...]:
 
 def _cpu_target() -> tuple[str, Path, list[str]] | None:
     """``(build name, build directory, sources)`` of the JIT CPU build, or None without csrc.
-    The name hashes every file under ``csrc/cpu`` and ``csrc/steer.h``."""
+    The name hashes every file under ``csrc/cpu`` (its subfolders too: the kernel's layers in
+    ``csrc/cpu/kernel``) and ``csrc/steer.h``; the sources are the ``csrc/cpu/*.cpp``."""
     src = csrc_dir()
     if src is None:
         return None
-    files = sorted(p for p in (src / "cpu").iterdir() if p.is_file())
+    files = sorted(p for p in (src / "cpu").rglob("*") if p.is_file())
     name = _build_name("emokern_cpu", [*files, src / "steer.h"], cpu_cflags(), CPU_LDFLAGS)
-    return name, extensions_dir() / name, [str(p) for p in files if p.suffix == ".cpp"]
+    return name, extensions_dir() / name, [str(p) for p in files
+                                           if p.suffix == ".cpp" and p.parent == src / "cpu"]
 
 
 def cpu_ready() -> bool:
