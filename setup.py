@@ -15,8 +15,9 @@ compiled against the torch that will run it::
 checks, registration, the portable core) and ablate_cpu.cpp are compiled for the baseline
 instruction set, and the cores for wider sets (csrc/cpu/steer_kernel_<set>.cpp) each with their
 own -m flags, linked after them; at load the kernel picks the widest set the CPU supports
-(``EMOKERN_CPU_CAPABILITY`` caps the choice). Either way the kernel sources are copied into the
-package (emokern/csrc) so that a wheel can still JIT-compile them.
+(``EMOKERN_CPU_CAPABILITY`` caps the choice). The flags are the JIT build's, from
+emokern/ops/compile_flags.py (the baseline's without -march). Either way the kernel sources are
+copied into the package (emokern/csrc) so that a wheel can still JIT-compile them.
 """
 
 from __future__ import annotations
@@ -44,17 +45,19 @@ class BuildPyWithKernelSources(build_py):
                             ignore=shutil.ignore_patterns("*.o", "*.so", "__pycache__"))
 
 
-#: Flags of every CPU object; no -march: the binary must load on any CPU of its architecture.
-CPU_FLAGS = ["-O3", "-fopenmp", "-std=c++17"]
-#: The cores for wider instruction sets, csrc/cpu/steer_kernel_<set>.cpp, per architecture:
-#: each one's extra flags (those of ATen's own per-capability kernels). A core without flags
-#: here is not built (its entry point stays null and the kernel runs a narrower set).
-CPU_ISA_FLAGS = {
-    "x86_64": {
-        "avx2": ["-mavx2", "-mfma", "-mf16c"],
-        "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
-    },
-}
+def _compile_flags():
+    """emokern/ops/compile_flags.py, the flags the JIT build uses too, loaded by its path:
+    importing the emokern package here would import torch and every module of emokern."""
+    import importlib.util
+
+    path = os.path.join(HERE, "emokern", "ops", "compile_flags.py")
+    spec = importlib.util.spec_from_file_location("emokern_compile_flags", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+FLAGS = _compile_flags()
 ISA_CORE_PREFIX = "steer_kernel_"
 
 
@@ -62,7 +65,7 @@ def cpu_sources(arch: str) -> tuple[list[str], list[tuple[str, list[str]]]]:
     """``(baseline sources, [(core source, its flags)])``: every csrc/cpu/*.cpp, the files the
     JIT build (emokern/ops/build.py) compiles, split into the objects built for the baseline
     and the instruction-set cores built with their own flags."""
-    flags = CPU_ISA_FLAGS.get(arch, {})
+    flags = FLAGS.CPU_ISA_FLAGS.get(arch, {})
     baseline, cores = [], []
     for source in sorted(glob.glob(f"{CSRC}/cpu/*.cpp")):
         name = os.path.splitext(os.path.basename(source))[0]
@@ -70,7 +73,7 @@ def cpu_sources(arch: str) -> tuple[list[str], list[tuple[str, list[str]]]]:
         if isa == name:
             baseline.append(source)
         elif isa in flags:
-            cores.append((source, flags[isa]))
+            cores.append((source, list(flags[isa])))
     return baseline, cores
 
 
@@ -103,9 +106,9 @@ def extensions():
 
     modules = [CppExtension(
         "emokern._C", baseline,
-        extra_compile_args=list(CPU_FLAGS), extra_link_args=["-fopenmp"],
+        extra_compile_args=list(FLAGS.cpu_aot_cflags()), extra_link_args=list(FLAGS.CPU_LDFLAGS),
         define_macros=[("EMOKERN_AOT_MODULE", None)],
-        depends=sorted(glob.glob(f"{CSRC}/cpu/*.h") + [f"{CSRC}/steer.h"]),
+        depends=sorted(glob.glob(f"{CSRC}/cpu/**/*.h", recursive=True) + glob.glob(f"{CSRC}/*.h")),
     )]
     cuda_sources = sorted(glob.glob(f"{CSRC}/cuda/*.cu") + glob.glob(f"{CSRC}/cuda/*.cpp"))
     nvcc = CUDA_HOME and os.path.isfile(os.path.join(CUDA_HOME, "bin", "nvcc"))
@@ -113,8 +116,9 @@ def extensions():
         # Loaded with torch.ops.load_library (it registers kernels, exports no Python module).
         modules.append(CUDAExtension(
             "emokern._C_cuda", cuda_sources,
-            extra_compile_args={"cxx": ["-O3", "-std=c++17"],
-                                "nvcc": ["-O3", "--use_fast_math", "-std=c++17"]},
+            extra_compile_args={"cxx": list(FLAGS.CUDA_CFLAGS),
+                                "nvcc": list(FLAGS.CUDA_NVCC_FLAGS)},
+            depends=sorted(glob.glob(f"{CSRC}/cuda/*.h") + glob.glob(f"{CSRC}/*.h")),
         ))
     return modules, {"build_ext": BuildWithIsaCores.with_options(no_python_abi_suffix=False)}
 

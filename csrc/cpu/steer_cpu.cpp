@@ -1,7 +1,9 @@
 // Fused CPU kernels of emokern::steer_ and emokern::steer_packed_: argument checks, data
 // checks, dispatcher registration, the choice of instruction set, and the portable core. The
-// arithmetic lives in steer_kernel.h, one source for every instruction set on ATen's
-// Vectorized types; semantics: docs/design.md, oracle: emokern.ops.reference.
+// arithmetic lives in steer_kernel.h and its layers (kernel/), one source for every
+// instruction set on ATen's Vectorized types; semantics: docs/design.md, oracle:
+// emokern.ops.reference. The metadata checks (../steer.h) and the tensor helpers (../binding.h)
+// are shared with the CUDA binding.
 //
 // Like ATen's kernels, the core is compiled once per instruction set and chosen at run time:
 //   * this file: the portable core (ATen's default Vectorized: NEON on aarch64, plain arrays
@@ -21,6 +23,7 @@
 #define EMOKERN_ISA_DEFAULT
 #include "steer_isa.h"  // before any ATen header: the portable Vectorized implementation
 
+#include "../binding.h"
 #include "../steer.h"
 #include "steer_cpu.h"
 #include "steer_kernel.h"
@@ -90,15 +93,6 @@ const KernelTable& kernels() {
   return chosen;
 }
 
-Dtype dtype_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return Dtype::kFloat32;
-    case at::kBFloat16: return Dtype::kBFloat16;
-    case at::kHalf: return Dtype::kFloat16;
-    default: TORCH_CHECK(false, "unreachable: the checks accept float dtypes only");
-  }
-}
-
 // The float32 contiguous vectors and their inverse norms (data check: every norm nonzero and
 // finite).
 void vector_norms(const at::Tensor& vec, int64_t n_vec, int64_t dim, const char* op,
@@ -109,24 +103,11 @@ void vector_norms(const at::Tensor& vec, int64_t n_vec, int64_t dim, const char*
                     "vector needs a direction");
 }
 
-float* data_or_null(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? t->data_ptr<float>() : nullptr;
-}
-
-void fill_outputs(Problem& P, const std::optional<at::Tensor>& proj_out,
-                  const std::optional<at::Tensor>& run_sum,
-                  const std::optional<at::Tensor>& run_count,
-                  const std::optional<at::Tensor>& run_last) {
-  P.proj_out = data_or_null(proj_out);
-  P.run_sum = data_or_null(run_sum);
-  P.run_count = run_count.has_value() ? run_count->data_ptr<int64_t>() : nullptr;
-  P.run_last = data_or_null(run_last);
-}
-
-at::Tensor float_contiguous(const at::Tensor& vectors) {
-  return vectors.scalar_type() == at::kFloat && vectors.is_contiguous()
-             ? vectors
-             : vectors.to(at::kFloat).contiguous();
+void fill_outputs(Problem& P, const OutputPointers& out) {
+  P.proj_out = out.proj_out;
+  P.run_sum = out.run_sum;
+  P.run_count = out.run_count;
+  P.run_last = out.run_last;
 }
 
 void steer_cpu(const at::Tensor& hidden, const at::Tensor& vectors, const at::Tensor& weights,
@@ -142,8 +123,7 @@ void steer_cpu(const at::Tensor& hidden, const at::Tensor& vectors, const at::Te
   // Inputs in the layout the kernel reads; no copies when the wrapper already passes them so.
   const at::Tensor vec = float_contiguous(vectors);
   const at::Tensor w = weights.contiguous();
-  std::optional<at::Tensor> m;
-  if (mask.has_value()) m = mask->contiguous();
+  const std::optional<at::Tensor> m = contiguous_or_none(mask);
 
   TORCH_CHECK_VALUE(kernels().all_finite(w.data_ptr<float>(), w.numel()), kSteerOp,
                     "weights must be finite (found NaN or inf)");
@@ -152,7 +132,7 @@ void steer_cpu(const at::Tensor& hidden, const at::Tensor& vectors, const at::Te
   if (sz.batch == 0 || sz.seq_len == 0) return;
 
   Problem P{};
-  P.dtype = dtype_of(hidden);
+  P.dtype = hidden_dtype_code<Dtype>(hidden);
   P.n_rows = sz.batch * sz.seq_len;
   P.dim = sz.dim;
   P.n_vec = sz.n_vec;
@@ -166,7 +146,7 @@ void steer_cpu(const at::Tensor& hidden, const at::Tensor& vectors, const at::Te
   P.vectors = vec.data_ptr<float>();
   P.inv_norm = inv_norm.data();
   P.norm_preserving = norm_preserving;
-  fill_outputs(P, proj_out, run_sum, run_count, run_last);
+  fill_outputs(P, output_pointers(proj_out, run_sum, run_count, run_last));
   kernels().steer(P);
 }
 
@@ -198,7 +178,7 @@ void steer_packed_cpu(const at::Tensor& hidden, const std::optional<at::Tensor>&
   if (sz.n_tokens == 0) return;
 
   Problem P{};
-  P.dtype = dtype_of(hidden);
+  P.dtype = hidden_dtype_code<Dtype>(hidden);
   P.n_rows = sz.n_tokens;
   P.dim = sz.dim;
   P.n_vec = sz.n_vec;
@@ -216,7 +196,7 @@ void steer_packed_cpu(const at::Tensor& hidden, const std::optional<at::Tensor>&
   P.vectors = vec.data_ptr<float>();
   P.inv_norm = inv_norm.data();
   P.norm_preserving = norm_preserving;
-  fill_outputs(P, proj_out, run_sum, run_count, run_last);
+  fill_outputs(P, output_pointers(proj_out, run_sum, run_count, run_last));
   kernels().steer(P);
 }
 

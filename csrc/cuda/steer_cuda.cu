@@ -2,7 +2,7 @@
 // no torch headers, so it compiles on its own:
 //   nvcc -c -arch=sm_90 -std=c++17 csrc/cuda/steer_cuda.cu
 // The torch side (argument checks, current stream, dispatcher registration) is
-// steer_cuda_binding.cpp.
+// steer_cuda_binding.cpp; both include the launchers' declarations, steer_cuda_launch.h.
 //
 // For every token row with slot s and input x (float32 compute whatever the storage dtype):
 //   p[k] = <x, v_k> / ||v_k||
@@ -68,10 +68,10 @@
 
 #include <cstdint>
 
+#include "steer_cuda_launch.h"
+
 namespace emokern {
 namespace cuda {
-
-enum class HiddenDtype : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
 namespace {
 
@@ -427,12 +427,7 @@ cudaError_t launch_params(Params& params, HiddenDtype dtype, int64_t batch, bool
 
 }  // namespace
 
-// Launch the fused steer kernel on `stream` (emokern::steer_, batched layout). Pointers are
-// device pointers; `hidden` is [batch, seq_len, dim] in `dtype` with element strides
-// (stride_b, stride_t, 1); `mask`, `proj_out` and the running statistics may be null (the
-// three running pointers together). Allocates nothing and never synchronises. Returns
-// cudaErrorInvalidValue for sizes it cannot launch (shared memory above the device's opt-in
-// limit, more than 2^31 - 1 blocks), else the launch status.
+// The launchers (arguments and return values: steer_cuda_launch.h).
 cudaError_t launch_steer(void* hidden, HiddenDtype dtype, int64_t batch, int64_t seq_len,
                          int64_t dim, int64_t stride_b, int64_t stride_t, const float* vectors,
                          int64_t n_vec, const float* weights, const bool* mask,
@@ -459,12 +454,6 @@ cudaError_t launch_steer(void* hidden, HiddenDtype dtype, int64_t batch, int64_t
   return launch_params(params, dtype, batch, false, stream);
 }
 
-// Launch the same kernel on packed tokens (emokern::steer_packed_) on `stream`: `hidden` is
-// [n_tokens, dim] with row stride `stride_n` (last stride 1), `residual` null or
-// [n_tokens, dim] in the same dtype with row stride `res_stride_n`, `slot_weights` [n_slots,
-// n_vec], `token_slot` int32 with at least n_tokens entries (only those are read), `proj_out`
-// [>= n_tokens, n_vec] (only the first n_tokens rows are written) or null, the running
-// statistics [n_slots, n_vec] / [n_slots] / [n_slots, n_vec] or null. Same return values.
 cudaError_t launch_steer_packed(void* hidden, const void* residual, HiddenDtype dtype,
                                 int64_t n_tokens, int64_t dim, int64_t stride_n,
                                 int64_t res_stride_n, const float* vectors, int64_t n_vec,

@@ -40,13 +40,11 @@ from pathlib import Path
 import torch
 
 from emokern.files import cache_root
+from emokern.ops.compile_flags import CPU_CFLAGS, CPU_LDFLAGS, CUDA_CFLAGS, CUDA_NVCC_FLAGS
 
-#: Flags of the CPU kernel: -march=native is why builds are per CPU (``$EMOKERN_CPU_MARCH``
-#: replaces native, see :func:`cpu_cflags`).
-CPU_CFLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17")
-CPU_LDFLAGS = ("-fopenmp",)
-CUDA_CFLAGS = ("-O3", "-std=c++17")
-CUDA_NVCC_FLAGS = ("-O3", "--use_fast_math", "-std=c++17")
+# The flags live in emokern.ops.compile_flags, shared with setup.py: CPU_CFLAGS (-march=native
+# is why builds are per CPU; $EMOKERN_CPU_MARCH replaces native, see cpu_cflags), CPU_LDFLAGS,
+# CUDA_CFLAGS, CUDA_NVCC_FLAGS.
 
 _state: dict[str, dict] = {}
 
@@ -159,13 +157,17 @@ def cpu_cflags() -> tuple[str, ...]:
 
 def _cpu_target() -> tuple[str, Path, list[str]] | None:
     """``(build name, build directory, sources)`` of the JIT CPU build, or None without csrc.
-    The name hashes every file under ``csrc/cpu`` and ``csrc/steer.h``."""
+    The name hashes every file under ``csrc/cpu`` (its subfolders too: the kernel's layers in
+    ``csrc/cpu/kernel``) and the shared headers ``csrc/*.h``; the sources are the
+    ``csrc/cpu/*.cpp``."""
     src = csrc_dir()
     if src is None:
         return None
-    files = sorted(p for p in (src / "cpu").iterdir() if p.is_file())
-    name = _build_name("emokern_cpu", [*files, src / "steer.h"], cpu_cflags(), CPU_LDFLAGS)
-    return name, extensions_dir() / name, [str(p) for p in files if p.suffix == ".cpp"]
+    files = sorted(p for p in (src / "cpu").rglob("*") if p.is_file())
+    name = _build_name("emokern_cpu", [*files, *sorted(src.glob("*.h"))], cpu_cflags(),
+                       CPU_LDFLAGS)
+    return name, extensions_dir() / name, [str(p) for p in files
+                                           if p.suffix == ".cpp" and p.parent == src / "cpu"]
 
 
 def cpu_ready() -> bool:
@@ -247,13 +249,15 @@ def _nvcc() -> str | None:
 
 
 def _cuda_target() -> tuple[str, Path, list[str]] | None:
-    """``(build name, build directory, sources)`` of the JIT CUDA build, or None."""
+    """``(build name, build directory, sources)`` of the JIT CUDA build, or None. The name
+    hashes every file under ``csrc/cuda`` and the shared headers ``csrc/*.h``."""
     src = csrc_dir()
     sources = sorted(glob.glob(str(src / "cuda" / "*.cu")) + glob.glob(str(src / "cuda" / "*.cpp"))
                      ) if src is not None else []
     if not sources:
         return None
-    name = _build_name("emokern_cuda", [*map(Path, sources), src / "steer.h"], CUDA_CFLAGS,
+    hashed = sorted(p for p in (src / "cuda").rglob("*") if p.is_file())
+    name = _build_name("emokern_cuda", [*hashed, *sorted(src.glob("*.h"))], CUDA_CFLAGS,
                        CUDA_NVCC_FLAGS, (str(torch.version.cuda),))
     return name, extensions_dir() / name, sources
 
