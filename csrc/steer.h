@@ -6,7 +6,7 @@
 // repeats them here. The data checks (finite weights, nonzero vector norms) read the tensors
 // and belong to each backend's kernel, which runs them before it writes anything.
 //
-// Messages and exception types mirror emokern/ops/library.py: TypeError for dtypes,
+// Messages and exception types mirror emokern/ops/steer.py and steer_packed.py: TypeError for dtypes,
 // ValueError for shapes and layouts, each naming the argument.
 #pragma once
 
@@ -159,7 +159,7 @@ struct PackedSizes {
 };
 
 // Metadata checks of emokern::steer_packed_, in the order and with the messages of
-// validate_steer_packed_args (emokern/ops/library.py). Stricter in one place: a single token's
+// validate_steer_packed_args (emokern/ops/steer_packed.py). Stricter in one place: a single token's
 // row (N = 1) must have a contiguous last dimension too, since the kernel reads it so.
 inline PackedSizes check_steer_packed_args(const at::Tensor& hidden,
                                            const std::optional<at::Tensor>& residual,

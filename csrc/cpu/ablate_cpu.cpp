@@ -1,4 +1,4 @@
-// CPU kernel of emokern::scale_neurons_ (schema in emokern/ops/library.py): scale a set of
+// CPU kernel of emokern::scale_neurons_ (schema in emokern/ops/scale_neurons.py): scale a set of
 // neurons (last-dimension columns) of an activation tensor in place,
 //
 //     act[r, j] = float(act[r, j]) * scale      for every row r and every j in neuron_idx,
