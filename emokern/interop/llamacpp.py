@@ -97,7 +97,7 @@ def _model_layers(bank: EmotionBank) -> int | None:
     return count if isinstance(count, int) and not isinstance(count, bool) else None
 
 
-def _steered_layers(bank: EmotionBank, layers, spread: str) -> tuple[tuple[int, ...], float]:
+def _steered_layers(bank: EmotionBank, layers, spread: str) -> tuple[list[int], float]:
     """``(layers, scale)`` as :func:`emokern.steer` would resolve them (the one place steering
     settings are checked), refusing layer 0, which llama.cpp never steers."""
     n_model = _model_layers(bank) or max(bank.layers) + 1
@@ -107,7 +107,7 @@ def _steered_layers(bank: EmotionBank, layers, spread: str) -> tuple[tuple[int, 
         fail(ValueError, "layers: layer 0 cannot be exported: llama.cpp never steers the "
                          "output of block 0 (its loader rejects direction.0); choose "
                          "layers >= 1")
-    return tuple(sorted(config.layers)), config.scale
+    return sorted(config.layers), config.scale
 
 
 def mix_directions(bank: EmotionBank, mix, *, layers="auto", spread: str = "divide"
