@@ -280,6 +280,17 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     return run_analyze(args)
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from emokern.bank import EmotionBank
+    from emokern.interop.llamacpp import export_main
+    from emokern.steering.mix import parse_mix
+
+    if args.bank in ("default", "ev", "concept"):
+        args.bank = EmotionBank.load_default("ev" if args.bank == "default" else args.bank)
+    args.mix = parse_mix(args.mix)
+    return export_main(args)
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     import importlib.util
 
@@ -466,6 +477,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.set_defaults(func=_cmd_serve, vllm_args=[])
+
+    p = sub.add_parser("export", help="write a mix as a llama.cpp control vector (GGUF), for "
+                       "llama-cli/llama-server --control-vector")
+    p.add_argument("--bank", default="default",
+                   help="'default' (shipped EV bank), 'ev', 'concept' or a bank .safetensors path")
+    p.add_argument("--mix", required=True, help='the mix folded into the vector, e.g. '
+                   '"joy=2,fear=0.5" (rec = the recommended weight)')
+    p.add_argument("--out", required=True, help="the .gguf file to write (atomically)")
+    p.add_argument("--layers", default="auto",
+                   help="bank layers >= 1, comma-separated (default: the bank's recommended)")
+    p.add_argument("--spread", choices=("divide", "each"), default="divide",
+                   help="divide: each layer adds w/L (emokern's default), each: w at every layer")
+    p.add_argument("--model-hint", help="controlvector.model_hint (default: from the bank)")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("info", help="versions and backends, or a bank file's metadata")
     p.add_argument("path", nargs="?", help="a bank .safetensors file")

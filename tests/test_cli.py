@@ -126,3 +126,26 @@ def test_parser_has_one_extract_command_with_every_option():
                    "--threads"):
         assert option in extract
     assert ops_bench.OpShape("decode", 1, 1, 8, 2).rows == 1
+
+
+def test_export_writes_a_control_vector_of_a_shipped_bank(tmp_path, capsys):
+    """`emokern export` with the shipped bank: the file reads back as the folded mix."""
+    from emokern import EmotionBank
+    from emokern.interop.llamacpp import mix_directions, read_control_vector
+
+    out = tmp_path / "joy.gguf"
+    assert main(["export", "--bank", "concept", "--mix", "joy=2,fear=0.5", "--out", str(out),
+                 "--layers", "10,12"]) == 0
+    assert "--control-vector" in capsys.readouterr().out
+    bank = EmotionBank.load_default("concept")
+    expected = mix_directions(bank, {"joy": 2.0, "fear": 0.5}, layers=[10, 12])
+    read = read_control_vector(out)
+    assert sorted(read) == [10, 12]
+    for layer, vector in expected.items():
+        assert (read[layer] == vector).all()
+
+
+def test_export_refuses_a_bad_mix_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "x.gguf"
+    assert main(["export", "--mix", "awe=1", "--out", str(out)]) == 2
+    assert "unknown emotion 'awe'" in capsys.readouterr().err and not out.exists()
