@@ -22,7 +22,10 @@ modules, from the bottom up:
   preallocated decode step, how weights spread over layers (its docstring explains how it
   works; ``docs/design.md`` gives the op's exact semantics and the layer convention);
 * :mod:`~emokern.steering.generation` — :func:`generate`, prompts and mixes in, texts and
-  readings out.
+  readings out;
+* :mod:`~emokern.steering.ablate` — :func:`ablate` (``emokern.ablate``): the other
+  intervention on a model, scaling MLP neurons during every forward (op
+  ``emokern::scale_neurons_``).
 """
 
 from emokern.steering.config import POSITIONS, SPREADS, SteeringConfig, check_layers
