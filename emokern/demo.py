@@ -1,4 +1,5 @@
-"""``make demo`` / ``emokern demo``: one batch of the default model, a different mix per row."""
+"""``make demo`` / ``emokern demo``: one batch of the default model, a different mix per row.
+Tested in ``tests/test_cli.py``."""
 
 from __future__ import annotations
 

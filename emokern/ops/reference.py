@@ -4,6 +4,9 @@ Each ``ref_<op>`` computes in float32 whatever the storage dtype and has exactly
 semantics documented in docs/design.md §2. Arguments are assumed valid (the public wrappers in
 :mod:`emokern.ops.steer`, :mod:`~emokern.ops.steer_packed`, :mod:`~emokern.ops.scale_neurons`
 validate them); the reference favours clarity over speed.
+
+Tested against float64 transcriptions of the definitions in ``tests/ops/test_steer.py``,
+``tests/ops/test_steer_packed.py`` and ``tests/ops/test_scale_neurons.py``.
 """
 
 from __future__ import annotations

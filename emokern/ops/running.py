@@ -1,4 +1,5 @@
-"""Running per-sequence statistics of emotion projections, updated in place by ``steer_``."""
+"""Running per-sequence statistics of emotion projections, updated in place by ``steer_``.
+Tested with the ops, in ``tests/ops/test_steer.py`` and ``tests/ops/test_steer_packed.py``."""
 
 from __future__ import annotations
 

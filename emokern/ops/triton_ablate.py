@@ -12,6 +12,8 @@ The launch configuration is a pure function of ``M`` (no autotuning: autotuned l
 illegal during CUDA-graph capture); offsets are int64. The launcher allocates nothing, never
 reads data and never syncs the host, so it is CUDA-graph- and ``torch.compile``-safe; an
 empty index set launches nothing. Tested on CPU tensors under ``TRITON_INTERPRET=1``.
+
+Tested in ``tests/ops/test_triton.py`` and ``tests/ops/test_scale_neurons.py``.
 """
 
 from __future__ import annotations
