@@ -281,12 +281,10 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from emokern.bank import EmotionBank
     from emokern.interop.llamacpp import export_main
     from emokern.steering.mix import parse_mix
 
-    if args.bank in ("default", "ev", "concept"):
-        args.bank = EmotionBank.load_default("ev" if args.bank == "default" else args.bank)
+    args.bank = _load_bank(args.bank)
     args.mix = parse_mix(args.mix)
     return export_main(args)
 
