@@ -151,6 +151,21 @@ inline SteerSizes check_steer_args(const at::Tensor& hidden, const at::Tensor& v
   return s;
 }
 
+// Projection levels and bounds: bounds [rows, 2, K] float32 (rows = B, or S for the packed op)
+// and gram [K, K] float32, given together; both contiguous (the kernels read them in place).
+// Returns whether they are given.
+inline bool check_bounds_args(const std::optional<at::Tensor>& bounds,
+                              const std::optional<at::Tensor>& gram, const at::Tensor& hidden,
+                              int64_t rows, int64_t n_vec, const char* op) {
+  TORCH_CHECK_VALUE(bounds.has_value() == gram.has_value(), op, "bounds and gram go together "
+                    "(gram = emokern.ops.unit_gram(vectors)), got ",
+                    bounds.has_value() ? "bounds without gram" : "gram without bounds");
+  if (!bounds.has_value()) return false;
+  check_output(bounds, hidden, "bounds", {rows, 2, n_vec}, at::kFloat, op);
+  check_output(gram, hidden, "gram", {n_vec, n_vec}, at::kFloat, op);
+  return true;
+}
+
 struct PackedSizes {
   int64_t n_tokens;  // N
   int64_t dim;       // D

@@ -115,9 +115,11 @@ void steer_cpu(const at::Tensor& hidden, const at::Tensor& vectors, const at::Te
                const std::optional<at::Tensor>& proj_out,
                const std::optional<at::Tensor>& run_sum,
                const std::optional<at::Tensor>& run_count,
-               const std::optional<at::Tensor>& run_last) {
+               const std::optional<at::Tensor>& run_last,
+               const std::optional<at::Tensor>& bounds, const std::optional<at::Tensor>& gram) {
   const SteerSizes sz = check_steer_args(hidden, vectors, weights, mask, proj_out, run_sum,
                                          run_count, run_last);
+  const bool leveled = check_bounds_args(bounds, gram, hidden, sz.batch, sz.n_vec, kSteerOp);
   TORCH_CHECK_VALUE(hidden.device().is_cpu(), kSteerOp, "the CPU kernel got hidden on ",
                     hidden.device());
   // Inputs in the layout the kernel reads; no copies when the wrapper already passes them so.
@@ -147,6 +149,11 @@ void steer_cpu(const at::Tensor& hidden, const at::Tensor& vectors, const at::Te
   P.inv_norm = inv_norm.data();
   P.norm_preserving = norm_preserving;
   fill_outputs(P, output_pointers(proj_out, run_sum, run_count, run_last));
+  if (leveled) {
+    P.bounds = bounds->data_ptr<float>();
+    P.gram = gram->data_ptr<float>();
+    TORCH_CHECK_NOT_IMPLEMENTED(false, "emokern: projection bounds on the CPU kernel: not yet");
+  }
   kernels().steer(P);
 }
 
@@ -156,10 +163,13 @@ void steer_packed_cpu(const at::Tensor& hidden, const std::optional<at::Tensor>&
                       const std::optional<at::Tensor>& proj_out,
                       const std::optional<at::Tensor>& run_sum,
                       const std::optional<at::Tensor>& run_count,
-                      const std::optional<at::Tensor>& run_last) {
+                      const std::optional<at::Tensor>& run_last,
+                      const std::optional<at::Tensor>& bounds,
+                      const std::optional<at::Tensor>& gram) {
   const PackedSizes sz = check_steer_packed_args(hidden, residual, vectors, slot_weights,
                                                  token_slot, proj_out, run_sum, run_count,
                                                  run_last);
+  const bool leveled = check_bounds_args(bounds, gram, hidden, sz.n_slots, sz.n_vec, kPackedOp);
   TORCH_CHECK_VALUE(hidden.device().is_cpu(), kPackedOp, "the CPU kernel got hidden on ",
                     hidden.device());
   const at::Tensor vec = float_contiguous(vectors);
@@ -197,6 +207,11 @@ void steer_packed_cpu(const at::Tensor& hidden, const std::optional<at::Tensor>&
   P.inv_norm = inv_norm.data();
   P.norm_preserving = norm_preserving;
   fill_outputs(P, output_pointers(proj_out, run_sum, run_count, run_last));
+  if (leveled) {
+    P.bounds = bounds->data_ptr<float>();
+    P.gram = gram->data_ptr<float>();
+    TORCH_CHECK_NOT_IMPLEMENTED(false, "emokern: projection bounds on the CPU kernel: not yet");
+  }
   kernels().steer(P);
 }
 

@@ -43,6 +43,10 @@ struct Problem {
   int64_t* run_count;     // [S]
   float* run_last;        // [S, K]
   bool norm_preserving;
+  // Projection levels and bounds (csrc/levels.h), or null: bounds [S, 2, K] (lower, upper) of
+  // every projection after the edit, gram [K, K] of the unit directions.
+  const float* bounds;
+  const float* gram;
 
   int64_t slot(int64_t i) const {
     if (token_slot != nullptr) return token_slot[i];

@@ -42,9 +42,12 @@ void steer_cuda(const at::Tensor& hidden, const at::Tensor& vectors, const at::T
                 const std::optional<at::Tensor>& proj_out,
                 const std::optional<at::Tensor>& run_sum,
                 const std::optional<at::Tensor>& run_count,
-                const std::optional<at::Tensor>& run_last) {
+                const std::optional<at::Tensor>& run_last,
+                const std::optional<at::Tensor>& bounds, const std::optional<at::Tensor>& gram) {
   const SteerSizes sz = check_steer_args(hidden, vectors, weights, mask, proj_out, run_sum,
                                          run_count, run_last);
+  const bool leveled = check_bounds_args(bounds, gram, hidden, sz.batch, sz.n_vec, kSteerOp);
+  TORCH_CHECK_NOT_IMPLEMENTED(!leveled, "emokern: projection bounds on CUDA: not yet");
   TORCH_CHECK_VALUE(hidden.is_cuda(), "emokern.steer_: the CUDA kernel got hidden on ",
                     hidden.device());
   const c10::cuda::CUDAGuard device_guard(hidden.device());
@@ -67,10 +70,14 @@ void steer_packed_cuda(const at::Tensor& hidden, const std::optional<at::Tensor>
                        const std::optional<at::Tensor>& proj_out,
                        const std::optional<at::Tensor>& run_sum,
                        const std::optional<at::Tensor>& run_count,
-                       const std::optional<at::Tensor>& run_last) {
+                       const std::optional<at::Tensor>& run_last,
+                       const std::optional<at::Tensor>& bounds,
+                       const std::optional<at::Tensor>& gram) {
   const PackedSizes sz = check_steer_packed_args(hidden, residual, vectors, slot_weights,
                                                  token_slot, proj_out, run_sum, run_count,
                                                  run_last);
+  const bool leveled = check_bounds_args(bounds, gram, hidden, sz.n_slots, sz.n_vec, kPackedOp);
+  TORCH_CHECK_NOT_IMPLEMENTED(!leveled, "emokern: projection bounds on CUDA: not yet");
   TORCH_CHECK_VALUE(hidden.is_cuda(), "emokern.steer_packed_: the CUDA kernel got hidden on ",
                     hidden.device());
   const c10::cuda::CUDAGuard device_guard(hidden.device());

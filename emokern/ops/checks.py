@@ -50,3 +50,30 @@ def check_vector_norms(fail: Callable, vectors: torch.Tensor) -> None:
     if bool(bad.any()):
         fail(ValueError, f"vectors[{int(bad.nonzero()[0, 0])}] has zero or non-finite norm; an "
                          f"emotion vector needs a direction")
+
+
+def check_bounds(fail: Callable, bounds, gram, rows: int, n_vec: int, device,
+                 check_values: bool) -> None:
+    """``bounds [rows, 2, K]`` and ``gram [K, K]``, float32, contiguous, given together; with
+    ``check_values`` (reads the tensors) every bound is a number (±inf allowed) with
+    ``lower <= upper``, and ``gram`` is finite."""
+    if (bounds is None) != (gram is None):
+        fail(ValueError, "bounds and gram go together (gram = emokern.ops.unit_gram(vectors)), "
+                         f"got {'bounds without gram' if gram is None else 'gram without bounds'}")
+    if bounds is None:
+        return
+    check_tensor(fail, "bounds", bounds, (rows, 2, n_vec), torch.float32, device)
+    check_tensor(fail, "gram", gram, (n_vec, n_vec), torch.float32, device)
+    for name, t in (("bounds", bounds), ("gram", gram)):
+        if not t.is_contiguous():
+            fail(ValueError, f"{name} must be contiguous")
+    if check_values:
+        if bool(bounds.isnan().any()):
+            fail(ValueError, "bounds must not be NaN (use -inf / +inf for an open side)")
+        bad = bounds[:, 0] > bounds[:, 1]
+        if bool(bad.any()):
+            row, k = (int(i) for i in bad.nonzero()[0])
+            fail(ValueError, f"bounds[{row}, :, {k}]: lower {bounds[row, 0, k].item()} is above "
+                             f"upper {bounds[row, 1, k].item()}")
+        if not bool(torch.isfinite(gram).all()):
+            fail(ValueError, "gram must be finite (emokern.ops.unit_gram(vectors))")

@@ -58,7 +58,13 @@ def op_schema(reference: Callable, mutates_args: tuple[str, ...]) -> str:
     inferred = torch.library.infer_schema(reference, mutates_args=mutates_args)
     names = iter("abcdefghijklmnopqrstuvwxyz")
     named = re.sub(r"\((a\d+)!\)", lambda m: f"({next(names)}!)", inferred)
-    return re.sub(r"=[^,)]+", "", named)
+    head, sep, tail = named.rpartition(") -> ")
+    args = head.split(", ")
+    keep = len(args)  # the trailing arguments defaulting to None keep their default
+    while keep > 0 and args[keep - 1].endswith("=None"):
+        keep -= 1
+    args = [re.sub(r"=.*$", "", a) if i < keep else a for i, a in enumerate(args)]
+    return ", ".join(args) + sep + tail
 
 
 def register_op(op: str, *, backends: tuple[str, ...], reference: Callable[..., None],

@@ -11,7 +11,13 @@ import torch
 
 from emokern.errors import failing
 from emokern.ops import dispatch
-from emokern.ops.checks import HIDDEN_DTYPES, check_running, check_tensor, check_vector_norms
+from emokern.ops.checks import (
+    HIDDEN_DTYPES,
+    check_bounds,
+    check_running,
+    check_tensor,
+    check_vector_norms,
+)
 from emokern.ops.dispatch import (
     environ_get,
     has_kernel,
@@ -19,7 +25,7 @@ from emokern.ops.dispatch import (
     resolve_backend,
     runner_for,
 )
-from emokern.ops.reference import ref_steer_
+from emokern.ops.reference import ref_steer_, unit_gram
 from emokern.ops.running import RunningProjections
 
 OP = "steer_"
@@ -27,7 +33,8 @@ OP = "steer_"
 MUTATES = ("hidden", "proj_out", "run_sum", "run_count", "run_last")
 #: Derived once from the reference's signature:
 #: ``(Tensor(a!) hidden, Tensor vectors, Tensor weights, Tensor? mask, bool norm_preserving,
-#: Tensor(b!)? proj_out, Tensor(c!)? run_sum, Tensor(d!)? run_count, Tensor(e!)? run_last) -> ()``
+#: Tensor(b!)? proj_out, Tensor(c!)? run_sum, Tensor(d!)? run_count, Tensor(e!)? run_last,
+#: Tensor? bounds=None, Tensor? gram=None) -> ()``
 SCHEMA = dispatch.op_schema(ref_steer_, MUTATES)
 
 torch.library.define(f"emokern::{OP}", SCHEMA)
@@ -82,7 +89,8 @@ def _check_fast(hidden, vectors, weights, mask, proj_out, running) -> None:
                               f"on {running.sum.device}; this call needs {want} on {device}")
 
 
-def validate_steer_args(hidden, vectors, weights, mask, proj_out, running, check_values: bool):
+def validate_steer_args(hidden, vectors, weights, mask, proj_out, running, check_values: bool,
+                        bounds=None, gram=None):
     """Check every argument of :func:`steer_` and raise one clear error naming the first bad one.
 
     Metadata checks are free of host syncs. ``check_values`` adds the data checks (finite
@@ -121,6 +129,7 @@ def validate_steer_args(hidden, vectors, weights, mask, proj_out, running, check
             _fail(ValueError, "proj_out must be contiguous")
     if running is not None:
         check_running(_fail, running, batch, n_vec, device)
+    check_bounds(_fail, bounds, gram, batch, n_vec, device, check_values)
     if check_values:
         if not bool(torch.isfinite(weights).all()):
             _fail(ValueError, "weights must be finite (found NaN or inf)")
@@ -137,6 +146,8 @@ def steer_(
     proj_out: torch.Tensor | None = None,
     running: RunningProjections | None = None,
     backend: str | None = None,
+    bounds: torch.Tensor | None = None,
+    gram: torch.Tensor | None = None,
 ) -> None:
     r"""Add each sequence's emotion mix to ``hidden`` in place and read emotion projections.
 
@@ -147,8 +158,13 @@ def steer_(
         y = x + \textstyle\sum_k w_{b,k}\, v_k, \qquad
         y \leftarrow y\,\lVert x\rVert / \max(\lVert y\rVert, 10^{-6})\ \text{(norm\_preserving)}
 
-    ``hidden[b, t] = y`` on masked rows; ``proj_out[b, t] = p`` on every row; ``running``
-    accumulates ``p`` over masked rows. One pass over ``hidden`` on the fused backends.
+    then, with ``bounds``, the projection levels and bounds: every projection of the edited
+    row on :math:`u_k = v_k/\lVert v_k\rVert` is brought into
+    ``[bounds[b, 0, k], bounds[b, 1, k]]`` by the smallest correction in the span of the
+    brought directions (a level is equal bounds; see :func:`~emokern.ops.steer_packed.steer_packed_`
+    and ``docs/design.md`` §2 for the solve). ``hidden[b, t] = y`` on masked rows;
+    ``proj_out[b, t] = p`` on every row (the input's projections); ``running`` accumulates ``p``
+    over masked rows. One pass over ``hidden`` on the fused backends (two on rows a bound moves).
 
     Parameters
     ----------
@@ -168,6 +184,13 @@ def steer_(
         Running sum / count / newest projections per sequence (masked rows only).
     backend : {"reference", "cpu", "triton", "cuda"}, optional
         Force a backend; default ``$EMOKERN_BACKEND`` or the best one for ``hidden.device``.
+    bounds : Tensor [B, 2, K], float32, optional
+        Each sequence's lower (``bounds[b, 0]``) and upper (``bounds[b, 1]``) bound of every
+        projection after the edit, in raw projection units; ``-inf``/``+inf`` leave a side
+        open, equal bounds set a level. ``emokern.steering`` converts reading units.
+    gram : Tensor [K, K], float32, optional
+        :func:`~emokern.ops.reference.unit_gram` of ``vectors``; computed here when omitted
+        (an allocation: pass it to keep calls allocation-free).
 
     Raises
     ------
@@ -188,6 +211,8 @@ def steer_(
     # itself (same messages) before writing. Here only what the kernel cannot see: devices (a
     # meta or CUDA argument routes the call to another kernel), the Python type of running and
     # the backend choice: a few attribute reads and one dict lookup.
+    if bounds is not None and gram is None and isinstance(vectors, torch.Tensor):
+        gram = unit_gram(vectors)
     try:
         if running is None:
             run = (None, None, None)
@@ -204,7 +229,8 @@ def steer_(
         fast = False
     if fast:
         try:
-            _call_dispatcher(hidden, vectors, weights, mask, bool(norm_preserving), proj_out, *run)
+            _call_dispatcher(hidden, vectors, weights, mask, bool(norm_preserving), proj_out, *run,
+                             bounds, gram)
         except (TypeError, ValueError, RuntimeError) as exc:
             # Nothing was written. A running of the wrong size is named as the full path names
             # it (checked here, off the hot path); the dispatcher's own argument errors (e.g. a
@@ -213,7 +239,8 @@ def steer_(
                     and run[0].shape != (hidden.shape[0], vectors.shape[0]):
                 _check_fast(hidden, vectors, weights, mask, proj_out, running)
             if isinstance(exc, RuntimeError):
-                validate_steer_args(hidden, vectors, weights, mask, proj_out, running, False)
+                validate_steer_args(hidden, vectors, weights, mask, proj_out, running, False,
+                                    bounds, gram)
             raise
         return
     for name, value in (("hidden", hidden), ("vectors", vectors), ("weights", weights)):
@@ -228,11 +255,11 @@ def steer_(
     else:
         capturing = hidden.is_cuda and torch.cuda.is_current_stream_capturing()
         validate_steer_args(hidden, vectors, weights, mask, proj_out, running,
-                            check_values=not capturing and not torch.compiler.is_compiling())
+                            not capturing and not torch.compiler.is_compiling(), bounds, gram)
     run = running.tensors() if running is not None else (None, None, None)
     if vectors.dtype != torch.float32 or not vectors.is_contiguous():
         vectors = vectors.float().contiguous()
     runner_for(chosen)(hidden, vectors, weights.contiguous(),
                        None if mask is None else mask.contiguous(),
-                       bool(norm_preserving), proj_out, *run)
+                       bool(norm_preserving), proj_out, *run, bounds, gram)
 

@@ -11,9 +11,15 @@ import torch
 
 from emokern.errors import failing
 from emokern.ops import dispatch
-from emokern.ops.checks import HIDDEN_DTYPES, check_running, check_tensor, check_vector_norms
+from emokern.ops.checks import (
+    HIDDEN_DTYPES,
+    check_bounds,
+    check_running,
+    check_tensor,
+    check_vector_norms,
+)
 from emokern.ops.dispatch import resolve_backend, runner_for
-from emokern.ops.reference import ref_steer_packed_
+from emokern.ops.reference import ref_steer_packed_, unit_gram
 from emokern.ops.running import RunningProjections
 
 OP = "steer_packed_"
@@ -22,7 +28,7 @@ MUTATES = ("hidden", "proj_out", "run_sum", "run_count", "run_last")
 #: Derived once from the reference's signature:
 #: ``(Tensor(a!) hidden, Tensor? residual, Tensor vectors, Tensor slot_weights,
 #: Tensor token_slot, bool norm_preserving, Tensor(b!)? proj_out, Tensor(c!)? run_sum,
-#: Tensor(d!)? run_count, Tensor(e!)? run_last) -> ()``
+#: Tensor(d!)? run_count, Tensor(e!)? run_last, Tensor? bounds=None, Tensor? gram=None) -> ()``
 SCHEMA = dispatch.op_schema(ref_steer_packed_, MUTATES)
 
 torch.library.define(f"emokern::{OP}", SCHEMA)
@@ -42,7 +48,7 @@ _fail = failing(f"emokern.{OP}")
 
 
 def validate_steer_packed_args(hidden, residual, vectors, slot_weights, token_slot, proj_out,
-                               running, check_values: bool) -> None:
+                               running, check_values: bool, bounds=None, gram=None) -> None:
     """Check every argument of :func:`steer_packed_`; one clear error naming the first bad one.
 
     Metadata checks never sync with the device. ``check_values`` adds the data checks (finite
@@ -96,6 +102,7 @@ def validate_steer_packed_args(hidden, residual, vectors, slot_weights, token_sl
             fail(ValueError, "proj_out must be contiguous")
     if running is not None:
         check_running(fail, running, n_slots, n_vec, device)
+    check_bounds(fail, bounds, gram, n_slots, n_vec, device, check_values)
     if check_values:
         if not bool(torch.isfinite(slot_weights).all()):
             fail(ValueError, "slot_weights must be finite (found NaN or inf)")
@@ -117,6 +124,8 @@ def steer_packed_(
     proj_out: torch.Tensor | None = None,
     running: RunningProjections | None = None,
     backend: str | None = None,
+    bounds: torch.Tensor | None = None,
+    gram: torch.Tensor | None = None,
 ) -> None:
     r""":func:`~emokern.ops.steer.steer_` for packed tokens: ``hidden [N, D]`` holds the
     tokens of many sequences (a serving engine's flattened batch), each naming its sequence's
@@ -130,6 +139,20 @@ def steer_packed_(
         y = x + \textstyle\sum_k W_{s,k}\, v_k \ (s \ge 0), \qquad
         y \leftarrow y\,\lVert x\rVert / \max(\lVert y\rVert, 10^{-6})\
         \text{(norm\_preserving)}
+
+    With ``bounds`` (per slot :math:`s`, lower :math:`lo = B_{s,0}` and upper
+    :math:`hi = B_{s,1}`, raw projection units), the levels and bounds follow: with
+    :math:`u_k = v_k/\lVert v_k\rVert`, :math:`G` = ``gram`` and :math:`c` the
+    norm-preserving scale (1 without it), the projections after the pushes are
+    :math:`p'_k = c\,(p_k + \sum_j W_{s,j}\lVert v_j\rVert G_{jk})`, the active set is
+    :math:`A = \{k : p'_k \notin [lo_k, hi_k]\}` and
+
+    .. math::
+        y \leftarrow y + \textstyle\sum_{k\in A} a_k u_k, \qquad
+        G_{AA}\, a_A = \mathrm{clip}(p'_A, lo_A, hi_A) - p'_A,
+
+    so every active projection lands on its bound (up to rounding; a direction dependent on
+    earlier active ones is dropped: :func:`~emokern.ops.reference.level_coefficients`).
 
     ``hidden[i] = y - residual[i]`` for tokens with a slot (``residual`` is never written);
     ``proj_out[i] = p`` for every token; ``running`` accumulates ``p`` per slot. A token with
@@ -153,6 +176,12 @@ def steer_packed_(
     norm_preserving : bool
     proj_out : Tensor [N_max, K], float32, optional
     running : RunningProjections(S, K), optional
+    bounds : Tensor [S, 2, K], float32, optional
+        Per slot, lower and upper bounds of the projections after the edit (``-inf``/``+inf``
+        open; equal bounds a level).
+    gram : Tensor [K, K], float32, optional
+        :func:`~emokern.ops.reference.unit_gram` of ``vectors``; computed when omitted (pass it
+        under CUDA-graph capture: no allocation).
     backend : {"reference", "cpu", "triton", "cuda"}, optional
         Force a backend; default ``$EMOKERN_BACKEND`` or the best one for ``hidden.device``
         (choosing loads the compiled kernels, or registers Triton as the CUDA kernel, so that
@@ -170,14 +199,16 @@ def steer_packed_(
     """
     capturing = isinstance(hidden, torch.Tensor) and hidden.is_cuda \
         and torch.cuda.is_current_stream_capturing()
+    if bounds is not None and gram is None and isinstance(vectors, torch.Tensor):
+        gram = unit_gram(vectors)
     validate_steer_packed_args(hidden, residual, vectors, slot_weights, token_slot, proj_out,
-                               running, check_values=not capturing
-                               and not torch.compiler.is_compiling())
+                               running, not capturing and not torch.compiler.is_compiling(),
+                               bounds, gram)
     chosen = resolve_backend(backend, hidden.device, "steer_packed_")
     run = running.tensors() if running is not None else (None, None, None)
     if vectors.dtype != torch.float32 or not vectors.is_contiguous():
         vectors = vectors.float().contiguous()
     runner_for(chosen, "steer_packed_")(hidden, residual, vectors, slot_weights.contiguous(),
                                         token_slot.contiguous(), bool(norm_preserving),
-                                        proj_out, *run)
+                                        proj_out, *run, bounds, gram)
 

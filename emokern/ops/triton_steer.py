@@ -385,10 +385,12 @@ def triton_steer_(
     weights: torch.Tensor,
     mask: torch.Tensor | None,
     norm_preserving: bool,
-    proj_out: torch.Tensor | None,
-    run_sum: torch.Tensor | None,
-    run_count: torch.Tensor | None,
-    run_last: torch.Tensor | None,
+    proj_out: torch.Tensor | None = None,
+    run_sum: torch.Tensor | None = None,
+    run_count: torch.Tensor | None = None,
+    run_last: torch.Tensor | None = None,
+    bounds: torch.Tensor | None = None,
+    gram: torch.Tensor | None = None,
 ) -> None:
     r"""``emokern::steer_`` (batched layout) in one Triton launch.
 
@@ -413,6 +415,8 @@ def triton_steer_(
     Allocates nothing, never syncs the host: safe inside CUDA-graph capture once the kernel
     has been compiled for the shape class (run it once before capturing).
     """
+    if bounds is not None:
+        raise NotImplementedError("emokern: projection bounds on Triton: not yet")
     batch, seq_len, dim = hidden.shape
     if batch == 0 or seq_len == 0 or dim == 0:
         return
@@ -435,10 +439,12 @@ def triton_steer_packed_(
     slot_weights: torch.Tensor,
     token_slot: torch.Tensor,
     norm_preserving: bool,
-    proj_out: torch.Tensor | None,
-    run_sum: torch.Tensor | None,
-    run_count: torch.Tensor | None,
-    run_last: torch.Tensor | None,
+    proj_out: torch.Tensor | None = None,
+    run_sum: torch.Tensor | None = None,
+    run_count: torch.Tensor | None = None,
+    run_last: torch.Tensor | None = None,
+    bounds: torch.Tensor | None = None,
+    gram: torch.Tensor | None = None,
 ) -> None:
     r"""``emokern::steer_packed_`` (packed tokens) in one Triton launch of the same kernel.
 
@@ -465,6 +471,8 @@ def triton_steer_packed_(
     CUDA graph per token count once compiled (the serving pattern: persistent buffers whose
     contents change by ``copy_`` between replays).
     """
+    if bounds is not None:
+        raise NotImplementedError("emokern: projection bounds on Triton: not yet")
     n_tokens, dim = hidden.shape
     if n_tokens == 0 or dim == 0:
         return

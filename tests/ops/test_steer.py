@@ -342,7 +342,8 @@ def test_schema_is_derived_from_the_reference_signature():
     from emokern.ops import steer
 
     want = ("(Tensor(a!) hidden, Tensor vectors, Tensor weights, Tensor? mask, "
-            "bool norm_preserving, Tensor(b!)? proj_out, Tensor(c!)? run_sum, "
-            "Tensor(d!)? run_count, Tensor(e!)? run_last) -> ()")
+            "bool norm_preserving, Tensor(b!)? proj_out=None, Tensor(c!)? run_sum=None, "
+            "Tensor(d!)? run_count=None, Tensor(e!)? run_last=None, Tensor? bounds=None, "
+            "Tensor? gram=None) -> ()")
     assert steer.SCHEMA == want
     assert str(torch.ops.emokern.steer_.default._schema) == f"emokern::steer_{want}"

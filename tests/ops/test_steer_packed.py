@@ -261,7 +261,8 @@ def test_schema_is_derived_from_the_reference_signature():
     from emokern.ops import steer_packed
 
     want = ("(Tensor(a!) hidden, Tensor? residual, Tensor vectors, Tensor slot_weights, "
-            "Tensor token_slot, bool norm_preserving, Tensor(b!)? proj_out, Tensor(c!)? run_sum, "
-            "Tensor(d!)? run_count, Tensor(e!)? run_last) -> ()")
+            "Tensor token_slot, bool norm_preserving, Tensor(b!)? proj_out=None, "
+            "Tensor(c!)? run_sum=None, Tensor(d!)? run_count=None, Tensor(e!)? run_last=None, "
+            "Tensor? bounds=None, Tensor? gram=None) -> ()")
     assert steer_packed.SCHEMA == want
     assert str(torch.ops.emokern.steer_packed_.default._schema) == f"emokern::steer_packed_{want}"

@@ -327,7 +327,7 @@ def test_register_cuda_kernel():
         p = torch.empty(2, 3, 4, device=device)
         keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
         torch.ops.emokern.steer_.default.redispatch(keys, h, v, w, None, True, p, None, None,
-                                                    None)
+                                                    None, None, None)
         err = (h.cpu().float() - h_ref.float()).abs().max().item()
         assert err <= 0.07, err  # one bf16 ulp at |y| < 16
         torch.testing.assert_close(p.cpu(), p_ref)
@@ -341,7 +341,7 @@ def test_register_cuda_kernel():
         h, r, sw, slots = h.to(device), r.to(device), sw.to(device), slots.to(device)
         p = torch.zeros(6, 4, device=device)
         torch.ops.emokern.steer_packed_.default.redispatch(keys, h, r, v, sw, slots, True, p,
-                                                           None, None, None)
+                                                           None, None, None, None, None)
         err = (h.cpu().float() - h_ref.float()).abs().max().item()
         assert err <= 0.07, err
         torch.testing.assert_close(p.cpu(), p_ref)
