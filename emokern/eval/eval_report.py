@@ -1,6 +1,8 @@
-"""The evaluation's report: a Markdown table per emotion and weight, and two plots (EPS vs
-weight per emotion, perplexity vs weight), from the dict :func:`emokern.eval.evaluation.
-evaluate` returns. Plots are PNGs written atomically through :mod:`emokern.files`.
+"""The evaluation's report: a Markdown table per emotion and edit, and three plots (EPS vs
+push weight per emotion, perplexity vs weight, and the trade-off of judge gain against topic
+adherence for every edit: pushes, levels, caps, the recommendation), from the dict
+:func:`emokern.eval.evaluation.evaluate` returns. Plots are PNGs written atomically through
+:mod:`emokern.files`.
 
 Tested through ``tests/eval/test_evaluation.py`` (the written report and plots).
 """
@@ -14,7 +16,7 @@ from pathlib import Path
 
 from emokern.files import atomic_write
 
-__all__ = ["format_report", "format_table", "plot_eps", "plot_perplexity"]
+__all__ = ["format_report", "format_table", "plot_eps", "plot_perplexity", "plot_tradeoff"]
 
 
 def _fmt(value, spec: str = ".2f") -> str:
@@ -23,9 +25,24 @@ def _fmt(value, spec: str = ".2f") -> str:
     return format(value, spec)
 
 
+#: Edit kinds by label prefix, in table order after the push weights.
+_KINDS = (("rec", "rec"), ("@", "level"), ("<=", "cap"), (">=", "floor"), ("erase", "erase"))
+
+
+def edit_kind(label: str) -> str:
+    """``"push"``, ``"rec"``, ``"level"``, ``"cap"``, ``"floor"`` or ``"erase"``."""
+    return next((kind for prefix, kind in _KINDS if label.startswith(prefix)), "push")
+
+
 def _order(record: dict) -> tuple:
     label = record["label"]
-    return (0, float(label)) if label != "rec" else (1, record.get("weight") or 0.0)
+    kind = edit_kind(label)
+    if kind == "push":
+        return (0, float(label))
+    rank = 1 + [k for _, k in _KINDS].index(kind)
+    value = label.lstrip("@<>=")
+    return (rank, float(value) if value and value not in ("rec", "erase") else
+            record.get("weight") or 0.0)
 
 
 def format_table(aggregates: list[dict], emotions: list[str]) -> str:
@@ -99,7 +116,7 @@ def _series(result: dict, emotion: str, key: str):
             continue
         if a["label"] == "rec":
             rec = (a["weight"], a[key])
-        else:
+        elif edit_kind(a["label"]) == "push":
             numeric.append((float(a["label"]), a[key]))
     return sorted(numeric), rec
 
@@ -137,3 +154,51 @@ def plot_eps(result: dict, path: str | os.PathLike) -> Path:
 def plot_perplexity(result: dict, path: str | os.PathLike) -> Path:
     """Median perplexity under the unsteered model against the weight, per emotion."""
     return _plot(result, "perplexity", "median perplexity (unsteered model)", path, log=True)
+
+
+#: Marker per edit kind in the trade-off plot.
+_MARKERS = {"push": "o", "rec": "*", "level": "^", "cap": "v", "floor": "s", "erase": "X"}
+
+
+def plot_tradeoff(result: dict, path: str | os.PathLike) -> Path:
+    """Per emotion, judge gain (EPS minus unsteered) against topic adherence relative to the
+    unsteered answers, one point per edit (pushes ●, levels ▲, caps ▼, floors ■, erase ✖, the
+    recommendation ★), each labelled; the shaded band is adherence below 0.8 of unsteered.
+    A good edit sits up and to the right: the emotion expressed while the answer stays on the
+    question."""
+    plt = _figure()
+    emotions = result["config"]["emotions"]
+    cols = min(3, len(emotions))
+    rows = (len(emotions) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    for ax, emotion in zip(axes.flat, emotions, strict=False):
+        records = [a for a in result["aggregates"] if a["emotion"] == emotion]
+        base = next((a for a in records if a["label"] == "0"), None)
+        base_adh = base.get("adherence") if base else None
+        ax.axvspan(0, 0.8, color="0.9")
+        for a in records:
+            if a["label"] == "0" or a.get("adherence") is None or not base_adh:
+                continue
+            kind = edit_kind(a["label"])
+            x, y = a["adherence"] / base_adh, a.get("gain")
+            if y is None or not math.isfinite(y):
+                continue
+            ax.plot([x], [y], _MARKERS[kind], color=f"C{list(_MARKERS).index(kind)}",
+                    markersize=11 if kind == "rec" else 7, markeredgecolor="k")
+            ax.annotate(a["label"], (x, y), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+        ax.axhline(0.0, color="k", lw=0.6)
+        ax.axhline(0.08, color="C3", lw=0.6, ls="--")
+        ax.set_xlim(0, 1.3)
+        ax.set_title(emotion, fontsize=10)
+        ax.set_xlabel("adherence / unsteered", fontsize=8)
+        ax.set_ylabel("judge gain", fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(emotions):]:
+        ax.set_visible(False)
+    c = result["config"]
+    fig.suptitle(f"{c['bank']} bank: gain vs adherence per edit (dashed: +0.08; shaded: "
+                 f"adherence < 0.8 of unsteered)", fontsize=10)
+    written = _save(fig, path)
+    plt.close(fig)
+    return written

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from emokern.data import DATA_DIR
 from emokern.emotions import BASIC_EMOTIONS
-from emokern.eval.eval_report import format_report, plot_eps, plot_perplexity
+from emokern.eval.eval_report import format_report, plot_eps, plot_perplexity, plot_tradeoff
 from emokern.eval.lexicon import LexiconScorer
 from emokern.eval.metrics import aggregate
 from emokern.eval.scorers import EmotionScorer, degeneration, perplexity
@@ -95,14 +95,23 @@ def load_prompts(path: str | os.PathLike | None = None) -> list[str]:
     return prompts
 
 
+#: The edit terms of the grid besides push weights and ``rec``: a level ``@z``, a cap
+#: ``<=z``, a floor ``>=z`` (standard scores against the bank's neutral baseline) and ``erase``.
+EDIT_PREFIXES = {"@": "level", "<=": "max", ">=": "min"}
+ERASE = "erase"
+
+
 def parse_weights(text) -> list[float | str]:
-    """Weights from ``"-1,0,1,2,4"``, ``"rec"`` or a mix (``"0,1,rec"``): floats and the
-    label :data:`REC`, in the order given, without duplicates.
+    """The grid's edits from ``"-1,0,1,2,4"``, ``"rec"`` or a mix of modes
+    (``"2,4,rec,@4,@8,<=0,erase"``), in the order given, without duplicates: push weights as
+    floats; ``rec``; a level ``@z``, a cap ``<=z``, a floor ``>=z`` (``z`` a standard score
+    against the bank's neutral baseline) and ``erase`` as their normalised strings
+    (``"@8"``, ``"<=0"``).
 
     Raises
     ------
     ValueError
-        An empty list, a term that is neither a finite number nor ``rec``, a repeated term.
+        An empty list, a term that is none of these, a non-finite number, a repeated term.
     """
     if isinstance(text, str):
         terms = [t.strip() for t in text.split(",")]
@@ -110,25 +119,44 @@ def parse_weights(text) -> list[float | str]:
         terms = list(text)
     else:
         raise ValueError(f"weights must be a comma-separated string such as '-1,0,1,2,4' or "
-                         f"'rec', got {text!r}")
+                         f"'rec,@8', got {text!r}")
     out: list[float | str] = []
     for term in terms:
-        if isinstance(term, str) and term.lower() == REC:
-            value: float | str = REC
+        value: float | str
+        if isinstance(term, str) and term.lower() in (REC, ERASE):
+            value = term.lower()
         else:
+            prefix = next((p for p in ("<=", ">=", "@") if isinstance(term, str)
+                           and term.startswith(p)), "")
+            number = term[len(prefix):] if prefix else term
             try:
-                value = float(term)
+                z = float(number)
             except (TypeError, ValueError):
-                raise ValueError(f"weights: {term!r} is neither a number nor 'rec' (in "
-                                 f"{text!r})") from None
-            if not math.isfinite(value):
+                raise ValueError(f"weights: {term!r} is none of a number, 'rec', '@z' (level), "
+                                 f"'<=z' (cap), '>=z' (floor) or 'erase' (in {text!r})") from None
+            if not math.isfinite(z):
                 raise ValueError(f"weights: {term!r} is not finite")
+            value = f"{prefix}{z:g}" if prefix else z
         if value in out:
             raise ValueError(f"weights: {term!r} is given twice")
         out.append(value)
     if not out or out == [""]:
         raise ValueError("weights must not be empty")
     return out
+
+
+def edit_mix(emotion: str, term: float | str, bank) -> tuple[dict, float]:
+    """The mix of one grid term for ``emotion`` and the push weight it applies (NaN for a
+    level, cap, floor or erase: they apply no fixed weight)."""
+    if term == REC:
+        weight = bank.recommended_weight(emotion)
+        return {emotion: weight}, weight
+    if term == ERASE:
+        return {emotion: ERASE}, float("nan")
+    if isinstance(term, str):
+        prefix = next(p for p in ("<=", ">=", "@") if term.startswith(p))
+        return {emotion: {EDIT_PREFIXES[prefix]: float(term[len(prefix):])}}, float("nan")
+    return {emotion: float(term)}, float(term)
 
 
 def check_emotions(emotions, bank, judge_labels: Sequence[str] = BASIC_EMOTIONS) -> list[str]:
@@ -173,18 +201,19 @@ def check_out_dir(out: str | os.PathLike) -> Path:
 def grid_rows(prompts: Sequence[str], emotions: Sequence[str], weights: Sequence[float | str],
               bank) -> list[dict]:
     """The grid as rows ``{prompt, emotion, label, weight, mix}``: one unsteered row per
-    prompt (``emotion`` None, label ``"0"``), then per emotion and non-zero weight one row
-    per prompt (``rec`` resolved by ``bank.recommended_weight``)."""
+    prompt (``emotion`` None, label ``"0"``), then per emotion and edit term (except weight
+    0) one row per prompt (:func:`edit_mix`: ``rec`` resolved by
+    ``bank.recommended_weight``; levels, caps and erase as mixes in reading units)."""
     rows = [{"prompt": p, "emotion": None, "label": "0", "weight": 0.0, "mix": {}}
             for p in prompts]
     for emotion in emotions:
         for asked in weights:
             if asked == 0.0:
                 continue
-            weight = bank.recommended_weight(emotion) if asked == REC else float(asked)
-            label = REC if asked == REC else f"{asked:g}"
+            mix, weight = edit_mix(emotion, asked, bank)
+            label = asked if isinstance(asked, str) else f"{asked:g}"
             rows += [{"prompt": p, "emotion": emotion, "label": label, "weight": weight,
-                      "mix": {emotion: weight}} for p in prompts]
+                      "mix": dict(mix)} for p in prompts]
     return rows
 
 
@@ -253,8 +282,9 @@ def evaluate(model, tokenizer, bank, *, emotions=None, weights="-1,0,1,2,4,rec",
     emotions : str, list of str or None
         Emotions to steer (default: the six basic emotions the bank has).
     weights : str or list
-        Weights (:func:`parse_weights`); ``0`` is the unsteered baseline, which is always run;
-        ``"rec"`` is each emotion's recommended weight.
+        Edits (:func:`parse_weights`): push weights (``0`` is the unsteered baseline, always
+        run), ``"rec"`` (each emotion's recommended weight), levels ``"@z"``, caps ``"<=z"``,
+        floors ``">=z"`` and ``"erase"`` in reading units (they need a calibrated bank).
     prompts : list of str, path or None
         The prompts, a prompts file (:func:`load_prompts`), or None for the built-in set.
     max_new_tokens, seed, do_sample
@@ -278,6 +308,10 @@ def evaluate(model, tokenizer, bank, *, emotions=None, weights="-1,0,1,2,4,rec",
     # Every check before any generation.
     emotions = check_emotions(emotions, bank)
     weights = parse_weights(weights)
+    if not bank.calibrated and any(isinstance(w, str) and w != REC for w in weights):
+        raise ValueError("weights: levels, caps and erase are standard scores against the "
+                         "bank's neutral baseline, and this bank has none (add one with "
+                         "emokern extract's neutral baseline)")
     if prompts is None or isinstance(prompts, (str, os.PathLike)):
         prompts = load_prompts(prompts)
     else:
@@ -304,7 +338,7 @@ def evaluate(model, tokenizer, bank, *, emotions=None, weights="-1,0,1,2,4,rec",
     result = {
         "config": {"model": model_name, "bank": bank_name, "method": bank.method,
                    "emotions": emotions,
-                   "weights": [w if w == REC else float(w) for w in weights],
+                   "weights": [w if isinstance(w, str) else float(w) for w in weights],
                    "recommended": {e: bank.recommended_weight(e) for e in emotions},
                    "layers": list(bank.recommended_layers) if layers == "auto" else list(layers),
                    "n_prompts": len(prompts), "n_rows": len(rows),
@@ -330,4 +364,5 @@ def write_results(result: dict, out_dir: str | os.PathLike) -> list[Path]:
     written.append(write_text(out_dir / "report.md", format_report(result)))
     written.append(plot_eps(result, out_dir / "eps.png"))
     written.append(plot_perplexity(result, out_dir / "perplexity.png"))
+    written.append(plot_tradeoff(result, out_dir / "tradeoff.png"))
     return written

@@ -67,8 +67,10 @@ def test_parse_weights():
     assert parse_weights("-1,0,1,2,4") == [-1.0, 0.0, 1.0, 2.0, 4.0]
     assert parse_weights("rec") == ["rec"]
     assert parse_weights("0, REC ,1.5") == [0.0, "rec", 1.5]
-    for bad, match in (("1,lots", "neither a number"), ("1,1", "twice"), ("", "neither"),
-                       ("nan", "not finite")):
+    assert parse_weights("2, @8, <=0, >=-1.5, ERASE") == [2.0, "@8", "<=0", ">=-1.5", "erase"]
+    for bad, match in (("1,lots", "none of a number"), ("1,1", "twice"), ("", "none of"),
+                       ("nan", "not finite"), ("@x", "none of"), ("@inf", "not finite"),
+                       ("@8,@8.0", "twice"), ("<=", "none of")):
         with pytest.raises(ValueError, match=match):
             parse_weights(bad)
 
@@ -81,6 +83,10 @@ def test_grid_shares_one_unsteered_row_per_prompt(tiny):
     assert [r["mix"] for r in rows[:2]] == [{}, {}]
     rec = {r["emotion"]: r["weight"] for r in rows if r["label"] == "rec"}
     assert rec == {"joy": bank.default_weight, "fear": 3.0}
+    rows = grid_rows(PROMPTS[:1], ["fear"], ["@4", "<=0", ">=1", "erase"], bank)
+    assert [r["mix"] for r in rows[1:]] == [{"fear": {"level": 4.0}}, {"fear": {"max": 0.0}},
+                                            {"fear": {"min": 1.0}}, {"fear": "erase"}]
+    assert [r["label"] for r in rows[1:]] == ["@4", "<=0", ">=1", "erase"]
 
 
 def test_evaluate_writes_results_report_and_plots(tiny, embedder, scorer, tmp_path):
@@ -104,7 +110,7 @@ def test_evaluate_writes_results_report_and_plots(tiny, embedder, scorer, tmp_pa
         assert 0.0 <= a["eps"] <= 1.0 and a["n"] == 2
     report = (out / "report.md").read_text()
     assert "| fear | rec |" in report and "EPS" in report
-    for png in ("eps.png", "perplexity.png"):
+    for png in ("eps.png", "perplexity.png", "tradeoff.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -124,7 +130,7 @@ def test_interrupted_run_leaves_no_results(tiny, embedder, scorer, tmp_path, mon
 
 @pytest.mark.parametrize("options, match", [
     ({"emotions": "joy,boredom"}, "unknown emotion 'boredom'"),
-    ({"weights": "1,two"}, "neither a number"),
+    ({"weights": "1,two"}, "none of a number"),
     ({"prompts": []}, "non-empty list"),
     ({"max_new_tokens": 0}, "max_new_tokens"),
 ])
@@ -161,7 +167,7 @@ def test_cli_errors_before_loading_the_model(capsys, tmp_path, monkeypatch):
         raise AssertionError("the model was loaded despite bad input")
 
     monkeypatch.setattr(models, "load_model", refuse)
-    for argv, match in ((["--weights", "1,x"], "neither a number"),
+    for argv, match in ((["--weights", "1,x"], "none of a number"),
                         (["--emotions", "joy,boredom"], "unknown emotion"),
                         (["--prompts", str(tmp_path / "none.txt")], "does not exist")):
         code = main(["eval", "--out", str(tmp_path / "o"), *argv])
@@ -171,4 +177,4 @@ def test_cli_errors_before_loading_the_model(capsys, tmp_path, monkeypatch):
     # The option's former spelling still works, with a note.
     assert main(["eval", "--out", str(tmp_path / "o"), "--alphas", "1,x"]) == 2
     err = capsys.readouterr().err
-    assert "--alphas is deprecated, use --weights" in err and "neither a number" in err
+    assert "--alphas is deprecated, use --weights" in err and "none of a number" in err
