@@ -8,7 +8,7 @@
 >>> s.monitor.mean()   # [B, L, K]
 """
 
-from emokern.bank import EmotionBank
+from emokern.bank import EmotionBank, Recipe
 from emokern.models import load_model
 from emokern.ops import RunningProjections, available_backends, steer_
 from emokern.steering import Steerer, steer
@@ -18,6 +18,7 @@ from emokern.version import __version__
 __all__ = [
     "Ablator",
     "EmotionBank",
+    "Recipe",
     "RunningProjections",
     "Steerer",
     "__version__",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import operator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -37,6 +38,41 @@ _FINGERPRINT_FIELDS = (
     ("vocab_size", "vocabulary size"),
     ("embedding_hash", "input-embedding hash"),
 )
+
+
+@dataclass(frozen=True)
+class Recipe:
+    r"""How to express one emotion on the bank's model, as measured by a sweep
+    (:func:`emokern.eval.recommend.choose`), or the bank-wide default push when unmeasured.
+
+    Attributes
+    ----------
+    emotion : str
+    mode : {"push", "level"}
+        ``push``: add ``strength`` times the vector (:math:`x + w v`); ``level``: set the
+        token's projection to the standard score ``strength`` against the bank's neutral
+        baseline (:math:`\langle y, u\rangle = \mu + z\sigma` at every steered layer).
+    strength : float
+        The weight (push) or the level ``z``.
+    layers : tuple of int
+        The layer band it steers.
+    positions : {"all", "generated"}
+        The tokens it steers.
+    measured : dict
+        What the sweep measured at the choice (judge gain, adherence ratio, distinct-2,
+        perplexity, prompts, ...); empty for the default push.
+    """
+
+    emotion: str
+    mode: str
+    strength: float
+    layers: tuple[int, ...]
+    positions: str = "all"
+    measured: dict = field(default_factory=dict, compare=False)
+
+    def mix_term(self) -> float | dict:
+        """The recipe as a mix value: the weight, or ``{"level": z}``."""
+        return float(self.strength) if self.mode == "push" else {"level": float(self.strength)}
 
 
 def _check_neutral(mean, std, n_layers: int, n_names: int, device):
@@ -213,14 +249,37 @@ class EmotionBank:
         return [self._layers[len(self._layers) // 2]]
 
     def recommended_weight(self, name: str) -> float:
-        """The recommended weight of emotion ``name``: its own, measured by the per-emotion
-        sweep (``metadata["recommended_weights"]``), else the bank-wide
-        :attr:`default_weight`. Unknown names raise ValueError."""
+        """The recommended push weight of emotion ``name``: its own, measured by the
+        per-emotion sweep (``metadata["recommended_weights"]``), else (unmeasured, or its
+        recipe is a level: :meth:`recommended`) the bank-wide :attr:`default_weight`. Unknown
+        names raise ValueError."""
         self.index(name)
         record = (self._metadata.get("recommended_weights") or {}).get(name)
-        if record is not None:
+        if record is not None and record.get("mode", "push") == "push":
             return float(record["weight"])
         return self.default_weight
+
+    def recommended(self, name: str) -> Recipe:
+        """How to express emotion ``name`` on this model: its :class:`Recipe` (mode, strength,
+        layer band, positions) as the per-emotion sweep chose it, else a push at
+        :attr:`default_weight` on :attr:`recommended_layers`. ``"anger=rec"`` in a mix uses it.
+
+        Examples
+        --------
+        >>> bank = EmotionBank.load_default()
+        >>> bank.recommended("joy").mode in ("push", "level")
+        True
+        """
+        self.index(name)
+        record = (self._metadata.get("recommended_weights") or {}).get(name)
+        if record is None:
+            return Recipe(name, "push", self.default_weight, tuple(self.recommended_layers))
+        mode = record.get("mode", "push")
+        measured = {k: v for k, v in record.items()
+                    if k not in ("mode", "weight", "level", "layers", "positions")}
+        return Recipe(name, mode, float(record["weight" if mode == "push" else "level"]),
+                      tuple(record.get("layers") or self.recommended_layers),
+                      record.get("positions", "all"), measured)
 
     @property
     def recommended_weights(self) -> dict[str, dict]:

@@ -110,13 +110,21 @@ def check_names(names) -> list[str]:
     return names
 
 
+#: How a recipe expresses an emotion: a push by a weight, or a level (a standard score).
+RECIPE_MODES = ("push", "level")
+#: Which tokens a recipe steers.
+RECIPE_POSITIONS = ("all", "generated")
+
+
 def check_metadata(metadata, layers: list[int]) -> dict:
     """A validated deep copy of ``metadata`` for a bank of decoder ``layers``.
 
     Every value must be JSON (no NaN); the keys of :data:`TYPED_KEYS` have their types;
     ``default_weight`` is finite; ``recommended_layers``/``detection_layers`` are non-empty
-    subsets of ``layers``; each ``recommended_weights`` record has a finite ``weight`` and
-    optionally a ``layers`` band inside ``layers``. Older keys (:data:`RENAMED_KEYS`) come
+    subsets of ``layers``; each ``recommended_weights`` record (a recipe) has a ``mode`` in
+    :data:`RECIPE_MODES` (absent: ``"push"``) with a finite ``weight`` (push) or ``level``
+    (level, a standard score), optionally ``positions`` in :data:`RECIPE_POSITIONS` and a
+    ``layers`` band inside ``layers``. Older keys (:data:`RENAMED_KEYS`) come
     back under their current name (giving both names with different values is an error).
     """
     if metadata is None:
@@ -146,17 +154,24 @@ def check_metadata(metadata, layers: list[int]) -> dict:
                 fail(ValueError, f"metadata[{key!r}] must be a non-empty subset of the bank's "
                                  f"layers {layers}, got {rec}")
     for name, record in (metadata.get("recommended_weights") or {}).items():
-        weight = record.get("weight") if isinstance(record, dict) else None
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) \
-                or not math.isfinite(weight):
-            fail(ValueError, f"metadata['recommended_weights'][{name!r}] must be a dict with a "
-                             f"finite 'weight', got {record!r}")
+        where = f"metadata['recommended_weights'][{name!r}]"
+        mode = record.get("mode", "push") if isinstance(record, dict) else None
+        if mode not in RECIPE_MODES:
+            fail(ValueError, f"{where} must be a dict whose 'mode' is one of {RECIPE_MODES} "
+                             f"(absent: push), got {record!r}")
+        key = "weight" if mode == "push" else "level"
+        value = record.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value):
+            fail(ValueError, f"{where} must be a dict with a finite {key!r}, got {record!r}")
+        if record.get("positions", "all") not in RECIPE_POSITIONS:
+            fail(ValueError, f"{where}['positions'] must be one of {RECIPE_POSITIONS}, got "
+                             f"{record.get('positions')!r}")
         if "layers" in record:
-            band = check_int_list(f"metadata['recommended_weights'][{name!r}]['layers']",
-                                  record["layers"])
+            band = check_int_list(f"{where}['layers']", record["layers"])
             if not band or any(layer not in layers for layer in band):
-                fail(ValueError, f"metadata['recommended_weights'][{name!r}]['layers'] must be "
-                                 f"a non-empty subset of the bank's layers {layers}, got {band}")
+                fail(ValueError, f"{where}['layers'] must be a non-empty subset of the bank's "
+                                 f"layers {layers}, got {band}")
     # A JSON round trip is a deep copy that also normalises tuples to lists, so a bank's
     # metadata equals what a saved-and-loaded copy reads back.
     checked = json.loads(json.dumps(metadata))

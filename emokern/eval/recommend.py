@@ -1,19 +1,23 @@
-r"""Per-emotion recommended weights: one weight does not fit every emotion.
+r"""Per-emotion recipes: one weight does not fit every emotion, and a push is not always the way.
 
 On the default model the concept bank moves sadness and disgust fluently at weight 2 but anger
-only at 4; a single bank-wide weight either leaves anger unsteered or wrecks the others. The
-sweep here runs the evaluation grid (:func:`emokern.eval.evaluation.evaluate`) over weights on
-the project's own prompts (:data:`SWEEP_PROMPTS`: the calibration prompts and the first
-extraction queries, never the evaluation prompts) and, per emotion, chooses (:func:`choose`)
+only at 4; a single bank-wide weight either leaves anger unsteered or wrecks the others; and at
+the weights that move an emotion a push can move it by leaving the question. The sweep here
+runs the evaluation grid (:func:`emokern.eval.evaluation.evaluate`) over push weights and, on
+a calibrated bank, projection levels (``@z``: the token's projection set to the standard score
+``z``) on the project's own prompts (:data:`SWEEP_PROMPTS`: the calibration prompts and the
+first extraction queries, never the evaluation prompts, so a recipe is reported on prompts it
+was not chosen on) and, per emotion, chooses (:func:`choose`) the edit
 
 .. math::
-    w^*_e = \arg\max_{w \in W_e} \big(\mathrm{EPS}(e, w) - \mathrm{EPS}(e, 0)\big),\quad
-    W_e = \{w : \overline{\mathrm{distinct}_2} \ge 0.7,\
-           \mathrm{median\ ppl}(e, w) \le 3\,\mathrm{median\ ppl}(0)\}
+    e^* = \arg\max_{e \in E} \big(\mathrm{EPS}(e) - \mathrm{EPS}(0)\big),\quad
+    E = \{e : \overline{\mathrm{distinct}_2} \ge 0.7,\
+           \mathrm{median\ ppl}(e) \le 3\,\mathrm{median\ ppl}(0),\
+           \overline{\mathrm{adherence}}(e) \ge 0.8\,\overline{\mathrm{adherence}}(0)\}
 
-(ties within 0.01 go to the smaller weight). The choice is stored in the bank's metadata
-(``recommended_weights``), read by :meth:`emokern.EmotionBank.recommended_weight` and by
-``mix=[{"anger": "rec"}]``.
+(ties within 0.01 go to the gentler edit). The choice is a recipe stored in the bank's metadata
+(``recommended_weights``: mode, weight or level, layer band), read by
+:meth:`emokern.EmotionBank.recommended` and by ``mix=[{"anger": "rec"}]``.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from emokern.data import load_queries
 from emokern.eval.calibration_sweep import CALIBRATION_PROMPTS
 from emokern.eval.evaluation import evaluate
 
-__all__ = ["DEFAULT_SWEEP_WEIGHTS", "SWEEP_PROMPTS", "choose", "store", "sweep"]
+__all__ = ["DEFAULT_SWEEP_LEVELS", "DEFAULT_SWEEP_WEIGHTS", "SWEEP_PROMPTS", "choose", "store",
+           "sweep"]
 
 #: The project's prompts for the sweep: the 8 calibration prompts and the first 16 extraction
 #: queries (none is an evaluation prompt).
@@ -36,36 +41,49 @@ SWEEP_PROMPTS = (*CALIBRATION_PROMPTS, *load_queries()[:16])
 DEFAULT_SWEEP_WEIGHTS = {"ev": (2.0, 4.0, 6.0, 8.0, 10.0, 12.0),
                          "concept": (0.5, 1.0, 1.5, 2.0, 3.0, 4.0)}
 
+#: Levels (standard scores against the neutral baseline) swept on a calibrated bank.
+DEFAULT_SWEEP_LEVELS = (4.0, 8.0, 16.0, 32.0)
+
 
 def sweep(model, tokenizer, bank, *, emotions=None, weights: Sequence[float] | None = None,
-          prompts: Sequence[str] = SWEEP_PROMPTS, max_new_tokens: int = 40,
-          batch_size: int = 64, progress: bool = True, **options) -> dict:
-    """Run the evaluation grid over ``weights`` on ``prompts`` (default the project's sweep
-    prompts and the method's :data:`DEFAULT_SWEEP_WEIGHTS`); returns ``evaluate``'s result."""
+          levels: Sequence[float] | None = None, prompts: Sequence[str] = SWEEP_PROMPTS,
+          max_new_tokens: int = 40, batch_size: int = 64, progress: bool = True,
+          **options) -> dict:
+    """Run the evaluation grid over push ``weights`` and ``levels`` on ``prompts`` (defaults:
+    the project's sweep prompts, the method's :data:`DEFAULT_SWEEP_WEIGHTS` and, on a
+    calibrated bank, :data:`DEFAULT_SWEEP_LEVELS`; ``levels=()`` sweeps pushes only); returns
+    ``evaluate``'s result."""
     if weights is None:
         weights = DEFAULT_SWEEP_WEIGHTS.get(bank.method or "", DEFAULT_SWEEP_WEIGHTS["ev"])
-    weights = [0.0, *[float(w) for w in weights if float(w) != 0.0]]
+    if levels is None:
+        levels = DEFAULT_SWEEP_LEVELS if bank.calibrated else ()
+    weights = [0.0, *[float(w) for w in weights if float(w) != 0.0],
+               *[f"@{float(z):g}" for z in levels]]
     return evaluate(model, tokenizer, bank, emotions=emotions, weights=weights,
                     prompts=list(prompts), max_new_tokens=max_new_tokens,
                     batch_size=batch_size, progress=progress, **options)
 
 
 def choose(aggregates: Sequence[dict], *, min_distinct2: float = 0.7,
-           max_perplexity_ratio: float = 3.0) -> dict[str, dict]:
-    """Per emotion, the fluent weight with the largest judge gain (see the module docstring).
+           max_perplexity_ratio: float = 3.0, min_adherence_ratio: float = 0.8) -> dict[str, dict]:
+    """Per emotion, the on-topic fluent edit with the largest judge gain (module docstring).
 
     Parameters
     ----------
     aggregates : sequence of dict
-        :func:`emokern.eval.metrics.aggregate` records (``emotion``, ``label``, ``weight``,
-        ``gain``, ``distinct2``, ``perplexity``).
+        :func:`emokern.eval.metrics.aggregate` records (``emotion``, ``label``: a positive push
+        weight such as ``"2"`` or a level such as ``"@8"``, ``weight``, ``gain``,
+        ``distinct2``, ``perplexity``, ``adherence``).
+    min_distinct2, max_perplexity_ratio, min_adherence_ratio : float
+        The constraints: mean distinct-2, median perplexity relative to unsteered, mean topic
+        adherence relative to unsteered (a constraint whose measure is missing is not applied).
 
     Returns
     -------
     dict
-        emotion -> ``{"weight", "gain", "eps", "distinct2", "perplexity", "fluent"}``;
-        ``fluent`` is False when no swept weight passed, and the smallest swept weight is
-        recorded.
+        emotion -> a recipe record: ``{"mode": "push", "weight"}`` or ``{"mode": "level",
+        "level"}``, with ``gain``, ``eps``, ``distinct2``, ``perplexity``, ``adherence_ratio``
+        and ``fluent`` (False when no edit met the constraints: the gentlest push is recorded).
     """
     out: dict[str, dict] = {}
     emotions = list(dict.fromkeys(a["emotion"] for a in aggregates))
@@ -73,32 +91,49 @@ def choose(aggregates: Sequence[dict], *, min_distinct2: float = 0.7,
         records = [a for a in aggregates if a["emotion"] == emotion]
         base = [a for a in records if a["label"] == "0"]
         base_ppl = base[0]["perplexity"] if base else float("nan")
-        swept = sorted((a for a in records if a["label"] != "0" and a["weight"] > 0),
-                       key=lambda a: a["weight"])
-        if not swept:
+        base_adh = base[0].get("adherence", float("nan")) if base else float("nan")
+        pushes = sorted((a for a in records if a["label"] not in ("0", "rec")
+                         and not a["label"].startswith(("@", "<", ">", "e"))
+                         and a["weight"] > 0), key=lambda a: a["weight"])
+        levels = sorted((a for a in records if a["label"].startswith("@")),
+                        key=lambda a: float(a["label"][1:]))
+        if not pushes and not levels:
             continue
+
+        def ratio(a, base_adh=base_adh):
+            adh = a.get("adherence", float("nan"))
+            return adh / base_adh if base_adh == base_adh and base_adh > 0 else float("nan")
+
         best = None
-        for a in swept:
+        for a in [*pushes, *levels]:  # gentler first within each mode: ties keep them
             fluent = a.get("distinct2", 1.0) >= min_distinct2
             ppl = a.get("perplexity", float("nan"))
             if base_ppl == base_ppl and ppl == ppl and ppl > max_perplexity_ratio * base_ppl:
                 fluent = False
+            r = ratio(a)
+            if r == r and r < min_adherence_ratio:
+                fluent = False
             if fluent and (best is None or a["gain"] > best["gain"] + 0.01):
                 best = a
-        chosen = best if best is not None else swept[0]
-        out[emotion] = {"weight": float(chosen["weight"]), "gain": round(chosen["gain"], 4),
-                        "eps": round(chosen["eps"], 4),
-                        "distinct2": round(chosen.get("distinct2", float("nan")), 4),
-                        "perplexity": round(chosen.get("perplexity", float("nan")), 2),
-                        "fluent": best is not None}
+        chosen = best if best is not None else (pushes or levels)[0]
+        recipe = ({"mode": "level", "level": float(chosen["label"][1:])}
+                  if chosen["label"].startswith("@") else
+                  {"mode": "push", "weight": float(chosen["weight"])})
+        recipe.update({"gain": round(chosen["gain"], 4), "eps": round(chosen["eps"], 4),
+                       "distinct2": round(chosen.get("distinct2", float("nan")), 4),
+                       "perplexity": round(chosen.get("perplexity", float("nan")), 2),
+                       "adherence_ratio": round(ratio(chosen), 4),
+                       "fluent": best is not None})
+        out[emotion] = recipe
     return out
 
 
 def store(bank, choice: dict[str, dict], *, layers: Sequence[int] | None = None,
           prompts: int | None = None, reading: dict[str, float] | None = None):
-    """A copy of ``bank`` whose metadata records ``choice`` as ``recommended_weights`` (each
-    with its layer band, default the bank's recommended layers, the number of sweep prompts
-    and, when given, the mean calibrated reading at that weight); vectors unchanged."""
+    """A copy of ``bank`` whose metadata records ``choice`` (:func:`choose`'s recipes, or
+    older ``{"weight": ...}`` records) as ``recommended_weights`` (each with its layer band,
+    default the bank's recommended layers, the number of sweep prompts and, when given, the
+    mean calibrated reading at that edit); vectors unchanged."""
     band = list(bank.recommended_layers if layers is None else layers)
     records = bank.recommended_weights
     for emotion, record in choice.items():

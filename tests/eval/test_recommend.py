@@ -9,9 +9,9 @@ from emokern.eval.evaluation import load_prompts
 from emokern.eval.recommend import SWEEP_PROMPTS, choose, store, sweep
 
 
-def _agg(emotion, label, weight, gain, distinct2=0.9, perplexity=10.0):
+def _agg(emotion, label, weight, gain, distinct2=0.9, perplexity=10.0, adherence=0.6):
     return {"emotion": emotion, "label": label, "weight": weight, "gain": gain, "eps": gain,
-            "distinct2": distinct2, "perplexity": perplexity}
+            "distinct2": distinct2, "perplexity": perplexity, "adherence": adherence}
 
 
 def test_choose_takes_the_largest_fluent_gain_per_emotion():
@@ -27,9 +27,39 @@ def test_choose_takes_the_largest_fluent_gain_per_emotion():
     ]
     choice = choose(aggregates)
     assert choice["anger"]["weight"] == 4.0 and choice["anger"]["fluent"]
+    assert choice["anger"]["mode"] == "push"
     assert choice["joy"]["weight"] == 1.0
-    assert choice["fear"] == {"weight": 1.0, "gain": 0.1, "eps": 0.1, "distinct2": 0.2,
-                              "perplexity": 10.0, "fluent": False}
+    assert choice["fear"] == {"mode": "push", "weight": 1.0, "gain": 0.1, "eps": 0.1,
+                              "distinct2": 0.2, "perplexity": 10.0, "adherence_ratio": 1.0,
+                              "fluent": False}
+
+
+def test_choose_keeps_the_answer_on_topic_and_weighs_levels_against_pushes():
+    aggregates = [
+        _agg("anger", "0", 0.0, 0.0, adherence=0.6),
+        _agg("anger", "4", 4.0, 0.20, adherence=0.06),          # moves by leaving the question
+        _agg("anger", "2", 2.0, 0.03, adherence=0.58),
+        _agg("anger", "@8", float("nan"), 0.12, adherence=0.55),
+        _agg("anger", "@16", float("nan"), 0.30, adherence=0.40),  # below 0.8 x 0.6
+        _agg("sadness", "0", 0.0, 0.0, adherence=0.6),
+        _agg("sadness", "1", 1.0, 0.15, adherence=0.59),
+        _agg("sadness", "@8", float("nan"), 0.155, adherence=0.59),  # tie: the push stays
+    ]
+    choice = choose(aggregates)
+    assert choice["anger"]["mode"] == "level" and choice["anger"]["level"] == 8.0
+    assert choice["anger"]["adherence_ratio"] == pytest.approx(0.55 / 0.6, abs=1e-4)
+    assert choice["sadness"]["mode"] == "push" and choice["sadness"]["weight"] == 1.0
+
+
+def test_a_stored_level_recipe_is_what_bank_recommended_returns(tiny_llama):
+    model, _ = tiny_llama
+    bank = random_bank(model)
+    stored = store(bank, {"fear": {"mode": "level", "level": 8.0, "gain": 0.1}})
+    recipe = stored.recommended("fear")
+    assert (recipe.mode, recipe.strength, recipe.layers) == ("level", 8.0, (1, 2))
+    assert recipe.mix_term() == {"level": 8.0} and recipe.measured == {"gain": 0.1}
+    assert stored.recommended_weight("fear") == bank.default_weight
+    assert stored.recommended("joy").mode == "push"
 
 
 def test_store_keeps_the_vectors_and_records_the_band(tiny_llama, tmp_path):
