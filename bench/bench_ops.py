@@ -72,8 +72,9 @@ def inputs(request):
 
 @pytest.mark.parametrize("variant", list(VARIANT_FUNCTIONS))
 def test_op_variant(benchmark, inputs, variant):
-    if variant not in variants_for(inputs.shape):
-        pytest.skip(f"{variant} is timed at decode shapes only")
+    dtype = {v: k for k, v in DTYPES.items()}[inputs.dtype]
+    if variant not in variants_for(inputs.shape, dtype):
+        pytest.skip(f"{variant} is not timed at {inputs.shape.label} {dtype}")
     check_variant(variant, inputs)  # check, then time
     large = inputs.hidden.numel() > 1 << 24
     benchmark.extra_info.update(shape=inputs.shape.label, dtype=str(inputs.dtype),

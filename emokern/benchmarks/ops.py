@@ -17,8 +17,16 @@ are paired and survive a noisy machine):
     The best plain-PyTorch in-place sequence with preallocated buffers: ``matmul(..., out=)``
     for the projections, ``mm(w, V, out=)`` and ``h.add_`` (``addmm_`` in float32 decode),
     ``sum(..., out=)`` and in-place running updates.
+``torch_native`` (bf16, fp16)
+    The same in-place sequence in the tensors' own dtype, as a user writing bf16 code does:
+    ``mm(h, unit.T)`` in bf16/fp16 (oneDNN's low-precision kernels, float32 accumulation
+    inside), ``h.add_(delta)``. ×torch is against the faster of ``torch`` and this.
 ``copy``
-    ``out.copy_(hidden)`` into a preallocated tensor: the memory-bandwidth reference.
+    ``out.copy_(hidden)`` into a preallocated tensor: a memory-bandwidth reference that reads
+    one buffer and writes another.
+``inplace``
+    ``hidden.mul_(1.0)``: reads and writes the same buffer, as the op does; the in-place
+    bandwidth reference.
 ``bare_op``
     One bare in-place op on the same tensor, ``h.add_(delta[:, None, :])``: the floor a decode
     call's dispatch can reach.
@@ -54,7 +62,7 @@ from emokern.ops.reference import ref_steer_
 from emokern.ops.running import RunningProjections
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-VARIANTS = ("fused", "fused_op", "naive", "torch", "copy", "bare_op")
+VARIANTS = ("fused", "fused_op", "naive", "torch", "torch_native", "copy", "inplace", "bare_op")
 
 #: Targets of the op benchmark: the fused op against plain PyTorch on the same tensors.
 TARGETS = {
@@ -133,6 +141,9 @@ class OpInputs:
         self.delta = torch.empty(b, d)
         self.delta_lowp = torch.empty(b, d, dtype=dtype)
         self.hidden_f32 = torch.empty(b, t, d) if dtype != torch.float32 else None
+        # The dtype's own sequence: unit vectors and projections in the storage dtype.
+        self.unit_lowp = self.unit.to(dtype)
+        self.proj_lowp = torch.empty(b, t, k, dtype=dtype)
         # The copy target and the bare op's operand.
         self.out = torch.empty_like(self.hidden)
         self.bare_delta = (self.weights @ self.vectors).to(dtype)
@@ -195,8 +206,25 @@ def run_torch_inplace(inp: OpInputs) -> None:
     run.last.copy_(inp.proj[:, -1])
 
 
+def run_torch_native(inp: OpInputs) -> None:
+    h, run = inp.hidden, inp.running
+    seq_len = h.shape[1]
+    torch.matmul(h, inp.unit_lowp.T, out=inp.proj_lowp)  # bf16/fp16 projections
+    torch.mm(inp.weights, inp.vectors, out=inp.delta)
+    inp.delta_lowp.copy_(inp.delta)
+    h.add_(inp.delta_lowp[:, None, :])
+    p = inp.proj_lowp
+    run.sum.add_(p.sum(dim=1, dtype=torch.float32))
+    run.count.add_(seq_len)
+    run.last.copy_(p[:, -1])
+
+
 def run_copy(inp: OpInputs) -> None:
     inp.out.copy_(inp.hidden)
+
+
+def run_inplace(inp: OpInputs) -> None:
+    inp.hidden.mul_(1.0)
 
 
 def run_bare_op(inp: OpInputs) -> None:
@@ -205,13 +233,16 @@ def run_bare_op(inp: OpInputs) -> None:
 
 VARIANT_FUNCTIONS: dict[str, Callable[[OpInputs], Any]] = {
     "fused": run_fused, "fused_op": run_fused_op, "naive": run_naive,
-    "torch": run_torch_inplace, "copy": run_copy, "bare_op": run_bare_op,
+    "torch": run_torch_inplace, "torch_native": run_torch_native, "copy": run_copy,
+    "inplace": run_inplace, "bare_op": run_bare_op,
 }
 
 
-def variants_for(shape: OpShape) -> list[str]:
-    """The variants timed at ``shape`` (the bare op is the decode dispatch floor)."""
-    return [v for v in VARIANTS if v != "bare_op" or shape.kind == "decode"]
+def variants_for(shape: OpShape, dtype: str = "fp32") -> list[str]:
+    """The variants timed at ``shape`` in ``dtype`` (the bare op is the decode dispatch floor;
+    the dtype's own sequence is ``torch`` itself in float32)."""
+    return [v for v in VARIANTS if (v != "bare_op" or shape.kind == "decode")
+            and (v != "torch_native" or dtype != "fp32")]
 
 
 # ----------------------------------------------------------------------------- checks
@@ -241,19 +272,25 @@ def check_variant(variant: str, inp: OpInputs) -> None:
     result = VARIANT_FUNCTIONS[variant](inp)
     tol = _tolerance(inp.dtype)
     proj_tol = {"rtol": 1e-4, "atol": 1e-3}
-    if variant in ("fused", "fused_op", "torch"):
+    if variant in ("fused", "fused_op", "torch", "torch_native"):
         torch.testing.assert_close(inp.hidden, want, **tol)
     elif variant == "naive":
         torch.testing.assert_close(result, want, **tol)
         torch.testing.assert_close(inp.hidden, inp.pristine, rtol=0, atol=0)
     elif variant == "copy":
         assert torch.equal(inp.out, inp.pristine)
+    elif variant == "inplace":
+        assert torch.equal(inp.hidden, inp.pristine)
     elif variant == "bare_op":
         torch.testing.assert_close(inp.hidden, inp.pristine + inp.bare_delta[:, None, :], **tol)
     if variant in ("fused", "fused_op", "torch", "naive"):
         assert torch.equal(inp.running.count, want_run.count)
         torch.testing.assert_close(inp.running.sum, want_run.sum, **proj_tol)
         torch.testing.assert_close(inp.running.last, want_run.last, **proj_tol)
+    elif variant == "torch_native":  # projections rounded to the storage dtype
+        assert torch.equal(inp.running.count, want_run.count)
+        low = {"rtol": 2e-2, "atol": 5e-2 * shape.dim ** 0.5}
+        torch.testing.assert_close(inp.running.last, want_run.last, **low)
     inp.reset()
 
 
@@ -316,10 +353,12 @@ def measure_case(shape: OpShape, dtype: str, *, rounds: int = 30, max_seconds: f
         ``shape`` fields, ``dtype``, ``bytes`` (read + write of hidden), ``rounds``, per variant
         ``{median_us, q25_us, q75_us, iqr_us, gbps}``, ``copy_fraction`` (copy time / fused
         time) and paired ``ratios``: ``speedup_vs_naive``, ``speedup_vs_torch`` (other's time /
-        fused time), ``fused_over_bare`` and ``fused_op_over_bare`` (decode).
+        fused time; ``torch`` is the faster of ``torch`` and ``torch_native`` per round),
+        ``inplace_fraction`` (in-place read-write time / fused time), ``fused_over_bare`` and
+        ``fused_op_over_bare`` (decode).
     """
     inp = OpInputs(shape, DTYPES[dtype])
-    variants = variants_for(shape)
+    variants = variants_for(shape, dtype)
     if check:
         for variant in variants:
             check_variant(variant, inp)
@@ -335,8 +374,12 @@ def measure_case(shape: OpShape, dtype: str, *, rounds: int = 30, max_seconds: f
             "iqr_us": (q75 - q25) * 1e6, "gbps": n_bytes / median / 1e9}
     ratios = {
         "speedup_vs_naive": _paired_ratio(times["naive"], times["fused"]),
-        "speedup_vs_torch": _paired_ratio(times["torch"], times["fused"]),
+        "speedup_vs_torch": _paired_ratio(
+            [min(pair) for pair in zip(times["torch"], times.get("torch_native", times["torch"]),
+                                       strict=True)], times["fused"]),
+        "speedup_vs_torch_f32proj": _paired_ratio(times["torch"], times["fused"]),
         "copy_fraction": _paired_ratio(times["copy"], times["fused"]),
+        "inplace_fraction": _paired_ratio(times["inplace"], times["fused"]),
         "wrapper_share": 1.0 - _paired_ratio(times["fused_op"], times["fused"]),
     }
     if "bare_op" in times:
@@ -508,16 +551,19 @@ def format_ratio_table(rows: Sequence[Mapping[str, Any]], machine: Mapping[str, 
         "Times are medians per call (IQR in brackets). Ratios are medians of per-round ratios "
         "(variants interleaved). fused = the public `emokern.steer_`, Python wrapper included; "
         "op = the same kernel through `torch.ops.emokern.steer_` (no wrapper). "
-        "×naive and ×torch = their time / fused time (higher is better), "
-        "of copy = copy time / fused time (the fraction of copy bandwidth), bare = fused time / "
+        "×naive and ×torch = their time / fused time (higher is better; torch = the faster of "
+        "the in-place float32-projection sequence and, for bf16/fp16, the same sequence in the "
+        "tensors' own dtype), "
+        "of copy = copy time / fused time (the fraction of copy bandwidth), of in-place = an "
+        "in-place `h.mul_(1)` (read and write the same buffer) / fused time, bare = fused time / "
         "one bare `h.add_` (decode), op/bare the same for the op. "
         f"Targets: prefill ×naive ≥ {TARGETS['prefill_speedup_vs_naive']}, ×torch > 1, "
         f"of copy ≥ {TARGETS['prefill_copy_fraction_fp32']} (fp32) / "
         f"{TARGETS['prefill_copy_fraction_lowp']} (bf16, fp16); decode ×naive > 1, ×torch > 1, "
         f"bare ≤ {TARGETS['decode_fused_over_bare']}. ✗ marks a miss.", "",
-        "| case | dtype | threads | fused µs | op µs | GB/s | of copy | ×naive | ×torch | bare "
-        "| op/bare |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| case | dtype | threads | fused µs | op µs | GB/s | of copy | of in-place | ×naive | "
+        "×torch | bare | op/bare |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def mark(row, name):
@@ -534,6 +580,7 @@ def format_ratio_table(rows: Sequence[Mapping[str, Any]], machine: Mapping[str, 
             f"{f['median_us']:.1f} [{f['iqr_us']:.1f}] | "
             f"{op['median_us']:.1f} [{op['iqr_us']:.1f}] | {f['gbps']:.1f} | "
             f"{mark(row, 'copy_fraction')} | "
+            f"{row['ratios'].get('inplace_fraction', float('nan')):.2f} | "
             f"{mark(row, 'speedup_vs_naive')} | {mark(row, 'speedup_vs_torch')} | {bare} | "
             f"{op_bare} |")
     summary = summarize(rows)

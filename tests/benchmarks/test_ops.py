@@ -25,8 +25,19 @@ def test_rows_record_the_instruction_set_and_every_variant(rows):
     assert row["isa"] == build.cpu_isa() == build.build_info()["cpu"]["isa"]
     assert row["isa"] in ("avx512", "avx2", "sve256", "neon", "default")
     assert row["threads"] == 1
-    assert set(row["variants"]) == {"fused", "fused_op", "naive", "torch", "copy", "bare_op"}
-    assert {"fused_over_bare", "fused_op_over_bare"} <= set(row["ratios"])
+    assert set(row["variants"]) == {"fused", "fused_op", "naive", "torch", "copy", "inplace",
+                                    "bare_op"}
+    assert {"fused_over_bare", "fused_op_over_bare", "inplace_fraction"} <= set(row["ratios"])
+
+
+def test_low_precision_rows_time_the_dtypes_own_sequence():
+    """bf16 against the sequence a bf16 user writes (projections in bf16), and ×torch against
+    the faster of the two plain-PyTorch sequences."""
+    (row,) = run_ops_benchmark([OpShape("decode", 2, 1, 64, 3)], dtypes=("bf16",), repeats=3,
+                               max_seconds=0.2, threads=1, progress=None)
+    assert "torch_native" in row["variants"]
+    r = row["ratios"]
+    assert r["speedup_vs_torch"] <= r["speedup_vs_torch_f32proj"] * (1 + 1e-9)
 
 
 def test_table_reports_the_wrapper_and_the_op_separately(rows):
