@@ -211,11 +211,13 @@ def format_table(result: Mapping[str, Any]) -> str:
                   "|---|---:|---:|---:|---:|---:|---:|",
                   f"| emokern | {s['emokern_generate_calls']} | {s['emokern_s']:.1f} | "
                   f"{s['emokern_prefill_s']:.1f} | {s['emokern_decode_s']:.1f} | - | - |"]
-        for name, label in (("naive", "naive hooks loop"),
+        for name, label in (("per_row", "per-row hooks, emokern's batches"),
+                            ("naive", "naive hooks loop"),
                             ("steering_vectors", "steering-vectors loop")):
             if f"{name}_s" not in s:
                 continue
-            lines.append(f"| {label} | {s['naive_generate_calls']} | {s[f'{name}_s']:.1f} | "
+            calls = s.get(f"{name}_generate_calls", s["naive_generate_calls"])
+            lines.append(f"| {label} | {calls} | {s[f'{name}_s']:.1f} | "
                          f"{s[f'{name}_prefill_s']:.1f} | {s[f'{name}_decode_s']:.1f} | "
                          f"{s[f'speedup_vs_{name}']:.2f}x / "
                          f"{s[f'decode_speedup_vs_{name}']:.2f}x | "

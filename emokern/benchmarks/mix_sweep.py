@@ -4,8 +4,12 @@
 336 sequences of ``new_tokens`` greedy tokens each (fixed length: ``min_new_tokens =
 max_new_tokens``, so both sides decode the same number of steps): emokern in
 ``ceil(336 / max_batch)`` batched ``generate`` calls (:func:`sweep_emokern`) vs the baseline's
-loop over the 42 conditions, one batch of 8 prompts each (:func:`sweep_loop`). Wall-clock
-ratio (split into prefill and decode), plus how many rows produced identical tokens.
+loop over the 42 conditions, one batch of 8 prompts each (:func:`sweep_loop`: the ratio
+mostly measures batching), and against the per-row hook a user would write for the same job
+(:class:`~emokern.benchmarks.hook_baselines.PerRowSteering`, one offset per row) in batches of
+the same size as emokern's (:func:`sweep_per_row`: the ratio measures the kernel and the
+readings, not the batching). Wall-clock ratios (split into prefill and decode), plus how many
+rows produced identical tokens.
 
 The default ``max_batch`` of the benchmark is 168 (2 calls), not 336: memory allows one call,
 but on a CPU the prefill of 336 prompts at once runs out of cache and is slower per token than
@@ -23,14 +27,20 @@ from typing import Any
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from emokern.benchmarks.hook_baselines import NaiveSteering, shared_deltas, steering_vectors_patch
+from emokern.benchmarks.hook_baselines import (
+    NaiveSteering,
+    PerRowSteering,
+    mix_rows,
+    shared_deltas,
+    steering_vectors_patch,
+)
 from emokern.benchmarks.workload import PROMPTS
 from emokern.ops import resolve_backend
 from emokern.steering import steer
 from emokern.tokens import encode_prompts, model_device
 
 __all__ = ["SWEEP_WEIGHTS", "generate_options", "sweep", "sweep_conditions", "sweep_emokern",
-           "sweep_loop", "timed_generate", "warm_up"]
+           "sweep_loop", "sweep_per_row", "timed_generate", "warm_up"]
 
 SWEEP_WEIGHTS = (-1.0, 0.0, 0.5, 1.0, 2.0, 3.0, 4.0)
 
@@ -91,6 +101,28 @@ def sweep_emokern(model, tokenizer, bank, layers, *, new_tokens: int, max_batch:
         outputs += list(out[:, encoded["input_ids"].shape[1]:].cpu())
         calls, prefill, decode = calls + 1, prefill + pre, decode + dec
     return outputs, calls, prefill, decode
+
+
+def sweep_per_row(model, tokenizer, bank, layers, *, new_tokens: int, max_batch: int):
+    """All 336 sequences in the same ``generate`` calls as :func:`sweep_emokern`, steered by
+    plain per-row forward hooks (:class:`PerRowSteering`, with its projection readings).
+
+    Returns the generated tokens per row and the prefill and decode seconds.
+    """
+    device = model_device(model)
+    rows = [(mix, prompt) for mix in sweep_conditions(bank) for prompt in PROMPTS]
+    vectors = {layer: bank.layer_vectors(layer).to(device) for layer in layers}
+    outputs, prefill, decode = [], 0.0, 0.0
+    for start in range(0, len(rows), max_batch):
+        chunk = rows[start:start + max_batch]
+        encoded = encode_prompts(tokenizer, [p for _, p in chunk], device=device)
+        with PerRowSteering(model, mix_rows(bank.names, [m for m, _ in chunk]).to(device),
+                            vectors):
+            out, pre, dec = timed_generate(model, encoded, generate_options(tokenizer,
+                                                                            new_tokens))
+        outputs += list(out[:, encoded["input_ids"].shape[1]:].cpu())
+        prefill, decode = prefill + pre, decode + dec
+    return outputs, prefill, decode
 
 
 def sweep_loop(model, tokenizer, bank, layers, *, new_tokens: int, patch):
@@ -159,13 +191,18 @@ def sweep(model, tokenizer, bank, layers, *, new_tokens: int, max_batch: int,
         tokens["emokern"] = fused
     log(f"  sweep emokern: {result['emokern_s']:.1f} s in {calls} generate call(s) "
         f"(prefill {prefill:.1f} s, decode {decode:.1f} s)")
-    others = [("naive", lambda d: NaiveSteering(model, d, directions))]
+    def loop(patch):
+        return lambda: sweep_loop(model, tokenizer, bank, layers, new_tokens=new_tokens,
+                                  patch=patch)
+
+    others = [("per_row", lambda: sweep_per_row(model, tokenizer, bank, layers,
+                                                new_tokens=new_tokens, max_batch=max_batch)),
+              ("naive", loop(lambda d: NaiveSteering(model, d, directions)))]
     if include_steering_vectors:
-        others.append(("steering_vectors", lambda d: steering_vectors_patch(model, d)))
-    for name, patch in others:
+        others.append(("steering_vectors", loop(lambda d: steering_vectors_patch(model, d))))
+    for name, run in others:
         start = time.perf_counter()
-        rows, prefill, decode = sweep_loop(model, tokenizer, bank, layers,
-                                           new_tokens=new_tokens, patch=patch)
+        rows, prefill, decode = run()
         result[f"{name}_s"] = time.perf_counter() - start
         result[f"{name}_prefill_s"], result[f"{name}_decode_s"] = prefill, decode
         if tokens is not None:
@@ -175,9 +212,10 @@ def sweep(model, tokenizer, bank, layers, *, new_tokens: int, max_batch: int,
         result[f"prefill_speedup_vs_{name}"] = prefill / result["emokern_prefill_s"]
         result[f"identical_rows_vs_{name}"] = sum(torch.equal(a, b) for a, b in
                                                   zip(fused, rows, strict=True))
-        log(f"  sweep {name} loop: {result[f'{name}_s']:.1f} s (prefill {prefill:.1f} s, decode "
+        log(f"  sweep {name}: {result[f'{name}_s']:.1f} s (prefill {prefill:.1f} s, decode "
             f"{decode:.1f} s) -> emokern {result[f'speedup_vs_{name}']:.2f}x faster "
             f"(decode {result[f'decode_speedup_vs_{name}']:.2f}x); "
             f"{result[f'identical_rows_vs_{name}']}/{len(fused)} rows token-identical")
     result["naive_generate_calls"] = result["conditions"]
+    result["per_row_generate_calls"] = calls
     return result

@@ -159,8 +159,12 @@ def test_sweep_on_two_conditions(setup, monkeypatch):
     assert result["emokern_generate_calls"] == 2 and result["naive_generate_calls"] == 2
     assert result["weights_x_alpha"] == [0.0, 1.0]
     for key in ("emokern_s", "emokern_prefill_s", "emokern_decode_s", "naive_s",
-                "speedup_vs_naive", "decode_speedup_vs_naive"):
+                "speedup_vs_naive", "decode_speedup_vs_naive", "per_row_s",
+                "speedup_vs_per_row", "decode_speedup_vs_per_row"):
         assert result[key] > 0, key
+    # The per-row hook runs in emokern's batches: the same number of generate calls.
+    assert result["per_row_generate_calls"] == result["emokern_generate_calls"]
+    assert len(PROMPTS) <= result["identical_rows_vs_per_row"] <= result["sequences"]
     # The weight-0 condition is the unsteered model on both sides: token-identical rows.
     assert len(PROMPTS) <= result["identical_rows_vs_naive"] <= result["sequences"]
 
