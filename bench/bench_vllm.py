@@ -8,14 +8,16 @@ from one run, written to ``bench/results/vllm.{json,md,png}``::
         [--requests 64] [--tokens 32] [--repeats 6] [--layers 10] [--out bench/results]
         [--no-throughput] [--no-sweep] [--sweep-tokens 32] [--sweep-repeats 2]
 
-**Throughput.** Three engines on the default model (float32), loaded one after the other and
+**Throughput.** Four engines on the default model (float32), loaded one after the other and
 then kept loaded (only one generates at a time): (1) unsteered, compiled, without the plugin;
 (2) emokern, compiled: ``L`` steered layers (``--layers`` consecutive bank layers around the
-middle), K = 6, every request with its own mix, readings on; (3) the hook,
-``enforce_eager=True``, same layers, mixes and readings: the plugin's slots with a
-plain-PyTorch forward hook in place of the op (:mod:`emokern.benchmarks.vllm_hook`, installed
-through vLLM's ``worker_extension_cls``: ``hidden += W[slot(t)] @ V`` and the projections
-summed per slot with ``index_add_``). Each
+middle), K = 6, every request with its own mix, readings on; (3) emokern eager
+(``enforce_eager=True``); (4) the hook, ``enforce_eager=True``, same layers, mixes and
+readings: the plugin's slots with a plain-PyTorch forward hook in place of the op
+(:mod:`emokern.benchmarks.vllm_hook`, installed through vLLM's ``worker_extension_cls``:
+``hidden += W[slot(t)] @ V`` and the projections summed per slot with ``index_add_``). The
+hook cannot be compiled, so emokern eager / hook is the kernel's share of the speed-up and
+emokern compiled / emokern eager the compiler's. Each
 engine runs the ``--requests`` prompts once to warm up, then the engines take turns for
 ``--repeats`` rounds (the order rotating); throughput = generated tokens / wall seconds (fixed
 length, ``ignore_eos``); the ratios are paired per round (median, quartiles), so the drift of
@@ -101,7 +103,7 @@ def load_engine(name: str, args, layers: list[int], mix_list) -> dict:
                                                    "monitor": True}}}
     if name == "hook":
         extra["worker_extension_cls"] = EXTENSION
-    compiled = name != "hook" and not args.eager
+    compiled = name not in ("hook", "emokern_eager") and not args.eager
     if not compiled:
         engine["enforce_eager"] = True
     t0 = time.perf_counter()
@@ -126,12 +128,12 @@ def timed_run(engine: dict, prompts) -> tuple[list, float]:
 
 
 def run_engines(args, layers, prompts, mix_list) -> dict:
-    """Load the three engines (one after the other; they then stay loaded, idle but for the one
+    """Load the four engines (one after the other; they then stay loaded, idle but for the one
     generating), warm each up, then time them in alternating rounds (the order rotates each
-    round), so machine drift hits all three alike: ratios are paired per round."""
+    round), so machine drift hits all alike: ratios are paired per round."""
     import emokern.vllm
 
-    names = ("unsteered", "emokern", "hook")
+    names = ("unsteered", "emokern", "emokern_eager", "hook")
     engines = {n: load_engine(n, args, layers, mix_list) for n in names}
     for name, engine in engines.items():
         outs, _ = timed_run(engine, prompts)  # warm-up: prefix cache, first-call costs
@@ -139,7 +141,7 @@ def run_engines(args, layers, prompts, mix_list) -> dict:
         readings = emokern.vllm.readings(engine["llm"], outs) if name != "unsteered" else {}
         engine["reading_counts"] = sorted({r["count"] for r in readings.values()})
     for round_ in range(args.repeats):
-        order = names[round_ % 3:] + names[:round_ % 3]
+        order = names[round_ % len(names):] + names[:round_ % len(names)]
         for name in order:
             engines[name]["rates"].append(timed_run(engines[name], prompts)[1])
         print("round", round_, {n: round(engines[n]["rates"][-1], 1) for n in names},
@@ -179,8 +181,13 @@ def throughput(args, layers, tokenizer) -> dict:
         "ratios": {"emokern_over_unsteered": paired("emokern")["median"],
                    "hook_over_unsteered": paired("hook")["median"],
                    "emokern_over_hook": round(paired("emokern")["median"]
-                                              / paired("hook")["median"], 4)},
-        "paired": {"emokern": paired("emokern"), "hook": paired("hook")},
+                                              / paired("hook")["median"], 4),
+                   # Both eager: the kernel's share; compiled over eager: the compiler's.
+                   "emokern_eager_over_hook": round(paired("emokern_eager")["median"]
+                                                    / paired("hook")["median"], 4),
+                   "emokern_over_emokern_eager": round(paired("emokern")["median"]
+                                                       / paired("emokern_eager")["median"], 4)},
+        "paired": {n: paired(n) for n in ("emokern", "emokern_eager", "hook")},
         "target": TARGET, "identical_rows": identical,
         "load_before": load_before, "load_after": load_after,
     }
@@ -315,7 +322,10 @@ def report_lines(result: dict) -> list[str]:
             "|---|:---:|---:|---:|---|---:|"]
         for name, label in (("unsteered", "vLLM, no plugin"),
                             ("emokern", "emokern plugin (packed op in the graph)"),
+                            ("emokern_eager", "emokern plugin (eager)"),
                             ("hook", "plain-PyTorch forward hook (eager)")):
+            if name not in e:  # results of an older run
+                continue
             row = e[name]
             p = t["paired"].get(name)
             ratio = "1" if p is None else f"{p['median']:.3f} [{p['q25']:.3f}, {p['q75']:.3f}]"
@@ -325,7 +335,10 @@ def report_lines(result: dict) -> list[str]:
             "",
             f"- emokern / unsteered = **{r['emokern_over_unsteered']:.3f}** (target >= "
             f"{t['target']}: {'met' if r['emokern_over_unsteered'] >= t['target'] else 'not met'}"
-            f"); emokern / hook = **{r['emokern_over_hook']:.2f}x**.",
+            f"); emokern / hook = **{r['emokern_over_hook']:.2f}x**"
+            + (f" = kernel {r['emokern_eager_over_hook']:.2f}x (both eager) x compiler "
+               f"{r['emokern_over_emokern_eager']:.2f}x (emokern compiled / eager)."
+               if "emokern_eager_over_hook" in r else "."),
             f"- Steered tokens identical between emokern and the hook: "
             f"{t['identical_rows']}/{t['requests']} requests; generated-token readings counted "
             f"per request: emokern {e['emokern']['reading_counts']}, hook "
