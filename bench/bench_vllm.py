@@ -95,7 +95,7 @@ def load_engine(name: str, args, layers: list[int], mix_list) -> dict:
     from emokern.benchmarks.vllm_hook import EXTENSION
 
     engine = {"dtype": "float32", "max_model_len": 256, "max_num_seqs": args.requests,
-              "seed": 0, **gpu_share(3)}
+              "seed": 0, **gpu_share(4)}
     if name == "unsteered":
         extra = {}
     else:
