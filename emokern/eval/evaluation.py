@@ -147,10 +147,12 @@ def parse_weights(text) -> list[float | str]:
 
 def edit_mix(emotion: str, term: float | str, bank) -> tuple[dict, float]:
     """The mix of one grid term for ``emotion`` and the push weight it applies (NaN for a
-    level, cap, floor or erase: they apply no fixed weight)."""
-    if term == REC:
-        weight = bank.recommended_weight(emotion)
-        return {emotion: weight}, weight
+    level, cap, floor or erase: they apply no fixed weight). ``rec`` is the emotion's recipe
+    (:meth:`emokern.EmotionBank.recommended`)."""
+    if term == REC:  # the emotion's recipe: a push weight or a level
+        recipe = bank.recommended(emotion)
+        weight = recipe.strength if recipe.mode == "push" else float("nan")
+        return {emotion: recipe.mix_term()}, weight
     if term == ERASE:
         return {emotion: ERASE}, float("nan")
     if isinstance(term, str):
@@ -339,7 +341,7 @@ def evaluate(model, tokenizer, bank, *, emotions=None, weights="-1,0,1,2,4,rec",
         "config": {"model": model_name, "bank": bank_name, "method": bank.method,
                    "emotions": emotions,
                    "weights": [w if isinstance(w, str) else float(w) for w in weights],
-                   "recommended": {e: bank.recommended_weight(e) for e in emotions},
+                   "recommended": {e: bank.recommended(e).mix_term() for e in emotions},
                    "layers": list(bank.recommended_layers) if layers == "auto" else list(layers),
                    "n_prompts": len(prompts), "n_rows": len(rows),
                    "max_new_tokens": max_new_tokens, "seed": seed, "do_sample": do_sample,

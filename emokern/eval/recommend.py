@@ -22,16 +22,16 @@ was not chosen on) and, per emotion, chooses (:func:`choose`) the edit
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
 from emokern.data import load_queries
 from emokern.eval.calibration_sweep import CALIBRATION_PROMPTS
-from emokern.eval.evaluation import evaluate
+from emokern.eval.evaluation import evaluate, load_prompts
 
-__all__ = ["DEFAULT_SWEEP_LEVELS", "DEFAULT_SWEEP_WEIGHTS", "SWEEP_PROMPTS", "choose", "store",
-           "sweep"]
+__all__ = ["DEFAULT_SWEEP_LEVELS", "DEFAULT_SWEEP_WEIGHTS", "SWEEP_PROMPTS", "choose",
+           "format_study", "recipe_study", "store", "sweep"]
 
 #: The project's prompts for the sweep: the 8 calibration prompts and the first 16 extraction
 #: queries (none is an evaluation prompt).
@@ -151,3 +151,89 @@ def save_shipped(bank, path) -> None:
     """Save a shipped bank in float16 as before (its vectors are float16 values already, so the
     round trip is bit-identical)."""
     bank.save(path, dtype=torch.float16)
+
+
+#: The targets a recipe is held to on prompts it was not chosen on.
+RECIPE_TARGETS = {"gain": 0.08, "distinct2": 0.7, "adherence_ratio": 0.8}
+
+
+def recipe_study(model, tokenizer, bank, *, sweep_prompts: Sequence[str] = SWEEP_PROMPTS,
+                 eval_prompts: Sequence[str] | None = None, emotions=None,
+                 weights: Sequence[float] | None = None, levels: Sequence[float] | None = None,
+                 max_new_tokens: int = 40, batch_size: int = 64, progress: bool = True,
+                 **options) -> dict:
+    """Choose each emotion's recipe on ``sweep_prompts``, then judge it on ``eval_prompts``
+    (default the evaluation prompts, which the sweep never sees) beside the push it replaces.
+
+    Returns
+    -------
+    dict
+        ``choice`` (:func:`choose`), ``bank`` (the bank with the recipes stored), ``sweep`` and
+        ``heldout`` (:func:`emokern.eval.evaluation.evaluate` results; the held-out grid runs
+        ``0``, ``rec`` with the recipes and the old push weights of the bank) and ``rows``:
+        per emotion the held-out gain, distinct-2 and adherence ratio of the recipe and of the
+        old push, each with whether it meets :data:`RECIPE_TARGETS`.
+    """
+    eval_prompts = list(load_prompts() if eval_prompts is None else eval_prompts)
+    swept = sweep(model, tokenizer, bank, emotions=emotions, weights=weights, levels=levels,
+                  prompts=sweep_prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                  progress=progress, **options)
+    choice = choose(swept["aggregates"])
+    with_recipes = store(bank, choice, prompts=len(sweep_prompts))
+    old = {e: bank.recommended(e) for e in choice}
+    old_terms = sorted({r.strength for r in old.values() if r.mode == "push"})
+    heldout = evaluate(model, tokenizer, with_recipes, emotions=list(choice),
+                       weights=[0.0, "rec", *[w for w in old_terms if w != 0.0]],
+                       prompts=eval_prompts, max_new_tokens=max_new_tokens,
+                       batch_size=batch_size, progress=progress, **options)
+    rows = []
+    for emotion, recipe in choice.items():
+        records = {a["label"]: a for a in heldout["aggregates"] if a["emotion"] == emotion}
+        base_adh = records["0"].get("adherence")
+
+        def measured(label, base_adh=base_adh, records=records):
+            a = records.get(label)
+            if a is None:
+                return None
+            ratio = a.get("adherence", float("nan")) / base_adh if base_adh else float("nan")
+            return {"gain": a["gain"], "distinct2": a.get("distinct2"),
+                    "adherence_ratio": ratio, "perplexity": a.get("perplexity"),
+                    "met": bool(a["gain"] >= RECIPE_TARGETS["gain"]
+                                and (a.get("distinct2") or 0) >= RECIPE_TARGETS["distinct2"]
+                                and ratio >= RECIPE_TARGETS["adherence_ratio"])}
+
+        old_push = old[emotion]
+        rows.append({"emotion": emotion, "recipe": recipe, "recipe_heldout": measured("rec"),
+                     "old": {"mode": old_push.mode, "strength": old_push.strength},
+                     "old_heldout": measured(f"{old_push.strength:g}")})
+    return {"choice": choice, "bank": with_recipes, "sweep": swept, "heldout": heldout,
+            "rows": rows, "sweep_prompts": len(sweep_prompts), "eval_prompts": len(eval_prompts)}
+
+
+def format_study(study: Mapping) -> str:
+    """Markdown: per emotion the recipe chosen and, on the held-out prompts, its gain,
+    distinct-2 and adherence ratio beside the old push weight's, and the count of emotions
+    meeting :data:`RECIPE_TARGETS`."""
+    def cell(m):
+        if m is None:
+            return "– | – | – | –"
+        return (f"{m['gain']:+.2f} | {m['distinct2']:.2f} | {m['adherence_ratio']:.2f} | "
+                f"{'yes' if m['met'] else 'no'}")
+
+    lines = [f"Recipes chosen on {study['sweep_prompts']} of the project's prompts, judged on "
+             f"{study['eval_prompts']} evaluation prompts they were not chosen on. Met: gain "
+             f"≥ {RECIPE_TARGETS['gain']}, distinct-2 ≥ {RECIPE_TARGETS['distinct2']}, "
+             f"adherence ≥ {RECIPE_TARGETS['adherence_ratio']} of unsteered.", "",
+             "| emotion | recipe | gain | distinct-2 | adherence / unsteered | met | old push | "
+             "gain | distinct-2 | adherence / unsteered | met |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in study["rows"]:
+        r = row["recipe"]
+        recipe = f"level z = {r['level']:g}" if r["mode"] == "level" else f"push {r['weight']:g}"
+        lines.append(f"| {row['emotion']} | {recipe} | {cell(row['recipe_heldout'])} | "
+                     f"{row['old']['strength']:g} | {cell(row['old_heldout'])} |")
+    met = sum(bool(r["recipe_heldout"] and r["recipe_heldout"]["met"]) for r in study["rows"])
+    old_met = sum(bool(r["old_heldout"] and r["old_heldout"]["met"]) for r in study["rows"])
+    lines += ["", f"Recipes meet the targets for {met} of {len(study['rows'])} emotions; the old "
+                  f"push weights for {old_met}."]
+    return "\n".join(lines) + "\n"
