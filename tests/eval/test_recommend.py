@@ -92,3 +92,26 @@ def test_sweep_runs_the_grid(tiny_llama, scorer, one_thread):
     assert set(choose(result["aggregates"])) == {"joy"}
     with pytest.raises(ValueError, match="unknown emotion"):
         sweep(model, tokenizer, bank, emotions=["anger"], progress=False)
+
+
+def test_recipe_study_chooses_on_some_prompts_and_judges_on_others(tiny_llama, scorer,
+                                                                   one_thread):
+    """On a calibrated bank the sweep weighs levels against pushes; the held-out grid runs the
+    chosen recipe (``rec``) beside the old push weight, on other prompts."""
+    from emokern.eval.recommend import format_study, recipe_study
+
+    model, tokenizer = tiny_llama
+    bank = random_bank(model, scale=0.5)
+    n_layers, k = bank.n_layers, bank.n_emotions
+    bank = bank.replace(neutral_mean=torch.zeros(n_layers, k), neutral_std=torch.ones(n_layers, k))
+    study = recipe_study(model, tokenizer, bank, sweep_prompts=SWEEP_PROMPTS[:2],
+                         eval_prompts=load_prompts()[:2], emotions=["joy"], weights=[1.0],
+                         levels=[2.0], max_new_tokens=3, progress=False, scorer=scorer)
+    labels = sorted(a["label"] for a in study["sweep"]["aggregates"])
+    assert labels == ["0", "1", "@2"]
+    (row,) = study["rows"]
+    assert row["recipe"]["mode"] in ("push", "level") and row["recipe_heldout"] is not None
+    assert study["bank"].recommended("joy").mode == row["recipe"]["mode"]
+    held = {r["prompt"] for r in study["heldout"]["rows"]}
+    assert held == set(load_prompts()[:2]) and not held & set(SWEEP_PROMPTS[:2])
+    assert "| joy |" in format_study(study)
