@@ -77,17 +77,20 @@ def test_first_differences():
 
 
 def test_sweep_hands_out_its_tokens(setup, monkeypatch):
-    """``sweep(tokens=...)`` receives each system's rows, the ones it counted identical."""
+    """``sweep(tokens=...)`` receives each system's rows (emokern, the per-condition loop and the
+    per-row hook), the ones it counted identical."""
     model, tokenizer, bank = setup
     monkeypatch.setattr(sweep_module, "SWEEP_WEIGHTS", (0.0, 1.0))
     tokens: dict = {}
     result = sweep(model, tokenizer, bank.select(["joy"]), [1, 2], new_tokens=2,
                    max_batch=16, include_steering_vectors=False, log=lambda *a: None,
                    tokens=tokens)
-    assert set(tokens) == {"emokern", "naive"}
+    assert set(tokens) == {"emokern", "naive", "per_row"}
     assert all(len(rows) == 16 and all(r.shape == (2,) for r in rows)
                for rows in tokens.values())
-    assert identical_rows(tokens["emokern"], tokens["naive"]) == result["identical_rows_vs_naive"]
+    for other in ("naive", "per_row"):
+        assert (identical_rows(tokens["emokern"], tokens[other])
+                == result[f"identical_rows_vs_{other}"])
 
 
 def test_captured_lines_from_children(capfd):
