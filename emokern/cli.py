@@ -75,6 +75,28 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from emokern.machine import auto_threads
+    from emokern.models import load_model
+    from emokern.prepare import METHODS, prepare
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods or any(m not in METHODS for m in methods):
+        raise SystemExit(f"emokern prepare: --methods takes names from {list(METHODS)}, got "
+                         f"{args.methods!r}")
+    emotions = [e.strip() for e in args.emotions.split(",")] if args.emotions else None
+    auto_threads()
+    model, tokenizer = load_model(args.model)
+    manifest = prepare(model, tokenizer, args.out, model_name=args.model, methods=methods,
+                       emotions=emotions, max_new_tokens=args.max_new_tokens,
+                       batch_size=args.batch_size)
+    for key, record in manifest["stages"].items():
+        print(f"{key}: {record['file']} ({record['seconds']:g} s)")
+    for method, path in manifest["banks"].items():
+        print(f"bank {method}: {path}  (emokern serve --model {args.model} --bank {path})")
+    return 0
+
+
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -348,6 +370,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch threads (default: 1 when the machine is busy, see "
                         "emokern.machine.auto_threads)")
     p.set_defaults(func=_cmd_extract)
+
+    p = sub.add_parser("prepare", help="from a checkpoint to served banks: extraction (both "
+                       "methods), neutral baseline, detection layers and per-emotion recipes, "
+                       "resumable")
+    p.add_argument("--model", default="default",
+                   help="'default', 'gemma3-270m' or a local checkpoint dir / .gguf file")
+    p.add_argument("--out", required=True,
+                   help="output directory (banks and prepare.json); rerun to resume")
+    p.add_argument("--methods", default="ev,concept", help="comma-separated: ev, concept")
+    p.add_argument("--emotions", help="comma-separated emotion names (default: each method's set)")
+    p.add_argument("--max-new-tokens", type=int, default=40,
+                   help="tokens per answer in the recipe sweep")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.set_defaults(func=_cmd_prepare)
 
     p = sub.add_parser("calibrate", help="measure a bank on the default model: steering "
                        "sweep, extraction report, instruction phrasings")

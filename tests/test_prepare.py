@@ -74,3 +74,13 @@ def test_prepare_checks_its_arguments(small_llama, tmp_path):
     with pytest.raises(ValueError, match="not a directory"):
         prepare(model, tokenizer, tmp_path / "file", progress=False)
     assert prepare_module.STAGES == ("extract", "recipes")
+
+
+def test_prepare_command_refuses_unknown_methods_before_loading(tmp_path):
+    """``emokern prepare --methods`` is checked before the model loads; nothing is written."""
+    from emokern.cli import main
+
+    with pytest.raises(SystemExit, match="--methods takes names from"):
+        main(["prepare", "--model", str(tmp_path / "no-such-model"), "--out",
+              str(tmp_path / "out"), "--methods", "ev,nope"])
+    assert not (tmp_path / "out").exists()
