@@ -1,7 +1,6 @@
-"""Readings in calibrated units at chosen monitor layers, ``"rec"`` weights and levels and
-bounds in calibrated units, on the tiny
-models (the closed-loop ``target=`` controller: ``test_control.py``; the ``calibrated``
-fixture: ``conftest.py``)."""
+"""Calibrated units on the tiny models: readings at chosen monitor layers, ``"rec"`` weights,
+and levels, caps and floors in standard scores (the closed-loop ``target=`` controller:
+``test_control.py``; the ``calibrated`` fixture: ``conftest.py``)."""
 
 from __future__ import annotations
 
