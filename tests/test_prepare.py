@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 import emokern
 from emokern import prepare as prepare_module
@@ -59,7 +60,8 @@ def test_prepare_writes_a_steerable_bank_and_resumes(small_llama, judges, tmp_pa
     monkeypatch.undo()
 
     # The served bank steers as it is, its recipes included.
-    with emokern.steer(model, bank, mix=[{"joy": "rec"}, {"fear": "rec"}]):
+    with emokern.steer(model, bank, mix=[{"joy": "rec"}, {"fear": "rec"}]), \
+            torch.inference_mode():
         model(**tokenizer(["Hi", "Hi"], return_tensors="pt", padding=True))
 
     with pytest.raises(ValueError, match="other options"):

@@ -24,6 +24,7 @@
 #include "steer_isa.h"  // before any ATen header: the portable Vectorized implementation
 
 #include "../binding.h"
+#include "../levels.h"
 #include "../steer.h"
 #include "steer_cpu.h"
 #include "steer_kernel.h"
@@ -103,6 +104,66 @@ void vector_norms(const at::Tensor& vec, int64_t n_vec, int64_t dim, const char*
                     "vector needs a direction");
 }
 
+// Data checks of bounds and gram, the messages of emokern.ops.checks.check_bounds: every bound
+// a number (+-inf allowed) with lower <= upper, gram finite.
+void check_bound_values(const at::Tensor& bounds, const at::Tensor& gram, const char* op) {
+  const float* b = bounds.data_ptr<float>();
+  const int64_t rows = bounds.size(0), n_vec = bounds.size(2);
+  for (int64_t i = 0; i < bounds.numel(); ++i)
+    TORCH_CHECK_VALUE(!std::isnan(b[i]), op, "bounds must not be NaN (use -inf / +inf for an "
+                      "open side)");
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t k = 0; k < n_vec; ++k) {
+      const float lo = b[(2 * r) * n_vec + k], hi = b[(2 * r + 1) * n_vec + k];
+      TORCH_CHECK_VALUE(lo <= hi, op, "bounds[", r, ", :, ", k, "]: lower ", lo,
+                        " is above upper ", hi);
+    }
+  TORCH_CHECK_VALUE(kernels().all_finite(gram.data_ptr<float>(), gram.numel()), op,
+                    "gram must be finite (emokern.ops.unit_gram(vectors))");
+}
+
+// Problem::level_row (steer_cpu.h), compiled once, here, for every instruction set's core: an
+// inline copy in each core would be compiled with that core's flags, and the compiler may
+// round a scalar expression differently (fuse a product into a multiply-add on one set and
+// not on another). The solve itself is csrc/levels.h, shared with the CUDA kernel.
+int level_row(const Problem& P, int64_t slot, const float* p, float c, float* coef,
+              int32_t* idx, float* work) {
+  const int64_t K = P.n_vec;
+  const float* w = P.weights + slot * K;
+  const float* lo = P.bounds + slot * 2 * K;
+  const float* hi = lo + K;
+  float* p_after = work;
+  float* a = work + K;
+  bool outside = false;
+  for (int64_t k = 0; k < K; ++k) {
+    float push = 0.0f;  // sum_j w_j ||v_j|| G_jk, j in order
+    for (int64_t j = 0; j < K; ++j) push += w[j] * P.norm[j] * P.gram[j * K + k];
+    p_after[k] = c * (p[k] + push);
+    outside = outside || level_gap(p_after[k], lo[k], hi[k]) != 0.0f;
+  }
+  if (!outside) return 0;
+  if (level_coefficients(int(K), P.gram, p_after, lo, hi, a, work + 2 * K) == 0) return 0;
+  int m = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    if (a[k] == 0.0f) continue;
+    coef[m] = a[k] * P.inv_norm[k];
+    idx[m++] = int32_t(k);
+  }
+  return m;
+}
+
+// The Problem fields of levels and bounds; norm[k] = ||v_k|| from the kernel's inverse norms.
+void fill_levels(Problem& P, const at::Tensor& bounds, const at::Tensor& gram,
+                 const c10::SmallVector<float, 64>& inv_norm, c10::SmallVector<float, 64>& norm) {
+  norm.resize(inv_norm.size());
+  for (size_t k = 0; k < inv_norm.size(); ++k)
+    norm[k] = static_cast<float>(1.0 / double(inv_norm[k]));
+  P.bounds = bounds.data_ptr<float>();
+  P.gram = gram.data_ptr<float>();
+  P.norm = norm.data();
+  P.level_row = &level_row;
+}
+
 void fill_outputs(Problem& P, const OutputPointers& out) {
   P.proj_out = out.proj_out;
   P.run_sum = out.run_sum;
@@ -131,6 +192,7 @@ void steer_cpu(const at::Tensor& hidden, const at::Tensor& vectors, const at::Te
                     "weights must be finite (found NaN or inf)");
   c10::SmallVector<float, 64> inv_norm;
   vector_norms(vec, sz.n_vec, sz.dim, kSteerOp, inv_norm);
+  if (leveled) check_bound_values(*bounds, *gram, kSteerOp);
   if (sz.batch == 0 || sz.seq_len == 0) return;
 
   Problem P{};
@@ -149,11 +211,8 @@ void steer_cpu(const at::Tensor& hidden, const at::Tensor& vectors, const at::Te
   P.inv_norm = inv_norm.data();
   P.norm_preserving = norm_preserving;
   fill_outputs(P, output_pointers(proj_out, run_sum, run_count, run_last));
-  if (leveled) {
-    P.bounds = bounds->data_ptr<float>();
-    P.gram = gram->data_ptr<float>();
-    TORCH_CHECK_NOT_IMPLEMENTED(false, "emokern: projection bounds on the CPU kernel: not yet");
-  }
+  c10::SmallVector<float, 64> norm;
+  if (leveled) fill_levels(P, *bounds, *gram, inv_norm, norm);
   kernels().steer(P);
 }
 
@@ -180,6 +239,7 @@ void steer_packed_cpu(const at::Tensor& hidden, const std::optional<at::Tensor>&
                     "slot_weights must be finite (found NaN or inf)");
   c10::SmallVector<float, 64> inv_norm;
   vector_norms(vec, sz.n_vec, sz.dim, kPackedOp, inv_norm);
+  if (leveled) check_bound_values(*bounds, *gram, kPackedOp);
   const int32_t* slot = slots.data_ptr<int32_t>();
   for (int64_t i = 0; i < sz.n_tokens; ++i)
     TORCH_CHECK_VALUE(slot[i] >= -1 && slot[i] < sz.n_slots, kPackedOp,
@@ -207,11 +267,8 @@ void steer_packed_cpu(const at::Tensor& hidden, const std::optional<at::Tensor>&
   P.inv_norm = inv_norm.data();
   P.norm_preserving = norm_preserving;
   fill_outputs(P, output_pointers(proj_out, run_sum, run_count, run_last));
-  if (leveled) {
-    P.bounds = bounds->data_ptr<float>();
-    P.gram = gram->data_ptr<float>();
-    TORCH_CHECK_NOT_IMPLEMENTED(false, "emokern: projection bounds on the CPU kernel: not yet");
-  }
+  c10::SmallVector<float, 64> norm;
+  if (leveled) fill_levels(P, *bounds, *gram, inv_norm, norm);
   kernels().steer(P);
 }
 

@@ -8,6 +8,10 @@
 //   * a slot s (weights row, running-statistics row) or s < 0: not steered, not counted.
 // emokern::steer_ [B, T, D] is rows i = b * T + t with slot b where mask[b, t] (else -1);
 // emokern::steer_packed_ [N, D] is rows i < N with slot token_slot[i] (seq_len 1).
+//
+// Projection levels and bounds (Problem::bounds) add one step per steered row that the cores
+// call back into the front for: level_row, the row's active-set solve (csrc/levels.h), compiled
+// once in steer_cpu.cpp so that its scalar arithmetic is the same on every instruction set.
 #pragma once
 
 #include <cstdint>
@@ -16,6 +20,18 @@ namespace emokern {
 namespace cpu {
 
 enum class Dtype : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+struct Problem;
+
+// The projection levels and bounds of one steered row (docs/design.md §2): from its projections
+// p[K] of the input and its norm-preserving scale c (1 without), the projections after the
+// pushes p'_k = c (p_k + sum_j w[s, j] ||v_j|| G_jk), the targets clip(p', lo, hi), and the
+// active-set solve of csrc/levels.h. Writes the correction y += sum_{j < m} coef[j] v_{idx[j]}
+// (coef = a_k / ||v_k||, only the nonzero a_k, in increasing k) and returns m; 0: the row is
+// inside its bounds and is written as without them. work: level_work_floats(K) floats.
+using LevelRowFn = int (*)(const Problem& problem, int64_t slot, const float* p, float c,
+                           float* coef, int32_t* idx, float* work);
+inline int64_t level_work_floats(int64_t n_vec) { return n_vec * n_vec + 3 * n_vec; }
 
 struct Problem {
   Dtype dtype;
@@ -44,9 +60,12 @@ struct Problem {
   float* run_last;        // [S, K]
   bool norm_preserving;
   // Projection levels and bounds (csrc/levels.h), or null: bounds [S, 2, K] (lower, upper) of
-  // every projection after the edit, gram [K, K] of the unit directions.
+  // every projection after the edit, gram [K, K] of the unit directions, norm [K] = ||v_k||,
+  // and the solve (set together with bounds).
   const float* bounds;
   const float* gram;
+  const float* norm;
+  LevelRowFn level_row;
 
   int64_t slot(int64_t i) const {
     if (token_slot != nullptr) return token_slot[i];

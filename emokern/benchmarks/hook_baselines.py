@@ -203,10 +203,17 @@ class PerRowSteering(_LayerHooks):
 
 
 def steering_vectors_available() -> bool:
-    """Whether the published ``steering-vectors`` library imports here."""
+    """Whether the published ``steering-vectors`` library is installed (then it must import).
+
+    Only its absence reads as "not available": an installed copy whose import fails (a missing
+    dependency of its own, an incompatible transformers) raises, so the comparison with it
+    cannot be skipped silently by a breakage.
+    """
     try:
         import steering_vectors  # noqa: F401  (optional: installed --no-deps for comparisons)
-    except Exception:  # it pins transformers<5 and may fail in many ways
+    except ModuleNotFoundError as exc:
+        if exc.name != "steering_vectors":  # installed, but something it imports is missing
+            raise
         return False
     return True
 

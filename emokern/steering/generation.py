@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from emokern.errors import failing
-from emokern.steering.mix import parse_mix
+from emokern.steering.mix import normalize_mix, parse_mix
 from emokern.steering.steerer import steer
 from emokern.tokens import encode_prompts, eos_ids, model_device
 
@@ -75,8 +75,10 @@ def generate(
     prompts : str or list of str
         One prompt per row, or one prompt for every mix.
     mixes : list of (dict or str)
-        One mix per row (a dict or a :func:`parse_mix` string such as ``"joy=2,fear=0.5"``;
-        ``"rec"`` weights allowed), or one mix for every prompt.
+        One mix per row (a dict or a :func:`parse_mix` string in the grammar of
+        :mod:`emokern.steering.mix`: ``"joy=2"``, ``"anger=rec"``, ``"sadness@1.5"``,
+        ``"fear=erase"``, ``"anger<=0.5"``, ``"joy>=1"``, combined with commas), or one mix
+        for every prompt. Levels and bounds need a calibrated bank.
     target : list of dict, optional
         Instead of ``mixes``: closed-loop levels per row in calibrated units (see
         :func:`~emokern.steering.steer`), with ``control`` its settings.
@@ -94,7 +96,11 @@ def generate(
     Returns
     -------
     list of dict
-        One per row: ``prompt``, ``mix`` (dict), ``text`` (the generated continuation, up to
+        One per row: ``prompt``, ``mix`` (the row's mix in normal form,
+        :func:`~emokern.steering.mix.normalize_mix`: emotion → push weight, or a dict of
+        ``weight``/``level``/``min``/``max`` with levels in standard scores; ``rec`` resolved
+        to the emotion's recipe; :func:`~emokern.steering.mix.format_mix` writes it as
+        text), ``text`` (the generated continuation, up to
         its end-of-sequence token), ``n_tokens`` (generated tokens, EOS included) and
         ``projections`` (emotion → mean projection of the states that chose the row's
         ``n_tokens`` tokens, from :meth:`Monitor.trajectory`, averaged over the monitored
@@ -145,8 +151,7 @@ def generate(
         raw = per_layer.mean(dim=0)
         row = {
             "prompt": prompt,
-            "mix": {k: (float(bank.recommended_weight(k)) if isinstance(v, str) else float(v))
-                    for k, v in mix.items()},
+            "mix": normalize_mix(mix, names=bank.names, recommended=bank.recommended),
             "text": tokenizer.decode(new_tokens[:n_tokens], skip_special_tokens=True),
             "n_tokens": n_tokens,
             "projections": {name: float(raw[k]) for k, name in enumerate(names)},

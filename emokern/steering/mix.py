@@ -1,15 +1,53 @@
-"""Emotion mixes: the ``"sadness=1.5,fear=0.5"`` text form and the ``[B, K]`` weights the op
-reads.
+"""Emotion mixes: the one grammar every door speaks, parsed here and nowhere else.
 
-A *mix* gives each emotion a weight in the bank's units (1.0 adds one vector as extracted;
-negative weights suppress), or ``"rec"``: the emotion's recommended weight
-(:meth:`emokern.EmotionBank.recommended_weight`, measured per emotion by a sweep); a batch
-carries one mix per sequence, as a list of dicts or as a float tensor ``[B, K]`` whose columns
-follow the steered emotions.
+A *mix* says, per emotion, how to edit the tokens a steerer covers. Text form (terms separated
+by commas, whitespace ignored; ``""``, ``"none"`` and ``"{}"`` are the empty, unsteered mix):
+
+==================  =========================================================================
+``joy=2``           **push**: add 2 × the emotion's vector (the bank's units; negative
+                    suppresses)
+``anger=rec``       the emotion's **recipe** (:meth:`emokern.EmotionBank.recommended`): its
+                    push weight, or its level
+``sadness@1.5``     **level**: every covered token's projection set to the standard score
+                    ``z = 1.5``
+``fear=erase``      **erase**: a level at the neutral mean (``z = 0``)
+``anger<=0.5``      **cap**: the projection brought down to ``z = 0.5`` where above it
+``joy>=1``          **floor**: the projection brought up to ``z = 1`` where below it
+==================  =========================================================================
+
+Levels, caps and floors are in *calibrated units*: standard scores against the bank's neutral
+baseline, per layer and emotion (:meth:`emokern.EmotionBank.standardize`); at steered layer
+``l`` the raw projection target is ``μ_lk + z σ_lk`` (:func:`raw_bounds`), so ``sadness@1.5``
+means the same on every layer and model. They need a calibrated bank. Semantics of the edit
+(pushes first, then norm preservation, then the levels and bounds, solved exactly with the
+Gram matrix of the directions): ``docs/design.md`` §2.
+
+**Combinations**, per emotion: at most one push (``=w`` or ``=rec``), one cap and one floor,
+and a push may go with a cap and/or a floor (``joy=2,joy<=3``: push, but never beyond
+``z = 3``), with floor ≤ cap. A level (``@z``, ``erase``, or a ``rec`` whose recipe is a
+level) stands alone: it sets the projection exactly, so a push of the same emotion would be
+undone by it and a cap or floor beside it means nothing; two levels, two pushes, two caps or
+two floors of one emotion are errors, as is an unknown emotion, a non-finite number, a number
+beyond float32's range (:data:`FLOAT32_MAX`) or a cap below a floor.
+
+**Object form** (Python or JSON; the *normal form* is this with ``rec`` resolved): an emotion
+maps to a number (a push), ``"rec"``, ``"erase"``, or a dict of ``weight`` (a number or
+``"rec"``), ``level``, ``min`` (floor) and ``max`` (cap)::
+
+    {"joy": 2, "sadness": {"level": 1.5}, "anger": {"max": 0.5}, "fear": "erase",
+     "surprise": {"weight": 1, "min": -1}}
+
+A string that starts with ``{`` is read as that form in JSON. A batch carries one mix per
+sequence: a list of dicts (or mix strings), or a float tensor ``[B, K]`` of push weights whose
+columns follow the steered emotions. :func:`mix_to_edits` turns it into what the op reads:
+push weights ``[B, K]`` and, when any row has a level or bound, ``z`` bounds ``[B, 2, K]``
+(lower, upper; ``±inf`` open) that :func:`raw_bounds` turns into raw units per layer.
+:func:`format_mix` writes a mix back as text. Tested in ``tests/steering/test_mix.py``.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
@@ -20,33 +58,189 @@ from emokern.errors import failing
 
 fail = failing("emokern.steer")
 
-__all__ = ["FLOAT32_MAX", "REC", "mix_to_weights", "parse_mix"]
+__all__ = ["ERASE", "FIELDS", "FLOAT32_MAX", "REC", "format_mix", "has_bounds", "mix_to_edits",
+           "mix_to_weights", "normalize_mix", "parse_mix", "raw_bounds"]
 
-#: The weight that stands for an emotion's recommended weight.
+#: The value that stands for an emotion's recipe (:meth:`emokern.EmotionBank.recommended`).
 REC = "rec"
+#: The value that stands for a level at the neutral mean (``z = 0``).
+ERASE = "erase"
+#: The keys of an emotion's dict in the object form: push weight, level, floor, cap.
+FIELDS = ("weight", "level", "min", "max")
 
-#: The largest magnitude a weight may have: the op reads float32 weights, and a finite Python
-#: float above this becomes inf there (the finite float32 range is ``[-FLOAT32_MAX, FLOAT32_MAX]``).
+#: The largest magnitude a number may have: the op reads float32 weights and bounds, and a
+#: finite Python float above this becomes inf there (the finite float32 range is
+#: ``[-FLOAT32_MAX, FLOAT32_MAX]``).
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
+#: Text operators, longest first, and the field each sets.
+_OPERATORS = (("<=", "max"), (">=", "min"), ("@", "level"), ("=", "weight"))
+_KIND = {"weight": "push", "level": "level", "min": "floor", "max": "cap"}
+_INF = float("inf")
 
-def _float32_range_error(where: str, weight) -> str:
-    return (f"{where} is {weight}, outside float32's finite range "
+Term = float | str | dict
+
+
+def _float32_range_error(where: str, value) -> str:
+    return (f"{where} is {value}, outside float32's finite range "
             f"[-{FLOAT32_MAX:.4g}, {FLOAT32_MAX:.4g}] (the op reads float32 weights)")
 
 
-def parse_mix(text: str) -> dict[str, float | str]:
-    """Parse ``"sadness=1.5,fear=0.5"`` into ``{"sadness": 1.5, "fear": 0.5}``.
+def _number(value: float) -> str:
+    """The shortest text that reads back as ``value`` (``2`` for 2.0, ``0.1``, ``1e+40``)."""
+    text = repr(float(value))
+    return text[:-2] if text.endswith(".0") else text
 
-    An empty string, ``"none"`` or ``"{}"`` is the empty (unsteered) mix. Whitespace around
-    names and numbers is ignored. A weight ``rec`` (``"anger=rec"``) is kept as the string
-    ``"rec"``: :func:`mix_to_weights` resolves it to the emotion's recommended weight.
+
+# ----------------------------------------------------------------------------- one term
+
+
+def _check_number(value, where: str, fail_: Callable) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        fail_(TypeError, f"{where} must be a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(float(value)):
+        fail_(ValueError, f"{where} must be finite, got {value}")
+    if abs(float(value)) > FLOAT32_MAX:
+        fail_(ValueError, _float32_range_error(where, value))
+    return float(value)
+
+
+def _combine(fields: dict, where: str, fail_: Callable) -> Term:
+    """One emotion's fields (``weight``, ``level``, ``min``, ``max``), checked for conflicts,
+    in compact form: the weight alone when it is all there is, else a dict in :data:`FIELDS`
+    order (``{}``: no edit)."""
+    if "level" in fields and len(fields) > 1:
+        others = " and ".join(_KIND[f] for f in FIELDS if f in fields and f != "level")
+        fail_(ValueError, f"{where} has a level and a {others}: a level sets the projection "
+                          f"exactly, so nothing else may edit the same emotion (a push would be "
+                          f"undone, a cap or floor means nothing)")
+    if "min" in fields and "max" in fields and fields["min"] > fields["max"]:
+        fail_(ValueError, f"{where} has a floor above its cap (min {fields['min']} > max "
+                          f"{fields['max']})")
+    if set(fields) == {"weight"}:
+        return fields["weight"]
+    return {f: fields[f] for f in FIELDS if f in fields}
+
+
+def _term(value, where: str, fail_: Callable) -> Term:
+    """One emotion's value in the object form, checked, in compact form (a float or ``"rec"``
+    for a push alone, else a dict of :data:`FIELDS`; ``"erase"`` becomes ``{"level": 0.0}``)."""
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word == REC:
+            return REC
+        if word == ERASE:
+            return {"level": 0.0}
+        fail_(TypeError, f"{where} must be a number, 'rec', 'erase' or a dict of "
+                         f"{'/'.join(FIELDS)}, got str {value!r}")
+    if isinstance(value, Mapping):
+        unknown = [key for key in value if key not in FIELDS]
+        if unknown:
+            fail_(ValueError, f"{where} has unknown field(s) {unknown}; the fields are "
+                              f"{list(FIELDS)} (push weight, level, floor, cap)")
+        fields = {}
+        for key, item in value.items():
+            if key == "weight" and isinstance(item, str) and item.strip().lower() == REC:
+                fields[key] = REC
+            else:
+                fields[key] = _check_number(item, f"{where}[{key!r}]", fail_)
+        return _combine(fields, where, fail_)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        fail_(TypeError, f"{where} must be a number, 'rec', 'erase' or a dict of "
+                         f"{'/'.join(FIELDS)}, got {type(value).__name__}")
+    return _check_number(value, where, fail_)
+
+
+def _fields(term: Term) -> dict:
+    """A compact term as a dict of fields."""
+    return dict(term) if isinstance(term, dict) else {"weight": term}
+
+
+def _resolve(term: Term, name: str, recommended, where: str, fail_: Callable) -> Term:
+    """``term`` with its ``rec`` weight replaced by the emotion's recipe: ``recommended(name)``
+    is a :class:`~emokern.Recipe` (its :meth:`~emokern.Recipe.mix_term`), a weight or a term."""
+    fields = _fields(term)
+    if fields.get("weight") != REC:
+        return term
+    if recommended is None:
+        fail_(ValueError, f"{where} is 'rec' but no bank gives recommended weights here")
+    found = recommended(name)
+    found = found.mix_term() if hasattr(found, "mix_term") else found
+    resolved = _fields(_term(found, f"{where} ('rec': the recipe of {name!r})", fail_))
+    if REC in resolved.values():
+        fail_(ValueError, f"{where}: the recipe of {name!r} is 'rec' again")
+    del fields["weight"]
+    if "level" in resolved and fields:
+        fail_(ValueError, f"{where} is 'rec', and the recipe of {name!r} is a level "
+                          f"(z = {resolved['level']:g}), which cannot go with a "
+                          f"{' and a '.join(_KIND[f] for f in FIELDS if f in fields)}")
+    fields.update(resolved)
+    return _combine(fields, where, fail_)
+
+
+def is_push(term: Term) -> bool:
+    """Whether a compact term is a push alone (no level, floor or cap)."""
+    return not isinstance(term, dict) or set(term) <= {"weight"}
+
+
+def has_bounds(mix: Mapping) -> bool:
+    """Whether a mix in compact form holds a level, a floor or a cap."""
+    return any(not is_push(term) for term in mix.values())
+
+
+# ----------------------------------------------------------------------------- text
+
+
+def _parse_term(term: str, text: str) -> tuple[str, str, Term]:
+    """``(name, field, value)`` of one text term such as ``joy>=1``."""
+    stripped = term.strip()
+    cut = min((i for i in (stripped.find(c) for c in "<>@=") if i >= 0), default=-1)
+    operator = next((op for op, _ in _OPERATORS if cut >= 0 and stripped.startswith(op, cut)),
+                    None)
+    name = stripped[:cut].strip() if cut >= 0 else ""
+    number = stripped[cut + len(operator):].strip() if operator else ""
+    if operator is None or not name or not number:
+        raise ValueError(f"parse_mix: bad term {stripped!r} in {text!r}; expected terms like "
+                         f"joy=2, anger=rec, sadness@1.5, fear=erase, anger<=0.5, joy>=1 "
+                         f"separated by commas")
+    field = dict(_OPERATORS)[operator]
+    word = number.lower()
+    if word in (REC, ERASE):
+        if operator != "=":
+            raise ValueError(f"parse_mix: bad term {stripped!r} in {text!r}: {word!r} goes "
+                             f"after '=' ({name}={word})")
+        return (name, "weight", REC) if word == REC else (name, "level", 0.0)
+    label = f"{_KIND[field] if field != 'weight' else 'weight'} of {name!r}"
+    try:
+        value = float(number)
+    except ValueError:
+        raise ValueError(f"parse_mix: {label} must be a number, got {number!r} in "
+                         f"{text!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"parse_mix: {label} must be finite, got {number!r}")
+    if abs(value) > FLOAT32_MAX:
+        raise ValueError("parse_mix: " + _float32_range_error(label, number))
+    return name, field, value
+
+
+def _raise_parse(exc: type[Exception], message: str, who: str = "parse_mix"):
+    raise exc(f"{who}: {message}")
+
+
+def parse_mix(text: str) -> dict[str, Term]:
+    """Parse a mix string (text grammar or JSON object form) into the compact object form.
+
+    A push alone is a float (or ``"rec"``, resolved later by :func:`normalize_mix` /
+    :func:`mix_to_edits` against a bank); anything else a dict of :data:`FIELDS`
+    (``erase`` becomes ``{"level": 0.0}``). See the module docstring for the grammar and the
+    combinations allowed.
 
     Raises
     ------
     ValueError
-        On a term without ``=``, an empty name, a weight that is not a finite number or does
-        not fit float32 (``|w| > 3.4e38``, :data:`FLOAT32_MAX`), or a name given twice.
+        On a malformed term, an empty name, a number that is not finite or does not fit
+        float32 (``|x| > 3.4e38``, :data:`FLOAT32_MAX`), an edit given twice or conflicting
+        terms of one emotion (naming the emotion and the terms), invalid JSON.
 
     Examples
     --------
@@ -56,120 +250,273 @@ def parse_mix(text: str) -> dict[str, float | str]:
     {'sadness': 1.5, 'fear': -0.5}
     >>> parse_mix("anger=rec")
     {'anger': 'rec'}
+    >>> parse_mix("sadness@1.5,fear=erase,joy=2,joy<=3")
+    {'sadness': {'level': 1.5}, 'fear': {'level': 0.0}, 'joy': {'weight': 2.0, 'max': 3.0}}
+    >>> parse_mix('{"anger": {"max": 0.5}}')
+    {'anger': {'max': 0.5}}
     """
     if not isinstance(text, str):
-        raise TypeError(f"parse_mix: expected a string like 'joy=2,fear=0.5', got "
+        raise TypeError(f"parse_mix: expected a string like 'joy=2,fear@0.5', got "
                         f"{type(text).__name__}")
     stripped = text.strip()
     if stripped.lower() in ("", "none", "{}"):
         return {}
-    mix: dict[str, float | str] = {}
-    for term in stripped.split(","):
-        name, sep, number = term.partition("=")
-        name, number = name.strip(), number.strip()
-        if not sep or not name or not number:
-            raise ValueError(f"parse_mix: bad term {term.strip()!r} in {text!r}; expected "
-                             f"name=weight terms separated by commas, e.g. 'sadness=1.5,fear=0.5'")
-        if number.lower() == REC:
-            if name in mix:
-                raise ValueError(f"parse_mix: {name!r} is given twice in {text!r}")
-            mix[name] = REC
-            continue
+    if stripped.startswith("{"):
         try:
-            weight = float(number)
-        except ValueError:
-            raise ValueError(f"parse_mix: weight of {name!r} must be a number, got {number!r} "
-                             f"in {text!r}") from None
-        if not math.isfinite(weight):
-            raise ValueError(f"parse_mix: weight of {name!r} must be finite, got {number!r}")
-        if abs(weight) > FLOAT32_MAX:
-            raise ValueError("parse_mix: " + _float32_range_error(f"weight of {name!r}", number))
-        if name in mix:
-            raise ValueError(f"parse_mix: {name!r} is given twice in {text!r}")
-        mix[name] = weight
-    return mix
+            loaded = json.loads(stripped)
+        except ValueError as exc:
+            raise ValueError(f"parse_mix: {text!r} starts with '{{' but is not valid JSON "
+                             f"({exc})") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(f"parse_mix: JSON mix must be an object, got {text!r}")
+        out = {}
+        for name, value in loaded.items():
+            term = _term(value, f"{name!r}", _raise_parse)
+            if term != {}:
+                out[name] = term
+        return out
+    fields: dict[str, dict] = {}
+    given: dict[tuple[str, str], str] = {}
+    for term in stripped.split(","):
+        name, field, value = _parse_term(term, text)
+        if (name, field) in given:
+            raise ValueError(f"parse_mix: {name!r} is given twice as a {_KIND[field]} "
+                             f"({given[name, field]!r} and {term.strip()!r}) in {text!r}")
+        given[name, field] = term.strip()
+        fields.setdefault(name, {})[field] = value
+    return {name: _combine(f, f"{name!r} (in {text!r})", _raise_parse)
+            for name, f in fields.items()}
 
 
-def mix_to_weights(mix, names: Sequence[str], argument: str = "mix", *,
-                   recommended: Callable[[str], float] | None = None,
-                   who: str = "emokern.steer") -> torch.Tensor:
-    """Turn a mix (one dict per sequence, or a ``[B, K]`` tensor) into float32 weights ``[B, K]``.
+def format_mix(mix: Mapping | str) -> str:
+    """A mix as text, the inverse of :func:`parse_mix`: ``parse_mix(format_mix(m))`` is ``m``
+    in compact form. Levels at 0 are written ``erase``; numbers as their shortest exact text.
+
+    Examples
+    --------
+    >>> format_mix({"joy": 2.0, "sadness": {"level": 1.5}, "fear": "erase",
+    ...             "anger": {"weight": "rec", "max": 0.5}})
+    'joy=2,sadness@1.5,fear=erase,anger=rec,anger<=0.5'
+    """
+    normal = normalize_mix(mix, argument="mix", who="format_mix")
+    terms = []
+    for name, term in normal.items():
+        for field, value in _fields(term).items():
+            if field == "weight":
+                terms.append(f"{name}={value if value == REC else _number(value)}")
+            elif field == "level":
+                terms.append(f"{name}=erase" if value == 0 else f"{name}@{_number(value)}")
+            else:
+                terms.append(f"{name}{'>=' if field == 'min' else '<='}{_number(value)}")
+    return ",".join(terms)
+
+
+# ----------------------------------------------------------------------------- one mix
+
+
+def normalize_mix(mix, names: Sequence[str] | None = None, *, recommended=None,
+                  argument: str = "mix", who: str = "emokern.steer") -> dict[str, Term]:
+    """One mix (a dict in the object form, or a mix string) in compact, checked form, with
+    ``rec`` resolved when ``recommended`` is given.
 
     Parameters
     ----------
-    mix : sequence of Mapping[str, float | "rec"] or Tensor [B, K]
-        One dict per sequence (emotion name → weight, or ``"rec"``; names absent from a dict
-        weigh 0), or a tensor whose columns follow ``names``.
+    mix : Mapping or str
+    names : sequence of str, optional
+        The emotions allowed (an unknown one is an error); any name without.
+    recommended : callable, optional
+        ``recommended(name)`` → the :class:`~emokern.Recipe` (``bank.recommended``), a push
+        weight (``bank.recommended_weight``) or a term that ``rec`` stands for; without it
+        ``rec`` is kept as is.
+    argument, who : str
+        The argument and entry point errors name.
+
+    Returns
+    -------
+    dict
+        Emotion → a float (a push alone; ``"rec"`` when unresolved) or a dict of
+        :data:`FIELDS`, in the order given; emotions with an empty dict are dropped.
+    """
+    fail_ = failing(who)
+    if isinstance(mix, str):
+        try:
+            mix = parse_mix(mix)
+        except ValueError as exc:
+            fail_(ValueError, f"{argument}: {str(exc).removeprefix('parse_mix: ')}")
+    if not isinstance(mix, Mapping):
+        fail_(TypeError, f"{argument} must be a dict of emotion -> weight (or edit) or a mix "
+                         f"string like 'joy=2,fear@1', got {type(mix).__name__}")
+    allowed = None if names is None else set(names)
+    out = {}
+    for name, value in mix.items():
+        if allowed is not None and name not in allowed:
+            fail_(ValueError, f"{argument} names unknown emotion {name!r}; the bank has "
+                              f"{list(names)}")
+        if not isinstance(name, str):
+            fail_(TypeError, f"{argument} has a key {name!r} that is not an emotion name")
+        where = f"{argument}[{name!r}]"
+        term = _term(value, where, fail_)
+        if recommended is not None:
+            term = _resolve(term, name, recommended, where, fail_)
+        if term != {}:
+            out[name] = term
+    return out
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def _tensor_weights(mix: torch.Tensor, names: Sequence[str], argument: str,
+                    fail_: Callable) -> torch.Tensor:
+    n_names = len(names)
+    if not mix.is_floating_point():
+        fail_(TypeError, f"{argument} tensor must be floating point, got {mix.dtype}")
+    if mix.dim() != 2 or mix.shape[1] != n_names or mix.shape[0] < 1:
+        fail_(ValueError, f"{argument} tensor must be [B, K] with K = {n_names} "
+                          f"(one column per emotion {list(names)}), got {list(mix.shape)}")
+    source = mix.detach().to("cpu")
+    bad = ~torch.isfinite(source)
+    if bool(bad.any()):
+        row, col = (int(i) for i in bad.nonzero()[0])
+        fail_(ValueError, f"{argument}[{row}, {col}] ({names[col]!r}) must be finite, got "
+                          f"{source[row, col].item()}")
+    # A float64 weight can be finite yet overflow the float32 the op reads.
+    big = source.abs() > FLOAT32_MAX
+    if bool(big.any()):
+        row, col = (int(i) for i in big.nonzero()[0])
+        fail_(ValueError, _float32_range_error(f"{argument}[{row}, {col}] ({names[col]!r})",
+                                               source[row, col].item()))
+    return source.to(torch.float32).clone()
+
+
+def _edits(mix, names: Sequence[str], argument: str, recommended, who: str,
+           pushes_only: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    fail_ = failing(who)
+    if isinstance(mix, torch.Tensor):
+        return _tensor_weights(mix, names, argument, fail_), None
+    if isinstance(mix, (str, bytes, Mapping)) or not isinstance(mix, Sequence):
+        fail_(TypeError, f"{argument} must be a list with one dict per sequence (emotion -> "
+                         f"weight) or a [B, K] tensor, got {type(mix).__name__}")
+    if len(mix) == 0:
+        fail_(ValueError, f"{argument} must have at least one row (one dict per sequence)")
+    index = {name: k for k, name in enumerate(names)}
+    weights = torch.zeros(len(mix), len(names), dtype=torch.float32)
+    bounds = torch.tensor([-_INF, _INF]).repeat(len(mix), len(names), 1).transpose(1, 2)
+    bounded = False
+    for row, entry in enumerate(mix):
+        if not isinstance(entry, (Mapping, str)):
+            fail_(TypeError, f"{argument}[{row}] must be a dict of emotion -> weight, got "
+                             f"{type(entry).__name__}")
+        normal = normalize_mix(entry, names, recommended=recommended,
+                               argument=f"{argument}[{row}]", who=who)
+        for name, term in normal.items():
+            k = index[name]
+            fields = _fields(term)
+            if fields.get("weight") == REC:  # left unresolved: no recommended given
+                fail_(ValueError, f"{argument}[{row}][{name!r}] is 'rec' but no bank gives "
+                                  f"recommended weights here")
+            if pushes_only and not is_push(term):
+                fail_(ValueError, f"{argument}[{row}][{name!r}] is {format_mix({name: term})!r}"
+                                  f", a level or bound; {argument} takes numbers only here")
+            weights[row, k] = fields.get("weight", 0.0)
+            for side, field in ((0, "min"), (1, "max"), (0, "level"), (1, "level")):
+                if field in fields:
+                    bounds[row, side, k] = fields[field]
+                    bounded = True
+    return weights, (bounds.contiguous() if bounded else None)
+
+
+def mix_to_edits(mix, names: Sequence[str], argument: str = "mix", *, recommended=None,
+                 who: str = "emokern.steer") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Turn a batch of mixes into what the op reads: push weights and ``z`` bounds.
+
+    Parameters
+    ----------
+    mix : sequence of (Mapping or str), or Tensor [B, K]
+        One mix per sequence in the object form (emotion → number, ``"rec"``, ``"erase"`` or a
+        dict of :data:`FIELDS`) or as a mix string (:func:`parse_mix`); emotions absent from a
+        row are not edited. Or a float tensor of push weights whose columns follow ``names``.
     names : sequence of str
         The ``K`` emotions the columns stand for.
     argument : str
         The argument's name in error messages.
     recommended : callable, optional
-        ``recommended(name)`` → the weight that ``"rec"`` stands for (the steerer passes
-        :meth:`EmotionBank.recommended_weight`); without it ``"rec"`` is an error.
+        What ``rec`` stands for: ``recommended(name)`` → a :class:`~emokern.Recipe` (the
+        steerer passes :meth:`EmotionBank.recommended`: a push weight or a level), a weight or
+        a term; without it ``"rec"`` is an error.
     who : str
         The entry point named in errors (``"emokern.steer"``, ``"emokern.vllm"``, ...).
 
     Returns
     -------
-    Tensor [B, K] float32 on the CPU
-        ``weights[b, k]`` = the weight of ``names[k]`` in row ``b`` (a copy: later changes to
-        ``mix`` do not reach it).
+    weights : Tensor [B, K] float32 on the CPU
+        ``weights[b, k]`` = the push weight of ``names[k]`` in row ``b`` (a copy).
+    z_bounds : Tensor [B, 2, K] float32 on the CPU, or None
+        Lower (``[:, 0]``) and upper (``[:, 1]``) bound of each projection as a standard
+        score: a level ``z`` is ``(z, z)``, a floor ``(z, inf)``, a cap ``(-inf, z)``,
+        nothing ``(-inf, inf)``; None when no row has a level or a bound.
 
     Raises
     ------
     TypeError, ValueError
-        Naming the bad row and emotion: unknown emotion, non-finite or non-numeric weight, a
-        weight outside float32's finite range (:data:`FLOAT32_MAX`; e.g. ``1e40``, finite in
-        Python but inf in the float32 weights), wrong tensor shape, empty batch.
+        Naming the row, emotion and field: unknown emotion, non-numeric, non-finite or beyond
+        float32 (:data:`FLOAT32_MAX`), an unknown field, conflicting terms (a level beside
+        anything else of the same emotion), a floor above a cap, ``rec`` without a bank,
+        wrong tensor shape, empty batch.
     """
-    fail = failing(who)
-    n_names = len(names)
-    if isinstance(mix, torch.Tensor):
-        if not mix.is_floating_point():
-            fail(TypeError, f"{argument} tensor must be floating point, got {mix.dtype}")
-        if mix.dim() != 2 or mix.shape[1] != n_names or mix.shape[0] < 1:
-            fail(ValueError, f"{argument} tensor must be [B, K] with K = {n_names} "
-                             f"(one column per emotion {list(names)}), got {list(mix.shape)}")
-        source = mix.detach().to("cpu")
-        bad = ~torch.isfinite(source)
-        if bool(bad.any()):
-            row, col = (int(i) for i in bad.nonzero()[0])
-            fail(ValueError, f"{argument}[{row}, {col}] ({names[col]!r}) must be finite, got "
-                             f"{source[row, col].item()}")
-        # A float64 weight can be finite yet overflow the float32 the op reads.
-        big = source.abs() > FLOAT32_MAX
-        if bool(big.any()):
-            row, col = (int(i) for i in big.nonzero()[0])
-            fail(ValueError, _float32_range_error(f"{argument}[{row}, {col}] ({names[col]!r})",
-                                                  source[row, col].item()))
-        return source.to(torch.float32).clone()
-    if isinstance(mix, (str, bytes, Mapping)) or not isinstance(mix, Sequence):
-        fail(TypeError, f"{argument} must be a list with one dict per sequence (emotion -> "
-                        f"weight) or a [B, K] tensor, got {type(mix).__name__}")
-    if len(mix) == 0:
-        fail(ValueError, f"{argument} must have at least one row (one dict per sequence)")
-    index = {name: k for k, name in enumerate(names)}
-    weights = torch.zeros(len(mix), n_names, dtype=torch.float32)
-    for row, entry in enumerate(mix):
-        if not isinstance(entry, Mapping):
-            fail(TypeError, f"{argument}[{row}] must be a dict of emotion -> weight, got "
-                            f"{type(entry).__name__}")
-        for name, weight in entry.items():
-            if name not in index:
-                fail(ValueError, f"{argument}[{row}] names unknown emotion {name!r}; the bank "
-                                 f"has {list(names)}")
-            if isinstance(weight, str) and weight.strip().lower() == REC:
-                if recommended is None:
-                    fail(ValueError, f"{argument}[{row}][{name!r}] is 'rec' but no bank gives "
-                                     f"recommended weights here")
-                weight = recommended(name)
-            if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
-                fail(TypeError, f"{argument}[{row}][{name!r}] must be a number, got "
-                                f"{type(weight).__name__}")
-            if not math.isfinite(float(weight)):
-                fail(ValueError, f"{argument}[{row}][{name!r}] must be finite, got {weight}")
-            if abs(float(weight)) > FLOAT32_MAX:
-                fail(ValueError, _float32_range_error(f"{argument}[{row}][{name!r}]", weight))
-            weights[row, index[name]] = float(weight)
-    return weights
+    return _edits(mix, names, argument, recommended, who, pushes_only=False)
+
+
+def mix_to_weights(mix, names: Sequence[str], argument: str = "mix", *, recommended=None,
+                   who: str = "emokern.steer") -> torch.Tensor:
+    """Push weights ``[B, K]`` of a batch of mixes: :func:`mix_to_edits` for callers that take
+    pushes only (closed-loop targets, the tensor form); a level or bound, ``rec`` included
+    when its recipe is a level, is an error naming the row and emotion.
+
+    ``recommended(name)`` may give a push weight (:meth:`EmotionBank.recommended_weight`)
+    or a :class:`~emokern.Recipe`.
+    """
+    return _edits(mix, names, argument, recommended, who, pushes_only=True)[0]
+
+
+def raw_bounds(z_bounds: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, *,
+               names: Sequence[str] | None = None, layers: Sequence[int] | None = None,
+               argument: str = "mix", who: str = "emokern.steer") -> torch.Tensor:
+    r"""Bounds in calibrated units (standard scores) as raw projection bounds:
+    :math:`\mu_{l,k} + z\,\sigma_{l,k}` (``±inf`` stays open), in float32.
+
+    Parameters
+    ----------
+    z_bounds : Tensor [B, 2, K]
+        From :func:`mix_to_edits`.
+    mean, std : Tensor [K] or [L, K]
+        The neutral baseline (:meth:`EmotionBank.neutral_stats`) of one layer or of ``L``.
+    names, layers : optional
+        The emotions and layers, for error messages.
+
+    Returns
+    -------
+    Tensor [B, 2, K] (one layer) or [L, B, 2, K], float32, on ``mean``'s device
+
+    Raises
+    ------
+    ValueError
+        When a finite bound becomes inf in float32 (``|μ + zσ| > 3.4e38``), naming the row,
+        emotion and layer.
+    """
+    z = z_bounds.detach().to(device=mean.device, dtype=torch.float64)
+    mu, sigma = mean.detach().double(), std.detach().double()
+    single = mu.dim() == 1
+    if single:
+        mu, sigma = mu[None], sigma[None]
+    raw = mu[:, None, None, :] + z[None] * sigma[:, None, None, :]  # [L, B, 2, K]
+    out = raw.float()
+    bad = torch.isfinite(z)[None] & ~torch.isfinite(out)
+    if bool(bad.any()):
+        layer, row, side, k = (int(i) for i in bad.nonzero()[0])
+        name = names[k] if names is not None else k
+        at = f" at layer {layers[layer]}" if layers is not None else ""
+        failing(who)(ValueError, f"{argument}[{row}][{name!r}]: z = {z[row, side, k].item():g} "
+                                 f"is {raw[layer, row, side, k].item():.4g} in raw units{at}, "
+                                 f"outside float32's finite range")
+    return out[0] if single else out

@@ -31,6 +31,10 @@ How it works
   no host sync; the per-step padding mask is ``copy_``-ed into a preallocated buffer.
 * :meth:`Steerer.set_mix` validates a new mix and ``copy_``-es it into the preallocated
   weights, so mixes change between (or during) ``generate`` calls without reinstalling.
+* A mix with levels, caps or floors (``"sadness@1.5"``, ``"anger<=0.5"``; calibrated units)
+  adds, at each steered layer, the op's ``bounds [B, 2, K]`` (``μ_l + z σ_l`` from the bank's
+  neutral baseline, preallocated like the weights) and the Gram matrix of the layer's unit
+  directions (computed once); a mix without them calls the op exactly as before.
 
 Units and spreading over layers
 -------------------------------
@@ -67,11 +71,11 @@ from torch import nn
 
 from emokern.errors import failing
 from emokern.models import decoder_layers
-from emokern.ops import RunningProjections, resolve_backend, runner_for
+from emokern.ops import RunningProjections, resolve_backend, runner_for, unit_gram
 from emokern.steering.adapters import ForwardInputs, layers_owner, module_device, past_length
 from emokern.steering.config import POSITIONS, SPREADS, SteeringConfig, check_layers
 from emokern.steering.control import Controller
-from emokern.steering.mix import mix_to_weights
+from emokern.steering.mix import mix_to_edits, mix_to_weights, raw_bounds
 from emokern.steering.monitor import Monitor
 
 fail = failing("emokern.steer")
@@ -132,7 +136,7 @@ class Steerer:
             mix = torch.zeros_like(targets)
         elif mix is None:
             fail(TypeError, "steer needs mix= (one dict of weights per sequence) or target=")
-        weights = mix_to_weights(mix, names, recommended=bank.recommended_weight)
+        weights, z_bounds = _edits(bank, names, mix)
         reads = config.reads or target is not None
         watched = config.monitor_layers if reads else ()
 
@@ -176,6 +180,13 @@ class Steerer:
                 fail(ValueError, f"the bank's vector of {names[k]!r} at layer {layer} has zero "
                                  f"or non-finite norm")
             self._vectors.append(vectors)
+        # Levels and bounds: the neutral baseline of each steered layer (calibrated units to
+        # raw ones) and the Gram matrix of its unit directions, made when a mix first needs them.
+        self._grams: dict[int, torch.Tensor] = {}
+        self._neutral: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._z_bounds = None
+        self._bounds = None
+        raw = self._raw_bounds(z_bounds)
 
         self._handles: list = []
         self._trajectory: list[torch.Tensor] = []
@@ -184,16 +195,41 @@ class Steerer:
         self.controller = None
         if target is not None:
             self.controller = Controller(self, target, targets, control)
-        self._allocate(weights)
+        self._allocate(weights, z_bounds, raw)
         self.monitor = Monitor(self) if config.reads else None
 
     # ------------------------------------------------------------------------- buffers
 
-    def _allocate(self, weights: torch.Tensor) -> None:
+    def _raw_bounds(self, z_bounds: torch.Tensor | None) -> list | None:
+        """Per hooked slot, ``z_bounds [B, 2, K]`` (standard scores) as raw bounds on the
+        slot's device, ``μ + zσ`` from the bank's neutral baseline at the slot's layer (None
+        for slots that only read); None when the mix has no level or bound. Validates only:
+        nothing of the steerer changes."""
+        if z_bounds is None:
+            return None
+        out = []
+        for slot, (layer, device) in enumerate(zip(self._slot_layers, self._devices,
+                                                   strict=True)):
+            if not self._steered[slot]:
+                out.append(None)
+                continue
+            if slot not in self._neutral:
+                mean, std = self.bank.neutral_stats([layer])
+                cols = torch.tensor([self.bank.index(n) for n in self.names], device=mean.device)
+                self._neutral[slot] = (mean[0, cols].to(device), std[0, cols].to(device))
+                self._grams[slot] = unit_gram(self._vectors[slot]).to(device)
+            mean, std = self._neutral[slot]
+            out.append(raw_bounds(z_bounds, mean, std, names=self.names, layers=[layer])
+                       .contiguous())
+        return out
+
+    def _allocate(self, weights: torch.Tensor, z_bounds: torch.Tensor | None = None,
+                  raw: list | None = None) -> None:
         """Preallocate everything the decode step touches, for batch ``weights.shape[0]``."""
         batch, n_emotions = weights.shape
         self.batch_size = batch
         self._weights = weights  # user units, on CPU; what set_mix replaced last
+        self._z_bounds, self._bounds = z_bounds, raw
         self._applied = {}
         self._zeros = {}
         self._decode_mask = {}
@@ -237,8 +273,11 @@ class Steerer:
                 else (None, None, None)
             watched_index += int(watched)
             if steer_on:
+                # Levels and bounds only when the mix has some: otherwise the op's arguments
+                # (and its cost) are those of a plain push.
+                leveled = () if self._bounds is None else (self._bounds[slot], self._grams[slot])
                 calls.append((self._vectors[slot], self._applied[device], mask,
-                              self.norm_preserving, out, *running))
+                              self.norm_preserving, out, *running, *leveled))
             elif count_on:
                 # Count without steering: zero weights add exactly 0.0 to every masked row.
                 calls.append((self._vectors[slot], self._zeros[device], mask, False, out,
@@ -255,28 +294,59 @@ class Steerer:
 
     @property
     def weights(self) -> torch.Tensor:
-        """The current mix as weights ``[B, K]`` over :attr:`names`, in the bank's units."""
+        """The current mix's push weights ``[B, K]`` over :attr:`names`, in the bank's
+        units."""
         return self._weights.clone()
+
+    @property
+    def z_bounds(self) -> torch.Tensor | None:
+        """The current mix's levels and bounds ``[B, 2, K]`` (lower, upper) in calibrated
+        units (standard scores against the bank's neutral baseline; ``±inf`` open), or None
+        when it has none."""
+        return None if self._z_bounds is None else self._z_bounds.clone()
+
+    @property
+    def bounds(self) -> dict[int, torch.Tensor] | None:
+        """Per steered layer, the raw bounds ``[B, 2, K]`` the op applies there
+        (:func:`~emokern.steering.mix.raw_bounds`: ``μ_l + z σ_l``), CPU copies; None when the
+        mix has no level or bound."""
+        if self._bounds is None:
+            return None
+        return {layer: raw.to("cpu").clone()
+                for layer, raw in zip(self._slot_layers, self._bounds, strict=True)
+                if raw is not None}
 
     def set_mix(self, mix) -> None:
         """Replace every sequence's mix without reinstalling.
 
         Validates ``mix`` like :func:`steer` (raising before anything changes), then
-        ``copy_``-es the new weights into the preallocated tensors the hooks read, so it is safe
-        between ``generate`` calls and also during one (e.g. from a ``LogitsProcessor``): the
-        next forward uses the new mix. A mix with a different number of rows reallocates the
-        buffers and restarts the monitor (do that between ``generate`` calls).
+        ``copy_``-es the new weights (and bounds) into the preallocated tensors the hooks read,
+        so it is safe between ``generate`` calls and also during one (e.g. from a
+        ``LogitsProcessor``): the next forward uses the new mix. A mix with a different number
+        of rows reallocates the buffers and restarts the monitor (do that between ``generate``
+        calls); so does, for the op's arguments only, a mix that brings the first levels or
+        bounds or drops the last ones.
         """
-        weights = mix_to_weights(mix, self.names, recommended=self.bank.recommended_weight)
+        weights, z_bounds = _edits(self.bank, self.names, mix)
         if self.controller is not None:
             fail(ValueError, "this steerer sets its weights from target= (closed loop); "
                              "change the levels with set_target")
+        raw = self._raw_bounds(z_bounds)
         if weights.shape[0] != self.batch_size:
-            self._allocate(weights)
+            self._allocate(weights, z_bounds, raw)
             return
         self._weights = weights
         for applied in self._applied.values():
             applied.copy_(weights * self.config.scale)
+        if raw is not None and self._bounds is not None:
+            for buffer, new in zip(self._bounds, raw, strict=True):
+                if buffer is not None:
+                    buffer.copy_(new)
+            self._z_bounds = z_bounds
+        elif raw is not None or self._bounds is not None:
+            self._z_bounds, self._bounds = z_bounds, raw
+            self._decode_calls = self._calls(prompt_forward=False, masks=self._decode_mask,
+                                             no_rows=self._no_rows, proj_out=self._step_proj)
 
     def set_target(self, target) -> None:
         """Replace the closed-loop levels (same batch size; see :func:`steer`'s ``target``);
@@ -508,6 +578,21 @@ class Steerer:
                 f"spread={self.spread!r}, {state})")
 
 
+def _edits(bank, names, mix) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A batch of mixes as push weights and calibrated bounds
+    (:func:`~emokern.steering.mix.mix_to_edits`, ``rec`` = the emotion's recipe,
+    :meth:`EmotionBank.recommended`); levels and bounds need the bank's neutral baseline."""
+    weights, z_bounds = mix_to_edits(mix, names, recommended=bank.recommended)
+    if z_bounds is not None and not bank.calibrated:
+        open_ = torch.tensor([-float("inf"), float("inf")])[:, None]
+        row, k = (int(i) for i in (z_bounds != open_).any(dim=1).nonzero()[0])
+        fail(ValueError, f"mix[{row}][{names[k]!r}] asks for a level or bound, in standard "
+                         f"scores against the bank's neutral baseline, and this bank has none "
+                         f"(neutral_mean/neutral_std; emokern.extract.neutral_baseline adds "
+                         f"one)")
+    return weights, z_bounds
+
+
 def steer(model: nn.Module, bank, mix=None, *, target=None, control=None,
           config: SteeringConfig | None = None, **settings) -> Steerer:
     r"""Steer ``model`` with one emotion mix per sequence; a context manager.
@@ -529,13 +614,18 @@ def steer(model: nn.Module, bank, mix=None, *, target=None, control=None,
         :func:`emokern.models.decoder_layers`.
     bank : EmotionBank
         Vectors extracted from this model (checked with ``bank.check_compatible(model)``).
-    mix : list of dict or Tensor [B, K]
-        One dict per sequence (emotion → weight; 1.0 = one vector as extracted; negative
-        weights suppress; ``"rec"`` = the emotion's recommended weight,
-        ``bank.recommended_weight(name)``; ``{}`` leaves the row unsteered), or float weights
-        whose columns
+    mix : list of (dict or str), or Tensor [B, K]
+        One mix per sequence in the grammar of :mod:`emokern.steering.mix`: a dict (emotion →
+        push weight, 1.0 = one vector as extracted, negative suppresses; ``"rec"`` = the
+        emotion's recipe, ``bank.recommended(name)``, a push or a level; ``"erase"``; or
+        ``{"weight", "level", "min", "max"}``) or a mix string (``"joy=2,sadness@1.5,
+        anger<=0.5"``); ``{}`` leaves the row unsteered. Or float push weights whose columns
         follow ``emotions`` (default ``bank.names``). ``B`` must equal the batch of every
-        forward.
+        forward. Levels, caps and floors are standard scores against the bank's neutral
+        baseline (a calibrated bank): at steered layer ``l`` the op gets raw bounds
+        ``μ_l + z σ_l`` (:attr:`Steerer.bounds`) and the Gram matrix of the directions, and
+        sets every covered token's projection exactly after the pushes (``docs/design.md``
+        §2; they are the same on every layer, not spread).
     layers : "auto" or list of int
         Decoder layers (0-based) to steer; "auto" = ``bank.recommended_layers``. Each must be
         in the bank and in the model.
@@ -590,7 +680,8 @@ def steer(model: nn.Module, bank, mix=None, *, target=None, control=None,
     Raises
     ------
     TypeError, ValueError
-        Before anything is installed: unknown emotion, non-finite weight, bad ``layers``,
+        Before anything is installed: unknown emotion, non-finite weight, a malformed or
+        conflicting mix term, a level or bound with an uncalibrated bank, bad ``layers``,
         ``monitor_layers`` or ``positions``, both or neither of ``mix`` and ``target``, a
         target for an emotion the bank lacks or with an uncalibrated bank, a bank for another
         model, an unsupported architecture. A forward whose

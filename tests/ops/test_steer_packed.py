@@ -11,9 +11,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import emokern
-from emokern.ops import RunningProjections, ref_steer_, ref_steer_packed_, steer_packed_
+from emokern.ops import RunningProjections, build, ref_steer_, ref_steer_packed_, steer_packed_
 
 EPS = 1e-6
+#: The backends every test that checks values runs on (Triton, under the interpreter: only
+#: test_every_backend_matches_the_reference, it is slow). Named explicitly: a test without a
+#: backend runs whatever the dispatcher picks and would not say which one it checked.
+COMPILED = [b for b in ("cpu",) if build.load_cpu()]
+BACKENDS = ["reference", *COMPILED]
+#: Tolerance of a storage dtype against the float64 definition (one rounding of O(10) values).
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-4), torch.bfloat16: dict(rtol=1e-2, atol=6e-2),
+       torch.float16: dict(rtol=2e-3, atol=1e-2)}
 
 
 def literal_packed(hidden, residual, vectors, slot_weights, token_slot, norm_preserving):
@@ -83,31 +91,41 @@ def test_reference_matches_the_literal_semantics(n, dim, k, slots, extra, residu
         assert torch.equal(res, res_before), "residual is read, never written"
 
 
-def test_tokens_without_a_slot_are_bit_identical():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tokens_without_a_slot_are_bit_identical(backend):
     hidden, res, vectors, weights, _ = make_case(9, 33, 3, 2)
     token_slot = torch.full((9,), -1, dtype=torch.int32)
     token_slot[4] = 1
+    want = literal_packed(hidden, res, vectors, weights, token_slot, False)[0]
     before = hidden.clone()
-    steer_packed_(hidden, vectors, weights, token_slot, residual=res)
+    steer_packed_(hidden, vectors, weights, token_slot, residual=res, backend=backend)
     keep = torch.arange(9) != 4
     assert torch.equal(hidden[keep], before[keep])
+    torch.testing.assert_close(hidden[4].double(), want[4], rtol=1e-5, atol=1e-5)
     assert not torch.equal(hidden[4], before[4])
 
 
-def test_split_stream_becomes_the_steered_stream():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_split_stream_becomes_the_steered_stream(backend):
     hidden, res, vectors, weights, _ = make_case(5, 16, 2, 1)
     token_slot = torch.zeros(5, dtype=torch.int32)
-    stream = hidden + res
-    steer_packed_(hidden, vectors, weights, token_slot, residual=res)
-    torch.testing.assert_close(hidden + res, stream + weights[0] @ vectors)
+    stream = hidden.double() + res.double()  # the definition, by hand, in float64
+    steer_packed_(hidden, vectors, weights, token_slot, residual=res, backend=backend)
+    torch.testing.assert_close(hidden.double() + res.double(),
+                               stream + weights[0].double() @ vectors.double(),
+                               rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("masked", [False, True])
-def test_batched_op_is_the_packed_op_with_one_slot_per_sequence(dtype, masked):
+def test_batched_op_is_the_packed_op_with_one_slot_per_sequence(backend, dtype, masked):
+    """``steer_`` on ``[B, T, D]`` and ``steer_packed_`` on its rows with slot ``b`` per row
+    (-1 where masked out), each against the float64 packed definition (not against each
+    other: the batched reference is built on the packed one)."""
     g = torch.Generator().manual_seed(1)
     batch, seq, dim, k = 3, 5, 24, 4
-    hidden = torch.randn(batch, seq, dim, generator=g).to(dtype)
+    hidden = (torch.randn(batch, seq, dim, generator=g) * 3).to(dtype)
     vectors = torch.randn(k, dim, generator=g)
     weights = torch.randn(batch, k, generator=g)
     mask = torch.rand(batch, seq, generator=g) > 0.4 if masked else None
@@ -115,23 +133,38 @@ def test_batched_op_is_the_packed_op_with_one_slot_per_sequence(dtype, masked):
     token_slot = torch.arange(batch, dtype=torch.int32).repeat_interleave(seq)
     if mask is not None:
         token_slot = torch.where(mask.reshape(-1), token_slot, -1)
+    want_h, want_p, want_sum, want_count, want_last = literal_packed(
+        packed, None, vectors, weights, token_slot, True)
     run_a, run_b = RunningProjections(batch, k), RunningProjections(batch, k)
-    ref_steer_(hidden, vectors, weights, mask, True, None, *run_a.tensors())
-    ref_steer_packed_(packed, None, vectors, weights, token_slot, True, None, *run_b.tensors())
-    assert torch.equal(hidden.reshape(batch * seq, dim), packed)
-    assert torch.equal(run_a.count, run_b.count)
-    torch.testing.assert_close(run_a.sum, run_b.sum)
-    torch.testing.assert_close(run_a.last, run_b.last, equal_nan=True)
+    proj_a, proj_b = torch.zeros(batch, seq, k), torch.zeros(batch * seq, k)
+    emokern.steer_(hidden, vectors, weights, mask=mask, norm_preserving=True, proj_out=proj_a,
+                   running=run_a, backend=backend)
+    steer_packed_(packed, vectors, weights, token_slot, norm_preserving=True, proj_out=proj_b,
+                  running=run_b, backend=backend)
+    tol = TOL[dtype]
+    for got_h, got_p, run in ((hidden.reshape(batch * seq, dim), proj_a.reshape(-1, k), run_a),
+                              (packed, proj_b, run_b)):
+        torch.testing.assert_close(got_h.double(), want_h, **tol)
+        # Projections read the storage-dtype input and are computed in float32.
+        torch.testing.assert_close(got_p.double(), want_p, rtol=1e-5, atol=1e-4)
+        assert torch.equal(run.count, want_count)
+        torch.testing.assert_close(run.sum.double(), want_sum, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(run.last.double(), want_last, rtol=1e-5, atol=1e-4,
+                                   equal_nan=True)
+    # Unsteered rows bit-identical in both layouts.
+    keep = token_slot < 0
+    assert torch.equal(packed[keep], hidden.reshape(batch * seq, dim)[keep])
 
 
 def test_strided_batched_hidden_is_written_in_place():
+    """The batched reference on rows that a view cannot flatten works on a copy: the result
+    must land in the caller's strided tensor."""
     base = torch.randn(5, 3, 16)
     hidden = base.transpose(0, 1)  # [3, 5, 16], rows not flattenable by a view
-    want = hidden.clone()
     vectors, weights = torch.randn(2, 16), torch.randn(3, 2)
-    ref_steer_(want, vectors, weights)
+    want = hidden.double() + (weights.double() @ vectors.double())[:, None, :]
     ref_steer_(hidden, vectors, weights)
-    assert torch.equal(base.transpose(0, 1), want)
+    torch.testing.assert_close(base.transpose(0, 1).double(), want, rtol=1e-5, atol=1e-5)
 
 
 BAD = [
@@ -190,11 +223,10 @@ def test_opcheck_and_compile_fullgraph():
                                         *running.tensors())
         return h
 
-    eager = hidden.clone()
-    ref_steer_packed_(eager, res, vectors, weights, token_slot, False, None, None, None, None)
+    want = literal_packed(hidden, res, vectors, weights, token_slot, False)[0]
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     out = compiled(hidden.clone(), res)
-    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-4)
 
 
 def test_public_api_exports():

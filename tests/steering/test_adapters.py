@@ -53,25 +53,30 @@ def test_module_device_falls_back_without_parameters():
 
 
 def test_forward_inputs_reads_the_cache_under_either_name():
-    from emokern.steering.adapters import ForwardInputs
-
-    def new_forward(input_ids=None, attention_mask=None, cache=None):
+    def new_forward(input_ids=None, attention_mask=None, cache=None, use_cache=None):
         pass
 
-    def old_forward(input_ids=None, past_key_values=None, attention_mask=None):
+    def old_forward(input_ids=None, past_key_values=None, attention_mask=None, use_cache=None):
         pass
 
-    cache, mask = object(), object()
     # (forward, position of its cache argument, position of its attention mask)
     for forward, cache_at, mask_at in ((new_forward, 2, 1), (old_forward, 1, 2)):
         inputs = ForwardInputs(forward)
-        # A keyword is read under either name, whatever the forward calls it.
-        assert inputs.get("past_key_values", (), {"cache": cache}) is cache
-        assert inputs.get("past_key_values", (), {"past_key_values": cache}) is cache
-        # Positionally, each forward's own order decides.
-        args = [None, None, None]
-        args[cache_at], args[mask_at] = cache, mask
-        assert inputs.get("past_key_values", tuple(args), {}) is cache
-        assert inputs.get("attention_mask", tuple(args), {}) is mask
-        assert inputs.get("past_key_values", tuple(args[:cache_at]), {}) is None
+        # A distinct object at every position: reading the wrong position (the other
+        # forward's order, an off-by-one, a clamp to the last argument) returns the wrong one.
+        args = tuple(object() for _ in range(4))
+        ids, mask, cache = args[0], args[mask_at], args[cache_at]
+        assert inputs.position == {"input_ids": 0, "attention_mask": mask_at,
+                                   "past_key_values": cache_at}
+        assert inputs.get("input_ids", args, {}) is ids
+        assert inputs.get("past_key_values", args, {}) is cache
+        assert inputs.get("attention_mask", args, {}) is mask
+        # A keyword is read under either name, whatever the forward calls it, and wins over
+        # the positions.
+        other = object()
+        assert inputs.get("past_key_values", args, {"cache": other}) is other
+        assert inputs.get("past_key_values", args, {"past_key_values": other}) is other
+        assert inputs.get("past_key_values", (), {"cache": other}) is other
+        # Arguments that stop before the cache's position: no cache, whatever came before.
+        assert inputs.get("past_key_values", args[:cache_at], {}) is None
         assert inputs.get("past_key_values", (), {}) is None

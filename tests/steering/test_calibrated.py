@@ -1,15 +1,18 @@
-"""Readings in calibrated units at chosen monitor layers and ``"rec"`` weights, on the tiny
-models (the closed-loop ``target=`` controller: ``test_control.py``; the ``calibrated``
-fixture: ``conftest.py``)."""
+"""Calibrated units on the tiny models: readings at chosen monitor layers, ``"rec"`` weights,
+and levels, caps and floors in standard scores (the closed-loop ``target=`` controller:
+``test_control.py``; the ``calibrated`` fixture: ``conftest.py``)."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
 import torch
 from helpers import random_bank
-from steering_helpers import encode, greedy, neutral_baseline
+from steering_helpers import Capture, encode, greedy, neutral_baseline
 
+from emokern.models import decoder_layers
 from emokern.steering import generate, mix_to_weights, parse_mix, steer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -132,3 +135,117 @@ def test_default_model_calibrated_readings_rec_and_targets():
     weights = [r["weights"]["sadness"] for r in rows]
     readings = [r["readings"]["sadness"] for r in rows]
     assert min(weights[2:]) > max(weights[:2]) and min(readings[2:]) > max(readings[:2])
+
+
+# ------------------------------------------------------------------- levels and bounds
+# The CPU/Triton/CUDA kernels take bounds later; the reference backend has them now.
+
+
+def _projections(hidden, bank, layer):
+    return hidden.float() @ _unit(bank, layer).T  # [B, T, K]
+
+
+def test_levels_caps_and_floors_land_on_calibrated_targets_at_every_steered_layer(calibrated):
+    model, tokenizer, bank = calibrated
+    encoded = encode(tokenizer)
+    real = encoded["attention_mask"].bool()
+    mu, sigma = neutral_baseline(bank.n_layers, bank.n_emotions)
+    joy, sad, fear = (bank.index(n) for n in ("joy", "sadness", "fear"))
+    mixes = ["sadness@1.5", {}, {"fear": {"max": -1.0}, "joy": {"weight": 1.0, "min": 0.5}}]
+    captures = [Capture(decoder_layers(model)[layer]) for layer in (1, 2)]
+    s = steer(model, bank, mixes, layers=[1, 2], backend="reference")
+    assert torch.equal(s.weights, torch.tensor([[0.0] * 3, [0.0] * 3, [1.0, 0.0, 0.0]]))
+    assert s.z_bounds[0, :, sad].tolist() == [1.5, 1.5]
+    assert s.z_bounds[2, :, fear].tolist() == [-math.inf, -1.0]
+    assert s.z_bounds[1].isinf().all()
+    assert set(s.bounds) == {1, 2}
+    for layer, raw in s.bounds.items():  # mu + z sigma of each layer: not the same
+        assert raw[0, 0, sad].item() == pytest.approx(mu[layer, sad] + 1.5 * sigma[layer, sad])
+        assert raw[2, 0, joy].item() == pytest.approx(mu[layer, joy] + 0.5 * sigma[layer, joy])
+    with s, torch.inference_mode():
+        for capture in captures:
+            capture.attach_after()
+        model(**encoded)
+    for capture in captures:
+        capture.remove()
+    for layer, capture in zip((1, 2), captures, strict=True):
+        before, after = capture.before[0], capture.after[0]
+        p = _projections(after, bank, layer)
+        target = mu[layer, sad] + 1.5 * sigma[layer, sad]
+        torch.testing.assert_close(p[0][real[0]][:, sad], torch.full_like(p[0][real[0]][:, sad],
+                                   target), atol=1e-4, rtol=1e-5)
+        assert torch.equal(after[1], before[1])  # {}: untouched
+        rows, cap = p[2][real[2]], mu[layer, fear] - sigma[layer, fear]
+        assert (_projections(before, bank, layer)[2][real[2]][:, fear] > cap).any()  # it bites
+        assert (rows[:, fear] <= cap + 1e-4).all()
+        assert (rows[:, joy] >= mu[layer, joy] + 0.5 * sigma[layer, joy] - 1e-4).all()
+
+
+def test_levels_hold_on_generated_tokens_and_set_mix_adds_and_drops_them(calibrated):
+    model, tokenizer, bank = calibrated
+    encoded = encode(tokenizer)
+    mu, sigma = neutral_baseline(bank.n_layers, bank.n_emotions)
+    fear = bank.index("fear")
+    s = steer(model, bank, [{"joy": 1.0}, {}, {}], layers=[1], positions="generated",
+              backend="reference")
+    assert s.bounds is None and s.z_bounds is None
+    s.set_mix([{"joy": 1.0}, "fear=erase", {}])  # the first bounds: the decode calls change
+    capture = Capture(decoder_layers(model)[1])
+    with s:
+        capture.attach_after()
+        greedy(model, tokenizer, encoded, new_tokens=3)
+    capture.remove()
+    decode = [(b, a) for b, a in zip(capture.before, capture.after, strict=True)
+              if a.shape[1] == 1]
+    assert len(decode) == 2 and torch.equal(capture.before[0], capture.after[0])  # prompt
+    for before, after in decode:
+        p = _projections(after, bank, 1)
+        assert p[1, 0, fear].item() == pytest.approx(mu[1, fear], abs=1e-4)  # erased
+        assert torch.equal(before[2], after[2])
+    s.set_mix([{"joy": 2.0}, {}, {}])  # the last bounds dropped
+    assert s.bounds is None and s.weights[0, 0] == 2.0
+    with s:
+        greedy(model, tokenizer, encoded, new_tokens=2)
+
+
+def test_a_level_recipe_is_what_rec_means_and_bad_mixes_change_nothing(calibrated):
+    model, _, bank = calibrated
+    leveled = bank.replace(metadata={"recommended_weights": {
+        "joy": {"mode": "level", "level": 2.0}, "fear": {"weight": 0.5}}})
+    s = steer(model, leveled, [{"joy": "rec", "fear": "rec"}, "joy=rec,fear<=1"],
+              layers=[1], backend="reference")
+    assert s.weights.tolist() == [[0.0, 0.0, 0.5], [0.0, 0.0, 0.0]]
+    assert s.z_bounds[0, :, 0].tolist() == [2.0, 2.0]
+    assert s.z_bounds[1, :, 0].tolist() == [2.0, 2.0] and s.z_bounds[1, 1, 2] == 1.0
+    with pytest.raises(ValueError, match=r"mix\[0\]\['joy'\] is 'rec', and the recipe of 'joy' "
+                                         r"is a level \(z = 2\), which cannot go with a cap"):
+        steer(model, leveled, [{"joy": {"weight": "rec", "max": 3}}], layers=[1])
+    weights, bounds = s.weights, s.bounds
+    for bad, exc, message in (
+            ([{"joy": 1.0}, {"fear": {"min": 2, "max": 1}}], ValueError,
+             r"mix\[1\]\['fear'\] has a floor above its cap"),
+            ([{"joy": 1.0}, "sadness@1,sadness=2"], ValueError,
+             r"mix\[1\]: 'sadness' .* has a level and a push"),
+            ([{"joy": 1.0}, {"fear": {"level": 3e38}}], ValueError,
+             r"mix\[1\]\['fear'\]: z = 3e\+38 is .* at layer 1, outside float32"),
+            ([{"joy": 1.0}, {"fear": {"lvl": 1}}], ValueError, r"unknown field\(s\) \['lvl'\]"),
+            ([{"joy": 1.0}, {"fear": {"level": "high"}}], TypeError,
+             r"mix\[1\]\['fear'\]\['level'\] must be a number")):
+        with pytest.raises(exc, match=message):
+            s.set_mix(bad)
+        assert torch.equal(s.weights, weights)  # nothing half-applied
+        assert all(torch.equal(bounds[k], s.bounds[k]) for k in bounds)
+    uncalibrated = random_bank(model)
+    with pytest.raises(ValueError, match=r"mix\[1\]\['sadness'\] asks for a level or bound.*"
+                                         r"this bank has none"):
+        steer(model, uncalibrated, [{"joy": 1}, {"sadness": "erase"}], layers=[1])
+
+
+def test_generate_with_levels(calibrated, monkeypatch):
+    model, tokenizer, bank = calibrated
+    monkeypatch.setenv("EMOKERN_BACKEND", "reference")
+    rows = generate(model, tokenizer, bank, "Hi", ["sadness@8", {}, "joy=1,joy<=0"],
+                    max_new_tokens=3, layers=[1])
+    assert [r["mix"] for r in rows] == [{"sadness": {"level": 8.0}}, {},
+                                        {"joy": {"weight": 1.0, "max": 0.0}}]
+    assert rows[0]["readings"]["sadness"] != rows[1]["readings"]["sadness"]

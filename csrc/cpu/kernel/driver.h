@@ -59,6 +59,9 @@ struct Scratch {
   Buffer<float> zeros;   // [D16] padding vector of the sweeps
   Buffer<V16> acc;       // [kBlock, K] lane accumulators
   Buffer<float> dots;    // [kBlock, K]
+  Buffer<float> level;   // level_row's work, then the coefficients of a row's correction
+  Buffer<int32_t> level_idx;
+  Buffer<const float*> level_vecs;
   // Per call, on the calling thread:
   Buffer<float> packed;  // vectors, panel-major
   Buffer<float> table;   // [S, D16] offsets per slot
@@ -125,8 +128,9 @@ void process_block(const Plan& L, int64_t i0, int n, const int64_t* slot, float*
     delta[r] = nullptr;
   }
   // Offsets: from the table, or computed here once per distinct slot of the block (decode),
-  // or, decode on the tiles without norm preservation, in registers while writing (below).
-  const bool fused_write = L.table == nullptr && !P.norm_preserving;
+  // or, decode without norm preservation or bounds, in registers while writing (below).
+  const bool leveled = P.bounds != nullptr;
+  const bool fused_write = L.table == nullptr && !P.norm_preserving && !leveled;
   if (fused_write) {
     for (int r = 0; r < n; ++r)
       if (slot[r] >= 0) delta[r] = P.weights;  // only tested against null
@@ -154,9 +158,29 @@ void process_block(const Plan& L, int64_t i0, int n, const int64_t* slot, float*
     if (m > 0) block_deltas(w, m, L.V, K, D, out);
   }
 
+  // Projection bounds: each steered row's correction (level_row) once its projections (and
+  // norm-preserving scale) are known, before anything of it is written.
+  float* level_work = nullptr;
+  float* coef = nullptr;
+  int32_t* idx = nullptr;
+  const float** vk = nullptr;
+  if (leveled) {
+    level_work = s.level.take(size_t(level_work_floats(K) + K));
+    coef = level_work + level_work_floats(K);
+    idx = s.level_idx.take(size_t(K));
+    vk = s.level_vecs.take(size_t(K));
+  }
+  // The correction of row r with scale c: 0 (none) or its number of directions, their raw
+  // vectors in vk and their coefficients in coef.
+  auto level = [&](int r, float c) -> int {
+    const int m = P.level_row(P, slot[r], proj[r], c, coef, idx, level_work);
+    for (int j = 0; j < m; ++j) vk[j] = P.vectors + idx[j] * D;
+    return m;
+  };
+
   if (!L.tiles) {
     // Decode without norm preservation: the offsets come from the weights inside the sweep.
-    const bool dw = L.table == nullptr && !P.norm_preserving;
+    const bool dw = fused_write;
     int kb = !L.need_proj && !dw ? 0 : K <= 1 ? 1 : K <= 2 ? 2 : K <= 4 ? 4 : kSweepMaxK;
     const float* v[kSweepMaxK];
     if (kb > 0) {
@@ -177,12 +201,17 @@ void process_block(const Plan& L, int64_t i0, int n, const int64_t* slot, float*
       }
     }
     const int64_t chunk = kb * D * int64_t(sizeof(float)) <= kSweepL1Bytes ? D : kSweepChunk;
+    // With bounds and without norm preservation the sweeps only read (dot products); the rows
+    // are written below. Norm-preserving sweeps never write.
+    const float* sweep_delta[kBlock];
+    for (int r = 0; r < n; ++r) sweep_delta[r] = leveled && !P.norm_preserving ? nullptr : delta[r];
     SweepState state[kBlock / kSweepRows];
     for (int64_t c0 = 0; c0 < D; c0 += chunk) {
       const int64_t c1 = std::min(D, c0 + chunk);
       for (int r = 0; r < n; r += kSweepRows) {
         SweepState& st = state[r / kSweepRows];
-        const SweepRows<T> rows{h + r, res + r, delta + r, dw ? w + r : nullptr, ahead + r};
+        const SweepRows<T> rows{h + r, res + r, sweep_delta + r, dw ? w + r : nullptr,
+                                ahead + r};
         const bool np = P.norm_preserving, first = c0 == 0;
         if (r + kSweepRows <= n) {
           sweep_kb<T, kSweepRows>(kb, np, dw, rows, v, c0, c1, st, first);
@@ -195,19 +224,33 @@ void process_block(const Plan& L, int64_t i0, int n, const int64_t* slot, float*
       const SweepState& st = state[r / kSweepRows];
       const int rows = std::min(kSweepRows, n - r);
       for (int q = 0; q < rows; ++q) {
-        if (P.norm_preserving && delta[r + q] != nullptr) {
-          const float scale = norm_scale(st.xx[q], st.yy[q]);
-          if (res[r + q] != nullptr) {
-            rescale_row<T, true>(h[r + q], res[r + q], delta[r + q], D, scale);
-          } else {
-            rescale_row<T, false>(h[r + q], nullptr, delta[r + q], D, scale);
-          }
-        }
+        const int i = r + q;
         if (kb > 0 && L.need_proj) {
           float dots[kSweepMaxK];
           hsum16_many(st.a[q], kb, dots);
-          mul_n(dots, P.inv_norm, proj[r + q], K);
+          mul_n(dots, P.inv_norm, proj[i], K);
         }
+        if (delta[i] == nullptr || !(P.norm_preserving || leveled)) continue;
+        const float scale = P.norm_preserving ? norm_scale(st.xx[q], st.yy[q]) : 1.0f;
+        const int m = leveled ? level(i, scale) : 0;
+        const bool with_res = res[i] != nullptr;
+#define EMOKERN_REWRITE(NP)                                                                  \
+  if (m > 0) {                                                                               \
+    if (with_res) level_write_row<T, NP, true, true>(h[i], res[i], nullptr, delta[i], scale,  \
+                                                     m, coef, vk, D);                        \
+    else level_write_row<T, NP, false, true>(h[i], nullptr, nullptr, delta[i], scale, m,     \
+                                             coef, vk, D);                                   \
+  } else if (with_res) {                                                                     \
+    rewrite_row<T, NP, true>(h[i], res[i], delta[i], D, scale);                              \
+  } else {                                                                                   \
+    rewrite_row<T, NP, false>(h[i], nullptr, delta[i], D, scale);                            \
+  }
+        if (P.norm_preserving) {
+          EMOKERN_REWRITE(true)
+        } else {
+          EMOKERN_REWRITE(false)
+        }
+#undef EMOKERN_REWRITE
       }
     }
     return;
@@ -256,13 +299,25 @@ void process_block(const Plan& L, int64_t i0, int n, const int64_t* slot, float*
   for (int r = 0; r < n; ++r) {
     if (delta[r] == nullptr) continue;
     const bool with_res = res[r] != nullptr;
+    const float scale = P.norm_preserving ? row_scale(x[r], delta[r], D) : 1.0f;
+    const int m = leveled ? level(r, scale) : 0;
+#define EMOKERN_WRITE(NP)                                                                    \
+  if (m > 0) {                                                                               \
+    if (with_res) level_write_row<T, NP, true, false>(h[r], res[r], x[r], delta[r], scale, m, \
+                                                      coef, vk, D);                          \
+    else level_write_row<T, NP, false, false>(h[r], nullptr, x[r], delta[r], scale, m, coef, \
+                                              vk, D);                                        \
+  } else if (with_res) {                                                                     \
+    write_row<T, NP, true>(h[r], res[r], x[r], delta[r], D, nullptr, scale);                 \
+  } else {                                                                                   \
+    write_row<T, NP, false>(h[r], nullptr, x[r], delta[r], D, nullptr, scale);               \
+  }
     if (P.norm_preserving) {
-      if (with_res) write_row<T, true, true>(h[r], res[r], x[r], delta[r], D, nullptr);
-      else write_row<T, true, false>(h[r], nullptr, x[r], delta[r], D, nullptr);
+      EMOKERN_WRITE(true)
     } else {
-      if (with_res) write_row<T, false, true>(h[r], res[r], x[r], delta[r], D, nullptr);
-      else write_row<T, false, false>(h[r], nullptr, x[r], delta[r], D, nullptr);
+      EMOKERN_WRITE(false)
     }
+#undef EMOKERN_WRITE
   }
 }
 
@@ -334,7 +389,7 @@ void run(const Problem& P) {
   L.P = &P;
   L.d16 = round16(D);
   L.row_stride = L.d16 + kLanes;
-  L.need_proj = P.proj_out != nullptr || P.run_sum != nullptr;
+  L.need_proj = P.proj_out != nullptr || P.run_sum != nullptr || P.bounds != nullptr;
   const int64_t panel = panel_width(D);
   L.V = VView{P.vectors, panel, panel, D};
 

@@ -2,7 +2,8 @@
 // tiles and their writes), the sweeps for few vectors (one pass per row or row pair that
 // accumulates every dot product and writes the steered row: sweep_rows and its modes,
 // sweep_split and sweep_halves where a logical vector takes several registers, sweep_kb that
-// picks one), and rescale_row, the norm-preserving second pass.
+// picks one), rewrite_row, the second pass over a row the sweep has read (norm preserving, or
+// with projection bounds), and level_write_row, the write of a row that bounds correct.
 //
 // Includes: tiles.h (steered16; and through it sizes.h, vec.h) only. The sweep macros
 // (EMOKERN_SWEEP_STEP, ...) are local to this header.
@@ -26,24 +27,28 @@ inline float norm_scale(const V16& xx, const V16& yy) {
   return std::sqrt(hsum16(xx)) / std::max(std::sqrt(hsum16(yy)), kNormEps);
 }
 
-// Writes a steered row from its float32 x (D16 floats, zero padded) and offset. Norm
-// preserving: ||x||^2 and ||y||^2 first (a pass over L1/L2-resident data).
+// The norm-preserving scale of a row from its float32 x (D16 floats, zero padded) and offset:
+// ||x||^2 and ||y||^2 in the lane order of the sweeps (a pass over L1/L2-resident data).
+inline float row_scale(const float* x, const float* delta, int64_t dim) {
+  const int64_t steps = dim / kLanes, tail = dim % kLanes;
+  V16 xx = zero16(), yy = zero16();
+  for (int64_t s = 0; s <= steps; ++s) {  // the padded tail adds zeros
+    if (s == steps && tail == 0) break;
+    const V16 xv = load16(x + s * kLanes);
+    const V16 yv = add16(xv, load16(delta + s * kLanes));
+    xx = fma16(xv, xv, xx);
+    yy = fma16(yv, yv, yy);
+  }
+  return norm_scale(xx, yy);
+}
+
+// Writes a steered row from its float32 x (D16 floats, zero padded) and offset; NP: scaled by
+// scale_value (row_scale).
 template <typename T, bool NP, bool RES>
 void write_row(T* h, const T* res, const float* x, const float* delta, int64_t dim,
-               const T* ahead) {
-  V16 scale = splat16(1.0f);
+               const T* ahead, float scale_value) {
+  const V16 scale = splat16(NP ? scale_value : 1.0f);
   const int64_t steps = dim / kLanes, tail = dim % kLanes;
-  if constexpr (NP) {
-    V16 xx = zero16(), yy = zero16();
-    for (int64_t s = 0; s <= steps; ++s) {  // the padded tail adds zeros
-      if (s == steps && tail == 0) break;
-      const V16 xv = load16(x + s * kLanes);
-      const V16 yv = add16(xv, load16(delta + s * kLanes));
-      xx = fma16(xv, xv, xx);
-      yy = fma16(yv, yv, yy);
-    }
-    scale = splat16(norm_scale(xx, yy));
-  }
   const V16 none = zero16();
   int64_t s = 0;
   for (; s + 2 <= steps; s += 2) {
@@ -450,8 +455,11 @@ void sweep_kb(int kb, bool np, bool dw, const SweepRows<T>& rows, const float* c
 #undef EMOKERN_SWEEP_ONE
 }
 
-template <typename T, bool RES>
-void rescale_row(T* h, const T* res, const float* delta, int64_t dim, float scale_value) {
+// The second pass over a row the sweep has read (and not written): hidden = (x + delta), times
+// scale_value when NP, minus the residual, x read again from hidden (+ residual). The bits of
+// the sweep's own writes (not NP) or of write_row (NP).
+template <typename T, bool NP, bool RES>
+void rewrite_row(T* h, const T* res, const float* delta, int64_t dim, float scale_value) {
   const V16 scale = splat16(scale_value);
   const V16 none = zero16();
   const int64_t steps = dim / kLanes, tail = dim % kLanes;
@@ -465,21 +473,58 @@ void rescale_row(T* h, const T* res, const float* delta, int64_t dim, float scal
       x0 = add16(x0, r0);
       x1 = add16(x1, r1);
     }
-    store16x2(h + d, steered16<true, RES>(x0, load16(delta + d), scale, r0),
-              steered16<true, RES>(x1, load16(delta + d + kLanes), scale, r1));
+    store16x2(h + d, steered16<NP, RES>(x0, load16(delta + d), scale, r0),
+              steered16<NP, RES>(x1, load16(delta + d + kLanes), scale, r1));
   }
   for (; s < steps; ++s) {
     const int64_t d = s * kLanes;
     const V16 r = RES ? load16(res + d) : none;
     const V16 x = RES ? add16(load16(h + d), r) : load16(h + d);
-    store16(h + d, steered16<true, RES>(x, load16(delta + d), scale, r));
+    store16(h + d, steered16<NP, RES>(x, load16(delta + d), scale, r));
   }
   if (tail > 0) {
     const int64_t d = steps * kLanes;
     const V16 r = RES ? load16(res + d, tail) : none;
     const V16 x = RES ? add16(load16(h + d, tail), r) : load16(h + d, tail);
-    store16(h + d, steered16<true, RES>(x, load16(delta + d), scale, r), tail);
+    store16(h + d, steered16<NP, RES>(x, load16(delta + d), scale, r), tail);
   }
+}
+
+// Projection levels and bounds: the corrected write of a row with m directions to correct
+// (Problem::level_row). For 16 columns, with corr = sum_j coef[j] v_{idx[j]} (j in order, by
+// fused multiply-add from zero):
+//   y = fma(x + delta, c, corr) (NP) or (x + delta) + corr, then y - residual.
+// x is read from hidden (+ residual) where the row is not written yet (XH: the sweeps), else
+// from its float32 copy (D16 floats, zero padded; the tiles), the same values either way.
+template <typename T, bool NP, bool RES, bool XH>
+void level_write_row(T* h, const T* res, const float* xf, const float* delta, float c, int m,
+                     const float* coef, const float* const* vk, int64_t dim) {
+  const V16 scale = splat16(c);
+  const int64_t steps = dim / kLanes, tail = dim % kLanes;
+  auto step = [&](int64_t d, int64_t n) EMOKERN_INLINE {
+    const bool full = n == kLanes;
+    V16 r = zero16(), x;
+    if constexpr (RES) r = full ? load16(res + d) : load16(res + d, n);
+    if constexpr (XH) {
+      x = full ? load16(h + d) : load16(h + d, n);
+      if constexpr (RES) x = add16(x, r);
+    } else {
+      x = load16(xf + d);
+    }
+    V16 corr = zero16();
+    for (int j = 0; j < m; ++j)
+      corr = fma16(splat16(coef[j]), full ? load16(vk[j] + d) : load16(vk[j] + d, n), corr);
+    const V16 y = add16(x, load16(delta + d));
+    V16 out = NP ? fma16(y, scale, corr) : add16(y, corr);
+    if constexpr (RES) out = sub16(out, r);
+    if (full) {
+      store16(h + d, out);
+    } else {
+      store16(h + d, out, n);
+    }
+  };
+  for (int64_t s = 0; s < steps; ++s) step(s * kLanes, kLanes);
+  if (tail > 0) step(steps * kLanes, tail);
 }
 
 }  // namespace CPU_CAPABILITY
