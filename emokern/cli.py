@@ -154,14 +154,21 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from emokern.bank import EmotionBank
     from emokern.models import load_model
     from emokern.steering import generate, parse_mix
+    from emokern.steering.mix import bank_edits, format_mix, mix_to_weights
 
     mixes = [parse_mix(m) for m in args.mix] or [{}]
     targets = [parse_mix(t) for t in args.target or []]
     if targets and args.mix:
         raise ValueError("give --mix or --target, not both")
-    model, tokenizer = load_model(args.model)
     bank = EmotionBank.load_default(args.method) if args.bank == "default" \
         else EmotionBank.load(args.bank)
+    # Every mix checked against the bank (names, recipes, levels on a calibrated bank) before
+    # the model loads.
+    if targets:
+        mix_to_weights(targets, bank.names, "--target")
+    else:
+        bank_edits(bank, mixes, argument="--mix")
+    model, tokenizer = load_model(args.model)
     rows = generate(model, tokenizer, bank, [args.prompt] * len(targets or mixes),
                     None if targets else mixes, target=targets or None,
                     max_new_tokens=args.max_new_tokens, layers=args.layers or "auto",
@@ -170,7 +177,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     for row in rows:
-        mix = ", ".join(f"{k}={v:g}" for k, v in row["mix"].items()) or "(unsteered)"
+        mix = format_mix(row["mix"]) or "(unsteered)"
         if "target" in row:
             mix = "target " + ", ".join(f"{k}={v:g} (mean weight {row['weights'][k]:.2f})"
                                         for k, v in row["target"].items())
@@ -282,11 +289,9 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from emokern.interop.llamacpp import export_main
-    from emokern.steering.mix import parse_mix
 
     args.bank = _load_bank(args.bank)
-    args.mix = parse_mix(args.mix)
-    return export_main(args)
+    return export_main(args)  # the mix string is parsed there, by the mix grammar
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -311,6 +316,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                      port=args.port, extra=args.vllm_args, cuda=cuda)
     print("emokern serve: vLLM " + " ".join(argv), file=sys.stderr)
     return serve(argv, cuda=cuda)
+
+
+#: The mix grammar (emokern.steering.mix), one example of each term, for --mix.
+MIX_HELP = ("one row's mix, terms joined by commas: joy=2 (push), anger=rec (the emotion's "
+            "recipe), sadness@1.5 (level: projection set to z = 1.5), fear=erase (level at the "
+            "neutral mean), anger<=0.5 (cap at z), joy>=1 (floor at z); e.g. "
+            "'joy=2,joy<=3,fear=erase'; levels, caps and floors are standard scores against the "
+            "bank's neutral baseline; or the JSON object form '{\"sadness\": {\"level\": 1.5}}'")
 
 
 def _deprecated_alias(parser: argparse.ArgumentParser, old: str, new: str) -> None:
@@ -377,8 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=("ev", "concept"), default="ev",
                    help="which shipped bank --bank default means")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--mix", action="append", default=[],
-                   help="one row's mix, e.g. joy=2 or sadness=1.5,fear=0.5 (repeat per row)")
+    p.add_argument("--mix", action="append", default=[], help=MIX_HELP + " (repeat per row)")
     p.add_argument("--layers", type=lambda s: [int(x) for x in s.split(",")],
                    help="comma-separated decoder layers (default: the bank's recommendation)")
     p.add_argument("--max-new-tokens", type=int, default=48)
@@ -480,8 +492,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "llama-cli/llama-server --control-vector")
     p.add_argument("--bank", default="default",
                    help="'default' (shipped EV bank), 'ev', 'concept' or a bank .safetensors path")
-    p.add_argument("--mix", required=True, help='the mix folded into the vector, e.g. '
-                   '"joy=2,fear=0.5" (rec = the recommended weight)')
+    p.add_argument("--mix", required=True, help='the pushes folded into the vector, e.g. '
+                   '"joy=2,fear=0.5" (rec = the recommended weight; a control vector is fixed, '
+                   'so levels, caps, floors and erase are refused)')
     p.add_argument("--out", required=True, help="the .gguf file to write (atomically)")
     p.add_argument("--layers", default="auto",
                    help="bank layers >= 1, comma-separated (default: the bank's recommended)")
