@@ -313,7 +313,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     cuda = torch.cuda.is_available()
     argv = vllm_argv(model=args.model, bank=args.bank, layers=args.layers, host=args.host,
-                     port=args.port, extra=args.vllm_args, cuda=cuda)
+                     port=args.port, extra=args.vllm_args, cuda=cuda, levels=args.levels)
     print("emokern serve: vLLM " + " ".join(argv), file=sys.stderr)
     return serve(argv, cuda=cuda)
 
@@ -486,6 +486,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="steered decoder layers, comma-separated (default: the bank's)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--levels", action="store_true",
+                   help="accept levels, caps, floors and erase in request mixes (e.g. "
+                        "sadness@1.5, anger<=0.5; a calibrated bank)")
     p.set_defaults(func=_cmd_serve, vllm_args=[])
 
     p = sub.add_parser("export", help="write a mix as a llama.cpp control vector (GGUF), for "
