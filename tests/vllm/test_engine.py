@@ -195,12 +195,11 @@ def _cpu_kernel_takes_bounds() -> bool:
     return True
 
 
-def test_a_level_request_steers_as_the_hugging_face_steerer(model_dir, reference, monkeypatch):
+def test_a_level_request_steers_as_the_hugging_face_steerer(model_dir, monkeypatch):
     """An engine with levels on: a level and a cap in one request (calibrated units) give the
-    tokens and readings of emokern.steer with the same mix; a push beside it in the batch is
-    untouched by them. (Until the CPU kernel takes bounds, the engine runs the reference op,
+    tokens and readings of emokern.steer with the same mix; the unsteered request beside it in
+    the batch differs. (Until the CPU kernel takes bounds, the engine runs the reference op,
     eagerly.)"""
-    prompts, expected = reference
     options = {}
     if not _cpu_kernel_takes_bounds():
         monkeypatch.setenv("EMOKERN_BACKEND", "reference")  # inherited by vLLM's processes
@@ -209,11 +208,16 @@ def test_a_level_request_steers_as_the_hugging_face_steerer(model_dir, reference
                    additional_config={"emokern": {"bank": "default", "monitor": True,
                                                   "levels": True}})
     monkeypatch.delenv("EMOKERN_BACKEND", raising=False)
+    prompts = _prompts(llm.get_tokenizer())
     try:
         mix = "sadness@6,joy<=-1"
-        outs, tokens = _generate(llm, prompts[:2], [mix, None])
-        assert tokens[0] != expected[0] and tokens[1] == expected[1]
+        params = [vllm.SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True,
+                                      extra_args=extra) for extra in ({"emotion": mix}, None)]
+        outs = llm.generate([prompts[0]] * 2, params, use_tqdm=False)
+        tokens = [list(o.outputs[0].token_ids) for o in outs]
+        assert tokens[0] != tokens[1]
         reading = emokern.vllm.readings(llm, outs)[outs[0].request_id]
+        assert reading["count"] == MAX_TOKENS - 1
     finally:
         _close(llm)
     model, _ = emokern.load_model("default")
