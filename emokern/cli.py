@@ -176,14 +176,21 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from emokern.bank import EmotionBank
     from emokern.models import load_model
     from emokern.steering import generate, parse_mix
+    from emokern.steering.mix import bank_edits, format_mix, mix_to_weights
 
     mixes = [parse_mix(m) for m in args.mix] or [{}]
     targets = [parse_mix(t) for t in args.target or []]
     if targets and args.mix:
         raise ValueError("give --mix or --target, not both")
-    model, tokenizer = load_model(args.model)
     bank = EmotionBank.load_default(args.method) if args.bank == "default" \
         else EmotionBank.load(args.bank)
+    # Every mix checked against the bank (names, recipes, levels on a calibrated bank) before
+    # the model loads.
+    if targets:
+        mix_to_weights(targets, bank.names, "--target")
+    else:
+        bank_edits(bank, mixes, argument="--mix")
+    model, tokenizer = load_model(args.model)
     rows = generate(model, tokenizer, bank, [args.prompt] * len(targets or mixes),
                     None if targets else mixes, target=targets or None,
                     max_new_tokens=args.max_new_tokens, layers=args.layers or "auto",
@@ -192,7 +199,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     for row in rows:
-        mix = ", ".join(f"{k}={v:g}" for k, v in row["mix"].items()) or "(unsteered)"
+        mix = format_mix(row["mix"]) or "(unsteered)"
         if "target" in row:
             mix = "target " + ", ".join(f"{k}={v:g} (mean weight {row['weights'][k]:.2f})"
                                         for k, v in row["target"].items())
@@ -304,11 +311,9 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from emokern.interop.llamacpp import export_main
-    from emokern.steering.mix import parse_mix
 
     args.bank = _load_bank(args.bank)
-    args.mix = parse_mix(args.mix)
-    return export_main(args)
+    return export_main(args)  # the mix string is parsed there, by the mix grammar
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -330,9 +335,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     cuda = torch.cuda.is_available()
     argv = vllm_argv(model=args.model, bank=args.bank, layers=args.layers, host=args.host,
-                     port=args.port, extra=args.vllm_args, cuda=cuda)
+                     port=args.port, extra=args.vllm_args, cuda=cuda, levels=args.levels)
     print("emokern serve: vLLM " + " ".join(argv), file=sys.stderr)
     return serve(argv, cuda=cuda)
+
+
+#: The mix grammar (emokern.steering.mix), one example of each term, for --mix.
+MIX_HELP = ("one row's mix, terms joined by commas: joy=2 (push), anger=rec (the emotion's "
+            "recipe), sadness@1.5 (level: projection set to z = 1.5), fear=erase (level at the "
+            "neutral mean), anger<=0.5 (cap at z), joy>=1 (floor at z); e.g. "
+            "'joy=2,joy<=3,fear=erase'; levels, caps and floors are standard scores against the "
+            "bank's neutral baseline; or the JSON object form '{\"sadness\": {\"level\": 1.5}}'")
 
 
 def _deprecated_alias(parser: argparse.ArgumentParser, old: str, new: str) -> None:
@@ -413,8 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=("ev", "concept"), default="ev",
                    help="which shipped bank --bank default means")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--mix", action="append", default=[],
-                   help="one row's mix, e.g. joy=2 or sadness=1.5,fear=0.5 (repeat per row)")
+    p.add_argument("--mix", action="append", default=[], help=MIX_HELP + " (repeat per row)")
     p.add_argument("--layers", type=lambda s: [int(x) for x in s.split(",")],
                    help="comma-separated decoder layers (default: the bank's recommendation)")
     p.add_argument("--max-new-tokens", type=int, default=48)
@@ -510,14 +522,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="steered decoder layers, comma-separated (default: the bank's)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--levels", action="store_true",
+                   help="accept levels, caps, floors and erase in request mixes (e.g. "
+                        "sadness@1.5, anger<=0.5; a calibrated bank)")
     p.set_defaults(func=_cmd_serve, vllm_args=[])
 
     p = sub.add_parser("export", help="write a mix as a llama.cpp control vector (GGUF), for "
                        "llama-cli/llama-server --control-vector")
     p.add_argument("--bank", default="default",
                    help="'default' (shipped EV bank), 'ev', 'concept' or a bank .safetensors path")
-    p.add_argument("--mix", required=True, help='the mix folded into the vector, e.g. '
-                   '"joy=2,fear=0.5" (rec = the recommended weight)')
+    p.add_argument("--mix", required=True, help='the pushes folded into the vector, e.g. '
+                   '"joy=2,fear=0.5" (rec = the recommended weight; a control vector is fixed, '
+                   'so levels, caps, floors and erase are refused)')
     p.add_argument("--out", required=True, help="the .gguf file to write (atomically)")
     p.add_argument("--layers", default="auto",
                    help="bank layers >= 1, comma-separated (default: the bank's recommended)")

@@ -149,3 +149,80 @@ def test_export_refuses_a_bad_mix_and_writes_nothing(tmp_path, capsys):
     out = tmp_path / "x.gguf"
     assert main(["export", "--mix", "awe=1", "--out", str(out)]) == 2
     assert "unknown emotion 'awe'" in capsys.readouterr().err and not out.exists()
+
+
+def test_generate_takes_the_mix_grammar(capsys, saved, tmp_path, monkeypatch):
+    """Levels, caps, erase and rec on the command line (a calibrated bank; the reference
+    backend until the kernels take bounds); bad terms and uncalibrated levels fail before the
+    model loads, naming the row and emotion."""
+    import torch
+
+    from emokern import EmotionBank
+
+    model, bank_path = saved
+    bank = EmotionBank.load(bank_path)
+    calibrated = bank.replace(
+        neutral_mean=torch.zeros(bank.n_layers, bank.n_emotions),
+        neutral_std=torch.ones(bank.n_layers, bank.n_emotions),
+        metadata={"recommended_weights": {"fear": {"mode": "level", "level": 2.0}}})
+    calibrated.save(tmp_path / "calibrated.safetensors")
+    monkeypatch.setenv("EMOKERN_BACKEND", "reference")
+    argv = ["generate", "--model", str(model), "--bank", str(tmp_path / "calibrated.safetensors"),
+            "--prompt", "Hello", "--max-new-tokens", "2", "--layers", "1"]
+    assert main([*argv, "--mix", "sadness@1.5", "--mix", "joy=1,joy<=0.5,fear=erase",
+                 "--mix", "fear=rec", "--mix", '{"joy": {"min": -1}}']) == 0
+    out = capsys.readouterr().out
+    for line in ("--- sadness@1.5", "--- joy=1,joy<=0.5,fear=erase", "--- fear@2",
+                 "--- joy>=-1"):
+        assert line in out
+    assert main([*argv, "--json", "--mix", "sadness@1.5"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["mix"] == {"sadness": {"level": 1.5}}
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model loaded before the mix was checked")
+
+    monkeypatch.setattr("emokern.models.load_model", no_model)
+    for mix, bank_arg, message in (
+            ("joy@1,joy=2", tmp_path / "calibrated.safetensors", "has a level and a push"),
+            ("rage=1", tmp_path / "calibrated.safetensors", "--mix[0] names unknown emotion"),
+            ("joy>=2,joy<=1", tmp_path / "calibrated.safetensors", "floor above its cap"),
+            ("fear=rec,fear<=1", tmp_path / "calibrated.safetensors",
+             "the recipe of 'fear' is a level"),
+            ("sadness@1", bank_path, r"--mix[0]['sadness'] asks for a level or bound")):
+        assert main([*argv[:3], "--bank", str(bank_arg), *argv[5:], "--mix", mix]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("emokern generate: error:") and message in err, err
+
+
+def test_export_refuses_levels_with_the_push_weight_to_use(tmp_path, capsys, saved):
+    import torch
+
+    from emokern import EmotionBank
+
+    _, bank_path = saved
+    bank = EmotionBank.load(bank_path)
+    leveled = bank.replace(
+        neutral_mean=torch.zeros(bank.n_layers, bank.n_emotions),
+        neutral_std=torch.ones(bank.n_layers, bank.n_emotions),
+        metadata={"default_weight": 3.0,
+                  "recommended_weights": {"fear": {"mode": "level", "level": 2.0},
+                                          "joy": {"weight": 1.5}}})
+    leveled.save(tmp_path / "leveled.safetensors")
+    out = tmp_path / "x.gguf"
+    argv = ["export", "--bank", str(tmp_path / "leveled.safetensors"), "--out", str(out),
+            "--layers", "1"]
+    assert main([*argv, "--mix", "fear=rec"]) == 2
+    err = capsys.readouterr().err
+    assert "mix['fear'] is 'fear@2' (its recipe), a level or bound" in err
+    assert "fear=3" in err and not out.exists()
+    assert main([*argv, "--mix", "joy=1,sadness<=0"]) == 2
+    assert "mix['sadness'] is 'sadness<=0'" in capsys.readouterr().err and not out.exists()
+    assert main([*argv, "--mix", "joy=rec,sadness=1"]) == 0
+    assert "(mix joy=1.5,sadness=1," in capsys.readouterr().out and out.exists()
+
+
+def test_mix_help_shows_every_term():
+    generate = build_parser()._subparsers._group_actions[0].choices["generate"].format_help()
+    text = " ".join(generate.split())
+    for term in ("joy=2", "anger=rec", "sadness@1.5", "fear=erase", "anger<=0.5", "joy>=1"):
+        assert term in text

@@ -68,6 +68,7 @@
 
 #include <cstdint>
 
+#include "../levels.h"
 #include "steer_cuda_launch.h"
 
 namespace emokern {
@@ -120,6 +121,8 @@ struct Params {
   int64_t rows_per_block, n_chunks;
   bool norm_preserving;
   bool atomic_run;       // a slot's rows may span blocks
+  const float* bounds;   // [S, 2, K] contiguous, or null (then the unbounded kernel runs)
+  const float* gram;     // [K, K] contiguous, with bounds
 };
 
 // The slot of row t of sequence seq (see "Layouts" above); -1: not steered, not counted.
@@ -135,15 +138,25 @@ __host__ __device__ inline size_t staged_row_bytes(int64_t dim, size_t elem_size
   return ((size_t(dim) * elem_size + 15) / 16) * 16;
 }
 
+// Words of shared memory the leveled kernel adds for K vectors (see smem_bytes).
+__host__ __device__ inline size_t leveled_words(int64_t n_vec) {
+  return size_t(n_vec) * size_t(n_vec) + 7 * size_t(n_vec) + 1;
+}
+
 // Shared-memory layout, in 4-byte words after the staged row (and staged residual), with
 // R = rows per block (so at most R runs of one slot):
 //   delta[D] | inv_norm[K] | dots[K] | sum[K] | last[R][K] | partials[2][2*kKTile][warps]
 //   | scalars[2][2][warps] | run_slot[R] (int32) | run_found[R] (int32)
+// and, in the leveled kernel (leveled_words):
+//   | norm[K] | push_proj[K] | p_after[K] | coef[K] | corr_coef[K] | corr_index[K] (int32)
+//   | n_corr (int32) | solve work[K * K + K]
 __host__ __device__ inline size_t smem_bytes(int64_t dim, int64_t n_vec, int warps,
-                                             size_t elem_size, bool residual, int64_t rows) {
+                                             size_t elem_size, bool residual, int64_t rows,
+                                             bool leveled) {
   const size_t staged = staged_row_bytes(dim, elem_size) * (residual ? 2 : 1);
   const size_t words = size_t(dim) + (3 + size_t(rows)) * size_t(n_vec) +
-                       2 * 2 * kKTile * size_t(warps) + 2 * 2 * size_t(warps) + 2 * size_t(rows);
+                       2 * 2 * kKTile * size_t(warps) + 2 * 2 * size_t(warps) + 2 * size_t(rows) +
+                       (leveled ? leveled_words(n_vec) : 0);
   return staged + words * 4;
 }
 
@@ -241,8 +254,9 @@ __device__ __forceinline__ void block_sum(float (&values)[N], int count, int gro
 }
 
 // Two blocks of the largest size per SM (caps registers at 64/thread): the kernel is memory
-// bound and needs the occupancy.
-template <typename T>
+// bound and needs the occupancy. kLeveled: projection levels and bounds (p.bounds, p.gram set);
+// the unbounded instantiation compiles none of their code.
+template <typename T, bool kLeveled>
 __global__ void __launch_bounds__(kMaxThreads, 2) steer_kernel(Params p) {
   extern __shared__ __align__(16) unsigned char smem[];
   const int64_t D = p.dim, K = p.n_vec;
@@ -260,6 +274,15 @@ __global__ void __launch_bounds__(kMaxThreads, 2) steer_kernel(Params p) {
   float* scalars = partials + 2 * 2 * kKTile * warps;    // [2][2 * warps]
   int32_t* run_slot_s = reinterpret_cast<int32_t*>(scalars + 2 * 2 * warps);
   int32_t* run_found_s = run_slot_s + p.rows_per_block;
+  // Levels and bounds (kLeveled only; see "Projection levels and bounds" above).
+  float* norm_s = reinterpret_cast<float*>(run_found_s + p.rows_per_block);  // ||v_k||
+  float* push_proj_s = norm_s + K;      // sum_j W[s, j] ||v_j|| G[j, k] of delta_slot
+  float* p_after_s = push_proj_s + K;   // p' of the row
+  float* coef_s = p_after_s + K;        // the solve's a
+  float* corr_coef_s = coef_s + K;      // a_k / ||v_k|| of the nonzero a_k, in k order
+  int32_t* corr_index_s = reinterpret_cast<int32_t*>(corr_coef_s + K);  // their k
+  int32_t* n_corr_s = corr_index_s + K;
+  float* work_s = reinterpret_cast<float*>(n_corr_s + 1);  // [K * K + K]
 
   const int64_t seq = blockIdx.x / p.n_chunks;
   const int64_t chunk = blockIdx.x % p.n_chunks;
@@ -323,7 +346,11 @@ __global__ void __launch_bounds__(kMaxThreads, 2) steer_kernel(Params p) {
         for (int j = 0; j < kKTile; ++j) {
           if (j < n) {
             dots_s[k0 + j] = acc[j];
-            if (first) inv_norm_s[k0 + j] = 1.0f / sqrtf(acc[kKTile + j]);
+            if (first) {
+              const float norm = sqrtf(acc[kKTile + j]);
+              inv_norm_s[k0 + j] = 1.0f / norm;
+              if (kLeveled) norm_s[k0 + j] = norm;
+            }
           }
         }
       }
@@ -345,13 +372,65 @@ __global__ void __launch_bounds__(kMaxThreads, 2) steer_kernel(Params p) {
         buffer ^= 1;
         scale = sqrtf(norms[0]) / fmaxf(sqrtf(norms[1]), kNormEps);
       }
+      // Levels and bounds: the number of directions the row's correction adds (0: none, and
+      // the row is written exactly as without bounds). Block-uniform.
+      int n_corr = 0;
+      if constexpr (kLeveled) {
+        // dots_s, inv_norm_s and norm_s (thread 0's, after the last K tile) must be visible;
+        // the norm-preserving block_sum above had a barrier after them.
+        if (!p.norm_preserving) __syncthreads();
+        const float* lo = p.bounds + slot * 2 * K;
+        const float* hi = lo + K;
+        // p'_k = c (p_k + sum_j W[s, j] ||v_j|| G[j, k]); the sum depends on the slot only
+        // and is rebuilt with delta. Each thread owns its k's of push_proj_s.
+        int outside = 0;
+        for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
+          if (build_delta) {
+            float q = 0.0f;
+            for (int64_t j = 0; j < K; ++j) {
+              q = fmaf(__ldg(w_row + j) * norm_s[j], __ldg(p.gram + j * K + k), q);
+            }
+            push_proj_s[k] = q;
+          }
+          const float p_after = scale * (dots_s[k] * inv_norm_s[k] + push_proj_s[k]);
+          p_after_s[k] = p_after;
+          outside |= level_gap(p_after, __ldg(lo + k), __ldg(hi + k)) != 0.0f;
+        }
+        // A row inside all its bounds skips the solve (and is written as without bounds).
+        if (__syncthreads_or(outside)) {
+          if (threadIdx.x == 0) {
+            level_coefficients(int(K), p.gram, p_after_s, lo, hi, coef_s, work_s);
+            int n = 0;
+            for (int k = 0; k < int(K); ++k) {
+              if (coef_s[k] != 0.0f) {
+                corr_coef_s[n] = coef_s[k] * inv_norm_s[k];
+                corr_index_s[n] = k;
+                ++n;
+              }
+            }
+            *n_corr_s = n;
+          }
+          __syncthreads();  // the correction's coefficients are visible
+          n_corr = *n_corr_s;
+        }
+      }
       for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
         float x = to_float(x_s[d]);
-        if (has_residual) {
-          const float r = to_float(r_s[d]);
-          row[d] = from_float<T>((x + r + delta_s[d]) * scale - r);
+        if (n_corr == 0) {
+          if (has_residual) {
+            const float r = to_float(r_s[d]);
+            row[d] = from_float<T>((x + r + delta_s[d]) * scale - r);
+          } else {
+            row[d] = from_float<T>((x + delta_s[d]) * scale);
+          }
         } else {
-          row[d] = from_float<T>((x + delta_s[d]) * scale);
+          // y = c (x + delta) + sum_{k in A} (a_k / ||v_k||) v_k, then minus the residual.
+          const float r = has_residual ? to_float(r_s[d]) : 0.0f;
+          float y = (x + r + delta_s[d]) * scale;
+          for (int i = 0; i < n_corr; ++i) {
+            y = fmaf(corr_coef_s[i], __ldg(p.vectors + int64_t(corr_index_s[i]) * D + d), y);
+          }
+          row[d] = from_float<T>(has_residual ? y - r : y);
         }
       }
       if (has_run && slot != run_slot) {  // a row of another slot opens a new run
@@ -388,15 +467,16 @@ int threads_for(int64_t dim) {
   return threads;
 }
 
-template <typename T>
+template <typename T, bool kLeveled>
 cudaError_t launch_typed(const Params& params, int64_t batch, cudaStream_t stream) {
   const int threads = threads_for(params.dim);
   const size_t smem = smem_bytes(params.dim, params.n_vec, threads / 32, sizeof(T),
-                                 params.residual != nullptr, params.rows_per_block);
+                                 params.residual != nullptr, params.rows_per_block, kLeveled);
   if (smem > kDefaultSmem) {
     // Opt in to the larger shared memory of sm_70+; fails cleanly where the device has less.
-    const cudaError_t err = cudaFuncSetAttribute(
-        steer_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    const cudaError_t err = cudaFuncSetAttribute(steer_kernel<T, kLeveled>,
+                                                 cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 static_cast<int>(smem));
     if (err != cudaSuccess) return err;
   }
   const dim3 grid(static_cast<unsigned int>(batch * params.n_chunks));
@@ -405,8 +485,8 @@ cudaError_t launch_typed(const Params& params, int64_t batch, cudaStream_t strea
   // tests/ops/cuda_emulation/).
   Params args = params;
   void* arg_ptrs[] = {&args};
-  const cudaError_t err = cudaLaunchKernel(steer_kernel<T>, grid, dim3(threads), arg_ptrs, smem,
-                                           stream);
+  const cudaError_t err = cudaLaunchKernel(steer_kernel<T, kLeveled>, grid, dim3(threads),
+                                           arg_ptrs, smem, stream);
   return err != cudaSuccess ? err : cudaGetLastError();
 }
 
@@ -417,10 +497,19 @@ cudaError_t launch_params(Params& params, HiddenDtype dtype, int64_t batch, bool
   params.n_chunks = (params.seq_len + params.rows_per_block - 1) / params.rows_per_block;
   params.atomic_run = packed || params.n_chunks > 1;
   if (batch > ((int64_t(1) << 31) - 1) / params.n_chunks) return cudaErrorInvalidValue;
+  if (params.bounds != nullptr) {
+    if (params.gram == nullptr || params.n_vec > kMaxLeveledVectors) return cudaErrorInvalidValue;
+    switch (dtype) {
+      case HiddenDtype::kFloat32: return launch_typed<float, true>(params, batch, stream);
+      case HiddenDtype::kBFloat16: return launch_typed<__nv_bfloat16, true>(params, batch, stream);
+      case HiddenDtype::kFloat16: return launch_typed<__half, true>(params, batch, stream);
+    }
+    return cudaErrorInvalidValue;
+  }
   switch (dtype) {
-    case HiddenDtype::kFloat32: return launch_typed<float>(params, batch, stream);
-    case HiddenDtype::kBFloat16: return launch_typed<__nv_bfloat16>(params, batch, stream);
-    case HiddenDtype::kFloat16: return launch_typed<__half>(params, batch, stream);
+    case HiddenDtype::kFloat32: return launch_typed<float, false>(params, batch, stream);
+    case HiddenDtype::kBFloat16: return launch_typed<__nv_bfloat16, false>(params, batch, stream);
+    case HiddenDtype::kFloat16: return launch_typed<__half, false>(params, batch, stream);
   }
   return cudaErrorInvalidValue;
 }
@@ -432,7 +521,8 @@ cudaError_t launch_steer(void* hidden, HiddenDtype dtype, int64_t batch, int64_t
                          int64_t dim, int64_t stride_b, int64_t stride_t, const float* vectors,
                          int64_t n_vec, const float* weights, const bool* mask,
                          bool norm_preserving, float* proj_out, float* run_sum,
-                         int64_t* run_count, float* run_last, cudaStream_t stream) {
+                         int64_t* run_count, float* run_last, const float* bounds,
+                         const float* gram, cudaStream_t stream) {
   if (batch == 0 || seq_len == 0 || dim == 0) return cudaSuccess;
   if (batch < 0 || seq_len < 0 || dim < 0 || n_vec < 1) return cudaErrorInvalidValue;
   Params params{};
@@ -451,6 +541,8 @@ cudaError_t launch_steer(void* hidden, HiddenDtype dtype, int64_t batch, int64_t
   params.run_count = run_count;
   params.run_last = run_last;
   params.norm_preserving = norm_preserving;
+  params.bounds = bounds;
+  params.gram = gram;
   return launch_params(params, dtype, batch, false, stream);
 }
 
@@ -460,7 +552,8 @@ cudaError_t launch_steer_packed(void* hidden, const void* residual, HiddenDtype 
                                 const float* slot_weights, int64_t n_slots,
                                 const int32_t* token_slot, bool norm_preserving,
                                 float* proj_out, float* run_sum, int64_t* run_count,
-                                float* run_last, cudaStream_t stream) {
+                                float* run_last, const float* bounds, const float* gram,
+                                cudaStream_t stream) {
   if (n_tokens == 0 || dim == 0) return cudaSuccess;
   if (n_tokens < 0 || dim < 0 || n_vec < 1 || n_slots < 1 || token_slot == nullptr) {
     return cudaErrorInvalidValue;
@@ -482,6 +575,8 @@ cudaError_t launch_steer_packed(void* hidden, const void* residual, HiddenDtype 
   params.run_count = run_count;
   params.run_last = run_last;
   params.norm_preserving = norm_preserving;
+  params.bounds = bounds;
+  params.gram = gram;
   return launch_params(params, dtype, 1, true, stream);
 }
 

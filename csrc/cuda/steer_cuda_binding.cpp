@@ -21,20 +21,24 @@
 
 #include "../binding.h"
 #include "../steer.h"
+#include "steer_cuda_checks.h"
 #include "steer_cuda_launch.h"
 
 namespace emokern {
 namespace {
 
 void check_launch(cudaError_t err, const char* op, const at::Tensor& hidden, int64_t n_vec,
-                  bool residual) {
+                  bool residual, bool leveled) {
   TORCH_CHECK(err == cudaSuccess, "emokern.", op, ": CUDA kernel launch failed for hidden ",
               hidden.sizes(), " and ", n_vec, " vectors: ", cudaGetErrorString(err),
               err != cudaErrorInvalidValue ? ""
               : residual ? " (a row, its residual and the steering vector must fit in the GPU's "
-                           "shared memory: D * (2 * element size + 4) bytes)"
+                           "shared memory: D * (2 * element size + 4) bytes"
                          : " (a row and the steering vector must fit in the GPU's shared "
-                           "memory: D * (element size + 4) bytes)");
+                           "memory: D * (element size + 4) bytes",
+              err != cudaErrorInvalidValue ? ""
+              : leveled ? ", plus (K * K + 7 * K + 1) * 4 bytes for the bounds' solve)"
+                        : ")");
 }
 
 void steer_cuda(const at::Tensor& hidden, const at::Tensor& vectors, const at::Tensor& weights,
@@ -47,7 +51,7 @@ void steer_cuda(const at::Tensor& hidden, const at::Tensor& vectors, const at::T
   const SteerSizes sz = check_steer_args(hidden, vectors, weights, mask, proj_out, run_sum,
                                          run_count, run_last);
   const bool leveled = check_bounds_args(bounds, gram, hidden, sz.batch, sz.n_vec, kSteerOp);
-  TORCH_CHECK_NOT_IMPLEMENTED(!leveled, "emokern: projection bounds on CUDA: not yet");
+  check_cuda_bounds_size(leveled, sz.n_vec, kSteerOp);
   TORCH_CHECK_VALUE(hidden.is_cuda(), "emokern.steer_: the CUDA kernel got hidden on ",
                     hidden.device());
   const c10::cuda::CUDAGuard device_guard(hidden.device());
@@ -60,8 +64,9 @@ void steer_cuda(const at::Tensor& hidden, const at::Tensor& vectors, const at::T
       sz.dim, hidden.stride(0), hidden.stride(1), vec.data_ptr<float>(), sz.n_vec,
       w.data_ptr<float>(), m.has_value() ? m->data_ptr<bool>() : nullptr, norm_preserving,
       out.proj_out, out.run_sum, out.run_count, out.run_last,
+      leveled ? bounds->data_ptr<float>() : nullptr, leveled ? gram->data_ptr<float>() : nullptr,
       c10::cuda::getCurrentCUDAStream().stream());
-  check_launch(err, "steer_", hidden, sz.n_vec, false);
+  check_launch(err, "steer_", hidden, sz.n_vec, false, leveled);
 }
 
 void steer_packed_cuda(const at::Tensor& hidden, const std::optional<at::Tensor>& residual,
@@ -77,7 +82,7 @@ void steer_packed_cuda(const at::Tensor& hidden, const std::optional<at::Tensor>
                                                  token_slot, proj_out, run_sum, run_count,
                                                  run_last);
   const bool leveled = check_bounds_args(bounds, gram, hidden, sz.n_slots, sz.n_vec, kPackedOp);
-  TORCH_CHECK_NOT_IMPLEMENTED(!leveled, "emokern: projection bounds on CUDA: not yet");
+  check_cuda_bounds_size(leveled, sz.n_vec, kPackedOp);
   TORCH_CHECK_VALUE(hidden.is_cuda(), "emokern.steer_packed_: the CUDA kernel got hidden on ",
                     hidden.device());
   const c10::cuda::CUDAGuard device_guard(hidden.device());
@@ -91,8 +96,9 @@ void steer_packed_cuda(const at::Tensor& hidden, const std::optional<at::Tensor>
       residual.has_value() ? residual->stride(0) : 0, vec.data_ptr<float>(), sz.n_vec,
       w.data_ptr<float>(), sz.n_slots, slots.data_ptr<int32_t>(), norm_preserving,
       out.proj_out, out.run_sum, out.run_count, out.run_last,
+      leveled ? bounds->data_ptr<float>() : nullptr, leveled ? gram->data_ptr<float>() : nullptr,
       c10::cuda::getCurrentCUDAStream().stream());
-  check_launch(err, "steer_packed_", hidden, sz.n_vec, residual.has_value());
+  check_launch(err, "steer_packed_", hidden, sz.n_vec, residual.has_value(), leveled);
 }
 
 }  // namespace

@@ -30,8 +30,10 @@ llama.cpp does with the file.
 
 Mixes and weights
 -----------------
-A file holds one vector per layer, so the mix is folded in: for a mix ``{k: w_k}`` over the
-chosen layers ``L``,
+A file holds one vector per layer, so the mix is folded in: for a mix of pushes ``{k: w_k}``
+(the mix grammar of :mod:`emokern.steering.mix`; levels, caps, floors and erase depend on each
+token's projection and cannot be written, nor can ``rec`` of an emotion whose recipe is a
+level: one clear error names it and its push weight) over the chosen layers ``L``,
 
 .. math::
     \text{direction.}l = s \sum_k w_k\, v_{l,k}, \qquad
@@ -67,7 +69,7 @@ from emokern.bank import EmotionBank
 from emokern.errors import failing
 from emokern.files import atomic_write
 from emokern.steering.config import SteeringConfig
-from emokern.steering.mix import mix_to_weights
+from emokern.steering.mix import format_mix, is_push, mix_to_weights, normalize_mix
 
 fail = failing("emokern.interop")
 
@@ -110,6 +112,28 @@ def _steered_layers(bank: EmotionBank, layers, spread: str) -> tuple[list[int], 
     return sorted(config.layers), config.scale
 
 
+def _push_weights(bank: EmotionBank, mix) -> torch.Tensor:
+    """The push weights ``[K]`` of one mix; levels and bounds (``rec`` with a level recipe
+    included) are refused, naming the emotion."""
+    if not isinstance(mix, (Mapping, str)) or not normalize_mix(mix, who="emokern.interop"):
+        fail(ValueError, f"mix must be a non-empty dict of emotion -> weight (e.g. "
+                         f"{{'joy': 2.0}}) or mix string ('joy=2'), got {mix!r}")
+    given = normalize_mix(mix, bank.names, who="emokern.interop")
+    normal = normalize_mix(given, bank.names, recommended=bank.recommended,
+                           who="emokern.interop")
+    for name, term in normal.items():
+        if not is_push(term):
+            rec = " (its recipe)" if given[name] == "rec" or (
+                isinstance(given[name], dict) and given[name].get("weight") == "rec") else ""
+            fail(ValueError, f"mix[{name!r}] is {format_mix({name: term})!r}{rec}, a level or "
+                             f"bound: a llama.cpp control vector adds one fixed vector per "
+                             f"layer, so it carries push weights only (a level depends on each "
+                             f"token's projection); give a weight, e.g. "
+                             f"{name}={bank.recommended_weight(name):g} (the emotion's "
+                             f"recommended push weight)")
+    return mix_to_weights([normal], bank.names, "mix", who="emokern.interop")[0]
+
+
 def mix_directions(bank: EmotionBank, mix, *, layers="auto", spread: str = "divide"
                    ) -> dict[int, np.ndarray]:
     r"""The per-layer vectors one shared mix adds: ``{l: s · Σ_k w_k v_{l,k}}``.
@@ -117,9 +141,13 @@ def mix_directions(bank: EmotionBank, mix, *, layers="auto", spread: str = "divi
     Parameters
     ----------
     bank : EmotionBank
-    mix : dict
-        Emotion -> weight (1.0 = one vector as extracted; ``"rec"`` = the emotion's
-        recommended weight).
+    mix : dict or str
+        Pushes in the mix grammar (:mod:`emokern.steering.mix`): emotion -> weight (1.0 = one
+        vector as extracted; ``"rec"`` = the emotion's recipe, which must be a push), as a
+        dict or a string such as ``"joy=2,fear=0.5"``. Levels, caps, floors and erase depend
+        on each token's projection, which a fixed vector cannot: they are refused, and so is
+        ``rec`` for an emotion whose recipe is a level (the error gives its push weight,
+        :meth:`~emokern.EmotionBank.recommended_weight`, to use instead).
     layers : "auto" or list of int
         Bank layers, each ``>= 1``; ``"auto"`` = ``bank.recommended_layers``.
     spread : {"divide", "each"}
@@ -130,11 +158,7 @@ def mix_directions(bank: EmotionBank, mix, *, layers="auto", spread: str = "divi
     dict of int -> ndarray [D] float32
         Sorted by layer; summed in float32 on the CPU.
     """
-    if not isinstance(mix, Mapping) or not mix:
-        fail(ValueError, f"mix must be a non-empty dict of emotion -> weight (e.g. "
-                         f"{{'joy': 2.0}}), got {mix!r}")
-    weights = mix_to_weights([mix], bank.names, "mix", recommended=bank.recommended_weight,
-                             who="emokern.interop")[0]
+    weights = _push_weights(bank, mix)
     chosen, scale = _steered_layers(bank, layers, spread)
     out = {}
     for layer in chosen:
@@ -174,8 +198,8 @@ def write_control_vector(bank: EmotionBank, mix, path, *, layers="auto",
     Parameters
     ----------
     bank : EmotionBank
-    mix : dict
-        Emotion -> weight or ``"rec"`` (see :func:`mix_directions`).
+    mix : dict or str
+        Emotion -> weight or ``"rec"``, pushes only (see :func:`mix_directions`).
     path : str or PathLike
         The ``.gguf`` file to write (replaced only once completely written).
     layers : "auto" or list of int
@@ -421,8 +445,8 @@ def export_main(args: argparse.Namespace) -> int:
     """``emokern export``: write a bank's mix as a llama.cpp control vector.
 
     ``args`` holds ``bank`` (an :class:`EmotionBank` or a bank ``.safetensors`` path), ``mix``
-    (a non-empty dict, as :func:`emokern.steering.mix.parse_mix` returns for
-    ``"joy=2,fear=0.5"``), ``out`` (the ``.gguf`` path) and optionally ``layers`` (``"auto"``
+    (pushes in the mix grammar: a string such as ``"joy=2,fear=0.5"`` or a non-empty dict),
+    ``out`` (the ``.gguf`` path) and optionally ``layers`` (``"auto"``
     or comma-separated ints), ``spread`` (default ``"divide"``) and ``model_hint``. Prints the
     file written and the llama.cpp command line that uses it; returns 0.
     """
@@ -438,7 +462,8 @@ def export_main(args: argparse.Namespace) -> int:
     chosen, _ = _steered_layers(bank, layers, spread)
     path = write_control_vector(bank, args.mix, args.out, layers=chosen, spread=spread,
                                 model_hint=hint)
-    mix = ",".join(f"{name}={weight}" for name, weight in args.mix.items())
+    mix = format_mix(normalize_mix(args.mix, bank.names, recommended=bank.recommended,
+                                   who="emokern.interop"))
     print(f"emokern export: wrote {path} (mix {mix}, layers {chosen}, spread={spread}, "
           f"model hint {hint!r})")
     print(f"  use it with: llama-cli -m MODEL.gguf --control-vector {path}")

@@ -10,8 +10,11 @@
 ``emokern.steer`` is the function :func:`steer` (this package is ``emokern.steering``). The
 modules, from the bottom up:
 
-* :mod:`~emokern.steering.mix` — mixes: :func:`parse_mix` (``"joy=2,fear=0.5"``) and
-  :func:`mix_to_weights` (one dict per sequence → ``[B, K]`` weights);
+* :mod:`~emokern.steering.mix` — mixes, the one grammar every door speaks: pushes
+  (``joy=2``), recipes (``anger=rec``), levels (``sadness@1.5``, ``fear=erase``), caps
+  (``anger<=0.5``) and floors (``joy>=1``) in text, dict or JSON form; :func:`parse_mix`,
+  :func:`format_mix`, :func:`mix_to_edits` (one mix per sequence → ``[B, K]`` weights and
+  ``[B, 2, K]`` bounds in standard scores), :func:`raw_bounds`, :func:`mix_to_weights`;
 * :mod:`~emokern.steering.config` — :class:`SteeringConfig`: every setting (layers,
   positions, spread, monitor, ...) validated once against a bank and a layer count, shared by
   the steerer and the vLLM plugin;
@@ -30,9 +33,10 @@ modules, from the bottom up:
 
 from emokern.steering.config import POSITIONS, SPREADS, SteeringConfig, check_layers
 from emokern.steering.generation import generate
-from emokern.steering.mix import mix_to_weights, parse_mix
+from emokern.steering.mix import format_mix, mix_to_edits, mix_to_weights, parse_mix, raw_bounds
 from emokern.steering.monitor import Monitor
 from emokern.steering.steerer import Steerer, steer
 
 __all__ = ["POSITIONS", "SPREADS", "Monitor", "Steerer", "SteeringConfig", "check_layers",
-           "generate", "mix_to_weights", "parse_mix", "steer"]
+           "format_mix", "generate", "mix_to_edits", "mix_to_weights", "parse_mix", "raw_bounds",
+           "steer"]

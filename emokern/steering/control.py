@@ -15,8 +15,10 @@ Between decode steps the controller updates, for every row :math:`b` and targete
                -c\,r_k,\ c\,r_k\big)
         &&\text{(integral step, gain } g\text{, bound } c = \texttt{max\_scale})
 
-where :math:`r_k > 0` is the emotion's recommended weight (the scale on which weights of this
-emotion make sense) and :math:`T_{b,k}` the target. It starts, at the prompt, from the
+where :math:`r_k > 0` is the emotion's recommended push weight (the scale on which weights of
+this emotion make sense: :meth:`~emokern.EmotionBank.recommended_weight`, the recipe's weight,
+or the bank-wide default when the emotion's recipe is a level, since the controller moves
+push weights) and :math:`T_{b,k}` the target. It starts, at the prompt, from the
 feed-forward guess :math:`w_0 = \operatorname{clip}(r_k\,T_{b,k} / \bar z_k, \pm c\,r_k)`, where
 :math:`\bar z_k` is the reading the recommended weight produced in the sweep (1 when
 unrecorded), and :math:`\hat z_0` = the last prompt token's reading.
@@ -104,6 +106,8 @@ class Controller:
         self._steerer = steerer
         self.device = steerer.devices[0]
         names = list(steerer.names)
+        # The scale of push weights, not the recipe: the controller's output is a push weight
+        # (a level recipe has none; recommended_weight then gives the bank-wide default).
         rec = torch.tensor([abs(bank.recommended_weight(n)) or 1.0 for n in names])
         records = bank.recommended_weights
         zref = torch.tensor([float((records.get(n) or {}).get("reading") or 1.0) for n in names])

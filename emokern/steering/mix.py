@@ -58,8 +58,9 @@ from emokern.errors import failing
 
 fail = failing("emokern.steer")
 
-__all__ = ["ERASE", "FIELDS", "FLOAT32_MAX", "REC", "format_mix", "has_bounds", "mix_to_edits",
-           "mix_to_weights", "normalize_mix", "parse_mix", "raw_bounds"]
+__all__ = ["ERASE", "FIELDS", "FLOAT32_MAX", "REC", "bank_edits", "format_mix", "has_bounds",
+           "is_push", "mix_to_edits", "mix_to_weights", "normalize_mix", "parse_mix",
+           "raw_bounds"]
 
 #: The value that stands for an emotion's recipe (:meth:`emokern.EmotionBank.recommended`).
 REC = "rec"
@@ -465,6 +466,25 @@ def mix_to_edits(mix, names: Sequence[str], argument: str = "mix", *, recommende
         wrong tensor shape, empty batch.
     """
     return _edits(mix, names, argument, recommended, who, pushes_only=False)
+
+
+def bank_edits(bank, mix, names: Sequence[str] | None = None, argument: str = "mix", *,
+               who: str = "emokern.steer") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`mix_to_edits` against an :class:`~emokern.EmotionBank`: columns ``names``
+    (default the bank's), ``rec`` = the emotion's recipe (:meth:`EmotionBank.recommended`),
+    and levels or bounds only with a calibrated bank (else one ValueError naming the first row
+    and emotion that asks for one). What every door (steerer, CLI, vLLM) checks a mix with."""
+    names = list(bank.names) if names is None else list(names)
+    weights, z_bounds = mix_to_edits(mix, names, argument, recommended=bank.recommended,
+                                     who=who)
+    if z_bounds is not None and not bank.calibrated:
+        open_ = torch.tensor([-_INF, _INF])[:, None]
+        row, k = (int(i) for i in (z_bounds != open_).any(dim=1).nonzero()[0])
+        failing(who)(ValueError, f"{argument}[{row}][{names[k]!r}] asks for a level or bound, in "
+                                 f"standard scores against the bank's neutral baseline, and "
+                                 f"this bank has none (neutral_mean/neutral_std; "
+                                 f"emokern.extract.neutral_baseline adds one)")
+    return weights, z_bounds
 
 
 def mix_to_weights(mix, names: Sequence[str], argument: str = "mix", *, recommended=None,

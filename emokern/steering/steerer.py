@@ -75,7 +75,7 @@ from emokern.ops import RunningProjections, resolve_backend, runner_for, unit_gr
 from emokern.steering.adapters import ForwardInputs, layers_owner, module_device, past_length
 from emokern.steering.config import POSITIONS, SPREADS, SteeringConfig, check_layers
 from emokern.steering.control import Controller
-from emokern.steering.mix import mix_to_edits, mix_to_weights, raw_bounds
+from emokern.steering.mix import bank_edits, mix_to_weights, raw_bounds
 from emokern.steering.monitor import Monitor
 
 fail = failing("emokern.steer")
@@ -136,7 +136,7 @@ class Steerer:
             mix = torch.zeros_like(targets)
         elif mix is None:
             fail(TypeError, "steer needs mix= (one dict of weights per sequence) or target=")
-        weights, z_bounds = _edits(bank, names, mix)
+        weights, z_bounds = bank_edits(bank, mix, names)
         reads = config.reads or target is not None
         watched = config.monitor_layers if reads else ()
 
@@ -327,7 +327,7 @@ class Steerer:
         calls); so does, for the op's arguments only, a mix that brings the first levels or
         bounds or drops the last ones.
         """
-        weights, z_bounds = _edits(self.bank, self.names, mix)
+        weights, z_bounds = bank_edits(self.bank, mix, self.names)
         if self.controller is not None:
             fail(ValueError, "this steerer sets its weights from target= (closed loop); "
                              "change the levels with set_target")
@@ -576,21 +576,6 @@ class Steerer:
         return (f"Steerer(batch={self.batch_size}, layers={list(self.layers)}, "
                 f"emotions={list(self.names)}, positions={self.positions!r}, "
                 f"spread={self.spread!r}, {state})")
-
-
-def _edits(bank, names, mix) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A batch of mixes as push weights and calibrated bounds
-    (:func:`~emokern.steering.mix.mix_to_edits`, ``rec`` = the emotion's recipe,
-    :meth:`EmotionBank.recommended`); levels and bounds need the bank's neutral baseline."""
-    weights, z_bounds = mix_to_edits(mix, names, recommended=bank.recommended)
-    if z_bounds is not None and not bank.calibrated:
-        open_ = torch.tensor([-float("inf"), float("inf")])[:, None]
-        row, k = (int(i) for i in (z_bounds != open_).any(dim=1).nonzero()[0])
-        fail(ValueError, f"mix[{row}][{names[k]!r}] asks for a level or bound, in standard "
-                         f"scores against the bank's neutral baseline, and this bank has none "
-                         f"(neutral_mean/neutral_std; emokern.extract.neutral_baseline adds "
-                         f"one)")
-    return weights, z_bounds
 
 
 def steer(model: nn.Module, bank, mix=None, *, target=None, control=None,

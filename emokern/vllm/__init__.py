@@ -26,10 +26,16 @@ mix is a 400 (:mod:`emokern.vllm.http`, an ASGI middleware added through vLLM's
 
 Settings (``additional_config["emokern"]``, :class:`~emokern.vllm.config.EmokernConfig`):
 ``bank`` (``"default"`` | ``"ev"`` | ``"concept"`` | path), ``layers`` (``"auto"`` | list),
-``monitor``, ``spread`` (``"divide"`` | ``"each"``), ``norm_preserving``, ``max_requests``.
-Weights are in the bank's units and spread over layers as in :func:`emokern.steer`
-(``docs/design.md`` §3). A mix of all zeros is no steering. Steered requests get a
-prefix-cache salt per mix, so their KV is never reused by another mix or by unsteered requests.
+``monitor``, ``spread`` (``"divide"`` | ``"each"``), ``norm_preserving``, ``max_requests``,
+``levels`` (default false). A mix is in the grammar of :mod:`emokern.steering.mix`
+(``"joy=2"``, ``"anger=rec"``, ``"sadness@1.5"``, ``"fear=erase"``, ``"anger<=0.5"``,
+``"joy>=1"``, or the object form). Weights are in the bank's units and spread over layers as
+in :func:`emokern.steer` (``docs/design.md`` §3); levels, caps and floors are standard scores
+against the bank's neutral baseline and are accepted only by an engine started with
+``"levels": true`` (otherwise a 400 naming the field: the default engine's compiled graph has
+no bounds). A mix of all zeros is no steering. Steered requests get a prefix-cache salt per
+mix (pushes, levels and bounds), so their KV is never reused by another mix or by unsteered
+requests.
 
 The plugin runs on the vLLM versions :data:`emokern.vllm.internals.SUPPORTED_VLLM` names and
 refuses others when it loads (``EMOKERN_VLLM_ANY_VERSION=1`` tries anyway): it wraps a few

@@ -1,18 +1,24 @@
 """The plugin's per-engine settings (``additional_config={"emokern": {...}}``) and the
 per-request mix (``SamplingParams(extra_args={"emotion": ...})``).
 
-A mix is parsed once, at the front door (:func:`check_mix`: the HTTP middleware, and vLLM's
-front end for every request), into its *normal form*: a dict ``{name: weight}`` of the
-bank's emotions with non-zero finite weights, in the bank's order, ``"rec"`` resolved
-(None: unsteered). The front end writes that form back into the request's ``extra_args``;
-the engine core's cache salt (:func:`cache_salt`) and the workers (:func:`mix_weights`)
-only read it. Tested in ``tests/vllm/test_slots.py``."""
+A mix is anything the mix grammar takes (:mod:`emokern.steering.mix`: ``"joy=2"``,
+``"anger=rec"``, ``"sadness@1.5"``, ``"fear=erase"``, ``"anger<=0.5"``, ``"joy>=1"``, the
+object form or its JSON). It is parsed once, at the front door (:func:`check_mix`: the HTTP
+middleware, and vLLM's front end for every request), into its *normal form*: a dict of the
+bank's emotions in the bank's order, each a non-zero push weight (float) or a dict of
+``weight``/``level``/``min``/``max`` (standard scores), ``"rec"`` resolved to the emotion's
+recipe (None: unsteered). Levels and bounds are opt-in per engine (``"levels": true``: the
+op then takes per-slot bounds, :class:`~emokern.vllm.slots.SlotTable`); without it a mix that
+has one is refused at the door, and the compiled graph is the one without bounds. The front
+end writes the normal form back into the request's ``extra_args``; the engine core's cache
+salt (:func:`cache_salt`) and the workers (:func:`mix_edits`) only read it. Tested in
+``tests/vllm/test_slots.py``."""
 
 from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,10 +27,20 @@ import torch
 from emokern.bank import EmotionBank
 from emokern.errors import failing
 from emokern.steering.config import SPREADS, SteeringConfig
-from emokern.steering.mix import mix_to_weights, parse_mix
+from emokern.steering.mix import (
+    REC,
+    bank_edits,
+    format_mix,
+    has_bounds,
+    is_push,
+    mix_to_edits,
+    mix_to_weights,
+    normalize_mix,
+    raw_bounds,
+)
 
 __all__ = ["CONFIG_KEY", "EXTRA_KEY", "EmokernConfig", "bank_of", "cache_salt", "check_mix",
-           "describe", "mix_weights", "normal_mix", "request_mix", "with_mix"]
+           "describe", "mix_edits", "normal_mix", "request_mix", "with_mix"]
 
 CONFIG_KEY = "emokern"  # additional_config key
 EXTRA_KEY = "emotion"  # SamplingParams.extra_args key (HTTP: vllm_xargs)
@@ -42,7 +58,9 @@ class EmokernConfig:
     decoder-layer indices; ``monitor``: keep readings; ``spread``: ``"divide"`` (each of the
     ``L`` layers adds ``w / L · v_l``) or ``"each"`` (``docs/design.md`` §3);
     ``norm_preserving``; ``max_requests``: requests with slots alive at once (0: twice vLLM's
-    ``max_num_seqs``).
+    ``max_num_seqs``); ``levels``: accept levels, caps, floors and erase in mixes (a
+    calibrated bank; the op then reads per-slot bounds and the Gram matrix, so the engine's
+    compiled graph differs from the default one, which has none).
     """
 
     bank: str = "default"
@@ -51,6 +69,7 @@ class EmokernConfig:
     spread: str = "divide"
     norm_preserving: bool = False
     max_requests: int = 0
+    levels: bool = False
 
     @classmethod
     def from_additional_config(cls, additional) -> EmokernConfig | None:
@@ -74,6 +93,9 @@ class EmokernConfig:
         values["layers"] = layers
         if values.get("spread", "divide") not in SPREADS:  # early, before any bank loads
             _fail(ValueError, f"spread must be one of {SPREADS}, got {values['spread']!r}")
+        if not isinstance(values.get("levels", False), bool):
+            _fail(TypeError, f"additional_config['{CONFIG_KEY}']['levels'] must be true or false, "
+                             f"got {values['levels']!r}")
         return cls(**values)
 
     def load_bank(self) -> EmotionBank:
@@ -98,54 +120,72 @@ class EmokernConfig:
                                       monitor=self.monitor, who="emokern.vllm")
 
 
-def request_mix(extra_args, names: Sequence[str], *,
-                recommended: Callable[[str], float] | None = None,
-                argument: str = f"extra_args['{EXTRA_KEY}']") -> torch.Tensor | None:
-    """The weights ``[K]`` (user units, columns = ``names``) of a request's
-    ``extra_args["emotion"]``, or None when the request is unsteered (no mix, an empty mix, or
-    all weights zero: identical to no steering).
+def _compact(normal: Mapping, names: Sequence[str], argument: str) -> dict | None:
+    """A checked mix (:func:`~emokern.steering.mix.normalize_mix`) in the engine's normal
+    form: the bank's order, zero pushes dropped (a dict's zero ``weight`` too), no ``rec``
+    left; None when nothing is left (unsteered)."""
+    out = {}
+    for name in names:
+        if name not in normal:
+            continue
+        term = normal[name]
+        fields = dict(term) if isinstance(term, dict) else {"weight": term}
+        if fields.get("weight") == REC:
+            _fail(ValueError, f"{argument}[{name!r}] is 'rec' but no bank gives recommended "
+                              f"weights here")
+        if fields.get("weight") == 0.0:
+            del fields["weight"]
+        if not fields:
+            continue
+        out[name] = float(fields["weight"]) if set(fields) == {"weight"} else \
+            {k: float(v) for k, v in fields.items()}
+    return out or None
 
-    The mix is a dict ``{"joy": 2.0}`` or the text form ``"joy=2,fear=0.5"``
-    (:func:`emokern.steering.parse_mix`); a weight ``"rec"`` is ``recommended(name)`` (the
-    bank's :meth:`~emokern.EmotionBank.recommended_weight`). Errors (TypeError/ValueError)
-    name ``argument`` (over HTTP: ``vllm_xargs['emotion']``).
+
+def normal_mix(extra_args, names: Sequence[str], *, recommended=None,
+               argument: str = f"extra_args['{EXTRA_KEY}']") -> dict | None:
+    """A request's mix (``extra_args["emotion"]``) in normal form, or None when unsteered (no
+    mix, an empty mix, or nothing but zero weights: identical to no steering).
+
+    The mix is anything the mix grammar takes (:mod:`emokern.steering.mix`): the text form
+    ``"joy=2,sadness@1.5,anger<=0.5"``, the object form ``{"joy": 2, "fear": "erase",
+    "anger": {"max": 0.5}}`` or its JSON. ``rec`` is ``recommended(name)`` (the bank's
+    :meth:`~emokern.EmotionBank.recommended`: a push or a level). The normal form maps each
+    edited emotion, in ``names``' order, to its push weight (a float) or to a dict of
+    ``weight``/``level``/``min``/``max`` (standard scores). It is idempotent. Errors
+    (TypeError/ValueError) name ``argument`` (over HTTP: ``vllm_xargs['emotion']``), the
+    emotion and the field.
     """
     if not extra_args or EXTRA_KEY not in extra_args:
         return None
     mix = extra_args[EXTRA_KEY]
     if mix is None:
         return None
-    if isinstance(mix, str):
-        try:
-            mix = parse_mix(mix)
-        except ValueError as exc:
-            _fail(ValueError, f"{argument}: {str(exc).removeprefix('parse_mix: ')}")
-    if not isinstance(mix, Mapping):
-        _fail(TypeError, f"{argument} must be a dict or a string like 'joy=2,fear=0.5', got "
+    if not isinstance(mix, (str, Mapping)):
+        _fail(TypeError, f"{argument} must be a dict or a string like 'joy=2,fear@0.5', got "
                          f"{type(mix).__name__}")
-    if not mix:
+    normal = normalize_mix(mix, names, recommended=recommended, argument=argument,
+                           who="emokern.vllm")
+    return _compact(normal, names, argument)
+
+
+def request_mix(extra_args, names: Sequence[str], *, recommended=None,
+                argument: str = f"extra_args['{EXTRA_KEY}']") -> torch.Tensor | None:
+    """The push weights ``[K]`` (user units, columns = ``names``) of a request's mix, or None
+    when unsteered; a mix with a level or bound is an error here (pushes only: see
+    :func:`normal_mix` and :func:`mix_edits` for the rest). Errors as :func:`normal_mix`'s."""
+    normal = normal_mix(extra_args, names, recommended=recommended, argument=argument)
+    if normal is None:
         return None
-    try:
-        weights = mix_to_weights([mix], names, argument, recommended=recommended,
-                                 who="emokern.vllm")[0]
-    except (TypeError, ValueError) as exc:  # one mix, not a batch: no row index in the message
-        raise type(exc)(str(exc).replace(f"{argument}[0]", argument)) from None
-    return weights if bool(weights.ne(0).any()) else None
+    for name, term in normal.items():
+        if not is_push(term):
+            _fail(ValueError, f"{argument}[{name!r}] is {format_mix({name: term})!r}, a level or "
+                              f"bound: request_mix gives push weights only (mix_edits gives "
+                              f"the bounds too)")
+    return mix_to_weights([normal], names, argument, who="emokern.vllm")[0]
 
 
-def normal_mix(extra_args, names: Sequence[str], *,
-               recommended: Callable[[str], float] | None = None,
-               argument: str = f"extra_args['{EXTRA_KEY}']") -> dict[str, float] | None:
-    """A request's mix in normal form: ``{name: weight}`` over ``names`` (their order), the
-    non-zero weights only, as :func:`request_mix` reads them; None when unsteered. Errors as
-    :func:`request_mix`'s."""
-    weights = request_mix(extra_args, names, recommended=recommended, argument=argument)
-    if weights is None:
-        return None
-    return {n: float(w) for n, w in zip(names, weights.tolist(), strict=True) if w != 0.0}
-
-
-def with_mix(extra_args, mix: dict[str, float] | None):
+def with_mix(extra_args, mix: dict | None):
     """``extra_args`` (a new dict; None stays None) with its mix replaced by ``mix``, a normal
     form (its key dropped when None)."""
     if not extra_args:
@@ -156,41 +196,49 @@ def with_mix(extra_args, mix: dict[str, float] | None):
     return out
 
 
-def _normal_items(extra_args) -> list[tuple[str, float]]:
+def _engine_mix(extra_args, names: Sequence[str] | None = None) -> dict | None:
+    """The normal form the front end wrote into ``extra_args`` (read, not parsed: a string is
+    an error), zero pushes dropped; None when unsteered."""
     mix = extra_args.get(EXTRA_KEY) if extra_args else None
     if not mix:
-        return []
+        return None
     if not isinstance(mix, Mapping):  # the front end writes the normal form only
         _fail(TypeError, f"extra_args['{EXTRA_KEY}'] reached the engine unchecked "
                          f"({type(mix).__name__}); requests enter through vLLM's front end, "
                          f"which puts the mix in normal form")
-    return [(str(k), float(v)) for k, v in mix.items() if float(v) != 0.0]
+    if names is not None:
+        for name in mix:
+            if name not in names:
+                _fail(ValueError, f"extra_args['{EXTRA_KEY}'] names {name!r}, not an emotion of "
+                                  f"this engine's bank {list(names)}")
+    argument = f"extra_args['{EXTRA_KEY}']"
+    normal = normalize_mix(mix, names, argument=argument, who="emokern.vllm")
+    return _compact(normal, list(names) if names is not None else list(normal), argument)
 
 
-def mix_weights(extra_args, names: Sequence[str]) -> torch.Tensor | None:
-    """The weights ``[K]`` (float32, columns = ``names``) of a mix in normal form, or None when
-    unsteered. Parses nothing (the front end did); an emotion not in ``names`` is an
-    error (a request checked against another bank)."""
-    items = _normal_items(extra_args)
-    if not items:
+def mix_edits(extra_args, names: Sequence[str]
+              ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """What a worker makes of a request's mix in normal form: ``(weights [K], z_bounds
+    [2, K] or None)`` (float32, columns = ``names``; ``z_bounds`` lower and upper standard
+    scores, ``±inf`` open, as :func:`~emokern.steering.mix.mix_to_edits`), or None when
+    unsteered. Parses no text (the front end did); an emotion not in ``names`` is an error (a
+    request checked against another bank)."""
+    normal = _engine_mix(extra_args, names)
+    if normal is None:
         return None
-    index = {n: i for i, n in enumerate(names)}
-    weights = torch.zeros(len(names))
-    for name, w in items:
-        if name not in index:
-            _fail(ValueError, f"extra_args['{EXTRA_KEY}'] names {name!r}, not an emotion of "
-                              f"this engine's bank {list(names)}")
-        weights[index[name]] = w
-    return weights
+    weights, z_bounds = mix_to_edits([normal], names, f"extra_args['{EXTRA_KEY}']",
+                                     who="emokern.vllm")
+    return weights[0], (None if z_bounds is None else z_bounds[0])
 
 
 def cache_salt(extra_args) -> str | None:
     """A prefix-cache salt for a request's mix in normal form (None for an unsteered request):
-    KV computed under one mix is only reused by requests with the same mix."""
-    items = sorted(_normal_items(extra_args))
-    if not items:
+    KV computed under one mix (its pushes, levels and bounds) is only reused by requests with
+    the same mix."""
+    normal = _engine_mix(extra_args)
+    if normal is None:
         return None
-    text = ",".join(f"{k}={v!r}" for k, v in items)
+    text = format_mix(dict(sorted(normal.items())))
     return "emokern:" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -202,11 +250,14 @@ def bank_of(config: EmokernConfig) -> EmotionBank:
 
 
 def check_mix(extra_args, config: EmokernConfig | None, *,
-              argument: str = f"extra_args['{EXTRA_KEY}']") -> dict[str, float] | None:
+              argument: str = f"extra_args['{EXTRA_KEY}']") -> dict | None:
     """The front door's check: a request's mix in normal form (:func:`normal_mix` against
-    ``config``'s bank; None when unsteered). ValueError/TypeError naming ``argument`` for an
-    unknown emotion, a non-finite or non-numeric weight, a malformed mix string, or any mix
-    sent to an engine that does not enable emokern (``config`` None)."""
+    ``config``'s bank, ``rec`` = the emotion's recipe; None when unsteered).
+    ValueError/TypeError naming ``argument``, the emotion and the field for an unknown
+    emotion, a non-finite, non-numeric or out-of-range number, conflicting terms, a malformed
+    mix string, a level or bound (a ``rec`` whose recipe is a level included) sent to an
+    engine without ``levels`` or with an uncalibrated bank, or any mix sent to an engine that
+    does not enable emokern (``config`` None)."""
     if config is None:
         if extra_args and extra_args.get(EXTRA_KEY):
             _fail(ValueError, f"{argument} was given but this engine was started without "
@@ -214,21 +265,43 @@ def check_mix(extra_args, config: EmokernConfig | None, *,
                               f"{{'{CONFIG_KEY}': {{}}}} (emokern serve does)")
         return None
     bank = bank_of(config)
-    return normal_mix(extra_args, bank.names, recommended=bank.recommended_weight,
-                      argument=argument)
+    normal = normal_mix(extra_args, bank.names, recommended=bank.recommended, argument=argument)
+    if normal is None or not has_bounds(normal):
+        return normal
+    name, term = next((n, t) for n, t in normal.items() if not is_push(t))
+    if not config.levels:
+        _fail(ValueError, f"{argument}[{name!r}] is {format_mix({name: term})!r}, a level or "
+                          f"bound, but this engine was started without levels; enable them "
+                          f"with additional_config={{'{CONFIG_KEY}': {{'levels': true}}}} "
+                          f"(emokern serve --levels)")
+    # Calibrated bank; bounds that stay finite in float32 at every layer of the bank (a
+    # superset of the steered ones), so that no worker can fail on them.
+    _, z_bounds = bank_edits(bank, [normal], argument=argument, who="emokern.vllm")
+    raw_bounds(z_bounds, bank.neutral_mean, bank.neutral_std, names=bank.names,
+               layers=bank.layers, argument=argument, who="emokern.vllm")
+    return normal
 
 
 def describe(config: EmokernConfig, n_model_layers: int) -> dict:
-    """What ``GET /v1/emotions`` answers: the engine's emotions, steered layers and
-    recommended weights (JSON-ready)."""
+    """What ``GET /v1/emotions`` answers: the engine's emotions, steered layers, recommended
+    weights and recipes, whether levels are on, and the mix grammar (JSON-ready)."""
     bank = bank_of(config)
     steering = config.steering(bank, n_model_layers)
     return {"object": "emotions", "bank": config.bank, "method": bank.method,
             "names": list(bank.names), "layers": list(steering.layers),
             "recommended_weights": {n: bank.recommended_weight(n) for n in bank.names},
+            "recipes": {n: bank.recommended(n).mix_term() for n in bank.names},
             "spread": steering.spread, "norm_preserving": steering.norm_preserving,
             "monitor": steering.monitor is not None, "calibrated": bank.calibrated,
+            "levels": config.levels,
             "mix": {"field": f"vllm_xargs.{EXTRA_KEY}",
                     "example": "joy=2,fear=0.5",
-                    "note": "weights in the bank's units, 'rec' = the recommended weight; "
-                            "a mix of all zeros is no steering"}}
+                    "terms": {"joy=2": "push (the bank's units)",
+                              "anger=rec": "the emotion's recipe (a push or a level)",
+                              "sadness@1.5": "level: projection set to z = 1.5",
+                              "fear=erase": "level at the neutral mean (z = 0)",
+                              "anger<=0.5": "cap at z = 0.5",
+                              "joy>=1": "floor at z = 1"},
+                    "note": "weights in the bank's units, levels/caps/floors in standard "
+                            "scores against the bank's neutral baseline (only with levels "
+                            "on); a mix of all zeros is no steering"}}

@@ -22,9 +22,9 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from emokern.ops import resolve_backend, runner_for
+from emokern.ops import resolve_backend, runner_for, unit_gram
 from emokern.vllm import internals
-from emokern.vllm.config import EmokernConfig, mix_weights
+from emokern.vllm.config import EmokernConfig, mix_edits
 from emokern.vllm.slots import SlotTable
 
 __all__ = ["EngineSteering", "packed_op"]
@@ -94,11 +94,16 @@ class EngineSteering:
         self.names = tuple(bank.names)
         self.steering = config.steering(bank, n_layers)
         self.layers = self.steering.layers
-        # Neutral baseline of the steered layers (summary readings in standard scores).
+        # Neutral baseline of the steered layers (summary readings in standard scores; levels).
         self.neutral = bank.neutral_stats(list(self.layers)) if bank.calibrated else None
+        if config.levels and self.neutral is None:
+            raise ValueError("emokern.vllm: levels (additional_config['emokern']['levels']) "
+                             "are standard scores against the bank's neutral baseline, and "
+                             "this bank has none")
         device = next(model.parameters()).device  # buffers and vectors live beside the model
         self.table = SlotTable(len(self.layers), len(self.names), max_requests, max_tokens,
-                               scale=self.steering.scale, device=device)
+                               scale=self.steering.scale, device=device,
+                               neutral=self.neutral if config.levels else None)
         op, self.backend = packed_op(device)
         #: ``(module, vectors [K, D])`` of each steered layer, in :attr:`layers` order.
         self.steered: list[tuple[torch.nn.Module, torch.Tensor]] = []
@@ -114,12 +119,15 @@ class EngineSteering:
             running = (table.run_sum[i], table.run_count[i], table.run_last[i])
         else:
             running = (None, None, None)
+        # Levels on: the slots' bounds at this layer and the Gram matrix of its directions
+        # (computed once). Off: the op's call, and so the compiled graph, is the plain one.
+        leveled = (table.bounds[i], unit_gram(vectors)) if table.levels else ()
         inner = module.forward
 
         def forward(*args, **kwargs):
             hidden_states, residual = inner(*args, **kwargs)
             op(hidden_states, residual, vectors, table.slot_weights, table.token_slot,
-               norm_preserving, None, *running)
+               norm_preserving, None, *running, *leveled)
             return hidden_states, residual
 
         module.forward = forward  # an instance attribute: unwrap_layers deletes it
@@ -150,9 +158,10 @@ class EngineSteering:
         req_ids, num_computed, num_prompt = internals.batch_state(runner)
         for req_id in req_ids:
             if not self.table.known(req_id):
-                weights = mix_weights(internals.request_extra_args(runner, req_id), self.names)
+                edits = mix_edits(internals.request_extra_args(runner, req_id), self.names)
+                weights, z_bounds = (None, None) if edits is None else edits
                 self.table.add(req_id, weights, read=self.steering.monitor is not None,
-                               running=req_ids)
+                               running=req_ids, z_bounds=z_bounds)
         self.table.fill(req_ids, num_scheduled, num_computed, num_prompt)
 
     def readings(self, req_ids=None, family: bool = False) -> dict:

@@ -45,7 +45,7 @@ def _pop(extra: list[str], flag: str) -> str | None:
 
 
 def vllm_argv(*, model: str | None, bank: str, layers: str, host: str, port: int,
-              extra: list[str], cuda: bool) -> list[str]:
+              extra: list[str], cuda: bool, levels: bool = False) -> list[str]:
     """The API server's arguments for ``emokern serve``.
 
     Parameters
@@ -63,6 +63,9 @@ def vllm_argv(*, model: str | None, bank: str, layers: str, host: str, port: int
         settings, ``--middleware`` kept next to emokern's).
     cuda : bool
         Whether CUDA is available (without it, ``--dtype float32`` unless given).
+    levels : bool
+        Accept levels, caps, floors and erase in mixes (``additional_config`` ``"levels":
+        true``; a calibrated bank).
 
     Raises
     ------
@@ -95,6 +98,8 @@ def vllm_argv(*, model: str | None, bank: str, layers: str, host: str, port: int
     settings = dict(additional.get(CONFIG_KEY) or {})
     settings.update({"bank": bank, "layers": chosen})
     settings.setdefault("monitor", True)
+    if levels:
+        settings["levels"] = True
     additional[CONFIG_KEY] = settings
     EmokernConfig.from_additional_config(additional)  # refuse bad settings before vLLM starts
     if model is None:

@@ -11,6 +11,11 @@ a preemption vLLM recomputes a request's tokens (those its prefix cache no longe
 are steered the same but were read already, so their statistics go to the replay slot, which
 is never read. Readings are thus exact across preemptions.
 
+With levels on (``additional_config`` ``"levels": true``), each slot also has bounds per
+steered layer, ``bounds[l] [S, 2, K]`` in raw units: a request's levels and bounds come in
+standard scores and are turned into ``μ_l + z σ_l`` with the bank's neutral baseline of each
+layer once, when the request gets its slots; slots without any are open (``±inf``).
+
 Everything here is plain torch/numpy, importable without vLLM (tested in ``tests/vllm``).
 The tensors are allocated once; a step only ``copy_``-es into them, so the graph that reads
 them never changes (``docs/design.md``, house habit 4).
@@ -24,6 +29,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from emokern.steering.mix import raw_bounds
 from emokern.vllm.internals import derived_index, external_id
 
 __all__ = ["SlotTable"]
@@ -47,16 +53,22 @@ class SlotTable:
         Applied weight = user weight × ``scale`` (``1 / L`` for ``spread="divide"``).
     keep_readings : int
         Readings of finished requests kept for :meth:`readings` (oldest dropped first).
+    neutral : (Tensor [L, K], Tensor [L, K]), optional
+        The bank's neutral baseline (mean, std) at the steered layers: given, the table holds
+        per-slot bounds (levels on); None, it holds none and a request with bounds is refused.
 
     Attributes
     ----------
     slot_weights : Tensor [S, K] float32
     token_slot : Tensor [N_max] int32
     run_sum, run_count, run_last : list of L Tensors [S, K] float32, [S] int64, [S, K] float32
+    bounds : list of L Tensors [S, 2, K] float32 (raw units, ``±inf`` open), or None
+        Levels off: None.
     """
 
     def __init__(self, n_layers: int, n_emotions: int, max_requests: int, max_tokens: int,
-                 *, scale: float = 1.0, keep_readings: int = 4096, device="cpu") -> None:
+                 *, scale: float = 1.0, keep_readings: int = 4096, device="cpu",
+                 neutral: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         n_slots = 3 * max_requests
         self.n_layers, self.n_emotions, self.n_slots = n_layers, n_emotions, n_slots
         self.scale = float(scale)
@@ -68,6 +80,17 @@ class SlotTable:
         self.run_count = [torch.zeros(n_slots, dtype=torch.int64, device=device)
                           for _ in range(n_layers)]
         self.run_last = [torch.zeros(n_slots, n_emotions, device=device) for _ in range(n_layers)]
+        self.bounds = None
+        if neutral is not None:
+            mean, std = (t.detach().to(device=device, dtype=torch.float32) for t in neutral)
+            if mean.shape != (n_layers, n_emotions) or std.shape != (n_layers, n_emotions):
+                raise ValueError(f"emokern.vllm: neutral must be (mean, std) of shape "
+                                 f"[{n_layers}, {n_emotions}], got {list(mean.shape)} and "
+                                 f"{list(std.shape)}")
+            self._neutral = (mean, std)
+            self._open = torch.tensor([-float("inf"), float("inf")], device=device)[:, None]
+            self.bounds = [self._open.expand(2, n_emotions).repeat(n_slots, 1, 1).contiguous()
+                           for _ in range(n_layers)]
         # request r owns slots 3r (prompt), 3r + 1 (generated), 3r + 2 (replayed)
         self._free = list(range(max_requests - 1, -1, -1))
         self._pair: dict[str, int | None] = {}  # req_id -> r, None = no slots
@@ -81,15 +104,32 @@ class SlotTable:
     def known(self, req_id: str) -> bool:
         return req_id in self._pair
 
+    @property
+    def levels(self) -> bool:
+        """Whether the slots hold bounds (levels on)."""
+        return self.bounds is not None
+
     def add(self, req_id: str, weights: torch.Tensor | None, *, read: bool = False,
-            running: Sequence[str] = ()) -> None:
-        """Register ``req_id`` with weights ``[K]`` (user units) or None (unsteered).
+            running: Sequence[str] = (), z_bounds: torch.Tensor | None = None) -> None:
+        """Register ``req_id`` with weights ``[K]`` (user units) or None (unsteered), and
+        optionally levels and bounds ``z_bounds [2, K]`` (standard scores, ``±inf`` open;
+        levels on only).
 
         A steered request gets fresh slots with zeroed statistics; so does an unsteered one
         when ``read`` (its slots weigh zero: the op adds exactly 0 and reads). When every slot
         is taken, a request not in ``running`` (a preempted one) gives its slots up (its
-        readings then restart when it resumes).
+        readings then restart when it resumes). The slots' bounds are ``μ_l + z σ_l`` per
+        steered layer (open without ``z_bounds``).
         """
+        raw = None
+        if z_bounds is not None:
+            if self.bounds is None:
+                raise ValueError("emokern.vllm: a request with levels or bounds reached an "
+                                 "engine without levels (additional_config['emokern']"
+                                 "['levels'])")
+            if weights is None:
+                weights = torch.zeros(self.n_emotions)
+            raw = raw_bounds(z_bounds[None], *self._neutral, who="emokern.vllm")  # [L, 1, 2, K]
         if req_id in self._pair:
             self.release(req_id, keep=False)
         if weights is None and not read:
@@ -111,6 +151,9 @@ class SlotTable:
             self.slot_weights[rows] = (weights.float() * self.scale)[None]
         for t in (*self.run_sum, *self.run_count, *self.run_last):
             t[rows] = 0
+        if self.bounds is not None:
+            for layer, bounds in enumerate(self.bounds):
+                bounds[rows] = self._open if raw is None else raw[layer]
         self._pair[req_id] = pair
         self._read_upto[req_id] = 0
 

@@ -12,7 +12,8 @@ layouts) on a machine without a GPU.
    (``tests/ops/cuda_emulation/``: each CUDA thread of a block is a fiber, ``__syncthreads`` and
    warp shuffles are barriers, shared memory starts as NaN, blocks run in a scrambled order)
    and is compared with the reference by the harness the Triton kernel's tests use
-   (``tests/kernel_cases.py``), in both layouts.
+   (``tests/kernel_cases.py``), in both layouts; with projection bounds (the leveled
+   instantiations), by a comparison of its own below.
 4. On a machine with a GPU and a CUDA torch, the compiled kernel itself is compared with the
    reference through the public API, and both ops are captured in CUDA graphs.
 
@@ -51,7 +52,7 @@ from kernel_cases import (
 
 import emokern
 from emokern.ops import build
-from emokern.ops.reference import ref_steer_, ref_steer_packed_
+from emokern.ops.reference import ref_steer_, ref_steer_packed_, unit_gram
 
 REPO = Path(__file__).resolve().parents[2]
 KERNEL = REPO / "csrc" / "cuda" / "steer_cuda.cu"
@@ -106,10 +107,22 @@ def test_nvcc_compiles_kernel_standalone(kernel_object):
 def test_kernel_does_not_spill(kernel_object):
     _, log = kernel_object
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
-    assert len(spills) == 3, log  # float, bfloat16 and float16 instantiations
+    # float, bfloat16 and float16 instantiations, each unbounded and leveled
+    assert len(spills) == 6, log
     assert all(s == ("0", "0") for s in spills), log
     registers = [int(r) for r in re.findall(r"Used (\d+) registers", log)]
     assert registers and max(registers) <= 64, log  # __launch_bounds__(512, 2)
+
+
+@needs_nvcc
+def test_kernel_has_leveled_and_unbounded_instantiations(kernel_object):
+    """Projection bounds are a template parameter: three storage dtypes, each compiled with and
+    without the levels (the unbounded kernel carries none of their code)."""
+    _, log = kernel_object
+    entries = re.findall(r"Compiling entry function '(\w+)'", log)
+    leveled = [e for e in entries if re.search(r"steer_kernelI\w+Lb1E", e)]
+    unbounded = [e for e in entries if re.search(r"steer_kernelI\w+Lb0E", e)]
+    assert len(leveled) == 3 and len(unbounded) == 3, entries
 
 
 def _nvcc_include_dirs() -> list[str]:
@@ -156,16 +169,19 @@ def test_binding_compiles_and_matches_the_kernel_symbol(kernel_object, tmp_path)
 @pytest.fixture(scope="module")
 def packed_checks(tmp_path_factory):
     """``check_steer_packed_args`` of csrc/steer.h — the checks the CUDA binding runs before
-    launching the packed kernel — compiled against the CPU torch as the op
-    ``emokern_cuda_checks::check_steer_packed`` (tests/ops/cuda_emulation/checks.cpp)."""
+    launching the packed kernel — and the binding's size check of bounds
+    (csrc/cuda/steer_cuda_checks.h), compiled against the CPU torch as the ops
+    ``emokern_cuda_checks::check_steer_packed`` and ``::check_cuda_bounds_size``
+    (tests/ops/cuda_emulation/checks.cpp)."""
     if shutil.which("c++") is None and shutil.which("g++") is None:
         pytest.skip("no C++ compiler")
     from torch.utils.cpp_extension import load
 
     load(name="emokern_cuda_checks", sources=[str(EMULATION / "checks.cpp")],
-         extra_cflags=["-O0", f"-I{REPO / 'csrc'}"], is_python_module=False,
+         extra_cflags=["-O0", f"-I{REPO / 'csrc'}", f"-I{EMULATION / 'include'}"],
+         is_python_module=False,
          build_directory=str(tmp_path_factory.mktemp("cuda_checks")))
-    return torch.ops.emokern_cuda_checks.check_steer_packed.default
+    return torch.ops.emokern_cuda_checks
 
 
 def _packed_args():
@@ -221,17 +237,28 @@ def test_packed_binding_checks_match_the_python_wrapper(packed_checks, case):
                                    args["slot_weights"], args["token_slot"], args["proj_out"],
                                    running, check_values=False)
     with pytest.raises((TypeError, ValueError)) as cpp_error:
-        packed_checks(*args.values())
+        packed_checks.check_steer_packed(*args.values())
     assert cpp_error.type is python_error.type, (cpp_error.value, python_error.value)
     assert str(cpp_error.value) == str(python_error.value)
 
 
 def test_packed_binding_checks_accept_valid_arguments(packed_checks):
     args = _packed_args()
-    packed_checks(*args.values())
+    packed_checks.check_steer_packed(*args.values())
     args["residual"] = args["proj_out"] = None
     args["run_sum"] = args["run_count"] = args["run_last"] = None
-    packed_checks(*args.values())
+    packed_checks.check_steer_packed(*args.values())
+
+
+def test_binding_rejects_bounds_with_too_many_vectors(packed_checks):
+    """With bounds the CUDA kernel takes at most 128 vectors (each row's solve lives in shared
+    memory): the binding raises a ValueError beyond, before launching anything."""
+    check = packed_checks.check_cuda_bounds_size
+    check(True, 128)
+    check(False, 4096)  # without bounds, any K
+    with pytest.raises(ValueError, match=r"emokern.steer_packed_: projection bounds on the CUDA "
+                                         r"kernel take at most 128 vectors, got K = 129"):
+        check(True, 129)
 
 
 # --- the kernel on the CPU under an emulated CUDA runtime -------------------------------------
@@ -265,16 +292,17 @@ def emulated_steer_(emulation_library):
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     launch.restype = ctypes.c_int
     launch.argtypes = [ptr, ctypes.c_int, i64, i64, i64, i64, i64, ptr, i64, ptr, ptr,
-                       ctypes.c_bool, ptr, ptr, ptr, ptr]
+                       ctypes.c_bool, ptr, ptr, ptr, ptr, ptr, ptr]
 
     def steer(hidden, vectors, weights, mask, norm_preserving, proj_out, run_sum, run_count,
-              run_last):
+              run_last, bounds=None, gram=None, expect_status=0):
         batch, seq_len, dim = hidden.shape
         status = launch(hidden.data_ptr(), _DTYPE_CODE[hidden.dtype], batch, seq_len, dim,
                         hidden.stride(0), hidden.stride(1), vectors.data_ptr(), vectors.shape[0],
                         weights.data_ptr(), _address(mask), norm_preserving, _address(proj_out),
-                        _address(run_sum), _address(run_count), _address(run_last))
-        assert status == 0, f"launch_steer returned cudaError {status}"
+                        _address(run_sum), _address(run_count), _address(run_last),
+                        _address(bounds), _address(gram))
+        assert status == expect_status, f"launch_steer returned cudaError {status}"
 
     return steer
 
@@ -288,18 +316,19 @@ def emulated_steer_packed_(emulation_library):
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     launch.restype = ctypes.c_int
     launch.argtypes = [ptr, ptr, ctypes.c_int, i64, i64, i64, i64, ptr, i64, ptr, i64, ptr,
-                       ctypes.c_bool, ptr, ptr, ptr, ptr]
+                       ctypes.c_bool, ptr, ptr, ptr, ptr, ptr, ptr]
 
     def steer(hidden, residual, vectors, slot_weights, token_slot, norm_preserving, proj_out,
-              run_sum, run_count, run_last):
+              run_sum, run_count, run_last, bounds=None, gram=None, expect_status=0):
         n_tokens, dim = hidden.shape
         status = launch(hidden.data_ptr(), _address(residual), _DTYPE_CODE[hidden.dtype],
                         n_tokens, dim, hidden.stride(0),
                         0 if residual is None else residual.stride(0), vectors.data_ptr(),
                         vectors.shape[0], slot_weights.data_ptr(), slot_weights.shape[0],
                         token_slot.data_ptr(), norm_preserving, _address(proj_out),
-                        _address(run_sum), _address(run_count), _address(run_last))
-        assert status == 0, f"launch_steer_packed returned cudaError {status}"
+                        _address(run_sum), _address(run_count), _address(run_last),
+                        _address(bounds), _address(gram))
+        assert status == expect_status, f"launch_steer_packed returned cudaError {status}"
 
     return steer
 
@@ -435,6 +464,278 @@ def test_emulated_packed_reads_no_uninitialised_shared_memory(emulated_steer_pac
         proj = torch.empty(n_tokens, 9)
         emulated_steer_packed_(hidden, res, vectors, slot_weights, token_slot, True, proj,
                                *run.tensors())
+        for t in (hidden, proj, run.sum, run.count):
+            assert not t.isnan().any()
+
+
+# --- projection levels and bounds, emulated ---------------------------------------------------
+
+INF = float("inf")
+
+
+def make_bounds(gen, slots, n_vec, levels_only=False):
+    """``bounds [slots, 2, K]``: per slot and emotion open, a level, a cap, a floor or both
+    sides, at values on the scale of the cases' projections (hidden ~ 3 randn)."""
+    bounds = torch.empty(slots, 2, n_vec)
+    bounds[:, 0], bounds[:, 1] = -INF, INF
+    kind = torch.ones(slots, n_vec, dtype=torch.int64) if levels_only else \
+        torch.randint(0, 5, (slots, n_vec), generator=gen)
+    value = torch.randn(slots, n_vec, generator=gen) * 3
+    width = torch.rand(slots, n_vec, generator=gen) * 2
+    bounds[:, 0] = torch.where((kind == 1) | (kind == 3) | (kind == 4), value, bounds[:, 0])
+    bounds[:, 1] = torch.where((kind == 1) | (kind == 2), value, bounds[:, 1])
+    bounds[:, 1] = torch.where(kind == 4, value + width, bounds[:, 1])
+    return bounds
+
+
+def check_leveled_against_reference(fn, hidden, residual, vectors, weights, slots, norm,
+                                    bounds, gram=None, *, packed, rtol=1e-5):
+    """One leveled call of the emulated kernel (``fn``: ``emulated_steer_`` when not ``packed``,
+    else ``emulated_steer_packed_``; ``slots`` is the mask or the token slots) against the
+    reference in float32 and in the storage dtype, flash-attention's rule: the steered rows,
+    the projections and the running statistics. Unsteered rows must stay bit-identical.
+    Returns the kernel's output."""
+    gram = unit_gram(vectors) if gram is None else gram
+    n_vec, n_slots = vectors.shape[0], weights.shape[0]
+    rows = hidden.shape[:-1]
+    n_max = slots.shape[0] if packed else None
+
+    def run(f, h, r):
+        proj = torch.full((n_max, n_vec) if packed else (*rows, n_vec), -7.0)
+        stats = emokern.RunningProjections(n_slots, n_vec)
+        if packed:
+            f(h, r, vectors, weights, slots, norm, proj, *stats.tensors(), bounds, gram)
+        else:
+            f(h, vectors, weights, slots, norm, proj, *stats.tensors(), bounds, gram)
+        return h, proj, stats
+
+    out, proj, stats = run(fn, hidden.clone(), residual)
+    ref = ref_steer_packed_ if packed else ref_steer_
+    low, proj_low, stats_low = run(ref, hidden.clone(), residual)
+    f32, proj32, stats32 = run(ref, hidden.float(), None if residual is None else residual.float())
+    if packed:
+        steered = slots[:rows[0]] >= 0
+        assert bool((proj[rows[0]:] == -7.0).all()), "proj_out past N written"
+        proj, proj32, proj_low = proj[:rows[0]], proj32[:rows[0]], proj_low[:rows[0]]
+    else:
+        steered = torch.ones(rows, dtype=torch.bool) if slots is None else slots
+    assert torch.equal(out[~steered], hidden[~steered]), "unsteered rows changed"
+    assert_flash_close("hidden", out[steered], f32[steered], low[steered], rtol=rtol)
+    assert_flash_close("proj_out", proj, proj32, proj_low)
+    assert torch.equal(stats.count, stats32.count)
+    assert_flash_close("running.sum", stats.sum, stats32.sum, stats_low.sum)
+    assert_flash_close("running.last", stats.last, stats32.last, stats_low.last)
+    return out
+
+
+def _moved_rows(fn_plain, out, hidden):
+    """How many rows the bounds moved: the leveled output against the same call without them
+    (``fn_plain(h)`` steers ``h`` in place)."""
+    plain = hidden.clone()
+    fn_plain(plain)
+    return int((out != plain).flatten(0, -2).any(dim=-1).sum())
+
+
+#: Batched shapes of the leveled comparisons (K well below D: independent directions): decode,
+#: D = 577 with K = 17 (several K tiles), 16-row chunks with D = 200 and with K = 20 of D = 40.
+LEVELED_SHAPES = ("decode-D64", "D577-K17", "chunks-D200", "chunks-D40-K20")
+LEVELED_DTYPE_MASKS = [(torch.bfloat16, "random"), (torch.float16, "none"),
+                       (torch.float32, "random")]
+
+
+@pytest.mark.parametrize("dtype,mask_kind", LEVELED_DTYPE_MASKS,
+                         ids=lambda v: str(v).split(".")[-1])
+@pytest.mark.parametrize("norm", [False, True], ids=["add", "norm"])
+@pytest.mark.parametrize("case", LEVELED_SHAPES)
+def test_emulated_leveled_kernel_matches_reference(emulated_steer_, case, norm, dtype,
+                                                   mask_kind):
+    if case == "D577-K17" and dtype != torch.bfloat16:
+        pytest.skip("the long rows run in bfloat16 only (kept in the slow suite below)")
+    shape = SHAPES[case]
+    gen = torch.Generator().manual_seed(case_seed("leveled", case, mask_kind))
+    hidden, vectors, weights = random_inputs(shape, dtype, gen)
+    mask = make_mask(mask_kind, shape[0], shape[1], gen)
+    bounds = make_bounds(gen, shape[0], shape[3])
+    out = check_leveled_against_reference(emulated_steer_, hidden, None, vectors, weights, mask,
+                                          norm, bounds, packed=False)
+    moved = _moved_rows(lambda h: emulated_steer_(h, vectors, weights, mask, norm, None, None,
+                                                  None, None), out, hidden)
+    assert moved > 0, "no row reached a bound: the case tests nothing"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32],
+                         ids=lambda v: str(v).split(".")[-1])
+@pytest.mark.parametrize("norm", [False, True], ids=["add", "norm"])
+def test_emulated_leveled_kernel_long_rows(emulated_steer_, norm, dtype):
+    shape = SHAPES["D577-K17"]
+    gen = torch.Generator().manual_seed(case_seed("leveled-long", str(dtype)))
+    hidden, vectors, weights = random_inputs(shape, dtype, gen)
+    mask = make_mask("random", shape[0], shape[1], gen)
+    check_leveled_against_reference(emulated_steer_, hidden, None, vectors, weights, mask, norm,
+                                    make_bounds(gen, shape[0], shape[3]), packed=False)
+
+
+#: Packed shapes of the leveled comparisons (those of kernel_cases with K below D).
+LEVELED_PACKED_SHAPES = ("decode-N5", "rows-D577-K17", "dot-D200", "dot-D31-K20")
+
+
+@pytest.mark.parametrize("dtype,residual,norm,layout", PACKED_CASES,
+                         ids=lambda v: str(v).split(".")[-1])
+@pytest.mark.parametrize("case", LEVELED_PACKED_SHAPES)
+def test_emulated_leveled_packed_matches_reference(emulated_steer_packed_, case, dtype,
+                                                   residual, norm, layout):
+    if case == "rows-D577-K17" and (dtype, layout) != (torch.bfloat16, "runs"):
+        pytest.skip("the long rows run in one bfloat16 case only")
+    hidden, res, vectors, slot_weights, token_slot = packed_case(case, dtype, residual, layout)
+    gen = torch.Generator().manual_seed(case_seed("leveled-packed", case, layout))
+    bounds = make_bounds(gen, slot_weights.shape[0], vectors.shape[0])
+    check_leveled_against_reference(emulated_steer_packed_, hidden, res, vectors, slot_weights,
+                                    token_slot, norm, bounds, packed=True)
+
+
+@pytest.mark.parametrize("n_tokens", [7, 70], ids=["rows", "chunks"])
+@pytest.mark.parametrize("packed", [False, True], ids=["batched", "packed"])
+def test_emulated_levels_are_met(emulated_steer_, emulated_steer_packed_, packed, n_tokens):
+    """The defining property: re-reading a leveled row (float32) on each direction gives its
+    level, whatever the push, the norm preservation and the angles between the directions."""
+    gen = torch.Generator().manual_seed(case_seed("levels-met", str(packed), str(n_tokens)))
+    dim, n_vec, n_slots = 48, 4, 3
+    vectors = torch.randn(n_vec, dim, generator=gen)
+    vectors[1] += 0.8 * vectors[0]  # correlated directions
+    hidden = torch.randn(n_tokens, dim, generator=gen) * 3
+    weights = torch.randn(n_slots, n_vec, generator=gen)
+    bounds = make_bounds(gen, n_slots, n_vec, levels_only=True)
+    token_slot = make_token_slot("random", n_tokens, n_tokens, n_slots, gen)
+    if packed:
+        residual = torch.randn(n_tokens, dim, generator=gen)
+        out = hidden.clone()
+        emulated_steer_packed_(out, residual, vectors, weights, token_slot, True, None, None,
+                               None, None, bounds, unit_gram(vectors))
+        y, slots = out + residual, token_slot.long()
+    else:
+        hidden = hidden[:n_tokens // n_slots * n_slots].view(n_slots, -1, dim)
+        out = hidden.clone()
+        emulated_steer_(out, vectors, weights, None, True, None, None, None, None,
+                        bounds, unit_gram(vectors))
+        y = out.view(-1, dim)
+        slots = torch.arange(n_slots).repeat_interleave(hidden.shape[1])
+    u = vectors / vectors.norm(dim=1, keepdim=True)
+    steered = slots >= 0
+    want = bounds[slots[steered], 0]
+    torch.testing.assert_close(y[steered] @ u.T, want, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16],
+                         ids=lambda v: str(v).split(".")[-1])
+@pytest.mark.parametrize("n_tokens", [6, 70], ids=["rows", "chunks"])
+def test_emulated_rows_inside_bounds_are_written_as_without(emulated_steer_,
+                                                            emulated_steer_packed_, n_tokens,
+                                                            dtype):
+    """Bounds never reached: the leveled kernel writes every row bit for bit as the unbounded
+    one (no solve, the same arithmetic), in both layouts, with norm preservation and a residual.
+    A cap reached by some rows leaves the others bit-identical too."""
+    gen = torch.Generator().manual_seed(case_seed("inside", str(n_tokens), str(dtype)))
+    hidden, res, vectors, weights = packed_inputs(n_tokens, 40, 3, 4, dtype, True, gen)
+    token_slot = make_token_slot("random", n_tokens, n_tokens + 2, 4, gen)
+    far = torch.empty(4, 2, 3)
+    far[:, 0], far[:, 1] = -1e30, 1e30
+    gram = unit_gram(vectors)
+    plain, bounded = hidden.clone(), hidden.clone()
+    emulated_steer_packed_(plain, res, vectors, weights, token_slot, True, None, None, None,
+                           None)
+    emulated_steer_packed_(bounded, res, vectors, weights, token_slot, True, None, None, None,
+                           None, far, gram)
+    assert torch.equal(plain, bounded)
+    batched = hidden.view(2, n_tokens // 2, 40)
+    plain, bounded = batched.clone(), batched.clone()
+    emulated_steer_(plain, vectors, weights[:2], None, True, None, None, None, None)
+    emulated_steer_(bounded, vectors, weights[:2], None, True, None, None, None, None, far[:2],
+                    gram)
+    assert torch.equal(plain, bounded)
+    # A cap on emotion 0 at its median projection, no push: the rows below it are untouched.
+    zero = torch.zeros(2, 3)
+    x = batched.float()
+    before = x @ (vectors[0] / vectors[0].norm())
+    cap = float(before.median())
+    caps = torch.tensor([[-INF] * 3, [cap, INF, INF]]).expand(2, 2, 3).contiguous()
+    got = batched.clone()
+    emulated_steer_(got, vectors, zero, None, False, None, None, None, None, caps, gram)
+    below = before <= cap
+    assert torch.equal(got[below], batched[below])
+    assert not torch.equal(got[~below], batched[~below])
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["batched", "packed"])
+def test_emulated_dependent_directions(emulated_steer_, emulated_steer_packed_, packed):
+    """A third direction in the span of the first two (and a fourth repeating the first): their
+    coefficients are dropped, the independent levels are still met, and the kernel agrees with
+    the reference."""
+    gen = torch.Generator().manual_seed(case_seed("dependent", str(packed)))
+    dim, n_tokens = 32, 66
+    vectors = torch.randn(4, dim, generator=gen)
+    vectors[2] = 0.6 * vectors[0] + 0.8 * vectors[1]
+    vectors[3] = 2.0 * vectors[0]
+    weights = torch.randn(2, 4, generator=gen) * 0.5
+    levels = torch.tensor([1.0, -2.0, 0.5, 4.0])
+    bounds = torch.stack([levels, levels]).expand(2, 2, 4).contiguous()
+    hidden = torch.randn(n_tokens, dim, generator=gen) * 3
+    u = vectors / vectors.norm(dim=1, keepdim=True)
+    if packed:
+        token_slot = make_token_slot("random", n_tokens, n_tokens, 2, gen)
+        out = check_leveled_against_reference(emulated_steer_packed_, hidden, None, vectors,
+                                              weights, token_slot, False, bounds, packed=True)
+        steered = token_slot >= 0
+        reread = out[steered] @ u.T
+    else:
+        batched = hidden.view(2, n_tokens // 2, dim)
+        out = check_leveled_against_reference(emulated_steer_, batched, None, vectors, weights,
+                                              None, False, bounds, packed=False)
+        reread = out.view(-1, dim) @ u.T
+    torch.testing.assert_close(reread[:, :2], levels[:2].expand(len(reread), 2), rtol=0,
+                               atol=1e-4)
+
+
+def test_emulated_leveled_kernel_at_the_vector_limit(emulated_steer_, emulated_steer_packed_):
+    """K = 128, the most the kernel takes with bounds (its solve needs more than the default
+    48 KiB of shared memory): matches the reference; K = 129 is refused by both launchers
+    (cudaErrorInvalidValue, nothing written), as are bounds without gram."""
+    gen = torch.Generator().manual_seed(9)
+    n_vec, dim = 128, 200
+    hidden, vectors, weights = random_inputs((2, 2, dim, n_vec), torch.float32, gen)
+    bounds = make_bounds(gen, 2, n_vec)
+    bounds[:, :, 8:] = torch.tensor([-INF, INF])[:, None]  # a few bounded emotions
+    check_leveled_against_reference(emulated_steer_, hidden, None, vectors, weights, None, True,
+                                    bounds, packed=False)
+    too_many = torch.randn(n_vec + 1, dim, generator=gen)
+    wide_bounds = torch.zeros(2, 2, n_vec + 1)
+    wide_weights = torch.zeros(2, n_vec + 1)
+    got = hidden.clone()
+    emulated_steer_(got, too_many, wide_weights, None, False, None, None, None, None,
+                    wide_bounds, unit_gram(too_many), expect_status=1)
+    token_slot = torch.zeros(2, dtype=torch.int32)
+    emulated_steer_packed_(got[0], None, too_many, wide_weights, token_slot, False, None, None,
+                           None, None, wide_bounds, unit_gram(too_many), expect_status=1)
+    emulated_steer_(got, vectors, weights, None, False, None, None, None, None, bounds, None,
+                    expect_status=1)
+    assert torch.equal(got, hidden)
+
+
+def test_emulated_leveled_kernel_reads_no_uninitialised_shared_memory(emulated_steer_packed_):
+    """The leveled kernel's shared memory (solve scratch included) starts as NaN in the
+    emulation: slots changing row by row, rows inside and outside their bounds, both block
+    sizes; nothing is NaN afterwards."""
+    gen = torch.Generator().manual_seed(4)
+    for n_tokens in (3, 80):
+        hidden, res, vectors, slot_weights = packed_inputs(n_tokens, 100, 9, 5, torch.float32,
+                                                           True, gen)
+        token_slot = make_token_slot("random", n_tokens, n_tokens, 5, gen)
+        token_slot[:2] = torch.tensor([-1, 2], dtype=torch.int32)
+        bounds = make_bounds(gen, 5, 9)
+        run = emokern.RunningProjections(5, 9)
+        proj = torch.empty(n_tokens, 9)
+        emulated_steer_packed_(hidden, res, vectors, slot_weights, token_slot, True, proj,
+                               *run.tensors(), bounds, unit_gram(vectors))
         for t in (hidden, proj, run.sum, run.count):
             assert not t.isnan().any()
 

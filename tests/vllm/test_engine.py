@@ -178,3 +178,55 @@ def test_chunked_prefill_and_preemption_keep_rows_apart(steered):
         assert got["count"] == want["count"] == long_tokens - 1
         torch.testing.assert_close(torch.tensor(got["mean"]), torch.tensor(want["mean"]),
                                    atol=READING_ATOL, rtol=0)
+
+
+def _cpu_kernel_takes_bounds() -> bool:
+    """Whether the packed op's CPU kernel applies bounds yet (the reference always does)."""
+    from emokern.ops import steer_packed_, unit_gram
+
+    vectors = torch.randn(2, 8)
+    bounds = torch.tensor([[[0.0, -float("inf")], [0.0, float("inf")]]])
+    try:
+        steer_packed_(torch.randn(3, 8), vectors, torch.zeros(1, 2),
+                      torch.zeros(3, dtype=torch.int32), bounds=bounds, gram=unit_gram(vectors),
+                      backend="cpu")
+    except (NotImplementedError, RuntimeError):
+        return False
+    return True
+
+
+def test_a_level_request_steers_as_the_hugging_face_steerer(model_dir, monkeypatch):
+    """An engine with levels on: a level and a cap in one request (calibrated units) give the
+    tokens and readings of emokern.steer with the same mix; the unsteered request beside it in
+    the batch differs. (Until the CPU kernel takes bounds, the engine runs the reference op,
+    eagerly.)"""
+    options = {}
+    if not _cpu_kernel_takes_bounds():
+        monkeypatch.setenv("EMOKERN_BACKEND", "reference")  # inherited by vLLM's processes
+        options["enforce_eager"] = True
+    llm = vllm.LLM(model=model_dir, **{**ENGINE, **options},
+                   additional_config={"emokern": {"bank": "default", "monitor": True,
+                                                  "levels": True}})
+    monkeypatch.delenv("EMOKERN_BACKEND", raising=False)
+    prompts = _prompts(llm.get_tokenizer())
+    try:
+        mix = "sadness@6,joy<=-1"
+        params = [vllm.SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True,
+                                      extra_args=extra) for extra in ({"emotion": mix}, None)]
+        outs = llm.generate([prompts[0]] * 2, params, use_tqdm=False)
+        tokens = [list(o.outputs[0].token_ids) for o in outs]
+        assert tokens[0] != tokens[1]
+        reading = emokern.vllm.readings(llm, outs)[outs[0].request_id]
+        assert reading["count"] == MAX_TOKENS - 1
+    finally:
+        _close(llm)
+    model, _ = emokern.load_model("default")
+    bank = emokern.EmotionBank.load_default()
+    ids = torch.tensor([prompts[0]["prompt_token_ids"]])
+    with emokern.steer(model, bank, mix=[mix], layers=reading["layers"], positions="all",
+                       monitor="generated", backend="reference") as s:
+        hf = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                            max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS)
+    assert hf[0, ids.shape[1]:].tolist() == tokens[0]
+    torch.testing.assert_close(torch.tensor(reading["mean"]), s.monitor.mean()[0],
+                               atol=READING_ATOL, rtol=0)

@@ -107,3 +107,28 @@ def test_middleware_leaves_unauthorized_requests_to_vllm(monkeypatch):
     assert _exchange(app, "POST", "/v1/completions", bad)[0] == 200
     key = [(b"authorization", b"Bearer k1")]
     assert _exchange(app, "POST", "/v1/completions", bad, key)[0] == 400
+
+
+def test_middleware_takes_levels_only_from_an_engine_that_enables_them(monkeypatch):
+    """A level mix (or a malformed one) to an engine without levels is one 400 naming the
+    field, and the middleware keeps answering; an engine with levels lets it through."""
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    off, on = _App({"emokern": {}}), _App({"emokern": {"levels": True}})
+    for mix in ("sadness@1.5", {"anger": {"max": 0.5}}, "fear=erase", "joy>=1,joy@2"):
+        status, payload = _exchange(off, "POST", "/v1/completions",
+                                    {"prompt": "hi", "vllm_xargs": {"emotion": mix}})
+        error = json.loads(payload)["error"]
+        assert status == 400 and error["param"] == "vllm_xargs['emotion']"
+        assert "vllm_xargs['emotion']" in error["message"]
+    assert "started without levels" in json.loads(_exchange(off, "POST", "/v1/completions", {
+        "prompt": "hi", "vllm_xargs": {"emotion": "sadness@1.5"}})[1])["error"]["message"]
+    assert off.bodies == []
+    status, _ = _exchange(off, "POST", "/v1/completions",
+                          {"prompt": "hi", "vllm_xargs": {"emotion": "joy=2"}})
+    assert status == 200 and len(off.bodies) == 1  # still serving
+    body = {"prompt": "hi", "vllm_xargs": {"emotion": "sadness@1.5,joy=2,joy<=3"}}
+    assert _exchange(on, "POST", "/v1/completions", body)[0] == 200
+    assert json.loads(on.bodies[0]) == body
+    status, payload = _exchange(on, "POST", "/v1/completions",
+                                {"prompt": "hi", "vllm_xargs": {"emotion": "joy@1,joy=2"}})
+    assert status == 400 and "has a level and a push" in payload.decode()

@@ -61,6 +61,10 @@ def test_serve_arguments_for_vllm():
     cuda = vllm_argv(model="/m", bank="default", layers="auto", host="h", port=1, extra=[],
                      cuda=True)
     assert "--dtype" not in cuda
+    assert "levels" not in json.loads(cuda[cuda.index("--additional-config") + 1])["emokern"]
+    leveled = vllm_argv(model="/m", bank="default", layers="auto", host="h", port=1, extra=[],
+                        cuda=True, levels=True)  # emokern serve --levels
+    assert json.loads(leveled[leveled.index("--additional-config") + 1])["emokern"]["levels"]
     for kw, message in ((dict(bank="nope"), "--bank"), (dict(layers="3,x"), "--layers"),
                         (dict(port=0), "--port"), (dict(extra=["--additional-config", "{"]),
                                                    "--additional-config must be JSON")):

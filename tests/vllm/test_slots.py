@@ -1,12 +1,17 @@
-"""emokern.vllm without vLLM: slot bookkeeping, token -> slot index, mixes, cache salts,
-settings (the engine tests are in test_engine.py and need vLLM)."""
+"""emokern.vllm without vLLM: slot bookkeeping, token -> slot index, mixes (the grammar at the
+front door, levels opt-in, slots' raw bounds), cache salts, settings (the engine tests are in
+test_engine.py and need vLLM)."""
+
+import math
 
 import numpy as np
 import pytest
 import torch
 
 from emokern.vllm import EmokernConfig, SlotTable, cache_salt, request_mix
-from emokern.vllm.config import mix_weights, normal_mix, with_mix
+from emokern.vllm.config import check_mix, mix_edits, normal_mix, with_mix
+
+INF = math.inf
 
 NAMES = ("joy", "sadness", "fear")
 
@@ -122,12 +127,13 @@ def test_normal_form_is_parsed_once_and_read_downstream():
     extra = {"emotion": "joy=rec", "other": 1}
     assert with_mix(extra, {"joy": 1.5}) == {"emotion": {"joy": 1.5}, "other": 1}
     assert with_mix(extra, None) == {"other": 1} and extra["emotion"] == "joy=rec"
-    assert mix_weights({"emotion": mix}, NAMES).tolist() == [1.5, 0.0, 0.5]
-    assert mix_weights({"emotion": {}}, NAMES) is None and mix_weights(None, NAMES) is None
+    weights, bounds = mix_edits({"emotion": mix}, NAMES)
+    assert weights.tolist() == [1.5, 0.0, 0.5] and bounds is None
+    assert mix_edits({"emotion": {}}, NAMES) is None and mix_edits(None, NAMES) is None
     with pytest.raises(ValueError, match="not an emotion of this engine's bank"):
-        mix_weights({"emotion": {"anger": 1.0}}, NAMES)
+        mix_edits({"emotion": {"anger": 1.0}}, NAMES)
     with pytest.raises(TypeError, match="unchecked"):
-        mix_weights({"emotion": "joy=2"}, NAMES)  # a text mix never reaches a worker
+        mix_edits({"emotion": "joy=2"}, NAMES)  # a text mix never reaches a worker
 
 
 def test_cache_salt_is_per_mix():
@@ -135,12 +141,98 @@ def test_cache_salt_is_per_mix():
     assert cache_salt({"emotion": {"joy": 2.0, "fear": 0.5}}) == cache_salt(
         {"emotion": {"fear": 0.5, "joy": 2}})
     assert cache_salt({"emotion": {"joy": 2.0}}) != cache_salt({"emotion": {"joy": 2.5}})
+    # Levels and bounds are part of the mix: each its own salt, none equal to a push's.
+    salts = {cache_salt({"emotion": mix}) for mix in (
+        {"joy": 2.0}, {"joy": {"level": 2.0}}, {"joy": {"max": 2.0}}, {"joy": {"min": 2.0}},
+        {"joy": {"weight": 2.0, "max": 2.0}}, {"joy": {"weight": 2.0, "max": 2.5}})}
+    assert len(salts) == 6
+    assert cache_salt({"emotion": {"joy": {"weight": 0.0, "max": 1}}}) == cache_salt(
+        {"emotion": {"joy": {"max": 1.0}}})
+
+
+# ------------------------------------------------------------------- levels and bounds
+
+
+def test_the_grammar_at_the_front_door_and_its_normal_form():
+    """Every term in text, object or JSON form becomes one normal form (bank order, rec
+    resolved to the recipe, zero pushes dropped), which the workers read as weights and
+    z bounds."""
+    recipes = {"joy": 1.5, "sadness": {"level": 3.0}, "fear": 0.5}.__getitem__
+    mix = normal_mix({"emotion": "fear<=1,joy=rec,sadness=rec,joy>=-2"}, NAMES,
+                     recommended=recipes)
+    assert mix == {"joy": {"weight": 1.5, "min": -2.0}, "sadness": {"level": 3.0},
+                   "fear": {"max": 1.0}}
+    assert list(mix) == list(NAMES)
+    assert normal_mix({"emotion": mix}, NAMES) == mix  # idempotent
+    assert normal_mix({"emotion": '{"fear": "erase", "joy": {"weight": 0}}'}, NAMES) == {
+        "fear": {"level": 0.0}}
+    assert normal_mix({"emotion": {"joy": {"weight": 0.0}}}, NAMES) is None
+    weights, bounds = mix_edits({"emotion": mix}, NAMES)
+    assert weights.tolist() == [1.5, 0.0, 0.0]
+    assert bounds.tolist() == [[-2.0, 3.0, -INF], [INF, 3.0, 1.0]]
+    with pytest.raises(ValueError, match=r"\[.joy.\] is .joy@1., a level or bound: request_mix"):
+        request_mix({"emotion": "joy@1"}, NAMES)
+    for bad, message in (("joy@1,joy=2", "has a level and a push"),
+                         ({"joy": {"max": 1, "min": 2}}, r"\['joy'\] has a floor above its cap"),
+                         ({"joy": {"level": "x"}}, r"\['joy'\]\['level'\] must be a number"),
+                         ("sadness=rec", "no bank gives recommended weights")):
+        with pytest.raises((TypeError, ValueError), match=message):
+            normal_mix({"emotion": bad}, NAMES)
+
+
+def test_levels_are_opt_in_per_engine():
+    """Without "levels": true a level, bound or level recipe is refused at the door, naming
+    the field and how to turn them on; with it they pass in normal form (the shipped bank is
+    calibrated)."""
+    off = EmokernConfig.from_additional_config({"emokern": {}})
+    on = EmokernConfig.from_additional_config({"emokern": {"levels": True}})
+    assert off.levels is False and on.levels is True
+    assert check_mix({"emotion": "joy=2"}, off) == {"joy": 2.0}
+    for mix in ("sadness@1.5", "anger<=0.5", "joy>=1", "fear=erase", {"joy": {"level": 1}}):
+        with pytest.raises(ValueError, match=r"extra_args\['emotion'\]\[.*\] is .*, a level or "
+                                             r"bound, but this engine was started without "
+                                             r"levels; enable them with additional_config="):
+            check_mix({"emotion": mix}, off)
+    assert check_mix({"emotion": "sadness@1.5,joy=2,joy<=3"}, on) == {
+        "joy": {"weight": 2.0, "max": 3.0}, "sadness": {"level": 1.5}}
+    with pytest.raises(ValueError, match=r"\['sadness'\]: z = 1e\+38 is .* outside float32"):
+        check_mix({"emotion": "sadness@1e38"}, on)  # raw bounds must stay finite everywhere
+    with pytest.raises(TypeError, match="levels'] must be true or false"):
+        EmokernConfig.from_additional_config({"emokern": {"levels": "yes"}})
+
+
+def test_slots_hold_raw_bounds_per_layer_with_levels_on():
+    mean = torch.tensor([[0.0, 1.0, 2.0], [10.0, 20.0, 30.0]])
+    std = torch.tensor([[1.0, 1.0, 1.0], [2.0, 2.0, 2.0]])
+    t = _table(scale=0.5, neutral=(mean, std))
+    assert t.levels and len(t.bounds) == 2 and t.bounds[0].shape == (12, 2, 3)
+    assert t.bounds[0].isinf().all() and t.bounds[0].is_contiguous()
+    z = torch.tensor([[1.5, -INF, -INF], [1.5, INF, -1.0]])  # joy level 1.5, fear cap -1
+    t.add("a", None, z_bounds=z)  # a level alone: zero weights, bounds set
+    t.add("b", torch.tensor([1.0, 0.0, 0.0]))  # a push: open bounds
+    a, b = 0, 1
+    for slot in range(3 * a, 3 * a + 3):
+        assert t.slot_weights[slot].eq(0).all()
+        assert t.bounds[0][slot].tolist() == [[1.5, -INF, -INF], [1.5, INF, 1.0]]
+        assert t.bounds[1][slot].tolist() == [[13.0, -INF, -INF], [13.0, INF, 28.0]]
+    assert t.bounds[1][3 * b:3 * b + 3].isinf().all()
+    t.release("a")
+    t.add("c", torch.ones(3))  # the freed pair again: its bounds open
+    assert t.bounds[0][3 * a:3 * a + 3].isinf().all()
+    t.fill(["c", "b"], np.array([2, 1]), np.array([0, 0]), np.array([2, 1]))
+    assert t.token_slot[:3].tolist() == [0, 0, 3]
+    plain = _table()
+    assert not plain.levels and plain.bounds is None
+    with pytest.raises(ValueError, match="engine without levels"):
+        plain.add("a", None, z_bounds=z)
+    assert not plain.known("a")
 
 
 def test_settings():
     assert EmokernConfig.from_additional_config({}) is None
     cfg = EmokernConfig.from_additional_config({"emokern": {"layers": [3, 4], "monitor": False}})
     assert cfg.layers == (3, 4) and cfg.monitor is False and cfg.bank == "default"
+    assert cfg.levels is False
     with pytest.raises(ValueError, match="unknown setting"):
         EmokernConfig.from_additional_config({"emokern": {"layer": 3}})
     with pytest.raises(ValueError, match="spread"):

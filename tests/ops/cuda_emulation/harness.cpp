@@ -11,12 +11,13 @@ extern "C" int emokern_emulated_steer(void* hidden, int dtype, int64_t batch, in
                                       int64_t dim, int64_t stride_b, int64_t stride_t,
                                       const float* vectors, int64_t n_vec, const float* weights,
                                       const bool* mask, bool norm_preserving, float* proj_out,
-                                      float* run_sum, int64_t* run_count, float* run_last) {
+                                      float* run_sum, int64_t* run_count, float* run_last,
+                                      const float* bounds, const float* gram) {
   emu::shared_memory = emokern::cuda::smem;
   return int(emokern::cuda::launch_steer(
       hidden, static_cast<emokern::cuda::HiddenDtype>(dtype), batch, seq_len, dim, stride_b,
       stride_t, vectors, n_vec, weights, mask, norm_preserving, proj_out, run_sum, run_count,
-      run_last, nullptr));
+      run_last, bounds, gram, nullptr));
 }
 extern "C" int emokern_emulated_steer_packed(void* hidden, const void* residual, int dtype,
                                              int64_t n_tokens, int64_t dim, int64_t stride_n,
@@ -25,10 +26,11 @@ extern "C" int emokern_emulated_steer_packed(void* hidden, const void* residual,
                                              int64_t n_slots, const int32_t* token_slot,
                                              bool norm_preserving, float* proj_out,
                                              float* run_sum, int64_t* run_count,
-                                             float* run_last) {
+                                             float* run_last, const float* bounds,
+                                             const float* gram) {
   emu::shared_memory = emokern::cuda::smem;
   return int(emokern::cuda::launch_steer_packed(
       hidden, residual, static_cast<emokern::cuda::HiddenDtype>(dtype), n_tokens, dim, stride_n,
       res_stride_n, vectors, n_vec, slot_weights, n_slots, token_slot, norm_preserving,
-      proj_out, run_sum, run_count, run_last, nullptr));
+      proj_out, run_sum, run_count, run_last, bounds, gram, nullptr));
 }
