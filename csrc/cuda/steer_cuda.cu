@@ -33,6 +33,24 @@
 // twice. ||y||^2 is summed directly from y (not from the Gram identity, which cancels
 // catastrophically when y ~ 0).
 //
+// Projection levels and bounds (docs/design.md §2; `bounds` [S, 2, K] and `gram` [K, K] given):
+// a second instantiation of the kernel (template flag kLeveled; the unbounded one compiles none
+// of this). For a steered row, after the pushes and the norm-preserving scale c, the block
+// forms the projections after the pushes by the Gram identity of the definition,
+//   p'_k = c (p_k + q_k),   q_k = sum_j W[s, j] ||v_j|| G[j, k],
+// which needs no second reduction over D: q depends on the slot only and is rebuilt beside
+// delta (each thread owns its k's), p_k is the row's reading. A barrier with a block-wide OR
+// (__syncthreads_or) tells whether any p'_k lies outside [lo_k, hi_k]; if none, the row is
+// written exactly as without bounds (the same expression, bit for bit). Otherwise thread 0
+// runs the active-set solve of csrc/levels.h (emokern::level_coefficients, shared with the CPU
+// kernel) on shared-memory scratch of K * K + K floats and lists the nonzero a_k / ||v_k||;
+// after a barrier every thread writes y = c (x + delta) + sum_{k in A} (a_k / ||v_k||) v_k
+// (minus the residual), reading only the active vectors once more. The row is written once,
+// corrected or not. The scratch bounds K: at most kMaxLeveledVectors (128, 67.5 KiB; the binding
+// raises a ValueError beyond). The solve is serial on one thread: O(K^2) for the identity rows
+// plus O(|A|^2 K) for the active ones, negligible for the few bounded emotions of a request,
+// but a block waits on it once per row outside its bounds.
+//
 // Running statistics, the same code for both layouts. A block sums the projections of each
 // run of rows of one slot in shared memory and adds the run's sum and count to
 // run_sum/run_count when the slot changes and at the end — with atomics, except in the batched
@@ -48,9 +66,9 @@
 // request) scans the rest of the batch once, N / (4 * threads) steps. Exactly one row writes
 // each slot's run_last: deterministic.
 //
-// Launch configuration, a pure function of (T, D, K, dtype, residual): 64..512 threads (about
-// 8 columns per thread; __launch_bounds__(512, 2) keeps it at <= 64 registers, no spills on
-// sm_80/90), 16 rows per block when T (N when packed) >= 64 else 1,
+// Launch configuration, a pure function of (T, D, K, dtype, residual, bounds): 64..512 threads
+// (about 8 columns per thread; __launch_bounds__(512, 2) keeps it at <= 64 registers, no
+// spills on sm_80/90, leveled or not), 16 rows per block when T (N when packed) >= 64 else 1,
 // grid = B * ceil(T / rows), dynamic shared memory as below. Decode discipline: the launchers
 // allocate nothing and never synchronise (so they can be captured in a CUDA graph); offsets
 // are 64-bit (B*T*D may exceed 2^31).
@@ -58,9 +76,9 @@
 // Limits: shared memory holds one row, its residual and delta, D * (sizeof(storage) [* 2] + 4)
 // bytes, plus 16 B per vector (76 B in 16-row blocks, which keep each run's newest
 // projections): D = 16384 in bfloat16 needs 96 KiB (opted in above the 48 KiB default; fine
-// on sm_80+). Rows of a chunk are processed one after another, so `vectors` is
-// re-read from L2 for every row; for long prefills with large K*D a multi-row tile would cut
-// that traffic.
+// on sm_80+). With bounds, (K * K + 7 K + 1) * 4 bytes more (K <= 128). Rows of a chunk are
+// processed one after another, so `vectors` is re-read from L2 for every row; for long
+// prefills with large K*D a multi-row tile would cut that traffic.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

@@ -8,7 +8,8 @@
 // host syncs and CUDA-graph capturable. The data checks (finite weights, nonzero vector norms,
 // slots in [-1, S)) need a sync on CUDA; the public Python wrappers make them before calling
 // this backend, except during graph capture — where the kernel treats a slot outside [-1, S)
-// as -1 rather than access memory out of bounds.
+// as -1 rather than access memory out of bounds. Projection bounds add one check of the
+// kernel's own (steer_cuda_checks.h: K <= 128) and are passed through as raw pointers.
 
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAGuard.h>

@@ -14,12 +14,15 @@ emokern.vllm.http.EmotionMiddleware``), or the ``vllm.endpoint_plugins`` entry p
 The middleware sees each HTTP exchange as ASGI messages and reaches the engine through the
 app's state (``app.state.engine_client``, what vLLM's own routes use). It
 
-1. answers ``GET /v1/emotions`` itself: the engine's emotions, steered layers and recommended
-   weights (:func:`emokern.vllm.config.describe`);
+1. answers ``GET /v1/emotions`` itself: the engine's emotions, steered layers, recommended
+   weights and recipes, whether it takes levels, the mix grammar
+   (:func:`emokern.vllm.config.describe`);
 2. checks the mix of every JSON ``POST`` that carries ``vllm_xargs.emotion`` before vLLM reads
-   it, and answers a bad one (unknown emotion, non-finite weight, malformed string, a mix for
-   an engine without emokern) with HTTP 400 in vLLM's error format — streaming requests
-   included, whose engine-side errors vLLM would report inside a 200 event stream;
+   it (the mix grammar, :mod:`emokern.steering.mix`), and answers a bad one (unknown emotion,
+   non-finite weight, malformed string or conflicting terms, a level, cap or floor for an
+   engine without ``levels``, a mix for an engine without emokern) with HTTP 400 in vLLM's
+   error format — streaming requests included, whose engine-side errors vLLM would report
+   inside a 200 event stream;
 3. adds ``emotion_readings`` to the 200 answers of ``/v1/completions`` and
    ``/v1/chat/completions``: a JSON answer is buffered, parsed and re-encoded; an event stream
    passes through event by event, except that an event that may be the last one (a choice

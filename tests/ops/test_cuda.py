@@ -536,21 +536,23 @@ def _moved_rows(fn_plain, out, hidden):
     return int((out != plain).flatten(0, -2).any(dim=-1).sum())
 
 
-#: Batched shapes of the leveled comparisons (K well below D: independent directions): decode,
-#: D = 577 with K = 17 (several K tiles), 16-row chunks with D = 200 and with K = 20 of D = 40.
-LEVELED_SHAPES = ("decode-D64", "D577-K17", "chunks-D200", "chunks-D40-K20")
+#: Batched cases of the leveled comparisons, ``(shape, dtype, mask kind)``, each with and
+#: without norm preservation. Shapes with K well below D (independent directions): decode,
+#: 16-row chunks with D = 200 and with K = 20 of D = 40 in every dtype; D = 577 with K = 17
+#: (several K tiles) in bfloat16 (its other dtypes are slow).
 LEVELED_DTYPE_MASKS = [(torch.bfloat16, "random"), (torch.float16, "none"),
                        (torch.float32, "random")]
+LEVELED_CASES = [(case, dtype, mask_kind)
+                 for case in ("decode-D64", "chunks-D200", "chunks-D40-K20")
+                 for dtype, mask_kind in LEVELED_DTYPE_MASKS] + \
+    [("D577-K17", torch.bfloat16, "random")]
 
 
-@pytest.mark.parametrize("dtype,mask_kind", LEVELED_DTYPE_MASKS,
-                         ids=lambda v: str(v).split(".")[-1])
 @pytest.mark.parametrize("norm", [False, True], ids=["add", "norm"])
-@pytest.mark.parametrize("case", LEVELED_SHAPES)
-def test_emulated_leveled_kernel_matches_reference(emulated_steer_, case, norm, dtype,
-                                                   mask_kind):
-    if case == "D577-K17" and dtype != torch.bfloat16:
-        pytest.skip("the long rows run in bfloat16 only (kept in the slow suite below)")
+@pytest.mark.parametrize("case,dtype,mask_kind", LEVELED_CASES,
+                         ids=lambda v: str(v).split(".")[-1])
+def test_emulated_leveled_kernel_matches_reference(emulated_steer_, case, dtype, mask_kind,
+                                                   norm):
     shape = SHAPES[case]
     gen = torch.Generator().manual_seed(case_seed("leveled", case, mask_kind))
     hidden, vectors, weights = random_inputs(shape, dtype, gen)
@@ -576,17 +578,17 @@ def test_emulated_leveled_kernel_long_rows(emulated_steer_, norm, dtype):
                                     make_bounds(gen, shape[0], shape[3]), packed=False)
 
 
-#: Packed shapes of the leveled comparisons (those of kernel_cases with K below D).
-LEVELED_PACKED_SHAPES = ("decode-N5", "rows-D577-K17", "dot-D200", "dot-D31-K20")
+#: Packed cases of the leveled comparisons: the shapes of kernel_cases with K below D, each in
+#: every ``(dtype, residual, norm_preserving, slot layout)`` of PACKED_CASES, except D = 577
+#: (one case).
+LEVELED_PACKED_CASES = [(case, *rest) for case in ("decode-N5", "dot-D200", "dot-D31-K20")
+                        for rest in PACKED_CASES] + [("rows-D577-K17", *PACKED_CASES[0])]
 
 
-@pytest.mark.parametrize("dtype,residual,norm,layout", PACKED_CASES,
+@pytest.mark.parametrize("case,dtype,residual,norm,layout", LEVELED_PACKED_CASES,
                          ids=lambda v: str(v).split(".")[-1])
-@pytest.mark.parametrize("case", LEVELED_PACKED_SHAPES)
 def test_emulated_leveled_packed_matches_reference(emulated_steer_packed_, case, dtype,
                                                    residual, norm, layout):
-    if case == "rows-D577-K17" and (dtype, layout) != (torch.bfloat16, "runs"):
-        pytest.skip("the long rows run in one bfloat16 case only")
     hidden, res, vectors, slot_weights, token_slot = packed_case(case, dtype, residual, layout)
     gen = torch.Generator().manual_seed(case_seed("leveled-packed", case, layout))
     bounds = make_bounds(gen, slot_weights.shape[0], vectors.shape[0])
@@ -820,3 +822,99 @@ def test_gpu_packed_and_batched_cuda_graph_replays():
         pytest.fail(f"the CUDA kernel did not build: {build.build_info()['cuda']}")
     check_packed_graph_replays(torch.ops.emokern.steer_packed_.default,
                                torch.ops.emokern.steer_.default)
+
+
+def _via_device(op, device):
+    """``op`` (an emokern op of torch.ops) with the emulated launchers' CPU-tensor calling
+    convention: the tensors are copied to ``device``, the op runs there and what it wrote is
+    copied back into the CPU tensors."""
+    def call(*args):
+        moved = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
+        op(*moved)
+        for arg, dev in zip(args, moved, strict=True):
+            if isinstance(arg, torch.Tensor) and dev is not arg:
+                arg.copy_(dev.cpu())
+    return call
+
+
+@gpu
+@pytest.mark.parametrize("packed", [False, True], ids=["batched", "packed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=lambda d: str(d).split(".")[-1])
+def test_gpu_leveled_kernel_matches_reference(packed, dtype):
+    """The compiled leveled kernel through the dispatcher, with norm preservation (and a
+    residual when packed), decode-size and chunked rows."""
+    if not build.load_cuda():
+        pytest.fail(f"the CUDA kernel did not build: {build.build_info()['cuda']}")
+    if packed:
+        for case in ("decode-N5", "dot-D200"):
+            hidden, res, vectors, slot_weights, token_slot = packed_case(case, dtype, True,
+                                                                         "random")
+            gen = torch.Generator().manual_seed(case_seed("gpu-leveled", case))
+            bounds = make_bounds(gen, slot_weights.shape[0], vectors.shape[0])
+            check_leveled_against_reference(
+                _via_device(torch.ops.emokern.steer_packed_.default, "cuda"), hidden, res,
+                vectors, slot_weights, token_slot, True, bounds, packed=True)
+    else:
+        for case in ("decode-D64", "chunks-D200", "D577-K17"):
+            shape = SHAPES[case]
+            gen = torch.Generator().manual_seed(case_seed("gpu-leveled", case))
+            hidden, vectors, weights = random_inputs(shape, dtype, gen)
+            mask = make_mask("random", shape[0], shape[1], gen)
+            check_leveled_against_reference(
+                _via_device(torch.ops.emokern.steer_.default, "cuda"), hidden, None, vectors,
+                weights, mask, True, make_bounds(gen, shape[0], shape[3]), packed=False)
+
+
+@gpu
+def test_gpu_leveled_kernel_in_cuda_graph():
+    """The leveled packed kernel captured in a CUDA graph; new states, slots and bounds copied
+    in between replays (a request's levels change without a new capture)."""
+    if not build.load_cuda():
+        pytest.fail(f"the CUDA kernel did not build: {build.build_info()['cuda']}")
+    gen = torch.Generator().manual_seed(13)
+    n_tokens, dim, n_vec, n_slots = 24, 576, 6, 4
+    vectors = torch.randn(n_vec, dim, generator=gen)
+    gram = unit_gram(vectors)
+    args = [torch.zeros(n_tokens, dim, dtype=torch.bfloat16), torch.zeros(n_tokens, dim,
+            dtype=torch.bfloat16), vectors, torch.zeros(n_slots, n_vec),
+            torch.zeros(n_tokens, dtype=torch.int32), True, None, None, None, None,
+            make_bounds(gen, n_slots, n_vec), gram]
+    dev = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
+    torch.ops.emokern.steer_packed_.default(*dev)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        torch.ops.emokern.steer_packed_.default(*dev)
+    for _ in range(3):
+        hidden, res, _, weights = packed_inputs(n_tokens, dim, n_vec, n_slots, torch.bfloat16,
+                                                True, gen)
+        token_slot = make_token_slot("random", n_tokens, n_tokens, n_slots, gen)
+        bounds = make_bounds(gen, n_slots, n_vec)
+        for i, new in ((0, hidden), (1, res), (3, weights), (4, token_slot), (10, bounds)):
+            dev[i].copy_(new)
+        graph.replay()
+        low, f32 = hidden.clone(), hidden.float()
+        ref_steer_packed_(low, res, vectors, weights, token_slot, True, None, None, None, None,
+                          bounds, gram)
+        ref_steer_packed_(f32, res.float(), vectors, weights, token_slot, True, None, None, None,
+                          None, bounds, gram)
+        steered = token_slot >= 0
+        got = dev[0].cpu()
+        assert torch.equal(got[~steered], hidden[~steered])
+        assert_flash_close("hidden", got[steered], f32[steered], low[steered])
+
+
+@gpu
+def test_gpu_leveled_kernel_refuses_too_many_vectors():
+    if not build.load_cuda():
+        pytest.fail(f"the CUDA kernel did not build: {build.build_info()['cuda']}")
+    n_vec = 129
+    hidden = torch.randn(2, 3, 256, device="cuda")
+    vectors = torch.randn(n_vec, 256, device="cuda")
+    bounds = torch.zeros(2, 2, n_vec, device="cuda")
+    before = hidden.clone()
+    with pytest.raises(ValueError, match="take at most 128 vectors, got K = 129"):
+        torch.ops.emokern.steer_.default(hidden, vectors, torch.zeros(2, n_vec, device="cuda"),
+                                         None, False, None, None, None, None, bounds,
+                                         unit_gram(vectors))
+    assert torch.equal(hidden, before)
