@@ -537,15 +537,18 @@ def _moved_rows(fn_plain, out, hidden):
 
 
 #: Batched cases of the leveled comparisons, ``(shape, dtype, mask kind)``, each with and
-#: without norm preservation. Shapes with K well below D (independent directions): decode,
-#: 16-row chunks with D = 200 and with K = 20 of D = 40 in every dtype; D = 577 with K = 17
-#: (several K tiles) in bfloat16 (its other dtypes are slow).
+#: without norm preservation. Shapes with K well below D (independent directions): decode and
+#: 16-row chunks with D = 200 in every dtype; K = 20 of D = 40 in chunks and D = 577 with
+#: K = 17 (several K tiles) in bfloat16, their other dtypes in the slow suite.
 LEVELED_DTYPE_MASKS = [(torch.bfloat16, "random"), (torch.float16, "none"),
                        (torch.float32, "random")]
-LEVELED_CASES = [(case, dtype, mask_kind)
-                 for case in ("decode-D64", "chunks-D200", "chunks-D40-K20")
-                 for dtype, mask_kind in LEVELED_DTYPE_MASKS] + \
-    [("D577-K17", torch.bfloat16, "random")]
+#: Shapes whose leveled comparisons run partly in the slow suite (long rows, or K = 20).
+LEVELED_SLOW_SHAPES = ("chunks-D40-K20", "D577-K17", "dot-D31-K20", "rows-D577-K17")
+LEVELED_CASES = [
+    pytest.param(case, dtype, mask_kind, marks=[pytest.mark.slow]
+                 if case in LEVELED_SLOW_SHAPES and dtype != torch.bfloat16 else [])
+    for case in ("decode-D64", "chunks-D200", "chunks-D40-K20", "D577-K17")
+    for dtype, mask_kind in LEVELED_DTYPE_MASKS]
 
 
 @pytest.mark.parametrize("norm", [False, True], ids=["add", "norm"])
@@ -565,24 +568,14 @@ def test_emulated_leveled_kernel_matches_reference(emulated_steer_, case, dtype,
     assert moved > 0, "no row reached a bound: the case tests nothing"
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32],
-                         ids=lambda v: str(v).split(".")[-1])
-@pytest.mark.parametrize("norm", [False, True], ids=["add", "norm"])
-def test_emulated_leveled_kernel_long_rows(emulated_steer_, norm, dtype):
-    shape = SHAPES["D577-K17"]
-    gen = torch.Generator().manual_seed(case_seed("leveled-long", str(dtype)))
-    hidden, vectors, weights = random_inputs(shape, dtype, gen)
-    mask = make_mask("random", shape[0], shape[1], gen)
-    check_leveled_against_reference(emulated_steer_, hidden, None, vectors, weights, mask, norm,
-                                    make_bounds(gen, shape[0], shape[3]), packed=False)
-
-
 #: Packed cases of the leveled comparisons: the shapes of kernel_cases with K below D, each in
-#: every ``(dtype, residual, norm_preserving, slot layout)`` of PACKED_CASES, except D = 577
-#: (one case).
-LEVELED_PACKED_CASES = [(case, *rest) for case in ("decode-N5", "dot-D200", "dot-D31-K20")
-                        for rest in PACKED_CASES] + [("rows-D577-K17", *PACKED_CASES[0])]
+#: every ``(dtype, residual, norm_preserving, slot layout)`` of PACKED_CASES; of K = 20 and of
+#: D = 577 the first and the float32 case, the others in the slow suite.
+LEVELED_PACKED_CASES = [
+    pytest.param(case, *rest, marks=[pytest.mark.slow]
+                 if case in LEVELED_SLOW_SHAPES and i not in (0, 4) else [])
+    for case in ("decode-N5", "dot-D200", "dot-D31-K20", "rows-D577-K17")
+    for i, rest in enumerate(PACKED_CASES)]
 
 
 @pytest.mark.parametrize("case,dtype,residual,norm,layout", LEVELED_PACKED_CASES,
