@@ -24,6 +24,7 @@ import pytest
 import torch
 
 triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
 
 from kernel_cases import (  # noqa: E402  (after the importorskip)
     DTYPE_MASK_CASES,
@@ -46,7 +47,7 @@ from kernel_cases import (  # noqa: E402  (after the importorskip)
 
 import emokern  # noqa: E402
 from emokern.ops import triton_steer  # noqa: E402
-from emokern.ops.reference import ref_steer_, ref_steer_packed_  # noqa: E402
+from emokern.ops.reference import ref_steer_, ref_steer_packed_, unit_gram  # noqa: E402
 from emokern.ops.triton_steer import (  # noqa: E402
     launch_config,
     triton_steer_,
@@ -57,22 +58,53 @@ pytestmark = pytest.mark.triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
+
 @pytest.fixture(autouse=True)
 def _programs_last_to_first(monkeypatch):
     """Under the interpreter, run each grid's programs last to first. A GPU runs them in no
     order; in the interpreter's ascending order a program that wrongly wrote a slot's
     ``run_last`` would be overwritten by the right one (the newest row's program runs last) and
-    go unnoticed. Reversed, the wrong write lands last."""
-    interpreter = getattr(getattr(triton, "runtime", None), "interpreter", None)
-    builder = getattr(interpreter, "InterpreterBuilder", None)
-    if DEVICE != "cpu" or builder is None or not hasattr(builder, "set_grid_idx"):
+    go unnoticed. Reversed, the wrong write lands last (checked by
+    ``test_interpreter_runs_programs_last_to_first``).
+
+    It patches ``InterpreterBuilder.set_grid_idx`` of Triton's interpreter (private): a Triton
+    without it fails every test here rather than silently running programs in order."""
+    if DEVICE != "cpu":
         return
+    try:
+        from triton.runtime import interpreter
+    except ImportError as exc:
+        pytest.fail(f"Triton's interpreter cannot be imported ({exc}): the fixture running "
+                    "programs last to first needs it; update the fixture for this Triton "
+                    f"({triton.__version__})")
+    builder = getattr(interpreter, "InterpreterBuilder", None)
+    if builder is None or not callable(getattr(builder, "set_grid_idx", None)) \
+            or not callable(getattr(builder, "set_grid_dim", None)):
+        pytest.fail("triton.runtime.interpreter.InterpreterBuilder.set_grid_idx / set_grid_dim "
+                    f"are missing in Triton {triton.__version__}: the fixture running programs "
+                    "last to first cannot work; update it for this Triton's interpreter")
     original = builder.set_grid_idx
 
     def set_grid_idx(self, x, y, z):
         original(self, self.grid_dim[0] - 1 - x, y, z)
 
     monkeypatch.setattr(builder, "set_grid_idx", set_grid_idx)
+
+
+@triton.jit
+def _record_program_order(counter_ptr, order_ptr):
+    """``order[pid]`` = how many programs ran before this one."""
+    pid = tl.program_id(0)
+    tl.store(order_ptr + pid, tl.atomic_add(counter_ptr, 1))
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's order; a GPU has none")
+def test_interpreter_runs_programs_last_to_first():
+    """The autouse fixture has its effect: program ``n - 1`` runs first, program 0 last."""
+    counter = torch.zeros(1, dtype=torch.int32)
+    order = torch.full((5,), -1, dtype=torch.int32)
+    _record_program_order[(5,)](counter, order)
+    assert order.tolist() == [4, 3, 2, 1, 0]
 
 
 # (B, T, D, K) and the launch path each exercises (checked, so a config change cannot silently
