@@ -211,8 +211,9 @@ def _tile_terms(row_ptrs, res_ptrs, vectors_ptr, w, offs_d, rows_ok, offs_k, k_o
                 USE_DOT: tl.constexpr, ROW_WEIGHTS: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
     """Load the D tile at ``offs_d`` of the rows (plus the residual) and of the vectors; return
     ``(x [ROWS, BLOCK_D], y = x + delta, residual tile (or 0.0), dots [ROWS, BLOCK_K],
-    ||v||² part [BLOCK_K], d_ok [BLOCK_D], v [BLOCK_K, BLOCK_D])`` in float32. ``w`` is ``[ROWS, BLOCK_K]`` (each
-    row's weights) when ``ROW_WEIGHTS``, else ``[BLOCK_K]`` shared by the rows."""
+    ||v||² part [BLOCK_K], d_ok [BLOCK_D], v [BLOCK_K, BLOCK_D])`` in float32. ``w`` is
+    ``[ROWS, BLOCK_K]`` (each row's weights) when ``ROW_WEIGHTS``, else ``[BLOCK_K]`` shared by
+    the rows."""
     d_ok = offs_d < dim
     tile_ok = rows_ok[:, None] & d_ok[None, :]
     x = tl.load(row_ptrs[:, None] + offs_d[None, :], mask=tile_ok, other=0.0).to(tl.float32)
@@ -402,11 +403,11 @@ def _corrected(y, coef, v, USE_DOT: tl.constexpr):
 def _steer_kernel(
     hidden_ptr, residual_ptr, vectors_ptr, weights_ptr, slot_ptr, proj_ptr, sum_ptr, count_ptr,
     last_ptr, bounds_ptr, gram_ptr, seq_len, dim, n_vec, n_slots, stride_b, stride_t,
-    res_stride_t, n_chunks, PACKED: tl.constexpr, HAS_MASK: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    NORM_PRESERVING: tl.constexpr, HAS_PROJ: tl.constexpr, HAS_RUN: tl.constexpr,
-    ATOMIC_RUN: tl.constexpr, ROWS: tl.constexpr, USE_DOT: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr, SINGLE_TILE: tl.constexpr, SCAN_BLOCK: tl.constexpr,
-    EPS: tl.constexpr, BOUNDS: tl.constexpr, SOLVE_ROWS: tl.constexpr,
+    res_stride_t, n_chunks, PACKED: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, NORM_PRESERVING: tl.constexpr, HAS_PROJ: tl.constexpr,
+    HAS_RUN: tl.constexpr, ATOMIC_RUN: tl.constexpr, ROWS: tl.constexpr, USE_DOT: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_TILE: tl.constexpr,
+    SCAN_BLOCK: tl.constexpr, EPS: tl.constexpr, BOUNDS: tl.constexpr, SOLVE_ROWS: tl.constexpr,
     PIVOT_EPS: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -687,8 +688,8 @@ def _launch(cfg, batch, n_chunks, hidden, residual, vectors, weights, slots, nor
     has_run = run_sum is not None
     _steer_kernel[(batch * n_chunks,)](
         hidden, residual, vectors, weights, slots, proj_out, run_sum, run_count, run_last,
-        bounds, gram, seq_len, hidden.shape[-1], vectors.shape[0], n_slots, stride_b, stride_t, res_stride_t,
-        n_chunks,
+        bounds, gram, seq_len, hidden.shape[-1], vectors.shape[0], n_slots, stride_b, stride_t,
+        res_stride_t, n_chunks,
         PACKED=packed, HAS_MASK=has_mask, HAS_RESIDUAL=residual is not None,
         NORM_PRESERVING=bool(norm_preserving), HAS_PROJ=proj_out is not None, HAS_RUN=has_run,
         # A slot's rows may span programs: always in the packed layout, in the batched one when
