@@ -93,7 +93,7 @@ import triton
 import triton.language as tl
 
 from emokern.ops import dispatch
-from emokern.ops.reference import NORM_EPS
+from emokern.ops.reference import LEVEL_PIVOT_EPS, NORM_EPS
 
 #: Upper bound of a D tile. Rows longer than the (budget-limited) tile are covered by a loop.
 MAX_BLOCK_D = 1024
@@ -107,6 +107,10 @@ DOT_MIN_ROWS = 64
 DOT_ROWS = 16
 #: Registers per thread in dot mode: 2 programs of 8 warps per SM (65,536 registers).
 DOT_MAX_REGISTERS = 128
+#: Register budget (float32 elements) of the per-row factor ``[SOLVE_ROWS, BLOCK_K, BLOCK_K]``
+#: of the projection-bounds solve: a program of ``ROWS`` rows solves them ``SOLVE_ROWS`` at a
+#: time (all 16 at once for ``BLOCK_K = 16``, one at a time from ``BLOCK_K = 64``).
+SOLVE_ELEMENTS = 4096
 #: Slot comparisons per thread and step while a program looks for later rows of its slots
 #: (the scan block is ``32 · num_warps · this / ROWS`` slots; more would cost registers).
 _SCAN_PER_THREAD = 8
@@ -123,6 +127,9 @@ class LaunchConfig(NamedTuple):
     #: Register cap per thread (ptx ``.maxnreg``), or None: dot mode is held to 128 so that two
     #: programs of 8 warps share an SM (uncapped, ptxas takes 136-146 with running statistics).
     max_registers: int | None
+    #: Rows of the program solved together by the projection-bounds solve (a power of two
+    #: dividing ``rows``): ``rows · block_k²`` capped at :data:`SOLVE_ELEMENTS` elements.
+    solve_rows: int = 1
 
 
 def _next_pow2(n: int) -> int:
@@ -131,7 +138,7 @@ def _next_pow2(n: int) -> int:
 
 @functools.lru_cache(maxsize=256)
 def _launch_config(seq_len: int, dim: int, n_vec: int, residual: bool, max_block_d: int,
-                   tile_elements: int, dot_min_rows: int) -> LaunchConfig:
+                   tile_elements: int, dot_min_rows: int, solve_elements: int) -> LaunchConfig:
     use_dot = seq_len >= dot_min_rows
     rows = DOT_ROWS if use_dot else 1
     block_k = max(16 if use_dot else 2, _next_pow2(n_vec))
@@ -147,8 +154,11 @@ def _launch_config(seq_len: int, dim: int, n_vec: int, residual: bool, max_block
     # 8 tile elements per thread: 48-110 registers on sm_90 (no spills), so that several
     # programs share an SM — this kernel is memory bound and needs the occupancy.
     num_warps = min(8, _next_pow2(tile_rows * block_d // 256))
+    # The largest power of two of rows whose factors fit the solve's budget (at least one).
+    solve_budget = max(1, solve_elements // (block_k * block_k))
+    solve_rows = min(rows, 1 << (solve_budget.bit_length() - 1))
     return LaunchConfig(rows, block_k, block_d, dim <= block_d, num_warps,
-                        DOT_MAX_REGISTERS if use_dot else None)
+                        DOT_MAX_REGISTERS if use_dot else None, solve_rows)
 
 
 def launch_config(seq_len: int, dim: int, n_vec: int, residual: bool = False) -> LaunchConfig:
@@ -157,7 +167,7 @@ def launch_config(seq_len: int, dim: int, n_vec: int, residual: bool = False) ->
     a split ``residual`` or not (reads the module constants, so tests can lower
     ``MAX_BLOCK_D``)."""
     return _launch_config(seq_len, dim, n_vec, bool(residual), MAX_BLOCK_D, TILE_ELEMENTS,
-                          DOT_MIN_ROWS)
+                          DOT_MIN_ROWS, SOLVE_ELEMENTS)
 
 
 @triton.jit
@@ -201,8 +211,9 @@ def _tile_terms(row_ptrs, res_ptrs, vectors_ptr, w, offs_d, rows_ok, offs_k, k_o
                 USE_DOT: tl.constexpr, ROW_WEIGHTS: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
     """Load the D tile at ``offs_d`` of the rows (plus the residual) and of the vectors; return
     ``(x [ROWS, BLOCK_D], y = x + delta, residual tile (or 0.0), dots [ROWS, BLOCK_K],
-    ||v||² part [BLOCK_K], d_ok [BLOCK_D])`` in float32. ``w`` is ``[ROWS, BLOCK_K]`` (each
-    row's weights) when ``ROW_WEIGHTS``, else ``[BLOCK_K]`` shared by the rows."""
+    ||v||² part [BLOCK_K], d_ok [BLOCK_D], v [BLOCK_K, BLOCK_D])`` in float32. ``w`` is
+    ``[ROWS, BLOCK_K]`` (each row's weights) when ``ROW_WEIGHTS``, else ``[BLOCK_K]`` shared by
+    the rows."""
     d_ok = offs_d < dim
     tile_ok = rows_ok[:, None] & d_ok[None, :]
     x = tl.load(row_ptrs[:, None] + offs_d[None, :], mask=tile_ok, other=0.0).to(tl.float32)
@@ -222,7 +233,7 @@ def _tile_terms(row_ptrs, res_ptrs, vectors_ptr, w, offs_d, rows_ok, offs_k, k_o
         y = x + tl.dot(w, v, input_precision="ieee")
     else:
         y = x + tl.sum(w[:, None] * v, axis=0)[None, :]
-    return x, y, r, dots, tl.sum(v * v, axis=1), d_ok
+    return x, y, r, dots, tl.sum(v * v, axis=1), d_ok, v
 
 
 @triton.jit
@@ -242,14 +253,162 @@ def _later_twins(slot_ptr, seq, slot, pending, start, seq_len, n_slots, PACKED: 
 
 
 @triton.jit
+def _add(a, b):
+    return a + b
+
+
+#: The combine function of ``tl.sum``: ``tl.reduce(x, axis, _SUM)`` is ``tl.sum(x, axis)`` for
+#: float32 and int32 (the same IR), but not a call of a jit function, which the interpreter
+#: re-patches ``triton.language`` for at every call (~10 ms, thousands of times in the solve's
+#: loops); the interpreter runs this reduction as one ``np.sum``.
+_SUM = getattr(tl.standard, "_sum_combine", _add)
+
+
+@triton.jit
+def _level_solve(gap, gram_ptr, n_vec, offs_k, PIVOT_EPS: tl.constexpr):
+    """``level_coefficients`` of csrc/levels.h for the rows of ``gap`` ``[R, BLOCK_K]`` (each
+    row's target gaps ``t - p'``, 0 inside the bounds and on padded columns): returns the
+    coefficients ``a [R, BLOCK_K]`` of the unit directions and each row's number of active
+    directions ``[R]`` (int32).
+
+    The same float32 operations in the same order as the C++ row loop, vectorised over the rows
+    and columns: the Cholesky factor of ``G_AA`` is built right-looking — step ``i`` takes the
+    pivot and column ``i`` of the trailing matrix, already reduced by the earlier active columns
+    in index order, exactly the C++ ``s -= L[i][m] * L[j][m]`` sequence — and the forward
+    substitution subtracts in the same order. ``work [R, BLOCK_K, BLOCK_K]`` holds the trailing
+    matrix; column ``i`` below the diagonal becomes ``L[:, i]`` once step ``i`` is done (zero
+    for an inactive or dropped direction). The back substitution is the C++ loop as it stands
+    (``s -= L[m][i] · a[m]`` for ``m = i + 1, …``): a direction with no coefficient
+    contributes ``±0``. Divisions and the square root are IEEE-rounded (``div_rn``,
+    ``sqrt_rn``)."""
+    R: tl.constexpr = gap.shape[0]
+    BLOCK_K: tl.constexpr = gap.shape[1]
+    k_ok = offs_k < n_vec
+    gram = tl.load(gram_ptr + offs_k[:, None] * n_vec + offs_k[None, :],
+                   mask=k_ok[:, None] & k_ok[None, :], other=0.0)
+    work = tl.zeros((R, BLOCK_K, BLOCK_K), tl.float32) + gram[None, :, :]
+    row_of = offs_k[None, :, None]
+    col_of = offs_k[None, None, :]
+    rhs = gap  # forward substitution: t - p' less the earlier columns' terms
+    z = tl.zeros((R, BLOCK_K), tl.float32)
+    diag = tl.full((R, BLOCK_K), 1.0, tl.float32)
+    active = tl.zeros((R, BLOCK_K), tl.int32)
+    pivot_eps = tl.full((), PIVOT_EPS, tl.float32)
+    for i in range(0, n_vec):
+        at_i = offs_k[None, :] == i
+        col = tl.reduce(tl.where(col_of == i, work, 0.0), 2, _SUM)  # work[:, :, i]
+        d = tl.reduce(tl.where(at_i, col, 0.0), 1, _SUM)
+        r = tl.reduce(tl.where(at_i, gap, 0.0), 1, _SUM)
+        s = tl.reduce(tl.where(at_i, rhs, 0.0), 1, _SUM)
+        # Inside its bounds (r == 0), dependent on the earlier active directions or NaN: out.
+        keep = (r != 0.0) & (d > pivot_eps * tl.load(gram_ptr + i * (n_vec + 1)))
+        l_ii = tl.where(keep, tl.sqrt_rn(tl.where(keep, d, 1.0)), 1.0)
+        z_i = tl.where(keep, tl.math.div_rn(s, l_ii), 0.0)
+        l_col = tl.where(keep[:, None] & (offs_k[None, :] > i),
+                         tl.math.div_rn(col, l_ii[:, None]), 0.0)
+        rhs = rhs - l_col * z_i[:, None]
+        work = tl.where((col_of == i) & (row_of > i), l_col[:, :, None],
+                        work - l_col[:, :, None] * l_col[:, None, :])
+        z = tl.where(at_i, z_i[:, None], z)
+        diag = tl.where(at_i, l_ii[:, None], diag)
+        active = tl.where(at_i, keep.to(tl.int32)[:, None], active)
+    a = tl.zeros((R, BLOCK_K), tl.float32)
+    for t in range(0, n_vec):
+        i = n_vec - 1 - t
+        at_i = offs_k[None, :] == i
+        l_col = tl.reduce(tl.where(col_of == i, work, 0.0), 2, _SUM)  # L[m, i] for m > i
+        s = tl.reduce(tl.where(at_i, z, 0.0), 1, _SUM)
+        for m in range(i + 1, n_vec):
+            at_m = offs_k[None, :] == m
+            s = s - tl.reduce(tl.where(at_m, l_col, 0.0), 1, _SUM) \
+                * tl.reduce(tl.where(at_m, a, 0.0), 1, _SUM)
+        on = tl.reduce(tl.where(at_i, active, 0), 1, _SUM) != 0
+        a_i = tl.where(on, tl.math.div_rn(s, tl.reduce(tl.where(at_i, diag, 0.0), 1, _SUM)), 0.0)
+        a = tl.where(at_i, a_i[:, None], a)
+    return a, tl.reduce(active, 1, _SUM)
+
+
+@triton.jit
+def _level_solve_if_needed(gap, gram_ptr, n_vec, offs_k, PIVOT_EPS: tl.constexpr):
+    """:func:`_level_solve`, skipped (zeros) when every row of ``gap`` is inside its bounds."""
+    if tl.max(tl.max((gap != 0.0).to(tl.int32), axis=1), axis=0) != 0:  # NaN != 0 too
+        a, n_active = _level_solve(gap, gram_ptr, n_vec, offs_k, PIVOT_EPS)
+    else:
+        a = tl.zeros(gap.shape, tl.float32)
+        n_active = tl.zeros((gap.shape[0],), tl.int32)
+    return a, n_active
+
+
+@triton.jit
+def _level_terms(dots, vv, w, scale, slot_safe, steered, bounds_ptr, gram_ptr, n_vec, offs_k,
+                 k_ok, ROW_WEIGHTS: tl.constexpr, NORM_PRESERVING: tl.constexpr,
+                 SOLVE_ROWS: tl.constexpr, PIVOT_EPS: tl.constexpr):
+    """The projection levels and bounds of the program's rows (docs/design.md §2): from the
+    input's ``dots [ROWS, BLOCK_K]`` and ``||v||² vv``, the weights ``w`` and the norm-preserving
+    ``scale [ROWS]``, the projections after the pushes
+    ``p' = c (p + Σ_j w_j ||v_j|| G[j, :])``, the targets from the rows' bounds and the solve.
+    Returns ``(coef [ROWS, BLOCK_K], fix [ROWS])``: the correction is ``Σ_k coef_k v_k``
+    (``coef = a / ||v||``) on the rows with ``fix``; every other row is written as without
+    bounds."""
+    ROWS: tl.constexpr = dots.shape[0]
+    BLOCK_K: tl.constexpr = dots.shape[1]
+    norms = tl.sqrt(tl.where(k_ok, vv, 1.0))
+    proj = tl.where(k_ok[None, :], dots / norms[None, :], 0.0)  # the readings, p
+    gram = tl.load(gram_ptr + offs_k[:, None] * n_vec + offs_k[None, :],
+                   mask=k_ok[:, None] & k_ok[None, :], other=0.0)
+    if ROW_WEIGHTS:
+        push = tl.dot(w * norms[None, :], gram, input_precision="ieee")
+    else:
+        push = tl.sum((w * norms)[:, None] * gram, axis=0)[None, :]
+    p_after = proj + push
+    if NORM_PRESERVING:
+        p_after = scale[:, None] * p_after
+    bound_ptrs = bounds_ptr + slot_safe[:, None] * (2 * n_vec) + offs_k[None, :]
+    bound_ok = steered[:, None] & k_ok[None, :]
+    lo = tl.load(bound_ptrs, mask=bound_ok, other=float("-inf"))
+    hi = tl.load(bound_ptrs + n_vec, mask=bound_ok, other=float("inf"))
+    # csrc/levels.h:level_gap, clip(p', lo, hi) - p'.
+    gap = tl.where(p_after < lo, lo, tl.where(p_after > hi, hi, p_after)) - p_after
+    if SOLVE_ROWS == ROWS:
+        a, n_active = _level_solve_if_needed(gap, gram_ptr, n_vec, offs_k, PIVOT_EPS)
+    else:
+        # SOLVE_ROWS rows at a time (the factors of all ROWS would not fit in registers).
+        GROUPS: tl.constexpr = ROWS // SOLVE_ROWS
+        gap3 = tl.reshape(gap, (GROUPS, SOLVE_ROWS, BLOCK_K))
+        group_of = tl.arange(0, GROUPS)
+        a3 = tl.zeros((GROUPS, SOLVE_ROWS, BLOCK_K), tl.float32)
+        n3 = tl.zeros((GROUPS, SOLVE_ROWS), tl.int32)
+        for g in range(0, GROUPS):
+            a_g, n_g = _level_solve_if_needed(
+                tl.sum(tl.where(group_of[:, None, None] == g, gap3, 0.0), axis=0), gram_ptr,
+                n_vec, offs_k, PIVOT_EPS)
+            a3 = tl.where(group_of[:, None, None] == g, a_g[None, :, :], a3)
+            n3 = tl.where(group_of[:, None] == g, n_g[None, :], n3)
+        a = tl.reshape(a3, (ROWS, BLOCK_K))
+        n_active = tl.reshape(n3, (ROWS,))
+    coef = tl.where(k_ok[None, :], a / norms[None, :], 0.0)
+    return coef, steered & (n_active > 0)
+
+
+@triton.jit
+def _corrected(y, coef, v, USE_DOT: tl.constexpr):
+    """``y + coef @ v`` for a D tile: ``coef [ROWS, BLOCK_K]``, ``v [BLOCK_K, BLOCK_D]``."""
+    if USE_DOT:
+        return y + tl.dot(coef, v, input_precision="ieee")
+    else:
+        return y + tl.sum(tl.sum(coef, axis=0)[:, None] * v, axis=0)[None, :]  # ROWS == 1
+
+
+@triton.jit
 def _steer_kernel(
     hidden_ptr, residual_ptr, vectors_ptr, weights_ptr, slot_ptr, proj_ptr, sum_ptr, count_ptr,
-    last_ptr, seq_len, dim, n_vec, n_slots, stride_b, stride_t, res_stride_t, n_chunks,
-    PACKED: tl.constexpr, HAS_MASK: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    NORM_PRESERVING: tl.constexpr, HAS_PROJ: tl.constexpr, HAS_RUN: tl.constexpr,
-    ATOMIC_RUN: tl.constexpr, ROWS: tl.constexpr, USE_DOT: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr, SINGLE_TILE: tl.constexpr, SCAN_BLOCK: tl.constexpr,
-    EPS: tl.constexpr,
+    last_ptr, bounds_ptr, gram_ptr, seq_len, dim, n_vec, n_slots, stride_b, stride_t,
+    res_stride_t, n_chunks, PACKED: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, NORM_PRESERVING: tl.constexpr, HAS_PROJ: tl.constexpr,
+    HAS_RUN: tl.constexpr, ATOMIC_RUN: tl.constexpr, ROWS: tl.constexpr, USE_DOT: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_TILE: tl.constexpr,
+    SCAN_BLOCK: tl.constexpr, EPS: tl.constexpr, BOUNDS: tl.constexpr, SOLVE_ROWS: tl.constexpr,
+    PIVOT_EPS: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     seq = pid // n_chunks
@@ -279,15 +438,26 @@ def _steer_kernel(
 
     if SINGLE_TILE:
         # The whole row is in registers: compute, rescale and write it once.
-        x, y, r, dots, vv, d_ok = _tile_terms(row_ptrs, res_ptrs, vectors_ptr, w, offs_tile,
-                                              rows_ok, offs_k, k_ok, dim, USE_DOT, ROW_WEIGHTS,
-                                              HAS_RESIDUAL)
+        x, y, r, dots, vv, d_ok, v = _tile_terms(row_ptrs, res_ptrs, vectors_ptr, w, offs_tile,
+                                                 rows_ok, offs_k, k_ok, dim, USE_DOT,
+                                                 ROW_WEIGHTS, HAS_RESIDUAL)
+        scale = eps  # no rescale (a placeholder the bounds read only with NORM_PRESERVING)
         if NORM_PRESERVING:
             x_norm = tl.sqrt(tl.sum(x * x, axis=1))
             y_norm = tl.sqrt(tl.sum(y * y, axis=1))
-            y = y * (x_norm / tl.maximum(y_norm, eps))[:, None]
-        tl.store(row_ptrs[:, None] + offs_tile[None, :], _to_storage(y - r, out_ty),
-                 mask=steered[:, None] & d_ok[None, :])
+            scale = x_norm / tl.maximum(y_norm, eps)
+            y = y * scale[:, None]
+        if BOUNDS:
+            coef, fix = _level_terms(dots, vv, w, scale, slot_safe, steered, bounds_ptr,
+                                     gram_ptr, n_vec, offs_k, k_ok, ROW_WEIGHTS,
+                                     NORM_PRESERVING, SOLVE_ROWS, PIVOT_EPS)
+            # Rows without a correction keep the no-bounds expression (the same bits).
+            out = tl.where(fix[:, None], _corrected(y, coef, v, USE_DOT) - r, y - r)
+            tl.store(row_ptrs[:, None] + offs_tile[None, :], _to_storage(out, out_ty),
+                     mask=steered[:, None] & d_ok[None, :])
+        else:
+            tl.store(row_ptrs[:, None] + offs_tile[None, :], _to_storage(y - r, out_ty),
+                     mask=steered[:, None] & d_ok[None, :])
     else:
         dots = tl.zeros((ROWS, BLOCK_K), tl.float32)
         vv = tl.zeros((BLOCK_K,), tl.float32)
@@ -295,7 +465,7 @@ def _steer_kernel(
         yy = tl.zeros((ROWS,), tl.float32)
         for d0 in range(0, dim, BLOCK_D):
             offs_d = d0 + offs_tile
-            x, y, r, dots_part, vv_part, d_ok = _tile_terms(
+            x, y, r, dots_part, vv_part, d_ok, v = _tile_terms(
                 row_ptrs, res_ptrs, vectors_ptr, w, offs_d, rows_ok, offs_k, k_ok, dim, USE_DOT,
                 ROW_WEIGHTS, HAS_RESIDUAL)
             dots += dots_part
@@ -303,15 +473,37 @@ def _steer_kernel(
             if NORM_PRESERVING:
                 xx += tl.sum(x * x, axis=1)
                 yy += tl.sum(y * y, axis=1)
-            else:
+            elif not BOUNDS:
                 # Nothing later in the row changes this tile: write it now (one pass).
                 tl.store(row_ptrs[:, None] + offs_d[None, :], _to_storage(y - r, out_ty),
                          mask=steered[:, None] & d_ok[None, :])
+        scale = eps  # no rescale (a placeholder the bounds read only with NORM_PRESERVING)
         if NORM_PRESERVING:
             scale = tl.sqrt(xx) / tl.maximum(tl.sqrt(yy), eps)
+        if BOUNDS:
+            # The correction needs the whole row's projections: a second loop writes the rows
+            # (re-read from L1/L2), as with norm preservation.
+            coef, fix = _level_terms(dots, vv, w, scale, slot_safe, steered, bounds_ptr,
+                                     gram_ptr, n_vec, offs_k, k_ok, ROW_WEIGHTS,
+                                     NORM_PRESERVING, SOLVE_ROWS, PIVOT_EPS)
             for d0 in range(0, dim, BLOCK_D):
                 offs_d = d0 + offs_tile
-                x, y, r, dots_part, vv_part, d_ok = _tile_terms(
+                x, y, r, dots_part, vv_part, d_ok, v = _tile_terms(
+                    row_ptrs, res_ptrs, vectors_ptr, w, offs_d, rows_ok, offs_k, k_ok, dim,
+                    USE_DOT, ROW_WEIGHTS, HAS_RESIDUAL)
+                # Rows without a correction keep the no-bounds expression (the same bits).
+                if NORM_PRESERVING:
+                    out = tl.where(fix[:, None],
+                                   _corrected(y * scale[:, None], coef, v, USE_DOT) - r,
+                                   y * scale[:, None] - r)
+                else:
+                    out = tl.where(fix[:, None], _corrected(y, coef, v, USE_DOT) - r, y - r)
+                tl.store(row_ptrs[:, None] + offs_d[None, :], _to_storage(out, out_ty),
+                         mask=steered[:, None] & d_ok[None, :])
+        elif NORM_PRESERVING:
+            for d0 in range(0, dim, BLOCK_D):
+                offs_d = d0 + offs_tile
+                x, y, r, dots_part, vv_part, d_ok, v = _tile_terms(
                     row_ptrs, res_ptrs, vectors_ptr, w, offs_d, rows_ok, offs_k, k_ok, dim,
                     USE_DOT, ROW_WEIGHTS, HAS_RESIDUAL)
                 tl.store(row_ptrs[:, None] + offs_d[None, :],
@@ -415,8 +607,6 @@ def triton_steer_(
     Allocates nothing, never syncs the host: safe inside CUDA-graph capture once the kernel
     has been compiled for the shape class (run it once before capturing).
     """
-    if bounds is not None:
-        raise NotImplementedError("emokern: projection bounds on Triton: not yet")
     batch, seq_len, dim = hidden.shape
     if batch == 0 or seq_len == 0 or dim == 0:
         return
@@ -428,8 +618,8 @@ def triton_steer_(
     with _device_of(hidden):
         _launch(cfg, batch, n_chunks, hidden, None, vectors, weights,
                 None if mask is None else mask.view(torch.uint8), norm_preserving, proj_out,
-                run_sum, run_count, run_last, hidden.stride(0), hidden.stride(1), 0, batch,
-                False, mask is not None)
+                run_sum, run_count, run_last, bounds, gram, hidden.stride(0), hidden.stride(1),
+                0, batch, False, mask is not None)
 
 
 def triton_steer_packed_(
@@ -471,8 +661,6 @@ def triton_steer_packed_(
     CUDA graph per token count once compiled (the serving pattern: persistent buffers whose
     contents change by ``copy_`` between replays).
     """
-    if bounds is not None:
-        raise NotImplementedError("emokern: projection bounds on Triton: not yet")
     n_tokens, dim = hidden.shape
     if n_tokens == 0 or dim == 0:
         return
@@ -487,21 +675,21 @@ def triton_steer_packed_(
     n_chunks = triton.cdiv(n_tokens, cfg.rows)
     with _device_of(hidden):
         _launch(cfg, 1, n_chunks, hidden, residual, vectors, slot_weights, token_slot,
-                norm_preserving, proj_out, run_sum, run_count, run_last, 0, hidden.stride(0),
-                0 if residual is None else residual.stride(0), slot_weights.shape[0], True,
-                False)
+                norm_preserving, proj_out, run_sum, run_count, run_last, bounds, gram, 0,
+                hidden.stride(0), 0 if residual is None else residual.stride(0),
+                slot_weights.shape[0], True, False)
 
 
 def _launch(cfg, batch, n_chunks, hidden, residual, vectors, weights, slots, norm_preserving,
-            proj_out, run_sum, run_count, run_last, stride_b, stride_t, res_stride_t, n_slots,
-            packed, has_mask) -> None:
+            proj_out, run_sum, run_count, run_last, bounds, gram, stride_b, stride_t,
+            res_stride_t, n_slots, packed, has_mask) -> None:
     """The one launch of :func:`_steer_kernel` behind both ops (positional arguments only)."""
     seq_len = hidden.shape[-2]
     has_run = run_sum is not None
     _steer_kernel[(batch * n_chunks,)](
         hidden, residual, vectors, weights, slots, proj_out, run_sum, run_count, run_last,
-        seq_len, hidden.shape[-1], vectors.shape[0], n_slots, stride_b, stride_t, res_stride_t,
-        n_chunks,
+        bounds, gram, seq_len, hidden.shape[-1], vectors.shape[0], n_slots, stride_b, stride_t,
+        res_stride_t, n_chunks,
         PACKED=packed, HAS_MASK=has_mask, HAS_RESIDUAL=residual is not None,
         NORM_PRESERVING=bool(norm_preserving), HAS_PROJ=proj_out is not None, HAS_RUN=has_run,
         # A slot's rows may span programs: always in the packed layout, in the batched one when
@@ -509,6 +697,7 @@ def _launch(cfg, batch, n_chunks, hidden, residual, vectors, weights, slots, nor
         ATOMIC_RUN=has_run and (packed or n_chunks > 1),
         ROWS=cfg.rows, USE_DOT=cfg.rows > 1, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d,
         SINGLE_TILE=cfg.single_tile, SCAN_BLOCK=scan_block(cfg), EPS=NORM_EPS,
+        BOUNDS=bounds is not None, SOLVE_ROWS=cfg.solve_rows, PIVOT_EPS=LEVEL_PIVOT_EPS,
         **compile_options(cfg),
     )
 

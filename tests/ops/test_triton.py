@@ -24,7 +24,7 @@ import pytest
 import torch
 
 triton = pytest.importorskip("triton")
-
+import triton.language as tl  # noqa: E402
 from kernel_cases import (  # noqa: E402  (after the importorskip)
     DTYPE_MASK_CASES,
     PACKED_CASES,
@@ -46,7 +46,7 @@ from kernel_cases import (  # noqa: E402  (after the importorskip)
 
 import emokern  # noqa: E402
 from emokern.ops import triton_steer  # noqa: E402
-from emokern.ops.reference import ref_steer_, ref_steer_packed_  # noqa: E402
+from emokern.ops.reference import ref_steer_, ref_steer_packed_, unit_gram  # noqa: E402
 from emokern.ops.triton_steer import (  # noqa: E402
     launch_config,
     triton_steer_,
@@ -57,22 +57,53 @@ pytestmark = pytest.mark.triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
+
 @pytest.fixture(autouse=True)
 def _programs_last_to_first(monkeypatch):
     """Under the interpreter, run each grid's programs last to first. A GPU runs them in no
     order; in the interpreter's ascending order a program that wrongly wrote a slot's
     ``run_last`` would be overwritten by the right one (the newest row's program runs last) and
-    go unnoticed. Reversed, the wrong write lands last."""
-    interpreter = getattr(getattr(triton, "runtime", None), "interpreter", None)
-    builder = getattr(interpreter, "InterpreterBuilder", None)
-    if DEVICE != "cpu" or builder is None or not hasattr(builder, "set_grid_idx"):
+    go unnoticed. Reversed, the wrong write lands last (checked by
+    ``test_interpreter_runs_programs_last_to_first``).
+
+    It patches ``InterpreterBuilder.set_grid_idx`` of Triton's interpreter (private): a Triton
+    without it fails every test here rather than silently running programs in order."""
+    if DEVICE != "cpu":
         return
+    try:
+        from triton.runtime import interpreter
+    except ImportError as exc:
+        pytest.fail(f"Triton's interpreter cannot be imported ({exc}): the fixture running "
+                    "programs last to first needs it; update the fixture for this Triton "
+                    f"({triton.__version__})")
+    builder = getattr(interpreter, "InterpreterBuilder", None)
+    if builder is None or not callable(getattr(builder, "set_grid_idx", None)) \
+            or not callable(getattr(builder, "set_grid_dim", None)):
+        pytest.fail("triton.runtime.interpreter.InterpreterBuilder.set_grid_idx / set_grid_dim "
+                    f"are missing in Triton {triton.__version__}: the fixture running programs "
+                    "last to first cannot work; update it for this Triton's interpreter")
     original = builder.set_grid_idx
 
     def set_grid_idx(self, x, y, z):
         original(self, self.grid_dim[0] - 1 - x, y, z)
 
     monkeypatch.setattr(builder, "set_grid_idx", set_grid_idx)
+
+
+@triton.jit
+def _record_program_order(counter_ptr, order_ptr):
+    """``order[pid]`` = how many programs ran before this one."""
+    pid = tl.program_id(0)
+    tl.store(order_ptr + pid, tl.atomic_add(counter_ptr, 1))
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's order; a GPU has none")
+def test_interpreter_runs_programs_last_to_first():
+    """The autouse fixture has its effect: program ``n - 1`` runs first, program 0 last."""
+    counter = torch.zeros(1, dtype=torch.int32)
+    order = torch.full((5,), -1, dtype=torch.int32)
+    _record_program_order[(5,)](counter, order)
+    assert order.tolist() == [4, 3, 2, 1, 0]
 
 
 # (B, T, D, K) and the launch path each exercises (checked, so a config change cannot silently
@@ -266,6 +297,301 @@ def test_public_wrapper_runs_triton_backend():
                    running=run, backend="triton")
     assert_flash_close("hidden", hidden, expected32, expected)
     torch.testing.assert_close(run.mean().cpu(), ref_run.mean(), equal_nan=True)
+
+
+# --- projection levels and bounds (both layouts, the same kernel) --------------------------------
+
+INF = float("inf")
+#: A finite bound no projection reaches: rows of a slot bounded by it are inside their bounds.
+NEVER = 1e30
+
+
+def make_bounds(gen, n_slots, n_vec, *, levels_only=False):
+    """``bounds [S, 2, K]``: per slot and emotion open, a level, a cap, a floor or a band around
+    the projections' spread; with several slots the last one's bounds are finite but never
+    reached (its rows must be written as without bounds)."""
+    kind = torch.randint(0, 5, (n_slots, n_vec), generator=gen)
+    if levels_only:
+        kind.fill_(1)
+    value = torch.randn(n_slots, n_vec, generator=gen) * 3
+    width = torch.rand(n_slots, n_vec, generator=gen) * 2
+    lower = torch.where((kind == 1) | (kind == 3) | (kind == 4), value, -INF)
+    upper = torch.where((kind == 1) | (kind == 2), value,
+                        torch.where(kind == 4, value + width, INF))
+    bounds = torch.stack([lower, upper], dim=1)
+    if n_slots > 1 and not levels_only:
+        bounds[-1, 0], bounds[-1, 1] = -NEVER, NEVER
+    return bounds.contiguous()
+
+
+def row_status(stream, vectors, row_weights, row_bounds, norm, margin=1e-3):
+    """``(inside, outside)`` [N] bool, in float64 from the definition: every projection after
+    the pushes inside its bounds by ``margin`` (written as without bounds), or one outside by
+    ``margin`` (corrected); a row within ``margin`` of a bound is neither."""
+    x, v = stream.double(), vectors.double()
+    u = v / v.norm(dim=1, keepdim=True)
+    y = x + row_weights.double() @ v
+    if norm:
+        y = y * x.norm(dim=1, keepdim=True) / y.norm(dim=1, keepdim=True).clamp_min(1e-6)
+    p_after = y @ u.T
+    lower, upper = row_bounds[:, 0].double(), row_bounds[:, 1].double()
+    tol = margin * (1 + p_after.abs())
+    inside = ((p_after > lower + tol) & (p_after < upper - tol)).all(dim=1)
+    outside = ((p_after < lower - tol) | (p_after > upper + tol)).any(dim=1)
+    return inside, outside
+
+
+def _packed_call(fn, device, hidden, residual, vectors, slot_weights, token_slot, norm, bounds):
+    """One call of ``fn`` (``emokern::steer_packed_``'s positional arguments) on ``device``,
+    with ``bounds`` (and their Gram matrix) or without; returns the CPU copies of
+    ``(hidden, proj_out, run_sum, run_count, run_last)``."""
+    gram = None if bounds is None else unit_gram(vectors)
+    h, r, v, w, s, b, g = to_device(device, hidden.clone(), residual, vectors, slot_weights,
+                                    token_slot, bounds, gram)
+    proj = torch.full((token_slot.shape[0], vectors.shape[0]), -7.0, device=device)
+    run = emokern.RunningProjections(slot_weights.shape[0], vectors.shape[0], device=device)
+    run.last.fill_(-3.0)
+    fn(h, r, v, w, s, norm, proj, *run.tensors(), b, g)
+    return [t.cpu() for t in (h, proj, *run.tensors())]
+
+
+def _batched_call(fn, device, hidden, vectors, weights, mask, norm, bounds):
+    """:func:`_packed_call` for ``emokern::steer_``."""
+    gram = None if bounds is None else unit_gram(vectors)
+    h, v, w, m, b, g = to_device(device, hidden.clone(), vectors, weights, mask, bounds, gram)
+    batch, seq_len, _ = hidden.shape
+    proj = torch.full((batch, seq_len, vectors.shape[0]), -7.0, device=device)
+    run = emokern.RunningProjections(batch, vectors.shape[0], device=device)
+    run.last.fill_(-3.0)
+    fn(h, v, w, m, norm, proj, *run.tensors(), b, g)
+    return [t.cpu() for t in (h, proj, *run.tensors())]
+
+
+def assert_bounds_match(got, plain, low, f32, hidden, steered, inside, outside):
+    """The kernel with bounds (``got``) against the reference with bounds in the storage dtype
+    (``low``) and in float32 (``f32``), flash-attention's rule, and against the kernel without
+    bounds (``plain``): rows without a slot untouched, rows inside their bounds bit-identical to
+    ``plain``, readings and running statistics those of ``plain`` (projections of the input).
+    Each is ``(hidden, proj, run_sum, run_count, run_last)`` with rows flattened."""
+    assert bool(inside.any()) and bool(outside.any()), "the case must have rows of both kinds"
+    out, out_plain = got[0], plain[0]
+    assert torch.equal(out[~steered], hidden[~steered]), "rows without a slot changed"
+    assert_flash_close("hidden", out[steered], f32[0][steered], low[0][steered])
+    assert torch.equal(out[inside], out_plain[inside]), \
+        "rows inside their bounds differ from the kernel without bounds"
+    assert not torch.equal(out[outside], out_plain[outside])
+    assert torch.equal(got[1], plain[1]), "proj_out is not the projection of the input"
+    assert_flash_close("proj_out", got[1], f32[1], low[1])
+    assert torch.equal(got[3], f32[3]), "run_count"
+    torch.testing.assert_close(got[2], plain[2], rtol=1e-6, atol=1e-5)  # atomics' order
+    assert_flash_close("run_sum", got[2], f32[2], low[2])
+    assert torch.equal(got[4], plain[4]), "run_last"
+
+
+def check_packed_bounds(hidden, residual, vectors, slot_weights, token_slot, norm, bounds):
+    """The packed op with ``bounds`` on the Triton kernel against the reference and against the
+    kernel without bounds (:func:`assert_bounds_match`)."""
+    n_tokens = hidden.shape[0]
+    args = (vectors, slot_weights, token_slot, norm)
+    got = _packed_call(triton_steer_packed_, DEVICE, hidden, residual, *args, bounds)
+    plain = _packed_call(triton_steer_packed_, DEVICE, hidden, residual, *args, None)
+    low = _packed_call(ref_steer_packed_, "cpu", hidden, residual, *args, bounds)
+    f32 = _packed_call(ref_steer_packed_, "cpu", hidden.float(),
+                       None if residual is None else residual.float(), *args, bounds)
+    slot = token_slot[:n_tokens].long()
+    steered = slot >= 0
+    stream = hidden.double() if residual is None else hidden.double() + residual.double()
+    inside, outside = row_status(stream, vectors, slot_weights[slot.clamp_min(0)],
+                                 bounds[slot.clamp_min(0)], norm)
+    for t in (got, plain, low, f32):
+        t[1] = t[1][:n_tokens]
+    assert_bounds_match(got, plain, low, f32, hidden, steered, inside & steered,
+                        outside & steered)
+    return got[0]
+
+
+def check_batched_bounds(hidden, vectors, weights, mask, norm, bounds):
+    """:func:`check_packed_bounds` for the batched op (``bounds [B, 2, K]``)."""
+    batch, seq_len, dim = hidden.shape
+    args = (vectors, weights, mask, norm)
+    got = _batched_call(triton_steer_, DEVICE, hidden, *args, bounds)
+    plain = _batched_call(triton_steer_, DEVICE, hidden, *args, None)
+    low = _batched_call(ref_steer_, "cpu", hidden, *args, bounds)
+    f32 = _batched_call(ref_steer_, "cpu", hidden.float(), *args, bounds)
+    seq = torch.arange(batch).repeat_interleave(seq_len)
+    steered = torch.ones(batch * seq_len, dtype=torch.bool) if mask is None else mask.reshape(-1)
+    inside, outside = row_status(hidden.reshape(-1, dim), vectors, weights[seq], bounds[seq],
+                                 norm)
+    for t in (got, plain, low, f32):
+        t[0] = t[0].reshape(batch * seq_len, dim)
+        t[1] = t[1].reshape(batch * seq_len, -1)
+    assert_bounds_match(got, plain, low, f32, hidden.reshape(-1, dim), steered,
+                        inside & steered, outside & steered)
+    return got[0]
+
+
+#: ``(N, N_max, D, K, S)`` of the packed comparisons with bounds and the launch path each takes
+#: (with and without a split residual): decode-like row mode, row mode over several D tiles
+#: (577 = 2 · 256 + 65), dot mode in one tile and over several.
+BOUNDS_PACKED_SHAPES = {
+    "decode-N5": ((5, 8, 64, 6, 4), dict(rows=1, single_tile=True)),
+    "rows-D577": ((3, 4, 577, 5, 3), dict(rows=1, single_tile=False)),
+    "dot-D24": ((70, 80, 24, 5, 6), dict(rows=16, single_tile=True)),
+    "dot-D200": ((70, 70, 200, 5, 6), dict(rows=16, single_tile=False)),
+}
+#: ``(dtype, residual, norm_preserving, slot layout)`` run on every packed shape with bounds.
+BOUNDS_PACKED_CASES = [
+    (torch.bfloat16, True, True, "runs"), (torch.float16, False, False, "random"),
+    (torch.float32, True, False, "random"), (torch.float32, False, True, "runs"),
+]
+
+
+@pytest.mark.parametrize("dtype,residual,norm,layout", BOUNDS_PACKED_CASES,
+                         ids=lambda v: str(v).split(".")[-1])
+@pytest.mark.parametrize("case", list(BOUNDS_PACKED_SHAPES))
+def test_packed_bounds_match_reference(case, dtype, residual, norm, layout):
+    (n_tokens, n_max, dim, n_vec, n_slots), path = BOUNDS_PACKED_SHAPES[case]
+    cfg = launch_config(n_tokens, dim, n_vec, residual=residual)
+    assert {k: getattr(cfg, k) for k in path} == path, cfg
+    gen = torch.Generator().manual_seed(case_seed("packed-bounds", case, str(dtype),
+                                                  str(residual), str(norm), layout))
+    hidden, res, vectors, slot_weights = packed_inputs(n_tokens, dim, n_vec, n_slots, dtype,
+                                                       residual, gen)
+    token_slot = make_token_slot(layout, n_tokens, n_max, n_slots, gen)
+    token_slot[:n_tokens][token_slot[:n_tokens] == n_slots - 1] = 0  # the NEVER slot: below
+    token_slot[:2] = n_slots - 1  # rows of the never-reached slot
+    check_packed_bounds(hidden, res, vectors, slot_weights, token_slot, norm,
+                        make_bounds(gen, n_slots, n_vec))
+
+
+#: ``(B, T, D, K)`` of the batched comparisons with bounds and the launch path of each.
+BOUNDS_BATCHED_SHAPES = {
+    "decode-D64": ((3, 1, 64, 6), dict(rows=1, single_tile=True)),
+    "rows-D577": ((2, 3, 577, 5), dict(rows=1, single_tile=False)),
+    "dot-D40": ((1, 66, 40, 5), dict(rows=16, single_tile=True)),
+    "dot-D200": ((1, 66, 200, 3), dict(rows=16, single_tile=False)),
+}
+
+
+@pytest.mark.parametrize("dtype,mask_kind,norm", [
+    (torch.bfloat16, "random", True), (torch.float32, "none", False),
+    (torch.float16, "all", True)], ids=lambda v: str(v).split(".")[-1])
+@pytest.mark.parametrize("case", list(BOUNDS_BATCHED_SHAPES))
+def test_batched_bounds_match_reference(case, dtype, mask_kind, norm):
+    (batch, seq_len, dim, n_vec), path = BOUNDS_BATCHED_SHAPES[case]
+    cfg = launch_config(seq_len, dim, n_vec)
+    assert {k: getattr(cfg, k) for k in path} == path, cfg
+    gen = torch.Generator().manual_seed(case_seed("batched-bounds", case, mask_kind))
+    hidden, vectors, weights = random_inputs((batch, seq_len, dim, n_vec), dtype, gen)
+    mask = make_mask(mask_kind, batch, seq_len, gen)
+    bounds = make_bounds(gen, batch + 1, n_vec)
+    if batch == 1:  # one sequence: bounds that some rows are inside and others not
+        bounds = bounds[1:]
+        bounds[0, 0, 0], bounds[0, 1, 0] = -INF, 0.0  # a cap at 0: about half the rows
+        bounds[0, :, 1:] = torch.tensor([-NEVER, NEVER])[:, None]
+    else:
+        bounds = torch.cat([bounds[:1], bounds[-1:]])  # the last sequence: never reached
+        if batch > 2:
+            bounds = torch.cat([bounds[:1], make_bounds(gen, batch - 2, n_vec), bounds[1:]])
+    if mask is not None and batch > 1:
+        mask[-1, 0] = True  # a steered row of the never-reached sequence
+    check_batched_bounds(hidden, vectors, weights, mask, norm, bounds.contiguous())
+
+
+@pytest.mark.parametrize("solve_elements", [1024, 256], ids=["4-rows", "1-row"])
+def test_bounds_solved_in_groups_of_rows(monkeypatch, solve_elements):
+    """A dot-mode program's 16 rows solved 4 or 1 at a time (as for K > 16), in both layouts."""
+    monkeypatch.setattr(triton_steer, "SOLVE_ELEMENTS", solve_elements)
+    cfg = launch_config(70, 24, 5, residual=True)
+    assert cfg.rows == 16 and cfg.solve_rows == solve_elements // 256
+    gen = torch.Generator().manual_seed(case_seed("bounds-groups", str(solve_elements)))
+    hidden, res, vectors, slot_weights = packed_inputs(70, 24, 5, 6, torch.float32, True, gen)
+    token_slot = make_token_slot("random", 70, 70, 5, gen)
+    token_slot[::7] = 5  # the never-reached slot
+    check_packed_bounds(hidden, res, vectors, slot_weights, token_slot, True,
+                        make_bounds(gen, 6, 5))
+    hidden, vectors, weights = random_inputs((1, 66, 24, 5), torch.bfloat16, gen)
+    bounds = torch.tensor([[-INF] * 5, [0.0] * 5])[None]  # caps at 0
+    check_batched_bounds(hidden, vectors, weights, None, False, bounds)
+
+
+@pytest.mark.parametrize("norm", [False, True], ids=["add", "norm"])
+@pytest.mark.parametrize("n_tokens", [6, 70], ids=["rows", "dot"])
+def test_a_leveled_row_reads_its_level(n_tokens, norm):
+    """The defining property on the kernel: after the op, the projection of every steered
+    row's stream on each leveled direction is its level (float32 rows)."""
+    gen = torch.Generator().manual_seed(case_seed("bounds-levels", str(n_tokens), str(norm)))
+    hidden, res, vectors, slot_weights = packed_inputs(n_tokens, 48, 4, 3, torch.float32, True,
+                                                       gen)
+    token_slot = make_token_slot("random", n_tokens, n_tokens, 3, gen)
+    bounds = make_bounds(gen, 3, 4, levels_only=True)
+    h, r, v, w, s, b, g = to_device(DEVICE, hidden, res, vectors, slot_weights, token_slot,
+                                    bounds, unit_gram(vectors))
+    triton_steer_packed_(h, r, v, w, s, norm, None, None, None, None, b, g)
+    u = vectors / vectors.norm(dim=1, keepdim=True)
+    reread = (h.cpu() + res) @ u.T
+    steered = token_slot >= 0
+    want = bounds[token_slot[steered].long(), 0]
+    torch.testing.assert_close(reread[steered], want, rtol=0, atol=1e-4)
+    assert torch.equal(h.cpu()[~steered], hidden[~steered])
+
+
+@pytest.mark.parametrize("n_tokens", [5, 70], ids=["rows", "dot"])
+def test_bounds_with_dependent_directions(n_tokens):
+    """Direction 2 lies in the span of 0 and 1: its pivot is dropped, the levels of 0, 1 and 3
+    are met exactly and the kernel agrees with the reference, which drops it too."""
+    gen = torch.Generator().manual_seed(case_seed("bounds-dependent", str(n_tokens)))
+    hidden, res, vectors, slot_weights = packed_inputs(n_tokens, 32, 4, 2, torch.float32, True,
+                                                       gen)
+    vectors[2] = 0.6 * vectors[0] + 0.8 * vectors[1]
+    token_slot = make_token_slot("random", n_tokens, n_tokens, 2, gen)
+    token_slot[-1] = 1  # the never-reached slot
+    bounds = make_bounds(gen, 2, 4)
+    bounds[0, 0] = bounds[0, 1] = torch.tensor([1.0, -2.0, 0.5, 1.5])  # levels on all four
+    got = check_packed_bounds(hidden, res, vectors, slot_weights, token_slot, False, bounds)
+    u = vectors / vectors.norm(dim=1, keepdim=True)
+    leveled = token_slot[:n_tokens] == 0
+    reread = (got[leveled] + res[leveled]) @ u.T
+    torch.testing.assert_close(reread[:, [0, 1, 3]], bounds[0, 0, [0, 1, 3]].expand(
+        int(leveled.sum()), 3), rtol=0, atol=1e-4)
+    assert (reread[:, 2] - 0.5).abs().max() > 1e-2  # not a target: where the others moved it
+
+
+def test_public_wrappers_run_bounds_on_triton():
+    """``emokern.steer_`` / ``steer_packed_`` with ``bounds`` (and the Gram matrix they compute)
+    on the Triton backend give the reference's rows."""
+    gen = torch.Generator().manual_seed(case_seed("bounds-wrapper"))
+    hidden, vectors, weights = random_inputs((2, 4, 40, 3), torch.float32, gen)
+    bounds = make_bounds(gen, 2, 3)
+    want = hidden.clone()
+    ref_steer_(want, vectors, weights, None, True, None, None, None, None, bounds,
+               unit_gram(vectors))
+    got, v, w, b = to_device(DEVICE, hidden.clone(), vectors, weights, bounds)
+    emokern.steer_(got, v, w, norm_preserving=True, bounds=b, backend="triton")
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-4)
+    flat, flat_want = hidden.reshape(8, 40).clone(), want.reshape(8, 40)
+    token_slot = torch.arange(2, dtype=torch.int32).repeat_interleave(4)
+    got, v, w, s, b = to_device(DEVICE, flat, vectors, weights, token_slot, bounds)
+    emokern.steer_packed_(got, v, w, s, norm_preserving=True, bounds=b, backend="triton")
+    torch.testing.assert_close(got.cpu(), flat_want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n_tokens,dim,n_vec", [(4, 64, 33), (64, 48, 20)],
+                         ids=["rows-K33", "dot-K20"])
+def test_bounds_with_many_directions(n_tokens, dim, n_vec):
+    """K = 33 (BLOCK_K = 64, one row) and K = 20 in dot mode (BLOCK_K = 32: the 16 rows solved
+    4 at a time); slow under the interpreter (the solve is O(K²) steps)."""
+    cfg = launch_config(n_tokens, dim, n_vec, residual=True)
+    assert cfg.solve_rows == (1 if n_tokens < 64 else 4), cfg
+    gen = torch.Generator().manual_seed(case_seed("bounds-many", str(n_vec)))
+    hidden, res, vectors, slot_weights = packed_inputs(n_tokens, dim, n_vec, 3, torch.float32,
+                                                       True, gen)
+    token_slot = make_token_slot("random", n_tokens, n_tokens, 3, gen)
+    token_slot[0] = 2  # the never-reached slot
+    bounds = make_bounds(gen, 3, n_vec)
+    bounds[:2, 0] = torch.where(bounds[:2, 0] == -INF, -INF, bounds[:2, 0] - 6)  # fewer active
+    check_packed_bounds(hidden, res, vectors, slot_weights, token_slot, True, bounds)
 
 
 def test_launch_config_is_fixed_and_graph_friendly():

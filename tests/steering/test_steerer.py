@@ -306,15 +306,37 @@ def test_sampling_and_bfloat16():
     model = model.to(torch.bfloat16)
     bank = random_bank(model)
     encoded = encode(tokenizer)
-    with steer(model, bank, [{"joy": 1.0}, {}, {"fear": 1.0}], layers=[1, 2]) as s, \
-            torch.inference_mode():
+    sampled = [{"joy": 1.0}, {}, {"fear": 1.0}]
+    with steer(model, bank, sampled, layers=[1, 2]) as s, torch.inference_mode():
         out = model.generate(**encoded, max_new_tokens=4, do_sample=True, top_k=20,
                              pad_token_id=tokenizer.pad_token_id)
     assert out.shape[1] == encoded["input_ids"].shape[1] + 4
-    assert torch.isfinite(s.monitor.mean()).all()
     real = encoded["attention_mask"].bool()
     # Every real prompt token and the 3 generated tokens fed back were counted.
     assert torch.equal(s.monitor.count(), real.sum(1) + 3)
+    # The sampled run's readings by hand: the tokens it fed to the model in one steered
+    # forward, hidden states captured with output_hidden_states (a steered layer's entry
+    # holds its output after steering: the added (w / 2) v_l comes off again), projected in
+    # float64 onto the unit vectors, averaged over the counted tokens, at layers 1 and 2.
+    fed = out[:, :-1]
+    fed_mask = torch.cat([encoded["attention_mask"],
+                          torch.ones(3, 3, dtype=encoded["attention_mask"].dtype)], dim=1)
+    positions = (fed_mask.cumsum(-1) - 1).clamp_min(0)  # left padding, as generate() does
+    with steer(model, bank, sampled, layers=[1, 2]) as replay, torch.inference_mode():
+        states = model(input_ids=fed, attention_mask=fed_mask, position_ids=positions,
+                       output_hidden_states=True).hidden_states
+    counted = fed_mask.bool()[..., None].double()
+    expected = []
+    for layer in (1, 2):
+        v = bank.layer_vectors(layer).double()
+        added = (replay.weights.double() / 2) @ v  # [B, D]
+        before = states[layer + 1].double() - added[:, None, :] * counted
+        p = before @ (v / v.norm(dim=-1, keepdim=True)).T  # [B, T, K]
+        expected.append((p * counted).sum(1) / counted.sum(1))
+    expected = torch.stack(expected, dim=1)  # [B, 2, K]
+    torch.testing.assert_close(replay.monitor.mean().double(), expected, rtol=1e-2, atol=1e-2)
+    # The sampled run read the same tokens step by step (a KV cache; bfloat16 rounding).
+    torch.testing.assert_close(s.monitor.mean().double(), expected, rtol=1e-2, atol=1e-2)
     # One bfloat16 forward checked by hand (float64): layer 1 adds (w / 2) v_1 to the real
     # tokens of the steered rows only, and the monitor reads the state before steering.
     mixes = [{"joy": 1.0}, {}, {"fear": -2.0, "sadness": 0.5}]
