@@ -45,7 +45,7 @@ from kernel_cases import (  # noqa: E402  (after the importorskip)
 )
 
 import emokern  # noqa: E402
-from emokern.ops import triton_steer  # noqa: E402
+from emokern.ops import steer_packed_, triton_steer  # noqa: E402
 from emokern.ops.reference import ref_steer_, ref_steer_packed_, unit_gram  # noqa: E402
 from emokern.ops.triton_steer import (  # noqa: E402
     launch_config,
@@ -308,9 +308,11 @@ NEVER = 1e30
 
 def make_bounds(gen, n_slots, n_vec, *, levels_only=False):
     """``bounds [S, 2, K]``: per slot and emotion open, a level, a cap, a floor or a band around
-    the projections' spread; with several slots the last one's bounds are finite but never
-    reached (its rows must be written as without bounds)."""
+    the projections' spread, emotion 0 of slot 0 a level (every row of slot 0 is corrected);
+    with several slots the last one's bounds are finite but never reached (its rows must be
+    written as without bounds)."""
     kind = torch.randint(0, 5, (n_slots, n_vec), generator=gen)
+    kind[0, 0] = 1
     if levels_only:
         kind.fill_(1)
     value = torch.randn(n_slots, n_vec, generator=gen) * 3
@@ -324,16 +326,31 @@ def make_bounds(gen, n_slots, n_vec, *, levels_only=False):
     return bounds.contiguous()
 
 
-def row_status(stream, vectors, row_weights, row_bounds, norm, margin=1e-3):
-    """``(inside, outside)`` [N] bool, in float64 from the definition: every projection after
-    the pushes inside its bounds by ``margin`` (written as without bounds), or one outside by
-    ``margin`` (corrected); a row within ``margin`` of a bound is neither."""
+def projections_after(stream, vectors, row_weights, norm):
+    """``p' [N, K]`` float64: each row's projections after the pushes (and the rescale)."""
     x, v = stream.double(), vectors.double()
     u = v / v.norm(dim=1, keepdim=True)
     y = x + row_weights.double() @ v
     if norm:
         y = y * x.norm(dim=1, keepdim=True) / y.norm(dim=1, keepdim=True).clamp_min(1e-6)
-    p_after = y @ u.T
+    return y @ u.T
+
+
+def median_cap(hidden, vectors, weights, norm):
+    """``bounds [1, 2, K]`` of one sequence ``hidden [T, D]`` with mix ``weights [1, K]``: a cap
+    on emotion 0 at the median of its projections after the pushes (half the rows above it),
+    the others never reached."""
+    p_after = projections_after(hidden, vectors, weights.expand(hidden.shape[0], -1), norm)
+    n_vec = vectors.shape[0]
+    return torch.tensor([[-INF] + [-NEVER] * (n_vec - 1),
+                         [float(p_after[:, 0].median())] + [NEVER] * (n_vec - 1)])[None]
+
+
+def row_status(stream, vectors, row_weights, row_bounds, norm, margin=1e-3):
+    """``(inside, outside)`` [N] bool, in float64 from the definition: every projection after
+    the pushes inside its bounds by ``margin`` (written as without bounds), or one outside by
+    ``margin`` (corrected); a row within ``margin`` of a bound is neither."""
+    p_after = projections_after(stream, vectors, row_weights, norm)
     lower, upper = row_bounds[:, 0].double(), row_bounds[:, 1].double()
     tol = margin * (1 + p_after.abs())
     inside = ((p_after > lower + tol) & (p_after < upper - tol)).all(dim=1)
@@ -458,8 +475,10 @@ def test_packed_bounds_match_reference(case, dtype, residual, norm, layout):
     hidden, res, vectors, slot_weights = packed_inputs(n_tokens, dim, n_vec, n_slots, dtype,
                                                        residual, gen)
     token_slot = make_token_slot(layout, n_tokens, n_max, n_slots, gen)
-    token_slot[:n_tokens][token_slot[:n_tokens] == n_slots - 1] = 0  # the NEVER slot: below
-    token_slot[:2] = n_slots - 1  # rows of the never-reached slot
+    head = token_slot[:n_tokens]
+    head[head == n_slots - 1] = 0
+    head[::13] = n_slots - 1  # rows inside their bounds, in several programs
+    head[1] = 0  # a row to correct
     check_packed_bounds(hidden, res, vectors, slot_weights, token_slot, norm,
                         make_bounds(gen, n_slots, n_vec))
 
@@ -485,34 +504,33 @@ def test_batched_bounds_match_reference(case, dtype, mask_kind, norm):
     hidden, vectors, weights = random_inputs((batch, seq_len, dim, n_vec), dtype, gen)
     mask = make_mask(mask_kind, batch, seq_len, gen)
     bounds = make_bounds(gen, batch + 1, n_vec)
-    if batch == 1:  # one sequence: bounds that some rows are inside and others not
-        bounds = bounds[1:]
-        bounds[0, 0, 0], bounds[0, 1, 0] = -INF, 0.0  # a cap at 0: about half the rows
-        bounds[0, :, 1:] = torch.tensor([-NEVER, NEVER])[:, None]
-    else:
-        bounds = torch.cat([bounds[:1], bounds[-1:]])  # the last sequence: never reached
-        if batch > 2:
-            bounds = torch.cat([bounds[:1], make_bounds(gen, batch - 2, n_vec), bounds[1:]])
-    if mask is not None and batch > 1:
-        mask[-1, 0] = True  # a steered row of the never-reached sequence
+    if batch == 1:  # one sequence: a cap on emotion 0 at its median, half the rows above it
+        bounds = median_cap(hidden[0], vectors, weights, norm)
+    else:  # sequence 0 has a level (every row corrected), the last one is never reached
+        bounds = torch.cat([bounds[:batch - 1], bounds[-1:]])
+    if mask is not None:
+        mask[0, 0] = True  # random masks leave sequence 0 unsteered
+        mask[-1, 0] = True
     check_batched_bounds(hidden, vectors, weights, mask, norm, bounds.contiguous())
 
 
 @pytest.mark.parametrize("solve_elements", [1024, 256], ids=["4-rows", "1-row"])
 def test_bounds_solved_in_groups_of_rows(monkeypatch, solve_elements):
-    """A dot-mode program's 16 rows solved 4 or 1 at a time (as for K > 16), in both layouts."""
+    """A dot-mode program's 16 rows solved 4 or 1 at a time (as for K > 16); the batched
+    layout (one weight row per program) with groups of 4."""
     monkeypatch.setattr(triton_steer, "SOLVE_ELEMENTS", solve_elements)
-    cfg = launch_config(70, 24, 5, residual=True)
+    cfg = launch_config(64, 24, 3, residual=True)
     assert cfg.rows == 16 and cfg.solve_rows == solve_elements // 256
     gen = torch.Generator().manual_seed(case_seed("bounds-groups", str(solve_elements)))
-    hidden, res, vectors, slot_weights = packed_inputs(70, 24, 5, 6, torch.float32, True, gen)
-    token_slot = make_token_slot("random", 70, 70, 5, gen)
-    token_slot[::7] = 5  # the never-reached slot
+    hidden, res, vectors, slot_weights = packed_inputs(64, 24, 3, 4, torch.float32, True, gen)
+    token_slot = make_token_slot("random", 64, 64, 3, gen)
+    token_slot[::7] = 3  # the never-reached slot
     check_packed_bounds(hidden, res, vectors, slot_weights, token_slot, True,
-                        make_bounds(gen, 6, 5))
-    hidden, vectors, weights = random_inputs((1, 66, 24, 5), torch.bfloat16, gen)
-    bounds = torch.tensor([[-INF] * 5, [0.0] * 5])[None]  # caps at 0
-    check_batched_bounds(hidden, vectors, weights, None, False, bounds)
+                        make_bounds(gen, 4, 3))
+    if solve_elements == 1024:
+        hidden, vectors, weights = random_inputs((1, 64, 24, 3), torch.bfloat16, gen)
+        check_batched_bounds(hidden, vectors, weights, None, False,
+                             median_cap(hidden[0], vectors, weights, False))
 
 
 @pytest.mark.parametrize("norm", [False, True], ids=["add", "norm"])
@@ -572,7 +590,7 @@ def test_public_wrappers_run_bounds_on_triton():
     flat, flat_want = hidden.reshape(8, 40).clone(), want.reshape(8, 40)
     token_slot = torch.arange(2, dtype=torch.int32).repeat_interleave(4)
     got, v, w, s, b = to_device(DEVICE, flat, vectors, weights, token_slot, bounds)
-    emokern.steer_packed_(got, v, w, s, norm_preserving=True, bounds=b, backend="triton")
+    steer_packed_(got, v, w, s, norm_preserving=True, bounds=b, backend="triton")
     torch.testing.assert_close(got.cpu(), flat_want, rtol=1e-5, atol=1e-4)
 
 
