@@ -631,10 +631,10 @@ def test_launch_config_is_fixed_and_graph_friendly():
                     assert cfg.block_k >= 16 and cfg.block_d >= 16
 
 
-def _run_python(code: str, env_drop=(), timeout=300) -> subprocess.CompletedProcess:
+def _run_python(code: str, env_drop=(), timeout=300, args=()) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in env_drop}
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, env=env, timeout=timeout)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args],
+                          capture_output=True, text=True, env=env, timeout=timeout)
 
 
 def test_register_cuda_kernel():
@@ -697,15 +697,17 @@ def test_register_cuda_kernel():
 _NVIDIA_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
-@pytest.mark.skipif(not os.path.exists(os.path.join(_NVIDIA_BIN, "ptxas")),
-                    reason="Triton's NVIDIA backend (ptxas) is not installed")
-def test_compiles_for_sm90():
-    """Lower representative specialisations of both layouts (decode, long rows, prefill dot
-    mode, packed batches with and without a split residual; every dtype; every optional output;
-    norm preservation) to sm_90 cubins, and check that none spills to local memory or needs a
-    global scratch buffer."""
+_needs_ptxas = pytest.mark.skipif(not os.path.exists(os.path.join(_NVIDIA_BIN, "ptxas")),
+                                  reason="Triton's NVIDIA backend (ptxas) is not installed")
+
+
+def compile_for_sm90(cases) -> list:
+    """Lower each case ``[layout, (seq_len, D, K), dtype, full, norm, bounds]`` (``full``: every
+    optional input and output) of the steer kernel to an sm_90 cubin in a subprocess (no GPU,
+    no interpreter); returns ``[*case, global scratch bytes, cuobjdump's resource usage, whether
+    the TTIR holds the solve's IEEE square root]`` per case."""
     result = _run_python("""
-        import json, os, subprocess, tempfile
+        import json, os, subprocess, sys, tempfile
         import triton
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
@@ -713,17 +715,7 @@ def test_compiles_for_sm90():
         cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
                                  "cuobjdump")
         report = []
-        shapes = [(1, 576, 6), (1, 8192, 64), (4096, 4096, 8), (128, 577, 33), (1, 7, 1)]
-        variants = [("bf16", True, True), ("bf16", False, False)]
-        cases = [("batched", shape, *v) for shape in shapes for v in variants]
-        cases += [("batched", (1, 576, 6), "fp32", True, False),
-                  ("batched", (4096, 4096, 8), "fp16", True, True)]
-        # Packed: (N, D, K); N >= 64 is dot mode (a decode batch of 64+ requests too).
-        packed = [(8, 576, 6), (64, 576, 6), (256, 8192, 64), (8192, 4096, 8), (3, 7, 1)]
-        cases += [("packed", shape, *v) for shape in packed for v in variants]
-        cases += [("packed", (64, 4096, 16), "fp16", True, False),
-                  ("packed", (8, 2048, 6), "fp32", True, True)]
-        for layout, (seq_len, dim, n_vec), dtype, full, norm in cases:
+        for layout, (seq_len, dim, n_vec), dtype, full, norm, bounds in json.loads(sys.argv[1]):
             is_packed = layout == "packed"
             cfg = ts.launch_config(seq_len, dim, n_vec, residual=is_packed and full)
             opt = lambda ty: ty if full else "constexpr"
@@ -733,6 +725,8 @@ def test_compiles_for_sm90():
                 "vectors_ptr": "*fp32", "weights_ptr": "*fp32",
                 "slot_ptr": "*i32" if is_packed else opt("*u8"), "proj_ptr": opt("*fp32"),
                 "sum_ptr": opt("*fp32"), "count_ptr": opt("*i64"), "last_ptr": opt("*fp32"),
+                "bounds_ptr": "*fp32" if bounds else "constexpr",
+                "gram_ptr": "*fp32" if bounds else "constexpr",
                 "seq_len": "i32", "dim": "i32", "n_vec": "i32", "n_slots": "i32",
                 "stride_b": "i64", "stride_t": "i64", "res_stride_t": "i64", "n_chunks": "i32"}
             constants = {name: None for name, ty in signature.items() if ty == "constexpr"}
@@ -741,7 +735,8 @@ def test_compiles_for_sm90():
                 HAS_RESIDUAL=full and is_packed, NORM_PRESERVING=norm, HAS_PROJ=full,
                 HAS_RUN=full, ATOMIC_RUN=full and (is_packed or cfg.rows > 1), ROWS=cfg.rows,
                 USE_DOT=cfg.rows > 1, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d,
-                SINGLE_TILE=cfg.single_tile, SCAN_BLOCK=ts.scan_block(cfg), EPS=1e-6)
+                SINGLE_TILE=cfg.single_tile, SCAN_BLOCK=ts.scan_block(cfg), EPS=1e-6,
+                BOUNDS=bounds, SOLVE_ROWS=cfg.solve_rows, PIVOT_EPS=1e-4)
             for name in constants:
                 signature.setdefault(name, "constexpr")
             names = list(signature)
@@ -754,19 +749,67 @@ def test_compiles_for_sm90():
                 f.flush()
                 usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name],
                                        capture_output=True, text=True, check=True).stdout
-            report.append([layout, seq_len, dim, n_vec, dtype, full, norm,
-                           kernel.metadata.global_scratch_size, usage])
+            report.append([layout, seq_len, dim, n_vec, dtype, full, norm, bounds,
+                           kernel.metadata.global_scratch_size, usage,
+                           "tt.precise_sqrt" in kernel.asm["ttir"]])
         print(json.dumps(report))
-    """, env_drop=("TRITON_INTERPRET",))
+    """, env_drop=("TRITON_INTERPRET",), args=[json.dumps(cases)])
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert len(report) == 2 * (5 * 2 + 2)
-    for *case, global_scratch, usage in report:
+    assert len(report) == len(cases)
+    return report
+
+
+def assert_no_spills(report):
+    for *case, global_scratch, usage, _ in report:
         registers = int(re.search(r"REG:(\d+)", usage).group(1))
         local = int(re.search(r"LOCAL:(\d+)", usage).group(1))
         assert local == 0 and registers <= 255, (case, usage)
         # A launch needing global scratch would allocate it: not CUDA-graph friendly.
         assert global_scratch == 0, case
+
+
+@_needs_ptxas
+def test_compiles_for_sm90():
+    """Lower representative specialisations of both layouts (decode, long rows, prefill dot
+    mode, packed batches with and without a split residual; every dtype; every optional output;
+    norm preservation) to sm_90 cubins, and check that none spills to local memory or needs a
+    global scratch buffer. Without bounds, the solve is not compiled at all (the ``BOUNDS``
+    constexpr removes it: the generated code is that of the kernel before bounds existed)."""
+    shapes = [(1, 576, 6), (1, 8192, 64), (4096, 4096, 8), (128, 577, 33), (1, 7, 1)]
+    variants = [("bf16", True, True), ("bf16", False, False)]
+    cases = [("batched", shape, *v, False) for shape in shapes for v in variants]
+    cases += [("batched", (1, 576, 6), "fp32", True, False, False),
+              ("batched", (4096, 4096, 8), "fp16", True, True, False)]
+    # Packed: (N, D, K); N >= 64 is dot mode (a decode batch of 64+ requests too).
+    packed = [(8, 576, 6), (64, 576, 6), (256, 8192, 64), (8192, 4096, 8), (3, 7, 1)]
+    cases += [("packed", shape, *v, False) for shape in packed for v in variants]
+    cases += [("packed", (64, 4096, 16), "fp16", True, False, False),
+              ("packed", (8, 2048, 6), "fp32", True, True, False)]
+    report = compile_for_sm90(cases)
+    assert_no_spills(report)
+    assert not any(has_solve for *_, has_solve in report)
+
+
+@_needs_ptxas
+def test_compiles_for_sm90_with_bounds():
+    """The specialisations with projection bounds: decode and dot mode, one D tile and many,
+    the solve over all 16 rows of a program (K <= 16), 4 at a time (K = 24) and one at a time
+    (K = 33, 64); none spills or needs global scratch."""
+    cases = [
+        ("batched", (1, 576, 6), "bf16", True, True, True),
+        ("batched", (1, 8192, 64), "bf16", False, False, True),
+        ("batched", (4096, 4096, 8), "bf16", True, True, True),
+        ("batched", (128, 64, 6), "fp32", True, False, True),
+        ("packed", (8, 4096, 24), "bf16", True, True, True),
+        ("packed", (64, 576, 6), "bf16", True, True, True),
+        ("packed", (64, 4096, 24), "fp16", True, False, True),
+        ("packed", (256, 577, 33), "bf16", True, True, True),
+        ("packed", (3, 7, 1), "fp32", False, False, True),
+    ]
+    report = compile_for_sm90(cases)
+    assert_no_spills(report)
+    assert all(has_solve for *_, has_solve in report)
 
 
 @gpu
