@@ -7,8 +7,14 @@ compiled kernel on CUDA tensors. The harness and the tolerances (flash-attention
 shared with the CUDA kernel's tests: ``tests/kernel_cases.py``. Triton is an optional extra:
 without it this module is skipped.
 
+Projection levels and bounds (``bounds``/``gram``) are compared on both layouts with the
+reference and with the kernel's own output without bounds (rows inside their bounds must get
+the same bits, readings stay the input's projections); cases with many emotions are ``slow``
+under the interpreter (the solve takes O(K²) steps).
+
 ``test_compiles_for_sm90`` lowers the kernel all the way to an sm_90 cubin with Triton's own
-compiler and ptxas (no GPU or driver needed) and checks that it spills nothing.
+compiler and ptxas (no GPU or driver needed) and checks that it spills nothing (with bounds:
+``test_compiles_for_sm90_with_bounds``).
 """
 
 from __future__ import annotations
@@ -852,3 +858,37 @@ def test_packed_and_batched_cuda_graph_replays():
     """Both ops captured over persistent buffers; new states, residuals, slot weights, token
     slots and masks copied in between replays."""
     check_packed_graph_replays(triton_steer_packed_, triton_steer_)
+
+
+@gpu
+def test_bounds_cuda_graph_replays():
+    """The packed op with bounds captured once (dot mode, N = 80) and replayed with new states,
+    weights, token slots and bounds copied into the captured tensors: the solve allocates
+    nothing and never syncs."""
+    gen = torch.Generator().manual_seed(12)
+    n_tokens, dim, n_vec, n_slots = 80, 576, 6, 4
+    vectors_cpu = torch.randn(n_vec, dim, generator=gen)
+    gram_cpu = unit_gram(vectors_cpu)
+    vectors, gram = vectors_cpu.cuda(), gram_cpu.cuda()
+    hidden = torch.zeros(n_tokens, dim, dtype=torch.bfloat16, device="cuda")
+    slot_weights = torch.zeros(n_slots, n_vec, device="cuda")
+    token_slot = torch.full((n_tokens,), -1, dtype=torch.int32, device="cuda")
+    bounds = make_bounds(gen, n_slots, n_vec).cuda()
+    args = (hidden, None, vectors, slot_weights, token_slot, True, None, None, None, None,
+            bounds, gram)
+    triton_steer_packed_(*args)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        triton_steer_packed_(*args)
+    for step in range(3):
+        h, _, _, w = packed_inputs(n_tokens, dim, n_vec, n_slots, torch.bfloat16, False, gen)
+        slots = make_token_slot("runs", n_tokens, n_tokens, n_slots, gen)
+        b = make_bounds(gen, n_slots, n_vec)
+        for dst, src in ((hidden, h), (slot_weights, w), (token_slot, slots), (bounds, b)):
+            dst.copy_(src)
+        graph.replay()
+        want, want32 = h.clone(), h.float()
+        for out in (want, want32):
+            ref_steer_packed_(out, None, vectors_cpu, w, slots, True, None, None, None, None, b,
+                              gram_cpu)
+        assert_flash_close(f"replay {step} hidden", hidden, want32, want)
