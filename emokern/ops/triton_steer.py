@@ -9,9 +9,10 @@ layout, the optional split ``residual``), in float32 whatever the storage dtype:
     y = x + \textstyle\sum_k W_{s,k}\, v_k, \qquad
     y \leftarrow y\,\lVert x\rVert / \max(\lVert y\rVert, 10^{-6})\ \text{(norm\_preserving)}
 
-the row becomes ``y`` (``y - residual`` with a split stream) when it has a slot (``s >= 0``),
-``proj_out`` receives ``p`` on every row, and the running statistics of slot ``s`` accumulate
-``p`` (docs/design.md §2).
+with ``bounds`` the projection levels and bounds then correct ``y`` (below), the row becomes
+``y`` (``y - residual`` with a split stream) when it has a slot (``s >= 0``), ``proj_out``
+receives ``p`` on every row, and the running statistics of slot ``s`` accumulate ``p``
+(docs/design.md §2).
 
 Layouts
 -------
@@ -62,14 +63,33 @@ contiguous in serving engines, so the scan usually stops at its first block; its
 slots interleaved token by token, reads ``O(N · S)`` int32 in total. Exactly one row writes each
 slot's ``run_last``, so the result is deterministic.
 
+Projection levels and bounds (``bounds [S|B, 2, K]`` and ``gram [K, K]`` given; the
+``BOUNDS`` constexpr, so without them the kernel compiles to exactly the code it had before,
+which tests/ops/test_triton.py checks). After the pushes and the rescale, each row's
+projections after the pushes follow from its input projections and the Gram matrix,
+:math:`p'_k = c\,(p_k + \sum_j W_{s,j} \lVert v_j\rVert G_{jk})` (no extra reduction over D);
+its targets come from its slot's bounds, and :func:`_level_solve` runs the active-set solve of
+``csrc/levels.h`` for the rows of the program in registers — the same float32 operations in the
+same order, vectorised over rows: the Cholesky factor right-looking in a
+``[SOLVE_ROWS, BLOCK_K, BLOCK_K]`` tile (``SOLVE_ROWS`` rows at a time, all 16 for
+``BLOCK_K <= 16``), the back substitution as the C++ loop writes it (O(K²) reductions, O(K) for
+the factor). A program whose rows are all inside their bounds skips the solve. The correction
+:math:`\sum_k (a_k / \lVert v_k\rVert)\, v_k` is added before the store, a broadcast sum in row
+mode and a ``tl.dot`` in dot mode. A single-tile row is still read and written once; a row of
+several D tiles takes the two-loop path of norm preservation (the first loop only reads: no
+tile can be written before the whole row's projections are known; the second writes each row
+once). A row with no correction is written through the expression the kernel uses without
+bounds, so it gets the same bits; the readings stay the input's projections.
+
 Launch configuration (:func:`launch_config`), a pure function of ``(T, D, K, residual)``: dot
 mode when ``T >= 64``; ``BLOCK_K = next_pow2(K)`` (at least 16 in dot mode); ``BLOCK_D`` the
 largest power of two with ``(BLOCK_K [+ 16 [+ 16]]) · BLOCK_D <= 2048`` float32 tile elements
 (the vector tile, the row tile in dot mode, the residual tile in dot mode with a split stream;
 at least 16, at most ``next_pow2(D)``); ``num_warps = min(8, tile elements / 256)``; dot mode
-is capped at 128 registers a thread (two 8-warp programs per SM). Compiled for sm_90
-(tests/ops/test_triton.py), row mode takes 21-64 registers, dot mode up to the cap, and nothing
-spills.
+is capped at 128 registers a thread (two 8-warp programs per SM); ``SOLVE_ROWS`` the largest
+power of two ``<= ROWS`` with ``SOLVE_ROWS · BLOCK_K² <= 4096`` (at least 1). Compiled for
+sm_90 (tests/ops/test_triton.py), row mode takes 21-64 registers without bounds (up to 128 with
+them, at K = 64), dot mode up to the cap, and nothing spills.
 
 Decode discipline (docs/design.md §6): the launchers allocate nothing, never sync the host and
 never read data; no ``@triton.autotune`` (autotuning launches are illegal during CUDA-graph

@@ -7,8 +7,14 @@ compiled kernel on CUDA tensors. The harness and the tolerances (flash-attention
 shared with the CUDA kernel's tests: ``tests/kernel_cases.py``. Triton is an optional extra:
 without it this module is skipped.
 
+Projection levels and bounds (``bounds``/``gram``) are compared on both layouts with the
+reference and with the kernel's own output without bounds (rows inside their bounds must get
+the same bits, readings stay the input's projections); cases with many emotions are ``slow``
+under the interpreter (the solve takes O(K²) steps).
+
 ``test_compiles_for_sm90`` lowers the kernel all the way to an sm_90 cubin with Triton's own
-compiler and ptxas (no GPU or driver needed) and checks that it spills nothing.
+compiler and ptxas (no GPU or driver needed) and checks that it spills nothing (with bounds:
+``test_compiles_for_sm90_with_bounds``).
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ from kernel_cases import (  # noqa: E402  (after the importorskip)
 )
 
 import emokern  # noqa: E402
-from emokern.ops import triton_steer  # noqa: E402
+from emokern.ops import steer_packed_, triton_steer  # noqa: E402
 from emokern.ops.reference import ref_steer_, ref_steer_packed_, unit_gram  # noqa: E402
 from emokern.ops.triton_steer import (  # noqa: E402
     launch_config,
@@ -308,9 +314,11 @@ NEVER = 1e30
 
 def make_bounds(gen, n_slots, n_vec, *, levels_only=False):
     """``bounds [S, 2, K]``: per slot and emotion open, a level, a cap, a floor or a band around
-    the projections' spread; with several slots the last one's bounds are finite but never
-    reached (its rows must be written as without bounds)."""
+    the projections' spread, emotion 0 of slot 0 a level (every row of slot 0 is corrected);
+    with several slots the last one's bounds are finite but never reached (its rows must be
+    written as without bounds)."""
     kind = torch.randint(0, 5, (n_slots, n_vec), generator=gen)
+    kind[0, 0] = 1
     if levels_only:
         kind.fill_(1)
     value = torch.randn(n_slots, n_vec, generator=gen) * 3
@@ -324,16 +332,31 @@ def make_bounds(gen, n_slots, n_vec, *, levels_only=False):
     return bounds.contiguous()
 
 
-def row_status(stream, vectors, row_weights, row_bounds, norm, margin=1e-3):
-    """``(inside, outside)`` [N] bool, in float64 from the definition: every projection after
-    the pushes inside its bounds by ``margin`` (written as without bounds), or one outside by
-    ``margin`` (corrected); a row within ``margin`` of a bound is neither."""
+def projections_after(stream, vectors, row_weights, norm):
+    """``p' [N, K]`` float64: each row's projections after the pushes (and the rescale)."""
     x, v = stream.double(), vectors.double()
     u = v / v.norm(dim=1, keepdim=True)
     y = x + row_weights.double() @ v
     if norm:
         y = y * x.norm(dim=1, keepdim=True) / y.norm(dim=1, keepdim=True).clamp_min(1e-6)
-    p_after = y @ u.T
+    return y @ u.T
+
+
+def median_cap(hidden, vectors, weights, norm):
+    """``bounds [1, 2, K]`` of one sequence ``hidden [T, D]`` with mix ``weights [1, K]``: a cap
+    on emotion 0 at the median of its projections after the pushes (half the rows above it),
+    the others never reached."""
+    p_after = projections_after(hidden, vectors, weights.expand(hidden.shape[0], -1), norm)
+    n_vec = vectors.shape[0]
+    return torch.tensor([[-INF] + [-NEVER] * (n_vec - 1),
+                         [float(p_after[:, 0].median())] + [NEVER] * (n_vec - 1)])[None]
+
+
+def row_status(stream, vectors, row_weights, row_bounds, norm, margin=1e-3):
+    """``(inside, outside)`` [N] bool, in float64 from the definition: every projection after
+    the pushes inside its bounds by ``margin`` (written as without bounds), or one outside by
+    ``margin`` (corrected); a row within ``margin`` of a bound is neither."""
+    p_after = projections_after(stream, vectors, row_weights, norm)
     lower, upper = row_bounds[:, 0].double(), row_bounds[:, 1].double()
     tol = margin * (1 + p_after.abs())
     inside = ((p_after > lower + tol) & (p_after < upper - tol)).all(dim=1)
@@ -458,8 +481,10 @@ def test_packed_bounds_match_reference(case, dtype, residual, norm, layout):
     hidden, res, vectors, slot_weights = packed_inputs(n_tokens, dim, n_vec, n_slots, dtype,
                                                        residual, gen)
     token_slot = make_token_slot(layout, n_tokens, n_max, n_slots, gen)
-    token_slot[:n_tokens][token_slot[:n_tokens] == n_slots - 1] = 0  # the NEVER slot: below
-    token_slot[:2] = n_slots - 1  # rows of the never-reached slot
+    head = token_slot[:n_tokens]
+    head[head == n_slots - 1] = 0
+    head[::13] = n_slots - 1  # rows inside their bounds, in several programs
+    head[1] = 0  # a row to correct
     check_packed_bounds(hidden, res, vectors, slot_weights, token_slot, norm,
                         make_bounds(gen, n_slots, n_vec))
 
@@ -485,34 +510,33 @@ def test_batched_bounds_match_reference(case, dtype, mask_kind, norm):
     hidden, vectors, weights = random_inputs((batch, seq_len, dim, n_vec), dtype, gen)
     mask = make_mask(mask_kind, batch, seq_len, gen)
     bounds = make_bounds(gen, batch + 1, n_vec)
-    if batch == 1:  # one sequence: bounds that some rows are inside and others not
-        bounds = bounds[1:]
-        bounds[0, 0, 0], bounds[0, 1, 0] = -INF, 0.0  # a cap at 0: about half the rows
-        bounds[0, :, 1:] = torch.tensor([-NEVER, NEVER])[:, None]
-    else:
-        bounds = torch.cat([bounds[:1], bounds[-1:]])  # the last sequence: never reached
-        if batch > 2:
-            bounds = torch.cat([bounds[:1], make_bounds(gen, batch - 2, n_vec), bounds[1:]])
-    if mask is not None and batch > 1:
-        mask[-1, 0] = True  # a steered row of the never-reached sequence
+    if batch == 1:  # one sequence: a cap on emotion 0 at its median, half the rows above it
+        bounds = median_cap(hidden[0], vectors, weights, norm)
+    else:  # sequence 0 has a level (every row corrected), the last one is never reached
+        bounds = torch.cat([bounds[:batch - 1], bounds[-1:]])
+    if mask is not None:
+        mask[0, 0] = True  # random masks leave sequence 0 unsteered
+        mask[-1, 0] = True
     check_batched_bounds(hidden, vectors, weights, mask, norm, bounds.contiguous())
 
 
 @pytest.mark.parametrize("solve_elements", [1024, 256], ids=["4-rows", "1-row"])
 def test_bounds_solved_in_groups_of_rows(monkeypatch, solve_elements):
-    """A dot-mode program's 16 rows solved 4 or 1 at a time (as for K > 16), in both layouts."""
+    """A dot-mode program's 16 rows solved 4 or 1 at a time (as for K > 16); the batched
+    layout (one weight row per program) with groups of 4."""
     monkeypatch.setattr(triton_steer, "SOLVE_ELEMENTS", solve_elements)
-    cfg = launch_config(70, 24, 5, residual=True)
+    cfg = launch_config(64, 24, 3, residual=True)
     assert cfg.rows == 16 and cfg.solve_rows == solve_elements // 256
     gen = torch.Generator().manual_seed(case_seed("bounds-groups", str(solve_elements)))
-    hidden, res, vectors, slot_weights = packed_inputs(70, 24, 5, 6, torch.float32, True, gen)
-    token_slot = make_token_slot("random", 70, 70, 5, gen)
-    token_slot[::7] = 5  # the never-reached slot
+    hidden, res, vectors, slot_weights = packed_inputs(64, 24, 3, 4, torch.float32, True, gen)
+    token_slot = make_token_slot("random", 64, 64, 3, gen)
+    token_slot[::7] = 3  # the never-reached slot
     check_packed_bounds(hidden, res, vectors, slot_weights, token_slot, True,
-                        make_bounds(gen, 6, 5))
-    hidden, vectors, weights = random_inputs((1, 66, 24, 5), torch.bfloat16, gen)
-    bounds = torch.tensor([[-INF] * 5, [0.0] * 5])[None]  # caps at 0
-    check_batched_bounds(hidden, vectors, weights, None, False, bounds)
+                        make_bounds(gen, 4, 3))
+    if solve_elements == 1024:
+        hidden, vectors, weights = random_inputs((1, 64, 24, 3), torch.bfloat16, gen)
+        check_batched_bounds(hidden, vectors, weights, None, False,
+                             median_cap(hidden[0], vectors, weights, False))
 
 
 @pytest.mark.parametrize("norm", [False, True], ids=["add", "norm"])
@@ -572,7 +596,7 @@ def test_public_wrappers_run_bounds_on_triton():
     flat, flat_want = hidden.reshape(8, 40).clone(), want.reshape(8, 40)
     token_slot = torch.arange(2, dtype=torch.int32).repeat_interleave(4)
     got, v, w, s, b = to_device(DEVICE, flat, vectors, weights, token_slot, bounds)
-    emokern.steer_packed_(got, v, w, s, norm_preserving=True, bounds=b, backend="triton")
+    steer_packed_(got, v, w, s, norm_preserving=True, bounds=b, backend="triton")
     torch.testing.assert_close(got.cpu(), flat_want, rtol=1e-5, atol=1e-4)
 
 
@@ -613,10 +637,10 @@ def test_launch_config_is_fixed_and_graph_friendly():
                     assert cfg.block_k >= 16 and cfg.block_d >= 16
 
 
-def _run_python(code: str, env_drop=(), timeout=300) -> subprocess.CompletedProcess:
+def _run_python(code: str, env_drop=(), timeout=300, args=()) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in env_drop}
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, env=env, timeout=timeout)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args],
+                          capture_output=True, text=True, env=env, timeout=timeout)
 
 
 def test_register_cuda_kernel():
@@ -679,15 +703,17 @@ def test_register_cuda_kernel():
 _NVIDIA_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
-@pytest.mark.skipif(not os.path.exists(os.path.join(_NVIDIA_BIN, "ptxas")),
-                    reason="Triton's NVIDIA backend (ptxas) is not installed")
-def test_compiles_for_sm90():
-    """Lower representative specialisations of both layouts (decode, long rows, prefill dot
-    mode, packed batches with and without a split residual; every dtype; every optional output;
-    norm preservation) to sm_90 cubins, and check that none spills to local memory or needs a
-    global scratch buffer."""
+_needs_ptxas = pytest.mark.skipif(not os.path.exists(os.path.join(_NVIDIA_BIN, "ptxas")),
+                                  reason="Triton's NVIDIA backend (ptxas) is not installed")
+
+
+def compile_for_sm90(cases) -> list:
+    """Lower each case ``[layout, (seq_len, D, K), dtype, full, norm, bounds]`` (``full``: every
+    optional input and output) of the steer kernel to an sm_90 cubin in a subprocess (no GPU,
+    no interpreter); returns ``[*case, global scratch bytes, cuobjdump's resource usage, whether
+    the TTIR holds the solve's IEEE square root]`` per case."""
     result = _run_python("""
-        import json, os, subprocess, tempfile
+        import json, os, subprocess, sys, tempfile
         import triton
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
@@ -695,17 +721,7 @@ def test_compiles_for_sm90():
         cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
                                  "cuobjdump")
         report = []
-        shapes = [(1, 576, 6), (1, 8192, 64), (4096, 4096, 8), (128, 577, 33), (1, 7, 1)]
-        variants = [("bf16", True, True), ("bf16", False, False)]
-        cases = [("batched", shape, *v) for shape in shapes for v in variants]
-        cases += [("batched", (1, 576, 6), "fp32", True, False),
-                  ("batched", (4096, 4096, 8), "fp16", True, True)]
-        # Packed: (N, D, K); N >= 64 is dot mode (a decode batch of 64+ requests too).
-        packed = [(8, 576, 6), (64, 576, 6), (256, 8192, 64), (8192, 4096, 8), (3, 7, 1)]
-        cases += [("packed", shape, *v) for shape in packed for v in variants]
-        cases += [("packed", (64, 4096, 16), "fp16", True, False),
-                  ("packed", (8, 2048, 6), "fp32", True, True)]
-        for layout, (seq_len, dim, n_vec), dtype, full, norm in cases:
+        for layout, (seq_len, dim, n_vec), dtype, full, norm, bounds in json.loads(sys.argv[1]):
             is_packed = layout == "packed"
             cfg = ts.launch_config(seq_len, dim, n_vec, residual=is_packed and full)
             opt = lambda ty: ty if full else "constexpr"
@@ -715,6 +731,8 @@ def test_compiles_for_sm90():
                 "vectors_ptr": "*fp32", "weights_ptr": "*fp32",
                 "slot_ptr": "*i32" if is_packed else opt("*u8"), "proj_ptr": opt("*fp32"),
                 "sum_ptr": opt("*fp32"), "count_ptr": opt("*i64"), "last_ptr": opt("*fp32"),
+                "bounds_ptr": "*fp32" if bounds else "constexpr",
+                "gram_ptr": "*fp32" if bounds else "constexpr",
                 "seq_len": "i32", "dim": "i32", "n_vec": "i32", "n_slots": "i32",
                 "stride_b": "i64", "stride_t": "i64", "res_stride_t": "i64", "n_chunks": "i32"}
             constants = {name: None for name, ty in signature.items() if ty == "constexpr"}
@@ -723,7 +741,8 @@ def test_compiles_for_sm90():
                 HAS_RESIDUAL=full and is_packed, NORM_PRESERVING=norm, HAS_PROJ=full,
                 HAS_RUN=full, ATOMIC_RUN=full and (is_packed or cfg.rows > 1), ROWS=cfg.rows,
                 USE_DOT=cfg.rows > 1, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d,
-                SINGLE_TILE=cfg.single_tile, SCAN_BLOCK=ts.scan_block(cfg), EPS=1e-6)
+                SINGLE_TILE=cfg.single_tile, SCAN_BLOCK=ts.scan_block(cfg), EPS=1e-6,
+                BOUNDS=bounds, SOLVE_ROWS=cfg.solve_rows, PIVOT_EPS=1e-4)
             for name in constants:
                 signature.setdefault(name, "constexpr")
             names = list(signature)
@@ -736,19 +755,67 @@ def test_compiles_for_sm90():
                 f.flush()
                 usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name],
                                        capture_output=True, text=True, check=True).stdout
-            report.append([layout, seq_len, dim, n_vec, dtype, full, norm,
-                           kernel.metadata.global_scratch_size, usage])
+            report.append([layout, seq_len, dim, n_vec, dtype, full, norm, bounds,
+                           kernel.metadata.global_scratch_size, usage,
+                           "tt.precise_sqrt" in kernel.asm["ttir"]])
         print(json.dumps(report))
-    """, env_drop=("TRITON_INTERPRET",))
+    """, env_drop=("TRITON_INTERPRET",), args=[json.dumps(cases)])
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert len(report) == 2 * (5 * 2 + 2)
-    for *case, global_scratch, usage in report:
+    assert len(report) == len(cases)
+    return report
+
+
+def assert_no_spills(report):
+    for *case, global_scratch, usage, _ in report:
         registers = int(re.search(r"REG:(\d+)", usage).group(1))
         local = int(re.search(r"LOCAL:(\d+)", usage).group(1))
         assert local == 0 and registers <= 255, (case, usage)
         # A launch needing global scratch would allocate it: not CUDA-graph friendly.
         assert global_scratch == 0, case
+
+
+@_needs_ptxas
+def test_compiles_for_sm90():
+    """Lower representative specialisations of both layouts (decode, long rows, prefill dot
+    mode, packed batches with and without a split residual; every dtype; every optional output;
+    norm preservation) to sm_90 cubins, and check that none spills to local memory or needs a
+    global scratch buffer. Without bounds, the solve is not compiled at all (the ``BOUNDS``
+    constexpr removes it: the generated code is that of the kernel before bounds existed)."""
+    shapes = [(1, 576, 6), (1, 8192, 64), (4096, 4096, 8), (128, 577, 33), (1, 7, 1)]
+    variants = [("bf16", True, True), ("bf16", False, False)]
+    cases = [("batched", shape, *v, False) for shape in shapes for v in variants]
+    cases += [("batched", (1, 576, 6), "fp32", True, False, False),
+              ("batched", (4096, 4096, 8), "fp16", True, True, False)]
+    # Packed: (N, D, K); N >= 64 is dot mode (a decode batch of 64+ requests too).
+    packed = [(8, 576, 6), (64, 576, 6), (256, 8192, 64), (8192, 4096, 8), (3, 7, 1)]
+    cases += [("packed", shape, *v, False) for shape in packed for v in variants]
+    cases += [("packed", (64, 4096, 16), "fp16", True, False, False),
+              ("packed", (8, 2048, 6), "fp32", True, True, False)]
+    report = compile_for_sm90(cases)
+    assert_no_spills(report)
+    assert not any(has_solve for *_, has_solve in report)
+
+
+@_needs_ptxas
+def test_compiles_for_sm90_with_bounds():
+    """The specialisations with projection bounds: decode and dot mode, one D tile and many,
+    the solve over all 16 rows of a program (K <= 16), 4 at a time (K = 24) and one at a time
+    (K = 33, 64); none spills or needs global scratch."""
+    cases = [
+        ("batched", (1, 576, 6), "bf16", True, True, True),
+        ("batched", (1, 8192, 64), "bf16", False, False, True),
+        ("batched", (4096, 4096, 8), "bf16", True, True, True),
+        ("batched", (128, 64, 6), "fp32", True, False, True),
+        ("packed", (8, 4096, 24), "bf16", True, True, True),
+        ("packed", (64, 576, 6), "bf16", True, True, True),
+        ("packed", (64, 4096, 24), "fp16", True, False, True),
+        ("packed", (256, 577, 33), "bf16", True, True, True),
+        ("packed", (3, 7, 1), "fp32", False, False, True),
+    ]
+    report = compile_for_sm90(cases)
+    assert_no_spills(report)
+    assert all(has_solve for *_, has_solve in report)
 
 
 @gpu
@@ -791,3 +858,37 @@ def test_packed_and_batched_cuda_graph_replays():
     """Both ops captured over persistent buffers; new states, residuals, slot weights, token
     slots and masks copied in between replays."""
     check_packed_graph_replays(triton_steer_packed_, triton_steer_)
+
+
+@gpu
+def test_bounds_cuda_graph_replays():
+    """The packed op with bounds captured once (dot mode, N = 80) and replayed with new states,
+    weights, token slots and bounds copied into the captured tensors: the solve allocates
+    nothing and never syncs."""
+    gen = torch.Generator().manual_seed(12)
+    n_tokens, dim, n_vec, n_slots = 80, 576, 6, 4
+    vectors_cpu = torch.randn(n_vec, dim, generator=gen)
+    gram_cpu = unit_gram(vectors_cpu)
+    vectors, gram = vectors_cpu.cuda(), gram_cpu.cuda()
+    hidden = torch.zeros(n_tokens, dim, dtype=torch.bfloat16, device="cuda")
+    slot_weights = torch.zeros(n_slots, n_vec, device="cuda")
+    token_slot = torch.full((n_tokens,), -1, dtype=torch.int32, device="cuda")
+    bounds = make_bounds(gen, n_slots, n_vec).cuda()
+    args = (hidden, None, vectors, slot_weights, token_slot, True, None, None, None, None,
+            bounds, gram)
+    triton_steer_packed_(*args)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        triton_steer_packed_(*args)
+    for step in range(3):
+        h, _, _, w = packed_inputs(n_tokens, dim, n_vec, n_slots, torch.bfloat16, False, gen)
+        slots = make_token_slot("runs", n_tokens, n_tokens, n_slots, gen)
+        b = make_bounds(gen, n_slots, n_vec)
+        for dst, src in ((hidden, h), (slot_weights, w), (token_slot, slots), (bounds, b)):
+            dst.copy_(src)
+        graph.replay()
+        want, want32 = h.clone(), h.float()
+        for out in (want, want32):
+            ref_steer_packed_(out, None, vectors_cpu, w, slots, True, None, None, None, None, b,
+                              gram_cpu)
+        assert_flash_close(f"replay {step} hidden", hidden, want32, want)
