@@ -192,11 +192,12 @@ BAD = [
 ]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name,spoil,exc,match", BAD, ids=[b[0] for b in BAD])
-def test_bad_input_is_one_clear_error_and_nothing_is_modified(name, spoil, exc, match):
+def test_bad_input_is_one_clear_error_and_nothing_is_modified(name, spoil, exc, match, backend):
     args = dict(hidden=torch.randn(4, 8), residual=torch.randn(4, 8), vectors=torch.randn(2, 8),
                 slot_weights=torch.randn(3, 2), token_slot=torch.zeros(6, dtype=torch.int32),
-                proj_out=torch.zeros(6, 2), running=RunningProjections(3, 2))
+                proj_out=torch.zeros(6, 2), running=RunningProjections(3, 2), backend=backend)
     spoil(args)
     tensors = {k: v for k, v in args.items() if isinstance(v, torch.Tensor)}
     if isinstance(args["running"], RunningProjections):
@@ -277,16 +278,18 @@ def test_a_backend_for_another_device_is_refused():
     assert torch.equal(hidden, before)
 
 
-def test_layouts_every_backend_refuses():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layouts_every_backend_refuses(backend):
     vectors, weights = torch.randn(2, 8), torch.randn(1, 2)
     one_strided = torch.randn(8, 2)[:, :1].T  # N = 1, last-dimension stride 2
     with pytest.raises(ValueError, match="contiguous last dimension"):
-        steer_packed_(one_strided, vectors, weights, torch.zeros(1, dtype=torch.int32))
+        steer_packed_(one_strided, vectors, weights, torch.zeros(1, dtype=torch.int32),
+                      backend=backend)
     running = RunningProjections(1, 2)
     running.sum = torch.zeros(1, 4)[:, ::2]
     with pytest.raises(ValueError, match="running.sum must be contiguous"):
         steer_packed_(torch.randn(2, 8), vectors, weights, torch.zeros(2, dtype=torch.int32),
-                      running=running)
+                      running=running, backend=backend)
 
 
 def test_schema_is_derived_from_the_reference_signature():

@@ -1,0 +1,229 @@
+"""HTTP error paths of the readings middleware against a real vLLM server, with the official
+``openai`` client and raw HTTP (``urllib``): a mix sent to an engine without emokern (400),
+``GET /v1/emotions`` without or with a wrong API key (401) and on an engine without emokern
+(404), paths the middleware does not own (vLLM's 404), and the API key guarding the mix check.
+
+One server for the module: vLLM's own launcher (eager: this module is about the HTTP side)
+*without* emokern's additional config, the middleware added by the endpoint plugin
+(``VLLM_PLUGINS=emokern``, no ``--middleware``: every 400 here comes through that path), and an
+API key given only by ``VLLM_API_KEY`` (the middleware's fallback when ``--api-key`` is absent).
+Run by ``make test-vllm``; skipped without vLLM. The middleware alone, without vLLM:
+``tests/test_http_middleware.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+pytest.importorskip("vllm.sampling_params")  # a submodule: tests/vllm must not pass for vllm
+
+import emokern.vllm  # noqa: E402
+from emokern.vllm.http import READINGS_FIELD  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.model]
+
+KEY = "emokern-http-errors-key"
+START_TIMEOUT_S = 600
+WITHOUT_EMOKERN = "was given but this engine was started without emotion steering"
+PARAM = "vllm_xargs['emotion']"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _call(url: str, method: str = "GET", body=None, key: str | None = None,
+          authorization: str | None = None, timeout: float = 120):
+    """One raw HTTP exchange: ``(status, parsed JSON or raw bytes)``."""
+    headers = {"content-type": "application/json"}
+    if key is not None:
+        headers["authorization"] = f"Bearer {key}"
+    if authorization is not None:
+        headers["authorization"] = authorization
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as answer:
+            status, raw = answer.status, answer.read()
+    except urllib.error.HTTPError as e:
+        status, raw = e.code, e.read()
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The server's base URL (see the module docstring); stopped after the module."""
+    port = _free_port()
+    log = tmp_path_factory.mktemp("http-errors") / "vllm.log"
+    cmd = [sys.executable, "-P", "-m", "vllm.entrypoints.openai.api_server",
+           "--model", str(emokern.vllm.default_model_dir()), "--served-model-name", "m",
+           "--dtype", "float32", "--enforce-eager", "--max-model-len", "256",
+           "--max-num-seqs", "4", "--disable-uvicorn-access-log",
+           "--host", "127.0.0.1", "--port", str(port)]
+    env = {**os.environ, "VLLM_PLUGINS": "emokern", "VLLM_API_KEY": KEY,
+           "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    start = time.monotonic()
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"vLLM exited ({proc.returncode}):\n" + log.read_text()[-4000:])
+            with contextlib.suppress(OSError):
+                if _call(url + "/health", timeout=2)[0] == 200:
+                    break
+            if time.monotonic() - start > START_TIMEOUT_S:
+                pytest.fail("vLLM did not start:\n" + log.read_text()[-4000:])
+            time.sleep(2)
+        print(f"server up in {time.monotonic() - start:.0f} s")
+        text = log.read_text()
+        assert "Loaded endpoint plugin emokern" in text, text[-4000:]
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=server + "/v1", api_key=KEY, timeout=120, max_retries=0)
+
+
+def _completion(mix, **kw):
+    body = {"model": "m", "prompt": "Today I", "max_tokens": 2, "temperature": 0, **kw}
+    if mix is not None:
+        body["vllm_xargs"] = {"emotion": mix}
+    return body
+
+
+def _assert_without_emokern_error(error: dict) -> None:
+    assert error["type"] == "BadRequestError" and error["code"] == 400
+    assert error["param"] == PARAM
+    assert WITHOUT_EMOKERN in error["message"] and PARAM in error["message"]
+
+
+def test_the_server_answers_without_a_mix(server):
+    status, answer = _call(server + "/v1/completions", "POST", _completion(None), key=KEY)
+    assert status == 200 and answer["choices"][0]["finish_reason"] == "length"
+    assert READINGS_FIELD not in answer  # no emokern: nothing added
+    assert _call(server + "/health")[0] == 200  # outside /v1: no key needed
+
+
+@pytest.mark.parametrize("mix", ["joy=2", {"joy": 1.0}, "hope=1"])
+def test_a_mix_for_an_engine_without_emokern_is_a_400_over_raw_http(server, mix):
+    """Any mix, valid for a bank or not, is refused before vLLM reads the request: completions
+    and chat, streaming or not."""
+    chat = {"model": "m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2,
+            "vllm_xargs": {"emotion": mix}}
+    for path, body in (("/v1/completions", _completion(mix)),
+                       ("/v1/completions", _completion(mix, stream=True)),
+                       ("/v1/chat/completions", chat),
+                       ("/v1/chat/completions", {**chat, "stream": True})):
+        status, answer = _call(server + path, "POST", body, key=KEY)
+        assert status == 400, (path, body, answer)
+        _assert_without_emokern_error(answer["error"])
+
+
+def test_a_mix_for_an_engine_without_emokern_is_a_400_with_the_openai_client(client):
+    import openai
+
+    calls = {
+        "completions": lambda stream: client.completions.create(
+            model="m", prompt="Today I", max_tokens=2, stream=stream,
+            extra_body={"vllm_xargs": {"emotion": "joy=2"}}),
+        "chat": lambda stream: client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
+            stream=stream, extra_body={"vllm_xargs": {"emotion": "sadness=1,joy=0.5"}}),
+    }
+    for door, call in calls.items():
+        for stream in (False, True):
+            with pytest.raises(openai.BadRequestError) as info:
+                result = call(stream)
+                if stream:
+                    list(result)
+            assert info.value.status_code == 400, (door, stream)
+            _assert_without_emokern_error(info.value.body)
+    # The same client without a mix is served.
+    plain = client.completions.create(model="m", prompt="Today I", max_tokens=2)
+    assert plain.choices[0].finish_reason == "length"
+
+
+def test_emotions_needs_the_api_key(server, client):
+    import openai
+
+    for authorization in (None, "Bearer wrong-key", f"Basic {KEY}", KEY):
+        status, answer = _call(server + "/v1/emotions", authorization=authorization)
+        assert (status, answer) == (401, {"error": "Unauthorized"}), authorization
+    wrong = client.with_options(api_key="wrong-key")
+    with pytest.raises(openai.AuthenticationError) as info:
+        wrong.get("/emotions", cast_to=object)
+    assert info.value.status_code == 401
+
+
+def test_emotions_without_emokern_is_a_404(server, client):
+    import openai
+
+    status, answer = _call(server + "/v1/emotions", key=KEY)
+    assert status == 404
+    error = answer["error"]
+    assert error["type"] == "NotFoundError" and error["code"] == 404 and error["param"] is None
+    assert "without emotion steering" in error["message"] and "emokern serve" in error["message"]
+    with pytest.raises(openai.NotFoundError) as info:
+        client.get("/emotions", cast_to=object)
+    assert info.value.status_code == 404 and info.value.body["type"] == "NotFoundError"
+
+
+def test_paths_the_middleware_does_not_own_are_vllm_404s(server):
+    for method, path in (("GET", "/v1/emotions/joy"), ("POST", "/v1/emotions"),
+                         ("GET", "/v1/emotion")):
+        status, answer = _call(server + path, method, {} if method == "POST" else None,
+                               key=KEY)
+        assert (status, answer) == (404, {"detail": "Not Found"}), (method, path)
+        # vLLM's authentication guards them too
+        assert _call(server + path, method, {} if method == "POST" else None)[0] == 401
+
+
+def test_the_api_key_comes_before_the_mix_check(server, client):
+    """Without the key vLLM's authentication answers 401 (the middleware checks no mix for an
+    unauthenticated client); with it the mix is refused; the server stays healthy."""
+    import openai
+
+    bad = _completion("hope=1")
+    for key in (None, "wrong-key"):
+        status, answer = _call(server + "/v1/completions", "POST", bad, key=key)
+        assert (status, answer) == (401, {"error": "Unauthorized"}), key
+    with pytest.raises(openai.AuthenticationError):
+        client.with_options(api_key="wrong-key").completions.create(
+            model="m", prompt="Today I", max_tokens=2,
+            extra_body={"vllm_xargs": {"emotion": "hope=1"}})
+    status, answer = _call(server + "/v1/completions", "POST", bad, key=KEY)
+    assert status == 400
+    _assert_without_emokern_error(answer["error"])
+    assert _call(server + "/health")[0] == 200
+    status, answer = _call(server + "/v1/completions", "POST", _completion(None), key=KEY)
+    assert status == 200
