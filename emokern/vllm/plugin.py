@@ -11,9 +11,10 @@ methods :data:`emokern.vllm.internals.WRAPS` declares:
 * ``_prepare_inputs`` — after vLLM packs the step's tokens, fills the token → slot index;
 * ``InputProcessor._validate_params`` (front end) — the front door: a request whose mix names
   an unknown emotion, a non-finite weight or is malformed, has a level or bound while the
-  engine's ``levels`` is off, or any mix sent to an engine without emokern, is refused there (vLLM's ``VLLMValidationError``: HTTP 400 with the
-  message), before it can reach a worker; an accepted mix is written back in normal form
-  (:func:`emokern.vllm.config.check_mix`), the only form the engine core and workers read;
+  engine's ``levels`` is off, or any mix sent to an engine without emokern, is refused there
+  (vLLM's ``VLLMValidationError``: HTTP 400 with the message), before it can reach a worker;
+  an accepted mix is written back in normal form (:func:`emokern.vllm.config.check_mix`), the
+  only form the engine core and workers read;
 * ``Request.__init__`` (engine core) — gives a steered request a prefix-cache salt per mix
   (pushes, levels and bounds), so KV computed under a mix is reused only by requests with the
   same mix.
