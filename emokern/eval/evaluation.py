@@ -45,7 +45,8 @@ from emokern.eval.scorers import EmotionScorer, degeneration, perplexity
 from emokern.eval.similarity import SentenceEmbedder
 from emokern.files import write_json, write_text
 from emokern.machine import machine_info
-from emokern.steering import generate
+from emokern.steering import generate, parse_mix
+from emokern.steering.mix import REC
 
 __all__ = ["EVAL_PROMPTS_FILE", "REC", "check_emotions", "check_out_dir", "evaluate",
            "grid_rows", "load_prompts", "parse_weights", "sanitize"]
@@ -53,8 +54,6 @@ __all__ = ["EVAL_PROMPTS_FILE", "REC", "check_emotions", "check_out_dir", "evalu
 #: The built-in prompt set (60 everyday prompts, disjoint from the extraction queries and the
 #: sweep prompts).
 EVAL_PROMPTS_FILE = DATA_DIR / "eval_prompts.txt"
-#: The weight label that means "each emotion's recommended weight".
-REC = "rec"
 
 
 def load_prompts(path: str | os.PathLike | None = None) -> list[str]:
@@ -96,9 +95,22 @@ def load_prompts(path: str | os.PathLike | None = None) -> list[str]:
 
 
 #: The edit terms of the grid besides push weights and ``rec``: a level ``@z``, a cap
-#: ``<=z``, a floor ``>=z`` (standard scores against the bank's neutral baseline) and ``erase``.
-EDIT_PREFIXES = {"@": "level", "<=": "max", ">=": "min"}
+#: ``<=z``, a floor ``>=z`` (standard scores against the bank's neutral baseline) and ``erase``;
+#: each is the right-hand side of a term of the mix grammar (:func:`emokern.steering.parse_mix`).
+EDIT_PREFIXES = ("@", "<=", ">=")
 ERASE = "erase"
+
+
+def _grid_term(term) -> dict:
+    """The object form of one grid term, parsed by the mix grammar for a stand-in emotion."""
+    text = str(term).strip()
+    operator = "" if text.startswith(EDIT_PREFIXES) else "="
+    try:
+        return parse_mix(f"x{operator}{text}")["x"]
+    except (TypeError, ValueError, KeyError) as exc:
+        reason = str(exc).removeprefix("parse_mix: ").replace(" of 'x'", "")
+        raise ValueError(f"weights: {term!r} is none of a number, 'rec', '@z' (level), "
+                         f"'<=z' (cap), '>=z' (floor) or 'erase' ({reason})") from None
 
 
 def parse_weights(text) -> list[float | str]:
@@ -106,7 +118,7 @@ def parse_weights(text) -> list[float | str]:
     (``"2,4,rec,@4,@8,<=0,erase"``), in the order given, without duplicates: push weights as
     floats; ``rec``; a level ``@z``, a cap ``<=z``, a floor ``>=z`` (``z`` a standard score
     against the bank's neutral baseline) and ``erase`` as their normalised strings
-    (``"@8"``, ``"<=0"``).
+    (``"@8"``, ``"<=0"``). Each term is read by the mix grammar (``joy@8`` without the name).
 
     Raises
     ------
@@ -122,25 +134,21 @@ def parse_weights(text) -> list[float | str]:
                          f"'rec,@8', got {text!r}")
     out: list[float | str] = []
     for term in terms:
+        parsed = _grid_term(term)
         value: float | str
-        if isinstance(term, str) and term.lower() in (REC, ERASE):
-            value = term.lower()
+        if isinstance(parsed, (int, float)):
+            value = float(parsed)
+        elif parsed == REC:
+            value = REC
+        elif str(term).strip().lower() == ERASE:
+            value = ERASE
         else:
-            prefix = next((p for p in ("<=", ">=", "@") if isinstance(term, str)
-                           and term.startswith(p)), "")
-            number = term[len(prefix):] if prefix else term
-            try:
-                z = float(number)
-            except (TypeError, ValueError):
-                raise ValueError(f"weights: {term!r} is none of a number, 'rec', '@z' (level), "
-                                 f"'<=z' (cap), '>=z' (floor) or 'erase' (in {text!r})") from None
-            if not math.isfinite(z):
-                raise ValueError(f"weights: {term!r} is not finite")
-            value = f"{prefix}{z:g}" if prefix else z
+            (field, z), = parsed.items()
+            value = f"{dict(level='@', max='<=', min='>=')[field]}{z:g}"
         if value in out:
             raise ValueError(f"weights: {term!r} is given twice")
         out.append(value)
-    if not out or out == [""]:
+    if not out:
         raise ValueError("weights must not be empty")
     return out
 
@@ -153,12 +161,9 @@ def edit_mix(emotion: str, term: float | str, bank) -> tuple[dict, float]:
         recipe = bank.recommended(emotion)
         weight = recipe.strength if recipe.mode == "push" else float("nan")
         return {emotion: recipe.mix_term()}, weight
-    if term == ERASE:
-        return {emotion: ERASE}, float("nan")
-    if isinstance(term, str):
-        prefix = next(p for p in ("<=", ">=", "@") if term.startswith(p))
-        return {emotion: {EDIT_PREFIXES[prefix]: float(term[len(prefix):])}}, float("nan")
-    return {emotion: float(term)}, float(term)
+    parsed = _grid_term(term)
+    weight = float(parsed) if isinstance(parsed, (int, float)) else float("nan")
+    return {emotion: parsed}, weight
 
 
 def check_emotions(emotions, bank, judge_labels: Sequence[str] = BASIC_EMOTIONS) -> list[str]:

@@ -69,7 +69,7 @@ def test_parse_weights():
     assert parse_weights("0, REC ,1.5") == [0.0, "rec", 1.5]
     assert parse_weights("2, @8, <=0, >=-1.5, ERASE") == [2.0, "@8", "<=0", ">=-1.5", "erase"]
     for bad, match in (("1,lots", "none of a number"), ("1,1", "twice"), ("", "none of"),
-                       ("nan", "not finite"), ("@x", "none of"), ("@inf", "not finite"),
+                       ("nan", "must be finite"), ("@x", "none of"), ("@inf", "must be finite"),
                        ("@8,@8.0", "twice"), ("<=", "none of")):
         with pytest.raises(ValueError, match=match):
             parse_weights(bad)
@@ -85,7 +85,7 @@ def test_grid_shares_one_unsteered_row_per_prompt(tiny):
     assert rec == {"joy": bank.default_weight, "fear": 3.0}
     rows = grid_rows(PROMPTS[:1], ["fear"], ["@4", "<=0", ">=1", "erase"], bank)
     assert [r["mix"] for r in rows[1:]] == [{"fear": {"level": 4.0}}, {"fear": {"max": 0.0}},
-                                            {"fear": {"min": 1.0}}, {"fear": "erase"}]
+                                            {"fear": {"min": 1.0}}, {"fear": {"level": 0.0}}]
     assert [r["label"] for r in rows[1:]] == ["@4", "<=0", ">=1", "erase"]
 
 
