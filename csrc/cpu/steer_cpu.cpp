@@ -134,11 +134,17 @@ int level_row(const Problem& P, int64_t slot, const float* p, float c, float* co
   const float* hi = lo + K;
   float* p_after = work;
   float* a = work + K;
+  // p'_k = c (p_k + sum_j w_j ||v_j|| G_jk): for each k the terms in order j = 0, 1, ...,
+  // accumulated over k at once (a loop the compiler vectorises).
+  for (int64_t k = 0; k < K; ++k) p_after[k] = 0.0f;
+  for (int64_t j = 0; j < K; ++j) {
+    const float push = w[j] * P.norm[j];
+    const float* g = P.gram + j * K;
+    for (int64_t k = 0; k < K; ++k) p_after[k] += push * g[k];
+  }
   bool outside = false;
   for (int64_t k = 0; k < K; ++k) {
-    float push = 0.0f;  // sum_j w_j ||v_j|| G_jk, j in order
-    for (int64_t j = 0; j < K; ++j) push += w[j] * P.norm[j] * P.gram[j * K + k];
-    p_after[k] = c * (p[k] + push);
+    p_after[k] = c * (p[k] + p_after[k]);
     outside = outside || level_gap(p_after[k], lo[k], hi[k]) != 0.0f;
   }
   if (!outside) return 0;

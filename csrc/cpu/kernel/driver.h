@@ -14,7 +14,9 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <new>
 #include <type_traits>
@@ -59,9 +61,9 @@ struct Scratch {
   Buffer<float> zeros;   // [D16] padding vector of the sweeps
   Buffer<V16> acc;       // [kBlock, K] lane accumulators
   Buffer<float> dots;    // [kBlock, K]
-  Buffer<float> level;   // level_row's work, then the coefficients of a row's correction
-  Buffer<int32_t> level_idx;
-  Buffer<const float*> level_vecs;
+  Buffer<float> level;   // level_row's work, then [kBlock, K] coefficients of corrections
+  Buffer<int32_t> level_idx;          // [kBlock, K] their directions
+  Buffer<const float*> level_vecs;    // [K] their vectors
   // Per call, on the calling thread:
   Buffer<float> packed;  // vectors, panel-major
   Buffer<float> table;   // [S, D16] offsets per slot
@@ -70,6 +72,8 @@ struct Scratch {
   Buffer<int64_t> entry_meta;  // [slot, count] per entry, entry counts per chunk
   Buffer<double> slot_sums;
   Buffer<int64_t> slot_meta;
+  Buffer<int32_t> bounded;  // the directions some slot bounds
+  Buffer<float> dot_vecs;   // their vectors, panel-major
 };
 
 inline Scratch& thread_scratch() {
@@ -82,11 +86,16 @@ inline Scratch& thread_scratch() {
 struct Plan {
   const Problem* P;
   VView V;
+  VView Vd;              // the vectors of the tiles' dot products: V, or the bounded ones
   const float* table;    // [S, D16] offsets per slot, or null (offsets per block)
   int64_t d16;
   int64_t row_stride;    // of float scratch rows: D16 plus a line, so rows D apart do not all
                          // fall into the same L1 sets
   bool need_proj;
+  bool leveled;          // projection bounds, some of them finite
+  bool keep;             // bounds on the sweeps, not norm preserving: written in the sweep, x kept
+  const int32_t* dot_k;  // the projections the rows need: dot_k[0 .. n_dots) (null: all K)
+  int64_t n_dots;
   bool tiles;            // many vectors: register tiles instead of sweeps
   bool direct_stats;     // every row its own slot (batched decode): statistics updated in place
   int64_t chunk_rows;    // rows per chunk (running-sum partial boundaries)
@@ -128,9 +137,11 @@ void process_block(const Plan& L, int64_t i0, int n, const int64_t* slot, float*
     delta[r] = nullptr;
   }
   // Offsets: from the table, or computed here once per distinct slot of the block (decode),
-  // or, decode without norm preservation or bounds, in registers while writing (below).
-  const bool leveled = P.bounds != nullptr;
-  const bool fused_write = L.table == nullptr && !P.norm_preserving && !leveled;
+  // or, decode without norm preservation, in registers while writing (below; with bounds on
+  // the tiles only, for the rows inside them: the others get theirs in memory there).
+  const bool leveled = L.leveled;
+  const bool fused_write = L.table == nullptr && !P.norm_preserving &&
+                           (!leveled || L.tiles || L.keep);
   if (fused_write) {
     for (int r = 0; r < n; ++r)
       if (slot[r] >= 0) delta[r] = P.weights;  // only tested against null
@@ -161,27 +172,76 @@ void process_block(const Plan& L, int64_t i0, int n, const int64_t* slot, float*
   // Projection bounds: each steered row's correction (level_row) once its projections (and
   // norm-preserving scale) are known, before anything of it is written.
   float* level_work = nullptr;
-  float* coef = nullptr;
-  int32_t* idx = nullptr;
+  float* coefs = nullptr;  // [kBlock, K]
+  int32_t* idxs = nullptr;
   const float** vk = nullptr;
   if (leveled) {
-    level_work = s.level.take(size_t(level_work_floats(K) + K));
-    coef = level_work + level_work_floats(K);
-    idx = s.level_idx.take(size_t(K));
+    level_work = s.level.take(size_t(level_work_floats(K) + kBlock * K));
+    coefs = level_work + level_work_floats(K);
+    idxs = s.level_idx.take(size_t(kBlock * K));
     vk = s.level_vecs.take(size_t(K));
   }
-  // The correction of row r with scale c: 0 (none) or its number of directions, their raw
-  // vectors in vk and their coefficients in coef.
-  auto level = [&](int r, float c) -> int {
-    const int m = P.level_row(P, slot[r], proj[r], c, coef, idx, level_work);
-    for (int j = 0; j < m; ++j) vk[j] = P.vectors + idx[j] * D;
-    return m;
+  // The correction of row r with scale c: 0 (none) or its number of directions, their
+  // coefficients in coefs + q K and their indices in idxs + q K.
+  auto level = [&](int r, float c, int q) -> int {
+    return P.level_row(P, slot[r], proj[r], c, coefs + q * K, idxs + q * K, level_work);
+  };
+  auto level_vectors = [&](int q, int m) {
+    for (int j = 0; j < m; ++j) vk[j] = P.vectors + idxs[q * K + j] * D;
+  };
+  const float* const coef = coefs;  // the sweeps' rows take slot 0
+  int n_dirs[kBlock] = {};           // each row's number of corrected directions
+  // Without norm preservation, the rows that bounds correct, after the others were written as
+  // without bounds: (x + delta) + correction - residual, x read as SRC says (level_write_row)
+  // from xs[r]. Offsets from the table, else computed here for these rows only (the others took
+  // theirs in registers).
+  auto write_corrected = [&](auto src_tag, const void* const* xs) {
+    constexpr int SRC = decltype(src_tag)::value;
+    const float* dl[kBlock] = {};
+    if (SRC == kFromSteered) {
+      // y is in the row already
+    } else if (L.table == nullptr) {
+      float* buf = s.deltas.take(size_t(kBlock * L.row_stride));
+      const float* w[kBlock];
+      float* out[kBlock];
+      int m = 0;
+      for (int r = 0; r < n; ++r) {
+        if (slot[r] < 0 || n_dirs[r] == 0) continue;
+        w[m] = P.weights + slot[r] * K;
+        out[m] = buf + m * L.row_stride;
+        dl[r] = out[m++];
+      }
+      if (m == 0) return;
+      block_deltas(w, m, L.V, K, D, out);
+    } else {
+      for (int r = 0; r < n; ++r)
+        if (slot[r] >= 0) dl[r] = L.table + slot[r] * L.row_stride;
+    }
+    for (int r = 0; r < n; ++r) {
+      if (slot[r] < 0 || n_dirs[r] == 0) continue;
+      level_vectors(r, n_dirs[r]);
+      if constexpr (SRC == kFromSteered) {
+        if constexpr (std::is_same_v<T, float>)
+          level_write_row<T, false, false, SRC>(h[r], nullptr, h[r], nullptr, 1.0f, n_dirs[r],
+                                                coefs + r * K, vk, D);
+      } else if (res[r] != nullptr) {
+        level_write_row<T, false, true, SRC>(h[r], res[r], xs[r], dl[r], 1.0f, n_dirs[r],
+                                             coefs + r * K, vk, D);
+      } else {
+        level_write_row<T, false, false, SRC>(h[r], nullptr, xs[r], dl[r], 1.0f, n_dirs[r],
+                                              coefs + r * K, vk, D);
+      }
+    }
   };
 
   if (!L.tiles) {
     // Decode without norm preservation: the offsets come from the weights inside the sweep.
     const bool dw = fused_write;
-    int kb = !L.need_proj && !dw ? 0 : K <= 1 ? 1 : K <= 2 ? 2 : K <= 4 ? 4 : kSweepMaxK;
+    // The vectors of the dot products: all K, or the bounded ones (bounds, readings off; not
+    // with offsets from the weights, which take every vector).
+    const int32_t* dot_k = dw ? nullptr : L.dot_k;
+    const int64_t kd = dot_k != nullptr ? L.n_dots : K;
+    int kb = !L.need_proj && !dw ? 0 : kd <= 1 ? 1 : kd <= 2 ? 2 : kd <= 4 ? 4 : kSweepMaxK;
     const float* v[kSweepMaxK];
     if (kb > 0) {
       float* zeros = nullptr;
@@ -189,7 +249,8 @@ void process_block(const Plan& L, int64_t i0, int n, const int64_t* slot, float*
         zeros = s.zeros.take(size_t(L.d16));
         fill_n(zeros, L.d16, 0.0f);
       }
-      for (int k = 0; k < kb; ++k) v[k] = k < K ? P.vectors + k * D : zeros;
+      for (int k = 0; k < kb; ++k)
+        v[k] = k >= kd ? zeros : P.vectors + (dot_k != nullptr ? dot_k[k] : k) * D;
     }
     float wpad[kBlock][kSweepMaxK];
     const float* w[kBlock];
@@ -201,22 +262,33 @@ void process_block(const Plan& L, int64_t i0, int n, const int64_t* slot, float*
       }
     }
     const int64_t chunk = kb * D * int64_t(sizeof(float)) <= kSweepL1Bytes ? D : kSweepChunk;
-    // With bounds and without norm preservation the sweeps only read (dot products); the rows
-    // are written below. Norm-preserving sweeps never write.
+    // Bounds without norm preservation: the sweeps write every row as without bounds and keep
+    // its float32 x (L.keep), or only read (dot products) and the rows are written below.
+    // Norm-preserving sweeps never write.
+    // Each kept row is a copy of the hidden row, except float32 rows without a residual: there
+    // the written y = x + delta is exact, and the correction starts from it.
+    const bool kept = L.keep;
+    const bool kx = kept && !(std::is_same_v<T, float> && P.residual == nullptr);
     const float* sweep_delta[kBlock];
-    for (int r = 0; r < n; ++r) sweep_delta[r] = leveled && !P.norm_preserving ? nullptr : delta[r];
+    for (int r = 0; r < n; ++r)
+      sweep_delta[r] = leveled && !P.norm_preserving && !kept ? nullptr : delta[r];
+    T* keep[kBlock];
+    if (kx) {
+      T* buf = reinterpret_cast<T*>(s.rows.take(size_t(kBlock * L.row_stride)));
+      for (int r = 0; r < n; ++r) keep[r] = buf + r * L.row_stride;
+    }
     SweepState state[kBlock / kSweepRows];
     for (int64_t c0 = 0; c0 < D; c0 += chunk) {
       const int64_t c1 = std::min(D, c0 + chunk);
       for (int r = 0; r < n; r += kSweepRows) {
         SweepState& st = state[r / kSweepRows];
         const SweepRows<T> rows{h + r, res + r, sweep_delta + r, dw ? w + r : nullptr,
-                                ahead + r};
+                                ahead + r, kx ? keep + r : nullptr};
         const bool np = P.norm_preserving, first = c0 == 0;
         if (r + kSweepRows <= n) {
-          sweep_kb<T, kSweepRows>(kb, np, dw, rows, v, c0, c1, st, first);
+          sweep_kb<T, kSweepRows>(kb, np, dw, kx, rows, v, c0, c1, st, first);
         } else {  // the odd row of the block
-          sweep_kb<T, 1>(kb, np, dw, rows, v, c0, c1, st, first);
+          sweep_kb<T, 1>(kb, np, dw, kx, rows, v, c0, c1, st, first);
         }
       }
     }
@@ -228,18 +300,28 @@ void process_block(const Plan& L, int64_t i0, int n, const int64_t* slot, float*
         if (kb > 0 && L.need_proj) {
           float dots[kSweepMaxK];
           hsum16_many(st.a[q], kb, dots);
-          mul_n(dots, P.inv_norm, proj[i], K);
+          if (dot_k == nullptr) {
+            mul_n(dots, P.inv_norm, proj[i], K);
+          } else {  // the others stay 0: open on both sides, no row needs them
+            fill_n(proj[i], K, 0.0f);
+            for (int64_t j = 0; j < kd; ++j) proj[i][dot_k[j]] = dots[j] * P.inv_norm[dot_k[j]];
+          }
         }
         if (delta[i] == nullptr || !(P.norm_preserving || leveled)) continue;
+        if (kept) {  // written; corrected below
+          n_dirs[i] = level(i, 1.0f, i);
+          continue;
+        }
         const float scale = P.norm_preserving ? norm_scale(st.xx[q], st.yy[q]) : 1.0f;
-        const int m = leveled ? level(i, scale) : 0;
+        const int m = leveled ? level(i, scale, 0) : 0;
+        level_vectors(0, m);
         const bool with_res = res[i] != nullptr;
 #define EMOKERN_REWRITE(NP)                                                                  \
   if (m > 0) {                                                                               \
-    if (with_res) level_write_row<T, NP, true, true>(h[i], res[i], nullptr, delta[i], scale,  \
-                                                     m, coef, vk, D);                        \
-    else level_write_row<T, NP, false, true>(h[i], nullptr, nullptr, delta[i], scale, m,     \
-                                             coef, vk, D);                                   \
+    if (with_res) level_write_row<T, NP, true, kFromRows>(h[i], res[i], h[i], delta[i],      \
+                                                          scale, m, coef, vk, D);            \
+    else level_write_row<T, NP, false, kFromRows>(h[i], nullptr, h[i], delta[i], scale, m,   \
+                                                  coef, vk, D);                              \
   } else if (with_res) {                                                                     \
     rewrite_row<T, NP, true>(h[i], res[i], delta[i], D, scale);                              \
   } else {                                                                                   \
@@ -253,12 +335,21 @@ void process_block(const Plan& L, int64_t i0, int n, const int64_t* slot, float*
 #undef EMOKERN_REWRITE
       }
     }
+    if (kx) {
+      const void* xs[kBlock];
+      for (int r = 0; r < n; ++r) xs[r] = keep[r];
+      write_corrected(std::integral_constant<int, kFromRows>{}, xs);
+    } else if (kept) {
+      write_corrected(std::integral_constant<int, kFromSteered>{}, nullptr);
+    }
     return;
   }
 
   // Many vectors: float32 rows, tiles, then the writes.
   const float* x[kBlock];
-  if (std::is_same_v<T, float> && P.residual == nullptr && D % kLanes == 0) {
+  // Rows read in place are not prefetched by load_row: the writes prefetch the next block's.
+  const bool in_place = std::is_same_v<T, float> && P.residual == nullptr && D % kLanes == 0;
+  if (in_place) {
     for (int r = 0; r < n; ++r) x[r] = reinterpret_cast<const float*>(h[r]);  // read in place
   } else {
     float* xbuf = s.rows.take(size_t(kBlock * L.row_stride));
@@ -270,10 +361,28 @@ void process_block(const Plan& L, int64_t i0, int n, const int64_t* slot, float*
     }
   }
   if (L.need_proj) {
+    const int64_t kd = L.dot_k != nullptr ? L.n_dots : K;
     V16* acc = s.acc.take(size_t(kBlock * K));
     float* dots = s.dots.take(size_t(kBlock * K));
-    block_dots(x, n, L.V, K, D, acc, dots);
-    for (int r = 0; r < n; ++r) mul_n(dots + r * K, P.inv_norm, proj[r], K);
+    block_dots(x, n, L.Vd, kd, D, acc, dots);
+    for (int r = 0; r < n; ++r) {
+      if (L.dot_k == nullptr) {
+        mul_n(dots + r * K, P.inv_norm, proj[r], K);
+      } else {  // the others stay 0: open on both sides, no row needs them
+        fill_n(proj[r], K, 0.0f);
+        for (int64_t j = 0; j < kd; ++j)
+          proj[r][L.dot_k[j]] = dots[r * kd + j] * P.inv_norm[L.dot_k[j]];
+      }
+    }
+  }
+  // Projection bounds: every steered row's correction first (NP: from its scale).
+  float scales[kBlock];
+  if (leveled) {
+    for (int r = 0; r < n; ++r) {
+      if (slot[r] < 0) continue;
+      scales[r] = P.norm_preserving ? row_scale(x[r], delta[r], D) : 1.0f;
+      n_dirs[r] = level(r, scales[r], r);
+    }
   }
   if (fused_write) {
     const float* w[kBlock];
@@ -282,35 +391,45 @@ void process_block(const Plan& L, int64_t i0, int n, const int64_t* slot, float*
     const T* rs[kBlock];
     int m = 0;
     for (int r = 0; r < n; ++r) {
-      if (slot[r] < 0) continue;
+      if (slot[r] < 0 || n_dirs[r] > 0) continue;
       w[m] = P.weights + slot[r] * K;
       xs[m] = x[r];
       hs[m] = h[r];
       rs[m++] = res[r];
     }
-    if (m == 0) return;
-    if (P.residual != nullptr) {
-      block_delta_write<T, true>(w, m, L.V, K, D, xs, hs, rs);
-    } else {
-      block_delta_write<T, false>(w, m, L.V, K, D, xs, hs, rs);
+    if (m > 0) {
+      if (P.residual != nullptr) {
+        block_delta_write<T, true>(w, m, L.V, K, D, xs, hs, rs);
+      } else {
+        block_delta_write<T, false>(w, m, L.V, K, D, xs, hs, rs);
+      }
+    }
+    if (leveled) {
+      const void* xs[kBlock];
+      for (int r = 0; r < n; ++r) xs[r] = x[r];
+      write_corrected(std::integral_constant<int, kFromFloat>{}, xs);
     }
     return;
   }
   for (int r = 0; r < n; ++r) {
     if (delta[r] == nullptr) continue;
     const bool with_res = res[r] != nullptr;
-    const float scale = P.norm_preserving ? row_scale(x[r], delta[r], D) : 1.0f;
-    const int m = leveled ? level(r, scale) : 0;
+    const float scale = !P.norm_preserving ? 1.0f : leveled ? scales[r]
+                                                             : row_scale(x[r], delta[r], D);
+    const int m = n_dirs[r];
+    if (m > 0) level_vectors(r, m);
+    const float* coef_r = m > 0 ? coefs + r * K : nullptr;
+    const T* pre = in_place ? ahead[r] : nullptr;
 #define EMOKERN_WRITE(NP)                                                                    \
   if (m > 0) {                                                                               \
-    if (with_res) level_write_row<T, NP, true, false>(h[r], res[r], x[r], delta[r], scale, m, \
-                                                      coef, vk, D);                          \
-    else level_write_row<T, NP, false, false>(h[r], nullptr, x[r], delta[r], scale, m, coef, \
-                                              vk, D);                                        \
+    if (with_res) level_write_row<T, NP, true, kFromFloat>(h[r], res[r], x[r], delta[r],     \
+                                                           scale, m, coef_r, vk, D);         \
+    else level_write_row<T, NP, false, kFromFloat>(h[r], nullptr, x[r], delta[r], scale, m,  \
+                                                   coef_r, vk, D);                           \
   } else if (with_res) {                                                                     \
-    write_row<T, NP, true>(h[r], res[r], x[r], delta[r], D, nullptr, scale);                 \
+    write_row<T, NP, true>(h[r], res[r], x[r], delta[r], D, pre, scale);                     \
   } else {                                                                                   \
-    write_row<T, NP, false>(h[r], nullptr, x[r], delta[r], D, nullptr, scale);               \
+    write_row<T, NP, false>(h[r], nullptr, x[r], delta[r], D, pre, scale);                   \
   }
     if (P.norm_preserving) {
       EMOKERN_WRITE(true)
@@ -389,7 +508,26 @@ void run(const Problem& P) {
   L.P = &P;
   L.d16 = round16(D);
   L.row_stride = L.d16 + kLanes;
-  L.need_proj = P.proj_out != nullptr || P.run_sum != nullptr || P.bounds != nullptr;
+  const bool readings = P.proj_out != nullptr || P.run_sum != nullptr;
+  // Projection bounds: the directions some slot bounds (finite lower or upper). With none the
+  // call is a call without bounds; with readings off only their projections are computed.
+  if (P.bounds != nullptr) {
+    int32_t* bounded = s.bounded.take(size_t(K));
+    int64_t n = 0;
+    for (int64_t k = 0; k < K; ++k) {
+      bool finite = false;
+      for (int64_t slot = 0; slot < P.n_slots && !finite; ++slot)
+        finite = P.bounds[slot * 2 * K + k] > -INFINITY ||
+                 P.bounds[(slot * 2 + 1) * K + k] < INFINITY;
+      if (finite) bounded[n++] = int32_t(k);
+    }
+    L.leveled = n > 0;
+    if (L.leveled && !readings && n < K) {
+      L.dot_k = bounded;
+      L.n_dots = n;
+    }
+  }
+  L.need_proj = readings || L.leveled;
   const int64_t panel = panel_width(D);
   L.V = VView{P.vectors, panel, panel, D};
 
@@ -409,8 +547,23 @@ void run(const Problem& P) {
   // from the weights (decode without norm preservation); else the sweeps only write
   // x + delta from the offsets computed up front. Rows with offsets from the table (prefill)
   // sweep up to kSweepMaxK vectors, decode rows up to kDecodeTilesAboveK.
-  L.tiles = K > (per_slot ? kSweepMaxK : kDecodeTilesAboveK) &&
-            (L.need_proj || (!per_slot && !P.norm_preserving));
+  // Bounds without norm preservation, on few dot products: the sweeps write the rows as without
+  // bounds in one pass, keeping each row's x for the few that a bound corrects (decode: with
+  // offsets from the weights, so on every vector). Other bounds with readings off take the
+  // tiles, on the bounded vectors only; bounds on every vector the tiles too, unless norm
+  // preserving (on this AVX2 machine faster than two sweeps over four vectors each).
+  const int64_t kd = L.dot_k != nullptr ? L.n_dots : K;
+  L.keep = L.leveled && !P.norm_preserving && kd <= kKeepSweepMaxK &&
+           (per_slot || K <= kKeepSweepMaxK);
+  L.tiles = !L.keep &&
+            (L.dot_k != nullptr || (L.leveled && !P.norm_preserving) ||
+             (K > (per_slot ? kSweepMaxK : kDecodeTilesAboveK) &&
+              (L.need_proj || (!per_slot && !P.norm_preserving))));
+  if (L.leveled && std::getenv("EMOKERN_LEVEL_TILES") != nullptr) {
+    const char mode = std::getenv("EMOKERN_LEVEL_TILES")[0];
+    if (mode == '1') { L.tiles = true; L.keep = false; }
+    if (mode == '0') { L.tiles = false; L.keep = false; }
+  }
 
   // Pack the vectors panel-major when enough rows share them: each panel of every vector is
   // then one contiguous block (no L1 set conflicts between vectors D floats apart). Decode
@@ -422,16 +575,22 @@ void run(const Problem& P) {
   const bool pack_tiles = L.tiles && N >= kPackMinRows && (per_slot || !lines_apart);
   // A line of padding per vector: panels of vectors 2 KiB apart would share L1 sets.
   const int64_t k_stride = panel + kLanes;
-  auto pack = [&](float* packed, int64_t p_begin, int64_t p_end) {
+  // Vectors ks[0 .. nk) (null: all K in order).
+  auto pack_some = [&](float* packed, int64_t p_begin, int64_t p_end, const int32_t* ks,
+                       int64_t nk) {
     for (int64_t p = p_begin; p < p_end; ++p) {
       const int64_t c0 = p * panel, width = std::min(panel, D - c0);
-      for (int64_t k = 0; k < K; ++k) {
-        float* dst = packed + (p * K + k) * k_stride;
-        std::memcpy(dst, P.vectors + k * D + c0, sizeof(float) * size_t(width));
+      for (int64_t k = 0; k < nk; ++k) {
+        float* dst = packed + (p * nk + k) * k_stride;
+        std::memcpy(dst, P.vectors + (ks != nullptr ? ks[k] : k) * D + c0,
+                    sizeof(float) * size_t(width));
         fill_n(dst + width, k_stride - width, 0.0f);
       }
     }
-    return VView{packed, panel, K * k_stride, k_stride};
+    return VView{packed, panel, nk * k_stride, k_stride};
+  };
+  auto pack = [&](float* packed, int64_t p_begin, int64_t p_end) {
+    return pack_some(packed, p_begin, p_end, nullptr, K);
   };
   // Prefill packs once, for the offset table and every row; decode packs on each thread, inside
   // the parallel loop, into that thread's scratch: a core reading a copy another core has just
@@ -477,11 +636,19 @@ void run(const Problem& P) {
     L.entry_used = meta + 2 * n_entries;
   }
 
+  // The tiles' dot products: on the bounded vectors, packed once (small), or on all.
+  L.Vd = L.V;
+  if (L.tiles && L.dot_k != nullptr)
+    L.Vd = pack_some(s.dot_vecs.take(size_t(n_panels * L.n_dots * k_stride)), 0, n_panels,
+                     L.dot_k, L.n_dots);
+
   at::parallel_for(0, n_chunks, grain, [&](int64_t begin, int64_t end) {
     Scratch& ts = thread_scratch();
     Plan local = L;
-    if (pack_per_thread)
+    if (pack_per_thread) {
       local.V = pack(ts.packed.take(size_t(n_panels * K * k_stride)), 0, n_panels);
+      if (L.dot_k == nullptr) local.Vd = local.V;
+    }
     for (int64_t c = begin; c < end; ++c) process_chunk<T>(local, c, ts);
   });
 

@@ -140,6 +140,7 @@ constexpr int kRowsAny = 0, kRowsWrite = 1, kRowsDots = 2;
         rv[r] = FULL ? load16(res[r] + (d)) : load16(res[r] + (d), n);                   \
         x[r] = add16(x[r], rv[r]);                                                       \
       }                                                                                  \
+      if constexpr (KX) std::memcpy(keep[r] + (d), h[r] + (d), sizeof(T) * size_t(n));   \
     }                                                                                    \
     EMOKERN_UNROLL for (int k = 0; k < KB; ++k) {                                        \
       const V16 vv = FULL ? load16(v[k] + (d)) : load16(v[k] + (d), n);                  \
@@ -183,6 +184,7 @@ constexpr int kRowsAny = 0, kRowsWrite = 1, kRowsDots = 2;
         x0[r] = add16(x0[r], r0[r]);                                                     \
         x1[r] = add16(x1[r], r1[r]);                                                     \
       }                                                                                  \
+      if constexpr (KX) std::memcpy(keep[r] + (d), h[r] + (d), sizeof(T) * 2 * kLanes);   \
     }                                                                                    \
     EMOKERN_UNROLL for (int k = 0; k < KB; ++k) {                                        \
       const V16 v0 = load16(v[k] + (d)), v1 = load16(v[k] + (d) + kLanes);               \
@@ -219,7 +221,8 @@ constexpr int kRowsAny = 0, kRowsWrite = 1, kRowsDots = 2;
 
 // The arguments of a sweep over RS rows: hidden (and residual) rows, offsets (null: the row is
 // not steered; with DW any non-null value), KB vectors, weights per row (DW), the rows of the
-// next block (prefetched).
+// next block (prefetched), and with KX (keep) where each hidden row is copied before it is
+// written (D elements), for a second write of the rows that projection bounds correct.
 template <typename T>
 struct SweepRows {
   T* const* h;
@@ -227,6 +230,7 @@ struct SweepRows {
   const float* const* delta;
   const float* const* w;
   const T* const* ahead;
+  T* const* keep = nullptr;
 };
 
 // The sweep's row pointers as locals (registers): read through rows, every store of a step
@@ -235,16 +239,18 @@ struct SweepRows {
   T* h[RS];                                                                              \
   const T* res[RS];                                                                      \
   const float* delta[RS];                                                                \
+  T* keep[RS];                                                                           \
   const float* const* w = rows.w;                                                        \
   EMOKERN_UNROLL for (int r = 0; r < RS; ++r) {                                          \
     h[r] = rows.h[r];                                                                    \
     res[r] = rows.res[r];                                                                \
     delta[r] = rows.delta[r];                                                            \
+    keep[r] = KX ? rows.keep[r] : nullptr;                                               \
   }
 
 // The last n < 16 columns of a sweep, on the sums in st (kept apart from the main loop so that
 // its partial loads do not push the main loop's sums out of registers).
-template <typename T, int RS, int KB, bool NP, bool DW>
+template <typename T, int RS, int KB, bool NP, bool DW, bool KX>
 C10_NOINLINE void sweep_tail(const SweepRows<T>& rows, const float* const* v, int64_t d,
                              int64_t n, SweepState& st) {
   constexpr int RM = kRowsAny;
@@ -255,10 +261,11 @@ C10_NOINLINE void sweep_tail(const SweepRows<T>& rows, const float* const* v, in
   EMOKERN_SWEEP_STEP(false, d, n)
 }
 
-template <typename T, int RS, int KB, bool NP, bool DW, int RM>
+template <typename T, int RS, int KB, bool NP, bool DW, int RM, bool KX>
 void sweep_rows(const SweepRows<T>& rows, const float* const* v, int64_t c0, int64_t c1,
                 SweepState& st, bool first) {
   static_assert(!(DW && NP), "norm-preserving sweeps read their offsets twice: from memory");
+  static_assert(!(KX && NP), "norm-preserving sweeps write nothing: nothing to keep");
   constexpr int NA = KB > 0 ? KB : 1;
   EMOKERN_SWEEP_LOCALS
   const T* ahead[RS];
@@ -285,13 +292,13 @@ void sweep_rows(const SweepRows<T>& rows, const float* const* v, int64_t c0, int
     st.xx[r] = xx[r];
     st.yy[r] = yy[r];
   }
-  if (d < c1) sweep_tail<T, RS, KB, NP, DW>(rows, v, d, c1 - d, st);
+  if (d < c1) sweep_tail<T, RS, KB, NP, DW, KX>(rows, v, d, c1 - d, st);
 }
 
 // The rows' mode, then the sweep compiled for it: with several registers per logical vector
 // (AVX2, NEON) the two common modes have their own loops; on AVX-512 GCC kept the specialised
 // loop's 16 sums on the stack (slower), so it takes the general loop only.
-template <typename T, int RS, int KB, bool NP, bool DW>
+template <typename T, int RS, int KB, bool NP, bool DW, bool KX = false>
 void sweep(const SweepRows<T>& rows, const float* const* v, int64_t c0, int64_t c1,
            SweepState& st, bool first) {
   if constexpr (kN > 1) {
@@ -302,17 +309,17 @@ void sweep(const SweepRows<T>& rows, const float* const* v, int64_t c0, int64_t 
       none = none && rows.delta[r] == nullptr;
     }
     if (!res && all) {
-      sweep_rows<T, RS, KB, NP, DW, kRowsWrite>(rows, v, c0, c1, st, first);
+      sweep_rows<T, RS, KB, NP, DW, kRowsWrite, KX>(rows, v, c0, c1, st, first);
       return;
     }
-    if constexpr (KB == kLiveSweepMaxK && !NP && !DW) {  // sweep_halves' first pass
+    if constexpr (!NP && !DW && !KX) {  // dot products only: sweep_halves' first pass, bounds
       if (!res && none) {
-        sweep_rows<T, RS, KB, NP, DW, kRowsDots>(rows, v, c0, c1, st, first);
+        sweep_rows<T, RS, KB, NP, DW, kRowsDots, false>(rows, v, c0, c1, st, first);
         return;
       }
     }
   }
-  sweep_rows<T, RS, KB, NP, DW, kRowsAny>(rows, v, c0, c1, st, first);
+  sweep_rows<T, RS, KB, NP, DW, kRowsAny, KX>(rows, v, c0, c1, st, first);
 }
 
 // Register part j (columns j * kW .. of a logical vector) of 16 elements at p, as float32.
@@ -421,10 +428,14 @@ void sweep_halves(const SweepRows<T>& rows, const float* const* v, int64_t c0, i
   st.yy[0] = rest.yy[0];
 }
 
+// The most vectors a keeping sweep (KX) takes: every sum live.
+constexpr int kKeepSweepMaxK = kN == 1 ? kSweepMaxK : kLiveSweepMaxK;
+
 // Sweep with KB in {0, 1, 2, 4, kSweepMaxK} vectors; NP norm preserving; DW offsets from the
-// weights (decode, not norm preserving).
+// weights (decode, not norm preserving); KX keeping x (projection bounds, not norm preserving;
+// 1 <= KB <= kKeepSweepMaxK).
 template <typename T, int RS>
-void sweep_kb(int kb, bool np, bool dw, const SweepRows<T>& rows, const float* const* v,
+void sweep_kb(int kb, bool np, bool dw, bool kx, const SweepRows<T>& rows, const float* const* v,
               int64_t c0, int64_t c1, SweepState& st, bool first) {
 #define EMOKERN_SWEEP_ONE(KB, NP, DW)                                                \
   if constexpr (kN == 1 || KB <= kLiveSweepMaxK) {                                   \
@@ -436,9 +447,19 @@ void sweep_kb(int kb, bool np, bool dw, const SweepRows<T>& rows, const float* c
     static_assert(RS == 1, "split sweeps take one row at a time");                   \
     sweep_split<T, KB>(rows, v, c0, c1, st, first);                                  \
   }
+#define EMOKERN_SWEEP_KEEP(KB, DW)                                                   \
+  if constexpr (KB > 0 && KB <= kKeepSweepMaxK) {                                    \
+    sweep<T, RS, KB, false, DW, true>(rows, v, c0, c1, st, first);                   \
+  }
 #define EMOKERN_SWEEP_CASE(KB)                                                       \
   if (np) {                                                                          \
     EMOKERN_SWEEP_ONE(KB, true, false)                                               \
+  } else if (kx) {                                                                   \
+    if (dw) {                                                                        \
+      EMOKERN_SWEEP_KEEP(KB, true)                                                   \
+    } else {                                                                         \
+      EMOKERN_SWEEP_KEEP(KB, false)                                                  \
+    }                                                                                \
   } else if (dw) {                                                                   \
     EMOKERN_SWEEP_ONE(KB, false, true)                                               \
   } else {                                                                           \
@@ -452,6 +473,7 @@ void sweep_kb(int kb, bool np, bool dw, const SweepRows<T>& rows, const float* c
     default: EMOKERN_SWEEP_CASE(kSweepMaxK) break;
   }
 #undef EMOKERN_SWEEP_CASE
+#undef EMOKERN_SWEEP_KEEP
 #undef EMOKERN_SWEEP_ONE
 }
 
@@ -490,31 +512,37 @@ void rewrite_row(T* h, const T* res, const float* delta, int64_t dim, float scal
   }
 }
 
+// Where level_write_row reads a row's x: its float32 copy (D16 floats, zero padded; the tiles),
+// hidden rows not yet written or copied before they were (+ residual), or a float32 row that
+// already holds y = x + delta (written by a sweep without residual: exact).
+constexpr int kFromFloat = 0, kFromRows = 1, kFromSteered = 2;
+
 // Projection levels and bounds: the corrected write of a row with m directions to correct
-// (Problem::level_row). For 16 columns, with corr = sum_j coef[j] v_{idx[j]} (j in order, by
-// fused multiply-add from zero):
+// (Problem::level_row). For 16 columns, with corr = sum_j coef[j] v_j (j in order, by fused
+// multiply-add from zero):
 //   y = fma(x + delta, c, corr) (NP) or (x + delta) + corr, then y - residual.
-// x is read from hidden (+ residual) where the row is not written yet (XH: the sweeps), else
-// from its float32 copy (D16 floats, zero padded; the tiles), the same values either way.
-template <typename T, bool NP, bool RES, bool XH>
-void level_write_row(T* h, const T* res, const float* xf, const float* delta, float c, int m,
+template <typename T, bool NP, bool RES, int SRC>
+void level_write_row(T* h, const T* res, const void* src, const float* delta, float c, int m,
                      const float* coef, const float* const* vk, int64_t dim) {
+  static_assert(SRC != kFromSteered || (std::is_same_v<T, float> && !NP && !RES),
+                "only float32 rows written without residual hold y exactly");
   const V16 scale = splat16(c);
   const int64_t steps = dim / kLanes, tail = dim % kLanes;
   auto step = [&](int64_t d, int64_t n) EMOKERN_INLINE {
     const bool full = n == kLanes;
     V16 r = zero16(), x;
     if constexpr (RES) r = full ? load16(res + d) : load16(res + d, n);
-    if constexpr (XH) {
-      x = full ? load16(h + d) : load16(h + d, n);
-      if constexpr (RES) x = add16(x, r);
+    if constexpr (SRC == kFromFloat) {
+      x = load16(static_cast<const float*>(src) + d);
     } else {
-      x = load16(xf + d);
+      const T* xt = static_cast<const T*>(src);
+      x = full ? load16(xt + d) : load16(xt + d, n);
+      if constexpr (RES) x = add16(x, r);
     }
     V16 corr = zero16();
     for (int j = 0; j < m; ++j)
       corr = fma16(splat16(coef[j]), full ? load16(vk[j] + d) : load16(vk[j] + d, n), corr);
-    const V16 y = add16(x, load16(delta + d));
+    const V16 y = SRC == kFromSteered ? x : add16(x, load16(delta + d));
     V16 out = NP ? fma16(y, scale, corr) : add16(y, corr);
     if constexpr (RES) out = sub16(out, r);
     if (full) {
