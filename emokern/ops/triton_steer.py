@@ -147,8 +147,8 @@ class LaunchConfig(NamedTuple):
     #: Register cap per thread (ptx ``.maxnreg``), or None: dot mode is held to 128 so that two
     #: programs of 8 warps share an SM (uncapped, ptxas takes 136-146 with running statistics).
     max_registers: int | None
-    #: Rows of the program solved together by the projection-bounds solve (a power of two
-    #: dividing ``rows``): ``rows · block_k²`` capped at :data:`SOLVE_ELEMENTS` elements.
+    #: Rows of a program solved together by the projection-bounds solve: the largest power
+    #: of two ``<= rows`` with ``solve_rows · block_k² <= SOLVE_ELEMENTS`` (at least 1).
     solve_rows: int = 1
 
 
@@ -621,6 +621,10 @@ def triton_steer_(
     proj_out : Tensor [B, T, K], float32, contiguous, or None
     run_sum, run_count, run_last : Tensor [B, K] float32, [B] int64, [B, K] float32, or None
         All three or none; updated over masked rows.
+    bounds : Tensor [B, 2, K], float32, contiguous, or None
+        Each sequence's lower and upper bound of every projection after the edit.
+    gram : Tensor [K, K], float32, contiguous, or None
+        :func:`~emokern.ops.reference.unit_gram` of ``vectors``; given with ``bounds``.
 
     Notes
     -----
@@ -674,6 +678,10 @@ def triton_steer_packed_(
     norm_preserving : bool
     proj_out : Tensor [N_max, K], float32, contiguous, or None; rows ``>= N`` are not written
     run_sum, run_count, run_last : Tensor [S, K] float32, [S] int64, [S, K] float32, or None
+    bounds : Tensor [S, 2, K], float32, contiguous, or None
+        Each slot's lower and upper bound of every projection after the edit.
+    gram : Tensor [K, K], float32, contiguous, or None
+        :func:`~emokern.ops.reference.unit_gram` of ``vectors``; given with ``bounds``.
 
     Notes
     -----
