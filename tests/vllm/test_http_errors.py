@@ -1,12 +1,18 @@
-"""HTTP error paths of the readings middleware against a real vLLM server, with the official
+"""HTTP error paths of the readings middleware against real vLLM servers, with the official
 ``openai`` client and raw HTTP (``urllib``): a mix sent to an engine without emokern (400),
 ``GET /v1/emotions`` without or with a wrong API key (401) and on an engine without emokern
 (404), paths the middleware does not own (vLLM's 404), and the API key guarding the mix check.
 
-One server for the module: vLLM's own launcher (eager: this module is about the HTTP side)
-*without* emokern's additional config, the middleware added by the endpoint plugin
-(``VLLM_PLUGINS=emokern``, no ``--middleware``: every 400 here comes through that path), and an
-API key given only by ``VLLM_API_KEY`` (the middleware's fallback when ``--api-key`` is absent).
+Two servers, started together once for the module (eager, the default model; this module is
+about the HTTP side), neither with emokern's additional config:
+
+- ``server``: the middleware added by ``--middleware`` (what ``emokern serve`` passes), with an
+  API key given only by ``VLLM_API_KEY``. This middleware runs *outside* vLLM's
+  authentication, so its own key check (the ``VLLM_API_KEY`` fallback included) decides.
+- the plugin server: the middleware added by the endpoint plugin (``VLLM_PLUGINS=emokern``, no
+  ``--middleware``), no key. Added this way it runs inside vLLM's authentication, so only a
+  server of the first kind can show the middleware's own key handling.
+
 Run by ``make test-vllm``; skipped without vLLM. The middleware alone, without vLLM:
 ``tests/test_http_middleware.py``.
 """
@@ -30,6 +36,7 @@ pytest.importorskip("vllm.sampling_params")  # a submodule: tests/vllm must not 
 
 import emokern.vllm  # noqa: E402
 from emokern.vllm.http import READINGS_FIELD  # noqa: E402
+from emokern.vllm.serve import MIDDLEWARE  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.model]
 
@@ -66,52 +73,81 @@ def _call(url: str, method: str = "GET", body=None, key: str | None = None,
         return status, raw
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """The server's base URL (see the module docstring); stopped after the module."""
+def _start(extra: list[str], env: dict, log):
+    """Start vLLM's API server on a free port (not waiting for it): ``(process, url)``."""
     port = _free_port()
-    log = tmp_path_factory.mktemp("http-errors") / "vllm.log"
     cmd = [sys.executable, "-P", "-m", "vllm.entrypoints.openai.api_server",
            "--model", str(emokern.vllm.default_model_dir()), "--served-model-name", "m",
            "--dtype", "float32", "--enforce-eager", "--max-model-len", "256",
            "--max-num-seqs", "4", "--disable-uvicorn-access-log",
-           "--host", "127.0.0.1", "--port", str(port)]
-    env = {**os.environ, "VLLM_PLUGINS": "emokern", "VLLM_API_KEY": KEY,
-           "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+           "--host", "127.0.0.1", "--port", str(port), *extra]
+    env = {**{k: v for k, v in os.environ.items() if k not in ("VLLM_PLUGINS", "VLLM_API_KEY")},
+           "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"), **env}
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    start = time.monotonic()
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def _wait(proc, url: str, log, start: float) -> None:
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"vLLM exited ({proc.returncode}):\n" + log.read_text()[-4000:])
+        with contextlib.suppress(OSError):
+            if _call(url + "/health", timeout=2)[0] == 200:
+                return
+        if time.monotonic() - start > START_TIMEOUT_S:
+            pytest.fail("vLLM did not start:\n" + log.read_text()[-4000:])
+        time.sleep(2)
+
+
+def _stop(proc) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGINT)
     try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"vLLM exited ({proc.returncode}):\n" + log.read_text()[-4000:])
-            with contextlib.suppress(OSError):
-                if _call(url + "/health", timeout=2)[0] == 200:
-                    break
-            if time.monotonic() - start > START_TIMEOUT_S:
-                pytest.fail("vLLM did not start:\n" + log.read_text()[-4000:])
-            time.sleep(2)
-        print(f"server up in {time.monotonic() - start:.0f} s")
-        text = log.read_text()
-        assert "Loaded endpoint plugin emokern" in text, text[-4000:]
-        yield url
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    """Both servers of the module docstring, started at once: ``{"middleware": url, "plugin":
+    url}``; stopped after the module."""
+    logs = tmp_path_factory.mktemp("http-errors")
+    start = time.monotonic()
+    procs = {}
+    try:
+        procs["middleware"] = _start(["--middleware", MIDDLEWARE], {"VLLM_API_KEY": KEY},
+                                     logs / "middleware.log")
+        procs["plugin"] = _start([], {"VLLM_PLUGINS": "emokern"}, logs / "plugin.log")
+        for name, (proc, url) in procs.items():
+            _wait(proc, url, logs / f"{name}.log", start)
+        print(f"servers up in {time.monotonic() - start:.0f} s")
+        plugin_log = (logs / "plugin.log").read_text()
+        assert "Loaded endpoint plugin emokern" in plugin_log, plugin_log[-4000:]
+        assert "Loaded endpoint plugin" not in (logs / "middleware.log").read_text()
+        yield {name: url for name, (_, url) in procs.items()}
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        for proc, _ in procs.values():
+            _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def server(servers):
+    return servers["middleware"]
+
+
+def _client(url, key=KEY):
+    import openai
+
+    return openai.OpenAI(base_url=url + "/v1", api_key=key, timeout=120, max_retries=0)
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    import openai
-
-    return openai.OpenAI(base_url=server + "/v1", api_key=KEY, timeout=120, max_retries=0)
+    return _client(server)
 
 
 def _completion(mix, **kw):
@@ -127,17 +163,21 @@ def _assert_without_emokern_error(error: dict) -> None:
     assert WITHOUT_EMOKERN in error["message"] and PARAM in error["message"]
 
 
-def test_the_server_answers_without_a_mix(server):
+@pytest.mark.parametrize("door", ["middleware", "plugin"])
+def test_the_servers_answer_without_a_mix(servers, door):
+    server = servers[door]
     status, answer = _call(server + "/v1/completions", "POST", _completion(None), key=KEY)
     assert status == 200 and answer["choices"][0]["finish_reason"] == "length"
     assert READINGS_FIELD not in answer  # no emokern: nothing added
     assert _call(server + "/health")[0] == 200  # outside /v1: no key needed
 
 
+@pytest.mark.parametrize("door", ["middleware", "plugin"])
 @pytest.mark.parametrize("mix", ["joy=2", {"joy": 1.0}, "hope=1"])
-def test_a_mix_for_an_engine_without_emokern_is_a_400_over_raw_http(server, mix):
+def test_a_mix_for_an_engine_without_emokern_is_a_400_over_raw_http(servers, door, mix):
     """Any mix, valid for a bank or not, is refused before vLLM reads the request: completions
-    and chat, streaming or not."""
+    and chat, streaming or not, through either way of adding the middleware."""
+    server = servers[door]
     chat = {"model": "m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2,
             "vllm_xargs": {"emotion": mix}}
     for path, body in (("/v1/completions", _completion(mix)),
@@ -149,9 +189,11 @@ def test_a_mix_for_an_engine_without_emokern_is_a_400_over_raw_http(server, mix)
         _assert_without_emokern_error(answer["error"])
 
 
-def test_a_mix_for_an_engine_without_emokern_is_a_400_with_the_openai_client(client):
+@pytest.mark.parametrize("door", ["middleware", "plugin"])
+def test_a_mix_for_an_engine_without_emokern_is_a_400_with_the_openai_client(servers, door):
     import openai
 
+    client = _client(servers[door])
     calls = {
         "completions": lambda stream: client.completions.create(
             model="m", prompt="Today I", max_tokens=2, stream=stream,
@@ -185,9 +227,11 @@ def test_emotions_needs_the_api_key(server, client):
     assert info.value.status_code == 401
 
 
-def test_emotions_without_emokern_is_a_404(server, client):
+@pytest.mark.parametrize("door", ["middleware", "plugin"])
+def test_emotions_without_emokern_is_a_404(servers, door):
     import openai
 
+    server, client = servers[door], _client(servers[door])
     status, answer = _call(server + "/v1/emotions", key=KEY)
     assert status == 404
     error = answer["error"]
