@@ -305,7 +305,8 @@ def check_mix(extra_args, config: EmokernConfig | None, *,
     presets = check_presets(config)
     mix = extra_args.get(EXTRA_KEY) if extra_args else None
     if isinstance(mix, str) and PRESET_NAME.fullmatch(mix.strip()) \
-            and mix.strip().lower() != "none":
+            and mix.strip().lower() not in _RESERVED and mix.strip() not in bank_of(config).names:
+        # a bare name that is no emotion (those are malformed terms, reported as such)
         name = mix.strip()
         if name not in presets:
             _fail(ValueError, f"{argument} is {name!r}, not a mix and not a preset of this "
