@@ -7,9 +7,10 @@ the answers, ``GET /v1/emotions``), ``--dtype float32`` on a machine without CUD
 run bfloat16), the operator's presets (``--preset NAME=MIX``, ``--presets FILE.json``: named
 mixes in ``additional_config["emokern"]["presets"]``, checked against the bank before vLLM
 starts) — and runs that server in this process, exactly as ``python -m
-vllm.entrypoints.openai.api_server`` would; every flag it does not know goes to vLLM. ``--steering-api-key KEY`` (or
-``EMOKERN_STEERING_API_KEY``) is handed to the middleware through the environment, never on
-the command line (:mod:`emokern.vllm.http`: steering, readings and ``/v1/emotions`` need it).
+vllm.entrypoints.openai.api_server`` would; every flag it does not know goes to vLLM.
+``--steering-api-key KEY`` (or ``EMOKERN_STEERING_API_KEY``) is handed to the middleware
+through the environment, never on the command line (:mod:`emokern.vllm.http`: steering,
+readings and ``/v1/emotions`` need it).
 """
 
 from __future__ import annotations
