@@ -122,8 +122,8 @@ def test_a_preset_steers_like_its_mix_written_out(keyed):
     plain = _complete(keyed, None)
     assert named.choices[0].text == written.choices[0].text
     assert named.choices[0].text != plain.choices[0].text  # it steers
-    readings = [a.model_extra["emotion_readings"]["choices"][0]["mean"]
-                for a in (named, written)]
+    readings = [[x for row in a.model_extra["emotion_readings"]["choices"][0]["mean"]
+                 for x in row] for a in (named, written)]
     assert readings[0] == pytest.approx(readings[1], rel=1e-4, abs=1e-5)
     file_preset = _complete(keyed, "cheer")
     assert file_preset.choices[0].text == _complete(keyed, {"joy": 4}).choices[0].text
