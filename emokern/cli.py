@@ -331,13 +331,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return 2
     import torch
 
-    from emokern.vllm.serve import serve, vllm_argv
+    from emokern.vllm.serve import read_presets, serve, vllm_argv
 
     cuda = torch.cuda.is_available()
     argv = vllm_argv(model=args.model, bank=args.bank, layers=args.layers, host=args.host,
-                     port=args.port, extra=args.vllm_args, cuda=cuda, levels=args.levels)
+                     port=args.port, extra=args.vllm_args, cuda=cuda, levels=args.levels,
+                     presets=read_presets(args.preset, args.presets))
     print("emokern serve: vLLM " + " ".join(argv), file=sys.stderr)
-    return serve(argv, cuda=cuda)
+    return serve(argv, cuda=cuda, steering_key=args.steering_api_key)
 
 
 #: The mix grammar (emokern.steering.mix), one example of each term, for --mix.
@@ -525,6 +526,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--levels", action="store_true",
                    help="accept levels, caps, floors and erase in request mixes (e.g. "
                         "sadness@1.5, anger<=0.5; a calibrated bank)")
+    p.add_argument("--preset", action="append", metavar="NAME=MIX",
+                   help="a named mix requests can use as vllm_xargs {\"emotion\": \"NAME\"} "
+                        "(repeatable; e.g. calm=\"joy=1,anger=-0.5\"); checked at start")
+    p.add_argument("--presets", metavar="FILE.json",
+                   help="presets from a JSON object {\"name\": mix} (any mix form)")
+    p.add_argument("--steering-api-key", metavar="KEY",
+                   help="requests that steer, readings and /v1/emotions need this key "
+                        "(X-Emokern-Key, or Authorization: Bearer without vLLM's --api-key); "
+                        "default: $EMOKERN_STEERING_API_KEY")
     p.set_defaults(func=_cmd_serve, vllm_args=[])
 
     p = sub.add_parser("export", help="write a mix as a llama.cpp control vector (GGUF), for "

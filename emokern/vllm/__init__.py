@@ -23,11 +23,16 @@ to vLLM). A request carries its mix as ``extra_body={"vllm_xargs": {"emotion":
 ``emotion_readings``; ``GET /v1/emotions`` lists names, layers and recommended weights; a bad
 mix is a 400 (:mod:`emokern.vllm.http`, an ASGI middleware added through vLLM's
 ``--middleware``).
+Operators' presets (``--preset calm="joy=1,anger=-0.5"``, ``--presets FILE.json``;
+``additional_config["emokern"]["presets"]``): a request sends a preset's name alone as its mix
+(``{"emotion": "calm"}``); ``--steering-api-key`` (``EMOKERN_STEERING_API_KEY``) reserves
+steering, readings and ``/v1/emotions`` for key holders (403 otherwise).
 
 Settings (``additional_config["emokern"]``, :class:`~emokern.vllm.config.EmokernConfig`):
 ``bank`` (``"default"`` | ``"ev"`` | ``"concept"`` | path), ``layers`` (``"auto"`` | list),
 ``monitor``, ``spread`` (``"divide"`` | ``"each"``), ``norm_preserving``, ``max_requests``,
-``levels`` (default false). A mix is in the grammar of :mod:`emokern.steering.mix`
+``levels`` (default false), ``presets`` (name → mix). A mix is in the grammar of
+:mod:`emokern.steering.mix`
 (``"joy=2"``, ``"anger=rec"``, ``"sadness@1.5"``, ``"fear=erase"``, ``"anger<=0.5"``,
 ``"joy>=1"``, or the object form). Weights are in the bank's units and spread over layers as
 in :func:`emokern.steer` (``docs/design.md`` §3); levels, caps and floors are standard scores

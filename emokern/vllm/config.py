@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,13 +41,19 @@ from emokern.steering.mix import (
 )
 
 __all__ = ["CONFIG_KEY", "EXTRA_KEY", "EmokernConfig", "bank_of", "cache_salt", "check_mix",
-           "describe", "mix_edits", "normal_mix", "request_mix", "with_mix"]
+           "check_presets", "describe", "mix_edits", "normal_mix", "request_mix", "with_mix"]
 
 CONFIG_KEY = "emokern"  # additional_config key
 EXTRA_KEY = "emotion"  # SamplingParams.extra_args key (HTTP: vllm_xargs)
 
 
 _fail = failing("emokern.vllm")
+
+#: A preset's name: an identifier (letters, digits, ``_``, ``-``; not starting with a digit or
+#: ``-``), never a mix term (every term has ``=``, ``@``, ``<=`` or ``>=``), an emotion of the
+#: bank, or a word of the grammar.
+PRESET_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
+_RESERVED = ("none", "rec", "erase", "preset")
 
 
 @dataclass(frozen=True)
@@ -60,7 +67,10 @@ class EmokernConfig:
     ``norm_preserving``; ``max_requests``: requests with slots alive at once (0: twice vLLM's
     ``max_num_seqs``); ``levels``: accept levels, caps, floors and erase in mixes (a
     calibrated bank; the op then reads per-slot bounds and the Gram matrix, so the engine's
-    compiled graph differs from the default one, which has none).
+    compiled graph differs from the default one, which has none); ``presets``: named mixes
+    (``{"calm": "joy=1,anger<=0"}``, any grammar form) a request names instead of a mix
+    (``extra_args={"emotion": "calm"}``), kept as ``(name, mix text)`` pairs and checked
+    against the bank by :func:`check_presets`.
     """
 
     bank: str = "default"
@@ -70,6 +80,7 @@ class EmokernConfig:
     norm_preserving: bool = False
     max_requests: int = 0
     levels: bool = False
+    presets: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def from_additional_config(cls, additional) -> EmokernConfig | None:
@@ -96,6 +107,7 @@ class EmokernConfig:
         if not isinstance(values.get("levels", False), bool):
             _fail(TypeError, f"additional_config['{CONFIG_KEY}']['levels'] must be true or false, "
                              f"got {values['levels']!r}")
+        values["presets"] = _preset_pairs(values.get("presets") or {})
         return cls(**values)
 
     def load_bank(self) -> EmotionBank:
@@ -118,6 +130,32 @@ class EmokernConfig:
         return SteeringConfig.resolve(bank, n_model_layers, layers=self.layers,
                                       spread=self.spread, norm_preserving=self.norm_preserving,
                                       monitor=self.monitor, who="emokern.vllm")
+
+
+def _preset_pairs(raw) -> tuple[tuple[str, str], ...]:
+    """``additional_config["emokern"]["presets"]`` as hashable ``(name, mix text)`` pairs,
+    names checked (the mixes are checked against the bank by :func:`check_presets`)."""
+    if isinstance(raw, (tuple, list)):  # the pairs themselves (a config rebuilt from one)
+        raw = dict(raw)
+    if not isinstance(raw, Mapping):
+        _fail(TypeError, f"additional_config['{CONFIG_KEY}']['presets'] must be a dict of "
+                         f"name -> mix, got {type(raw).__name__}")
+    pairs = []
+    for name, mix in raw.items():
+        if not isinstance(name, str) or not PRESET_NAME.fullmatch(name) \
+                or name.lower() in _RESERVED:
+            _fail(ValueError, f"preset name {name!r} must be an identifier (letters, digits, "
+                              f"'_', '-'), not one of {list(_RESERVED)}")
+        if not isinstance(mix, (str, Mapping)):
+            _fail(TypeError, f"preset {name!r} must be a mix (a string like 'joy=1,anger<=0' "
+                             f"or a dict), got {type(mix).__name__}")
+        try:
+            text = format_mix(mix)
+        except (TypeError, ValueError) as exc:
+            reason = str(exc).removeprefix("format_mix: ").removeprefix("mix: ")
+            _fail(type(exc), f"preset {name!r}: {reason}")
+        pairs.append((name, text))
+    return tuple(pairs)
 
 
 def _compact(normal: Mapping, names: Sequence[str], argument: str) -> dict | None:
@@ -264,6 +302,21 @@ def check_mix(extra_args, config: EmokernConfig | None, *,
                               f"emotion steering; enable it with additional_config="
                               f"{{'{CONFIG_KEY}': {{}}}} (emokern serve does)")
         return None
+    presets = check_presets(config)
+    mix = extra_args.get(EXTRA_KEY) if extra_args else None
+    if isinstance(mix, str) and PRESET_NAME.fullmatch(mix.strip()) \
+            and mix.strip().lower() not in _RESERVED and mix.strip() not in bank_of(config).names:
+        # a bare name that is no emotion (those are malformed terms, reported as such)
+        name = mix.strip()
+        if name not in presets:
+            _fail(ValueError, f"{argument} is {name!r}, not a mix and not a preset of this "
+                              f"server (presets: {sorted(presets) or 'none'}); a mix is like "
+                              f"'joy=2,fear@0.5'")
+        return presets[name]
+    return _checked_mix(extra_args, config, argument)
+
+
+def _checked_mix(extra_args, config: EmokernConfig, argument: str) -> dict | None:
     bank = bank_of(config)
     normal = normal_mix(extra_args, bank.names, recommended=bank.recommended, argument=argument)
     if normal is None or not has_bounds(normal):
@@ -282,6 +335,28 @@ def check_mix(extra_args, config: EmokernConfig | None, *,
     return normal
 
 
+@functools.lru_cache(maxsize=8)
+def check_presets(config: EmokernConfig) -> dict[str, dict | None]:
+    """``config``'s presets, name → normal form (None: unsteered), each checked as a request's
+    mix would be (:func:`check_mix`) against the bank. ValueError/TypeError naming the preset
+    for a name that is an emotion of the bank or a mix the engine refuses."""
+    out: dict[str, dict | None] = {}
+    if not config.presets:
+        return out
+    names = bank_of(config).names
+    for name, text in config.presets:
+        if name in names:
+            _fail(ValueError, f"preset name {name!r} is an emotion of the bank; choose another "
+                              f"(a preset name must not read as a mix term)")
+        argument = f"preset {name!r}"
+        try:
+            out[name] = _checked_mix({EXTRA_KEY: text}, config, argument)
+        except (TypeError, ValueError) as exc:
+            message = str(exc).removeprefix("emokern.vllm: ")
+            _fail(type(exc), message if argument in message else f"{argument}: {message}")
+    return out
+
+
 def describe(config: EmokernConfig, n_model_layers: int) -> dict:
     """What ``GET /v1/emotions`` answers: the engine's emotions, steered layers, recommended
     weights and recipes, whether levels are on, and the mix grammar (JSON-ready)."""
@@ -294,8 +369,11 @@ def describe(config: EmokernConfig, n_model_layers: int) -> dict:
             "spread": steering.spread, "norm_preserving": steering.norm_preserving,
             "monitor": steering.monitor is not None, "calibrated": bank.calibrated,
             "levels": config.levels,
+            "presets": {name: format_mix(normal or {})
+                        for name, normal in check_presets(config).items()},
             "mix": {"field": f"vllm_xargs.{EXTRA_KEY}",
                     "example": "joy=2,fear=0.5",
+                    "preset": "a preset's name alone (e.g. \"calm\") stands for its mix",
                     "terms": {"joy=2": "push (the bank's units)",
                               "anger=rec": "the emotion's recipe (a push or a level)",
                               "sadness@1.5": "level: projection set to z = 1.5",

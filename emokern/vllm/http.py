@@ -30,6 +30,15 @@ app's state (``app.state.engine_client``, what vLLM's own routes use). It
    [DONE]`` gets the readings. They come from the workers
    (``engine_client.collective_rpc("emokern_readings")``), found by the response's ``id``.
 
+**Steering key** (``EMOKERN_STEERING_API_KEY``; ``emokern serve --steering-api-key KEY`` sets
+it): when set, ``GET /v1/emotions`` and every request that carries a mix (a non-empty
+``vllm_xargs.emotion``, a preset's name included) must present it, as ``X-Emokern-Key: KEY``
+or ``Authorization: Bearer KEY``; otherwise HTTP 403 in vLLM's error format
+(``PermissionDeniedError``). Requests without a mix are served without it, and get no
+``emotion_readings`` unless they present it. vLLM's own key (``--api-key`` /
+``VLLM_API_KEY``) is checked first and independently: with both keys set, ``Authorization``
+carries vLLM's key and the steering key goes in ``X-Emokern-Key``.
+
 ``emotion_readings`` (``null`` when the engine keeps no readings)::
 
     {"layers": [L], "names": [K], "standardized": bool,
@@ -45,20 +54,25 @@ has one (``standardized``). See :func:`emokern.vllm.readings` for the offline fo
 
 from __future__ import annotations
 
+import hmac
 import json
+import os
 import re
 from collections.abc import Callable
 
 from emokern.vllm import internals
 from emokern.vllm.config import EXTRA_KEY, EmokernConfig, check_mix, describe
 
-__all__ = ["EMOTIONS_PATH", "READINGS_FIELD", "EmotionMiddleware", "EndpointPlugin"]
+__all__ = ["EMOTIONS_PATH", "KEY_ENV", "KEY_HEADER", "READINGS_FIELD", "EmotionMiddleware",
+           "EndpointPlugin"]
 
 EMOTIONS_PATH = "/v1/emotions"
 READINGS_FIELD = "emotion_readings"
 _GENERATE = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
 _ARGUMENT = f"vllm_xargs['{EXTRA_KEY}']"
 _EVENT_END = re.compile(rb"\r?\n\r?\n")
+KEY_ENV = "EMOKERN_STEERING_API_KEY"
+KEY_HEADER = "x-emokern-key"
 
 
 class EmotionMiddleware:
@@ -81,12 +95,16 @@ class EmotionMiddleware:
         payload = _json(body)
         xargs = payload.get("vllm_xargs") if isinstance(payload, dict) else None
         if isinstance(xargs, dict) and EXTRA_KEY in xargs:
+            if xargs[EXTRA_KEY] not in (None, "", {}) and not state.steering_allowed:
+                return await _send_json(send, 403, _forbidden("a request that steers "
+                                                              f"({_ARGUMENT})"))
             try:
                 check_mix(xargs, state.config, argument=_ARGUMENT)
             except (TypeError, ValueError) as exc:
                 return await _send_json(send, 400, _error(str(exc), "BadRequestError", 400))
         kind = _GENERATE.get(path)
-        if kind is None or state.config is None or not state.config.monitor:
+        if kind is None or state.config is None or not state.config.monitor \
+                or not state.steering_allowed:
             return await self.app(scope, receive, send)
         n = payload.get("n") if isinstance(payload, dict) else None
         n = n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
@@ -95,6 +113,8 @@ class EmotionMiddleware:
     async def _emotions(self, scope, state: _State, send) -> None:
         if not state.authorized:
             return await _send_json(send, 401, {"error": "Unauthorized"})
+        if not state.steering_allowed:
+            return await _send_json(send, 403, _forbidden(f"GET {EMOTIONS_PATH}"))
         if state.config is None:
             return await _send_json(send, 404, _error(
                 "this server runs without emotion steering; start it with emokern serve or "
@@ -112,6 +132,7 @@ class _State:
         self.config = EmokernConfig.from_additional_config(
             internals.additional_config(self.engine))
         self.authorized = _authorized(scope, getattr(app_state, "args", None))
+        self.steering_allowed = _steering_allowed(scope)
 
     async def readings(self, response_id: str) -> dict:
         merged: dict = {}
@@ -131,6 +152,31 @@ def _authorized(scope, args) -> bool:
     if not tokens:
         return True
     return internals.api_key_ok(scope, tokens)
+
+
+def _steering_allowed(scope) -> bool:
+    """Whether the exchange may steer, read and list emotions: no steering key is set, or it
+    comes as ``X-Emokern-Key: KEY`` or ``Authorization: Bearer KEY``."""
+    key = os.environ.get(KEY_ENV)
+    if not key:
+        return True
+    given = []
+    for name, value in scope.get("headers", []):
+        name = name.lower()
+        if name == KEY_HEADER.encode():
+            given.append(value.strip())
+        elif name == b"authorization":
+            scheme, _, token = value.partition(b" ")
+            if scheme.lower() == b"bearer":
+                given.append(token.strip())
+    expected = key.encode()
+    return any(hmac.compare_digest(token, expected) for token in given)
+
+
+def _forbidden(what: str) -> dict:
+    return _error(f"{what} needs this server's steering key ({KEY_ENV}): send it as "
+                  f"'X-Emokern-Key: <key>' (or 'Authorization: Bearer <key>' when vLLM's own "
+                  f"--api-key is not set)", "PermissionDeniedError", 403)
 
 
 class _ReadingSender:

@@ -24,7 +24,7 @@ import torch
 
 from emokern.ops import resolve_backend, runner_for, unit_gram
 from emokern.vllm import internals
-from emokern.vllm.config import EmokernConfig, mix_edits
+from emokern.vllm.config import EmokernConfig, check_presets, mix_edits
 from emokern.vllm.slots import SlotTable
 
 __all__ = ["EngineSteering", "packed_op"]
@@ -195,6 +195,7 @@ def make(runner) -> EngineSteering | None:
     config = EmokernConfig.from_additional_config(additional)
     if config is None:
         return None
+    check_presets(config)  # a bad preset stops the engine at start, not its first request
     max_requests = config.max_requests or 2 * max_num_seqs
     if max_requests < max_num_seqs:
         raise ValueError(f"emokern.vllm: max_requests ({max_requests}) must be at least vLLM's "

@@ -4,8 +4,13 @@ The command builds the argument list of vLLM's API server — the model (the def
 safetensors copy unless ``--model``), ``--additional-config`` with the emokern settings (merged
 into one the user passes), ``--middleware emokern.vllm.http.EmotionMiddleware`` (readings in
 the answers, ``GET /v1/emotions``), ``--dtype float32`` on a machine without CUDA (vLLM would
-run bfloat16) — and runs that server in this process, exactly as ``python -m
+run bfloat16), the operator's presets (``--preset NAME=MIX``, ``--presets FILE.json``: named
+mixes in ``additional_config["emokern"]["presets"]``, checked against the bank before vLLM
+starts) — and runs that server in this process, exactly as ``python -m
 vllm.entrypoints.openai.api_server`` would; every flag it does not know goes to vLLM.
+``--steering-api-key KEY`` (or ``EMOKERN_STEERING_API_KEY``) is handed to the middleware
+through the environment, never on the command line (:mod:`emokern.vllm.http`: steering,
+readings and ``/v1/emotions`` need it).
 """
 
 from __future__ import annotations
@@ -15,9 +20,9 @@ import os
 import sys
 from pathlib import Path
 
-from emokern.vllm.config import CONFIG_KEY, EmokernConfig
+from emokern.vllm.config import CONFIG_KEY, EmokernConfig, check_presets
 
-__all__ = ["MIDDLEWARE", "serve", "vllm_argv"]
+__all__ = ["MIDDLEWARE", "read_presets", "serve", "vllm_argv"]
 
 MIDDLEWARE = "emokern.vllm.http.EmotionMiddleware"
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
@@ -44,8 +49,36 @@ def _pop(extra: list[str], flag: str) -> str | None:
     return extra.pop(i)
 
 
+def read_presets(pairs: list[str] | None = None, file: str | None = None) -> dict:
+    """The presets of ``--presets FILE.json`` (a JSON object ``{"name": mix}``, any grammar
+    form) and ``--preset NAME=MIX`` (repeatable; split at the first ``=``), in that order; a
+    name given twice is an error. Names and mixes are checked by :func:`vllm_argv`."""
+    presets: dict = {}
+    if file:
+        try:
+            loaded = json.loads(Path(file).read_text())
+        except OSError as exc:
+            raise ValueError(f"--presets {file}: {exc.strerror or exc}") from None
+        except ValueError as exc:
+            raise ValueError(f"--presets {file} must be JSON: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(f"--presets {file} must hold a JSON object of name -> mix")
+        presets.update(loaded)
+    for pair in pairs or []:
+        name, sep, mix = pair.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise ValueError(f"--preset must be NAME=MIX (e.g. calm=\"joy=1,anger=-0.5\"), got "
+                             f"{pair!r}")
+        if name in presets:
+            raise ValueError(f"preset {name!r} is given twice")
+        presets[name] = mix
+    return presets
+
+
 def vllm_argv(*, model: str | None, bank: str, layers: str, host: str, port: int,
-              extra: list[str], cuda: bool, levels: bool = False) -> list[str]:
+              extra: list[str], cuda: bool, levels: bool = False,
+              presets: dict | None = None) -> list[str]:
     """The API server's arguments for ``emokern serve``.
 
     Parameters
@@ -66,11 +99,15 @@ def vllm_argv(*, model: str | None, bank: str, layers: str, host: str, port: int
     levels : bool
         Accept levels, caps, floors and erase in mixes (``additional_config`` ``"levels":
         true``; a calibrated bank).
+    presets : dict, optional
+        Named mixes (name → mix in any grammar form; :func:`read_presets`), added to those of
+        ``--additional-config`` and checked against the bank here.
 
     Raises
     ------
     ValueError
-        On a bad ``layers``, ``port``, ``bank`` or ``--additional-config``.
+        On a bad ``layers``, ``port``, ``bank``, ``--additional-config`` or preset (naming
+        it).
     """
     extra = list(extra)
     if not isinstance(port, int) or not 0 < port < 65536:
@@ -100,8 +137,17 @@ def vllm_argv(*, model: str | None, bank: str, layers: str, host: str, port: int
     settings.setdefault("monitor", True)
     if levels:
         settings["levels"] = True
+    if presets:
+        given = dict(settings.get("presets") or {})
+        for name in presets:
+            if name in given:
+                raise ValueError(f"preset {name!r} is given twice")
+        settings["presets"] = {**given, **presets}
     additional[CONFIG_KEY] = settings
-    EmokernConfig.from_additional_config(additional)  # refuse bad settings before vLLM starts
+    try:  # refuse bad settings and presets before vLLM starts
+        check_presets(EmokernConfig.from_additional_config(additional))
+    except TypeError as exc:
+        raise ValueError(str(exc)) from None
     if model is None:
         from emokern.vllm import default_model_dir
 
@@ -115,9 +161,16 @@ def vllm_argv(*, model: str | None, bank: str, layers: str, host: str, port: int
     return argv + extra
 
 
-def serve(argv: list[str], *, cuda: bool) -> int:
+def serve(argv: list[str], *, cuda: bool, steering_key: str | None = None) -> int:
     """Run vLLM's OpenAI-compatible server with ``argv`` (see :func:`vllm_argv`) in this
-    process, until it is stopped."""
+    process, until it is stopped; ``steering_key`` (when given) becomes
+    ``EMOKERN_STEERING_API_KEY``, which the middleware reads."""
+    if steering_key is not None:
+        from emokern.vllm.http import KEY_ENV
+
+        if not steering_key.strip():
+            raise ValueError("--steering-api-key must not be empty")
+        os.environ[KEY_ENV] = steering_key
     # vLLM is imported here: it is an optional dependency (the caller checked it is there).
     from emokern.vllm.internals import api_server_main
 
