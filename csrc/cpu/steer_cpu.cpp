@@ -122,29 +122,36 @@ void check_bound_values(const at::Tensor& bounds, const at::Tensor& gram, const 
                     "gram must be finite (emokern.ops.unit_gram(vectors))");
 }
 
-// Problem::level_row (steer_cpu.h), compiled once, here, for every instruction set's core: an
-// inline copy in each core would be compiled with that core's flags, and the compiler may
-// round a scalar expression differently (fuse a product into a multiply-add on one set and
-// not on another). The solve itself is csrc/levels.h, shared with the CUDA kernel.
-int level_row(const Problem& P, int64_t slot, const float* p, float c, float* coef,
-              int32_t* idx, float* work) {
+// Problem::level_push and level_row (steer_cpu.h), compiled once, here, for every instruction
+// set's core: an inline copy in each core would be compiled with that core's flags, and the
+// compiler may round a scalar expression differently (fuse a product into a multiply-add on one
+// set and not on another). The solve itself is csrc/levels.h, shared with the CUDA kernel.
+void level_push(const Problem& P, int64_t slot, float* q) {
   const int64_t K = P.n_vec;
   const float* w = P.weights + slot * K;
+  // For each k the terms in order j = 0, 1, ..., accumulated over k at once (a loop the
+  // compiler vectorises).
+  for (int64_t k = 0; k < K; ++k) q[k] = 0.0f;
+  for (int64_t j = 0; j < K; ++j) {
+    const float push = w[j] * P.norm[j];
+    const float* g = P.gram + j * K;
+    for (int64_t k = 0; k < K; ++k) q[k] += push * g[k];
+  }
+}
+
+int level_row(const Problem& P, int64_t slot, const float* p, float c, const float* q,
+              float* coef, int32_t* idx, float* work) {
+  const int64_t K = P.n_vec;
   const float* lo = P.bounds + slot * 2 * K;
   const float* hi = lo + K;
   float* p_after = work;
   float* a = work + K;
-  // p'_k = c (p_k + sum_j w_j ||v_j|| G_jk): for each k the terms in order j = 0, 1, ...,
-  // accumulated over k at once (a loop the compiler vectorises).
-  for (int64_t k = 0; k < K; ++k) p_after[k] = 0.0f;
-  for (int64_t j = 0; j < K; ++j) {
-    const float push = w[j] * P.norm[j];
-    const float* g = P.gram + j * K;
-    for (int64_t k = 0; k < K; ++k) p_after[k] += push * g[k];
-  }
   bool outside = false;
   for (int64_t k = 0; k < K; ++k) {
-    p_after[k] = c * (p[k] + p_after[k]);
+    // A direction open on both sides is never out of bounds (its projection may not even have
+    // been computed: the cores skip the projections no slot bounds when readings are off).
+    const bool open = lo[k] == -INFINITY && hi[k] == INFINITY;
+    p_after[k] = open ? 0.0f : c * (p[k] + q[k]);
     outside = outside || level_gap(p_after[k], lo[k], hi[k]) != 0.0f;
   }
   if (!outside) return 0;
@@ -167,6 +174,7 @@ void fill_levels(Problem& P, const at::Tensor& bounds, const at::Tensor& gram,
   P.bounds = bounds.data_ptr<float>();
   P.gram = gram.data_ptr<float>();
   P.norm = norm.data();
+  P.level_push = &level_push;
   P.level_row = &level_row;
 }
 

@@ -23,14 +23,21 @@ enum class Dtype : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
 struct Problem;
 
-// The projection levels and bounds of one steered row (docs/design.md §2): from its projections
-// p[K] of the input and its norm-preserving scale c (1 without), the projections after the
-// pushes p'_k = c (p_k + sum_j w[s, j] ||v_j|| G_jk), the targets clip(p', lo, hi), and the
-// active-set solve of csrc/levels.h. Writes the correction y += sum_{j < m} coef[j] v_{idx[j]}
-// (coef = a_k / ||v_k||, only the nonzero a_k, in increasing k) and returns m; 0: the row is
-// inside its bounds and is written as without them. work: level_work_floats(K) floats.
+// The projection levels and bounds of one steered row (docs/design.md §2), in two steps:
+//   level_push   q[k] = sum_j w[s, j] ||v_j|| G_jk, what slot s's pushes add to projection k
+//                (per slot: the cores compute it once per slot or once per row);
+//   level_row    from the row's projections p[K] of its input and its norm-preserving scale c
+//                (1 without), the projections after the pushes p'_k = c (p_k + q_k) (0 where
+//                the slot leaves k open on both sides), the targets clip(p', lo, hi) and the
+//                active-set solve of csrc/levels.h. Writes the correction
+//                y += sum_{j < m} coef[j] v_{idx[j]} (coef = a_k / ||v_k||, only the nonzero
+//                a_k, in increasing k) and returns m; 0: the row is inside its bounds and is
+//                written as without them. work: level_work_floats(K) floats.
+// A core may skip level_row for a row whose every p'_k = c * (p_k + q_k), computed as here, is
+// finite and within [lo_k, hi_k]: it returns 0 then.
+using LevelPushFn = void (*)(const Problem& problem, int64_t slot, float* q);
 using LevelRowFn = int (*)(const Problem& problem, int64_t slot, const float* p, float c,
-                           float* coef, int32_t* idx, float* work);
+                           const float* q, float* coef, int32_t* idx, float* work);
 inline int64_t level_work_floats(int64_t n_vec) { return n_vec * n_vec + 3 * n_vec; }
 
 struct Problem {
@@ -61,10 +68,11 @@ struct Problem {
   bool norm_preserving;
   // Projection levels and bounds (csrc/levels.h), or null: bounds [S, 2, K] (lower, upper) of
   // every projection after the edit, gram [K, K] of the unit directions, norm [K] = ||v_k||,
-  // and the solve (set together with bounds).
+  // and the solve's two steps (set together with bounds).
   const float* bounds;
   const float* gram;
   const float* norm;
+  LevelPushFn level_push;
   LevelRowFn level_row;
 
   int64_t slot(int64_t i) const {

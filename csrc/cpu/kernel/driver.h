@@ -74,6 +74,7 @@ struct Scratch {
   Buffer<int64_t> slot_meta;
   Buffer<int32_t> bounded;  // the directions some slot bounds
   Buffer<float> dot_vecs;   // their vectors, panel-major
+  Buffer<float> push;       // [S, K] level_push per slot
 };
 
 inline Scratch& thread_scratch() {
@@ -96,6 +97,9 @@ struct Plan {
   bool keep;             // bounds on the sweeps, not norm preserving: written in the sweep, x kept
   const int32_t* dot_k;  // the projections the rows need: dot_k[0 .. n_dots) (null: all K)
   int64_t n_dots;
+  const int32_t* bounded;  // the directions some slot bounds, n_bounded of them
+  int64_t n_bounded;
+  const float* push;     // [S, K] level_push of every slot, or null (computed per row)
   bool tiles;            // many vectors: register tiles instead of sweeps
   bool direct_stats;     // every row its own slot (batched decode): statistics updated in place
   int64_t chunk_rows;    // rows per chunk (running-sum partial boundaries)
@@ -175,16 +179,35 @@ void process_block(const Plan& L, int64_t i0, int n, const int64_t* slot, float*
   float* coefs = nullptr;  // [kBlock, K]
   int32_t* idxs = nullptr;
   const float** vk = nullptr;
+  float* push_row = nullptr;
   if (leveled) {
-    level_work = s.level.take(size_t(level_work_floats(K) + kBlock * K));
+    level_work = s.level.take(size_t(level_work_floats(K) + (kBlock + 1) * K));
     coefs = level_work + level_work_floats(K);
+    push_row = coefs + kBlock * K;
     idxs = s.level_idx.take(size_t(kBlock * K));
     vk = s.level_vecs.take(size_t(K));
   }
   // The correction of row r with scale c: 0 (none) or its number of directions, their
   // coefficients in coefs + q K and their indices in idxs + q K.
+  // Rows whose projections after the pushes are all within their bounds (the common case with
+  // caps) skip the solve: p' = c (p + q) here is level_row's, operation for operation.
   auto level = [&](int r, float c, int q) -> int {
-    return P.level_row(P, slot[r], proj[r], c, coefs + q * K, idxs + q * K, level_work);
+    const float* push = push_row;
+    if (L.push != nullptr) {
+      push = L.push + slot[r] * K;
+    } else {
+      P.level_push(P, slot[r], push_row);
+    }
+    const float* lo = P.bounds + slot[r] * 2 * K;
+    const float* hi = lo + K;
+    bool inside = true;
+    for (int64_t j = 0; j < L.n_bounded; ++j) {
+      const int64_t k = L.bounded[j];
+      const float p_after = c * (proj[r][k] + push[k]);
+      inside = inside && p_after >= lo[k] && p_after <= hi[k] && std::isfinite(p_after);
+    }
+    if (inside) return 0;
+    return P.level_row(P, slot[r], proj[r], c, push, coefs + q * K, idxs + q * K, level_work);
   };
   auto level_vectors = [&](int q, int m) {
     for (int j = 0; j < m; ++j) vk[j] = P.vectors + idxs[q * K + j] * D;
@@ -522,6 +545,8 @@ void run(const Problem& P) {
       if (finite) bounded[n++] = int32_t(k);
     }
     L.leveled = n > 0;
+    L.bounded = bounded;
+    L.n_bounded = n;
     if (L.leveled && !readings && n < K) {
       L.dot_k = bounded;
       L.n_dots = n;
@@ -601,6 +626,12 @@ void run(const Problem& P) {
     at::parallel_for(0, n_panels, std::max<int64_t>(1, (1 << 16) / (K * panel)),
                      [&](int64_t begin, int64_t end) { pack(packed, begin, end); });
     L.V = VView{packed, panel, K * k_stride, k_stride};
+  }
+
+  if (per_slot && L.leveled) {  // the pushes' share of every projection, once per slot
+    float* push = s.push.take(size_t(P.n_slots * K));
+    for (int64_t slot = 0; slot < P.n_slots; ++slot) P.level_push(P, slot, push + slot * K);
+    L.push = push;
   }
 
   if (per_slot) {
