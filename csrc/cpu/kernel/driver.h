@@ -16,7 +16,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <new>
 #include <type_traits>
@@ -268,7 +267,7 @@ void process_block(const Plan& L, int64_t i0, int n, const int64_t* slot, float*
     const float* v[kSweepMaxK];
     if (kb > 0) {
       float* zeros = nullptr;
-      if (kb > K) {
+      if (kb > kd) {
         zeros = s.zeros.take(size_t(L.d16));
         fill_n(zeros, L.d16, 0.0f);
       }
@@ -584,11 +583,6 @@ void run(const Problem& P) {
             (L.dot_k != nullptr || (L.leveled && !P.norm_preserving) ||
              (K > (per_slot ? kSweepMaxK : kDecodeTilesAboveK) &&
               (L.need_proj || (!per_slot && !P.norm_preserving))));
-  if (L.leveled && std::getenv("EMOKERN_LEVEL_TILES") != nullptr) {
-    const char mode = std::getenv("EMOKERN_LEVEL_TILES")[0];
-    if (mode == '1') { L.tiles = true; L.keep = false; }
-    if (mode == '0') { L.tiles = false; L.keep = false; }
-  }
 
   // Pack the vectors panel-major when enough rows share them: each panel of every vector is
   // then one contiguous block (no L1 set conflicts between vectors D floats apart). Decode

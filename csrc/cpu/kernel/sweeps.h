@@ -521,11 +521,22 @@ constexpr int kFromFloat = 0, kFromRows = 1, kFromSteered = 2;
 // (Problem::level_row). For 16 columns, with corr = sum_j coef[j] v_j (j in order, by fused
 // multiply-add from zero):
 //   y = fma(x + delta, c, corr) (NP) or (x + delta) + corr, then y - residual.
-template <typename T, bool NP, bool RES, int SRC>
-void level_write_row(T* h, const T* res, const void* src, const float* delta, float c, int m,
-                     const float* coef, const float* const* vk, int64_t dim) {
+// M > 0: m = M directions, their coefficients and vectors in registers (the common caps); M = 0:
+// any m.
+template <typename T, bool NP, bool RES, int SRC, int M>
+void level_write_row_m(T* h, const T* res, const void* src, const float* delta, float c, int m,
+                       const float* coef, const float* const* vk, int64_t dim) {
   static_assert(SRC != kFromSteered || (std::is_same_v<T, float> && !NP && !RES),
                 "only float32 rows written without residual hold y exactly");
+  constexpr int NM = M > 0 ? M : 1;
+  V16 cf[NM];
+  const float* vm[NM];
+  if constexpr (M > 0) {
+    EMOKERN_UNROLL for (int j = 0; j < M; ++j) {
+      cf[j] = splat16(coef[j]);
+      vm[j] = vk[j];
+    }
+  }
   const V16 scale = splat16(c);
   const int64_t steps = dim / kLanes, tail = dim % kLanes;
   auto step = [&](int64_t d, int64_t n) EMOKERN_INLINE {
@@ -540,8 +551,13 @@ void level_write_row(T* h, const T* res, const void* src, const float* delta, fl
       if constexpr (RES) x = add16(x, r);
     }
     V16 corr = zero16();
-    for (int j = 0; j < m; ++j)
-      corr = fma16(splat16(coef[j]), full ? load16(vk[j] + d) : load16(vk[j] + d, n), corr);
+    if constexpr (M > 0) {
+      EMOKERN_UNROLL for (int j = 0; j < M; ++j)
+        corr = fma16(cf[j], full ? load16(vm[j] + d) : load16(vm[j] + d, n), corr);
+    } else {
+      for (int j = 0; j < m; ++j)
+        corr = fma16(splat16(coef[j]), full ? load16(vk[j] + d) : load16(vk[j] + d, n), corr);
+    }
     const V16 y = SRC == kFromSteered ? x : add16(x, load16(delta + d));
     V16 out = NP ? fma16(y, scale, corr) : add16(y, corr);
     if constexpr (RES) out = sub16(out, r);
@@ -553,6 +569,18 @@ void level_write_row(T* h, const T* res, const void* src, const float* delta, fl
   };
   for (int64_t s = 0; s < steps; ++s) step(s * kLanes, kLanes);
   if (tail > 0) step(steps * kLanes, tail);
+}
+
+template <typename T, bool NP, bool RES, int SRC>
+void level_write_row(T* h, const T* res, const void* src, const float* delta, float c, int m,
+                     const float* coef, const float* const* vk, int64_t dim) {
+  if (m == 1) {
+    level_write_row_m<T, NP, RES, SRC, 1>(h, res, src, delta, c, m, coef, vk, dim);
+  } else if (m == 2) {
+    level_write_row_m<T, NP, RES, SRC, 2>(h, res, src, delta, c, m, coef, vk, dim);
+  } else {
+    level_write_row_m<T, NP, RES, SRC, 0>(h, res, src, delta, c, m, coef, vk, dim);
+  }
 }
 
 }  // namespace CPU_CAPABILITY
