@@ -9,6 +9,9 @@ medians of per-round ratios, as in ``bench/bench_ops.py``), every variant one
     additive weights only: no readings, no bounds;
 ``read``
     the same with readings on (running statistics: the monitor's call);
+``guard``
+    ``add`` with an upper bound on one emotion that no row reaches in this call (a guard rail:
+    the cost of checking alone);
 ``caps``
     ``add`` with bounds: an upper bound on two emotions at the 90th percentile of their
     projections after the push (about one row in five out of bounds and corrected), the other
@@ -18,7 +21,8 @@ medians of per-round ratios, as in ``bench/bench_ops.py``), every variant one
 ``levels``
     ``add`` with a level on every emotion (every row corrected: the erase / level case).
 
-Ratios: caps/add (target: at most :data:`TARGET`), caps/read, caps_read/read, levels/add.
+Ratios: caps/add (target: at most :data:`TARGET`), guard/add, caps/read, caps_read/read,
+read/add, levels/add.
 Every variant is first checked against :func:`emokern.ops.reference.ref_steer_`. With one
 torch thread each round is also timed in thread CPU time (``time.thread_time``): on a shared
 machine the wall clock also counts the time the thread waits for a CPU, the CPU time does not.
@@ -52,7 +56,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 #: The issue's target: a call with clamps costs at most this much more than the same call with
 #: only additive weights.
 TARGET = 1.15
-VARIANTS = ("add", "read", "caps", "caps_read", "levels")
+VARIANTS = ("add", "read", "guard", "caps", "caps_read", "levels")
 INF = float("inf")
 
 
@@ -83,6 +87,9 @@ class LevelInputs:
         self.caps[:, 0], self.caps[:, 1] = -INF, INF
         cap = torch.quantile(p_after.reshape(-1, k)[:, :2], 0.9, dim=0)
         self.caps[:, 1, :2] = cap
+        self.guard = torch.empty(b, 2, k)
+        self.guard[:, 0], self.guard[:, 1] = -INF, INF
+        self.guard[:, 1, 0] = p_after[..., 0].max() + 1.0
         self.levels = torch.empty(b, 2, k)
         self.levels[:, 0] = self.levels[:, 1] = p_after.reshape(-1, k).mean(dim=0)
         self.corrected = float(((p_after[..., :2] > cap).any(dim=-1)).float().mean())
@@ -93,7 +100,8 @@ class LevelInputs:
 
     def run(self, variant: str) -> None:
         run = self.running.tensors() if variant in ("read", "caps_read") else (None, None, None)
-        bounds = {"caps": self.caps, "caps_read": self.caps, "levels": self.levels}.get(variant)
+        bounds = {"guard": self.guard, "caps": self.caps, "caps_read": self.caps,
+                  "levels": self.levels}.get(variant)
         gram = self.gram if bounds is not None else None
         torch.ops.emokern.steer_.default(self.hidden, self.vectors, self.weights, None, False,
                                          None, *run, bounds, gram)
@@ -102,8 +110,9 @@ class LevelInputs:
 def check_variant(inp: LevelInputs, variant: str) -> None:
     """One call from the pristine state against the reference (flash-attention's rule would be
     stricter; here the dtype's tolerance, as the op benchmark checks)."""
-    bounds = {"caps": inp.caps, "caps_read": inp.caps, "levels": inp.levels}.get(variant)
-    want = inp.pristine.float()
+    bounds = {"guard": inp.guard, "caps": inp.caps, "caps_read": inp.caps,
+              "levels": inp.levels}.get(variant)
+    want = inp.pristine.float().clone()
     ref_steer_(want, inp.vectors, inp.weights, None, False, None, None, None, None, bounds,
                inp.gram if bounds is not None else None)
     inp.reset()
@@ -152,6 +161,7 @@ def _ratio(num, den) -> float:
 
 def ratios(times: dict[str, list[float]]) -> dict[str, float]:
     return {"caps/add": _ratio(times["caps"], times["add"]),
+            "guard/add": _ratio(times["guard"], times["add"]),
             "caps/read": _ratio(times["caps"], times["read"]),
             "caps_read/read": _ratio(times["caps_read"], times["read"]),
             "read/add": _ratio(times["read"], times["add"]),
@@ -194,15 +204,17 @@ def format_table(rows, machine) -> str:
         "Each variant is one `torch.ops.emokern.steer_` call (no wrapper) on the same tensors: "
         "add = additive weights only; read = with running statistics; caps = add with an upper "
         "bound on two emotions at the 90th percentile of their projections after the push "
-        "(corr. = the share of rows it corrects); caps+read = caps with running statistics; "
+        "(corr. = the share of rows it corrects); guard = add with an upper bound on one "
+        "emotion that no row reaches (the cost of checking); caps+read = caps with running "
+        "statistics; "
         "levels = add with a level on every emotion (every row corrected). Ratios are medians "
         "of per-round ratios (variants interleaved). With 1 thread the times and ratios are "
         "thread CPU time (the wall clock of a shared machine also counts waiting for a CPU; "
         "its ratios are in the JSON); with 2 threads, wall clock. "
         f"Target: caps/add ≤ {TARGET} (✗ marks a miss).", "",
-        "| case | dtype | threads | add µs | read µs | caps µs | corr. | caps/add | caps/read "
-        "| caps+read/read | read/add | levels/add |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| case | dtype | threads | add µs | read µs | caps µs | corr. | caps/add | guard/add "
+        "| caps/read | caps+read/read | read/add | levels/add |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         us = row.get("cpu_median_us", row["median_us"])
@@ -211,7 +223,8 @@ def format_table(rows, machine) -> str:
         lines.append(
             f"| {_label(row)} | {row['dtype']} | {row['threads']} | {us['add']:.1f} | "
             f"{us['read']:.1f} | {us['caps']:.1f} | {row['rows_corrected_by_caps']:.0%} | "
-            f"{r['caps/add']:.2f}{mark} | {r['caps/read']:.2f} | {r['caps_read/read']:.2f} | "
+            f"{r['caps/add']:.2f}{mark} | {r['guard/add']:.2f} | {r['caps/read']:.2f} | "
+            f"{r['caps_read/read']:.2f} | "
             f"{r['read/add']:.2f} | {r['levels/add']:.2f} |")
     met = sum(row["meets_target"] for row in rows)
     lines += ["", f"caps/add ≤ {TARGET}: {met}/{len(rows)} rows."]
@@ -253,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(row)
                     r = row.get("cpu_ratios", row["ratios"])
                     print(f"{_label(row)} {dtype} {threads}t: caps/add {r['caps/add']:.2f}, "
-                          f"caps/read {r['caps/read']:.2f}, levels/add {r['levels/add']:.2f}",
+                          f"guard/add {r['guard/add']:.2f}, caps/read {r['caps/read']:.2f}, "
+                          f"levels/add {r['levels/add']:.2f}",
                           flush=True)
     finally:
         torch.set_num_threads(previous)

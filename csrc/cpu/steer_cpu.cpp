@@ -17,8 +17,13 @@
 // so every path the CPU supports can be run and compared; emokern_cpu_isa() names the one in
 // use. All paths compute bit-identical results (steer_kernel.h).
 //
+// Projection levels and bounds: the per-row solve (csrc/levels.h) and the pushes' share of the
+// projections are compiled here, once, and reach every core through Problem::level_row and
+// level_push, so that their scalar arithmetic does not depend on the instruction set.
+//
 // Nothing is written before every check has passed: metadata (csrc/steer.h), then data
-// (finite weights, nonzero finite vector norms, slot indices in range).
+// (finite weights, nonzero finite vector norms, bounds that are numbers with lower <= upper, a
+// finite gram, slot indices in range).
 
 #define EMOKERN_ISA_DEFAULT
 #include "steer_isa.h"  // before any ATen header: the portable Vectorized implementation

@@ -7,14 +7,24 @@
 // x = hidden (+ residual), in float32,
 //   p_k = <x, v_k> / ||v_k||;  if the row has a slot s: y = x + delta_s with
 //   delta_s = sum_k w[s, k] v_k (k in order), y *= ||x|| / max(||y||, 1e-6) when norm
-//   preserving, hidden = y (- residual), and the running statistics of s take p.
+//   preserving, then with projection bounds the correction y += sum_k a_k u_k (below),
+//   hidden = y (- residual), and the running statistics of s take p (of the input).
 //
 // Arithmetic, identical on every instruction set (bit for bit; bf16/fp16 NaN payloads aside):
 //   * sums over D run in 16 logical lanes (lane l takes columns d = l mod 16, in increasing d,
 //     by fused multiply-add), one to four registers per logical vector depending on the set,
 //     then one fixed tree over the lanes (l + 8, l + 4, l + 2, l + 1);
 //   * delta_s[d] accumulates k in order by fused multiply-add;
-//   * y (- residual) rounds once: fma(x + delta, scale, -residual) when norm preserving.
+//   * y (- residual) rounds once: fma(x + delta, scale, -residual) when norm preserving;
+//   * projection bounds (Problem::bounds; docs/design.md §2): the projections after the pushes
+//     p'_k = c (p_k + q_k), q = Problem::level_push of the slot, c the norm-preserving scale
+//     (1 without), then Problem::level_row (the active-set solve of csrc/levels.h): both
+//     compiled once in steer_cpu.cpp, so their scalar arithmetic is the same on every set. A
+//     row with every bounded p' finite and within its bounds (checked here with the same two
+//     operations) is written exactly as without bounds; a row the solve corrects with
+//     coefficients b_j on vectors v_j (b = a / ||v||, nonzero a only) is written as
+//       y = fma(x + delta, c, corr) (norm preserving) or (x + delta) + corr, minus residual,
+//     corr = sum_j b_j v_j by fused multiply-add from zero, j in increasing k.
 // So every number a row produces depends on that row only: not on the thread count, the tile
 // a row lands in, the batch around it, or the machine (x86 without FMA, the one exception,
 // rounds products separately).
@@ -34,7 +44,15 @@
 //   * offsets delta_s: once per slot up front when slots have several rows (prefill);
 //     otherwise (decode) built in registers from the weights, inside the sweep or by register
 //     tiles of kDeltaRows rows x kDeltaCols logical vectors that write y = x + delta directly
-//     (norm preserving: per block into scratch, then the scaled writes).
+//     (norm preserving: per block into scratch, then the scaled writes);
+//   * projection bounds: with readings off only the projections some slot bounds are computed.
+//     Not norm preserving, on at most kKeepSweepMaxK of them (decode: of all vectors): the
+//     sweeps write every row as without bounds in their one pass and keep a copy of its input
+//     (none for float32 rows without residual: the written y is exact), then the rows a bound
+//     corrects are written again; otherwise the tiles (on the bounded vectors when readings
+//     are off; decode rows inside their bounds still written from registers), or, norm
+//     preserving, the sweeps and their second pass. The pushes' share q once per slot with the
+//     offset table, else per row.
 // Running statistics: each chunk of rows sums its rows' projections per slot in double, in
 // row order; the chunks are reduced in order after the parallel loop (no atomics).
 //

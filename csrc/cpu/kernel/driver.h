@@ -1,7 +1,8 @@
 // CPU kernel, layer 5 of 5: the plan and the run. Per-thread scratch (Scratch), the Plan of a
-// call (tiles or sweeps, offsets per slot or per block, packing of the vectors, chunk sizes),
-// process_block/process_chunk (a block of rows through the sweeps or the tiles, then its
-// running-statistics partials), run (the offset table, the parallel loop over chunks, the
+// call (tiles or sweeps, offsets per slot or per block, packing of the vectors, chunk sizes,
+// with projection bounds the projections needed and how rows are corrected),
+// process_block/process_chunk (a block of rows through the sweeps or the tiles, the bounds'
+// corrections, then its running-statistics partials), run (the offset table, the parallel loop over chunks, the
 // ordered reduction of the partials), and kernel_table(), the core's entry points.
 //
 // Includes: sweeps.h (and through it every lower layer), steer_cpu.h (Problem, KernelTable)
