@@ -27,10 +27,10 @@ Every variant is first checked against :func:`emokern.ops.reference.ref_steer_`.
 torch thread each round is also timed in thread CPU time (``time.thread_time``): on a shared
 machine the wall clock also counts the time the thread waits for a CPU, the CPU time does not.
 
-Full run (4 shapes, fp32 and bf16, 1 then 2 threads; a few minutes on 2 cores), writing
+Full run (4 shapes, fp32 and bf16, one thread; about a minute on 2 cores), writing
 ``bench/results/levels-<cpu>.{json,md}``::
 
-    python bench/bench_levels.py [--dtypes fp32,bf16] [--threads 1,2] [--rounds 40]
+    python bench/bench_levels.py [--dtypes fp32,bf16] [--threads 1[,2]] [--rounds 40]
                                  [--max-seconds 6] [--stem levels-amd-epyc] [--out DIR]
 """
 
@@ -200,7 +200,9 @@ def format_table(rows, machine) -> str:
         f"({machine.get('cpu_detail')}), {machine.get('cpu_count')} cores, kernel instruction "
         f"set {machine.get('cpu_isa')}"
         + (f", 1-min load average at start {load[0]:.1f}" if load else "")
-        + (f", at end {load_end[0]:.1f}" if load_end else "") + ".", "",
+        + (f", at end {load_end[0]:.1f}" if load_end else "")
+        + (f", CPUs busy with other processes at start: {machine['busy_cpus_at_start']:.1f}"
+           if machine.get("busy_cpus_at_start") is not None else "") + ".", "",
         "Each variant is one `torch.ops.emokern.steer_` call (no wrapper) on the same tensors: "
         "add = additive weights only; read = with running statistics; caps = add with an upper "
         "bound on two emotions at the 90th percentile of their projections after the push "
@@ -245,7 +247,9 @@ def cpu_detail() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtypes", default="fp32,bf16")
-    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--threads", default="1",
+                        help="torch threads, e.g. 1,2 (on a machine other processes keep busy, "
+                             "a second thread's waits for a CPU dominate the wall clock)")
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--max-seconds", type=float, default=6.0)
     parser.add_argument("--out", default=str(RESULTS))
