@@ -46,11 +46,10 @@ from typing import Any
 
 import torch
 
-from emokern.benchmarks.ops import DTYPES, OpShape, machine_info
+from emokern.benchmarks.ops import DTYPES, OpInputs, OpShape, machine_info
 from emokern.files import write_json, write_text
 from emokern.ops import build, unit_gram
 from emokern.ops.reference import ref_steer_
-from emokern.ops.running import RunningProjections
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: The issue's target: a call with clamps costs at most this much more than the same call with
@@ -66,22 +65,16 @@ def level_shapes() -> list[OpShape]:
             OpShape("decode", 64, 1, 576, 6), OpShape("decode", 256, 1, 2048, 8)]
 
 
-class LevelInputs:
-    """Seeded tensors of one (shape, dtype), the bounds of each variant and its buffers."""
+class LevelInputs(OpInputs):
+    """The op benchmark's seeded tensors of one (shape, dtype), plus the bounds of each
+    variant."""
 
     def __init__(self, shape: OpShape, dtype: torch.dtype, seed: int = 0):
-        gen = torch.Generator().manual_seed(seed)
-        b, t, d, k = shape.batch, shape.seq_len, shape.dim, shape.n_vec
-        self.shape, self.dtype = shape, dtype
-        self.pristine = torch.randn(b, t, d, generator=gen).to(dtype)
-        self.hidden = self.pristine.clone()
-        self.vectors = torch.randn(k, d, generator=gen)
-        self.weights = torch.randn(b, k, generator=gen) * 0.1
+        super().__init__(shape, dtype, seed)
+        b, k = shape.batch, shape.n_vec
         self.gram = unit_gram(self.vectors)
-        self.running = RunningProjections(b, k)
         # Projections after the push (no norm preservation): p + sum_j w_j ||v_j|| G_j.
-        unit = self.vectors / self.vectors.norm(dim=1, keepdim=True)
-        p_after = (self.pristine.float() @ unit.T
+        p_after = (self.pristine.float() @ self.unit.T
                    + ((self.weights * self.vectors.norm(dim=1)) @ self.gram)[:, None, :])
         self.caps = torch.empty(b, 2, k)
         self.caps[:, 0], self.caps[:, 1] = -INF, INF
@@ -93,10 +86,6 @@ class LevelInputs:
         self.levels = torch.empty(b, 2, k)
         self.levels[:, 0] = self.levels[:, 1] = p_after.reshape(-1, k).mean(dim=0)
         self.corrected = float(((p_after[..., :2] > cap).any(dim=-1)).float().mean())
-
-    def reset(self) -> None:
-        self.hidden.copy_(self.pristine)
-        self.running.reset()
 
     def run(self, variant: str) -> None:
         run = self.running.tensors() if variant in ("read", "caps_read") else (None, None, None)
