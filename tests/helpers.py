@@ -23,3 +23,16 @@ def random_bank(model, *, seed: int = 0, scale: float = 1.0, names=NAMES, finger
     if fingerprint:
         meta["fingerprint"] = model_fingerprint(model)
     return EmotionBank(vectors, list(names), list(range(n_layers)), metadata=meta)
+
+
+def standard_scores_by_hand(bank: EmotionBank, layers, mean) -> tuple[torch.Tensor, float]:
+    r"""Readings in standard scores computed here, not by the code under test: the raw mean
+    projections ``mean [L', K]`` (decoder ``layers``, in their order) less the bank's neutral
+    mean of the same layer and emotion, over its spread, averaged over the layers, in float64:
+    :math:`z_k = \frac{1}{L'} \sum_l (m_{l,k} - \mu_{l,k}) / \sigma_{l,k}`. Returns ``(z [K],
+    min σ)``: a raw tolerance ``atol`` becomes ``atol / min σ`` in these units."""
+    rows = [list(bank.layers).index(layer) for layer in layers]
+    mu = bank.neutral_mean.double()[rows]
+    sigma = bank.neutral_std.double()[rows]
+    z = (torch.as_tensor(mean, dtype=torch.float64) - mu) / sigma
+    return z.mean(dim=0), float(sigma.min())

@@ -16,6 +16,7 @@ import torch
 # A submodule: this tests/vllm directory would pass for the package ``vllm``.
 pytest.importorskip("vllm.sampling_params")
 import vllm  # noqa: E402
+from helpers import standard_scores_by_hand  # noqa: E402
 
 import emokern  # noqa: E402
 import emokern.vllm  # noqa: E402
@@ -135,6 +136,14 @@ def test_readings_match_the_hugging_face_monitor(steered):
     got = torch.tensor(reading["mean"])
     print("max |vLLM - HF| reading:", (got - hf_mean).abs().max().item())
     torch.testing.assert_close(got, hf_mean, atol=READING_ATOL, rtol=0)
+    # The summary readings in standard scores: against the monitor's and against the raw means
+    # standardised here by hand (per layer and emotion, float64).
+    assert reading["standardized"] is True
+    z = torch.tensor([reading["readings"][name] for name in bank.names], dtype=torch.float64)
+    by_hand, sigma = standard_scores_by_hand(bank, reading["layers"], hf_mean)
+    torch.testing.assert_close(z, by_hand, atol=READING_ATOL / sigma, rtol=0)
+    torch.testing.assert_close(z, s.monitor.readings()[0].double(), atol=READING_ATOL / sigma,
+                               rtol=0)
 
 
 def test_a_bad_mix_is_refused_before_the_engine(reference, steered):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import standard_scores_by_hand
 
 import emokern
 from emokern.cli import main as cli_main
@@ -197,6 +198,13 @@ def test_completion_readings_match_the_hugging_face_monitor(client, model_name):
     got = torch.tensor(choice["mean"])
     print("max |HTTP - HF| reading:", (got - s.monitor.mean()[0]).abs().max().item())
     torch.testing.assert_close(got, s.monitor.mean()[0], atol=READING_ATOL, rtol=0)
+    # the summary readings are standard scores: against the monitor's and against the raw means
+    # standardised here by hand (per layer and emotion, float64)
+    z = torch.tensor([choice["readings"][name] for name in bank.names], dtype=torch.float64)
+    by_hand, sigma = standard_scores_by_hand(bank, readings["layers"], s.monitor.mean()[0])
+    torch.testing.assert_close(z, by_hand, atol=READING_ATOL / sigma, rtol=0)
+    torch.testing.assert_close(z, s.monitor.readings()[0].double(), atol=READING_ATOL / sigma,
+                               rtol=0)
     # the unsteered answer carries readings too (zero weights: read, not steered)
     assert plain.model_extra[READINGS_FIELD]["choices"][0]["count"] == (
         plain.usage.completion_tokens - 1)
