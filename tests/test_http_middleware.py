@@ -6,90 +6,16 @@ answers untouched). Over HTTP against a real server: ``tests/vllm/test_http_erro
 
 from __future__ import annotations
 
-import asyncio
 import json
-from types import SimpleNamespace
 
 import pytest
+from asgi_app import App, bearer_key_check, exchange
 
 from emokern import EmotionBank
-from emokern.vllm import http, internals
-from emokern.vllm.http import READINGS_FIELD, EmotionMiddleware
+from emokern.vllm import internals
+from emokern.vllm.http import READINGS_FIELD
 
 KEY = "k-123"
-#: The default bank's model (SmolLM2-135M) has 30 decoder layers.
-MODEL_LAYERS = 30
-
-
-class Engine:
-    """vLLM's ``engine_client`` as the middleware reads it: the additional config, the model's
-    layer count, and ``collective_rpc("emokern_readings")`` answered by one worker."""
-
-    def __init__(self, additional, readings=None):
-        self.vllm_config = SimpleNamespace(additional_config=additional)
-        self.model_config = SimpleNamespace(
-            hf_text_config=SimpleNamespace(num_hidden_layers=MODEL_LAYERS))
-        self.readings = readings or {}
-        self.rpc = []
-
-    async def collective_rpc(self, method, args=()):
-        self.rpc.append((method, args))
-        return [dict(self.readings)]
-
-
-class App:
-    """vLLM's app as the middleware sees it: ``state`` (engine, parsed arguments); answers
-    with the messages it was given (default 200 ``{}``) and records what it received."""
-
-    def __init__(self, additional=None, *, api_key=None, readings=None, answer=None):
-        self.state = SimpleNamespace(engine_client=Engine(additional, readings),
-                                     args=SimpleNamespace(api_key=api_key))
-        self.received = []
-        self.answer = answer or [
-            {"type": "http.response.start", "status": 200,
-             "headers": [(b"content-type", b"application/json"), (b"content-length", b"2")]},
-            {"type": "http.response.body", "body": b"{}", "more_body": False}]
-
-    async def __call__(self, scope, receive, send):
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body", False):
-                break
-        self.received.append((scope["path"], body))
-        for message in self.answer:
-            await send(message)
-
-
-def exchange(app, method, path, body=None, *, key=None, chunks=1, scope_type="http",
-             root_path=""):
-    """One exchange through the middleware: ``(status, headers, body bytes)``; a request body
-    is sent as ``chunks`` ``http.request`` messages."""
-    data = b"" if body is None else body if isinstance(body, bytes) else json.dumps(body).encode()
-    step = max(1, -(-len(data) // chunks))
-    parts = [data[i:i + step] for i in range(0, len(data), step)] or [b""]
-    messages = [{"type": "http.request", "body": p, "more_body": i < len(parts) - 1}
-                for i, p in enumerate(parts)]
-    sent = []
-
-    async def receive():
-        return messages.pop(0) if messages else {"type": "http.disconnect"}
-
-    async def send(message):
-        sent.append(message)
-
-    headers = [(b"content-type", b"application/json")]
-    if key is not None:
-        headers.append((b"authorization", key.encode()))
-    scope = {"type": scope_type, "method": method, "path": root_path + path,
-             "root_path": root_path, "app": app, "headers": headers}
-    asyncio.run(EmotionMiddleware(app)(scope, receive, send))
-    if not sent:
-        return None, {}, b""
-    start = sent[0]
-    return (start["status"], dict(start.get("headers", [])),
-            b"".join(m.get("body", b"") for m in sent[1:]))
 
 
 @pytest.fixture(autouse=True)
@@ -105,8 +31,7 @@ def key_check(monkeypatch):
 
     def api_key_ok(scope, tokens):
         asked.append(list(tokens))
-        headers = dict(scope["headers"])
-        return headers.get(b"authorization") in [f"Bearer {t}".encode() for t in tokens]
+        return bearer_key_check(scope, tokens)
 
     monkeypatch.setattr(internals, "api_key_ok", api_key_ok)
     return asked
@@ -347,4 +272,3 @@ def test_the_module_needs_no_vllm():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "[]"
-    assert http.EmotionMiddleware is EmotionMiddleware

@@ -8,16 +8,15 @@ served, no readings without it). Over HTTP against a real server:
 
 from __future__ import annotations
 
-import asyncio
 import json
-from types import SimpleNamespace
 
+import asgi_app
 import pytest
 
 from emokern.steering.mix import format_mix
 from emokern.vllm import http, internals
 from emokern.vllm.config import EmokernConfig, check_mix, check_presets
-from emokern.vllm.http import KEY_ENV, READINGS_FIELD, EmotionMiddleware
+from emokern.vllm.http import KEY_ENV, READINGS_FIELD
 from emokern.vllm.serve import read_presets, vllm_argv
 
 KEY = "steer-123"
@@ -114,57 +113,15 @@ def test_a_preset_is_resolved_where_the_mix_is_parsed():
 # ----------------------------------------------------------------------- the middleware
 
 
-class Engine:
-    def __init__(self, additional):
-        self.vllm_config = SimpleNamespace(additional_config=additional)
-        self.model_config = SimpleNamespace(
-            hf_text_config=SimpleNamespace(num_hidden_layers=30))
-        self.rpc = []
-
-    async def collective_rpc(self, method, args=()):
-        self.rpc.append((method, args))
-        return [{}]
-
-
-class App:
-    """vLLM's app as the middleware sees it; answers 200 ``{"id": "cmpl-1"}``."""
-
-    def __init__(self, additional, api_key=None):
-        self.state = SimpleNamespace(engine_client=Engine(additional),
-                                     args=SimpleNamespace(api_key=api_key))
-        self.received = []
-
-    async def __call__(self, scope, receive, send):
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body", False):
-                break
-        self.received.append((scope["path"], body))
-        answer = b'{"id": "cmpl-1"}'
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(answer)).encode())]})
-        await send({"type": "http.response.body", "body": answer, "more_body": False})
+def App(additional, api_key=None):
+    """The stand-in app, answering 200 ``{"id": "cmpl-1"}``."""
+    return asgi_app.App(additional, api_key=api_key, answer=asgi_app.json_answer({"id": "cmpl-1"}))
 
 
 def exchange(app, method, path, body=None, headers=()):
-    data = b"" if body is None else json.dumps(body).encode()
-    messages = [{"type": "http.request", "body": data, "more_body": False}]
-    sent = []
-
-    async def receive():
-        return messages.pop(0) if messages else {"type": "http.disconnect"}
-
-    async def send(message):
-        sent.append(message)
-
-    scope = {"type": "http", "method": method, "path": path, "root_path": "", "app": app,
-             "headers": [(b"content-type", b"application/json"),
-                         *((k.lower().encode(), v.encode()) for k, v in headers)]}
-    asyncio.run(EmotionMiddleware(app)(scope, receive, send))
-    return sent[0]["status"], json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
+    """``(status, JSON answer)`` of one exchange through the middleware."""
+    status, _, answer = asgi_app.exchange(app, method, path, body, headers=headers)
+    return status, json.loads(answer)
 
 
 @pytest.fixture(autouse=True)
@@ -180,12 +137,7 @@ def steering_key(monkeypatch):
 
 @pytest.fixture
 def vllm_key_check(monkeypatch):
-    """vLLM's key check (it imports vLLM) as an exact comparison of the bearer token."""
-    def api_key_ok(scope, tokens):
-        return dict(scope["headers"]).get(b"authorization") in [
-            f"Bearer {t}".encode() for t in tokens]
-
-    monkeypatch.setattr(internals, "api_key_ok", api_key_ok)
+    monkeypatch.setattr(internals, "api_key_ok", asgi_app.bearer_key_check)
 
 
 def _completion(mix=None):
