@@ -19,18 +19,11 @@ Run by ``make test-vllm``; skipped without vLLM. The middleware alone, without v
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 
 import pytest
+from live_server import call, openai_client, server_env, start, stop, wait
 
 pytest.importorskip("vllm.sampling_params")  # a submodule: tests/vllm must not pass for vllm
 
@@ -41,74 +34,17 @@ from emokern.vllm.serve import MIDDLEWARE  # noqa: E402
 pytestmark = [pytest.mark.slow, pytest.mark.model]
 
 KEY = "emokern-http-errors-key"
-START_TIMEOUT_S = 600
 WITHOUT_EMOKERN = "was given but this engine was started without emotion steering"
 PARAM = "vllm_xargs['emotion']"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _call(url: str, method: str = "GET", body=None, key: str | None = None,
-          authorization: str | None = None, timeout: float = 120):
-    """One raw HTTP exchange: ``(status, parsed JSON or raw bytes)``."""
-    headers = {"content-type": "application/json"}
-    if key is not None:
-        headers["authorization"] = f"Bearer {key}"
-    if authorization is not None:
-        headers["authorization"] = authorization
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method=method, headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as answer:
-            status, raw = answer.status, answer.read()
-    except urllib.error.HTTPError as e:
-        status, raw = e.code, e.read()
-    try:
-        return status, json.loads(raw)
-    except ValueError:
-        return status, raw
-
-
 def _start(extra: list[str], env: dict, log):
-    """Start vLLM's API server on a free port (not waiting for it): ``(process, url)``."""
-    port = _free_port()
+    """vLLM's own launcher on the default model (eager, small), not waited for."""
     cmd = [sys.executable, "-P", "-m", "vllm.entrypoints.openai.api_server",
            "--model", str(emokern.vllm.default_model_dir()), "--served-model-name", "m",
            "--dtype", "float32", "--enforce-eager", "--max-model-len", "256",
-           "--max-num-seqs", "4", "--disable-uvicorn-access-log",
-           "--host", "127.0.0.1", "--port", str(port), *extra]
-    env = {**{k: v for k, v in os.environ.items() if k not in ("VLLM_PLUGINS", "VLLM_API_KEY")},
-           "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"), **env}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
-    return proc, f"http://127.0.0.1:{port}"
-
-
-def _wait(proc, url: str, log, start: float) -> None:
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"vLLM exited ({proc.returncode}):\n" + log.read_text()[-4000:])
-        with contextlib.suppress(OSError):
-            if _call(url + "/health", timeout=2)[0] == 200:
-                return
-        if time.monotonic() - start > START_TIMEOUT_S:
-            pytest.fail("vLLM did not start:\n" + log.read_text()[-4000:])
-        time.sleep(2)
-
-
-def _stop(proc) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGINT)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+           "--max-num-seqs", "4", "--disable-uvicorn-access-log", *extra]
+    return start(cmd, server_env(drop=("VLLM_PLUGINS", "VLLM_API_KEY"), **env), log)
 
 
 @pytest.fixture(scope="module")
@@ -116,22 +52,22 @@ def servers(tmp_path_factory):
     """Both servers of the module docstring, started at once: ``{"middleware": url, "plugin":
     url}``; stopped after the module."""
     logs = tmp_path_factory.mktemp("http-errors")
-    start = time.monotonic()
+    since = time.monotonic()
     procs = {}
     try:
         procs["middleware"] = _start(["--middleware", MIDDLEWARE], {"VLLM_API_KEY": KEY},
                                      logs / "middleware.log")
         procs["plugin"] = _start([], {"VLLM_PLUGINS": "emokern"}, logs / "plugin.log")
         for name, (proc, url) in procs.items():
-            _wait(proc, url, logs / f"{name}.log", start)
-        print(f"servers up in {time.monotonic() - start:.0f} s")
+            wait(proc, url, logs / f"{name}.log", since)
+        print(f"servers up in {time.monotonic() - since:.0f} s")
         plugin_log = (logs / "plugin.log").read_text()
         assert "Loaded endpoint plugin emokern" in plugin_log, plugin_log[-4000:]
         assert "Loaded endpoint plugin" not in (logs / "middleware.log").read_text()
         yield {name: url for name, (_, url) in procs.items()}
     finally:
         for proc, _ in procs.values():
-            _stop(proc)
+            stop(proc)
 
 
 @pytest.fixture(scope="module")
@@ -140,9 +76,7 @@ def server(servers):
 
 
 def _client(url, key=KEY):
-    import openai
-
-    return openai.OpenAI(base_url=url + "/v1", api_key=key, timeout=120, max_retries=0)
+    return openai_client(url, key, timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -166,10 +100,10 @@ def _assert_without_emokern_error(error: dict) -> None:
 @pytest.mark.parametrize("door", ["middleware", "plugin"])
 def test_the_servers_answer_without_a_mix(servers, door):
     server = servers[door]
-    status, answer = _call(server + "/v1/completions", "POST", _completion(None), key=KEY)
+    status, answer = call(server + "/v1/completions", "POST", _completion(None), key=KEY)
     assert status == 200 and answer["choices"][0]["finish_reason"] == "length"
     assert READINGS_FIELD not in answer  # no emokern: nothing added
-    assert _call(server + "/health")[0] == 200  # outside /v1: no key needed
+    assert call(server + "/health")[0] == 200  # outside /v1: no key needed
 
 
 @pytest.mark.parametrize("door", ["middleware", "plugin"])
@@ -184,7 +118,7 @@ def test_a_mix_for_an_engine_without_emokern_is_a_400_over_raw_http(servers, doo
                        ("/v1/completions", _completion(mix, stream=True)),
                        ("/v1/chat/completions", chat),
                        ("/v1/chat/completions", {**chat, "stream": True})):
-        status, answer = _call(server + path, "POST", body, key=KEY)
+        status, answer = call(server + path, "POST", body, key=KEY)
         assert status == 400, (path, body, answer)
         _assert_without_emokern_error(answer["error"])
 
@@ -202,10 +136,10 @@ def test_a_mix_for_an_engine_without_emokern_is_a_400_with_the_openai_client(ser
             model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
             stream=stream, extra_body={"vllm_xargs": {"emotion": "sadness=1,joy=0.5"}}),
     }
-    for door, call in calls.items():
+    for door, create in calls.items():
         for stream in (False, True):
             with pytest.raises(openai.BadRequestError) as info:
-                result = call(stream)
+                result = create(stream)
                 if stream:
                     list(result)
             assert info.value.status_code == 400, (door, stream)
@@ -219,7 +153,8 @@ def test_emotions_needs_the_api_key(server, client):
     import openai
 
     for authorization in (None, "Bearer wrong-key", f"Basic {KEY}", KEY):
-        status, answer = _call(server + "/v1/emotions", authorization=authorization)
+        headers = {} if authorization is None else {"authorization": authorization}
+        status, answer = call(server + "/v1/emotions", headers=headers)
         assert (status, answer) == (401, {"error": "Unauthorized"}), authorization
     wrong = client.with_options(api_key="wrong-key")
     with pytest.raises(openai.AuthenticationError) as info:
@@ -232,7 +167,7 @@ def test_emotions_without_emokern_is_a_404(servers, door):
     import openai
 
     server, client = servers[door], _client(servers[door])
-    status, answer = _call(server + "/v1/emotions", key=KEY)
+    status, answer = call(server + "/v1/emotions", key=KEY)
     assert status == 404
     error = answer["error"]
     assert error["type"] == "NotFoundError" and error["code"] == 404 and error["param"] is None
@@ -245,11 +180,11 @@ def test_emotions_without_emokern_is_a_404(servers, door):
 def test_paths_the_middleware_does_not_own_are_vllm_404s(server):
     for method, path in (("GET", "/v1/emotions/joy"), ("POST", "/v1/emotions"),
                          ("GET", "/v1/emotion")):
-        status, answer = _call(server + path, method, {} if method == "POST" else None,
+        status, answer = call(server + path, method, {} if method == "POST" else None,
                                key=KEY)
         assert (status, answer) == (404, {"detail": "Not Found"}), (method, path)
         # vLLM's authentication guards them too
-        assert _call(server + path, method, {} if method == "POST" else None)[0] == 401
+        assert call(server + path, method, {} if method == "POST" else None)[0] == 401
 
 
 def test_the_api_key_comes_before_the_mix_check(server, client):
@@ -259,15 +194,15 @@ def test_the_api_key_comes_before_the_mix_check(server, client):
 
     bad = _completion("hope=1")
     for key in (None, "wrong-key"):
-        status, answer = _call(server + "/v1/completions", "POST", bad, key=key)
+        status, answer = call(server + "/v1/completions", "POST", bad, key=key)
         assert (status, answer) == (401, {"error": "Unauthorized"}), key
     with pytest.raises(openai.AuthenticationError):
         client.with_options(api_key="wrong-key").completions.create(
             model="m", prompt="Today I", max_tokens=2,
             extra_body={"vllm_xargs": {"emotion": "hope=1"}})
-    status, answer = _call(server + "/v1/completions", "POST", bad, key=KEY)
+    status, answer = call(server + "/v1/completions", "POST", bad, key=KEY)
     assert status == 400
     _assert_without_emokern_error(answer["error"])
-    assert _call(server + "/health")[0] == 200
-    status, answer = _call(server + "/v1/completions", "POST", _completion(None), key=KEY)
+    assert call(server + "/health")[0] == 200
+    status, answer = call(server + "/v1/completions", "POST", _completion(None), key=KEY)
     assert status == 200

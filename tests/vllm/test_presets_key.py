@@ -10,42 +10,19 @@ vLLM. Without vLLM: ``tests/test_serve_presets.py``.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 
 import pytest
+from live_server import call, openai_client, running, server_env
 
 pytest.importorskip("vllm.sampling_params")  # a submodule: tests/vllm must not pass for vllm
 
 pytestmark = [pytest.mark.slow, pytest.mark.model]
 
 KEY = "emokern-steering-key"
-START_TIMEOUT_S = 600
 CALM = "joy=4,fear=1"
 MAX_TOKENS = 8
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(url: str, headers=None, timeout: float = 60):
-    request = urllib.request.Request(url, headers=headers or {})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as answer:
-            return answer.status, json.loads(answer.read() or b"null")
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"null")
 
 
 @pytest.fixture(scope="module")
@@ -55,58 +32,24 @@ def server(tmp_path_factory):
     presets = folder / "presets.json"
     presets.write_text(json.dumps({"cheer": {"joy": 4}}))
     log = folder / "serve.log"
-    port = _free_port()
     cmd = [sys.executable, "-m", "emokern.cli", "serve", "--preset", f"calm={CALM}",
            "--presets", str(presets), "--steering-api-key", KEY,
            "--served-model-name", "m", "--enforce-eager", "--max-model-len", "256",
-           "--max-num-seqs", "4", "--seed", "0", "--disable-uvicorn-access-log",
-           "--host", "127.0.0.1", "--port", str(port)]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
-    env.pop("EMOKERN_STEERING_API_KEY", None)
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    start = time.monotonic()
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"emokern serve exited ({proc.returncode}):\n"
-                            + log.read_text()[-4000:])
-            with contextlib.suppress(OSError):
-                if _get(url + "/health", timeout=2)[0] == 200:
-                    break
-            if time.monotonic() - start > START_TIMEOUT_S:
-                pytest.fail("emokern serve did not start:\n" + log.read_text()[-4000:])
-            time.sleep(2)
-        print(f"server up in {time.monotonic() - start:.0f} s")
+           "--max-num-seqs", "4", "--seed", "0", "--disable-uvicorn-access-log"]
+    with running(cmd, server_env(drop=("EMOKERN_STEERING_API_KEY",)), log) as url:
         assert KEY not in log.read_text()  # the key is not on the logged command line
         yield url
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-def _client(server, key):
-    import openai
-
-    return openai.OpenAI(base_url=server + "/v1", api_key=key, timeout=300, max_retries=0)
 
 
 @pytest.fixture(scope="module")
 def keyed(server):
     """A client that sends the steering key (``Authorization: Bearer``: vLLM has no key)."""
-    return _client(server, KEY)
+    return openai_client(server, KEY)
 
 
 @pytest.fixture(scope="module")
 def keyless(server):
-    return _client(server, "not-the-key")
+    return openai_client(server, "not-the-key")
 
 
 def _complete(client, mix, **kw):
@@ -160,7 +103,7 @@ def test_a_plain_request_needs_no_key(keyless):
 
 
 def test_emotions_lists_the_presets_for_key_holders(server):
-    status, body = _get(server + "/v1/emotions")
+    status, body = call(server + "/v1/emotions")
     assert status == 403 and body["error"]["type"] == "PermissionDeniedError"
-    status, body = _get(server + "/v1/emotions", {"Authorization": f"Bearer {KEY}"})
+    status, body = call(server + "/v1/emotions", key=KEY)
     assert status == 200 and body["presets"] == {"cheer": "joy=4", "calm": CALM}

@@ -6,21 +6,16 @@ command explains what is missing.
 """
 
 import concurrent.futures
-import contextlib
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import standard_scores_by_hand
+from live_server import call, openai_client, running, server_env
 
 import emokern
 from emokern.cli import main as cli_main
@@ -34,7 +29,6 @@ except ImportError:
     HAVE_VLLM = False
 
 MAX_TOKENS = 12
-START_TIMEOUT_S = 600
 # Readings over HTTP vs the Hugging Face monitor, same tokens (see test_engine.READING_ATOL).
 READING_ATOL = 1e-3
 EMOTIONS = ("joy", "sadness", "anger", "fear", "disgust", "surprise")
@@ -78,57 +72,6 @@ def test_serve_arguments_for_vllm():
 needs_vllm = pytest.mark.skipif(not HAVE_VLLM, reason="needs vLLM (make test-vllm)")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(url: str, timeout: float = 10):
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-
-
-@contextlib.contextmanager
-def _running(cmd: list[str], env: dict, log: Path):
-    """Run a server command; yield its base URL once ``/health`` answers; stop it after."""
-    port = _free_port()
-    cmd = [*cmd, "--host", "127.0.0.1", "--port", str(port)]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
-           **env}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    start = time.monotonic()
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"{cmd[:3]} exited ({proc.returncode}):\n"
-                            + log.read_text()[-4000:])
-            try:
-                if _get(url + "/health", 2)[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() - start > START_TIMEOUT_S:
-                pytest.fail(f"{cmd[:3]} did not start:\n" + log.read_text()[-4000:])
-            time.sleep(2)
-        print(f"server up in {time.monotonic() - start:.0f} s")
-        yield url
-    finally:
-        with contextlib.suppress(ProcessLookupError):  # already gone
-            os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """``emokern serve`` on 127.0.0.1:<free port>; yields its base URL (with
@@ -138,15 +81,13 @@ def server(tmp_path_factory):
         return
     cmd = [str(Path(sys.executable).with_name("emokern")), "serve", "--max-model-len", "512",
            "--max-num-seqs", "32", "--seed", "0", "--disable-uvicorn-access-log"]
-    with _running(cmd, {}, tmp_path_factory.mktemp("serve") / "serve.log") as url:
+    with running(cmd, server_env("2"), tmp_path_factory.mktemp("serve") / "serve.log") as url:
         yield url
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    import openai
-
-    return openai.OpenAI(base_url=server + "/v1", api_key="unused", timeout=300, max_retries=0)
+    return openai_client(server)
 
 
 @pytest.fixture(scope="module")
@@ -266,9 +207,8 @@ def test_completion_stream_and_several_choices(client, model_name):
 @pytest.mark.model
 @needs_vllm
 def test_emotions_endpoint(server):
-    status, body = _get(server + "/v1/emotions")
+    status, info = call(server + "/v1/emotions")
     assert status == 200
-    info = json.loads(body)
     bank = emokern.EmotionBank.load_default()
     assert info["names"] == list(bank.names)
     assert info["layers"] == list(bank.recommended_layers)
@@ -294,16 +234,16 @@ def test_bad_input_is_a_400_and_the_server_stays_healthy(server, client, model_n
         "chat": lambda mix, stream: _chat(client, model_name, mix, stream=stream),
     }
     for mix, message in BAD_MIXES:
-        for door, call in doors.items():
+        for door, create in doors.items():
             for stream in (False, True):
                 with pytest.raises(openai.BadRequestError) as info:
-                    result = call(mix, stream)
+                    result = create(mix, stream)
                     if stream:
                         list(result)
                 assert info.value.status_code == 400
                 assert message in str(info.value), (door, stream, mix, str(info.value))
                 assert "vllm_xargs['emotion']" in str(info.value)
-    assert _get(server + "/health")[0] == 200
+    assert call(server + "/health")[0] == 200
     ok = _chat(client, model_name, "joy=2")
     assert ok.choices[0].finish_reason in ("length", "stop")
 
@@ -358,23 +298,19 @@ def test_vllm_own_server_with_the_endpoint_plugin(tmp_path):
            "--model", str(emokern.vllm.default_model_dir()), "--served-model-name", "m",
            "--dtype", "float32", "--enforce-eager", "--max-model-len", "256",
            "--additional-config", additional]
-    with _running(cmd, {"VLLM_PLUGINS": "emokern"}, tmp_path / "vllm.log") as url:
-        status, body = _get(url + "/v1/emotions")
-        assert status == 200 and json.loads(body)["layers"] == [12]
-        request = urllib.request.Request(
-            url + "/v1/completions", method="POST", headers={"content-type": "application/json"},
-            data=json.dumps({"model": "m", "prompt": "Today I", "max_tokens": 4,
-                             "temperature": 0, "vllm_xargs": {"emotion": "joy=2"}}).encode())
-        with urllib.request.urlopen(request, timeout=120) as answer:
-            readings = json.loads(answer.read())[READINGS_FIELD]
+    with running(cmd, server_env("2", VLLM_PLUGINS="emokern"), tmp_path / "vllm.log") as url:
+        status, body = call(url + "/v1/emotions")
+        assert status == 200 and body["layers"] == [12]
+        status, answer = call(url + "/v1/completions", "POST", {
+            "model": "m", "prompt": "Today I", "max_tokens": 4, "temperature": 0,
+            "vllm_xargs": {"emotion": "joy=2"}})
+        assert status == 200
+        readings = answer[READINGS_FIELD]
         assert readings["layers"] == [12]
         assert readings["choices"][0]["count"] == 3  # 4 tokens, the last one never fed back
-        bad = urllib.request.Request(
-            url + "/v1/completions", method="POST", headers={"content-type": "application/json"},
-            data=json.dumps({"model": "m", "prompt": "Today I", "max_tokens": 4,
-                             "vllm_xargs": {"emotion": "hope=1"}}).encode())
-        with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(bad, timeout=120)
-        error = json.loads(refused.value.read())["error"]
-        assert refused.value.code == 400 and "unknown emotion 'hope'" in error["message"]
+        status, answer = call(url + "/v1/completions", "POST", {
+            "model": "m", "prompt": "Today I", "max_tokens": 4,
+            "vllm_xargs": {"emotion": "hope=1"}})
+        error = answer["error"]
+        assert status == 400 and "unknown emotion 'hope'" in error["message"]
         assert "vllm_xargs['emotion']" in error["message"]
