@@ -336,7 +336,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     cuda = torch.cuda.is_available()
     argv = vllm_argv(model=args.model, bank=args.bank, layers=args.layers, host=args.host,
                      port=args.port, extra=args.vllm_args, cuda=cuda, levels=args.levels,
-                     presets=read_presets(args.preset, args.presets))
+                     presets=read_presets(args.preset, args.presets),
+                     max_weight=args.max_weight, max_level=args.max_level)
     print("emokern serve: vLLM " + " ".join(argv), file=sys.stderr)
     return serve(argv, cuda=cuda, steering_key=args.steering_api_key)
 
@@ -531,6 +532,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "(repeatable; e.g. calm=\"joy=1,anger=-0.5\"); checked at start")
     p.add_argument("--presets", metavar="FILE.json",
                    help="presets from a JSON object {\"name\": mix} (any mix form)")
+    p.add_argument("--max-weight", type=float, metavar="X",
+                   help="refuse (400) a push weight beyond |X| in a request or preset "
+                        "(default: 4 x the bank's largest recommended weight; /v1/emotions "
+                        "shows it)")
+    p.add_argument("--max-level", type=float, metavar="Z",
+                   help="refuse (400) a level, cap or floor beyond |Z| standard scores "
+                        "(default: 4 x the furthest the bank's recipes read, at least 10)")
     p.add_argument("--steering-api-key", metavar="KEY",
                    help="requests that steer, readings and /v1/emotions need this key "
                         "(X-Emokern-Key, or Authorization: Bearer without vLLM's --api-key); "

@@ -58,9 +58,9 @@ from emokern.errors import failing
 
 fail = failing("emokern.steer")
 
-__all__ = ["ERASE", "FIELDS", "FLOAT32_MAX", "REC", "bank_edits", "format_mix", "has_bounds",
-           "is_push", "mix_to_edits", "mix_to_weights", "normalize_mix", "parse_mix",
-           "raw_bounds"]
+__all__ = ["ERASE", "FIELDS", "FLOAT32_MAX", "REC", "bank_edits", "check_limits", "format_mix",
+           "has_bounds", "is_push", "mix_to_edits", "mix_to_weights", "normalize_mix",
+           "parse_mix", "raw_bounds"]
 
 #: The value that stands for an emotion's recipe (:meth:`emokern.EmotionBank.recommended`).
 REC = "rec"
@@ -187,6 +187,44 @@ def is_push(term: Term) -> bool:
 def has_bounds(mix: Mapping) -> bool:
     """Whether a mix in compact form holds a level, a floor or a cap."""
     return any(not is_push(term) for term in mix.values())
+
+
+def check_limits(mix: Mapping, *, max_weight: float | None = None,
+                 max_level: float | None = None, argument: str = "mix",
+                 who: str = "emokern.steer", source: str = "the limit",
+                 how: Mapping[str, str] | None = None, recipes: Sequence[str] = ()) -> None:
+    """Refuse a mix in compact form (:func:`normalize_mix`, ``rec`` resolved) with a push
+    weight beyond ``max_weight`` or a level, cap or floor beyond ``max_level`` (standard
+    scores), in magnitude; None: no limit. The library itself sets none (only float32's range,
+    checked when the mix is parsed); a server sets its operator's
+    (:func:`emokern.vllm.config.check_mix`).
+
+    Raises
+    ------
+    ValueError
+        For the first term over its limit, naming ``argument``, the emotion, the kind of edit,
+        its value and the limit: ``"mix['joy']: push weight 100 is beyond the limit
+        max_weight = 48"``, then ``source`` in place of "the limit", and ``how[key]`` (how
+        ``"max_weight"`` / ``"max_level"`` is set) in parentheses when given; for an emotion
+        in ``recipes`` (those the mix asked ``rec`` of) the message says the value is its
+        recipe. An unresolved ``rec`` is an error too (its recipe could be beyond the limit).
+    """
+    fail_ = failing(who)
+    for name, term in mix.items():
+        for field, value in _fields(term).items():
+            if value == REC:
+                fail_(ValueError, f"{argument}[{name!r}] is 'rec', unresolved: the limits "
+                                  f"apply to the recipe's weight or level")
+            limit = max_weight if field == "weight" else max_level
+            if limit is None or abs(value) <= limit:
+                continue
+            kind = "push weight" if field == "weight" else f"{_KIND[field]} z ="
+            key = "max_weight" if field == "weight" else "max_level"
+            hint = f" ({how[key]})" if how and key in how else ""
+            recipe = (f" ('rec': the recipe of {name!r})"
+                      if name in recipes and field in ("weight", "level") else "")
+            fail_(ValueError, f"{argument}[{name!r}]: {kind} {_number(value)}{recipe} is beyond "
+                              f"{source} {key} = {_number(limit)}{hint}")
 
 
 # ----------------------------------------------------------------------------- text

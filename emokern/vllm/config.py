@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
+import numbers
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -29,8 +31,10 @@ from emokern.bank import EmotionBank
 from emokern.errors import failing
 from emokern.steering.config import SPREADS, SteeringConfig
 from emokern.steering.mix import (
+    FLOAT32_MAX,
     REC,
     bank_edits,
+    check_limits,
     format_mix,
     has_bounds,
     is_push,
@@ -40,8 +44,9 @@ from emokern.steering.mix import (
     raw_bounds,
 )
 
-__all__ = ["CONFIG_KEY", "EXTRA_KEY", "EmokernConfig", "bank_of", "cache_salt", "check_mix",
-           "check_presets", "describe", "mix_edits", "normal_mix", "request_mix", "with_mix"]
+__all__ = ["CONFIG_KEY", "EXTRA_KEY", "LIMIT_FACTOR", "MIN_MAX_LEVEL", "EmokernConfig", "bank_of",
+           "cache_salt", "check_mix", "check_presets", "default_limits", "describe", "limits_of",
+           "mix_edits", "normal_mix", "request_mix", "with_mix"]
 
 CONFIG_KEY = "emokern"  # additional_config key
 EXTRA_KEY = "emotion"  # SamplingParams.extra_args key (HTTP: vllm_xargs)
@@ -54,6 +59,12 @@ _fail = failing("emokern.vllm")
 #: bank, or a word of the grammar.
 PRESET_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 _RESERVED = ("none", "rec", "erase", "preset")
+
+#: The default limits are this many times the furthest the bank's own recipes go
+#: (:func:`default_limits`).
+LIMIT_FACTOR = 4.0
+#: The default ``max_level`` is never below this many standard scores.
+MIN_MAX_LEVEL = 10.0
 
 
 @dataclass(frozen=True)
@@ -70,7 +81,12 @@ class EmokernConfig:
     compiled graph differs from the default one, which has none); ``presets``: named mixes
     (``{"calm": "joy=1,anger<=0"}``, any grammar form) a request names instead of a mix
     (``extra_args={"emotion": "calm"}``), kept as ``(name, mix text)`` pairs and checked
-    against the bank by :func:`check_presets`.
+    against the bank by :func:`check_presets`; ``max_weight``: the largest ``|push weight|``
+    a mix may ask for, ``max_level``: the largest ``|z|`` of a level, cap or floor (positive
+    numbers; None, the default: :func:`default_limits` of the bank, which always admit the
+    bank's own recipes). A mix beyond them — a request's, a preset's, or ``rec`` whose recipe
+    is beyond an operator's tighter limit — is refused at the door (:func:`check_mix`, a 400
+    over HTTP); :func:`limits_of` gives the limits in force.
     """
 
     bank: str = "default"
@@ -81,6 +97,8 @@ class EmokernConfig:
     max_requests: int = 0
     levels: bool = False
     presets: tuple[tuple[str, str], ...] = ()
+    max_weight: float | None = None
+    max_level: float | None = None
 
     @classmethod
     def from_additional_config(cls, additional) -> EmokernConfig | None:
@@ -108,6 +126,8 @@ class EmokernConfig:
             _fail(TypeError, f"additional_config['{CONFIG_KEY}']['levels'] must be true or false, "
                              f"got {values['levels']!r}")
         values["presets"] = _preset_pairs(values.get("presets") or {})
+        for key in ("max_weight", "max_level"):
+            values[key] = _limit(values.get(key), key)
         return cls(**values)
 
     def load_bank(self) -> EmotionBank:
@@ -130,6 +150,22 @@ class EmokernConfig:
         return SteeringConfig.resolve(bank, n_model_layers, layers=self.layers,
                                       spread=self.spread, norm_preserving=self.norm_preserving,
                                       monitor=self.monitor, who="emokern.vllm")
+
+
+def _limit(value, key: str) -> float | None:
+    """``additional_config["emokern"][key]`` (``max_weight``/``max_level``) checked: None
+    (the bank's default) or a positive number within float32's range, as a float."""
+    if value is None:
+        return None
+    where = f"additional_config['{CONFIG_KEY}']['{key}']"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        _fail(TypeError, f"{where} must be a positive number (or null: the bank's default), got "
+                         f"{type(value).__name__} {value!r}")
+    value = float(value)
+    if not (math.isfinite(value) and 0 < value <= FLOAT32_MAX):
+        _fail(ValueError, f"{where} must be a positive number within float32's range "
+                          f"(0 < {key} <= {FLOAT32_MAX:.4g}), got {value}")
+    return value
 
 
 def _preset_pairs(raw) -> tuple[tuple[str, str], ...]:
@@ -287,6 +323,50 @@ def bank_of(config: EmokernConfig) -> EmotionBank:
     return config.load_bank()
 
 
+def default_limits(bank: EmotionBank) -> tuple[float, float]:
+    """The default ``(max_weight, max_level)`` of an engine serving ``bank``: generous
+    multiples (:data:`LIMIT_FACTOR`, 4) of the furthest the bank's own recipes go, so that
+    they are always admitted while a weight or level orders of magnitude beyond anything
+    measured (which drives the model to degenerate text or to inf) is refused.
+
+    - ``max_weight`` = 4 × the largest ``|weight|`` the bank recommends (each emotion's
+      :meth:`~emokern.EmotionBank.recommended_weight`, and the bank-wide
+      :attr:`~emokern.EmotionBank.default_weight`): 48 on the shipped EV bank (fear's 12), 16
+      on the concept bank (anger's 4).
+    - ``max_level`` = 4 × the largest ``|z|`` the recipes set or reach — a level recipe's
+      ``z``, a push recipe's measured reading (``measured["reading"]``, the mean standard
+      score of the text it steered), and never below :data:`MIN_MAX_LEVEL` (10; neutral text
+      reads within about ±3): 27.55 on the shipped EV bank (sadness reads 6.89 at its
+      recipe), 175.8 on the concept bank (anger reads 43.9).
+    """
+    weights = [abs(bank.default_weight)] + [abs(bank.recommended_weight(n)) for n in bank.names]
+    levels = [MIN_MAX_LEVEL / LIMIT_FACTOR]
+    for name in bank.names:
+        recipe = bank.recommended(name)
+        if recipe.mode == "level":
+            levels.append(abs(recipe.strength))
+        reading = recipe.measured.get("reading")
+        if isinstance(reading, numbers.Real) and math.isfinite(reading):
+            levels.append(abs(float(reading)))
+    return (min(LIMIT_FACTOR * max(weights), FLOAT32_MAX),
+            min(LIMIT_FACTOR * max(levels), FLOAT32_MAX))
+
+
+@functools.lru_cache(maxsize=8)
+def limits_of(config: EmokernConfig) -> tuple[float, float]:
+    """The ``(max_weight, max_level)`` in force on an engine: the operator's
+    (``config.max_weight`` / ``config.max_level``), else :func:`default_limits` of its
+    bank."""
+    default_weight, default_level = default_limits(bank_of(config))
+    return (default_weight if config.max_weight is None else config.max_weight,
+            default_level if config.max_level is None else config.max_level)
+
+
+#: How an operator sets each limit (error messages).
+_LIMIT_HOW = {key: f"emokern serve --{key.replace('_', '-')}, additional_config"
+                   f"['{CONFIG_KEY}']['{key}']" for key in ("max_weight", "max_level")}
+
+
 def check_mix(extra_args, config: EmokernConfig | None, *,
               argument: str = f"extra_args['{EXTRA_KEY}']") -> dict | None:
     """The front door's check: a request's mix in normal form (:func:`normal_mix` against
@@ -294,8 +374,10 @@ def check_mix(extra_args, config: EmokernConfig | None, *,
     ValueError/TypeError naming ``argument``, the emotion and the field for an unknown
     emotion, a non-finite, non-numeric or out-of-range number, conflicting terms, a malformed
     mix string, a level or bound (a ``rec`` whose recipe is a level included) sent to an
-    engine without ``levels`` or with an uncalibrated bank, or any mix sent to an engine that
-    does not enable emokern (``config`` None)."""
+    engine without ``levels`` or with an uncalibrated bank, a push weight or level beyond the
+    engine's limits (:func:`limits_of`; ``rec`` and presets included), or any mix sent to an
+    engine that does not enable emokern (``config`` None). Nothing is applied when it
+    raises."""
     if config is None:
         if extra_args and extra_args.get(EXTRA_KEY):
             _fail(ValueError, f"{argument} was given but this engine was started without "
@@ -319,14 +401,25 @@ def check_mix(extra_args, config: EmokernConfig | None, *,
 def _checked_mix(extra_args, config: EmokernConfig, argument: str) -> dict | None:
     bank = bank_of(config)
     normal = normal_mix(extra_args, bank.names, recommended=bank.recommended, argument=argument)
-    if normal is None or not has_bounds(normal):
-        return normal
-    name, term = next((n, t) for n, t in normal.items() if not is_push(t))
-    if not config.levels:
+    if normal is None:
+        return None
+    if has_bounds(normal) and not config.levels:
+        name, term = next((n, t) for n, t in normal.items() if not is_push(t))
         _fail(ValueError, f"{argument}[{name!r}] is {format_mix({name: term})!r}, a level or "
                           f"bound, but this engine was started without levels; enable them "
                           f"with additional_config={{'{CONFIG_KEY}': {{'levels': true}}}} "
                           f"(emokern serve --levels)")
+    max_weight, max_level = limits_of(config)
+    # the emotions whose edit is their recipe ('rec'), for the message (the mix is valid here)
+    given = normalize_mix(extra_args[EXTRA_KEY], bank.names, argument=argument,
+                          who="emokern.vllm")
+    recipes = [n for n, t in given.items() if t == REC or (isinstance(t, dict)
+                                                            and t.get("weight") == REC)]
+    check_limits(normal, max_weight=max_weight, max_level=max_level, argument=argument,
+                 who="emokern.vllm", source="this server's limit", how=_LIMIT_HOW,
+                 recipes=recipes)
+    if not has_bounds(normal):
+        return normal
     # Calibrated bank; bounds that stay finite in float32 at every layer of the bank (a
     # superset of the steered ones), so that no worker can fail on them.
     _, z_bounds = bank_edits(bank, [normal], argument=argument, who="emokern.vllm")
@@ -359,9 +452,11 @@ def check_presets(config: EmokernConfig) -> dict[str, dict | None]:
 
 def describe(config: EmokernConfig, n_model_layers: int) -> dict:
     """What ``GET /v1/emotions`` answers: the engine's emotions, steered layers, recommended
-    weights and recipes, whether levels are on, and the mix grammar (JSON-ready)."""
+    weights and recipes, whether levels are on, the limits (``max_weight``, ``max_level``:
+    :func:`limits_of`) and the mix grammar (JSON-ready)."""
     bank = bank_of(config)
     steering = config.steering(bank, n_model_layers)
+    max_weight, max_level = limits_of(config)
     return {"object": "emotions", "bank": config.bank, "method": bank.method,
             "names": list(bank.names), "layers": list(steering.layers),
             "recommended_weights": {n: bank.recommended_weight(n) for n in bank.names},
@@ -369,6 +464,7 @@ def describe(config: EmokernConfig, n_model_layers: int) -> dict:
             "spread": steering.spread, "norm_preserving": steering.norm_preserving,
             "monitor": steering.monitor is not None, "calibrated": bank.calibrated,
             "levels": config.levels,
+            "max_weight": max_weight, "max_level": max_level,
             "presets": {name: format_mix(normal or {})
                         for name, normal in check_presets(config).items()},
             "mix": {"field": f"vllm_xargs.{EXTRA_KEY}",
@@ -380,6 +476,8 @@ def describe(config: EmokernConfig, n_model_layers: int) -> dict:
                               "fear=erase": "level at the neutral mean (z = 0)",
                               "anger<=0.5": "cap at z = 0.5",
                               "joy>=1": "floor at z = 1"},
+                    "limits": "|push weight| <= max_weight, |z| of a level, cap or floor "
+                              "<= max_level (rec and presets included); beyond: 400",
                     "note": "weights in the bank's units, levels/caps/floors in standard "
                             "scores against the bank's neutral baseline (only with levels "
                             "on); a mix of all zeros is no steering"}}

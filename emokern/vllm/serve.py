@@ -6,8 +6,12 @@ into one the user passes), ``--middleware emokern.vllm.http.EmotionMiddleware`` 
 the answers, ``GET /v1/emotions``), ``--dtype float32`` on a machine without CUDA (vLLM would
 run bfloat16), the operator's presets (``--preset NAME=MIX``, ``--presets FILE.json``: named
 mixes in ``additional_config["emokern"]["presets"]``, checked against the bank before vLLM
-starts) — and runs that server in this process, exactly as ``python -m
-vllm.entrypoints.openai.api_server`` would; every flag it does not know goes to vLLM.
+starts), the operator's limits (``--max-weight X``, ``--max-level Z``: the largest
+``|push weight|`` and ``|z|`` of a level, cap or floor a request or preset may ask for,
+``additional_config["emokern"]["max_weight"/"max_level"]``; default: generous multiples of the
+bank's recipes, :func:`emokern.vllm.config.default_limits`) — and runs that server in this
+process, exactly as ``python -m vllm.entrypoints.openai.api_server`` would; every flag it does
+not know goes to vLLM.
 ``--steering-api-key KEY`` (or ``EMOKERN_STEERING_API_KEY``) is handed to the middleware
 through the environment, never on the command line (:mod:`emokern.vllm.http`: steering,
 readings and ``/v1/emotions`` need it).
@@ -78,7 +82,8 @@ def read_presets(pairs: list[str] | None = None, file: str | None = None) -> dic
 
 def vllm_argv(*, model: str | None, bank: str, layers: str, host: str, port: int,
               extra: list[str], cuda: bool, levels: bool = False,
-              presets: dict | None = None) -> list[str]:
+              presets: dict | None = None, max_weight: float | None = None,
+              max_level: float | None = None) -> list[str]:
     """The API server's arguments for ``emokern serve``.
 
     Parameters
@@ -102,12 +107,17 @@ def vllm_argv(*, model: str | None, bank: str, layers: str, host: str, port: int
     presets : dict, optional
         Named mixes (name → mix in any grammar form; :func:`read_presets`), added to those of
         ``--additional-config`` and checked against the bank here.
+    max_weight, max_level : float, optional
+        The largest ``|push weight|`` and ``|z|`` (level, cap, floor) a mix may ask for
+        (``additional_config`` ``"max_weight"``/``"max_level"``, replacing those of
+        ``--additional-config``); None keeps the given or default ones
+        (:func:`emokern.vllm.config.default_limits`).
 
     Raises
     ------
     ValueError
-        On a bad ``layers``, ``port``, ``bank``, ``--additional-config`` or preset (naming
-        it).
+        On a bad ``layers``, ``port``, ``bank``, ``--additional-config``, limit or preset
+        (naming it; a preset beyond the limits included).
     """
     extra = list(extra)
     if not isinstance(port, int) or not 0 < port < 65536:
@@ -137,6 +147,9 @@ def vllm_argv(*, model: str | None, bank: str, layers: str, host: str, port: int
     settings.setdefault("monitor", True)
     if levels:
         settings["levels"] = True
+    for key, value in (("max_weight", max_weight), ("max_level", max_level)):
+        if value is not None:
+            settings[key] = value
     if presets:
         given = dict(settings.get("presets") or {})
         for name in presets:
