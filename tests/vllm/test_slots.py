@@ -195,8 +195,13 @@ def test_levels_are_opt_in_per_engine():
             check_mix({"emotion": mix}, off)
     assert check_mix({"emotion": "sadness@1.5,joy=2,joy<=3"}, on) == {
         "joy": {"weight": 2.0, "max": 3.0}, "sadness": {"level": 1.5}}
+    with pytest.raises(ValueError, match=r"\['sadness'\]: level z = 1e\+38 is beyond this "
+                                         r"server's limit max_level = 27.552"):
+        check_mix({"emotion": "sadness@1e38"}, on)  # the default limit comes first
+    unlimited = EmokernConfig.from_additional_config({"emokern": {"levels": True,
+                                                                  "max_level": 3e38}})
     with pytest.raises(ValueError, match=r"\['sadness'\]: z = 1e\+38 is .* outside float32"):
-        check_mix({"emotion": "sadness@1e38"}, on)  # raw bounds must stay finite everywhere
+        check_mix({"emotion": "sadness@1e38"}, unlimited)  # raw bounds stay finite everywhere
     with pytest.raises(TypeError, match="levels'] must be true or false"):
         EmokernConfig.from_additional_config({"emokern": {"levels": "yes"}})
 
