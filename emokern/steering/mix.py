@@ -28,7 +28,9 @@ and a push may go with a cap and/or a floor (``joy=2,joy<=3``: push, but never b
 level) stands alone: it sets the projection exactly, so a push of the same emotion would be
 undone by it and a cap or floor beside it means nothing; two levels, two pushes, two caps or
 two floors of one emotion are errors, as is an unknown emotion, a non-finite number, a number
-beyond float32's range (:data:`FLOAT32_MAX`) or a cap below a floor.
+beyond float32's range (:data:`FLOAT32_MAX`) or a cap below a floor. A server may bound
+weights and levels further (:func:`check_limits`, on the normal form; the library sets no such
+limit).
 
 **Object form** (Python or JSON; the *normal form* is this with ``rec`` resolved): an emotion
 maps to a number (a push), ``"rec"``, ``"erase"``, or a dict of ``weight`` (a number or

@@ -26,12 +26,18 @@ mix is a 400 (:mod:`emokern.vllm.http`, an ASGI middleware added through vLLM's
 Operators' presets (``--preset calm="joy=1,anger=-0.5"``, ``--presets FILE.json``;
 ``additional_config["emokern"]["presets"]``): a request sends a preset's name alone as its mix
 (``{"emotion": "calm"}``); ``--steering-api-key`` (``EMOKERN_STEERING_API_KEY``) reserves
-steering, readings and ``/v1/emotions`` for key holders (403 otherwise).
+steering, readings and ``/v1/emotions`` for key holders (403 otherwise). Limits
+(``--max-weight X``, ``--max-level Z``; ``additional_config["emokern"]["max_weight"/
+"max_level"]``): the largest ``|push weight|`` and ``|z|`` (level, cap, floor) a request or
+preset may ask for, ``rec`` included; by default 4 × the furthest the bank's recipes go
+(:func:`~emokern.vllm.config.default_limits`), reported by ``/v1/emotions``; beyond them, or
+beyond float32, is a 400 naming the field.
 
 Settings (``additional_config["emokern"]``, :class:`~emokern.vllm.config.EmokernConfig`):
 ``bank`` (``"default"`` | ``"ev"`` | ``"concept"`` | path), ``layers`` (``"auto"`` | list),
 ``monitor``, ``spread`` (``"divide"`` | ``"each"``), ``norm_preserving``, ``max_requests``,
-``levels`` (default false), ``presets`` (name → mix). A mix is in the grammar of
+``levels`` (default false), ``presets`` (name → mix), ``max_weight``, ``max_level`` (default
+null: the bank's :func:`~emokern.vllm.config.default_limits`). A mix is in the grammar of
 :mod:`emokern.steering.mix`
 (``"joy=2"``, ``"anger=rec"``, ``"sadness@1.5"``, ``"fear=erase"``, ``"anger<=0.5"``,
 ``"joy>=1"``, or the object form). Weights are in the bank's units and spread over layers as

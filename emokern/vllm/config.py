@@ -9,10 +9,12 @@ bank's emotions in the bank's order, each a non-zero push weight (float) or a di
 ``weight``/``level``/``min``/``max`` (standard scores), ``"rec"`` resolved to the emotion's
 recipe (None: unsteered). Levels and bounds are opt-in per engine (``"levels": true``: the
 op then takes per-slot bounds, :class:`~emokern.vllm.slots.SlotTable`); without it a mix that
-has one is refused at the door, and the compiled graph is the one without bounds. The front
-end writes the normal form back into the request's ``extra_args``; the engine core's cache
-salt (:func:`cache_salt`) and the workers (:func:`mix_edits`) only read it. Tested in
-``tests/vllm/test_slots.py``."""
+has one is refused at the door, and the compiled graph is the one without bounds. Every
+engine bounds ``|push weight|`` and ``|z|`` (``max_weight``, ``max_level``: the operator's,
+else :func:`default_limits` of the bank), checked at the door too. The front end writes the
+normal form back into the request's ``extra_args``; the engine core's cache salt
+(:func:`cache_salt`) and the workers (:func:`mix_edits`) only read it. Tested in
+``tests/vllm/test_slots.py`` and ``tests/test_mix_limits.py``."""
 
 from __future__ import annotations
 
