@@ -119,6 +119,15 @@ def test_generate_refuses_beyond_float32_before_the_model_loads(capsys, monkeypa
     assert "outside float32's finite range" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("mix", ["joy=1e40", '{"joy": -1e39}'])
+def test_export_refuses_beyond_float32_and_writes_nothing(capsys, tmp_path, mix):
+    out = tmp_path / "x.gguf"
+    assert main(["export", "--mix", mix, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("emokern export: error:") and "outside float32's finite range" in err
+    assert not out.exists()
+
+
 def test_generate_beyond_float32_from_a_shell():
     """The command itself: exit code 2, one line on stderr, no traceback, nothing printed."""
     done = subprocess.run([sys.executable, "-m", "emokern.cli", "generate", "--prompt", "Hi",
