@@ -48,8 +48,10 @@ def tiny(request, tmp_path_factory):
     model = cls(config).float().eval()
     path = tmp_path_factory.mktemp(kind)
     model.save_pretrained(path / "model")
-    # vectors ~ the hidden states' scale, so a weight of a few changes the greedy tokens
-    bank = random_bank(model, scale=1.0, fingerprint=False, recommended_layers=[1, 2])
+    # vectors ~ the hidden states' scale, so a weight of a few changes the greedy tokens; a
+    # default weight of 2, so that the engine's default limit (4 x 2) admits the weights of 8
+    bank = random_bank(model, scale=1.0, fingerprint=False, recommended_layers=[1, 2],
+                       default_weight=2.0)
     bank.save(path / "bank.safetensors")
     llm = vllm.LLM(model=str(path / "model"), dtype="float32", max_model_len=256,
                    max_num_seqs=16, seed=0, skip_tokenizer_init=True,
