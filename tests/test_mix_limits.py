@@ -13,15 +13,14 @@ always admit the recipes), applied to requests, presets and ``rec``, reported by
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
+from asgi_app import App, exchange
 from helpers import random_bank
 from steering_helpers import hook_counts
 
@@ -39,7 +38,7 @@ from emokern.vllm.config import (
     describe,
     limits_of,
 )
-from emokern.vllm.http import KEY_ENV, EmotionMiddleware
+from emokern.vllm.http import KEY_ENV
 from emokern.vllm.serve import vllm_argv
 
 FIELD = "vllm_xargs['emotion']"
@@ -275,49 +274,6 @@ def test_serve_flags_reach_the_engine_config():
 # ------------------------------------------------------------------ the HTTP middleware
 
 
-class Engine:
-    def __init__(self, additional):
-        self.vllm_config = SimpleNamespace(additional_config=additional)
-        self.model_config = SimpleNamespace(
-            hf_text_config=SimpleNamespace(num_hidden_layers=30))
-
-    async def collective_rpc(self, method, args=()):
-        return [{}]  # no readings
-
-
-class App:
-    """vLLM's app as the middleware sees it (an engine with ``additional``); answers 200."""
-
-    def __init__(self, additional):
-        engine = Engine(additional)
-        self.state = SimpleNamespace(engine_client=engine, args=SimpleNamespace(api_key=None))
-        self.received = []
-
-    async def __call__(self, scope, receive, send):
-        self.received.append(scope["path"])
-        answer = b'{"id": "cmpl-1"}'
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"application/json")]})
-        await send({"type": "http.response.body", "body": answer, "more_body": False})
-
-
-def exchange(app, method, path, body=None):
-    data = b"" if body is None else json.dumps(body).encode()
-    messages = [{"type": "http.request", "body": data, "more_body": False}]
-    sent = []
-
-    async def receive():
-        return messages.pop(0) if messages else {"type": "http.disconnect"}
-
-    async def send(message):
-        sent.append(message)
-
-    scope = {"type": "http", "method": method, "path": path, "root_path": "", "app": app,
-             "headers": [(b"content-type", b"application/json")]}
-    asyncio.run(EmotionMiddleware(app)(scope, receive, send))
-    return sent[0]["status"], json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
-
-
 @pytest.fixture
 def _no_key(monkeypatch):
     monkeypatch.delenv(KEY_ENV, raising=False)
@@ -330,15 +286,17 @@ def test_the_middleware_answers_400_and_emotions_reports_the_limits():
                          ("joy=1e40", "outside float32's finite range"),
                          ('{"joy": 1e40}', "outside float32's finite range")):
         body = {"model": "m", "prompt": "Hi", "vllm_xargs": {"emotion": mix}}
-        status, answer = exchange(app, "POST", "/v1/completions", body)
+        status, _, raw = exchange(app, "POST", "/v1/completions", body)
+        answer = json.loads(raw)
         assert status == 400 and answer["error"]["type"] == "BadRequestError"
         assert FIELD in answer["error"]["message"] and message in answer["error"]["message"]
     assert app.received == []  # nothing reached vLLM
     body = {"model": "m", "prompt": "Hi", "vllm_xargs": {"emotion": "joy=5"}}
     assert exchange(app, "POST", "/v1/completions", body)[0] == 200
-    status, info = exchange(app, "GET", "/v1/emotions")
+    status, _, raw = exchange(app, "GET", "/v1/emotions")
+    info = json.loads(raw)
     assert status == 200 and (info["max_weight"], info["max_level"]) == (5.0, 2.5)
-    default = exchange(App({"emokern": {}}), "GET", "/v1/emotions")[1]
+    default = json.loads(exchange(App({"emokern": {}}), "GET", "/v1/emotions")[2])
     assert (default["max_weight"], default["max_level"]) == default_limits(
         EmotionBank.load_default())
     assert "max_weight" in default["mix"]["limits"]

@@ -11,88 +11,35 @@ test-vllm``; skipped without vLLM. Without vLLM: ``tests/test_mix_limits.py``.
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 
 import pytest
+from live_server import call, openai_client, running, server_env
 
 pytest.importorskip("vllm.sampling_params")  # a submodule: tests/vllm must not pass for vllm
 
 pytestmark = [pytest.mark.slow, pytest.mark.model]
 
-START_TIMEOUT_S = 600
 MAX_WEIGHT = 10.0
 MAX_LEVEL = 3.0
 FIELD = "vllm_xargs['emotion']"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(url: str, timeout: float = 60):
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as answer:
-            return answer.status, json.loads(answer.read() or b"null")
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"null")
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """``emokern serve`` with operator limits and levels on."""
     log = tmp_path_factory.mktemp("limits") / "serve.log"
-    port = _free_port()
     cmd = [sys.executable, "-m", "emokern.cli", "serve", "--max-weight", str(MAX_WEIGHT),
            "--max-level", str(MAX_LEVEL), "--levels",
            "--served-model-name", "m", "--enforce-eager", "--max-model-len", "256",
-           "--max-num-seqs", "4", "--seed", "0", "--disable-uvicorn-access-log",
-           "--host", "127.0.0.1", "--port", str(port)]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
-    env.pop("EMOKERN_STEERING_API_KEY", None)
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    start = time.monotonic()
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"emokern serve exited ({proc.returncode}):\n"
-                            + log.read_text()[-4000:])
-            with contextlib.suppress(OSError):
-                if _get(url + "/health", timeout=2)[0] == 200:
-                    break
-            if time.monotonic() - start > START_TIMEOUT_S:
-                pytest.fail("emokern serve did not start:\n" + log.read_text()[-4000:])
-            time.sleep(2)
-        print(f"server up in {time.monotonic() - start:.0f} s")
+           "--max-num-seqs", "4", "--seed", "0", "--disable-uvicorn-access-log"]
+    with running(cmd, server_env(drop=("EMOKERN_STEERING_API_KEY",)), log) as url:
         yield url
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    import openai
-
-    return openai.OpenAI(base_url=server + "/v1", api_key="unused", timeout=300, max_retries=0)
+    return openai_client(server)
 
 
 def _complete(client, mix):
@@ -125,7 +72,7 @@ def test_beyond_the_limits_or_float32_is_a_400_naming_the_field(server, client):
         assert caught.value.status_code == 400
         text = caught.value.body["message"]
         assert text.startswith(f"emokern.vllm: {FIELD}") and message in text, (mix, text)
-    assert _get(server + "/health")[0] == 200
+    assert call(server + "/health")[0] == 200
 
 
 def test_within_the_limits_is_served(client):
@@ -136,7 +83,7 @@ def test_within_the_limits_is_served(client):
 
 
 def test_emotions_reports_the_limits(server):
-    status, body = _get(server + "/v1/emotions")
+    status, body = call(server + "/v1/emotions")
     assert status == 200
     assert (body["max_weight"], body["max_level"]) == (MAX_WEIGHT, MAX_LEVEL)
     assert body["recommended_weights"]["fear"] == 12.0  # beyond the limit: refused as 'rec'
