@@ -127,6 +127,16 @@ def test_export_refuses_beyond_float32_and_writes_nothing(capsys, tmp_path, mix)
     assert not out.exists()
 
 
+def test_export_refuses_a_vector_that_overflows_and_writes_nothing(capsys, tmp_path):
+    """A weight that fits float32 times vector entries above 1 does not: one error, no file
+    (the summed vector would be inf, a file the reader refuses)."""
+    out = tmp_path / "x.gguf"
+    assert main(["export", "--mix", "joy=-3.4e38", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("emokern export: error:") and "overflows float32" in err, err
+    assert "layer" in err and not out.exists()
+
+
 def test_generate_beyond_float32_from_a_shell():
     """The command itself: exit code 2, one line on stderr, no traceback, nothing printed."""
     done = subprocess.run([sys.executable, "-m", "emokern.cli", "generate", "--prompt", "Hi",

@@ -156,7 +156,8 @@ def mix_directions(bank: EmotionBank, mix, *, layers="auto", spread: str = "divi
     Returns
     -------
     dict of int -> ndarray [D] float32
-        Sorted by layer; summed in float32 on the CPU.
+        Sorted by layer; summed in float32 on the CPU. ValueError (nothing written by the
+        callers) for a mix whose weights fit float32 but whose summed vector does not.
     """
     weights = _push_weights(bank, mix)
     chosen, scale = _steered_layers(bank, layers, spread)
@@ -167,7 +168,12 @@ def mix_directions(bank: EmotionBank, mix, *, layers="auto", spread: str = "divi
             if weight != 0.0:
                 delta += weight * bank.vector(bank.names[k], layer).detach().to("cpu",
                                                                                 torch.float32)
-        out[layer] = (delta * scale).numpy()
+        delta *= scale
+        if not bool(torch.isfinite(delta).all()):  # weights within float32, their sum beyond
+            fail(ValueError, f"mix {mix!r}: the vector it adds at layer {layer} overflows "
+                             f"float32 (weights up to {weights.abs().max().item():.3g}); a "
+                             f"control vector must be finite: use smaller weights")
+        out[layer] = delta.numpy()
     return out
 
 
