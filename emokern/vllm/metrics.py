@@ -29,6 +29,9 @@ metric (type; labels)                              meaning
                                                    .readings[emotion]`` (standard scores with
                                                    a calibrated bank; ``null`` ones are left
                                                    out), buckets :data:`READING_BUCKETS`
+                                                   (``_bucket`` and ``_count``; no ``_sum``:
+                                                   readings go below 0, and prometheus_client
+                                                   then leaves it out, as OpenMetrics asks)
 ``emokern_slots_in_use`` (gauge)                   requests holding steering slots in the
                                                    engine's workers when ``/metrics`` is
                                                    scraped: steered ones, and unsteered ones
