@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -268,3 +269,42 @@ def test_one_set_of_metrics_per_process():
 
     assert metrics.current() is metrics.current()
     assert REGISTRY.get_sample_value("emokern_slots_capacity") is not None
+
+
+_API_SERVER = """
+import sys
+from emokern.vllm import metrics
+metrics.record_steered(("push",))
+metrics.record_rejected("malformed")
+metrics.record_readings({"joy": float(sys.argv[1])})
+metrics.record_slots(int(sys.argv[1]), 8)
+"""
+
+_MERGED = """
+import json, sys
+from prometheus_client import CollectorRegistry, multiprocess
+registry = CollectorRegistry()  # what vLLM's /metrics serves in multiprocess mode
+multiprocess.MultiProcessCollector(registry, path=sys.argv[1])
+print(json.dumps({s.name + json.dumps(s.labels, sort_keys=True): s.value
+                  for m in registry.collect() for s in m.samples}))
+"""
+
+
+def test_several_api_servers_add_up(tmp_path):
+    """With ``--api-server-count`` > 1 vLLM runs prometheus_client's multiprocess mode
+    (``PROMETHEUS_MULTIPROC_DIR``) and serves the merged values: two API-server processes
+    count into it, the gauges show the latest scrape's refresh."""
+    pytest.importorskip("prometheus_client",
+                        reason="prometheus_client comes with vLLM (the vLLM venv)")
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    for in_use in (1, 3):  # the second process refreshes the gauges last
+        subprocess.run([sys.executable, "-c", _API_SERVER, str(in_use)], env=env, check=True)
+    out = subprocess.run([sys.executable, "-c", _MERGED, str(tmp_path)], capture_output=True,
+                         text=True, check=True)
+    values = json.loads(out.stdout)
+    assert values['emokern_steered_requests_total{"kind": "push"}'] == 2
+    assert values['emokern_steered_requests_total{"kind": "level"}'] == 0
+    assert values['emokern_rejected_mixes_total{"reason": "malformed"}'] == 2
+    assert values['emokern_reading_count{"emotion": "joy"}'] == 2
+    assert values['emokern_reading_bucket{"emotion": "joy", "le": "2.0"}'] == 1
+    assert values["emokern_slots_in_use{}"] == 3 and values["emokern_slots_capacity{}"] == 8
