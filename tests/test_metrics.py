@@ -110,9 +110,12 @@ def test_a_steered_request_counts_once_vllm_answers_it(recorded):
     assert _post(app, "joy=2,fear=erase") == 200
     assert _post(app, "calm", path="/v1/chat/completions") == 200
     assert _post(app, "anger=rec", path="/v1/responses") == 200
+    assert _post(app, "joy=1", path="/v1/messages") == 200
+    assert _post(app, "joy=1", path="/v1/chat/completions/render") == 200  # generates nothing
     assert recorded == [("record_steered", ("push", "erase")),
                         ("record_steered", ("push", "cap", "preset")),
-                        ("record_steered", ("push", "rec"))]
+                        ("record_steered", ("push", "rec")),
+                        ("record_steered", ("push",))]
 
 
 def test_unsteered_and_refused_by_vllm_are_not_steered(recorded):

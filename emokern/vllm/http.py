@@ -67,13 +67,16 @@ from collections.abc import Callable
 from emokern.vllm import internals, metrics
 from emokern.vllm.config import EXTRA_KEY, EmokernConfig, check_mix, describe
 
-__all__ = ["EMOTIONS_PATH", "KEY_ENV", "KEY_HEADER", "READINGS_FIELD", "EmotionMiddleware",
-           "EndpointPlugin"]
+__all__ = ["EMOTIONS_PATH", "KEY_ENV", "KEY_HEADER", "METRICS_PATH", "READINGS_FIELD",
+           "STEERED_PATHS", "EmotionMiddleware", "EndpointPlugin"]
 
 EMOTIONS_PATH = "/v1/emotions"
 METRICS_PATH = "/metrics"
 READINGS_FIELD = "emotion_readings"
 _GENERATE = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
+#: Where a request with a mix is steered generation, counted in ``emokern_steered_requests``
+#: (vLLM's render and token-count routes take mixes too, and generate nothing).
+STEERED_PATHS = (*_GENERATE, "/v1/responses", "/v1/messages")
 _ARGUMENT = f"vllm_xargs['{EXTRA_KEY}']"
 _EVENT_END = re.compile(rb"\r?\n\r?\n")
 KEY_ENV = "EMOKERN_STEERING_API_KEY"
@@ -114,7 +117,7 @@ class EmotionMiddleware:
                 return await _send_json(send, 400, _error(str(exc), "BadRequestError", 400))
             kinds = metrics.edit_kinds(xargs[EXTRA_KEY], normal,
                                        state.config.presets if state.config else ())
-            if kinds:
+            if kinds and path in STEERED_PATHS:
                 send = _counted(send, kinds)
         kind = _GENERATE.get(path)
         if kind is None or state.config is None or not state.config.monitor \

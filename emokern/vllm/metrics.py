@@ -4,7 +4,9 @@
 metric (type; labels)                              meaning
 =================================================  =========================================
 ``emokern_steered_requests_total`` (counter;       requests with a mix (a non-empty one, not
-``kind``)                                          all zeros) that vLLM answered with 200, by
+``kind``)                                          all zeros) that vLLM answered with 200 (on
+                                                   ``/v1/completions``, ``/v1/chat/completions``,
+                                                   ``/v1/responses``, ``/v1/messages``), by
                                                    the kinds of edit in the mix: ``push``,
                                                    ``level``, ``erase`` (a level at z = 0,
                                                    however written), ``cap``, ``floor``,
