@@ -10,86 +10,35 @@ skipped without vLLM. Without vLLM: ``tests/test_metrics.py``.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import socket
-import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 
 import pytest
+from live_server import call, openai_client, running, server_env
 
 pytest.importorskip("vllm.sampling_params")  # a submodule: tests/vllm must not pass for vllm
 
 pytestmark = [pytest.mark.slow, pytest.mark.model]
 
-START_TIMEOUT_S = 600
 MAX_NUM_SEQS = 4  # slots capacity: max_requests defaults to twice this
 CALM = "joy=2,anger<=0.5"
 MAX_TOKENS = 4
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(url: str, timeout: float = 60) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as answer:
-            return answer.status, answer.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """``emokern serve --levels --preset calm=...`` (no steering key)."""
     log = tmp_path_factory.mktemp("metrics") / "serve.log"
-    port = _free_port()
     cmd = [sys.executable, "-m", "emokern.cli", "serve", "--levels", "--preset", f"calm={CALM}",
            "--served-model-name", "m", "--enforce-eager", "--max-model-len", "512",
-           "--max-num-seqs", str(MAX_NUM_SEQS), "--seed", "0", "--disable-uvicorn-access-log",
-           "--host", "127.0.0.1", "--port", str(port)]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
-    env.pop("EMOKERN_STEERING_API_KEY", None)
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    start = time.monotonic()
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"emokern serve exited ({proc.returncode}):\n"
-                            + log.read_text()[-4000:])
-            with contextlib.suppress(OSError):
-                if _get(url + "/health", timeout=2)[0] == 200:
-                    break
-            if time.monotonic() - start > START_TIMEOUT_S:
-                pytest.fail("emokern serve did not start:\n" + log.read_text()[-4000:])
-            time.sleep(2)
-        print(f"server up in {time.monotonic() - start:.0f} s")
+           "--max-num-seqs", str(MAX_NUM_SEQS), "--seed", "0", "--disable-uvicorn-access-log"]
+    with running(cmd, server_env(drop=("EMOKERN_STEERING_API_KEY",)), log) as url:
         yield url
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    import openai
-
-    return openai.OpenAI(base_url=server + "/v1", api_key="none", timeout=300, max_retries=0)
+    return openai_client(server)
 
 
 def scrape(server) -> dict:
@@ -97,8 +46,8 @@ def scrape(server) -> dict:
     of the ``emokern_`` samples."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    status, body = _get(server + "/metrics")
-    assert status == 200
+    status, body = call(server + "/metrics")
+    assert status == 200 and isinstance(body, bytes)  # Prometheus text, not JSON
     out = {}
     for family in text_string_to_metric_families(body.decode()):
         for sample in family.samples:
