@@ -28,7 +28,11 @@ app's state (``app.state.engine_client``, what vLLM's own routes use). It
    passes through event by event, except that an event that may be the last one (a choice
    finished, or the usage event) is held until the next event, and the one before ``data:
    [DONE]`` gets the readings. They come from the workers
-   (``engine_client.collective_rpc("emokern_readings")``), found by the response's ``id``.
+   (``engine_client.collective_rpc("emokern_readings")``), found by the response's ``id``;
+4. keeps the plugin's Prometheus numbers (:mod:`emokern.vllm.metrics`): counts steered
+   requests answered with 200 (by kind of edit), the mixes it refuses (by reason) and the
+   readings it returns, and, before vLLM's own handler answers ``GET /metrics``, asks the
+   workers for their slot counts.
 
 **Steering key** (``EMOKERN_STEERING_API_KEY``; ``emokern serve --steering-api-key KEY`` sets
 it): when set, ``GET /v1/emotions`` and every request that carries a mix (a non-empty
@@ -60,15 +64,19 @@ import os
 import re
 from collections.abc import Callable
 
-from emokern.vllm import internals
+from emokern.vllm import internals, metrics
 from emokern.vllm.config import EXTRA_KEY, EmokernConfig, check_mix, describe
 
-__all__ = ["EMOTIONS_PATH", "KEY_ENV", "KEY_HEADER", "READINGS_FIELD", "EmotionMiddleware",
-           "EndpointPlugin"]
+__all__ = ["EMOTIONS_PATH", "KEY_ENV", "KEY_HEADER", "METRICS_PATH", "READINGS_FIELD",
+           "STEERED_PATHS", "EmotionMiddleware", "EndpointPlugin"]
 
 EMOTIONS_PATH = "/v1/emotions"
+METRICS_PATH = "/metrics"
 READINGS_FIELD = "emotion_readings"
 _GENERATE = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
+#: Where a request with a mix is steered generation, counted in ``emokern_steered_requests``
+#: (vLLM's render and token-count routes take mixes too, and generate nothing).
+STEERED_PATHS = (*_GENERATE, "/v1/responses", "/v1/messages")
 _ARGUMENT = f"vllm_xargs['{EXTRA_KEY}']"
 _EVENT_END = re.compile(rb"\r?\n\r?\n")
 KEY_ENV = "EMOKERN_STEERING_API_KEY"
@@ -89,6 +97,9 @@ class EmotionMiddleware:
         state = _State(scope)
         if path == EMOTIONS_PATH and method == "GET":
             return await self._emotions(scope, state, send)
+        if path.rstrip("/") == METRICS_PATH and method == "GET" and state.config is not None:
+            await metrics.refresh_slots(state.engine)  # then vLLM's handler answers
+            return await self.app(scope, receive, send)
         if method != "POST" or not state.authorized:
             return await self.app(scope, receive, send)
         body, receive = await _buffered(receive)
@@ -96,12 +107,18 @@ class EmotionMiddleware:
         xargs = payload.get("vllm_xargs") if isinstance(payload, dict) else None
         if isinstance(xargs, dict) and EXTRA_KEY in xargs:
             if xargs[EXTRA_KEY] not in (None, "", {}) and not state.steering_allowed:
+                metrics.record_rejected("forbidden")
                 return await _send_json(send, 403, _forbidden("a request that steers "
                                                               f"({_ARGUMENT})"))
             try:
-                check_mix(xargs, state.config, argument=_ARGUMENT)
+                normal = check_mix(xargs, state.config, argument=_ARGUMENT)
             except (TypeError, ValueError) as exc:
+                metrics.record_rejected(metrics.reject_reason(str(exc)))
                 return await _send_json(send, 400, _error(str(exc), "BadRequestError", 400))
+            kinds = metrics.edit_kinds(xargs[EXTRA_KEY], normal,
+                                       state.config.presets if state.config else ())
+            if kinds and path in STEERED_PATHS:
+                send = _counted(send, kinds)
         kind = _GENERATE.get(path)
         if kind is None or state.config is None or not state.config.monitor \
                 or not state.steering_allowed:
@@ -268,10 +285,23 @@ class _ReadingSender:
             entry.update({k: v for k, v in reading.items()
                           if k not in ("layers", "names", "standardized")})
             choices.append(entry)
+            metrics.record_readings(entry.get("readings") or {})
         first = next(iter(found.values()))
         return {"layers": first["layers"], "names": first["names"],
                 "standardized": first["standardized"],
                 "choices": sorted(choices, key=lambda c: c["index"])}
+
+
+def _counted(send, kinds: tuple[str, ...]):
+    """``send`` that counts a steered request (:func:`emokern.vllm.metrics.record_steered`)
+    when vLLM answers it with 200."""
+
+    async def counted(message) -> None:
+        if message["type"] == "http.response.start" and message["status"] == 200:
+            metrics.record_steered(kinds)
+        await send(message)
+
+    return counted
 
 
 def _choice_index(response_id: str, kind: str, n: int) -> Callable[[str], int | None]:

@@ -1,8 +1,9 @@
 """The ``vllm.general_plugins`` entry point: vLLM calls :func:`register` in every process it
 starts (front end, engine core, workers). It changes nothing on disk and nothing for engines
 that do not set ``additional_config={"emokern": {...}}``; it refuses a vLLM outside the
-supported versions (:func:`emokern.vllm.internals.check_version`), adds the worker method
-``emokern_readings`` (what :func:`emokern.vllm.readings` calls) and wraps, in memory, the
+supported versions (:func:`emokern.vllm.internals.check_version`), adds the worker methods
+``emokern_readings`` (what :func:`emokern.vllm.readings` calls) and ``emokern_slots`` (slot
+counts for ``/metrics``, :mod:`emokern.vllm.metrics`) and wraps, in memory, the
 methods :data:`emokern.vllm.internals.WRAPS` declares:
 
 * the model runners' ``load_model`` — after the model loads (before compilation), an engine
@@ -27,6 +28,7 @@ from __future__ import annotations
 from emokern.vllm import internals
 from emokern.vllm import runner as _runner
 from emokern.vllm.config import EXTRA_KEY, EmokernConfig, cache_salt, check_mix, with_mix
+from emokern.vllm.metrics import SLOTS_METHOD
 
 __all__ = ["READINGS_METHOD", "register", "steering_of"]
 
@@ -111,6 +113,7 @@ def register() -> None:
     (idempotent)."""
     internals.check_version()
     internals.add_worker_method(READINGS_METHOD, _worker_readings)
+    internals.add_worker_method(SLOTS_METHOD, _worker_slots)
     internals.wrap("validate_params", _checked)
     internals.wrap("request_init", _salted)
     internals.wrap("load_model", _after_load)
@@ -124,6 +127,15 @@ def _worker_readings(worker, req_ids=None, family: bool = False) -> dict:
     ``collective_rpc("emokern_readings")`` reaches it without pickling a function)."""
     steering = steering_of(getattr(worker, "model_runner", None))
     return {} if steering is None else steering.readings(req_ids, family)
+
+
+def _worker_slots(worker) -> dict | None:
+    """A worker's slot counts, ``{"in_use": n, "capacity": m}`` (None when steering is off):
+    ``collective_rpc("emokern_slots")``, asked when ``/metrics`` is scraped."""
+    steering = steering_of(getattr(worker, "model_runner", None))
+    if steering is None:
+        return None
+    return {"in_use": steering.table.in_use, "capacity": steering.table.capacity}
 
 
 def steering_of(model_runner):

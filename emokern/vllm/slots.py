@@ -105,6 +105,16 @@ class SlotTable:
         return req_id in self._pair
 
     @property
+    def capacity(self) -> int:
+        """Requests that can hold slots at once (``max_requests``)."""
+        return self.n_slots // 3
+
+    @property
+    def in_use(self) -> int:
+        """Requests holding slots now (``emokern_slots_in_use``, :mod:`emokern.vllm.metrics`)."""
+        return self.capacity - len(self._free)
+
+    @property
     def levels(self) -> bool:
         """Whether the slots hold bounds (levels on)."""
         return self.bounds is not None
