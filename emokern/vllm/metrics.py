@@ -21,7 +21,10 @@ metric (type; labels)                              meaning
                                                    term, type, JSON or conflicting terms, 400),
                                                    ``unknown_emotion``, ``unknown_preset``,
                                                    ``out_of_range`` (a non-finite number, or
-                                                   one beyond float32), ``levels_off`` (a
+                                                   one beyond float32), ``over_limit`` (a
+                                                   weight or level beyond the server's
+                                                   ``max_weight``/``max_level``),
+                                                   ``levels_off`` (a
                                                    level, cap or floor for an engine without
                                                    levels), ``no_emokern`` (any mix for an
                                                    engine without emokern), ``forbidden``
@@ -88,8 +91,8 @@ SLOTS_TIMEOUT_S = 5.0
 #: ``emokern_steered_requests_total``'s ``kind`` values.
 KINDS = ("push", "level", "erase", "cap", "floor", "rec", "preset")
 #: ``emokern_rejected_mixes_total``'s ``reason`` values.
-REASONS = ("malformed", "unknown_emotion", "unknown_preset", "out_of_range", "levels_off",
-           "no_emokern", "forbidden")
+REASONS = ("malformed", "unknown_emotion", "unknown_preset", "out_of_range", "over_limit",
+           "levels_off", "no_emokern", "forbidden")
 #: Upper bounds of ``emokern_reading``'s buckets (standard scores; ``+Inf`` is added).
 READING_BUCKETS = (-10.0, -5.0, -3.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0,
                    20.0)
@@ -104,6 +107,7 @@ _REASON_PHRASES = (
     ("asks for a level or bound", "levels_off"),  # levels with an uncalibrated bank
     ("must be finite", "out_of_range"),
     ("outside float32's finite range", "out_of_range"),
+    ("beyond this server's limit", "over_limit"),
 )
 
 

@@ -101,7 +101,7 @@ def test_counters_and_histogram_move_by_what_was_sent(server, client):
     assert {k: _delta(before, after, "emokern_steered_requests_total", kind=k)
             for k in steered} == steered
     rejected = {"malformed": 1, "unknown_emotion": 1, "unknown_preset": 0, "out_of_range": 0,
-                "levels_off": 0, "no_emokern": 0, "forbidden": 0}
+                "over_limit": 0, "levels_off": 0, "no_emokern": 0, "forbidden": 0}
     assert {r: _delta(before, after, "emokern_rejected_mixes_total", reason=r)
             for r in rejected} == rejected
 
