@@ -8,11 +8,13 @@ from one run, written to ``bench/results/vllm.{json,md,png}``::
         [--requests 64] [--tokens 32] [--repeats 6] [--layers 10] [--out bench/results]
         [--no-throughput] [--no-sweep] [--sweep-tokens 32] [--sweep-repeats 2]
 
-**Throughput.** Four engines on the default model (float32), loaded one after the other and
+**Throughput.** Five engines on the default model (float32), loaded one after the other and
 then kept loaded (only one generates at a time): (1) unsteered, compiled, without the plugin;
 (2) emokern, compiled: ``L`` steered layers (``--layers`` consecutive bank layers around the
-middle), K = 6, every request with its own mix, readings on; (3) emokern eager
-(``enforce_eager=True``); (4) the hook, ``enforce_eager=True``, same layers, mixes and
+middle), K = 6, every request with its own mix, readings on; (2b) emokern with levels on,
+compiled, the same mixes each with a cap on its pushed emotion (``{"joy": {"weight": w, "max":
+2}}``: the push, then every token whose projection exceeds z = 2 brought to it); (3) emokern
+eager (``enforce_eager=True``); (4) the hook, ``enforce_eager=True``, same layers, mixes and
 readings: the plugin's slots with a plain-PyTorch forward hook in place of the op
 (:mod:`emokern.benchmarks.vllm_hook`, installed through vLLM's ``worker_extension_cls``:
 ``hidden += W[slot(t)] @ V`` and the projections summed per slot with ``index_add_``). The
@@ -69,6 +71,15 @@ def mixes(n: int) -> list[dict]:
             for i in range(n)]
 
 
+def capped(mix_list: list[dict], z: float = 2.0) -> list[dict]:
+    """The mixes of ``mix_list`` with a cap at ``z`` on each one's first (pushed) emotion."""
+    out = []
+    for mix in mix_list:
+        (first, weight), *rest = mix.items()
+        out.append({first: {"weight": weight, "max": z}, **dict(rest)})
+    return out
+
+
 def close(llm) -> None:
     """Shut a ``vllm.LLM``'s engine and its worker processes down."""
     llm.llm_engine.engine_core.shutdown()
@@ -88,19 +99,21 @@ def gpu_share(engines: int) -> dict:
 
 
 def load_engine(name: str, args, layers: list[int], mix_list) -> dict:
-    """One engine (``unsteered`` | ``emokern`` | ``hook``) and its sampling parameters."""
+    """One engine (``unsteered`` | ``emokern`` | ``emokern_levels`` | ``emokern_eager`` |
+    ``hook``) and its sampling parameters (``mix_list``: one mix per request)."""
     from vllm import LLM, SamplingParams
 
     import emokern.vllm
     from emokern.benchmarks.vllm_hook import EXTENSION
 
     engine = {"dtype": "float32", "max_model_len": 256, "max_num_seqs": args.requests,
-              "seed": 0, **gpu_share(4)}
+              "seed": 0, **gpu_share(5)}
     if name == "unsteered":
         extra = {}
     else:
         extra = {"additional_config": {"emokern": {"bank": "default", "layers": layers,
-                                                   "monitor": True}}}
+                                                   "monitor": True,
+                                                   "levels": name == "emokern_levels"}}}
     if name == "hook":
         extra["worker_extension_cls"] = EXTENSION
     compiled = name not in ("hook", "emokern_eager") and not args.eager
@@ -128,13 +141,15 @@ def timed_run(engine: dict, prompts) -> tuple[list, float]:
 
 
 def run_engines(args, layers, prompts, mix_list) -> dict:
-    """Load the four engines (one after the other; they then stay loaded, idle but for the one
+    """Load the five engines (one after the other; they then stay loaded, idle but for the one
     generating), warm each up, then time them in alternating rounds (the order rotates each
     round), so machine drift hits all alike: ratios are paired per round."""
     import emokern.vllm
 
-    names = ("unsteered", "emokern", "emokern_eager", "hook")
-    engines = {n: load_engine(n, args, layers, mix_list) for n in names}
+    names = ("unsteered", "emokern", "emokern_levels", "emokern_eager", "hook")
+    engines = {n: load_engine(n, args, layers,
+                              capped(mix_list) if n == "emokern_levels" else mix_list)
+               for n in names}
     for name, engine in engines.items():
         outs, _ = timed_run(engine, prompts)  # warm-up: prefix cache, first-call costs
         engine["tokens"] = [list(o.outputs[0].token_ids) for o in outs]
@@ -186,8 +201,13 @@ def throughput(args, layers, tokenizer) -> dict:
                    "emokern_eager_over_hook": round(paired("emokern_eager")["median"]
                                                     / paired("hook")["median"], 4),
                    "emokern_over_emokern_eager": round(paired("emokern")["median"]
-                                                       / paired("emokern_eager")["median"], 4)},
-        "paired": {n: paired(n) for n in ("emokern", "emokern_eager", "hook")},
+                                                       / paired("emokern_eager")["median"], 4),
+                   # Caps in every mix: their cost beside unsteered and beside pushes only.
+                   "levels_over_unsteered": paired("emokern_levels")["median"],
+                   "levels_over_emokern": round(paired("emokern_levels")["median"]
+                                                / paired("emokern")["median"], 4)},
+        "paired": {n: paired(n) for n in ("emokern", "emokern_levels", "emokern_eager", "hook")},
+        "capped_mixes": capped(mix_list),
         "target": TARGET, "identical_rows": identical,
         "load_before": load_before, "load_after": load_after,
     }
@@ -314,7 +334,7 @@ def report_lines(result: dict) -> list[str]:
         lines += [
             "## Throughput with per-request emotion mixes", "",
             f"{t['requests']} requests x {t['tokens']} generated tokens (greedy, ignore_eos), "
-            f"{t['requests']} distinct mixes; the three engines loaded side by side, warmed up, "
+            f"{t['requests']} distinct mixes; the engines loaded side by side, warmed up, "
             f"then timed in {t['repeats']} alternating rounds (ratios paired per round, median "
             f"[q25, q75]).", "",
             "| engine | compiled | load s | tokens/s (median) | per round | / unsteered "
@@ -322,6 +342,8 @@ def report_lines(result: dict) -> list[str]:
             "|---|:---:|---:|---:|---|---:|"]
         for name, label in (("unsteered", "vLLM, no plugin"),
                             ("emokern", "emokern plugin (packed op in the graph)"),
+                            ("emokern_levels", "emokern plugin, levels on, a cap in every mix "
+                             "(packed op in the graph)"),
                             ("emokern_eager", "emokern plugin (eager)"),
                             ("hook", "plain-PyTorch forward hook (eager)")):
             if name not in e:  # results of an older run
@@ -339,6 +361,12 @@ def report_lines(result: dict) -> list[str]:
             + (f" = kernel {r['emokern_eager_over_hook']:.2f}x (both eager) x compiler "
                f"{r['emokern_over_emokern_eager']:.2f}x (emokern compiled / eager)."
                if "emokern_eager_over_hook" in r else "."),
+            *([f"- With a cap in every mix (`{{\"joy\": {{\"weight\": w, \"max\": 2}}}}`: "
+               f"tokens above z = 2 on the pushed emotion brought to it), levels on / "
+               f"unsteered = **{r['levels_over_unsteered']:.3f}** (target >= {t['target']}: "
+               f"{'met' if r['levels_over_unsteered'] >= t['target'] else 'not met'}); / "
+               f"emokern with pushes only = {r['levels_over_emokern']:.3f}."]
+              if "levels_over_unsteered" in r else []),
             f"- Steered tokens identical between emokern and the hook: "
             f"{t['identical_rows']}/{t['requests']} requests; generated-token readings counted "
             f"per request: emokern {e['emokern']['reading_counts']}, hook "
@@ -420,16 +448,20 @@ def write_results(result: dict, out: Path) -> None:
     for ax, panel in zip(axes[0], panels, strict=True):
         if panel == "throughput":
             t = result["throughput"]
-            names = ["unsteered", "emokern", "hook"]
+            bars_of = {"unsteered": ("vLLM unsteered\n(compiled)", None, "#999999"),
+                       "emokern": ("emokern plugin\n(compiled)", "emokern", "#2a7ab9"),
+                       "emokern_levels": ("emokern + caps\n(compiled)", "emokern_levels",
+                                          "#5b9bd5"),
+                       "hook": ("PyTorch hook\n(eager)", "hook", "#d9822b")}
+            names = [n for n in bars_of if n in t["engines"]]
             values = [t["engines"][n]["median_tok_s"] for n in names]
-            labels = [f"{1.0:.3f}", f"{t['ratios']['emokern_over_unsteered']:.3f}",
-                      f"{t['ratios']['hook_over_unsteered']:.3f}"]
-            ticks = ["vLLM unsteered\n(compiled)", "emokern plugin\n(compiled)",
-                     "PyTorch hook\n(eager)"]
+            labels = ["1.000" if bars_of[n][1] is None else
+                      f"{t['paired'][bars_of[n][1]]['median']:.3f}" for n in names]
+            ticks = [bars_of[n][0] for n in names]
             ax.set_ylabel("generated tokens/s")
             ax.set_title(f"{t['requests']} requests, {t['requests']} mixes, "
                          f"L = {len(result['layers'])}, K = 6", fontsize=10)
-            colors = ["#999999", "#2a7ab9", "#d9822b"]
+            colors = [bars_of[n][2] for n in names]
         else:
             s = result["sweep"]
             values = [s["hf_loop_s"], s["hf"]["emokern_s"], s["vllm_s"]]
