@@ -9,7 +9,7 @@ import pytest
 from helpers import random_bank
 
 from emokern.cli import main
-from emokern.eval import evaluation
+from emokern.eval import engines, evaluation
 from emokern.eval.evaluation import (
     EVAL_PROMPTS_FILE,
     evaluate,
@@ -42,7 +42,9 @@ def no_generation(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("generation ran despite bad input")
 
-    monkeypatch.setattr(evaluation, "generate", refuse)
+    monkeypatch.setattr(engines, "generate", refuse)
+    monkeypatch.setattr(engines, "generate_vllm", refuse)
+    monkeypatch.setattr(evaluation, "generate_vllm", refuse)
 
 
 def test_builtin_prompts_are_new_to_the_project():
@@ -178,3 +180,38 @@ def test_cli_errors_before_loading_the_model(capsys, tmp_path, monkeypatch):
     assert main(["eval", "--out", str(tmp_path / "o"), "--alphas", "1,x"]) == 2
     err = capsys.readouterr().err
     assert "--alphas is deprecated, use --weights" in err and "none of a number" in err
+
+
+def test_cli_vllm_engine_errors_before_loading_anything(capsys, tmp_path, monkeypatch):
+    """``--engine vllm`` where vLLM cannot be imported, or with a model vLLM cannot load: one
+    error, before the bank, the prompts or the model load."""
+    from emokern import models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("loaded despite an engine that cannot run")
+
+    monkeypatch.setattr(models, "load_model", refuse)
+    monkeypatch.setattr(evaluation, "load_prompts", refuse)
+    monkeypatch.setattr(engines, "_vllm_importable", lambda: False)
+    assert main(["eval", "--engine", "vllm", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("emokern eval: error: engine 'vllm' needs vLLM")
+    assert "make setup-vllm" in err and ".venv-vllm" in err
+    monkeypatch.setattr(engines, "_vllm_importable", lambda: True)
+    assert main(["eval", "--engine", "vllm", "--model", str(tmp_path / "m.gguf"),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "Hugging Face checkpoint directory" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="engine must be one of"):
+        engines.check_engine("llamacpp")
+
+
+def test_report_names_the_engine(tiny, embedder, scorer, tmp_path):
+    model, tokenizer, bank = tiny
+    result = evaluate(model, tokenizer, bank, emotions="joy", weights="0,1", prompts=PROMPTS,
+                      max_new_tokens=2, batch_size=3, out=tmp_path, progress=False,
+                      scorer=scorer, embedder=embedder)
+    assert result["config"]["engine"] == "hf"
+    assert set(result["seconds"]) == {"generate", "score"}
+    assert "Engine hf: transformers generate, batches of 3 rows" in \
+        (tmp_path / "report.md").read_text()
+    assert json.loads((tmp_path / "results.json").read_text())["config"]["engine"] == "hf"
