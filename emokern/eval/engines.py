@@ -171,10 +171,10 @@ def _sampled_params(llm, mixes: list, max_new_tokens: int, stops, seed: int) -> 
 def generate_vllm(model, tokenizer, bank, rows: list[dict], *, model_dir, max_new_tokens: int,
                   layers: Sequence[int], seed: int, do_sample: bool, progress: bool,
                   options: Mapping | None = None) -> dict:
-    """Fill ``text`` and ``n_tokens`` of every row through one vLLM engine and one
-    ``LLM.generate`` call (see the module docstring). ``model`` (the Hugging Face model) gives
-    the dtype and the end-of-sequence ids; the bank goes to the engine as a file written to a
-    temporary directory (the very bank given, whatever it was loaded from).
+    """Fill ``text`` and ``n_tokens`` (``projections`` None) of every row through one vLLM
+    engine and one ``LLM.generate`` call (see the module docstring). ``model`` (the Hugging
+    Face model) gives the dtype and the end-of-sequence ids; the bank goes to the engine as a
+    file written to a temporary directory (the very bank given, whatever it was loaded from).
 
     Returns
     -------
@@ -215,6 +215,7 @@ def generate_vllm(model, tokenizer, bank, rows: list[dict], *, model_dir, max_ne
         n = _cut(tokens, stops)
         row["text"] = tokenizer.decode(tokens[:n], skip_special_tokens=True)
         row["n_tokens"] = n
+        row["projections"] = None  # not read here (the module docstring says why)
     settings["additional_config"]["emokern"]["bank"] = "(a copy of the evaluated bank)"
     return {"engine_load": loaded - started, "generate": done - loaded, "settings": settings,
             "vllm": vllm.__version__, "kv_cache_gib": os.environ.get("VLLM_CPU_KVCACHE_SPACE")}
