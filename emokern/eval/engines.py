@@ -10,19 +10,24 @@ aggregates, ``report.md``, the plots) is shared.
     mix (``ceil(rows / batch_size)`` calls of ``model.generate``).
 
 ``"vllm"``
-    One ``vllm.LLM`` with the plugin (``additional_config={"emokern": {...}}``: a copy of the
-    bank, the same steered layers, spread ``divide``, ``levels`` on only when the grid has
-    levels, caps, floors or erase; readings off) and ONE ``LLM.generate`` call of every row,
-    each request carrying its mix in ``SamplingParams(extra_args={"emotion": mix})`` — the
-    path ``bench/bench_vllm.py`` times (:mod:`emokern.benchmarks.serving`). The prompts are the
-    token ids the Hugging Face engine feeds (chat template, no padding), the engine runs in
-    the Hugging Face model's dtype (float32 for the default model), compiled, with prefix
-    caching off (every row computes its whole prompt, as in Hugging Face); each request ends
-    at the same end-of-sequence ids or after ``max_new_tokens``, and the text is decoded from
-    the tokens with the same tokenizer call. With greedy decoding the rows are token for token
-    Hugging Face's but for float summation order (vLLM's kernels add in other orders; a
-    near-tie at some step can flip the rest of one answer): ``tests/vllm/test_eval_engine.py``
-    compares them row by row.
+    One ``vllm.LLM`` with the plugin and ONE ``LLM.generate`` call of every row, each request
+    carrying its mix in ``SamplingParams(extra_args={"emotion": mix})``: the path
+    ``bench/bench_vllm.py`` times (:mod:`emokern.benchmarks.serving`). The plugin's settings
+    (``additional_config={"emokern": {...}}``): a copy of the bank in the emokern cache, the
+    same steered layers, spread ``divide``, ``levels`` on only when the grid has levels, caps,
+    floors or erase, readings off. The prompts are the token ids the Hugging Face engine feeds
+    (chat template, no padding); the engine runs in the Hugging Face model's dtype (float32
+    for the default model), compiled, with prefix caching off (every row computes its whole
+    prompt, as in Hugging Face); each request ends at the same end-of-sequence ids or after
+    ``max_new_tokens``, and the text is decoded from the tokens with the same tokenizer call.
+    With greedy decoding the rows are Hugging Face's token for token but for float summation
+    order (vLLM's kernels add in other orders; a near-tie at some step can flip the rest of
+    one answer): ``tests/vllm/test_eval_engine.py`` compares them row by row.
+
+    Compiling takes minutes on a small CPU; vLLM keeps the compiled graph in its cache under
+    a key of the engine's settings, so the settings are kept stable across runs (the bank's
+    file is named by its content, the context length rounded up to a power of two) and a
+    second run with the same model, layers and ``levels`` loads in seconds.
 
     Sampling (``do_sample=True``) uses the model's generation config (temperature, top-p,
     top-k, as vLLM reads it) and seeds request ``i`` with ``seed + i``: reproducible from run
@@ -39,7 +44,9 @@ aggregates, ``report.md``, the plots) is shared.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
 import sys
 import tempfile
@@ -47,8 +54,10 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
+from emokern.files import cache_root
 from emokern.steering import generate
 from emokern.tokens import eos_ids
 
@@ -154,6 +163,38 @@ def vllm_settings(model, bank_path, rows: list[dict], layers: Sequence[int], *,
     return {**settings, **dict(options or {})}
 
 
+def _bank_file(bank) -> Path:
+    """``bank`` as a file whose path depends on its content only
+    (``$EMOKERN_CACHE/eval-banks/<digest>.safetensors``): the path is part of the engine's
+    settings, which vLLM hashes into the key of its compiled-graph cache, so the same bank
+    reuses the graph compiled by an earlier run instead of compiling again (minutes on a
+    small CPU). The digest covers the stored tensors and header, key by key (safetensors
+    writes the header's keys in no fixed order)."""
+    from safetensors import safe_open
+
+    directory = cache_root() / "eval-banks"
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".saving-") as tmp:
+        saved = bank.save(Path(tmp) / "bank.safetensors")
+        digest = hashlib.sha256()
+        with safe_open(str(saved), "pt") as stored:
+            for key in sorted(stored.keys()):
+                digest.update(key.encode())
+                digest.update(stored.get_tensor(key).contiguous().view(-1).view(
+                    torch.uint8).numpy().tobytes())
+            digest.update(json.dumps(stored.metadata(), sort_keys=True).encode())
+        final = directory / f"{digest.hexdigest()[:20]}.safetensors"
+        if not final.is_file():
+            os.replace(saved, final)
+    return final
+
+
+def _max_model_len(tokens: int) -> int:
+    """The engine's context length for sequences of up to ``tokens``: the next power of two,
+    at least 256 (few distinct values, so the compiled-graph cache is reused across grids)."""
+    return max(256, 1 << (int(tokens) - 1).bit_length())
+
+
 def _sampled_params(llm, mixes: list, max_new_tokens: int, stops, seed: int) -> list:
     """Sampling parameters per request: the model's generation config, request ``i`` seeded
     ``seed + i``."""
@@ -174,7 +215,7 @@ def generate_vllm(model, tokenizer, bank, rows: list[dict], *, model_dir, max_ne
     """Fill ``text`` and ``n_tokens`` (``projections`` None) of every row through one vLLM
     engine and one ``LLM.generate`` call (see the module docstring). ``model`` (the Hugging
     Face model) gives the dtype and the end-of-sequence ids; the bank goes to the engine as a
-    file written to a temporary directory (the very bank given, whatever it was loaded from).
+    file (:func:`_bank_file`: the very bank given, whatever it was loaded from).
 
     Returns
     -------
@@ -192,30 +233,27 @@ def generate_vllm(model, tokenizer, bank, rows: list[dict], *, model_dir, max_ne
     requests = [{"prompt_token_ids": list(ids[r["prompt"]]["prompt_token_ids"])} for r in rows]
     longest = max(len(r["prompt_token_ids"]) for r in requests)
     mixes = [dict(r["mix"]) or None for r in rows]
-    with tempfile.TemporaryDirectory(prefix="emokern-eval-") as tmp:
-        bank_path = bank.save(Path(tmp) / "bank.safetensors")
-        settings = vllm_settings(model, bank_path, rows, layers,
-                                 max_model_len=longest + max_new_tokens, seed=seed,
-                                 options=options)
-        started = time.perf_counter()
-        llm = vllm.LLM(model=str(model_dir), **settings)
-        loaded = time.perf_counter()
-        try:
-            if do_sample:
-                params = _sampled_params(llm, mixes, max_new_tokens, stops, seed)
-            else:
-                params = sampling_params(mixes, max_new_tokens, fixed_length=False,
-                                         stop_token_ids=stops, detokenize=False)
-            outputs = llm.generate(requests, params, use_tqdm=progress)
-            done = time.perf_counter()
-        finally:
-            close_engine(llm)
+    settings = vllm_settings(model, _bank_file(bank), rows, layers,
+                             max_model_len=_max_model_len(longest + max_new_tokens), seed=seed,
+                             options=options)
+    started = time.perf_counter()
+    llm = vllm.LLM(model=str(model_dir), **settings)
+    loaded = time.perf_counter()
+    try:
+        if do_sample:
+            params = _sampled_params(llm, mixes, max_new_tokens, stops, seed)
+        else:
+            params = sampling_params(mixes, max_new_tokens, fixed_length=False,
+                                     stop_token_ids=stops, detokenize=False)
+        outputs = llm.generate(requests, params, use_tqdm=progress)
+        done = time.perf_counter()
+    finally:
+        close_engine(llm)
     for row, output in zip(rows, outputs, strict=True):
         tokens = list(output.outputs[0].token_ids)
         n = _cut(tokens, stops)
         row["text"] = tokenizer.decode(tokens[:n], skip_special_tokens=True)
         row["n_tokens"] = n
         row["projections"] = None  # not read here (the module docstring says why)
-    settings["additional_config"]["emokern"]["bank"] = "(a copy of the evaluated bank)"
     return {"engine_load": loaded - started, "generate": done - loaded, "settings": settings,
             "vllm": vllm.__version__, "kv_cache_gib": os.environ.get("VLLM_CPU_KVCACHE_SPACE")}

@@ -1,9 +1,11 @@
 """``emokern eval --engine vllm`` against the Hugging Face engine: a tiny grid (2 emotions x 2
-weights x 3 prompts, 12 greedy tokens, the default model in float32) through both, compared
-row by row, and the report files of the vLLM run. Run by ``make test-vllm`` in ``.venv-vllm``
-(which has the evaluation's scorers); skipped where vLLM is not installed (``make test``).
+edits, a push weight and a level, x 3 prompts, 12 greedy tokens, the default model in float32)
+through both, compared row by row, and the report files of the vLLM run. Run by
+``make test-vllm`` in ``.venv-vllm`` (which has the evaluation's scorers); skipped where vLLM is
+not installed (``make test``).
 
-One vLLM engine is loaded (compiled, as ``emokern eval --engine vllm`` runs it).
+One vLLM engine is loaded (compiled, as ``emokern eval --engine vllm`` runs it; with levels
+on, since the grid has one).
 """
 
 import json
@@ -21,7 +23,7 @@ from emokern.eval.evaluation import evaluate, load_prompts  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.model]
 
-GRID = {"emotions": "joy,sadness", "weights": "0,4,rec", "max_new_tokens": 12}
+GRID = {"emotions": "joy,sadness", "weights": "0,4,@3", "max_new_tokens": 12}
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +50,10 @@ def test_greedy_rows_are_the_hugging_face_rows(both):
             (b["prompt"], b["emotion"], b["label"], b["mix"])
         assert (b["text"], b["n_tokens"]) == (a["text"], a["n_tokens"]), a["mix"]
         assert b["judge"] == a["judge"] and b["fidelity"] == a["fidelity"]
-    # The engine steered: the weight-4 answers are not the unsteered ones.
+    # The engine steered: the weight-4 and level answers are not the unsteered ones.
     base = {r["prompt"]: r["text"] for r in vl if r["emotion"] is None}
-    assert sum(r["text"] != base[r["prompt"]] for r in vl if r["label"] == "4") >= 4
+    for label in ("4", "@3"):
+        assert sum(r["text"] != base[r["prompt"]] for r in vl if r["label"] == label) >= 4
 
 
 def test_vllm_run_writes_the_same_report(both):
@@ -60,7 +63,7 @@ def test_vllm_run_writes_the_same_report(both):
     assert config["engine"] == "vllm" and config["n_rows"] == 15
     emokern_settings = config["vllm"]["settings"]["additional_config"]["emokern"]
     assert emokern_settings["layers"] == results["hf"]["config"]["layers"]
-    assert emokern_settings["levels"] is False and config["vllm"]["settings"]["dtype"] == \
+    assert emokern_settings["levels"] is True and config["vllm"]["settings"]["dtype"] == \
         "float32"
     assert saved["seconds"]["engine_load"] > 0 and saved["seconds"]["generate"] > 0
     assert all(r["projections"] is None for r in saved["rows"])
@@ -69,7 +72,7 @@ def test_vllm_run_writes_the_same_report(both):
     for a, b in zip(results["hf"]["aggregates"], saved["aggregates"], strict=True):
         assert a["eps"] == pytest.approx(b["eps"]) and b.get("reading") is None
     report = (out["vllm"] / "report.md").read_text()
-    assert "Engine vllm: vLLM" in report and "| sadness | rec |" in report
+    assert "Engine vllm: vLLM" in report and "| sadness | @3 |" in report
     assert "engine load" in report
     for png in ("eps.png", "perplexity.png", "tradeoff.png"):
         assert (out["vllm"] / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
