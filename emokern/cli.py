@@ -240,6 +240,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     check_engine(args.engine)
     if args.engine == "vllm":
         check_vllm_model(args.model)
+    elif args.vllm_eager:
+        raise ValueError("--vllm-eager is a setting of --engine vllm")
     weights = parse_weights(args.weights)
     prompts = load_prompts(args.prompts)
     bank = _load_bank(args.bank)

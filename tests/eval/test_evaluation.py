@@ -201,6 +201,8 @@ def test_cli_vllm_engine_errors_before_loading_anything(capsys, tmp_path, monkey
     assert main(["eval", "--engine", "vllm", "--model", str(tmp_path / "m.gguf"),
                  "--out", str(tmp_path / "o")]) == 2
     assert "Hugging Face checkpoint directory" in capsys.readouterr().err
+    assert main(["eval", "--vllm-eager", "--out", str(tmp_path / "o")]) == 2
+    assert "--vllm-eager is a setting of --engine vllm" in capsys.readouterr().err
     with pytest.raises(ValueError, match="engine must be one of"):
         engines.check_engine("llamacpp")
 
@@ -215,3 +217,27 @@ def test_report_names_the_engine(tiny, embedder, scorer, tmp_path):
     assert "Engine hf: transformers generate, batches of 3 rows" in \
         (tmp_path / "report.md").read_text()
     assert json.loads((tmp_path / "results.json").read_text())["config"]["engine"] == "hf"
+
+
+def test_vllm_engine_settings_are_stable_across_runs(tiny, tmp_path, monkeypatch):
+    """vLLM keys its compiled-graph cache on the engine's settings: the bank's file is named by
+    its content (the same bank twice: one path; another bank: another), the context length is
+    rounded up to a power of two, and the settings follow the grid (levels only with edits)."""
+    model, _, bank = tiny
+    monkeypatch.setenv("EMOKERN_CACHE", str(tmp_path))
+    first, again = engines._bank_file(bank), engines._bank_file(bank)
+    assert first == again and first.parent == tmp_path / "eval-banks"
+    assert type(bank).load(first).names == bank.names
+    other = engines._bank_file(bank.select(bank.names[:2]))
+    assert other != first and len(list(first.parent.iterdir())) == 2
+    assert [engines._max_model_len(n) for n in (40, 256, 257, 700)] == [256, 256, 512, 1024]
+    pushes = grid_rows(PROMPTS, ["joy"], [0.0, 2.0], bank)
+    settings = engines.vllm_settings(model, first, pushes, [1], max_model_len=256, seed=0)
+    assert settings["dtype"] == "float32" and not settings["enable_prefix_caching"]
+    assert settings["additional_config"]["emokern"] == {
+        "bank": str(first), "layers": [1], "spread": "divide", "levels": False,
+        "monitor": False}
+    edits = grid_rows(PROMPTS, ["joy"], ["<=0"], bank)
+    assert engines.vllm_settings(model, first, edits, [1], max_model_len=256, seed=0,
+                                 options={"enforce_eager": True})["enforce_eager"]
+    assert engines._has_edits(edits) and not engines._has_edits(pushes)
