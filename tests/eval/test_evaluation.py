@@ -201,8 +201,8 @@ def test_cli_vllm_engine_errors_before_loading_anything(capsys, tmp_path, monkey
     assert main(["eval", "--engine", "vllm", "--model", str(tmp_path / "m.gguf"),
                  "--out", str(tmp_path / "o")]) == 2
     assert "Hugging Face checkpoint directory" in capsys.readouterr().err
-    assert main(["eval", "--vllm-eager", "--out", str(tmp_path / "o")]) == 2
-    assert "--vllm-eager is a setting of --engine vllm" in capsys.readouterr().err
+    assert main(["eval", "--vllm-compile", "--out", str(tmp_path / "o")]) == 2
+    assert "--vllm-compile is a setting of --engine vllm" in capsys.readouterr().err
     with pytest.raises(ValueError, match="engine must be one of"):
         engines.check_engine("llamacpp")
 
@@ -234,10 +234,11 @@ def test_vllm_engine_settings_are_stable_across_runs(tiny, tmp_path, monkeypatch
     pushes = grid_rows(PROMPTS, ["joy"], [0.0, 2.0], bank)
     settings = engines.vllm_settings(model, first, pushes, [1], max_model_len=256, seed=0)
     assert settings["dtype"] == "float32" and not settings["enable_prefix_caching"]
+    assert settings["enforce_eager"]
     assert settings["additional_config"]["emokern"] == {
         "bank": str(first), "layers": [1], "spread": "divide", "levels": False,
         "monitor": False}
     edits = grid_rows(PROMPTS, ["joy"], ["<=0"], bank)
-    assert engines.vllm_settings(model, first, edits, [1], max_model_len=256, seed=0,
-                                 options={"enforce_eager": True})["enforce_eager"]
+    assert not engines.vllm_settings(model, first, edits, [1], max_model_len=256, seed=0,
+                                     options={"enforce_eager": False})["enforce_eager"]
     assert engines._has_edits(edits) and not engines._has_edits(pushes)

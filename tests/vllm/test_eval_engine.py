@@ -4,8 +4,8 @@ through both, compared row by row, and the report files of the vLLM run. Run by
 ``make test-vllm`` in ``.venv-vllm`` (which has the evaluation's scorers); skipped where vLLM is
 not installed (``make test``).
 
-One vLLM engine is loaded (compiled, as ``emokern eval --engine vllm`` runs it; with levels
-on, since the grid has one).
+One vLLM engine is loaded (eager, as ``emokern eval --engine vllm`` runs it by default; with
+levels on, since the grid has one).
 """
 
 import json
@@ -63,8 +63,9 @@ def test_vllm_run_writes_the_same_report(both):
     assert config["engine"] == "vllm" and config["n_rows"] == 15
     emokern_settings = config["vllm"]["settings"]["additional_config"]["emokern"]
     assert emokern_settings["layers"] == results["hf"]["config"]["layers"]
-    assert emokern_settings["levels"] is True and config["vllm"]["settings"]["dtype"] == \
-        "float32"
+    assert emokern_settings["levels"] is True
+    assert config["vllm"]["settings"]["dtype"] == "float32"
+    assert config["vllm"]["settings"]["enforce_eager"] is True
     assert saved["seconds"]["engine_load"] > 0 and saved["seconds"]["generate"] > 0
     assert all(r["projections"] is None for r in saved["rows"])
     hf_keys = [(a["emotion"], a["label"]) for a in results["hf"]["aggregates"]]
@@ -72,7 +73,8 @@ def test_vllm_run_writes_the_same_report(both):
     for a, b in zip(results["hf"]["aggregates"], saved["aggregates"], strict=True):
         assert a["eps"] == pytest.approx(b["eps"]) and b.get("reading") is None
     report = (out["vllm"] / "report.md").read_text()
-    assert "Engine vllm: vLLM" in report and "| sadness | @3 |" in report
+    assert "Engine vllm: vLLM" in report and "(eager, float32)" in report
+    assert "| sadness | @3 |" in report
     assert "engine load" in report
     for png in ("eps.png", "perplexity.png", "tradeoff.png"):
         assert (out["vllm"] / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
