@@ -21,9 +21,9 @@ aggregates, ``report.md``, the plots) is shared.
     computes its whole prompt, as in Hugging Face); each request ends at the same
     end-of-sequence ids or after ``max_new_tokens``, and the text is decoded from the tokens
     with the same tokenizer call.
-    With greedy decoding the rows are Hugging Face's token for token but for float summation
-    order (vLLM's kernels add in other orders; a near-tie at some step can flip the rest of
-    one answer): ``tests/vllm/test_eval_engine.py`` compares them row by row.
+    With greedy decoding the answers are Hugging Face's but for float summation order
+    (vLLM's kernels add in other orders; a near-tie at some step could flip the rest of one
+    answer): ``tests/vllm/test_eval_engine.py`` compares text and token count row by row.
 
     Eager or compiled: compiling (``options={"enforce_eager": False}``, ``emokern eval
     --vllm-compile``) makes generation about a fifth faster but costs minutes at load on a
