@@ -473,17 +473,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "built-in 60 prompts)")
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64, help="rows per generation")
+    p.add_argument("--batch-size", type=int, default=64, help="rows per generation (--engine hf)")
     p.add_argument("--layers", type=lambda s: [int(x) for x in s.split(",")],
                    help="steered decoder layers (default: the bank's recommendation)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--engine", choices=("hf", "vllm"), default="hf",
                    help="generation engine: hf = Hugging Face generate in batches of "
                         "--batch-size (default); vllm = every row in one vLLM engine with the "
-                        "emokern plugin, one LLM.generate call, a mix per request (same greedy "
-                        "answers but for float summation order, several times faster; needs "
-                        "vLLM: `make setup-vllm`, then .venv-vllm/bin/emokern). Scoring and the "
-                        "report are the same; vllm rows carry no readings")
+                        "emokern plugin, one LLM.generate call, a mix per request (the same greedy "
+                        "answers; generation 3x faster on a 2-core CPU, plus ~35 s to load the "
+                        "engine; needs vLLM: `make setup-vllm`, then .venv-vllm/bin/emokern). "
+                        "Scoring and the report are the same; vllm rows carry no readings")
     p.add_argument("--vllm-compile", action="store_true",
                    help="(--engine vllm) compile the model (default eager): minutes more at "
                         "load, about a fifth less generation time; for grids of thousands of "
