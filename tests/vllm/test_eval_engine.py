@@ -20,6 +20,7 @@ import emokern  # noqa: E402
 from emokern.cli import main  # noqa: E402
 from emokern.eval import EmotionScorer, LexiconScorer, SentenceEmbedder  # noqa: E402
 from emokern.eval.evaluation import evaluate, load_prompts  # noqa: E402
+from emokern.machine import auto_threads  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.model]
 
@@ -30,6 +31,7 @@ GRID = {"emotions": "joy,sadness", "weights": "0,4,@3", "max_new_tokens": 12}
 def both(tmp_path_factory):
     """The grid evaluated by each engine (one vLLM engine load), with shared scorers."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    auto_threads()  # as emokern eval does: on a busy machine a second torch thread costs 10x
     model, tokenizer = emokern.load_model("default")
     bank = emokern.EmotionBank.load_default()
     shared = {"scorer": EmotionScorer(), "lexicon": LexiconScorer(),
