@@ -22,6 +22,7 @@ vLLM is imported inside :func:`sampling_params` only: the rest runs without it.
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import sys
@@ -35,8 +36,17 @@ from emokern.benchmarks.mix_sweep import sweep_conditions
 from emokern.benchmarks.workload import PROMPTS
 from emokern.tokens import encode_prompts
 
-__all__ = ["CapturedLines", "first_differences", "identical_rows", "sampling_params",
-           "sweep_requests", "timed_vllm_generate"]
+__all__ = ["CapturedLines", "close_engine", "first_differences", "identical_rows",
+           "prompt_requests", "sampling_params", "sweep_requests", "timed_vllm_generate"]
+
+
+def prompt_requests(tokenizer, prompts: Sequence[str]) -> list[dict]:
+    """``prompts`` as vLLM requests ``{"prompt_token_ids": [...]}``: each chat-formatted and
+    tokenized exactly as Hugging Face generation feeds it (:func:`emokern.tokens.encode_prompts`,
+    the left-padded batch with its padding removed), so both engines see the same ids."""
+    encoded = encode_prompts(tokenizer, list(prompts))
+    return [{"prompt_token_ids": row[mask.bool()].tolist()} for row, mask in
+            zip(encoded["input_ids"], encoded["attention_mask"], strict=True)]
 
 
 def sweep_requests(tokenizer, bank) -> tuple[list[dict], list[dict[str, float]]]:
@@ -47,27 +57,50 @@ def sweep_requests(tokenizer, bank) -> tuple[list[dict], list[dict[str, float]]]
     Face sweep does (:func:`emokern.tokens.encode_prompts`, padding removed); ``mixes[i]`` is
     condition ``i // 8`` of :func:`~emokern.benchmarks.mix_sweep.sweep_conditions` (bank units).
     """
-    encoded = encode_prompts(tokenizer, list(PROMPTS))
-    ids = [row[mask.bool()].tolist() for row, mask in
-           zip(encoded["input_ids"], encoded["attention_mask"], strict=True)]
+    ids = [request["prompt_token_ids"] for request in prompt_requests(tokenizer, PROMPTS)]
     conditions = sweep_conditions(bank)
     prompts = [{"prompt_token_ids": list(ids[p])} for _ in conditions for p in range(len(ids))]
     mixes = [dict(mix) for mix in conditions for _ in ids]
     return prompts, mixes
 
 
-def sampling_params(mixes: Sequence[Mapping[str, float] | None], new_tokens: int) -> list:
-    """One greedy ``vllm.SamplingParams`` per request, exactly ``new_tokens`` tokens each, with
-    the request's mix as ``extra_args["emotion"]`` (no ``extra_args`` for ``None``)."""
+def sampling_params(mixes: Sequence[Mapping | None], new_tokens: int, *,
+                    fixed_length: bool = True, stop_token_ids: Sequence[int] = (),
+                    detokenize: bool = True) -> list:
+    """One greedy ``vllm.SamplingParams`` per request, with the request's mix as
+    ``extra_args["emotion"]`` (no ``extra_args`` for ``None``; any form of the mix grammar).
+
+    With ``fixed_length`` (the benchmarks) exactly ``new_tokens`` tokens each
+    (``min_tokens = max_tokens``, ``ignore_eos``); without it (the evaluation) at most
+    ``new_tokens``, ending at the first of ``stop_token_ids`` or the tokenizer's EOS, which is
+    kept in the output as Hugging Face's ``generate`` keeps it. ``detokenize=False`` leaves the
+    text to the caller (fewer front-end cycles when it decodes the tokens itself).
+    """
     # Imported here: only the vLLM environment has vLLM.
     from vllm import SamplingParams
 
     if new_tokens < 1:
         raise ValueError(f"sampling_params: new_tokens must be at least 1, got {new_tokens}")
-    return [SamplingParams(temperature=0.0, max_tokens=new_tokens, min_tokens=new_tokens,
-                           ignore_eos=True,
-                           extra_args=None if mix is None else {"emotion": dict(mix)})
+    length = {"min_tokens": new_tokens, "ignore_eos": True} if fixed_length else \
+        {"stop_token_ids": sorted(int(t) for t in stop_token_ids)}
+    return [SamplingParams(temperature=0.0, max_tokens=new_tokens, detokenize=detokenize,
+                           extra_args=None if mix is None else {"emotion": _plain(mix)},
+                           **length)
             for mix in mixes]
+
+
+def _plain(mix):
+    """A mix as plain JSON-able data (dicts copied, nested ones too)."""
+    if isinstance(mix, Mapping):
+        return {k: _plain(v) for k, v in mix.items()}
+    return mix
+
+
+def close_engine(llm) -> None:
+    """Shut a ``vllm.LLM``'s engine core and its worker processes down now (rather than when
+    the object is collected), so the next engine gets the memory and the cores."""
+    llm.llm_engine.engine_core.shutdown()
+    gc.collect()
 
 
 def timed_vllm_generate(llm, prompts: Sequence[dict], params: Sequence) -> tuple[list, float]:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from emokern.files import atomic_write
 
-__all__ = ["format_report", "format_table", "plot_eps", "plot_perplexity", "plot_tradeoff"]
+__all__ = ["engine_line", "format_report", "format_table", "plot_eps", "plot_perplexity",
+           "plot_tradeoff"]
 
 
 def _fmt(value, spec: str = ".2f") -> str:
@@ -87,11 +88,30 @@ def format_report(result: dict) -> str:
         "monitor's mean reading of the target "
         + ("(standard scores against the bank's neutral baseline)." if c.get("calibrated")
            else "(raw projections: the bank has no neutral baseline)."), "",
-        f"Generation {result['seconds']['generate']} s, scoring {result['seconds']['score']} s "
-        f"on {result['machine'].get('cpu_model', '?')} "
+        f"{engine_line(result)}; generation {result['seconds']['generate']} s"
+        + (f" (engine load {result['seconds']['engine_load']} s more)"
+           if "engine_load" in result["seconds"] else "")
+        + f", scoring {result['seconds']['score']} s on {result['machine'].get('cpu_model', '?')} "
         f"({result['machine'].get('torch_threads')} torch threads).",
     ]
+    if c.get("engine") == "vllm":
+        lines += ["", "The vLLM engine reads no emotions (its monitor reads the steered layers, "
+                      "not the bank's detection layers): the reading column is empty."]
     return "\n".join(lines) + "\n"
+
+
+def engine_line(result: dict) -> str:
+    """Which engine generated the answers, and how."""
+    c = result["config"]
+    if c.get("engine") != "vllm":
+        return (f"Engine hf: transformers generate, batches of {c.get('batch_size')} rows, a "
+                f"mix per row")
+    v = c.get("vllm", {})
+    compiled = not v.get("settings", {}).get("enforce_eager", False)
+    return (f"Engine vllm: vLLM {v.get('version', '?')} with the emokern plugin "
+            f"({'compiled' if compiled else 'eager'}, "
+            f"{v.get('settings', {}).get('dtype', '?')}), one LLM.generate call of "
+            f"{c['n_rows']} requests, a mix per request")
 
 
 def _figure():

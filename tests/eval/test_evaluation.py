@@ -9,7 +9,7 @@ import pytest
 from helpers import random_bank
 
 from emokern.cli import main
-from emokern.eval import evaluation
+from emokern.eval import engines, evaluation
 from emokern.eval.evaluation import (
     EVAL_PROMPTS_FILE,
     evaluate,
@@ -42,7 +42,9 @@ def no_generation(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("generation ran despite bad input")
 
-    monkeypatch.setattr(evaluation, "generate", refuse)
+    monkeypatch.setattr(engines, "generate", refuse)
+    monkeypatch.setattr(engines, "generate_vllm", refuse)
+    monkeypatch.setattr(evaluation, "generate_vllm", refuse)
 
 
 def test_builtin_prompts_are_new_to_the_project():
@@ -178,3 +180,65 @@ def test_cli_errors_before_loading_the_model(capsys, tmp_path, monkeypatch):
     assert main(["eval", "--out", str(tmp_path / "o"), "--alphas", "1,x"]) == 2
     err = capsys.readouterr().err
     assert "--alphas is deprecated, use --weights" in err and "none of a number" in err
+
+
+def test_cli_vllm_engine_errors_before_loading_anything(capsys, tmp_path, monkeypatch):
+    """``--engine vllm`` where vLLM cannot be imported, or with a model vLLM cannot load: one
+    error, before the bank, the prompts or the model load."""
+    from emokern import models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("loaded despite an engine that cannot run")
+
+    monkeypatch.setattr(models, "load_model", refuse)
+    monkeypatch.setattr(evaluation, "load_prompts", refuse)
+    monkeypatch.setattr(engines, "_vllm_importable", lambda: False)
+    assert main(["eval", "--engine", "vllm", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("emokern eval: error: engine 'vllm' needs vLLM")
+    assert "make setup-vllm" in err and ".venv-vllm" in err
+    monkeypatch.setattr(engines, "_vllm_importable", lambda: True)
+    assert main(["eval", "--engine", "vllm", "--model", str(tmp_path / "m.gguf"),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "Hugging Face checkpoint directory" in capsys.readouterr().err
+    assert main(["eval", "--vllm-compile", "--out", str(tmp_path / "o")]) == 2
+    assert "--vllm-compile is a setting of --engine vllm" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="engine must be one of"):
+        engines.check_engine("llamacpp")
+
+
+def test_report_names_the_engine(tiny, embedder, scorer, tmp_path):
+    model, tokenizer, bank = tiny
+    result = evaluate(model, tokenizer, bank, emotions="joy", weights="0,1", prompts=PROMPTS,
+                      max_new_tokens=2, batch_size=3, out=tmp_path, progress=False,
+                      scorer=scorer, embedder=embedder)
+    assert result["config"]["engine"] == "hf"
+    assert set(result["seconds"]) == {"generate", "score"}
+    assert "Engine hf: transformers generate, batches of 3 rows" in \
+        (tmp_path / "report.md").read_text()
+    assert json.loads((tmp_path / "results.json").read_text())["config"]["engine"] == "hf"
+
+
+def test_vllm_engine_settings_are_stable_across_runs(tiny, tmp_path, monkeypatch):
+    """vLLM keys its compiled-graph cache on the engine's settings: the bank's file is named by
+    its content (the same bank twice: one path; another bank: another), the context length is
+    rounded up to a power of two, and the settings follow the grid (levels only with edits)."""
+    model, _, bank = tiny
+    monkeypatch.setenv("EMOKERN_CACHE", str(tmp_path))
+    first, again = engines._bank_file(bank), engines._bank_file(bank)
+    assert first == again and first.parent == tmp_path / "eval-banks"
+    assert type(bank).load(first).names == bank.names
+    other = engines._bank_file(bank.select(bank.names[:2]))
+    assert other != first and len(list(first.parent.iterdir())) == 2
+    assert [engines._max_model_len(n) for n in (40, 256, 257, 700)] == [256, 256, 512, 1024]
+    pushes = grid_rows(PROMPTS, ["joy"], [0.0, 2.0], bank)
+    settings = engines.vllm_settings(model, first, pushes, [1], max_model_len=256, seed=0)
+    assert settings["dtype"] == "float32" and not settings["enable_prefix_caching"]
+    assert settings["enforce_eager"]
+    assert settings["additional_config"]["emokern"] == {
+        "bank": str(first), "layers": [1], "spread": "divide", "levels": False,
+        "monitor": False}
+    edits = grid_rows(PROMPTS, ["joy"], ["<=0"], bank)
+    assert not engines.vllm_settings(model, first, edits, [1], max_model_len=256, seed=0,
+                                     options={"enforce_eager": False})["enforce_eager"]
+    assert engines._has_edits(edits) and not engines._has_edits(pushes)
