@@ -2,16 +2,18 @@
 once, with random mixes, some clients vanishing mid-stream or before their answer, some
 sending bad mixes, on a KV cache so small that vLLM keeps preempting.
 
-One server for the module (the default model, eager: it starts in about a minute instead of
-several; levels on, so levels, caps, floors and erase are in the pool; 10 KV blocks of 32
-tokens, 16 sequences, 32-token steps: chunked prefill and preemption). :data:`CLIENTS` threads
-share :data:`REQUESTS` requests drawn from a seeded RNG (``EMOKERN_SOAK_REQUESTS``), and stop
-taking new ones after :data:`SECONDS` (``EMOKERN_SOAK_SECONDS``) so the module stays bounded on
-a slow machine; the summary printed says what was reached. Of the requests, about
+One server for the module (the default model, eager: it starts in under a minute instead of
+several; levels on, so levels, caps, floors and erase are in the pool; 8 KV blocks of 32
+tokens for up to 16 sequences, 32-token steps: prompts prefilled in chunks, requests
+preempted). :data:`CLIENTS` threads share :data:`REQUESTS` requests drawn from a seeded RNG
+(``EMOKERN_SOAK_REQUESTS``) and stop taking new ones after :data:`SECONDS`
+(``EMOKERN_SOAK_SECONDS``), so the module stays bounded on a slow machine; the summary printed
+says what was reached. Of the requests, about
 
 * 70 % are well-formed, sent with the ``openai`` client: completions (one or two prompts) or
-  chat, streamed or not, one or two choices, greedy, 4-8 tokens, a random mix (pushes,
-  levels, caps, floors, erase, ``rec``, the object form, or none);
+  chat, streamed or not, 4-12 tokens, greedy (or two sampled choices, :data:`SAMPLED`), a
+  random mix: pushes, levels, caps, floors, erase, ``rec``, the object form (as JSON text:
+  vLLM takes only strings and numbers in ``vllm_xargs``), or none;
 * 10 % open a stream over raw HTTP, read its first event and close the connection;
 * 10 % are aborted over a raw socket: closed after a random wait before the answer (or, one
   in four, in the middle of sending the body);
@@ -19,18 +21,19 @@ a slow machine; the summary printed says what was reached. Of the requests, abou
   beyond the server's limits, NaN, wrong types, conflicting terms), streamed or not.
 
 Checked: no well-formed request ends in a 5xx, a connection error or anything but 200, and
-every answer carries readings for each choice whose counts match the tokens; every bad mix is
-a 400 in vLLM's error format naming ``vllm_xargs['emotion']``, counted under its reason in
+every answer carries readings for each choice, whose counts match the tokens; disconnected
+and aborted requests never see an error status; every bad mix is a 400 in vLLM's error format
+naming ``vllm_xargs['emotion']``, counted under its reason in
 ``emokern_rejected_mixes_total``; vLLM preempted (``vllm:num_preemptions``); once the engine
-is idle no request holds a steering slot (``emokern_slots_in_use`` = 0); a seeded sample of
-the answers (streams, several choices and levels among them), each replayed alone afterwards,
-gives the same text and readings (``count`` exactly, ``mean``/``last`` within
-:data:`READING_ATOL`); greedy choices of one prompt agree with each other; the server's
-resident memory (API server, engine core, workers) grows by at most :data:`RSS_GROWTH_BOUND`
-between the end of a warm-up batch and the end of the load.
+is idle no request holds a steering slot (``emokern_slots_in_use`` = 0); the server logged no
+error; a seeded sample of :data:`REPLAYS` greedy answers (streams, two prompts and level mixes
+among them), each sent again alone afterwards, gives the same text and readings (``count``
+exactly, ``mean``/``last`` within :data:`READING_ATOL`); the server's resident memory (API
+server, engine core, worker: the sum of their ``VmRSS``) grows by at most
+:data:`RSS_GROWTH_BOUND` from the end of a warm-up batch to the end of the load.
 
 Run by ``make test-vllm``; ``EMOKERN_SOAK_REQUESTS=20000 EMOKERN_SOAK_SECONDS=3600`` for a
-longer soak by hand.
+longer soak by hand. Figures: README, "Load and faults".
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ REQUESTS = int(os.environ.get("EMOKERN_SOAK_REQUESTS", "2000"))
 SECONDS = float(os.environ.get("EMOKERN_SOAK_SECONDS", "300"))
 CLIENTS = 32
 WARMUP = 64
+TRACE_EVERY_S = 30
 REPLAYS = 24
 MAX_NUM_SEQS = 16
 #: Readings of the same request alone and under load (hidden-state units, as in
@@ -333,13 +337,20 @@ def send(url: str, client, spec: Spec) -> Outcome:
     return send_ok(client, spec)
 
 
-def run_load(url: str, client, specs: list[Spec], seconds: float) -> tuple[list[Outcome], float]:
+def run_load(url: str, client, specs: list[Spec], seconds: float,
+             trace: list | None = None) -> tuple[list[Outcome], float]:
     """:data:`CLIENTS` threads take the specs in order until none is left or ``seconds`` have
-    passed; every request taken is finished."""
+    passed; every request taken is finished. ``trace`` gets ``(seconds, requests done, server
+    RSS)`` every :data:`TRACE_EVERY_S`."""
     outcomes: list[Outcome] = []
     lock = threading.Lock()
     taken = iter(specs)
     start = time.monotonic()
+    done = threading.Event()
+
+    def sample():
+        while trace is not None and not done.wait(TRACE_EVERY_S):
+            trace.append((time.monotonic() - start, len(outcomes), server_rss(url)))
 
     def one_client():
         while time.monotonic() - start < seconds:
@@ -351,9 +362,15 @@ def run_load(url: str, client, specs: list[Spec], seconds: float) -> tuple[list[
             with lock:
                 outcomes.append(outcome)
 
-    with concurrent.futures.ThreadPoolExecutor(CLIENTS) as pool:
-        for f in [pool.submit(one_client) for _ in range(CLIENTS)]:
-            f.result()
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(CLIENTS) as pool:
+            for f in [pool.submit(one_client) for _ in range(CLIENTS)]:
+                f.result()
+    finally:
+        done.set()
+        sampler.join()
     return sorted(outcomes, key=lambda o: o.spec.index), time.monotonic() - start
 
 
@@ -392,10 +409,14 @@ def settle(url: str, timeout: float = 120) -> dict:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    log = tmp_path_factory.mktemp("soak") / "serve.log"
+def server_log(tmp_path_factory):
+    return tmp_path_factory.mktemp("soak") / "serve.log"
+
+
+@pytest.fixture(scope="module")
+def server(server_log):
     cmd = [sys.executable, "-m", "emokern.cli", "serve", *SERVER_FLAGS]
-    with running(cmd, server_env("2", drop=("EMOKERN_STEERING_API_KEY",)), log) as url:
+    with running(cmd, server_env("2", drop=("EMOKERN_STEERING_API_KEY",)), server_log) as url:
         yield url
 
 
@@ -407,6 +428,7 @@ class Soak:
     after: dict  # /metrics once idle after the load
     rss_before: int
     rss_after: int
+    trace: list  # (seconds, requests done, RSS) during the load
 
 
 @pytest.fixture(scope="module")
@@ -415,10 +437,11 @@ def soak(server) -> Soak:
     run_load(server, client, make_specs(WARMUP, seed=1), seconds=600)
     before = settle(server)
     rss_before = server_rss(server)
-    outcomes, wall = run_load(server, client, make_specs(REQUESTS), SECONDS)
+    trace: list = []
+    outcomes, wall = run_load(server, client, make_specs(REQUESTS), SECONDS, trace)
     after = settle(server)
     rss_after = server_rss(server)
-    soak = Soak(outcomes, wall, before, after, rss_before, rss_after)
+    soak = Soak(outcomes, wall, before, after, rss_before, rss_after, trace)
     _summary(soak)
     return soak
 
@@ -442,6 +465,8 @@ def _summary(soak: Soak) -> None:
           f"slots in use after {soak.after['emokern_slots_in_use']:.0f}, RSS "
           f"{soak.rss_before / 2**20:.0f} -> {soak.rss_after / 2**20:.0f} MiB "
           f"({(soak.rss_after - soak.rss_before) / 2**20:+.0f} MiB)")
+    print("  RSS during the load (s, requests, MiB): "
+          + ", ".join(f"{t:.0f} {n} {rss / 2**20:.0f}" for t, n, rss in soak.trace))
 
 
 def _delta(soak: Soak, name, reason=None) -> float:
@@ -497,6 +522,14 @@ def test_preempted_and_no_slot_left_held(soak):
     assert _delta(soak, "vllm:num_preemptions_total") > 0
     assert soak.after["emokern_slots_in_use"] == 0
     assert soak.after.get("vllm:num_requests_running", 0) == 0
+
+
+def test_the_server_logged_no_error(soak, server_log):
+    """Nothing went wrong out of sight either: no error or traceback in the server's log (an
+    exception in the middleware after a client left would show there, not in any answer)."""
+    bad = [line for line in server_log.read_text(errors="replace").splitlines()
+           if " ERROR " in line or "Traceback" in line or "Exception in ASGI" in line]
+    assert bad == [], "\n".join(bad[:20])
 
 
 def test_resident_memory_growth_is_bounded(soak):
