@@ -22,6 +22,10 @@ import pytest
 START_TIMEOUT_S = 600
 
 
+#: The process of each server :func:`running` holds, by base URL.
+SERVERS: dict[str, subprocess.Popen] = {}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -98,11 +102,13 @@ def running(cmd: list[str], env: dict, log: Path):
     """:func:`start`, :func:`wait`; yield the base URL; :func:`stop` after."""
     since = time.monotonic()
     proc, url = start(cmd, env, log)
+    SERVERS[url] = proc
     try:
         wait(proc, url, log, since)
         print(f"server up in {time.monotonic() - since:.0f} s")
         yield url
     finally:
+        SERVERS.pop(url, None)
         stop(proc)
 
 
@@ -111,3 +117,30 @@ def openai_client(url: str, key: str = "unused", timeout: float = 300):
     import openai
 
     return openai.OpenAI(base_url=url + "/v1", api_key=key, timeout=timeout, max_retries=0)
+
+
+def group_rss(pgid: int) -> dict[int, int]:
+    """Resident memory (``VmRSS``, bytes) of every live process in process group ``pgid``, by
+    pid (a server started by :func:`start` leads its own group: the API server, vLLM's engine
+    core and its workers)."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            # the fields after the command name (which may hold spaces and parentheses)
+            if int(stat[stat.rindex(")") + 2:].split()[2]) != pgid:
+                continue
+            for line in (entry / "status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    out[int(entry.name)] = int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):  # gone meanwhile, or a kernel thread
+            continue
+    return out
+
+
+def server_rss(url: str) -> int:
+    """The resident memory (bytes) of the server :func:`running` holds at ``url``: the sum of
+    :func:`group_rss` over its process group (pages shared between them counted in each)."""
+    return sum(group_rss(SERVERS[url].pid).values())
