@@ -61,7 +61,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.model]
 #: Requests sent in all (``EMOKERN_SOAK_REQUESTS``) and the time after which no new one is
 #: sent (``EMOKERN_SOAK_SECONDS``), whichever comes first.
 REQUESTS = int(os.environ.get("EMOKERN_SOAK_REQUESTS", "2000"))
-SECONDS = float(os.environ.get("EMOKERN_SOAK_SECONDS", "300"))
+SECONDS = float(os.environ.get("EMOKERN_SOAK_SECONDS", "240"))
 CLIENTS = 32
 WARMUP = 64
 TRACE_EVERY_S = 30
