@@ -17,11 +17,12 @@ MODEL_LAYERS = 30
 
 class Engine:
     """vLLM's ``engine_client`` as the middleware reads it: the additional config, the model's
-    layer count, and ``collective_rpc("emokern_readings")`` answered by one worker with
-    ``readings`` (request id → reading); every call recorded in :attr:`rpc`."""
+    layer count, its device type, and ``collective_rpc("emokern_readings")`` answered by one
+    worker with ``readings`` (request id → reading); every call recorded in :attr:`rpc`."""
 
-    def __init__(self, additional, readings=None):
-        self.vllm_config = SimpleNamespace(additional_config=additional)
+    def __init__(self, additional, readings=None, device="cuda"):
+        self.vllm_config = SimpleNamespace(additional_config=additional,
+                                           device_config=SimpleNamespace(device_type=device))
         self.model_config = SimpleNamespace(
             hf_text_config=SimpleNamespace(num_hidden_layers=MODEL_LAYERS))
         self.readings = readings or {}
@@ -46,8 +47,9 @@ class App:
     with the messages ``answer`` (default 200 ``{}``) and records what it received in
     :attr:`received` (path, whole body)."""
 
-    def __init__(self, additional=None, *, api_key=None, readings=None, answer=None):
-        self.state = SimpleNamespace(engine_client=Engine(additional, readings),
+    def __init__(self, additional=None, *, api_key=None, readings=None, answer=None,
+                 device="cuda"):
+        self.state = SimpleNamespace(engine_client=Engine(additional, readings, device),
                                      args=SimpleNamespace(api_key=api_key))
         self.received = []
         self.answer = answer or json_answer({})

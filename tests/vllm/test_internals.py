@@ -169,6 +169,10 @@ def test_config_fields_exist():
 
     assert "additional_config" in {f.name for f in dataclasses.fields(VllmConfig)}
     assert "scheduler_config" in {f.name for f in dataclasses.fields(VllmConfig)}
+    from vllm.config import DeviceConfig
+
+    assert "device_config" in {f.name for f in dataclasses.fields(VllmConfig)}
+    assert DeviceConfig(device="cpu").device_type == "cpu"  # internals.device_type reads it
     sched = {f.name for f in dataclasses.fields(SchedulerConfig)}
     assert {"max_num_seqs", "max_num_batched_tokens"} <= sched
 

