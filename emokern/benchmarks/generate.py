@@ -225,7 +225,9 @@ def format_table(result: Mapping[str, Any]) -> str:
     load = result.get("load_average", {})
     if load:
         lines += ["", f"Load average (1/5/15 min) before {load['before']}, after {load['after']}; "
-                      f"{result['machine']['cpu_count']} CPUs, "
+                      f"{result['machine']['cpu_count']} CPUs "
+                      f"({result['machine'].get('cpu_model', 'CPU model unknown')}, kernel "
+                      f"instruction set {result['machine'].get('cpu_kernel', {}).get('isa')}), "
                       f"{result['machine']['torch_threads']} torch threads."]
     return "\n".join(lines) + "\n"
 
