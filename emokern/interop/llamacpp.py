@@ -69,7 +69,7 @@ from emokern.bank import EmotionBank
 from emokern.errors import failing
 from emokern.files import atomic_write
 from emokern.steering.config import SteeringConfig
-from emokern.steering.mix import format_mix, is_push, mix_to_weights, normalize_mix
+from emokern.steering.mix import asks_rec, format_mix, is_push, mix_to_weights, normalize_mix
 
 fail = failing("emokern.interop")
 
@@ -123,8 +123,7 @@ def _push_weights(bank: EmotionBank, mix) -> torch.Tensor:
                            who="emokern.interop")
     for name, term in normal.items():
         if not is_push(term):
-            rec = " (its recipe)" if given[name] == "rec" or (
-                isinstance(given[name], dict) and given[name].get("weight") == "rec") else ""
+            rec = " (its recipe)" if asks_rec(given[name]) else ""
             fail(ValueError, f"mix[{name!r}] is {format_mix({name: term})!r}{rec}, a level or "
                              f"bound: a llama.cpp control vector adds one fixed vector per "
                              f"layer, so it carries push weights only (a level depends on each "

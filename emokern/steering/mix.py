@@ -60,8 +60,8 @@ from emokern.errors import failing
 
 fail = failing("emokern.steer")
 
-__all__ = ["ERASE", "FIELDS", "FLOAT32_MAX", "REC", "bank_edits", "check_limits", "format_mix",
-           "has_bounds", "is_push", "mix_to_edits", "mix_to_weights", "normalize_mix",
+__all__ = ["ERASE", "FIELDS", "FLOAT32_MAX", "REC", "asks_rec", "bank_edits", "check_limits",
+           "format_mix", "has_bounds", "is_push", "mix_to_edits", "mix_to_weights", "normalize_mix",
            "parse_mix", "raw_bounds"]
 
 #: The value that stands for an emotion's recipe (:meth:`emokern.EmotionBank.recommended`).
@@ -179,6 +179,12 @@ def _resolve(term: Term, name: str, recommended, where: str, fail_: Callable) ->
                           f"{' and a '.join(_KIND[f] for f in FIELDS if f in fields)}")
     fields.update(resolved)
     return _combine(fields, where, fail_)
+
+
+def asks_rec(term: Term) -> bool:
+    """Whether a term, ``rec`` unresolved (:func:`normalize_mix` without ``recommended``), asks
+    for the emotion's recipe: ``"rec"`` or a dict whose ``weight`` is ``"rec"``."""
+    return _fields(term).get("weight") == REC
 
 
 def is_push(term: Term) -> bool:

@@ -35,6 +35,7 @@ from emokern.steering.config import SPREADS, SteeringConfig
 from emokern.steering.mix import (
     FLOAT32_MAX,
     REC,
+    asks_rec,
     bank_edits,
     check_limits,
     format_mix,
@@ -415,8 +416,7 @@ def _checked_mix(extra_args, config: EmokernConfig, argument: str) -> dict | Non
     # the emotions whose edit is their recipe ('rec'), for the message (the mix is valid here)
     given = normalize_mix(extra_args[EXTRA_KEY], bank.names, argument=argument,
                           who="emokern.vllm")
-    recipes = [n for n, t in given.items() if t == REC or (isinstance(t, dict)
-                                                            and t.get("weight") == REC)]
+    recipes = [n for n, t in given.items() if asks_rec(t)]
     check_limits(normal, max_weight=max_weight, max_level=max_level, argument=argument,
                  who="emokern.vllm", source="this server's limit", how=_LIMIT_HOW,
                  recipes=recipes)

@@ -75,7 +75,7 @@ import logging
 import math
 from collections.abc import Iterable, Mapping
 
-from emokern.steering.mix import REC, normalize_mix
+from emokern.steering.mix import asks_rec, normalize_mix
 
 __all__ = ["KINDS", "READING_BUCKETS", "REASONS", "SLOTS_METHOD", "SLOTS_TIMEOUT_S", "Metrics",
            "current", "edit_kinds", "record_readings", "record_rejected", "record_slots",
@@ -157,7 +157,7 @@ def edit_kinds(mix, normal: Mapping | None, presets: Iterable[tuple[str, str]] =
         raw = normalize_mix(written, argument="mix", who="emokern.vllm")
     except (TypeError, ValueError):  # accepted already: cannot happen, and counts no rec
         raw = {}
-    if any(t == REC or (isinstance(t, Mapping) and t.get("weight") == REC) for t in raw.values()):
+    if any(asks_rec(t) for t in raw.values()):
         found.add("rec")
     return tuple(k for k in KINDS if k in found)
 

@@ -71,6 +71,7 @@ class SlotTable:
                  neutral: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         n_slots = 3 * max_requests
         self.n_layers, self.n_emotions, self.n_slots = n_layers, n_emotions, n_slots
+        self.max_requests = max_requests
         self.scale = float(scale)
         self.slot_weights = torch.zeros(n_slots, n_emotions, device=device)
         self.token_slot = torch.full((max_tokens,), -1, dtype=torch.int32, device=device)
@@ -107,7 +108,7 @@ class SlotTable:
     @property
     def capacity(self) -> int:
         """Requests that can hold slots at once (``max_requests``)."""
-        return self.n_slots // 3
+        return self.max_requests
 
     @property
     def in_use(self) -> int:
@@ -150,7 +151,7 @@ class SlotTable:
             idle = next((r for r, p in self._pair.items() if p is not None and r not in busy),
                         None)
             if idle is None:
-                raise RuntimeError(f"emokern.vllm: all {self.n_slots // 3} steering slots are "
+                raise RuntimeError(f"emokern.vllm: all {self.capacity} steering slots are "
                                    f"in use; raise additional_config['emokern']['max_requests']")
             self.release(idle, keep=False)  # unknown again: registered afresh on resuming
         pair = self._free.pop()
