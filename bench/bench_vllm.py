@@ -44,7 +44,6 @@ The engines' worker processes log which kernel backs the packed op; those lines 
 from __future__ import annotations
 
 import argparse
-import gc
 import io
 import json
 import os
@@ -78,12 +77,6 @@ def capped(mix_list: list[dict], z: float = 2.0) -> list[dict]:
         (first, weight), *rest = mix.items()
         out.append({first: {"weight": weight, "max": z}, **dict(rest)})
     return out
-
-
-def close(llm) -> None:
-    """Shut a ``vllm.LLM``'s engine and its worker processes down."""
-    llm.llm_engine.engine_core.shutdown()
-    gc.collect()
 
 
 # ------------------------------------------------------------------------ throughput
@@ -145,6 +138,7 @@ def run_engines(args, layers, prompts, mix_list) -> dict:
     generating), warm each up, then time them in alternating rounds (the order rotates each
     round), so machine drift hits all alike: ratios are paired per round."""
     import emokern.vllm
+    from emokern.benchmarks.serving import close_engine
 
     names = ("unsteered", "emokern", "emokern_levels", "emokern_eager", "hook")
     engines = {n: load_engine(n, args, layers,
@@ -162,7 +156,7 @@ def run_engines(args, layers, prompts, mix_list) -> dict:
         print("round", round_, {n: round(engines[n]["rates"][-1], 1) for n in names},
               flush=True)
     for engine in engines.values():
-        close(engine.pop("llm"))
+        close_engine(engine.pop("llm"))
     return engines
 
 
@@ -227,6 +221,7 @@ def sweep_vs_hf(args, layers, model, tokenizer) -> dict:
     from emokern.benchmarks.hook_baselines import NaiveSteering
     from emokern.benchmarks.mix_sweep import sweep, sweep_loop
     from emokern.benchmarks.serving import (
+        close_engine,
         first_differences,
         identical_rows,
         sampling_params,
@@ -275,7 +270,7 @@ def sweep_vs_hf(args, layers, model, tokenizer) -> dict:
         walls.append(wall)
         print(f"sweep vLLM run {repeat}: {wall:.1f} s", flush=True)
     readings = emokern.vllm.readings(llm, outs)
-    close(llm)
+    close_engine(llm)
     load_after = [round(x, 2) for x in os.getloadavg()]
     # The loop again, after vLLM: the drift of a shared machine between the two sides shows.
     directions = {layer: bank.layer_vectors(layer) for layer in layers}
