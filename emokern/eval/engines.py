@@ -65,6 +65,7 @@ import torch
 from tqdm.auto import tqdm
 
 from emokern.files import cache_root
+from emokern.models import BUILTIN_MODELS
 from emokern.steering import generate
 from emokern.tokens import eos_ids
 
@@ -101,9 +102,10 @@ def check_engine(engine) -> str:
 
 
 def check_vllm_model(model) -> str:
-    """What vLLM loads for ``model`` (a model name as ``emokern eval --model`` takes it):
-    ``"default"`` (its safetensors copy, :func:`emokern.vllm.default_model_dir`, resolved
-    later) or a checkpoint directory with a ``config.json``.
+    """What vLLM loads for ``model`` (a model name as ``emokern eval --model`` takes it): a
+    built-in model's name (``"default"``, ``"gemma3-270m"``: its safetensors copy,
+    :func:`emokern.models.model_dir`, resolved later) or a checkpoint directory with a
+    ``config.json``.
 
     Raises
     ------
@@ -112,12 +114,13 @@ def check_vllm_model(model) -> str:
         directory.
     """
     text = str(model)
-    if text == "default":
+    if text in BUILTIN_MODELS:
         return text
     path = Path(text).expanduser()
     if not (path / "config.json").is_file():
-        raise ValueError(f"engine 'vllm' loads 'default' or a Hugging Face checkpoint directory "
-                         f"(with config.json); {text!r} is neither")
+        raise ValueError(f"engine 'vllm' loads a built-in model ({', '.join(BUILTIN_MODELS)}) "
+                         f"or a Hugging Face checkpoint directory (with config.json); {text!r} "
+                         f"is neither")
     return str(path)
 
 

@@ -54,6 +54,7 @@ from emokern.eval.scorers import EmotionScorer, degeneration, perplexity
 from emokern.eval.similarity import SentenceEmbedder
 from emokern.files import write_json, write_text
 from emokern.machine import machine_info
+from emokern.models import model_dir
 from emokern.steering import parse_mix
 from emokern.steering.mix import REC
 
@@ -304,9 +305,8 @@ def evaluate(model, tokenizer, bank, *, emotions=None, weights="-1,0,1,2,4,rec",
         Generation engine (:mod:`emokern.eval.engines`); ``model`` serves the scoring
         (perplexity) either way.
     vllm_model : path, optional
-        (``"vllm"``) The checkpoint directory vLLM loads; default: ``model_name``, where
-        ``"default"`` is the default model's safetensors copy
-        (:func:`emokern.vllm.default_model_dir`).
+        (``"vllm"``) The checkpoint directory vLLM loads; default: ``model_name``, where a
+        built-in model's name is its safetensors copy (:func:`emokern.models.model_dir`).
     vllm_options : dict, optional
         (``"vllm"``) More ``vllm.LLM`` keywords, applied last (e.g. ``{"enforce_eager":
         False}``: compile the model, :mod:`emokern.eval.engines`).
@@ -349,10 +349,7 @@ def evaluate(model, tokenizer, bank, *, emotions=None, weights="-1,0,1,2,4,rec",
 
     steered_layers = list(bank.recommended_layers) if layers == "auto" else list(layers)
     if engine == "vllm":
-        if vllm_source == "default":
-            from emokern.vllm import default_model_dir
-
-            vllm_source = str(default_model_dir())
+        vllm_source = str(model_dir(vllm_source))  # a built-in name: its safetensors copy
         timing = generate_vllm(model, tokenizer, bank, rows, model_dir=vllm_source,
                                max_new_tokens=max_new_tokens, layers=steered_layers, seed=seed,
                                do_sample=do_sample, progress=progress, options=vllm_options)

@@ -66,8 +66,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from emokern.files import cache_root
-from emokern.models import default_gguf_path, load_model
+from emokern.models import DEFAULT_MODEL, model_dir
 from emokern.vllm.config import CONFIG_KEY, EXTRA_KEY, EmokernConfig, cache_salt, request_mix
 from emokern.vllm.slots import SlotTable
 
@@ -77,22 +76,10 @@ __all__ = ["CONFIG_KEY", "EXTRA_KEY", "EmokernConfig", "SlotTable", "cache_salt"
 
 def default_model_dir(cache_dir=None) -> Path:
     """The directory of the default model's safetensors copy (``config.json``,
-    ``model.safetensors``, tokenizer files) that vLLM loads, made by
-    :func:`emokern.load_model` on first use (``$EMOKERN_CACHE/models/<gguf stem>-<key>``)."""
-    def found():
-        stem = default_gguf_path().stem
-        entries = [p for p in (cache_root(cache_dir) / "models").glob(f"{stem}-*")
-                   if (p / "emokern-cache.json").is_file() and (p / "config.json").is_file()]
-        return max(entries, key=lambda p: p.stat().st_mtime) if entries else None
-
-    path = found()
-    if path is None:
-        load_model("default", cache_dir=cache_dir)
-        path = found()
-    if path is None:
-        raise FileNotFoundError("emokern.vllm: the default model's safetensors cache was not "
-                                "written")
-    return path
+    ``model.safetensors``, tokenizer files) that vLLM loads: ``emokern.models.model_dir("default")``
+    (made on first use, ``$EMOKERN_CACHE/models/<gguf stem>-<key>``). Any built-in model:
+    :func:`emokern.models.model_dir`."""
+    return model_dir(DEFAULT_MODEL, cache_dir=cache_dir)
 
 
 def readings(llm, requests: Iterable | None = None) -> dict[str, dict]:

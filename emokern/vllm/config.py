@@ -25,7 +25,6 @@ import numbers
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -74,11 +73,11 @@ MIN_MAX_LEVEL = 10.0
 class EmokernConfig:
     """Settings of one engine.
 
-    ``bank``: ``"default"`` (the shipped EV bank), ``"ev"`` / ``"concept"`` (a shipped bank by
-    method) or a path to a bank file; ``layers``: ``"auto"`` (the bank's recommended layers) or
-    decoder-layer indices; ``monitor``: keep readings; ``spread``: ``"divide"`` (each of the
-    ``L`` layers adds ``w / L · v_l``) or ``"each"`` (``docs/design.md`` §3);
-    ``norm_preserving``; ``max_requests``: requests with slots alive at once (0: twice vLLM's
+    ``bank``: a bank by name or path as :meth:`emokern.EmotionBank.named` takes it
+    (``"default"``, ``"concept"``, ``"gemma3-270m-ev"``, a bank file); ``layers``: ``"auto"``
+    (the bank's recommended layers) or decoder-layer indices; ``monitor``: keep readings;
+    ``spread``: ``"divide"`` (each of the ``L`` layers adds ``w / L · v_l``) or ``"each"``
+    (``docs/design.md`` §3); ``norm_preserving``; ``max_requests``: requests with slots alive at once (0: twice vLLM's
     ``max_num_seqs``); ``levels``: accept levels, caps, floors and erase in mixes (a
     calibrated bank; the op then reads per-slot bounds and the Gram matrix, so the engine's
     compiled graph differs from the default one, which has none); ``presets``: named mixes
@@ -134,14 +133,10 @@ class EmokernConfig:
         return cls(**values)
 
     def load_bank(self) -> EmotionBank:
-        if self.bank == "default":
-            return EmotionBank.load_default()
-        if self.bank in ("ev", "concept"):
-            return EmotionBank.load_default(self.bank)
-        if not Path(self.bank).is_file():
-            _fail(ValueError, f"bank must be 'default', 'ev', 'concept' or a bank file; "
-                              f"{self.bank!r} is none of these")
-        return EmotionBank.load(self.bank)
+        try:
+            return EmotionBank.named(self.bank)
+        except ValueError as exc:
+            _fail(ValueError, str(exc).removeprefix("EmotionBank: "))
 
     def steering(self, bank: EmotionBank, n_model_layers: int) -> SteeringConfig:
         """These settings validated against ``bank`` and a model of ``n_model_layers`` decoder

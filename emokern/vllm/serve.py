@@ -29,7 +29,8 @@ from emokern.vllm.config import CONFIG_KEY, EmokernConfig, check_presets
 __all__ = ["MIDDLEWARE", "read_presets", "serve", "vllm_argv"]
 
 MIDDLEWARE = "emokern.vllm.http.EmotionMiddleware"
-DEFAULT_NAME = "SmolLM2-135M-Instruct"
+#: The served model name of each built-in model (``--served-model-name`` unless given).
+SERVED_NAMES = {"default": "SmolLM2-135M-Instruct", "gemma3-270m": "gemma-3-270m"}
 
 
 def _given(extra: list[str], flag: str) -> int | None:
@@ -89,7 +90,9 @@ def vllm_argv(*, model: str | None, bank: str, layers: str, host: str, port: int
     Parameters
     ----------
     model : str or None
-        A checkpoint directory (or a name vLLM resolves); None for the default model.
+        A built-in model's name (``"default"``, ``"gemma3-270m"``: its safetensors copy,
+        served under its name in :data:`SERVED_NAMES`), a checkpoint directory (or a name vLLM
+        resolves); None for the default model.
     bank : str
         ``"default"``, ``"ev"``, ``"concept"`` or a bank file.
     layers : str
@@ -161,12 +164,13 @@ def vllm_argv(*, model: str | None, bank: str, layers: str, host: str, port: int
         check_presets(EmokernConfig.from_additional_config(additional))
     except TypeError as exc:
         raise ValueError(str(exc)) from None
-    if model is None:
-        from emokern.vllm import default_model_dir
+    model = "default" if model is None else model
+    if model in SERVED_NAMES:
+        from emokern.models import model_dir
 
-        model = str(default_model_dir())
         if _given(extra, "--served-model-name") is None:
-            extra += ["--served-model-name", DEFAULT_NAME]
+            extra += ["--served-model-name", SERVED_NAMES[model]]
+        model = str(model_dir(model))
     argv = ["--model", model, "--host", host, "--port", str(port),
             "--additional-config", json.dumps(additional), "--middleware", MIDDLEWARE]
     if not cuda and _given(extra, "--dtype") is None:
