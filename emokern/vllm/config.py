@@ -73,22 +73,22 @@ MIN_MAX_LEVEL = 10.0
 class EmokernConfig:
     """Settings of one engine.
 
-    ``bank``: a bank by name or path as :meth:`emokern.EmotionBank.named` takes it
-    (``"default"``, ``"concept"``, ``"gemma3-270m-ev"``, a bank file); ``layers``: ``"auto"``
-    (the bank's recommended layers) or decoder-layer indices; ``monitor``: keep readings;
-    ``spread``: ``"divide"`` (each of the ``L`` layers adds ``w / L · v_l``) or ``"each"``
-    (``docs/design.md`` §3); ``norm_preserving``; ``max_requests``: requests with slots alive at once (0: twice vLLM's
-    ``max_num_seqs``); ``levels``: accept levels, caps, floors and erase in mixes (a
-    calibrated bank; the op then reads per-slot bounds and the Gram matrix, so the engine's
-    compiled graph differs from the default one, which has none); ``presets``: named mixes
-    (``{"calm": "joy=1,anger<=0"}``, any grammar form) a request names instead of a mix
-    (``extra_args={"emotion": "calm"}``), kept as ``(name, mix text)`` pairs and checked
-    against the bank by :func:`check_presets`; ``max_weight``: the largest ``|push weight|``
-    a mix may ask for, ``max_level``: the largest ``|z|`` of a level, cap or floor (positive
-    numbers; None, the default: :func:`default_limits` of the bank, which always admit the
-    bank's own recipes). A mix beyond them — a request's, a preset's, or ``rec`` whose recipe
-    is beyond an operator's tighter limit — is refused at the door (:func:`check_mix`, a 400
-    over HTTP); :func:`limits_of` gives the limits in force.
+    ``bank``: a bank by name or path as :meth:`emokern.EmotionBank.named` takes it (``"default"``,
+    ``"concept"``, ``"gemma3-270m-ev"``, a bank file); ``layers``: ``"auto"`` (the bank's
+    recommended layers) or decoder-layer indices; ``monitor``: keep readings; ``spread``:
+    ``"divide"`` (each of the ``L`` layers adds ``w / L · v_l``) or ``"each"`` (``docs/design.md``
+    §3); ``norm_preserving``; ``max_requests``: requests with slots alive at once (0: twice vLLM's
+    ``max_num_seqs``); ``levels``: accept levels, caps, floors and erase in mixes (a calibrated
+    bank; the op then reads per-slot bounds and the Gram matrix, so the engine's compiled graph
+    differs from the default one, which has none); ``presets``: named mixes (``{"calm":
+    "joy=1,anger<=0"}``, any grammar form) a request names instead of a mix
+    (``extra_args={"emotion": "calm"}``), kept as ``(name, mix text)`` pairs and checked against the
+    bank by :func:`check_presets`; ``max_weight``: the largest ``|push weight|`` a mix may ask for,
+    ``max_level``: the largest ``|z|`` of a level, cap or floor (positive numbers; None, the
+    default: :func:`default_limits` of the bank, which always admit the bank's own recipes). A mix
+    beyond them — a request's, a preset's, or ``rec`` whose recipe is beyond an operator's tighter
+    limit — is refused at the door (:func:`check_mix`, a 400 over HTTP); :func:`limits_of` gives the
+    limits in force.
     """
 
     bank: str = "default"
