@@ -264,6 +264,37 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_study(args: argparse.Namespace) -> int:
+    from emokern.eval.engines import check_engine, check_vllm_model
+    from emokern.eval.evaluation import check_out_dir
+    from emokern.eval.studies import STUDIES, run_studies
+    from emokern.machine import auto_threads
+    from emokern.models import load_model
+
+    check_engine(args.engine)
+    if args.engine == "vllm":
+        check_vllm_model(args.model)
+    studies = [s.strip() for s in args.studies.split(",") if s.strip()]
+    if not studies or any(s not in STUDIES for s in studies):
+        raise ValueError(f"--studies: comma-separated names from {', '.join(STUDIES)}, got "
+                         f"{args.studies!r}")
+    bank = _load_bank(args.bank)
+    if not bank.calibrated and ("dial" in studies or "erase" in studies):
+        raise ValueError("the dial and erase studies set projection levels in standard scores; "
+                         "this bank has no neutral baseline (emokern prepare writes one)")
+    out = check_out_dir(args.out)
+    auto_threads()
+    model, tokenizer = load_model(args.model)
+    result = run_studies(model, tokenizer, bank, out=out, studies=studies,
+                         heldout_prompts=args.heldout_prompts, model_name=args.model,
+                         bank_name=args.bank, max_new_tokens=args.max_new_tokens,
+                         engine=args.engine, batch_size=args.batch_size)
+    print((out / "studies.md").read_text())
+    print(f"wrote {out / 'studies.json'}, {out / 'studies.md'} "
+          f"({result['seconds_total']:.0f} s)")
+    return 0
+
+
 def _parse_shape(text: str):
     from emokern.benchmarks.ops import OpShape
 
@@ -491,6 +522,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "load, about a fifth less generation time; for grids of thousands of "
                         "rows")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("study", help="recipes on held-out prompts, levels as a dial, erase and "
+                       "cap on prompts that evoke the emotion (emokern.eval.studies)")
+    p.add_argument("--model", default="default", help="'default', 'gemma3-270m' or a checkpoint")
+    p.add_argument("--bank", default="concept",
+                   help="'default' (shipped EV bank), 'ev', 'concept', 'gemma3-270m-ev', "
+                        "'gemma3-270m-concept' or a bank .safetensors path")
+    p.add_argument("--studies", default="recipes,dial,erase",
+                   help="comma-separated: recipes, dial, erase")
+    p.add_argument("--heldout-prompts", type=int,
+                   help="use the first n evaluation prompts (default: all 60)")
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--batch-size", type=int, default=64, help="rows per generation (--engine hf)")
+    p.add_argument("--engine", choices=("hf", "vllm"), default="hf",
+                   help="generation engine, as for emokern eval")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=_cmd_study)
 
     p = sub.add_parser("bench", help="run a benchmark suite on this machine and print ratios")
     p.add_argument("suite", choices=("ops", "generate"))
