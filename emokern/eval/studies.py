@@ -106,8 +106,9 @@ def level_dial(model, tokenizer, bank, *, emotions: Sequence[str] = DIAL_EMOTION
     -------
     dict
         ``levels``, ``emotions``: per emotion ``rho_mean``, ``rho_rows`` (prompts; one whose
-        judge score does not change with the level counts as :math:`\rho = 0`), ``share_increasing`` (prompts with :math:`\rho = 1`), per level the mean
-        judge probability ``p`` and mean ``adherence`` (``per_level``, unsteered first),
+        judge score does not change with the level counts as :math:`\rho = 0`),
+        ``share_increasing`` (prompts with :math:`\rho = 1`), per level the mean judge
+        probability ``p`` and mean ``adherence`` (``per_level``, unsteered first),
         ``met`` (:math:`\bar\rho` ≥ :data:`DIAL_TARGET`); ``seconds``.
     """
     levels = sorted(float(z) for z in levels)
