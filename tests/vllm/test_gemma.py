@@ -34,19 +34,21 @@ BANK = f"{GEMMA_MODEL}-ev"
 MAX_TOKENS = 12
 PROMPTS = ["The happiest day of my life was", "My neighbour told me that",
            "When the letter arrived, I", "The weather this morning"]
-# Readings of the same tokens agree within this absolute tolerance, in hidden-state units
-# (Gemma's residual stream is large: projections here are ~10-300). Measured on a 2-core
-# Zen 5: vLLM one rank vs Hugging Face ≤ 2e-4, two ranks vs one ≤ 1e-4 (the ranks sum the
-# sharded matmuls' halves in another order), identical tokens.
-READING_ATOL = 5e-3
+# Readings of the same tokens agree within this absolute tolerance, in hidden-state units.
+# Gemma's residual stream is large (readings here reach ~4,000, where one float32 ulp is
+# 2.4e-4): 2e-2 is 5e-6 of the largest. Measured on a 2-core Zen 5: vLLM one rank vs Hugging
+# Face ≤ 3.4e-3, two ranks vs one ≤ 2.0e-3 (the ranks sum the sharded matmuls' halves in
+# another order), identical tokens.
+READING_ATOL = 2e-2
 
 
 def _mixes(bank) -> list:
-    """One request each: unsteered, pushes, a two-emotion mix, a level and a cap (in the
-    bank's calibrated units)."""
+    """The requests' mixes: every prompt unsteered, then pushes, a two-emotion mix, a level, a
+    cap (levels in the bank's calibrated units) on the prompts in turn."""
     w = 2.0 * bank.default_weight
-    return [None, {"joy": w}, {"sadness": w}, {"anger": w, "fear": 0.5 * w}, "joy@4",
-            {"fear": {"weight": w, "max": 1.0}}, "disgust=-" + f"{w:g}", {"surprise": w}]
+    return [None] * len(PROMPTS) + [
+        {"joy": w}, {"sadness": w}, {"anger": w, "fear": 0.5 * w}, "joy@4",
+        {"fear": {"weight": w, "max": 1.0}}, "disgust=-" + f"{w:g}", {"surprise": w}]
 
 
 def _requests(tokenizer, bank) -> tuple[list[dict], list]:
@@ -103,9 +105,10 @@ def test_one_rank_steers_and_reads_as_the_hugging_face_steerer(one_rank):
     model, _ = emokern.load_model(GEMMA_MODEL)
     bank = emokern.EmotionBank.named(BANK)
     tokens, readings = one_rank["tokens"], one_rank["readings"]
-    # the edits change the answers (else this test could not fail)
-    assert tokens[1] != tokens[0] and tokens[4] != tokens[0]
-    for i in (1, 3, 4, 5):
+    n = len(PROMPTS)
+    # a push and a level change the answer to their prompt (else this test could not fail)
+    assert tokens[n] != tokens[0] and tokens[n + 3] != tokens[3]
+    for i in (n, n + 2, n + 3, n + 4):
         ids = torch.tensor([one_rank["prompts"][i]["prompt_token_ids"]])
         reading = readings[i]
         with emokern.steer(model, bank, mix=[one_rank["mixes"][i]], layers=reading["layers"],
