@@ -246,3 +246,12 @@ def test_serve_puts_the_steering_key_in_the_environment_only(monkeypatch):
     assert started == [KEY]
     with pytest.raises(ValueError, match="must not be empty"):
         serve_module.serve([], cuda=True, steering_key=" ")
+
+
+def test_tensor_parallel_ranks_get_disjoint_cores():
+    from emokern.vllm.serve import cpu_rank_binding
+
+    assert cpu_rank_binding(2, [0, 1]) == "0|1"
+    assert cpu_rank_binding(2, list(range(16))) == "0-7|8-15"
+    assert cpu_rank_binding(2, [0, 2, 4, 6, 8]) == "0,2|4,6"
+    assert cpu_rank_binding(1, [0, 1]) is None and cpu_rank_binding(4, [0, 1]) is None

