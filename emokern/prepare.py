@@ -72,7 +72,8 @@ def prepare(model, tokenizer, out: str | os.PathLike, *, model_name: str = "?",
             methods: Sequence[str] = METHODS, emotions: Sequence[str] | None = None,
             sweep_prompts: Sequence[str] | None = None, max_new_tokens: int = 40,
             batch_size: int = 64, extract_options: dict[str, dict] | None = None,
-            progress: bool = True, scorer=None, embedder=None, lexicon=None) -> dict:
+            progress: bool = True, engine: str = "hf", scorer=None, embedder=None,
+            lexicon=None) -> dict:
     """Extract, calibrate and choose recipes for ``model``, resumably (module docstring).
 
     Parameters
@@ -95,6 +96,11 @@ def prepare(model, tokenizer, out: str | os.PathLike, *, model_name: str = "?",
         recorded in the manifest.
     progress : bool
         Progress bars (stages, and each stage's own).
+    engine : {"hf", "vllm"}
+        Generation engine of the recipe sweep (:mod:`emokern.eval.engines`: ``"vllm"`` runs
+        the sweep's rows in one vLLM engine, about 3x faster generation, for a built-in
+        ``model_name`` or a checkpoint directory; the same greedy answers). Not an option of
+        the result: a prepare may resume with the other engine; each stage records its own.
     scorer, embedder, lexicon : optional
         The sweep's judges (default the real ones; tests pass shared instances).
 
@@ -145,7 +151,8 @@ def prepare(model, tokenizer, out: str | os.PathLike, *, model_name: str = "?",
             bank = EmotionBank.load(_stage_file(out, method, "extract"))
             result = sweep(model, tokenizer, bank, prompts=prompts,
                            max_new_tokens=max_new_tokens, batch_size=batch_size,
-                           progress=progress, scorer=scorer, embedder=embedder, lexicon=lexicon)
+                           progress=progress, scorer=scorer, embedder=embedder, lexicon=lexicon,
+                           engine=engine, model_name=model_name)
             choice = choose(result["aggregates"])
             labels = {e: f"@{r['level']:g}" if r["mode"] == "level" else f"{r['weight']:g}"
                       for e, r in choice.items()}
@@ -155,6 +162,8 @@ def prepare(model, tokenizer, out: str | os.PathLike, *, model_name: str = "?",
                 path, dtype=torch.float16)
         manifest["stages"][key] = {"file": path.name,
                                    "seconds": round(time.perf_counter() - started, 1)}
+        if stage == "recipes":
+            manifest["stages"][key]["engine"] = engine
         write_json(out / MANIFEST, manifest)
     manifest["banks"] = {m: str(_stage_file(out, m, "recipes")) for m in methods}
     write_json(out / MANIFEST, manifest)
