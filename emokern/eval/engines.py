@@ -158,6 +158,24 @@ def _has_edits(rows: list[dict]) -> bool:
     return any(isinstance(term, Mapping) for row in rows for term in row["mix"].values())
 
 
+def _grid_limits(rows: list[dict]) -> dict[str, float]:
+    """The engine limits (``max_weight``, ``max_level``) that admit every mix of the grid: the
+    operator's bound on a server, here the grid the user asked for (the bank's default limits,
+    4x its recipes, would refuse a sweep that goes past them, e.g. a level of 32 on a bank
+    whose recipes reach 6)."""
+    weights, levels = [], []
+    for row in rows:
+        for term in row["mix"].values():
+            if isinstance(term, Mapping):
+                weights += [abs(float(v)) for k, v in term.items() if k == "weight"]
+                levels += [abs(float(v)) for k, v in term.items()
+                           if k in ("level", "max", "min") and v is not None]
+            elif isinstance(term, (int, float)):
+                weights.append(abs(float(term)))
+    limits = {"max_weight": max(weights, default=0.0), "max_level": max(levels, default=0.0)}
+    return {k: v for k, v in limits.items() if v > 0}
+
+
 def vllm_settings(model, bank_path, rows: list[dict], layers: Sequence[int], *,
                   max_model_len: int, seed: int, options: Mapping | None = None) -> dict:
     """The ``vllm.LLM`` keyword arguments of the evaluation's engine (see the module
@@ -170,7 +188,7 @@ def vllm_settings(model, bank_path, rows: list[dict], layers: Sequence[int], *,
                                                   "layers": [int(x) for x in layers],
                                                   "spread": "divide",
                                                   "levels": _has_edits(rows),
-                                                  "monitor": False}}}
+                                                  "monitor": False, **_grid_limits(rows)}}}
     return {**settings, **dict(options or {})}
 
 

@@ -237,7 +237,12 @@ def test_vllm_engine_settings_are_stable_across_runs(tiny, tmp_path, monkeypatch
     assert settings["enforce_eager"]
     assert settings["additional_config"]["emokern"] == {
         "bank": str(first), "layers": [1], "spread": "divide", "levels": False,
-        "monitor": False}
+        "monitor": False, "max_weight": 2.0}
+    # the engine's limits admit the whole grid, however far past the bank's recipes it goes
+    far = grid_rows(PROMPTS, ["joy", "fear"], [-90.0, 3.0, "@32", "<=-40", "erase"], bank)
+    limits = engines.vllm_settings(model, first, far, [1], max_model_len=256, seed=0)
+    assert {k: limits["additional_config"]["emokern"][k] for k in ("max_weight", "max_level")} \
+        == {"max_weight": 90.0, "max_level": 40.0}
     edits = grid_rows(PROMPTS, ["joy"], ["<=0"], bank)
     assert not engines.vllm_settings(model, first, edits, [1], max_model_len=256, seed=0,
                                      options={"enforce_eager": False})["enforce_eager"]
