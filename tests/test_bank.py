@@ -16,6 +16,7 @@ import emokern.bank as bank_module
 from emokern import bankfile
 from emokern.bank import EmotionBank
 from emokern.bankfile import FORMAT
+from emokern.emotions import BASIC_EMOTIONS
 from emokern.models import model_fingerprint, tiny_model
 
 NAMES = ["joy", "sadness", "anger", "fear", "disgust", "surprise"]
@@ -402,7 +403,7 @@ def test_load_default(method):
     assert path.name == f"default-{method}.safetensors"
     assert Path(bank_module.__file__).parent / "data" / "banks" == path.parent
     if not path.exists():
-        with pytest.raises(FileNotFoundError, match=f"emokern extract --method {method}"):
+        with pytest.raises(FileNotFoundError, match="emokern prepare --model default"):
             EmotionBank.load_default(method)
         pytest.skip(f"{path.name} is not built yet (written by the extraction step)")
     bank = EmotionBank.load_default(method)
@@ -410,6 +411,29 @@ def test_load_default(method):
     fp = bank.fingerprint
     assert (fp["architecture"], fp["num_layers"], fp["vocab_size"]) == ("llama", 30, 49152)
     assert set(bank.recommended_layers) <= set(bank.layers)
+
+
+def test_shipped_banks_of_the_second_model():
+    path = EmotionBank.default_path("ev", model="gemma3-270m")
+    assert path.name == "gemma3-270m-ev.safetensors"
+    bank = EmotionBank.load_default("ev", model="gemma3-270m")
+    fp = bank.fingerprint
+    assert (fp["architecture"], fp["num_layers"], bank.dim) == ("gemma3_text", 18, 640)
+    assert bank.calibrated and bank.names[:6] == list(BASIC_EMOTIONS)
+    with pytest.raises(ValueError, match="model must be one of"):
+        EmotionBank.default_path("ev", model="llama-7b")
+
+
+def test_a_bank_is_named_as_every_command_names_it(tmp_path):
+    assert EmotionBank.named("default").method == "ev"
+    assert EmotionBank.named("ev").method == "ev" and EmotionBank.named("concept").method == \
+        "concept"
+    assert EmotionBank.named("gemma3-270m-ev").dim == 640
+    EmotionBank.named("concept").save(tmp_path / "b.safetensors")
+    assert EmotionBank.named(tmp_path / "b.safetensors").method == "concept"
+    for bad in ("gemma3-270m", "default-pca", str(tmp_path / "missing.safetensors")):
+        with pytest.raises(ValueError, match=r"'gemma3-270m-concept'\) or a bank file"):
+            EmotionBank.named(bad)
 
 
 # ------------------------------------------------------- per-emotion weights, neutral baseline
