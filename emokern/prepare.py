@@ -110,7 +110,7 @@ def prepare(model, tokenizer, out: str | os.PathLike, *, model_name: str = "?",
         The manifest: ``options``, ``stages`` (``"<method>/<stage>"`` → file, seconds),
         ``banks`` (method → path of the served bank), ``machine``.
     """
-    from emokern.eval.recommend import SWEEP_PROMPTS, choose, store, sweep
+    from emokern.eval.recommend import SWEEP_PROMPTS, choose, chosen_readings, store, sweep
     from emokern.extract import extract_concept, extract_ev
     from emokern.models import model_fingerprint
 
@@ -154,11 +154,8 @@ def prepare(model, tokenizer, out: str | os.PathLike, *, model_name: str = "?",
                            progress=progress, scorer=scorer, embedder=embedder, lexicon=lexicon,
                            engine=engine, model_name=model_name)
             choice = choose(result["aggregates"])
-            labels = {e: f"@{r['level']:g}" if r["mode"] == "level" else f"{r['weight']:g}"
-                      for e, r in choice.items()}
-            reading = {a["emotion"]: a.get("reading") for a in result["aggregates"]
-                       if labels.get(a["emotion"]) == a["label"]}
-            store(bank, choice, prompts=len(prompts), reading=reading).save(
+            store(bank, choice, prompts=len(prompts),
+                  reading=chosen_readings(choice, result["aggregates"])).save(
                 path, dtype=torch.float16)
         manifest["stages"][key] = {"file": path.name,
                                    "seconds": round(time.perf_counter() - started, 1)}

@@ -31,7 +31,7 @@ from emokern.eval.calibration_sweep import CALIBRATION_PROMPTS
 from emokern.eval.evaluation import evaluate, load_prompts
 
 __all__ = ["DEFAULT_SWEEP_LEVELS", "DEFAULT_SWEEP_WEIGHTS", "SWEEP_PROMPTS", "choose",
-           "format_study", "recipe_study", "store", "sweep"]
+           "chosen_readings", "format_study", "recipe_study", "store", "sweep"]
 
 #: The project's prompts for the sweep: the 8 calibration prompts and the first 16 extraction
 #: queries (none is an evaluation prompt).
@@ -147,6 +147,15 @@ def store(bank, choice: dict[str, dict], *, layers: Sequence[int] | None = None,
     return bank.replace(metadata={"recommended_weights": records})
 
 
+def chosen_readings(choice: Mapping[str, dict], aggregates: Sequence[dict]) -> dict:
+    """Per emotion the mean calibrated reading the sweep measured at its chosen recipe (None
+    where the engine gave no readings: vLLM rows carry none)."""
+    labels = {e: f"@{r['level']:g}" if r["mode"] == "level" else f"{r['weight']:g}"
+              for e, r in choice.items()}
+    return {a["emotion"]: a.get("reading") for a in aggregates
+            if labels.get(a["emotion"]) == a["label"]}
+
+
 def save_shipped(bank, path) -> None:
     """Save a shipped bank in float16 as before (its vectors are float16 values already, so the
     round trip is bit-identical)."""
@@ -179,7 +188,8 @@ def recipe_study(model, tokenizer, bank, *, sweep_prompts: Sequence[str] = SWEEP
                   prompts=sweep_prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                   progress=progress, **options)
     choice = choose(swept["aggregates"])
-    with_recipes = store(bank, choice, prompts=len(sweep_prompts))
+    with_recipes = store(bank, choice, prompts=len(sweep_prompts),
+                         reading=chosen_readings(choice, swept["aggregates"]))
     old = {e: bank.recommended(e) for e in choice}
     old_terms = sorted({r.strength for r in old.values() if r.mode == "push"})
     heldout = evaluate(model, tokenizer, with_recipes, emotions=list(choice),

@@ -329,13 +329,13 @@ def default_limits(bank: EmotionBank) -> tuple[float, float]:
 
     - ``max_weight`` = 4 × the largest ``|weight|`` the bank recommends (each emotion's
       :meth:`~emokern.EmotionBank.recommended_weight`, and the bank-wide
-      :attr:`~emokern.EmotionBank.default_weight`): 48 on the shipped EV bank (fear's 12), 16
-      on the concept bank (anger's 4).
+      :attr:`~emokern.EmotionBank.default_weight`): 48 on the shipped EV bank (fear's 12), 6 on
+      the concept bank (its default weight, 1.5).
     - ``max_level`` = 4 × the largest ``|z|`` the recipes set or reach — a level recipe's
       ``z``, a push recipe's measured reading (``measured["reading"]``, the mean standard
       score of the text it steered), and never below :data:`MIN_MAX_LEVEL` (10; neutral text
       reads within about ±3): 27.55 on the shipped EV bank (sadness reads 6.89 at its
-      recipe), 175.8 on the concept bank (anger reads 43.9).
+      recipe), 64 on the concept bank (fear's level recipe, z = 16).
     """
     weights = [abs(bank.default_weight)] + [abs(bank.recommended_weight(n)) for n in bank.names]
     levels = [MIN_MAX_LEVEL / LIMIT_FACTOR]
