@@ -10,7 +10,8 @@ into the output directory:
    (:func:`emokern.eval.recommend.sweep`: push weights and, on the calibrated bank, levels),
    the choice of each emotion's recipe (:func:`~emokern.eval.recommend.choose`) stored in the
    bank → ``<method>.safetensors``, the file ``emokern serve --bank`` and ``emokern.steer``
-   take as it is.
+   take as it is (the sweep's per-emotion aggregates and choice beside it,
+   ``<method>-sweep.json``).
 
 ``prepare.json`` records the model, the options and every finished stage with its wall time.
 Run again with the same options, a prepare resumes: finished stages (their record and file
@@ -110,6 +111,7 @@ def prepare(model, tokenizer, out: str | os.PathLike, *, model_name: str = "?",
         The manifest: ``options``, ``stages`` (``"<method>/<stage>"`` → file, seconds),
         ``banks`` (method → path of the served bank), ``machine``.
     """
+    from emokern.eval.evaluation import sanitize
     from emokern.eval.recommend import SWEEP_PROMPTS, choose, chosen_readings, store, sweep
     from emokern.extract import extract_concept, extract_ev
     from emokern.models import model_fingerprint
@@ -154,6 +156,9 @@ def prepare(model, tokenizer, out: str | os.PathLike, *, model_name: str = "?",
                            progress=progress, scorer=scorer, embedder=embedder, lexicon=lexicon,
                            engine=engine, model_name=model_name)
             choice = choose(result["aggregates"])
+            write_json(out / f"{method}-sweep.json",
+                       sanitize({"config": result["config"], "seconds": result["seconds"],
+                                 "aggregates": result["aggregates"], "choice": choice}))
             store(bank, choice, prompts=len(prompts),
                   reading=chosen_readings(choice, result["aggregates"])).save(
                 path, dtype=torch.float16)

@@ -30,16 +30,20 @@ from emokern.data import load_queries
 from emokern.eval.calibration_sweep import CALIBRATION_PROMPTS
 from emokern.eval.evaluation import evaluate, load_prompts
 
-__all__ = ["DEFAULT_SWEEP_LEVELS", "DEFAULT_SWEEP_WEIGHTS", "SWEEP_PROMPTS", "choose",
+__all__ = ["DEFAULT_SWEEP_FACTORS", "DEFAULT_SWEEP_LEVELS", "SWEEP_PROMPTS", "choose",
            "chosen_readings", "format_study", "recipe_study", "store", "sweep"]
 
 #: The project's prompts for the sweep: the 8 calibration prompts and the first 16 extraction
 #: queries (none is an evaluation prompt).
 SWEEP_PROMPTS = (*CALIBRATION_PROMPTS, *load_queries()[:16])
 
-#: Weights swept per extraction method (the concept vectors are ~5x longer than EV's).
-DEFAULT_SWEEP_WEIGHTS = {"ev": (2.0, 4.0, 6.0, 8.0, 10.0, 12.0),
-                         "concept": (0.5, 1.0, 1.5, 2.0, 3.0, 4.0)}
+#: Push weights swept per extraction method, as multiples of the bank's default weight (which
+#: extraction sets from the model's own hidden-state scale, :func:`emokern.extract.vectors.
+#: recommend`): on the default model's banks (default weights 6 and 1.5) the EV sweep is
+#: 2, 4, ..., 12 and the concept sweep 0.5, 1, 1.5, 2, 3, 4; on a model whose residual stream
+#: is larger (Gemma 3 270M's EV bank: 27.1) the weights grow with it.
+DEFAULT_SWEEP_FACTORS = {"ev": (1 / 3, 2 / 3, 1.0, 4 / 3, 5 / 3, 2.0),
+                         "concept": (1 / 3, 2 / 3, 1.0, 4 / 3, 2.0, 8 / 3)}
 
 #: Levels (standard scores against the neutral baseline) swept on a calibrated bank.
 DEFAULT_SWEEP_LEVELS = (4.0, 8.0, 16.0, 32.0)
@@ -50,11 +54,13 @@ def sweep(model, tokenizer, bank, *, emotions=None, weights: Sequence[float] | N
           max_new_tokens: int = 40, batch_size: int = 64, progress: bool = True,
           **options) -> dict:
     """Run the evaluation grid over push ``weights`` and ``levels`` on ``prompts`` (defaults:
-    the project's sweep prompts, the method's :data:`DEFAULT_SWEEP_WEIGHTS` and, on a
+    the project's sweep prompts, the method's :data:`DEFAULT_SWEEP_FACTORS` times the bank's
+    default weight and, on a
     calibrated bank, :data:`DEFAULT_SWEEP_LEVELS`; ``levels=()`` sweeps pushes only); returns
     ``evaluate``'s result."""
     if weights is None:
-        weights = DEFAULT_SWEEP_WEIGHTS.get(bank.method or "", DEFAULT_SWEEP_WEIGHTS["ev"])
+        factors = DEFAULT_SWEEP_FACTORS.get(bank.method or "", DEFAULT_SWEEP_FACTORS["ev"])
+        weights = [round(bank.default_weight * f, 3) for f in factors]
     if levels is None:
         levels = DEFAULT_SWEEP_LEVELS if bank.calibrated else ()
     weights = [0.0, *[float(w) for w in weights if float(w) != 0.0],
