@@ -11,7 +11,8 @@ was not chosen on) and, per emotion, chooses (:func:`choose`) the edit
 
 .. math::
     e^* = \arg\max_{e \in E} \big(\mathrm{EPS}(e) - \mathrm{EPS}(0)\big),\quad
-    E = \{e : \overline{\mathrm{distinct}_2} \ge 0.7,\
+    E = \{e : \overline{\mathrm{distinct}_2}(e) \ge
+               \min(0.7,\ 0.9\,\overline{\mathrm{distinct}_2}(0)),\
            \mathrm{median\ ppl}(e) \le 3\,\mathrm{median\ ppl}(0),\
            \overline{\mathrm{adherence}}(e) \ge 0.8\,\overline{\mathrm{adherence}}(0)\}
 
@@ -71,7 +72,8 @@ def sweep(model, tokenizer, bank, *, emotions=None, weights: Sequence[float] | N
 
 
 def choose(aggregates: Sequence[dict], *, min_distinct2: float = 0.7,
-           max_perplexity_ratio: float = 3.0, min_adherence_ratio: float = 0.8) -> dict[str, dict]:
+           min_distinct2_ratio: float = 0.9, max_perplexity_ratio: float = 3.0,
+           min_adherence_ratio: float = 0.8) -> dict[str, dict]:
     """Per emotion, the on-topic fluent edit with the largest judge gain (module docstring).
 
     Parameters
@@ -80,9 +82,12 @@ def choose(aggregates: Sequence[dict], *, min_distinct2: float = 0.7,
         :func:`emokern.eval.metrics.aggregate` records (``emotion``, ``label``: a positive push
         weight such as ``"2"`` or a level such as ``"@8"``, ``weight``, ``gain``,
         ``distinct2``, ``perplexity``, ``adherence``).
-    min_distinct2, max_perplexity_ratio, min_adherence_ratio : float
-        The constraints: mean distinct-2, median perplexity relative to unsteered, mean topic
-        adherence relative to unsteered (a constraint whose measure is missing is not applied).
+    min_distinct2, min_distinct2_ratio, max_perplexity_ratio, min_adherence_ratio : float
+        The constraints: mean distinct-2 at least ``min_distinct2`` — or, on a model whose own
+        unsteered answers fall below it (a base model decoding greedily repeats itself: Gemma
+        3 270M's read 0.51), at least ``min_distinct2_ratio`` of theirs —, median perplexity
+        relative to unsteered, mean topic adherence relative to unsteered (a constraint whose
+        measure is missing is not applied).
 
     Returns
     -------
@@ -98,6 +103,9 @@ def choose(aggregates: Sequence[dict], *, min_distinct2: float = 0.7,
         base = [a for a in records if a["label"] == "0"]
         base_ppl = base[0]["perplexity"] if base else float("nan")
         base_adh = base[0].get("adherence", float("nan")) if base else float("nan")
+        base_d2 = base[0].get("distinct2", float("nan")) if base else float("nan")
+        least_d2 = (min(min_distinct2, min_distinct2_ratio * base_d2) if base_d2 == base_d2
+                    else min_distinct2)
         pushes = sorted((a for a in records if a["label"] not in ("0", "rec")
                          and not a["label"].startswith(("@", "<", ">", "e"))
                          and a["weight"] > 0), key=lambda a: a["weight"])
@@ -112,7 +120,7 @@ def choose(aggregates: Sequence[dict], *, min_distinct2: float = 0.7,
 
         best = None
         for a in [*pushes, *levels]:  # gentler first within each mode: ties keep them
-            fluent = a.get("distinct2", 1.0) >= min_distinct2
+            fluent = a.get("distinct2", 1.0) >= least_d2
             ppl = a.get("perplexity", float("nan"))
             if base_ppl == base_ppl and ppl == ppl and ppl > max_perplexity_ratio * base_ppl:
                 fluent = False

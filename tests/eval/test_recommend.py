@@ -115,3 +115,15 @@ def test_recipe_study_chooses_on_some_prompts_and_judges_on_others(tiny_llama, s
     held = {r["prompt"] for r in study["heldout"]["rows"]}
     assert held == set(load_prompts()[:2]) and not held & set(SWEEP_PROMPTS[:2])
     assert "| joy |" in format_study(study)
+
+
+def test_a_model_that_repeats_itself_is_held_to_its_own_distinct2():
+    """A base model decoding greedily repeats itself (unsteered distinct-2 0.5): an edit is
+    fluent at 0.9 of that, not at the 0.7 no answer of that model reaches."""
+    aggregates = [_agg("joy", "0", 0.0, 0.0, distinct2=0.5),
+                  _agg("joy", "9", 9.0, 0.10, distinct2=0.48),
+                  _agg("joy", "18", 18.0, 0.30, distinct2=0.30)]
+    choice = choose(aggregates)
+    assert choice["joy"]["weight"] == 9.0 and choice["joy"]["fluent"]
+    assert not choose([dict(a, distinct2=0.6) if a["label"] == "9" else dict(a, distinct2=0.95)
+                       for a in aggregates[:2]])["joy"]["fluent"]   # 0.6 < 0.7 ≤ 0.9 × 0.95
