@@ -132,7 +132,7 @@ def choose(aggregates: Sequence[dict], *, min_distinct2: float = 0.7,
         chosen = best if best is not None else (pushes or levels)[0]
         recipe = ({"mode": "level", "level": float(chosen["label"][1:])}
                   if chosen["label"].startswith("@") else
-                  {"mode": "push", "weight": float(chosen["weight"])})
+                  {"mode": "push", "weight": round(float(chosen["weight"]), 6)})
         recipe.update({"gain": round(chosen["gain"], 4), "eps": round(chosen["eps"], 4),
                        "distinct2": round(chosen.get("distinct2", float("nan")), 4),
                        "perplexity": round(chosen.get("perplexity", float("nan")), 2),
