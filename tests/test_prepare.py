@@ -54,6 +54,11 @@ def test_prepare_writes_a_steerable_bank_and_resumes(small_llama, judges, tmp_pa
     assert bank.calibrated and set(bank.recommended_weights) == {"joy", "fear"}
     for name in ("joy", "fear"):
         assert bank.recommended(name).mode in ("push", "level")
+    assert manifest["stages"]["ev/recipes"]["engine"] == "hf"
+    swept = json.loads((out / "ev-sweep.json").read_text())
+    assert {a["emotion"] for a in swept["aggregates"]} == {"joy", "fear"}
+    assert {n: bank.recommended(n).strength for n in ("joy", "fear")} == {
+        n: r.get("weight", r.get("level")) for n, r in swept["choice"].items()}
     # A finished prepare redoes nothing (the sweep would raise).
     monkeypatch.setattr("emokern.eval.recommend.sweep", interrupted)
     assert list(_run(model, tokenizer, out, judges)["stages"]) == ["ev/extract", "ev/recipes"]
