@@ -226,3 +226,23 @@ def test_mix_help_shows_every_term():
     text = " ".join(generate.split())
     for term in ("joy=2", "anger=rec", "sadness@1.5", "fear=erase", "anger<=0.5", "joy>=1"):
         assert term in text
+
+
+def test_study_refuses_bad_input_before_loading_anything(capsys, saved, tmp_path, monkeypatch):
+    """``emokern study``: an unknown study, and the dial/erase studies on a bank without a
+    neutral baseline (levels are standard scores), are one error each before the model loads."""
+    import emokern.models
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("emokern study loaded the model before checking its input")
+
+    monkeypatch.setattr(emokern.models, "load_model", no_load)
+    model, bank = saved   # a random bank: no neutral baseline
+    base = ["study", "--model", str(model), "--bank", str(bank), "--out", str(tmp_path / "s")]
+    assert main([*base, "--studies", "recipes,mood"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("emokern study: error:") and "recipes, dial, erase" in err
+    assert main([*base, "--studies", "dial"]) == 2
+    assert "no neutral baseline" in capsys.readouterr().err
+    assert main([*base, "--bank", "no-such-bank"]) == 2
+    assert "'no-such-bank' is none of these" in capsys.readouterr().err
