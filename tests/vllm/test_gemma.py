@@ -34,12 +34,17 @@ BANK = f"{GEMMA_MODEL}-ev"
 MAX_TOKENS = 12
 PROMPTS = ["The happiest day of my life was", "My neighbour told me that",
            "When the letter arrived, I", "The weather this morning"]
-# Readings of the same tokens agree within this absolute tolerance, in hidden-state units.
-# Gemma's residual stream is large (readings here reach ~4,000, where one float32 ulp is
-# 2.4e-4): 2e-2 is 5e-6 of the largest. Measured on a 2-core Zen 5: vLLM one rank vs Hugging
-# Face ≤ 3.4e-3, two ranks vs one ≤ 2.0e-3 (the ranks sum the sharded matmuls' halves in
+# Readings of the same tokens agree within this share of the request's largest |reading|, in
+# hidden-state units. Gemma's residual stream is large (readings reach ~4,000, where one
+# float32 ulp is 2.4e-4), and the error of a float32 sum grows with the values summed. Measured
+# on a 2-core Zen 5 over three runs: vLLM one rank vs Hugging Face ≤ 3.4e-3 (1.3e-6 of the
+# largest), two ranks vs one ≤ 9.3e-3 (2.3e-6; the ranks sum the sharded matmuls' halves in
 # another order), identical tokens.
-READING_ATOL = 2e-2
+READING_RTOL = 1e-5
+
+
+def _tolerance(mean) -> float:
+    return READING_RTOL * float(torch.as_tensor(mean).abs().max())
 
 
 def _mixes(bank) -> list:
@@ -121,11 +126,12 @@ def test_one_rank_steers_and_reads_as_the_hugging_face_steerer(one_rank):
         got = torch.tensor(reading["mean"])
         print(f"request {i}: max |vLLM - HF| reading {(got - hf_mean).abs().max().item():.2e}"
               f" (largest |reading| {hf_mean.abs().max().item():.1f})")
-        torch.testing.assert_close(got, hf_mean, atol=READING_ATOL, rtol=0)
+        tol = _tolerance(hf_mean)
+        torch.testing.assert_close(got, hf_mean, atol=tol, rtol=0)
         z = torch.tensor([reading["readings"][name] for name in bank.names],
                          dtype=torch.float64)
         by_hand, sigma = standard_scores_by_hand(bank, reading["layers"], hf_mean)
-        torch.testing.assert_close(z, by_hand, atol=READING_ATOL / sigma, rtol=0)
+        torch.testing.assert_close(z, by_hand, atol=tol / sigma, rtol=0)
 
 
 def test_two_tensor_parallel_ranks_give_one_ranks_tokens_and_readings(one_rank, two_ranks):
@@ -134,14 +140,16 @@ def test_two_tensor_parallel_ranks_give_one_ranks_tokens_and_readings(one_rank, 
     assert len(two_ranks["per_rank"]) == 2
     for i, request in enumerate(two_ranks["ids"]):
         first, second = (part[request] for part in two_ranks["per_rank"])
-        torch.testing.assert_close(torch.tensor(first["mean"]), torch.tensor(second["mean"]),
-                                   atol=READING_ATOL, rtol=0)
         two, one = two_ranks["readings"][i], one_rank["readings"][i]
+        tol = _tolerance(one["mean"])
+        torch.testing.assert_close(torch.tensor(first["mean"]), torch.tensor(second["mean"]),
+                                   atol=tol, rtol=0)
         assert two["count"] == one["count"] == MAX_TOKENS - 1
         assert two["layers"] == one["layers"] and two["names"] == one["names"]
         gap = (torch.tensor(two["mean"]) - torch.tensor(one["mean"])).abs().max().item()
-        print(f"request {i}: max |TP2 - TP1| reading {gap:.2e}")
+        print(f"request {i}: max |TP2 - TP1| reading {gap:.2e} (tolerance {tol:.2e})")
         torch.testing.assert_close(torch.tensor(two["mean"]), torch.tensor(one["mean"]),
-                                   atol=READING_ATOL, rtol=0)
+                                   atol=tol, rtol=0)
         torch.testing.assert_close(torch.tensor(two["prompt_mean"]),
-                                   torch.tensor(one["prompt_mean"]), atol=READING_ATOL, rtol=0)
+                                   torch.tensor(one["prompt_mean"]),
+                                   atol=_tolerance(one["prompt_mean"]), rtol=0)
