@@ -112,7 +112,7 @@ def prepare(model, tokenizer, out: str | os.PathLike, *, model_name: str = "?",
         ``banks`` (method → path of the served bank), ``machine``.
     """
     from emokern.eval.evaluation import sanitize
-    from emokern.eval.recommend import SWEEP_PROMPTS, choose, chosen_readings, store, sweep
+    from emokern.eval.recommend import SWEEP_PROMPTS, choose, store, sweep
     from emokern.extract import extract_concept, extract_ev
     from emokern.models import model_fingerprint
 
@@ -159,9 +159,7 @@ def prepare(model, tokenizer, out: str | os.PathLike, *, model_name: str = "?",
             write_json(out / f"{method}-sweep.json",
                        sanitize({"config": result["config"], "seconds": result["seconds"],
                                  "aggregates": result["aggregates"], "choice": choice}))
-            store(bank, choice, prompts=len(prompts),
-                  reading=chosen_readings(choice, result["aggregates"])).save(
-                path, dtype=torch.float16)
+            store(bank, choice, prompts=len(prompts)).save(path, dtype=torch.float16)
         manifest["stages"][key] = {"file": path.name,
                                    "seconds": round(time.perf_counter() - started, 1)}
         if stage == "recipes":

@@ -23,6 +23,7 @@ was not chosen on) and, per emotion, chooses (:func:`choose`) the edit
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -32,7 +33,7 @@ from emokern.eval.calibration_sweep import CALIBRATION_PROMPTS
 from emokern.eval.evaluation import evaluate, load_prompts
 
 __all__ = ["DEFAULT_SWEEP_FACTORS", "DEFAULT_SWEEP_LEVELS", "SWEEP_PROMPTS", "choose",
-           "chosen_readings", "format_study", "recipe_study", "store", "sweep"]
+           "format_study", "recipe_study", "store", "sweep"]
 
 #: The project's prompts for the sweep: the 8 calibration prompts and the first 16 extraction
 #: queries (none is an evaluation prompt).
@@ -94,7 +95,9 @@ def choose(aggregates: Sequence[dict], *, min_distinct2: float = 0.7,
     dict
         emotion -> a recipe record: ``{"mode": "push", "weight"}`` or ``{"mode": "level",
         "level"}``, with ``gain``, ``eps``, ``distinct2``, ``perplexity``, ``adherence_ratio``
-        and ``fluent`` (False when no edit met the constraints: the gentlest push is recorded).
+        and ``fluent`` (False when no edit met the constraints: the gentlest push is recorded),
+        and ``reading``, the mean calibrated reading measured at that edit, where the sweep's
+        engine reads (the Hugging Face monitor; vLLM rows carry none).
     """
     out: dict[str, dict] = {}
     emotions = list(dict.fromkeys(a["emotion"] for a in aggregates))
@@ -138,6 +141,9 @@ def choose(aggregates: Sequence[dict], *, min_distinct2: float = 0.7,
                        "perplexity": round(chosen.get("perplexity", float("nan")), 2),
                        "adherence_ratio": round(ratio(chosen), 4),
                        "fluent": best is not None})
+        reading = chosen.get("reading")  # none where the engine reads none (vLLM rows)
+        if isinstance(reading, (int, float)) and math.isfinite(reading):
+            recipe["reading"] = round(float(reading), 3)
         out[emotion] = recipe
     return out
 
@@ -159,15 +165,6 @@ def store(bank, choice: dict[str, dict], *, layers: Sequence[int] | None = None,
             entry["reading"] = round(float(reading[emotion]), 3)
         records[emotion] = entry
     return bank.replace(metadata={"recommended_weights": records})
-
-
-def chosen_readings(choice: Mapping[str, dict], aggregates: Sequence[dict]) -> dict:
-    """Per emotion the mean calibrated reading the sweep measured at its chosen recipe (None
-    where the engine gave no readings: vLLM rows carry none)."""
-    labels = {e: f"@{r['level']:g}" if r["mode"] == "level" else f"{r['weight']:g}"
-              for e, r in choice.items()}
-    return {a["emotion"]: a.get("reading") for a in aggregates
-            if labels.get(a["emotion"]) == a["label"]}
 
 
 def save_shipped(bank, path) -> None:
@@ -202,8 +199,7 @@ def recipe_study(model, tokenizer, bank, *, sweep_prompts: Sequence[str] = SWEEP
                   prompts=sweep_prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                   progress=progress, **options)
     choice = choose(swept["aggregates"])
-    with_recipes = store(bank, choice, prompts=len(sweep_prompts),
-                         reading=chosen_readings(choice, swept["aggregates"]))
+    with_recipes = store(bank, choice, prompts=len(sweep_prompts))
     old = {e: bank.recommended(e) for e in choice}
     old_terms = sorted({r.strength for r in old.values() if r.mode == "push"})
     heldout = evaluate(model, tokenizer, with_recipes, emotions=list(choice),

@@ -127,3 +127,17 @@ def test_a_model_that_repeats_itself_is_held_to_its_own_distinct2():
     assert choice["joy"]["weight"] == 9.0 and choice["joy"]["fluent"]
     assert not choose([dict(a, distinct2=0.6) if a["label"] == "9" else dict(a, distinct2=0.95)
                        for a in aggregates[:2]])["joy"]["fluent"]   # 0.6 < 0.7 ≤ 0.9 × 0.95
+
+
+def test_a_recipe_keeps_the_reading_measured_at_it_where_there_is_one(tiny_llama):
+    """The chosen edit's mean calibrated reading goes with its recipe (into the bank, where the
+    server's default level limit reads it); an engine that reads none (vLLM) leaves it out."""
+    aggregates = [_agg("joy", "0", 0.0, 0.0), dict(_agg("joy", "1", 1.0, 0.2), reading=4.38612),
+                  _agg("fear", "0", 0.0, 0.0), dict(_agg("fear", "2", 2.0, 0.1), reading=None),
+                  _agg("anger", "0", 0.0, 0.0),
+                  dict(_agg("anger", "2", 2.0, 0.1), reading=float("nan"))]
+    choice = choose(aggregates)
+    assert choice["joy"]["reading"] == 4.386
+    assert "reading" not in choice["fear"] and "reading" not in choice["anger"]
+    bank = random_bank(tiny_llama[0], names=["joy", "fear", "anger"])
+    assert store(bank, choice).recommended("joy").measured["reading"] == 4.386
