@@ -67,6 +67,7 @@ from tqdm.auto import tqdm
 from emokern.files import cache_root
 from emokern.models import BUILTIN_MODELS
 from emokern.steering import generate
+from emokern.steering.mix import has_bounds, largest_edits
 from emokern.tokens import eos_ids
 
 __all__ = ["ENGINES", "check_engine", "check_vllm_model", "generate_hf", "generate_vllm",
@@ -155,7 +156,7 @@ def generate_hf(model, tokenizer, bank, rows: list[dict], *, batch_size: int,
 
 def _has_edits(rows: list[dict]) -> bool:
     """Whether any row's mix has a level, cap, floor or erase (a term that is not a number)."""
-    return any(isinstance(term, Mapping) for row in rows for term in row["mix"].values())
+    return any(has_bounds(row["mix"]) for row in rows)
 
 
 def _grid_limits(rows: list[dict]) -> dict[str, float]:
@@ -163,16 +164,9 @@ def _grid_limits(rows: list[dict]) -> dict[str, float]:
     operator's bound on a server, here the grid the user asked for (the bank's default limits,
     4x its recipes, would refuse a sweep that goes past them, e.g. a level of 32 on a bank
     whose recipes reach 6)."""
-    weights, levels = [], []
-    for row in rows:
-        for term in row["mix"].values():
-            if isinstance(term, Mapping):
-                weights += [abs(float(v)) for k, v in term.items() if k == "weight"]
-                levels += [abs(float(v)) for k, v in term.items()
-                           if k in ("level", "max", "min") and v is not None]
-            elif isinstance(term, (int, float)):
-                weights.append(abs(float(term)))
-    limits = {"max_weight": max(weights, default=0.0), "max_level": max(levels, default=0.0)}
+    extents = [largest_edits(row["mix"]) for row in rows]
+    limits = {"max_weight": max((w for w, _ in extents), default=0.0),
+              "max_level": max((z for _, z in extents), default=0.0)}
     return {k: v for k, v in limits.items() if v > 0}
 
 

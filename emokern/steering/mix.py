@@ -61,8 +61,8 @@ from emokern.errors import failing
 fail = failing("emokern.steer")
 
 __all__ = ["ERASE", "FIELDS", "FLOAT32_MAX", "REC", "asks_rec", "bank_edits", "check_limits",
-           "format_mix", "has_bounds", "is_push", "mix_to_edits", "mix_to_weights", "normalize_mix",
-           "parse_mix", "raw_bounds"]
+           "format_mix", "has_bounds", "is_push", "largest_edits", "mix_to_edits",
+           "mix_to_weights", "normalize_mix", "parse_mix", "raw_bounds"]
 
 #: The value that stands for an emotion's recipe (:meth:`emokern.EmotionBank.recommended`).
 REC = "rec"
@@ -195,6 +195,20 @@ def is_push(term: Term) -> bool:
 def has_bounds(mix: Mapping) -> bool:
     """Whether a mix in compact form holds a level, a floor or a cap."""
     return any(not is_push(term) for term in mix.values())
+
+
+def largest_edits(mix: Mapping) -> tuple[float, float]:
+    """``(largest |push weight|, largest |z| of a level, cap or floor)`` of a mix in compact
+    form (``rec`` resolved; 0.0 where it has none): what :func:`check_limits` holds against
+    ``max_weight`` and ``max_level``."""
+    weight = level = 0.0
+    for term in mix.values():
+        for field, value in _fields(term).items():
+            if field == "weight":
+                weight = max(weight, abs(float(value)))
+            else:
+                level = max(level, abs(float(value)))
+    return weight, level
 
 
 def check_limits(mix: Mapping, *, max_weight: float | None = None,
