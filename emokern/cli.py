@@ -75,8 +75,17 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_prepare(args: argparse.Namespace) -> int:
+def _check_engine(args: argparse.Namespace) -> None:
+    """``--engine`` (and for vLLM, ``--model``) checked before anything loads
+    (:func:`emokern.eval.engines.check_engine`, :func:`~emokern.eval.engines.check_vllm_model`)."""
     from emokern.eval.engines import check_engine, check_vllm_model
+
+    check_engine(args.engine)
+    if args.engine == "vllm":
+        check_vllm_model(args.model)
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
     from emokern.machine import auto_threads
     from emokern.models import load_model
     from emokern.prepare import METHODS, prepare
@@ -86,9 +95,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         raise SystemExit(f"emokern prepare: --methods takes names from {list(METHODS)}, got "
                          f"{args.methods!r}")
     emotions = [e.strip() for e in args.emotions.split(",")] if args.emotions else None
-    check_engine(args.engine)
-    if args.engine == "vllm":
-        check_vllm_model(args.model)
+    _check_engine(args)
     auto_threads()
     model, tokenizer = load_model(args.model)
     manifest = prepare(model, tokenizer, args.out, model_name=args.model, methods=methods,
@@ -226,7 +233,6 @@ def _load_bank(spec: str):
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from emokern.eval.engines import check_engine, check_vllm_model
     from emokern.eval.evaluation import (
         check_emotions,
         check_out_dir,
@@ -239,10 +245,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     # Every bad input fails here, before the model loads or anything is generated; first
     # whether the engine can run at all (vLLM importable, a checkpoint it can load).
-    check_engine(args.engine)
-    if args.engine == "vllm":
-        check_vllm_model(args.model)
-    elif args.vllm_compile:
+    _check_engine(args)
+    if args.engine != "vllm" and args.vllm_compile:
         raise ValueError("--vllm-compile is a setting of --engine vllm")
     weights = parse_weights(args.weights)
     prompts = load_prompts(args.prompts)
@@ -269,15 +273,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
-    from emokern.eval.engines import check_engine, check_vllm_model
     from emokern.eval.evaluation import check_out_dir
     from emokern.eval.studies import STUDIES, run_studies
     from emokern.machine import auto_threads
     from emokern.models import load_model
 
-    check_engine(args.engine)
-    if args.engine == "vllm":
-        check_vllm_model(args.model)
+    _check_engine(args)
     studies = [s.strip() for s in args.studies.split(",") if s.strip()]
     if not studies or any(s not in STUDIES for s in studies):
         raise ValueError(f"--studies: comma-separated names from {', '.join(STUDIES)}, got "

@@ -35,8 +35,6 @@ from emokern.steering.ablate import mlp_down_projections
 __all__ = ["parse_int_list", "run_analyze"]
 
 
-
-
 def parse_int_list(text: str, name: str) -> list[int]:
     try:
         values = [int(x) for x in text.split(",") if x.strip()]

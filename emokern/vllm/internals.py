@@ -54,9 +54,8 @@ __all__ = ["ANY_VERSION_ENV", "BATCH_FIELDS", "REQUEST_STATE_FIELDS", "RUNNER_FI
            "SCHEDULER_OUTPUT_FIELDS", "SUPPORTED_VLLM", "TESTED_VLLM", "WRAPS", "Argument",
            "Wrap", "add_worker_method", "additional_config", "api_key_ok", "api_server_main",
            "batch_state", "check_version", "derived_index", "device_type", "engine_sizes",
-           "external_id",
-           "finished_ids", "installed_version", "request_extra_args", "validation_error",
-           "wrap"]
+           "external_id", "finished_ids", "installed_version", "request_extra_args",
+           "validation_error", "wrap"]
 
 fail = failing("emokern.vllm")
 

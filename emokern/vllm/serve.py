@@ -41,17 +41,26 @@ def _given(extra: list[str], flag: str) -> int | None:
     return None
 
 
-def _pop(extra: list[str], flag: str) -> str | None:
-    """Remove ``flag`` and its value from ``extra``; return the value (None if absent)."""
+def _value(extra: list[str], flag: str) -> str | None:
+    """The value of ``flag`` in ``extra`` (``--flag value`` or ``--flag=value``; None if
+    absent)."""
     i = _given(extra, flag)
     if i is None:
         return None
-    arg = extra.pop(i)
-    if "=" in arg:
-        return arg.split("=", 1)[1]
-    if i >= len(extra):
+    if "=" in extra[i]:
+        return extra[i].split("=", 1)[1]
+    if i + 1 >= len(extra):
         raise ValueError(f"{flag} needs a value")
-    return extra.pop(i)
+    return extra[i + 1]
+
+
+def _pop(extra: list[str], flag: str) -> str | None:
+    """Remove ``flag`` and its value from ``extra``; return the value (None if absent)."""
+    value = _value(extra, flag)
+    if value is not None:
+        i = _given(extra, flag)
+        del extra[i:i + (1 if "=" in extra[i] else 2)]
+    return value
 
 
 def read_presets(pairs: list[str] | None = None, file: str | None = None) -> dict:
@@ -94,7 +103,8 @@ def vllm_argv(*, model: str | None, bank: str, layers: str, host: str, port: int
         served under its name in :data:`SERVED_NAMES`), a checkpoint directory (or a name vLLM
         resolves); None for the default model.
     bank : str
-        ``"default"``, ``"ev"``, ``"concept"`` or a bank file.
+        A bank by name or path (:meth:`emokern.EmotionBank.named`: ``"default"``,
+        ``"concept"``, ``"gemma3-270m-ev"``, a bank file).
     layers : str
         ``"auto"`` or comma-separated decoder layers.
     host, port
@@ -190,6 +200,7 @@ def cpu_rank_binding(ranks: int, cores: list[int] | None = None) -> str | None:
         return None
     share = len(cores) // ranks
     runs = [cores[r * share:(r + 1) * share] for r in range(ranks)]
+
     def spell(run):
         if len(run) == 1:
             return str(run[0])
@@ -218,10 +229,10 @@ def serve(argv: list[str], *, cuda: bool, steering_key: str | None = None) -> in
     if not cuda:
         # vLLM on CPU sizes its KV cache from this (GiB); without it the engine may not start.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
-        at = _given(argv, "--tensor-parallel-size")
-        if at is not None and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
-            arg = argv[at]
-            binding = cpu_rank_binding(int(arg.split("=", 1)[1] if "=" in arg else argv[at + 1]))
+        ranks = _value(argv, "--tensor-parallel-size")
+        # (a value that is not a number is left to vLLM's own argument check)
+        if ranks and ranks.isdigit() and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+            binding = cpu_rank_binding(int(ranks))
             if binding is not None:
                 os.environ["VLLM_CPU_OMP_THREADS_BIND"] = binding
     saved = sys.argv
