@@ -57,11 +57,14 @@ class Recipe:
         The weight (push) or the level ``z``.
     layers : tuple of int
         The layer band it steers.
-    positions : {"all", "generated"}
+    positions : {"all", "prompt", "generated"}
         The tokens it steers.
     measured : dict
         What the sweep measured at the choice (judge gain, adherence ratio, distinct-2,
         perplexity, prompts, ...); empty for the default push.
+    bank_layers : tuple of int
+        The bank's recommended layers (where a steerer steers by default): a recipe on exactly
+        those carries no layer scope in its :meth:`mix_term`.
     """
 
     emotion: str
@@ -70,10 +73,19 @@ class Recipe:
     layers: tuple[int, ...]
     positions: str = "all"
     measured: dict = field(default_factory=dict, compare=False)
+    bank_layers: tuple[int, ...] = field(default=(), compare=False)
 
     def mix_term(self) -> float | dict:
-        """The recipe as a mix value: the weight, or ``{"level": z}``."""
-        return float(self.strength) if self.mode == "push" else {"level": float(self.strength)}
+        """The recipe as a mix value: the weight, or ``{"level": z}``, with its layers and
+        positions (the mix's scope, :mod:`emokern.steering.mix`) where they are not the bank's
+        recommended layers and every token: ``{"weight": 1.0, "layers": [14], "positions":
+        "generated"}``."""
+        term = {"weight" if self.mode == "push" else "level": float(self.strength)}
+        if set(self.layers) != set(self.bank_layers):
+            term["layers"] = sorted(self.layers)
+        if self.positions != "all":
+            term["positions"] = self.positions
+        return term["weight"] if set(term) == {"weight"} else term
 
 
 def _check_neutral(mean, std, n_layers: int, n_names: int, device):
@@ -273,14 +285,24 @@ class EmotionBank:
         """
         self.index(name)
         record = (self._metadata.get("recommended_weights") or {}).get(name)
+        band = tuple(self.recommended_layers)
         if record is None:
-            return Recipe(name, "push", self.default_weight, tuple(self.recommended_layers))
+            return Recipe(name, "push", self.default_weight, band, bank_layers=band)
         mode = record.get("mode", "push")
         measured = {k: v for k, v in record.items()
                     if k not in ("mode", "weight", "level", "layers", "positions")}
         return Recipe(name, mode, float(record["weight" if mode == "push" else "level"]),
-                      tuple(record.get("layers") or self.recommended_layers),
-                      record.get("positions", "all"), measured)
+                      tuple(record.get("layers") or band), record.get("positions", "all"),
+                      measured, band)
+
+    def recipe_layers(self, names=None) -> list[int]:
+        """The layers the recipes of ``names`` (default: every emotion) steer beyond
+        :attr:`recommended_layers`, sorted: what a steerer with ``layers="auto"`` steers
+        besides those, so that every ``rec`` can be honoured."""
+        band = set(self.recommended_layers)
+        extra = {layer for name in (self.names if names is None else names)
+                 for layer in self.recommended(name).layers} - band
+        return sorted(extra)
 
     @property
     def recommended_weights(self) -> dict[str, dict]:

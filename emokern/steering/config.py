@@ -8,8 +8,9 @@ Hugging Face model), so each error is raised once, in one wording, naming the en
 user called and the argument::
 
     config = SteeringConfig.resolve(bank, n_model_layers=30, layers="auto", spread="divide")
-    config.layers          # (12,): "auto" = bank.recommended_layers
-    config.scale           # 1.0: the factor of every steered layer's weights (1/L, "divide")
+    config.layers          # (12,): "auto" = bank.recommended_layers (+ the recipes' bands)
+    config.band            # (12,): where an edit without a layer scope applies
+    config.scale           # 1.0: the factor of every band layer's weights (1/L, "divide")
 
 Tested in ``tests/steering/test_config.py``.
 """
@@ -75,8 +76,13 @@ class SteeringConfig:
     names : tuple of str
         The ``K`` emotions, steered and read (the columns of weights and readings).
     layers : tuple of int
-        The ``L`` steered decoder layers, in the order given (``"auto"`` resolved to the
-        bank's :attr:`~emokern.EmotionBank.recommended_layers`).
+        The ``L`` steered decoder layers, in the order given (``"auto"``: the bank's
+        :attr:`~emokern.EmotionBank.recommended_layers`, then the layers its recipes steer
+        beyond them, :meth:`~emokern.EmotionBank.recipe_layers`, so that every ``rec`` is
+        honoured).
+    band : tuple of int
+        Where an edit without a layer scope of its own applies (``docs/design.md``, scope):
+        the layers given, or for ``"auto"`` the bank's recommended layers.
     monitor_layers : tuple of int
         Where readings are taken: the steered layers unless ``monitor_layers`` said otherwise
         (``"auto"``: the bank's :attr:`~emokern.EmotionBank.detection_layers`).
@@ -96,6 +102,7 @@ class SteeringConfig:
 
     names: tuple[str, ...]
     layers: tuple[int, ...]
+    band: tuple[int, ...]
     monitor_layers: tuple[int, ...]
     positions: str = "all"
     monitor: str | None = "all"
@@ -119,6 +126,7 @@ class SteeringConfig:
         emotions: Sequence[str] | None = None,
         backend: str | None = None,
         monitor_layers: str | Sequence[int] | None = None,
+        band: Sequence[int] | None = None,
         who: str = "emokern.steer",
     ) -> SteeringConfig:
         """Validate every setting against ``bank`` and a model of ``n_model_layers`` decoder
@@ -133,6 +141,10 @@ class SteeringConfig:
 monitor_layers
             As documented by :func:`emokern.steer` (``monitor``: True = over ``positions``,
             False or None = off, or one of :data:`POSITIONS`).
+        band : sequence of int, optional
+            Where an edit without a layer scope applies, some of ``layers`` (default: the
+            layers given, or for ``"auto"`` the bank's recommended layers); what
+            :meth:`settings` gives back.
         who : str
             The entry point named in errors (``"emokern.steer"``, ``"emokern.vllm"``).
 
@@ -159,6 +171,16 @@ monitor_layers
         if len(set(names)) != len(names):
             fail(ValueError, f"emotions lists a name twice: {list(names)}", who)
         chosen = check_layers(layers, bank, n_model_layers, who=who)
+        if band is not None:
+            band = check_layers(list(band), bank, n_model_layers, argument="band", who=who)
+            if not set(band) <= set(chosen):
+                fail(ValueError, f"band {list(band)} must be some of the steered layers "
+                                 f"{list(chosen)}", who)
+        elif layers == "auto":
+            band = chosen
+            chosen = chosen + tuple(bank.recipe_layers(names))
+        else:
+            band = chosen
         if positions not in POSITIONS:
             fail(ValueError, f"positions must be one of {POSITIONS}, got {positions!r}", who)
         if monitor is True:
@@ -186,15 +208,17 @@ monitor_layers
         else:
             watched = check_layers(monitor_layers, bank, n_model_layers,
                                    argument="monitor_layers", who=who)
-        return cls(names=names, layers=chosen, monitor_layers=watched, positions=positions,
+        return cls(names=names, layers=chosen, band=band, monitor_layers=watched,
+                   positions=positions,
                    monitor=policy, trajectory=bool(trajectory), spread=spread,
                    norm_preserving=norm_preserving, backend=backend)
 
     @property
     def scale(self) -> float:
-        """The factor between a weight and what each steered layer adds: ``1 / L`` for
-        ``spread="divide"``, 1 for ``"each"``."""
-        return 1.0 / len(self.layers) if self.spread == "divide" else 1.0
+        """The factor between a weight and what each layer of the :attr:`band` adds: ``1 /
+        len(band)`` for ``spread="divide"``, 1 for ``"each"`` (a term with a layer scope of
+        its own spreads over those: :func:`~emokern.steering.mix.edit_scope`)."""
+        return 1.0 / len(self.band) if self.spread == "divide" else 1.0
 
     @property
     def reads(self) -> bool:

@@ -75,7 +75,7 @@ from emokern.ops import RunningProjections, resolve_backend, runner_for, unit_gr
 from emokern.steering.adapters import ForwardInputs, layers_owner, module_device, past_length
 from emokern.steering.config import POSITIONS, SPREADS, SteeringConfig, check_layers
 from emokern.steering.control import Controller
-from emokern.steering.mix import bank_edits, mix_to_weights, raw_bounds
+from emokern.steering.mix import mix_to_weights, raw_bounds, scoped_edits
 from emokern.steering.monitor import Monitor
 
 fail = failing("emokern.steer")
@@ -136,19 +136,20 @@ class Steerer:
             mix = torch.zeros_like(targets)
         elif mix is None:
             fail(TypeError, "steer needs mix= (one dict of weights per sequence) or target=")
-        weights, z_bounds = bank_edits(bank, mix, names)
-        reads = config.reads or target is not None
-        watched = config.monitor_layers if reads else ()
-
         self.config = config
-        self.model = model
         self.bank = bank
         self.names = names
         self.layers = chosen
+        weights, z_bounds, scope = self._edits(mix)
+        reads = config.reads or target is not None
+        watched = config.monitor_layers if reads else ()
+
+        self.model = model
         self.monitor_layers = watched if watched else chosen
         # One slot per hooked layer: the steered layers and the monitored ones, in depth order.
         self._slot_layers = tuple(sorted(set(chosen) | set(watched)))
         self._steered = [layer in chosen for layer in self._slot_layers]
+        self._in_band = [layer in config.band for layer in self._slot_layers]
         self._watched = [reads and layer in self.monitor_layers for layer in self._slot_layers]
         # The op's read buffers follow the slots (depth order); readings follow monitor_layers
         # (the order given): position i of the readings is watched slot _read_order[i].
@@ -186,6 +187,8 @@ class Steerer:
         self._neutral: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._z_bounds = None
         self._bounds = None
+        self._scope = None
+        self._scoped = None
         raw = self._raw_bounds(z_bounds)
 
         self._handles: list = []
@@ -195,10 +198,40 @@ class Steerer:
         self.controller = None
         if target is not None:
             self.controller = Controller(self, target, targets, control)
-        self._allocate(weights, z_bounds, raw)
+        self._allocate(weights, z_bounds, raw, scope)
         self.monitor = Monitor(self) if config.reads else None
 
     # ------------------------------------------------------------------------- buffers
+
+    def _edits(self, mix):
+        """``(weights [B, K], z_bounds or None, scope [B, 2, L, K] or None)`` of a mix,
+        validated against the bank and this steerer's layers, band and positions."""
+        config = self.config
+        return scoped_edits(self.bank, mix, self.names, layers=config.layers, band=config.band,
+                            positions=config.positions, spread=config.spread)
+
+    def _scoped_edits(self, weights: torch.Tensor, raw: list | None, scope: torch.Tensor
+                      ) -> list[list]:
+        """Per position kind (prompt, generated) and hooked slot, ``(weights [B, K], raw
+        bounds [B, 2, K] or None)`` on the slot's device for a scoped mix
+        (:func:`~emokern.steering.mix.edit_scope`): ``weights × scope`` and the bounds open
+        where the scope is 0; None for slots that only read."""
+        out = []
+        for phase in range(2):
+            row = []
+            for slot, device in enumerate(self._devices):
+                if not self._steered[slot]:
+                    row.append(None)
+                    continue
+                factor = scope[:, phase, self.layers.index(self._slot_layers[slot])]  # [B, K]
+                bounds = None
+                if raw is not None:
+                    open_ = torch.tensor([-float("inf"), float("inf")], device=device)[:, None]
+                    inside = (factor > 0).to(device)[:, None, :]
+                    bounds = torch.where(inside, raw[slot], open_).contiguous()
+                row.append(((weights * factor).to(device), bounds))
+            out.append(row)
+        return out
 
     def _raw_bounds(self, z_bounds: torch.Tensor | None) -> list | None:
         """Per hooked slot, ``z_bounds [B, 2, K]`` (standard scores) as raw bounds on the
@@ -224,12 +257,14 @@ class Steerer:
         return out
 
     def _allocate(self, weights: torch.Tensor, z_bounds: torch.Tensor | None = None,
-                  raw: list | None = None) -> None:
+                  raw: list | None = None, scope: torch.Tensor | None = None) -> None:
         """Preallocate everything the decode step touches, for batch ``weights.shape[0]``."""
         batch, n_emotions = weights.shape
         self.batch_size = batch
         self._weights = weights  # user units, on CPU; what set_mix replaced last
         self._z_bounds, self._bounds = z_bounds, raw
+        self._scope = scope
+        self._scoped = None if scope is None else self._scoped_edits(weights, raw, scope)
         self._applied = {}
         self._zeros = {}
         self._decode_mask = {}
@@ -263,8 +298,12 @@ class Steerer:
         """The op's arguments per slot. ``proj_out`` holds one buffer per *watched* slot."""
         calls = []
         watched_index = 0
+        # A scoped mix steers every steered layer with its own weights and bounds per position
+        # kind (zero and open outside each term's scope); a plain one the band's layers.
+        scoped = None if self._scoped is None else self._scoped[0 if prompt_forward else 1]
         for slot, device in enumerate(self._devices):
-            steer_on = self._steered[slot] and _covers(self.positions, prompt_forward)
+            steered = self._steered[slot] if scoped is not None else self._in_band[slot]
+            steer_on = steered and _covers(self.positions, prompt_forward)
             watched = self._watched[slot]
             count_on = watched and _covers(self.monitor_positions, prompt_forward)
             mask = masks[device]
@@ -275,9 +314,11 @@ class Steerer:
             if steer_on:
                 # Levels and bounds only when the mix has some: otherwise the op's arguments
                 # (and its cost) are those of a plain push.
-                leveled = () if self._bounds is None else (self._bounds[slot], self._grams[slot])
-                calls.append((self._vectors[slot], self._applied[device], mask,
-                              self.norm_preserving, out, *running, *leveled))
+                weights, bounds = (self._applied[device], self._bounds and self._bounds[slot]) \
+                    if scoped is None else scoped[slot]
+                leveled = () if bounds is None else (bounds, self._grams[slot])
+                calls.append((self._vectors[slot], weights, mask, self.norm_preserving, out,
+                              *running, *leveled))
             elif count_on:
                 # Count without steering: zero weights add exactly 0.0 to every masked row.
                 calls.append((self._vectors[slot], self._zeros[device], mask, False, out,
@@ -327,17 +368,24 @@ class Steerer:
         calls); so does, for the op's arguments only, a mix that brings the first levels or
         bounds or drops the last ones.
         """
-        weights, z_bounds = bank_edits(self.bank, mix, self.names)
+        weights, z_bounds, scope = self._edits(mix)
         if self.controller is not None:
             fail(ValueError, "this steerer sets its weights from target= (closed loop); "
                              "change the levels with set_target")
         raw = self._raw_bounds(z_bounds)
         if weights.shape[0] != self.batch_size:
-            self._allocate(weights, z_bounds, raw)
+            self._allocate(weights, z_bounds, raw, scope)
             return
         self._weights = weights
         for applied in self._applied.values():
             applied.copy_(weights * self.config.scale)
+        if scope is not None or self._scope is not None:
+            # Scoped edits: built anew with their call arguments (per position kind and layer).
+            self._z_bounds, self._bounds, self._scope = z_bounds, raw, scope
+            self._scoped = None if scope is None else self._scoped_edits(weights, raw, scope)
+            self._decode_calls = self._calls(prompt_forward=False, masks=self._decode_mask,
+                                             no_rows=self._no_rows, proj_out=self._step_proj)
+            return
         if raw is not None and self._bounds is not None:
             for buffer, new in zip(self._bounds, raw, strict=True):
                 if buffer is not None:

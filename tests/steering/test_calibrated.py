@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import random_bank
-from steering_helpers import Capture, encode, greedy, neutral_baseline
+from steering_helpers import Capture, encode, greedy, logits, neutral_baseline
 
 from emokern.models import decoder_layers
 from emokern.steering import generate, mix_to_weights, parse_mix, steer
@@ -249,3 +249,77 @@ def test_generate_with_levels(calibrated, monkeypatch):
     assert [r["mix"] for r in rows] == [{"sadness": {"level": 8.0}}, {},
                                         {"joy": {"weight": 1.0, "max": 0.0}}]
     assert rows[0]["readings"]["sadness"] != rows[1]["readings"]["sadness"]
+
+
+# ------------------------------------------------------------------------------ scope
+
+
+def test_a_scoped_term_steers_its_layers_and_positions_only(calibrated):
+    """``joy[3]=1.5`` under layers [1, 3] adds the whole 1.5 × v at layer 3 and nothing at 1
+    (what a steerer of layer 3 alone does); ``[generated]`` leaves the prompt's rows as the
+    model wrote them and steers every generated token; a scoped level holds where it is
+    scoped and nowhere else; set_mix moves between scoped and plain mixes like a fresh
+    steerer."""
+    model, tokenizer, bank = calibrated
+    encoded = encode(tokenizer)
+    real = encoded["attention_mask"].bool()
+    mu, sigma = neutral_baseline(bank.n_layers, bank.n_emotions)
+    sad = bank.index("sadness")
+    with steer(model, bank, [{"joy": {"weight": 1.5, "layers": [3]}}] * 3, layers=[1, 3]):
+        scoped = logits(model, encoded)
+    with steer(model, bank, [{"joy": 1.5}] * 3, layers=[3]):
+        alone = logits(model, encoded)
+    assert torch.equal(scoped, alone)
+    assert not torch.equal(scoped, logits(model, encoded))
+
+    mixes = ["joy[generated]=2", "sadness[3;generated]@1.5", {"fear": -1.0}]
+    captures = [Capture(decoder_layers(model)[layer]) for layer in (1, 3)]
+    s = steer(model, bank, mixes, layers=[1, 3], backend="reference").install()
+    for capture in captures:
+        capture.attach_after()
+    greedy(model, tokenizer, encoded, new_tokens=3)
+    s.remove()
+    for capture in captures:
+        capture.remove()
+    for layer, capture in zip((1, 3), captures, strict=True):
+        changed = capture.changed()
+        assert not changed[0][:2].any()  # rows 0 and 1: generated tokens only
+        assert torch.equal(changed[0][2], real[2])  # row 2 unscoped: its prompt too
+        for step, (before, after) in enumerate(zip(capture.before[1:], capture.after[1:],
+                                                   strict=True)):
+            assert bool(changed[step + 1][0].all())  # row 0: every layer, generated tokens
+            sadness = _projections(after, bank, layer)[1, 0, sad].item()
+            if layer == 3:  # row 1's level: layer 3, generated tokens
+                assert sadness == pytest.approx(mu[3, sad] + 1.5 * sigma[3, sad], abs=1e-4)
+            else:
+                assert torch.equal(before[1], after[1])
+
+    fresh = steer(model, bank, [{"joy": 1.0}] * 3, layers=[1, 3])
+    with fresh:
+        expected = greedy(model, tokenizer, encoded, new_tokens=3)
+    s.set_mix([{"joy": 1.0}] * 3)  # from scoped back to plain
+    with s:
+        assert torch.equal(greedy(model, tokenizer, encoded, new_tokens=3), expected)
+
+
+def test_auto_layers_steer_the_recipes_bands(calibrated):
+    """A recipe on another band than the recommended layers: ``layers="auto"`` steers that
+    band too, ``rec`` applies there with its full weight, a plain push stays on the
+    recommended layers, and a steerer whose layers lack the band refuses ``rec``."""
+    model, tokenizer, bank = calibrated
+    recommended = bank.recommended_layers
+    banded = bank.replace(metadata={"recommended_layers": recommended, "recommended_weights": {
+        "joy": {"weight": 1.5, "layers": [3], "positions": "generated"}}})
+    s = steer(model, banded, ["joy=rec,fear=1"])
+    assert s.layers == (*recommended, 3) and s.config.band == tuple(recommended)
+    encoded = encode(tokenizer, ["a plain prompt without padding"])
+    with s:
+        out = greedy(model, tokenizer, encoded, new_tokens=4)
+    by_hand = steer(model, banded, [{"joy": {"weight": 1.5, "layers": [3],
+                                             "positions": "generated"}, "fear": 1.0}],
+                    layers=[*recommended, 3], band=recommended)
+    with by_hand:
+        assert torch.equal(greedy(model, tokenizer, encoded, new_tokens=4), out)
+    with pytest.raises(ValueError, match=r"mix\[0\]\['joy'\] steers layers \[3\], which this "
+                                         r"steerer does not steer"):
+        steer(model, banded, ["joy=rec"], layers=recommended)

@@ -28,7 +28,7 @@ def test_resolve_from_plain_values():
     """What the vLLM plugin calls: a bank and a layer count, no Hugging Face model."""
     bank = _bank()
     config = SteeringConfig.resolve(bank, 10)
-    assert config == SteeringConfig(names=("joy", "sadness", "fear"), layers=(4, 6),
+    assert config == SteeringConfig(names=("joy", "sadness", "fear"), layers=(4, 6), band=(4, 6),
                                     monitor_layers=(4, 6), positions="all", monitor="all",
                                     trajectory=False, spread="divide", norm_preserving=False,
                                     backend=None)

@@ -11,7 +11,7 @@ import torch
 
 from emokern.bank import Recipe
 from emokern.steering import mix_to_weights, parse_mix
-from emokern.steering.mix import format_mix, mix_to_edits, normalize_mix, raw_bounds
+from emokern.steering.mix import edit_scope, format_mix, mix_to_edits, normalize_mix, raw_bounds
 
 INF = math.inf
 NAMES = ["joy", "sadness", "fear"]
@@ -138,7 +138,8 @@ def test_batches_become_weights_and_z_bounds():
 
 
 def test_rec_is_the_recipe_a_push_or_a_level():
-    recipes = {"joy": Recipe("joy", "level", 2.0, (1,)), "fear": Recipe("fear", "push", 3.0, (1,))}
+    recipes = {"joy": Recipe("joy", "level", 2.0, (1,), bank_layers=(1,)),
+               "fear": Recipe("fear", "push", 3.0, (1,), bank_layers=(1,))}
     weights, bounds = mix_to_edits([{"joy": "rec", "fear": "rec"}, "fear=rec,fear<=1"], NAMES,
                                    recommended=recipes.__getitem__)
     assert weights.tolist() == [[0.0, 0.0, 3.0], [0.0, 0.0, 3.0]]
@@ -150,10 +151,71 @@ def test_rec_is_the_recipe_a_push_or_a_level():
                                          r"'joy' is a level \(z = 2\), which cannot go with a "
                                          r"floor"):
         mix_to_edits(["joy=rec,joy>=0"], NAMES, recommended=recipes.__getitem__)
-    with pytest.raises(ValueError, match=r"target\[0\]\['joy'\] is 'joy@2', a level or bound"):
+    with pytest.raises(ValueError, match=r"target\[0\]\['joy'\] is 'joy@2', a level, bound"):
         mix_to_weights([{"joy": "rec"}], NAMES, "target", recommended=recipes.__getitem__)
     with pytest.raises(ValueError, match="no bank gives recommended weights"):
         mix_to_edits([{"joy": {"weight": "rec", "max": 1}}], NAMES)
+
+
+def test_scope_text_and_object_forms_round_trip():
+    """A scope (layers, positions) rides on an emotion's terms in both forms, is written once
+    by format_mix (layer runs as ranges) and reads back the same."""
+    text = "anger[12;generated]=1,anger<=2,joy[10-12,14]@1.5,fear=0.5"
+    parsed = parse_mix(text)
+    assert parsed == {"anger": {"weight": 1.0, "max": 2.0, "layers": [12],
+                                "positions": "generated"},
+                      "joy": {"level": 1.5, "layers": [10, 11, 12, 14]}, "fear": 0.5}
+    assert format_mix(parsed) == text and parse_mix(format_mix(parsed)) == parsed
+    # the object form: one layer as an int, positions "all" is the default and dropped
+    assert normalize_mix({"anger": {"weight": 1, "layers": 12, "positions": "all"}}) == \
+        {"anger": {"weight": 1.0, "layers": [12]}}
+    assert format_mix('{"fear": {"level": 0, "positions": "prompt"}}') == "fear[prompt]=erase"
+    for bad, message in (("anger[12]=1,anger[13]<=1", "two different scopes"),
+                         ("anger[x]=1", "neither a position"), ("anger[3-1]=1", "backwards"),
+                         ("anger[1;2]=1", "layers twice"), ("[1]=2", "bad scope"),
+                         ("anger[1,1]=1", "twice"), ("joy[1]=1,joy@2", "a level and a push")):
+        with pytest.raises(ValueError, match=message):
+            parse_mix(bad)
+    for bad, message in (({"anger": {"layers": [1]}}, "a scope .* but no edit"),
+                         ({"anger": {"weight": 1, "layers": [-1]}}, "indices >= 0"),
+                         ({"anger": {"weight": 1, "positions": "some"}}, "must be one of")):
+        with pytest.raises(ValueError, match=message):
+            normalize_mix(bad)
+
+
+def test_rec_brings_the_recipes_scope():
+    """A recipe off the bank's recommended layers (or on some tokens only) carries its band
+    and positions into the mix; a scope written beside 'rec' wins over the recipe's."""
+    recipes = {"joy": Recipe("joy", "push", 2.0, (3, 4), "generated", bank_layers=(1,)),
+               "fear": Recipe("fear", "level", 1.0, (1,), bank_layers=(1,))}
+    assert normalize_mix("joy=rec,fear=rec", recommended=recipes.__getitem__) == {
+        "joy": {"weight": 2.0, "layers": [3, 4], "positions": "generated"},
+        "fear": {"level": 1.0}}
+    assert normalize_mix("joy[all]=rec", recommended=recipes.__getitem__) == {
+        "joy": {"weight": 2.0, "layers": [3, 4]}}
+    with pytest.raises(ValueError, match="a level, bound or scope"):
+        mix_to_weights(["joy=rec"], NAMES, recommended=recipes.__getitem__)
+
+
+def test_edit_scope_factor_per_position_kind_and_layer():
+    """s[b, p, l, k]: 1/|layers| of the term (divide) inside its layers and positions, 0
+    outside; unscoped terms spread over the band; None when nothing is scoped."""
+    normals = [{"fear": {"weight": 1.0, "layers": [6], "positions": "generated"}, "joy": 2.0},
+               {"joy": {"max": 1.0, "layers": [4, 6]}}]
+    scope = edit_scope(normals, NAMES, layers=[4, 5, 6], band=[4, 5])
+    assert scope.shape == (2, 2, 3, 3)
+    assert scope[0, :, :, 2].tolist() == [[0, 0, 0], [0, 0, 1.0]]          # fear: gen., 6
+    assert scope[0, :, :, 0].tolist() == [[0.5, 0.5, 0]] * 2                  # joy: the band
+    assert scope[1, :, :, 0].tolist() == [[0.5, 0, 0.5]] * 2                  # joy: [4, 6]
+    each = edit_scope(normals, NAMES, layers=[4, 5, 6], band=[4, 5], spread="each")
+    assert each[1, 0, :, 0].tolist() == [1.0, 0.0, 1.0]
+    assert edit_scope([{"joy": 1.0}], NAMES, layers=[4, 5], band=[4]) is None
+    with pytest.raises(ValueError, match=r"mix\[0\]\['fear'\] steers layers \[6\], which this "
+                                         r"steerer does not steer \(it steers \[4, 5\]\)"):
+        edit_scope(normals, NAMES, layers=[4, 5], band=[4, 5])
+    with pytest.raises(ValueError, match="steers generated tokens, and this steerer steers "
+                                         "only prompt tokens"):
+        edit_scope(normals, NAMES, layers=[4, 5, 6], band=[4], positions="prompt")
 
 
 def test_every_bad_row_names_its_row_emotion_and_field():
