@@ -72,8 +72,8 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from emokern.steering.config import POSITIONS
 from emokern.errors import failing
+from emokern.steering.config import POSITIONS
 
 fail = failing("emokern.steer")
 
