@@ -112,8 +112,8 @@ def check_names(names) -> list[str]:
 
 #: How a recipe expresses an emotion: a push by a weight, or a level (a standard score).
 RECIPE_MODES = ("push", "level")
-#: Which tokens a recipe steers.
-RECIPE_POSITIONS = ("all", "generated")
+#: Which tokens a recipe steers (the mix scope's positions).
+RECIPE_POSITIONS = ("all", "prompt", "generated")
 
 
 def check_metadata(metadata, layers: list[int]) -> dict:

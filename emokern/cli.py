@@ -293,7 +293,8 @@ def _cmd_study(args: argparse.Namespace) -> int:
     result = run_studies(model, tokenizer, bank, out=out, studies=studies,
                          heldout_prompts=args.heldout_prompts, model_name=args.model,
                          bank_name=args.bank, max_new_tokens=args.max_new_tokens,
-                         engine=args.engine, batch_size=args.batch_size)
+                         engine=args.engine, batch_size=args.batch_size,
+                         scopes=[s.strip() for s in (args.scopes or "").split(",") if s.strip()])
     print((out / "studies.md").read_text())
     print(f"wrote {out / 'studies.json'}, {out / 'studies.md'} "
           f"({result['seconds_total']:.0f} s)")
@@ -545,6 +546,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="rows per generation (--engine hf)")
     p.add_argument("--engine", choices=("hf", "vllm"), default="hf",
                    help="generation engine, as for emokern eval")
+    p.add_argument("--scopes",
+                   help="the recipe sweep also tries every push and level under these scopes "
+                        "(comma-separated, the mix grammar's: 'generated' steers generated "
+                        "tokens only, '10-14' another layer band; default none)")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=_cmd_study)
 

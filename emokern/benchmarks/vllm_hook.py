@@ -2,7 +2,7 @@
 hook instead of the packed op — the way one would write it without a fused op.
 
 For each steered decoder layer, a forward hook on its output ``(hidden, residual)`` adds each
-token's gathered mix, ``hidden += W[slot(t)] @ V`` (``W = slot_weights [S, K]``, ``V [K,
+token's gathered mix, ``hidden += W[slot(t)] @ V`` (``W = slot_weights[l] [S, K]``, ``V [K,
 D]``, ``slot(t) = token_slot[t]``, no steering where ``slot(t) < 0``) and, with readings on,
 accumulates the projections ``<x, v_k> / ||v_k||`` of ``x = hidden + residual`` per slot with
 ``index_add_`` (``run_sum``, ``run_count``). No norm preservation, no ``last`` readings. A
@@ -42,7 +42,7 @@ def torch_hook(vectors: torch.Tensor, table, i: int, monitor: bool):
     vectors : Tensor [K, D] float32
         The layer's emotion vectors.
     table : emokern.vllm.slots.SlotTable
-        The engine's slots (``slot_weights [S, K]``, ``token_slot [N_max]``, running sums).
+        The engine's slots (``slot_weights[i] [S, K]``, ``token_slot [N_max]``, running sums).
     i : int
         The layer's index among the steered layers.
     monitor : bool
@@ -60,7 +60,7 @@ def torch_hook(vectors: torch.Tensor, table, i: int, monitor: bool):
             proj = (hidden + residual) @ units  # [N, K]
             table.run_sum[i].index_add_(0, index, proj * steered[:, None])
             table.run_count[i].index_add_(0, index, steered.long())
-        hidden += (table.slot_weights[index] * steered[:, None]) @ vectors
+        hidden += (table.slot_weights[i][index] * steered[:, None]) @ vectors
         return hidden, residual
 
     return hook

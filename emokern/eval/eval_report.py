@@ -16,8 +16,8 @@ from pathlib import Path
 
 from emokern.files import atomic_write
 
-__all__ = ["engine_line", "format_report", "format_table", "plot_eps", "plot_perplexity",
-           "plot_tradeoff"]
+__all__ = ["edit_kind", "engine_line", "format_report", "format_table", "plot_eps",
+           "plot_perplexity", "plot_tradeoff", "split_label"]
 
 
 def _fmt(value, spec: str = ".2f") -> str:
@@ -30,19 +30,31 @@ def _fmt(value, spec: str = ".2f") -> str:
 _KINDS = (("rec", "rec"), ("@", "level"), ("<=", "cap"), (">=", "floor"), ("erase", "erase"))
 
 
+def split_label(label: str) -> tuple[str, str]:
+    """``(scope, edit)`` of a grid label: ``"[generated]=2"`` → ``("[generated]", "2")``,
+    ``"[12]@8"`` → ``("[12]", "@8")``, ``"@8"`` → ``("", "@8")``."""
+    text = str(label).strip()
+    if not text.startswith("["):
+        return "", text
+    scope, _, edit = text.partition("]")
+    return scope + "]", edit.removeprefix("=")
+
+
 def edit_kind(label: str) -> str:
-    """``"push"``, ``"rec"``, ``"level"``, ``"cap"``, ``"floor"`` or ``"erase"``."""
-    return next((kind for prefix, kind in _KINDS if label.startswith(prefix)), "push")
+    """``"push"``, ``"rec"``, ``"level"``, ``"cap"``, ``"floor"`` or ``"erase"`` (of the edit,
+    whatever its scope)."""
+    edit = split_label(label)[1]
+    return next((kind for prefix, kind in _KINDS if edit.startswith(prefix)), "push")
 
 
 def _order(record: dict) -> tuple:
-    label = record["label"]
+    scope, label = split_label(record["label"])
     kind = edit_kind(label)
     if kind == "push":
-        return (0, float(label))
+        return (0, scope, float(label))
     rank = 1 + [k for _, k in _KINDS].index(kind)
     value = label.lstrip("@<>=")
-    return (rank, float(value) if value and value not in ("rec", "erase") else
+    return (rank, scope, float(value) if value and value not in ("rec", "erase") else
             record.get("weight") or 0.0)
 
 
@@ -137,7 +149,7 @@ def _series(result: dict, emotion: str, key: str):
             continue
         if a["label"] == "rec":
             rec = (a["weight"], a[key])
-        elif edit_kind(a["label"]) == "push":
+        elif edit_kind(a["label"]) == "push" and not split_label(a["label"])[0]:
             numeric.append((float(a["label"]), a[key]))
     return sorted(numeric), rec
 

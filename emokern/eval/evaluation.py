@@ -47,7 +47,13 @@ from emokern.eval.engines import (
     generate_hf,
     generate_vllm,
 )
-from emokern.eval.eval_report import format_report, plot_eps, plot_perplexity, plot_tradeoff
+from emokern.eval.eval_report import (
+    format_report,
+    plot_eps,
+    plot_perplexity,
+    plot_tradeoff,
+    split_label,
+)
 from emokern.eval.lexicon import LexiconScorer
 from emokern.eval.metrics import aggregate
 from emokern.eval.scorers import EmotionScorer, degeneration, perplexity
@@ -56,7 +62,7 @@ from emokern.files import write_json, write_text
 from emokern.machine import machine_info
 from emokern.models import model_dir
 from emokern.steering import parse_mix
-from emokern.steering.mix import REC
+from emokern.steering.mix import REC, format_mix, has_scope
 
 __all__ = ["EVAL_PROMPTS_FILE", "REC", "check_emotions", "check_out_dir", "evaluate",
            "grid_rows", "load_prompts", "parse_weights", "sanitize"]
@@ -111,16 +117,19 @@ EDIT_PREFIXES = ("@", "<=", ">=")
 ERASE = "erase"
 
 
-def _grid_term(term) -> dict:
-    """The object form of one grid term, parsed by the mix grammar for a stand-in emotion."""
-    text = str(term).strip()
+def grid_term(term):
+    """The object form of one grid term (a number, ``rec``, ``@z``, ``<=z``, ``>=z``,
+    ``erase``, each optionally after a scope: ``[generated]=2``, ``[10-12]@8``), parsed by the
+    mix grammar for a stand-in emotion."""
+    scope, text = split_label(term)
     operator = "" if text.startswith(EDIT_PREFIXES) else "="
     try:
-        return parse_mix(f"x{operator}{text}")["x"]
+        return parse_mix(f"x{scope}{operator}{text}")["x"]
     except (TypeError, ValueError, KeyError) as exc:
         reason = str(exc).removeprefix("parse_mix: ").replace(" of 'x'", "")
         raise ValueError(f"weights: {term!r} is none of a number, 'rec', '@z' (level), "
-                         f"'<=z' (cap), '>=z' (floor) or 'erase' ({reason})") from None
+                         f"'<=z' (cap), '>=z' (floor) or 'erase', optionally after a scope "
+                         f"such as '[generated]=2' ({reason})") from None
 
 
 def parse_weights(text) -> list[float | str]:
@@ -128,7 +137,9 @@ def parse_weights(text) -> list[float | str]:
     (``"2,4,rec,@4,@8,<=0,erase"``), in the order given, without duplicates: push weights as
     floats; ``rec``; a level ``@z``, a cap ``<=z``, a floor ``>=z`` (``z`` a standard score
     against the bank's neutral baseline) and ``erase`` as their normalised strings
-    (``"@8"``, ``"<=0"``). Each term is read by the mix grammar (``joy@8`` without the name).
+    (``"@8"``, ``"<=0"``); a scoped term (``[generated]=2``, ``[12]@8``: the edit at those
+    positions or layers only) as its text. Each term is read by the mix grammar (``joy@8``
+    without the name).
 
     Raises
     ------
@@ -144,9 +155,11 @@ def parse_weights(text) -> list[float | str]:
                          f"'rec,@8', got {text!r}")
     out: list[float | str] = []
     for term in terms:
-        parsed = _grid_term(term)
+        parsed = grid_term(term)
         value: float | str
-        if isinstance(parsed, (int, float)):
+        if has_scope(parsed):
+            value = format_mix({"x": parsed})[1:]
+        elif isinstance(parsed, (int, float)):
             value = float(parsed)
         elif parsed == REC:
             value = REC
@@ -171,8 +184,9 @@ def edit_mix(emotion: str, term: float | str, bank) -> tuple[dict, float]:
         recipe = bank.recommended(emotion)
         weight = recipe.strength if recipe.mode == "push" else float("nan")
         return {emotion: recipe.mix_term()}, weight
-    parsed = _grid_term(term)
-    weight = float(parsed) if isinstance(parsed, (int, float)) else float("nan")
+    parsed = grid_term(term)
+    push = parsed.get("weight") if isinstance(parsed, dict) else parsed
+    weight = float(push) if isinstance(push, (int, float)) else float("nan")
     return {emotion: parsed}, weight
 
 

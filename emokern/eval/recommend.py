@@ -30,7 +30,9 @@ import torch
 
 from emokern.data import load_queries
 from emokern.eval.calibration_sweep import CALIBRATION_PROMPTS
-from emokern.eval.evaluation import evaluate, load_prompts
+from emokern.eval.eval_report import edit_kind, split_label
+from emokern.eval.evaluation import evaluate, grid_term, load_prompts
+from emokern.steering.mix import scope_of
 
 __all__ = ["DEFAULT_SWEEP_FACTORS", "DEFAULT_SWEEP_LEVELS", "SWEEP_PROMPTS", "choose",
            "format_study", "recipe_study", "store", "sweep"]
@@ -52,21 +54,26 @@ DEFAULT_SWEEP_LEVELS = (4.0, 8.0, 16.0, 32.0)
 
 
 def sweep(model, tokenizer, bank, *, emotions=None, weights: Sequence[float] | None = None,
-          levels: Sequence[float] | None = None, prompts: Sequence[str] = SWEEP_PROMPTS,
-          max_new_tokens: int = 40, batch_size: int = 64, progress: bool = True,
-          **options) -> dict:
+          levels: Sequence[float] | None = None, scopes: Sequence[str] = (),
+          prompts: Sequence[str] = SWEEP_PROMPTS, max_new_tokens: int = 40,
+          batch_size: int = 64, progress: bool = True, **options) -> dict:
     """Run the evaluation grid over push ``weights`` and ``levels`` on ``prompts`` (defaults:
     the project's sweep prompts, the method's :data:`DEFAULT_SWEEP_FACTORS` times the bank's
     default weight and, on a
-    calibrated bank, :data:`DEFAULT_SWEEP_LEVELS`; ``levels=()`` sweeps pushes only); returns
-    ``evaluate``'s result."""
+    calibrated bank, :data:`DEFAULT_SWEEP_LEVELS`; ``levels=()`` sweeps pushes only), each
+    also under every scope of ``scopes`` (the mix grammar's, e.g. ``"generated"`` or
+    ``"10-14"``: ``[generated]=2``, ``[generated]@8``, so that a recipe may steer the
+    generated tokens only, or another layer band); returns ``evaluate``'s result."""
     if weights is None:
         factors = DEFAULT_SWEEP_FACTORS.get(bank.method or "", DEFAULT_SWEEP_FACTORS["ev"])
         weights = [round(bank.default_weight * f, 3) for f in factors]
     if levels is None:
         levels = DEFAULT_SWEEP_LEVELS if bank.calibrated else ()
-    weights = [0.0, *[float(w) for w in weights if float(w) != 0.0],
-               *[f"@{float(z):g}" for z in levels]]
+    edits = [*[f"{float(w):g}" for w in weights if float(w) != 0.0],
+             *[f"@{float(z):g}" for z in levels]]
+    scoped = [f"[{scope.strip('[]')}]" + (e if e.startswith("@") else f"={e}")
+              for scope in scopes for e in edits]
+    weights = [0.0, *[float(e) if not e.startswith("@") else e for e in edits], *scoped]
     return evaluate(model, tokenizer, bank, emotions=emotions, weights=weights,
                     prompts=list(prompts), max_new_tokens=max_new_tokens,
                     batch_size=batch_size, progress=progress, **options)
@@ -109,11 +116,11 @@ def choose(aggregates: Sequence[dict], *, min_distinct2: float = 0.7,
         base_d2 = base[0].get("distinct2", float("nan")) if base else float("nan")
         least_d2 = (min(min_distinct2, min_distinct2_ratio * base_d2) if base_d2 == base_d2
                     else min_distinct2)
-        pushes = sorted((a for a in records if a["label"] not in ("0", "rec")
-                         and not a["label"].startswith(("@", "<", ">", "e"))
-                         and a["weight"] > 0), key=lambda a: a["weight"])
-        levels = sorted((a for a in records if a["label"].startswith("@")),
-                        key=lambda a: float(a["label"][1:]))
+        pushes = sorted((a for a in records if a["label"] != "0"
+                         and edit_kind(a["label"]) == "push" and a["weight"] > 0),
+                        key=lambda a: a["weight"])
+        levels = sorted((a for a in records if edit_kind(a["label"]) == "level"),
+                        key=lambda a: float(split_label(a["label"])[1][1:]))
         if not pushes and not levels:
             continue
 
@@ -133,9 +140,14 @@ def choose(aggregates: Sequence[dict], *, min_distinct2: float = 0.7,
             if fluent and (best is None or a["gain"] > best["gain"] + 0.01):
                 best = a
         chosen = best if best is not None else (pushes or levels)[0]
-        recipe = ({"mode": "level", "level": float(chosen["label"][1:])}
-                  if chosen["label"].startswith("@") else
+        edit = split_label(chosen["label"])[1]
+        recipe = ({"mode": "level", "level": float(edit[1:])} if edit.startswith("@") else
                   {"mode": "push", "weight": round(float(chosen["weight"]), 6)})
+        layers, positions = scope_of(grid_term(chosen["label"]))
+        if layers is not None:
+            recipe["layers"] = list(layers)
+        if positions != "all":
+            recipe["positions"] = positions
         recipe.update({"gain": round(chosen["gain"], 4), "eps": round(chosen["eps"], 4),
                        "distinct2": round(chosen.get("distinct2", float("nan")), 4),
                        "perplexity": round(chosen.get("perplexity", float("nan")), 2),
@@ -158,7 +170,7 @@ def store(bank, choice: dict[str, dict], *, layers: Sequence[int] | None = None,
     records = bank.recommended_weights
     for emotion, record in choice.items():
         entry = {k: v for k, v in record.items() if v == v}  # drop NaN: not JSON
-        entry["layers"] = band
+        entry.setdefault("layers", band)  # a scoped edit's own layers stay
         if prompts is not None:
             entry["prompts"] = int(prompts)
         if reading and reading.get(emotion) is not None:
@@ -180,10 +192,11 @@ RECIPE_TARGETS = {"gain": 0.08, "distinct2": 0.7, "adherence_ratio": 0.8}
 def recipe_study(model, tokenizer, bank, *, sweep_prompts: Sequence[str] = SWEEP_PROMPTS,
                  eval_prompts: Sequence[str] | None = None, emotions=None,
                  weights: Sequence[float] | None = None, levels: Sequence[float] | None = None,
-                 max_new_tokens: int = 40, batch_size: int = 64, progress: bool = True,
-                 **options) -> dict:
-    """Choose each emotion's recipe on ``sweep_prompts``, then judge it on ``eval_prompts``
-    (default the evaluation prompts, which the sweep never sees) beside the push it replaces.
+                 scopes: Sequence[str] = (), max_new_tokens: int = 40, batch_size: int = 64,
+                 progress: bool = True, **options) -> dict:
+    """Choose each emotion's recipe on ``sweep_prompts`` (:func:`sweep`'s grid, ``scopes``
+    included), then judge it on ``eval_prompts`` (default the evaluation prompts, which the
+    sweep never sees) beside the push it replaces.
 
     Returns
     -------
@@ -196,8 +209,8 @@ def recipe_study(model, tokenizer, bank, *, sweep_prompts: Sequence[str] = SWEEP
     """
     eval_prompts = list(load_prompts() if eval_prompts is None else eval_prompts)
     swept = sweep(model, tokenizer, bank, emotions=emotions, weights=weights, levels=levels,
-                  prompts=sweep_prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                  progress=progress, **options)
+                  scopes=scopes, prompts=sweep_prompts, max_new_tokens=max_new_tokens,
+                  batch_size=batch_size, progress=progress, **options)
     choice = choose(swept["aggregates"])
     with_recipes = store(bank, choice, prompts=len(sweep_prompts))
     old = {e: bank.recommended(e) for e in choice}

@@ -248,7 +248,7 @@ def run_studies(model, tokenizer, bank, *, out: str | os.PathLike | None = None,
     ran. ``heldout_prompts`` cuts the evaluation prompts (recipes and dial) to the first n;
     ``dial`` and ``erase`` are keywords of :func:`level_dial` and :func:`erase_study` (levels,
     emotions, prompts); ``options`` go to :func:`~emokern.eval.recommend.recipe_study` (its
-    sweep's ``emotions``, ``weights``, ``levels``, ``sweep_prompts``) and to every
+    sweep's ``emotions``, ``weights``, ``levels``, ``scopes``, ``sweep_prompts``) and to every
     :func:`~emokern.eval.evaluation.evaluate` call (``engine="vllm"``, ``batch_size``, shared
     scorers ...).
     """
@@ -260,7 +260,7 @@ def run_studies(model, tokenizer, bank, *, out: str | os.PathLike | None = None,
     shared = {"model_name": model_name, "bank_name": bank_name,
               "max_new_tokens": max_new_tokens, "progress": progress,
               **{k: v for k, v in options.items()
-                 if k not in ("emotions", "weights", "levels", "sweep_prompts")}}
+                 if k not in ("emotions", "weights", "levels", "scopes", "sweep_prompts")}}
     result: dict = {"config": {"model": model_name, "bank": bank_name,
                                "engine": options.get("engine", "hf"),
                                "max_new_tokens": max_new_tokens, "studies": list(studies)},

@@ -720,7 +720,8 @@ def scoped_edits(bank, mix, names: Sequence[str] | None = None, argument: str = 
 
 def edit_scope(normals: Sequence[Mapping], names: Sequence[str], layers: Sequence[int],
                band: Sequence[int], *, positions: str = "all", spread: str = "divide",
-               argument: str = "mix", who: str = "emokern.steer") -> torch.Tensor | None:
+               argument: str = "mix", who: str = "emokern.steer", rows: bool = True
+               ) -> torch.Tensor | None:
     r"""Where each row's edits apply: the factor of its push weight, and whether its bounds
     hold, per position kind and steered layer.
 
@@ -751,6 +752,9 @@ def edit_scope(normals: Sequence[Mapping], names: Sequence[str], layers: Sequenc
     spread : {"divide", "each"}
     argument, who : str
         Named in errors.
+    rows : bool
+        Whether errors name the row (``mix[0]['joy']``; False for one request's mix:
+        ``mix['joy']``).
 
     Returns
     -------
@@ -774,7 +778,7 @@ def edit_scope(normals: Sequence[Mapping], names: Sequence[str], layers: Sequenc
         for k, name in enumerate(names):
             term = normal.get(name)
             own, kind = (None, "all") if term is None else scope_of(term)
-            where = f"{argument}[{row}][{name!r}]"
+            where = f"{argument}[{row}][{name!r}]" if rows else f"{argument}[{name!r}]"
             missing = [layer for layer in own or () if layer not in layers]
             if missing:
                 fail_(ValueError, f"{where} steers layers {missing}, which this steerer does not "

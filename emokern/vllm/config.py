@@ -34,9 +34,11 @@ from emokern.steering.config import SPREADS, SteeringConfig
 from emokern.steering.mix import (
     FLOAT32_MAX,
     REC,
+    SCOPE,
     asks_rec,
     bank_edits,
     check_limits,
+    edit_scope,
     format_mix,
     has_bounds,
     is_push,
@@ -210,7 +212,7 @@ def _compact(normal: Mapping, names: Sequence[str], argument: str) -> dict | Non
         if not fields:
             continue
         out[name] = float(fields["weight"]) if set(fields) == {"weight"} else \
-            {k: float(v) for k, v in fields.items()}
+            {k: v if k in SCOPE else float(v) for k, v in fields.items()}
     return out or None
 
 
@@ -288,19 +290,28 @@ def _engine_mix(extra_args, names: Sequence[str] | None = None) -> dict | None:
     return _compact(normal, list(names) if names is not None else list(normal), argument)
 
 
-def mix_edits(extra_args, names: Sequence[str]
-              ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+def mix_edits(extra_args, names: Sequence[str], steering: SteeringConfig | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
     """What a worker makes of a request's mix in normal form: ``(weights [K], z_bounds
-    [2, K] or None)`` (float32, columns = ``names``; ``z_bounds`` lower and upper standard
-    scores, ``±inf`` open, as :func:`~emokern.steering.mix.mix_to_edits`), or None when
-    unsteered. Parses no text (the front end did); an emotion not in ``names`` is an error (a
-    request checked against another bank)."""
+    [2, K] or None, scope [2, L, K] or None)`` (float32, columns = ``names``; ``z_bounds``
+    lower and upper standard scores, ``±inf`` open, as
+    :func:`~emokern.steering.mix.mix_to_edits`; ``scope`` the factor per position kind and
+    steered layer of ``steering``, :func:`~emokern.steering.mix.edit_scope`, None for a mix
+    without scope or without ``steering``), or None when unsteered. Parses no text (the
+    front end did); an emotion not in ``names`` is an error (a request checked against
+    another bank)."""
     normal = _engine_mix(extra_args, names)
     if normal is None:
         return None
-    weights, z_bounds = mix_to_edits([normal], names, f"extra_args['{EXTRA_KEY}']",
-                                     who="emokern.vllm")
-    return weights[0], (None if z_bounds is None else z_bounds[0])
+    argument = f"extra_args['{EXTRA_KEY}']"
+    weights, z_bounds = mix_to_edits([normal], names, argument, who="emokern.vllm")
+    scope = None
+    if steering is not None:
+        scope = edit_scope([normal], names, steering.layers, steering.band,
+                           positions=steering.positions, spread=steering.spread,
+                           argument=argument, who="emokern.vllm", rows=False)
+    return (weights[0], None if z_bounds is None else z_bounds[0],
+            None if scope is None else scope[0])
 
 
 def cache_salt(extra_args) -> str | None:
@@ -415,6 +426,12 @@ def _checked_mix(extra_args, config: EmokernConfig, argument: str) -> dict | Non
     check_limits(normal, max_weight=max_weight, max_level=max_level, argument=argument,
                  who="emokern.vllm", source="this server's limit", how=_LIMIT_HOW,
                  recipes=recipes)
+    # A scope's layers must be steered by the engine: its steered layers are those of a model
+    # as deep as the bank (every bank layer is inside the model it was made for).
+    steering = config.steering(bank, max(bank.layers) + 1)
+    edit_scope([normal], bank.names, steering.layers, steering.band,
+               positions=steering.positions, spread=steering.spread, argument=argument,
+               who="emokern.vllm", rows=False)
     if not has_bounds(normal):
         return normal
     # Calibrated bank; bounds that stay finite in float32 at every layer of the bank (a
@@ -448,7 +465,8 @@ def check_presets(config: EmokernConfig) -> dict[str, dict | None]:
 
 
 def describe(config: EmokernConfig, n_model_layers: int) -> dict:
-    """What ``GET /v1/emotions`` answers: the engine's emotions, steered layers, recommended
+    """What ``GET /v1/emotions`` answers: the engine's emotions, steered layers (and the band
+    a mix without scope steers), recommended
     weights and recipes, whether levels are on, the limits (``max_weight``, ``max_level``:
     :func:`limits_of`) and the mix grammar (JSON-ready)."""
     bank = bank_of(config)
@@ -456,6 +474,7 @@ def describe(config: EmokernConfig, n_model_layers: int) -> dict:
     max_weight, max_level = limits_of(config)
     return {"object": "emotions", "bank": config.bank, "method": bank.method,
             "names": list(bank.names), "layers": list(steering.layers),
+            "band": list(steering.band),
             "recommended_weights": {n: bank.recommended_weight(n) for n in bank.names},
             "recipes": {n: bank.recommended(n).mix_term() for n in bank.names},
             "spread": steering.spread, "norm_preserving": steering.norm_preserving,
@@ -472,7 +491,10 @@ def describe(config: EmokernConfig, n_model_layers: int) -> dict:
                               "sadness@1.5": "level: projection set to z = 1.5",
                               "fear=erase": "level at the neutral mean (z = 0)",
                               "anger<=0.5": "cap at z = 0.5",
-                              "joy>=1": "floor at z = 1"},
+                              "joy>=1": "floor at z = 1",
+                              "anger[12;generated]=1": "scope: the edit at decoder layer 12 "
+                                                       "(a steered one) on generated tokens "
+                                                       "only"},
                     "limits": "|push weight| <= max_weight, |z| of a level, cap or floor "
                               "<= max_level (rec and presets included); beyond: 400",
                     "note": "weights in the bank's units, levels/caps/floors in standard "

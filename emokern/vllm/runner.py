@@ -103,6 +103,7 @@ class EngineSteering:
         device = next(model.parameters()).device  # buffers and vectors live beside the model
         self.table = SlotTable(len(self.layers), len(self.names), max_requests, max_tokens,
                                scale=self.steering.scale, device=device,
+                               band=[layer in self.steering.band for layer in self.layers],
                                neutral=self.neutral if config.levels else None)
         op, self.backend = packed_op(device)
         #: ``(module, vectors [K, D])`` of each steered layer, in :attr:`layers` order.
@@ -126,7 +127,7 @@ class EngineSteering:
 
         def forward(*args, **kwargs):
             hidden_states, residual = inner(*args, **kwargs)
-            op(hidden_states, residual, vectors, table.slot_weights, table.token_slot,
+            op(hidden_states, residual, vectors, table.slot_weights[i], table.token_slot,
                norm_preserving, None, *running, *leveled)
             return hidden_states, residual
 
@@ -158,10 +159,11 @@ class EngineSteering:
         req_ids, num_computed, num_prompt = internals.batch_state(runner)
         for req_id in req_ids:
             if not self.table.known(req_id):
-                edits = mix_edits(internals.request_extra_args(runner, req_id), self.names)
-                weights, z_bounds = (None, None) if edits is None else edits
+                edits = mix_edits(internals.request_extra_args(runner, req_id), self.names,
+                                  self.steering)
+                weights, z_bounds, scope = (None, None, None) if edits is None else edits
                 self.table.add(req_id, weights, read=self.steering.monitor is not None,
-                               running=req_ids, z_bounds=z_bounds)
+                               running=req_ids, z_bounds=z_bounds, scope=scope)
         self.table.fill(req_ids, num_scheduled, num_computed, num_prompt)
 
     def readings(self, req_ids=None, family: bool = False) -> dict:

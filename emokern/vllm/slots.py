@@ -1,15 +1,17 @@
 """Slots: the persistent per-request state the packed op reads inside vLLM's compiled graph.
 
 vLLM packs the tokens of every scheduled request into one ``[N, D]`` tensor. The way vLLM's
-LoRA maps tokens to adapters, each request that carries a mix owns *slots*, rows of
-``slot_weights [S, K]``, and before every forward each token is given its request's slot in
-``token_slot [N_max]`` (``-1``: no steering). A steered request owns three slots with the same
-weights: one for its prompt tokens, one for its generated tokens — so the op's per-slot
-running statistics of the generated slot are the readings over generated tokens only (what the
-Hugging Face monitor gives with ``monitor="generated"``) — and one for *replayed* tokens: after
-a preemption vLLM recomputes a request's tokens (those its prefix cache no longer holds); they
-are steered the same but were read already, so their statistics go to the replay slot, which
-is never read. Readings are thus exact across preemptions.
+LoRA maps tokens to adapters, each request that carries a mix owns *slots*, rows of the
+per-layer ``slot_weights[l] [S, K]``, and before every forward each token is given its
+request's slot in ``token_slot [N_max]`` (``-1``: no steering). A steered request owns four
+slots: one for its prompt tokens, one for its generated tokens — so the op's per-slot running
+statistics of the generated slot are the readings over generated tokens only (what the Hugging
+Face monitor gives with ``monitor="generated"``), and a mix's scope can steer one kind and not
+the other (:func:`~emokern.steering.mix.edit_scope`) — and two for *replayed* prompt and
+generated tokens: after a preemption vLLM recomputes a request's tokens (those its prefix cache
+no longer holds); they are steered the same but were read already, so their statistics go to
+the replay slots, which are never read. Readings are thus exact across preemptions. Weights are
+per layer because a scope can steer an emotion at some of the steered layers only.
 
 With levels on (``additional_config`` ``"levels": true``), each slot also has bounds per
 steered layer, ``bounds[l] [S, 2, K]`` in raw units: a request's levels and bounds come in
@@ -45,12 +47,16 @@ class SlotTable:
     n_emotions : int
         ``K``.
     max_requests : int
-        Requests with slots alive at once, preempted ones included (each owns three slots, so
-        ``S = 3 * max_requests``).
+        Requests with slots alive at once, preempted ones included (each owns four slots, so
+        ``S = 4 * max_requests``).
     max_tokens : int
         ``N_max``: the most tokens one forward carries (vLLM's ``max_num_batched_tokens``).
     scale : float
-        Applied weight = user weight × ``scale`` (``1 / L`` for ``spread="divide"``).
+        Applied weight = user weight × ``scale`` (``1 / len(band)`` for ``spread="divide"``)
+        at the band's layers, for a mix without scope.
+    band : sequence of bool, optional
+        Per steered layer, whether it is in the band (where a mix without scope applies);
+        default every layer.
     keep_readings : int
         Readings of finished requests kept for :meth:`readings` (oldest dropped first).
     neutral : (Tensor [L, K], Tensor [L, K]), optional
@@ -59,7 +65,7 @@ class SlotTable:
 
     Attributes
     ----------
-    slot_weights : Tensor [S, K] float32
+    slot_weights : list of L Tensors [S, K] float32
     token_slot : Tensor [N_max] int32
     run_sum, run_count, run_last : list of L Tensors [S, K] float32, [S] int64, [S, K] float32
     bounds : list of L Tensors [S, 2, K] float32 (raw units, ``±inf`` open), or None
@@ -67,16 +73,21 @@ class SlotTable:
     """
 
     def __init__(self, n_layers: int, n_emotions: int, max_requests: int, max_tokens: int,
-                 *, scale: float = 1.0, keep_readings: int = 4096, device="cpu",
+                 *, scale: float = 1.0, band: Sequence[bool] | None = None,
+                 keep_readings: int = 4096, device="cpu",
                  neutral: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-        n_slots = 3 * max_requests
+        n_slots = 4 * max_requests
         self.n_layers, self.n_emotions, self.n_slots = n_layers, n_emotions, n_slots
         self.max_requests = max_requests
         self.scale = float(scale)
-        self.slot_weights = torch.zeros(n_slots, n_emotions, device=device)
-        self.token_slot = torch.full((max_tokens,), -1, dtype=torch.int32, device=device)
+        band = [True] * n_layers if band is None else list(band)
+        # [2, L, 1] the plain scale per position kind and layer: scale in the band, else 0
+        self._plain = torch.tensor([[[self.scale if b else 0.0] for b in band]] * 2)
         # One tensor per layer (not views of one [L, S, K] tensor): the compiled graph then
         # mutates distinct inputs, with no aliasing for AOTAutograd to untangle.
+        self.slot_weights = [torch.zeros(n_slots, n_emotions, device=device)
+                             for _ in range(n_layers)]
+        self.token_slot = torch.full((max_tokens,), -1, dtype=torch.int32, device=device)
         self.run_sum = [torch.zeros(n_slots, n_emotions, device=device) for _ in range(n_layers)]
         self.run_count = [torch.zeros(n_slots, dtype=torch.int64, device=device)
                           for _ in range(n_layers)]
@@ -92,7 +103,8 @@ class SlotTable:
             self._open = torch.tensor([-float("inf"), float("inf")], device=device)[:, None]
             self.bounds = [self._open.expand(2, n_emotions).repeat(n_slots, 1, 1).contiguous()
                            for _ in range(n_layers)]
-        # request r owns slots 3r (prompt), 3r + 1 (generated), 3r + 2 (replayed)
+        # request r owns slots 4r (prompt), 4r + 1 (generated), 4r + 2 and 4r + 3 (replayed
+        # prompt and generated tokens)
         self._free = list(range(max_requests - 1, -1, -1))
         self._pair: dict[str, int | None] = {}  # req_id -> r, None = no slots
         self._read_upto: dict[str, int] = {}  # req_id -> positions < this were read
@@ -121,16 +133,20 @@ class SlotTable:
         return self.bounds is not None
 
     def add(self, req_id: str, weights: torch.Tensor | None, *, read: bool = False,
-            running: Sequence[str] = (), z_bounds: torch.Tensor | None = None) -> None:
+            running: Sequence[str] = (), z_bounds: torch.Tensor | None = None,
+            scope: torch.Tensor | None = None) -> None:
         """Register ``req_id`` with weights ``[K]`` (user units) or None (unsteered), and
         optionally levels and bounds ``z_bounds [2, K]`` (standard scores, ``±inf`` open;
-        levels on only).
+        levels on only) and a scope ``[2, L, K]`` (:func:`~emokern.steering.mix.edit_scope`:
+        the factor per position kind and steered layer; None: the plain ``scale`` at the
+        band's layers).
 
         A steered request gets fresh slots with zeroed statistics; so does an unsteered one
         when ``read`` (its slots weigh zero: the op adds exactly 0 and reads). When every slot
         is taken, a request not in ``running`` (a preempted one) gives its slots up (its
-        readings then restart when it resumes). The slots' bounds are ``μ_l + z σ_l`` per
-        steered layer (open without ``z_bounds``).
+        readings then restart when it resumes). The slots' weights at layer ``l`` are
+        ``weights × factor[p, l]`` and their bounds ``μ_l + z σ_l`` where the factor is
+        positive (open elsewhere and without ``z_bounds``), ``p`` the slot's position kind.
         """
         raw = None
         if z_bounds is not None:
@@ -155,16 +171,23 @@ class SlotTable:
                                    f"in use; raise additional_config['emokern']['max_requests']")
             self.release(idle, keep=False)  # unknown again: registered afresh on resuming
         pair = self._free.pop()
-        rows = slice(3 * pair, 3 * pair + 3)
-        if weights is None:
-            self.slot_weights[rows] = 0
-        else:
-            self.slot_weights[rows] = (weights.float() * self.scale)[None]
+        rows = slice(4 * pair, 4 * pair + 4)
+        factor = self._plain if scope is None else scope.float()  # [2, L, 1 or K]
+        # slot 4r + j is of position kind j % 2 (prompt, generated)
+        kinds = torch.tensor([0, 1, 0, 1])
+        for layer, buffer in enumerate(self.slot_weights):
+            at = factor[kinds, layer].expand(4, self.n_emotions)
+            buffer[rows] = 0 if weights is None else weights.float()[None] * at
         for t in (*self.run_sum, *self.run_count, *self.run_last):
             t[rows] = 0
         if self.bounds is not None:
             for layer, bounds in enumerate(self.bounds):
-                bounds[rows] = self._open if raw is None else raw[layer]
+                if raw is None:
+                    bounds[rows] = self._open
+                else:
+                    inside = (factor[kinds, layer] > 0).expand(4, self.n_emotions)[:, None]
+                    bounds[rows] = torch.where(inside.to(bounds.device), raw[layer],
+                                               self._open)
         self._pair[req_id] = pair
         self._read_upto[req_id] = 0
 
@@ -182,13 +205,13 @@ class SlotTable:
 
     def _reading(self, pair: int) -> dict:
         out = {}
-        for key, slot in (("", 3 * pair + 1), ("prompt_", 3 * pair)):
+        for key, slot in (("", 4 * pair + 1), ("prompt_", 4 * pair)):
             count = torch.stack([c[slot] for c in self.run_count]).cpu()
             total = torch.stack([s[slot] for s in self.run_sum]).cpu()
             mean = total / count[:, None].clamp_min(1)
             mean[count == 0] = float("nan")
             out[key + "mean"], out[key + "count"] = mean, int(count[0])
-        out["last"] = torch.stack([s[3 * pair + 1] for s in self.run_last]).cpu()
+        out["last"] = torch.stack([s[4 * pair + 1] for s in self.run_last]).cpu()
         return out
 
     def readings(self, req_ids: Sequence[str] | None = None, *,
@@ -227,7 +250,8 @@ class SlotTable:
         Tokens are packed request by request, ``num_scheduled[i]`` tokens of request ``i``
         starting at its position ``num_computed[i]``; a token at a position ``>=
         num_prompt[i]`` was generated (it gets the generated slot), the others the prompt slot;
-        a token at a position the request had read before a preemption gets the replay slot.
+        a token at a position the request had read before a preemption gets the replay slot of
+        its kind.
         """
         n_req = len(req_ids)
         pairs = np.array([-1 if (p := self._pair.get(r)) is None else p for r in req_ids],
@@ -249,7 +273,7 @@ class SlotTable:
         read_upto = np.array([self._read_upto.get(r, 0) for r in req_ids], dtype=np.int64)
         replayed = position < read_upto[req_index]
         pair = pairs[req_index]
-        slot = np.where(pair < 0, -1, 3 * pair + np.where(replayed, 2, generated))
+        slot = np.where(pair < 0, -1, 4 * pair + 2 * replayed + generated)
         self.token_slot[:n_tok] = torch.from_numpy(slot.astype(np.int32))
         ends = num_computed[:n_req] + counts
         for i, rid in enumerate(req_ids):

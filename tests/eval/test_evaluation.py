@@ -67,6 +67,8 @@ def test_prompt_files_json_and_lines(tmp_path):
 
 def test_parse_weights():
     assert parse_weights("-1,0,1,2,4") == [-1.0, 0.0, 1.0, 2.0, 4.0]
+    assert parse_weights(["[generated]=2", "[10-12;generated]@8", "2"]) == [
+        "[generated]=2", "[10-12;generated]@8", 2.0]
     assert parse_weights("rec") == ["rec"]
     assert parse_weights("0, REC ,1.5") == [0.0, "rec", 1.5]
     assert parse_weights("2, @8, <=0, >=-1.5, ERASE") == [2.0, "@8", "<=0", ">=-1.5", "erase"]

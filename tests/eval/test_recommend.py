@@ -51,6 +51,30 @@ def test_choose_keeps_the_answer_on_topic_and_weighs_levels_against_pushes():
     assert choice["sadness"]["mode"] == "push" and choice["sadness"]["weight"] == 1.0
 
 
+def test_a_scoped_edit_can_be_the_recipe_and_brings_its_scope(tiny_llama):
+    """The sweep's scoped terms (``[generated]=2``: the push on generated tokens only) compete
+    with the plain ones; the chosen scope goes into the recipe, the bank and ``rec``."""
+    aggregates = [
+        _agg("joy", "0", 0.0, 0.0, adherence=0.6),
+        _agg("joy", "4", 4.0, 0.20, adherence=0.10),                 # leaves the question
+        _agg("joy", "[generated]=4", 4.0, 0.15, adherence=0.55),     # keeps it
+        _agg("joy", "[generated]@8", float("nan"), 0.10, adherence=0.58),
+        _agg("fear", "0", 0.0, 0.0, adherence=0.6),
+        _agg("fear", "[1-2;generated]@8", float("nan"), 0.2, adherence=0.6),
+    ]
+    choice = choose(aggregates)
+    assert choice["joy"]["mode"] == "push" and choice["joy"]["weight"] == 4.0
+    assert choice["joy"]["positions"] == "generated" and "layers" not in choice["joy"]
+    assert choice["fear"]["level"] == 8.0 and choice["fear"]["layers"] == [1, 2]
+    model, _ = tiny_llama
+    bank = store(random_bank(model, recommended_layers=[1]), choice)
+    assert bank.recommended("joy").layers == (1,)
+    assert bank.recommended("joy").mix_term() == {"weight": 4.0, "positions": "generated"}
+    assert bank.recommended("fear").mix_term() == {"level": 8.0, "layers": [1, 2],
+                                                   "positions": "generated"}
+    assert bank.recipe_layers() == [2]
+
+
 def test_a_stored_level_recipe_is_what_bank_recommended_returns(tiny_llama):
     model, _ = tiny_llama
     bank = random_bank(model)
@@ -80,6 +104,19 @@ def test_store_keeps_the_vectors_and_records_the_band(tiny_llama, tmp_path):
 def test_sweep_prompts_are_not_evaluation_prompts():
     assert len(SWEEP_PROMPTS) == 24
     assert not set(SWEEP_PROMPTS) & set(load_prompts())
+
+
+def test_sweep_scopes_every_push_and_level(monkeypatch, tiny_llama):
+    """``scopes`` adds each push weight and level again under each scope, as grid labels."""
+    import emokern.eval.recommend as recommend
+    asked = {}
+    monkeypatch.setattr(recommend, "evaluate",
+                        lambda *args, weights, **options: asked.setdefault("w", weights))
+    model, _ = tiny_llama
+    bank = random_bank(model)
+    recommend.sweep(model, None, bank, weights=[1, 2], levels=[8], scopes=["generated", "[2]"])
+    assert asked["w"] == [0.0, 1.0, 2.0, "@8", "[generated]=1", "[generated]=2",
+                          "[generated]@8", "[2]=1", "[2]=2", "[2]@8"]
 
 
 def test_sweep_runs_the_grid(tiny_llama, scorer, one_thread):

@@ -204,38 +204,42 @@ def _cpu_kernel_takes_bounds() -> bool:
     return True
 
 
-def test_a_level_request_steers_as_the_hugging_face_steerer(model_dir, monkeypatch):
-    """An engine with levels on: a level and a cap in one request (calibrated units) give the
-    tokens and readings of emokern.steer with the same mix; the unsteered request beside it in
-    the batch differs. (Until the CPU kernel takes bounds, the engine runs the reference op,
-    eagerly.)"""
+def test_level_and_scoped_requests_steer_as_the_hugging_face_steerer(model_dir, monkeypatch):
+    """An engine with levels on, steering two layers: a level and a cap in one request
+    (calibrated units), and a scoped request (a push at one layer on generated tokens, a push
+    on the prompt only, a cap at the other layer) each give the tokens and readings of
+    emokern.steer with the same mix; the unsteered request beside them in the batch differs.
+    (Until the CPU kernel takes bounds, the engine runs the reference op, eagerly.)"""
     options = {}
     if not _cpu_kernel_takes_bounds():
         monkeypatch.setenv("EMOKERN_BACKEND", "reference")  # inherited by vLLM's processes
         options["enforce_eager"] = True
     llm = vllm.LLM(model=model_dir, **{**ENGINE, **options},
                    additional_config={"emokern": {"bank": "default", "monitor": True,
-                                                  "levels": True}})
+                                                  "levels": True, "layers": [10, 12]}})
     monkeypatch.delenv("EMOKERN_BACKEND", raising=False)
     prompts = _prompts(llm.get_tokenizer())
+    mixes = ["sadness@6,joy<=-1", "joy[12;generated]=8,fear[prompt]=4,sadness[10]<=0"]
     try:
-        mix = "sadness@6,joy<=-1"
         params = [vllm.SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True,
-                                      extra_args=extra) for extra in ({"emotion": mix}, None)]
-        outs = llm.generate([prompts[0]] * 2, params, use_tqdm=False)
+                                      extra_args=extra)
+                  for extra in ({"emotion": mixes[0]}, {"emotion": mixes[1]}, None)]
+        outs = llm.generate([prompts[0]] * 3, params, use_tqdm=False)
         tokens = [list(o.outputs[0].token_ids) for o in outs]
-        assert tokens[0] != tokens[1]
-        reading = emokern.vllm.readings(llm, outs)[outs[0].request_id]
-        assert reading["count"] == MAX_TOKENS - 1
+        assert tokens[0] != tokens[2] and tokens[1] != tokens[2]
+        readings = [emokern.vllm.readings(llm, outs)[o.request_id] for o in outs[:2]]
+        assert all(r["count"] == MAX_TOKENS - 1 for r in readings)
+        assert readings[0]["layers"] == [10, 12]
     finally:
         _close(llm)
     model, _ = emokern.load_model("default")
     bank = emokern.EmotionBank.load_default()
     ids = torch.tensor([prompts[0]["prompt_token_ids"]])
-    with emokern.steer(model, bank, mix=[mix], layers=reading["layers"], positions="all",
-                       monitor="generated", backend="reference") as s:
-        hf = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                            max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS)
-    assert hf[0, ids.shape[1]:].tolist() == tokens[0]
-    torch.testing.assert_close(torch.tensor(reading["mean"]), s.monitor.mean()[0],
-                               atol=READING_ATOL, rtol=0)
+    for mix, reading, expected in zip(mixes, readings, tokens, strict=False):
+        with emokern.steer(model, bank, mix=[mix], layers=reading["layers"], positions="all",
+                           monitor="generated", backend="reference") as s:
+            hf = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS)
+        assert hf[0, ids.shape[1]:].tolist() == expected, mix
+        torch.testing.assert_close(torch.tensor(reading["mean"]), s.monitor.mean()[0],
+                                   atol=READING_ATOL, rtol=0)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from emokern.steering.config import SteeringConfig
 from emokern.vllm import EmokernConfig, SlotTable, cache_salt, request_mix
 from emokern.vllm.config import check_mix, mix_edits, normal_mix, with_mix
 
@@ -29,14 +30,14 @@ def test_fill_packs_prompt_and_generated_slots():
     # generated token scheduled (a chunked prefill ending and its first decode).
     t.fill(["a", "b", "c"], np.array([3, 2, 2]), np.array([0, 5, 3]), np.array([3, 9, 4]))
     a, c = 0, 1  # pairs handed out in order
-    assert t.token_slot[:7].tolist() == [3 * a] * 3 + [-1, -1] + [3 * c, 3 * c + 1]
+    assert t.token_slot[:7].tolist() == [4 * a] * 3 + [-1, -1] + [4 * c, 4 * c + 1]
     assert t.token_slot[7:].eq(-1).all()
-    assert t.slot_weights[3 * a].tolist() == [1.0, 0.0, 0.0]
-    assert t.slot_weights[3 * a + 1].tolist() == [1.0, 0.0, 0.0]
-    assert t.slot_weights[3 * c].tolist() == [0.0, 0.5, -0.5]
+    assert t.slot_weights[0][4 * a].tolist() == [1.0, 0.0, 0.0]
+    assert t.slot_weights[0][4 * a + 1].tolist() == [1.0, 0.0, 0.0]
+    assert t.slot_weights[0][4 * c].tolist() == [0.0, 0.5, -0.5]
     # a smaller next step clears the tail it no longer uses
     t.fill(["a"], np.array([1]), np.array([3]), np.array([3]))
-    assert t.token_slot.tolist() == [3 * a + 1] + [-1] * 15
+    assert t.token_slot.tolist() == [4 * a + 1] + [-1] * 15
 
 
 def test_release_keeps_readings_and_reuses_slots():
@@ -52,7 +53,7 @@ def test_release_keeps_readings_and_reuses_slots():
     assert not t.known("7-0a1b2c3d")
     assert t.readings(["7"])["7"]["mean"].tolist() == live["mean"].tolist()
     t.add("8", torch.tensor([0.0, 1.0, 0.0]))  # the freed pair again, statistics zeroed
-    assert t.run_count[0][gen] == 0 and t.slot_weights[gen].tolist() == [0.0, 1.0, 0.0]
+    assert t.run_count[0][gen] == 0 and t.slot_weights[0][gen].tolist() == [0.0, 1.0, 0.0]
     assert torch.isnan(t.readings(["8"])["8"]["mean"]).all()
 
 
@@ -60,7 +61,7 @@ def test_prompt_and_generated_readings_and_unsteered_reads():
     t = _table()
     t.add("a", None, read=True)  # unsteered but read: a pair of zero-weight slots
     t.add("b", None)  # unsteered, not read: no slot
-    assert t.slot_weights[:3].eq(0).all() and t.known("b")
+    assert t.slot_weights[0][:4].eq(0).all() and t.known("b")
     t.fill(["a", "b"], np.array([3, 1]), np.array([0, 0]), np.array([3, 1]))
     assert t.token_slot[:4].tolist() == [0, 0, 0, -1]
     for layer in range(2):
@@ -102,8 +103,8 @@ def test_tokens_recomputed_after_a_preemption_are_steered_but_not_read_again():
     # preempted, resumed with 2 tokens from the prefix cache: positions 2-4 recomputed, then
     # position 5 is new
     t.fill(["a"], np.array([4]), np.array([2]), np.array([3]))
-    assert t.token_slot[:4].tolist() == [2, 2, 2, 1]
-    assert t.slot_weights[2].tolist() == t.slot_weights[1].tolist() == [1.0, 0.0, 0.0]
+    assert t.token_slot[:4].tolist() == [2, 3, 3, 1]  # replayed prompt, replayed generated
+    assert t.slot_weights[0][2].tolist() == t.slot_weights[0][1].tolist() == [1.0, 0.0, 0.0]
 
 
 def test_request_mix_forms():
@@ -127,7 +128,7 @@ def test_normal_form_is_parsed_once_and_read_downstream():
     extra = {"emotion": "joy=rec", "other": 1}
     assert with_mix(extra, {"joy": 1.5}) == {"emotion": {"joy": 1.5}, "other": 1}
     assert with_mix(extra, None) == {"other": 1} and extra["emotion"] == "joy=rec"
-    weights, bounds = mix_edits({"emotion": mix}, NAMES)
+    weights, bounds, _ = mix_edits({"emotion": mix}, NAMES)
     assert weights.tolist() == [1.5, 0.0, 0.5] and bounds is None
     assert mix_edits({"emotion": {}}, NAMES) is None and mix_edits(None, NAMES) is None
     with pytest.raises(ValueError, match="not an emotion of this engine's bank"):
@@ -167,7 +168,7 @@ def test_the_grammar_at_the_front_door_and_its_normal_form():
     assert normal_mix({"emotion": '{"fear": "erase", "joy": {"weight": 0}}'}, NAMES) == {
         "fear": {"level": 0.0}}
     assert normal_mix({"emotion": {"joy": {"weight": 0.0}}}, NAMES) is None
-    weights, bounds = mix_edits({"emotion": mix}, NAMES)
+    weights, bounds, _ = mix_edits({"emotion": mix}, NAMES)
     assert weights.tolist() == [1.5, 0.0, 0.0]
     assert bounds.tolist() == [[-2.0, 3.0, -INF], [INF, 3.0, 1.0]]
     with pytest.raises(ValueError, match=r"\[.joy.\] is .joy@1., a level or bound: request_mix"):
@@ -210,22 +211,22 @@ def test_slots_hold_raw_bounds_per_layer_with_levels_on():
     mean = torch.tensor([[0.0, 1.0, 2.0], [10.0, 20.0, 30.0]])
     std = torch.tensor([[1.0, 1.0, 1.0], [2.0, 2.0, 2.0]])
     t = _table(scale=0.5, neutral=(mean, std))
-    assert t.levels and len(t.bounds) == 2 and t.bounds[0].shape == (12, 2, 3)
+    assert t.levels and len(t.bounds) == 2 and t.bounds[0].shape == (16, 2, 3)
     assert t.bounds[0].isinf().all() and t.bounds[0].is_contiguous()
     z = torch.tensor([[1.5, -INF, -INF], [1.5, INF, -1.0]])  # joy level 1.5, fear cap -1
     t.add("a", None, z_bounds=z)  # a level alone: zero weights, bounds set
     t.add("b", torch.tensor([1.0, 0.0, 0.0]))  # a push: open bounds
     a, b = 0, 1
-    for slot in range(3 * a, 3 * a + 3):
-        assert t.slot_weights[slot].eq(0).all()
+    for slot in range(4 * a, 4 * a + 4):
+        assert t.slot_weights[0][slot].eq(0).all()
         assert t.bounds[0][slot].tolist() == [[1.5, -INF, -INF], [1.5, INF, 1.0]]
         assert t.bounds[1][slot].tolist() == [[13.0, -INF, -INF], [13.0, INF, 28.0]]
-    assert t.bounds[1][3 * b:3 * b + 3].isinf().all()
+    assert t.bounds[1][4 * b:4 * b + 4].isinf().all()
     t.release("a")
     t.add("c", torch.ones(3))  # the freed pair again: its bounds open
-    assert t.bounds[0][3 * a:3 * a + 3].isinf().all()
+    assert t.bounds[0][4 * a:4 * a + 4].isinf().all()
     t.fill(["c", "b"], np.array([2, 1]), np.array([0, 0]), np.array([2, 1]))
-    assert t.token_slot[:3].tolist() == [0, 0, 3]
+    assert t.token_slot[:3].tolist() == [0, 0, 4]
     plain = _table()
     assert not plain.levels and plain.bounds is None
     with pytest.raises(ValueError, match="engine without levels"):
@@ -244,3 +245,44 @@ def test_settings():
         EmokernConfig.from_additional_config({"emokern": {"spread": "all"}})
     with pytest.raises(ValueError, match="unknown setting"):  # the hook is the benchmark's
         EmokernConfig.from_additional_config({"emokern": {"impl": "hook"}})
+
+
+def test_a_scope_sets_weights_and_bounds_per_position_kind_and_layer():
+    """A request whose mix is scoped (edit_scope's factor [2, L, K]) gets, in each of its four
+    slots, the weights of the slot's position kind at each layer, and its bounds only where
+    the factor is positive; a mix without scope gets the plain scale at the band's layers."""
+    mean, std = torch.zeros(2, 3), torch.ones(2, 3)
+    t = _table(scale=0.5, band=[True, False], neutral=(mean, std))
+    steering = SteeringConfig(names=NAMES, layers=(1, 2), band=(1,), monitor_layers=(1, 2))
+    mix = {"joy": {"weight": 2.0, "layers": [2], "positions": "generated"},
+           "fear": {"max": 1.0, "layers": [1, 2], "positions": "prompt"}, "sadness": 1.0}
+    weights, z_bounds, scope = mix_edits({"emotion": mix}, NAMES, steering)
+    assert scope.shape == (2, 2, 3)
+    t.add("a", weights, z_bounds=z_bounds, scope=scope)
+    prompt, generated, replay_prompt, replay_generated = range(4)
+    # layer index 0 (decoder layer 1, the band): sadness at 1/1, joy nowhere
+    assert t.slot_weights[0][prompt].tolist() == [0.0, 1.0, 0.0]
+    assert t.slot_weights[0][generated].tolist() == [0.0, 1.0, 0.0]
+    # layer index 1 (decoder layer 2): joy on generated tokens, full weight
+    assert t.slot_weights[1][generated].tolist() == [2.0, 0.0, 0.0]
+    assert t.slot_weights[1][replay_generated].tolist() == [2.0, 0.0, 0.0]
+    assert t.slot_weights[1][prompt].eq(0).all() and t.slot_weights[1][replay_prompt].eq(0).all()
+    for layer in range(2):  # fear's cap on prompt tokens at both layers only
+        assert t.bounds[layer][prompt, 1, 2] == 1.0 and t.bounds[layer][replay_prompt, 1, 2] == 1.0
+        assert t.bounds[layer][generated, 1, 2] == INF
+    t.add("b", torch.tensor([1.0, 0.0, 0.0]))  # no scope: the plain scale, the band only
+    assert t.slot_weights[0][4].tolist() == [0.5, 0.0, 0.0]
+    assert t.slot_weights[1][4].eq(0).all()
+
+
+def test_the_front_door_checks_a_scope_against_the_engines_layers():
+    """A scope is part of the normal form (and so of the cache salt); a layer the engine does
+    not steer is one clear error, before the request reaches a worker."""
+    config = EmokernConfig.from_additional_config({"emokern": {}})  # layers "auto": [12]
+    normal = check_mix({"emotion": "joy[generated]=1,fear=1"}, config)
+    assert normal == {"joy": {"weight": 1.0, "positions": "generated"}, "fear": 1.0}
+    assert cache_salt({"emotion": normal}) != cache_salt({"emotion": {"joy": 1.0, "fear": 1.0}})
+    with pytest.raises(ValueError, match=r"emokern.vllm: extra_args\['emotion'\]\['joy'\] steers "
+                                         r"layers \[3\], which this steerer does not steer "
+                                         r"\(it steers \[12\]\)"):
+        check_mix({"emotion": "joy[3]=1"}, config)
