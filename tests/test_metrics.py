@@ -74,6 +74,7 @@ def test_every_reason_is_a_known_label():
     ("joy=2,joy<=3,sadness@1,fear=erase,anger>=-1", LEVELS,
      ("push", "level", "erase", "cap", "floor")),
     ("anger=rec", PLAIN, ("push", "rec")),  # the default bank's recipes are pushes
+    ("joy[generated]=2,fear[12]<=1", LEVELS, ("push", "cap", "scope")),
     ('{"anger": {"weight": "rec", "max": 1}}', LEVELS, ("push", "cap", "rec")),
     ("calm", PRESETS, ("push", "cap", "preset")),
     ("  tame ", PRESETS, ("push", "rec", "preset")),

@@ -75,7 +75,7 @@ import logging
 import math
 from collections.abc import Iterable, Mapping
 
-from emokern.steering.mix import asks_rec, normalize_mix
+from emokern.steering.mix import asks_rec, has_scope, normalize_mix
 
 __all__ = ["KINDS", "READING_BUCKETS", "REASONS", "SLOTS_METHOD", "SLOTS_TIMEOUT_S", "Metrics",
            "current", "edit_kinds", "record_readings", "record_rejected", "record_slots",
@@ -89,7 +89,7 @@ SLOTS_METHOD = "emokern_slots"
 SLOTS_TIMEOUT_S = 5.0
 
 #: ``emokern_steered_requests_total``'s ``kind`` values.
-KINDS = ("push", "level", "erase", "cap", "floor", "rec", "preset")
+KINDS = ("push", "level", "erase", "cap", "floor", "scope", "rec", "preset")
 #: ``emokern_rejected_mixes_total``'s ``reason`` values.
 REASONS = ("malformed", "unknown_emotion", "unknown_preset", "out_of_range", "over_limit",
            "levels_off", "no_emokern", "forbidden")
@@ -147,6 +147,8 @@ def edit_kinds(mix, normal: Mapping | None, presets: Iterable[tuple[str, str]] =
             found.add("cap")
         if "min" in fields:
             found.add("floor")
+        if has_scope(term):
+            found.add("scope")
     written = mix
     if isinstance(mix, str):
         named = dict(presets).get(mix.strip())
