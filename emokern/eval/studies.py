@@ -96,11 +96,13 @@ def _by_prompt(rows: Sequence[dict], emotion: str) -> dict[tuple[str, str], floa
 
 def level_dial(model, tokenizer, bank, *, emotions: Sequence[str] = DIAL_EMOTIONS,
                levels: Sequence[float] = DIAL_LEVELS, prompts: Sequence[str] | None = None,
-               **options) -> dict:
+               scope: str = "", **options) -> dict:
     r"""Answer every prompt at each of ``levels`` of each emotion and measure, per prompt, the
     Spearman :math:`\rho` of level vs the judge's probability of the emotion (module docstring).
 
-    ``options`` go to :func:`~emokern.eval.evaluation.evaluate` (engine, batch size, ...).
+    ``scope``: the levels' scope in the mix grammar (``"generated"``: on generated tokens
+    only; default none). ``options`` go to :func:`~emokern.eval.evaluation.evaluate` (engine,
+    batch size, ...).
 
     Returns
     -------
@@ -115,17 +117,24 @@ def level_dial(model, tokenizer, bank, *, emotions: Sequence[str] = DIAL_EMOTION
     if len(levels) < 2:
         raise ValueError(f"levels: give at least two, got {levels}")
     prompts = list(load_prompts() if prompts is None else prompts)
-    result = evaluate(model, tokenizer, bank, emotions=list(emotions),
-                      weights=[0.0, *[f"@{z:g}" for z in levels]], prompts=prompts, **options)
-    return {"levels": levels, "emotions": dial_of_rows(result["rows"], emotions, levels),
+    labels = _dial_labels(levels, scope)
+    result = evaluate(model, tokenizer, bank, emotions=list(emotions), weights=[0.0, *labels],
+                      prompts=prompts, **options)
+    return {"levels": levels, "scope": scope,
+            "emotions": dial_of_rows(result["rows"], emotions, levels, scope),
             "n_prompts": len(prompts), "seconds": result["seconds"]}
 
 
+def _dial_labels(levels: Sequence[float], scope: str = "") -> list[str]:
+    """The grid labels of the dial's levels: ``"@8"``, or ``"[generated]@8"`` with a scope."""
+    return [(f"[{scope}]" if scope else "") + f"@{float(z):g}" for z in levels]
+
+
 def dial_of_rows(rows: Sequence[dict], emotions: Sequence[str],
-                 levels: Sequence[float]) -> dict[str, dict]:
+                 levels: Sequence[float], scope: str = "") -> dict[str, dict]:
     """:func:`level_dial`'s measures from the grid's scored ``rows`` (an unsteered row per
-    prompt and one per prompt, emotion and level, labelled ``"@z"``)."""
-    labels = [f"@{float(z):g}" for z in levels]
+    prompt and one per prompt, emotion and level, labelled ``"@z"``, or ``"[scope]@z"``)."""
+    labels = _dial_labels(levels, scope)
     prompts = list(dict.fromkeys(r["prompt"] for r in rows))
     out = {}
     for emotion in emotions:
@@ -208,7 +217,8 @@ def format_studies(studies: Mapping) -> str:
     if "dial" in studies:
         dial = studies["dial"]
         lines += ["## Levels as a dial", "",
-                  f"Levels {', '.join(f'{z:g}' for z in dial['levels'])} (standard scores) on "
+                  f"Levels {', '.join(f'{z:g}' for z in dial['levels'])} (standard scores"
+                  f"{'; scope [' + dial['scope'] + ']' if dial.get('scope') else ''}) on "
                   f"{dial['n_prompts']} evaluation prompts; ρ̄ = mean per-prompt Spearman of level "
                   f"vs the judge's probability of the emotion; target ρ̄ ≥ {DIAL_TARGET}.", "",
                   "| emotion | ρ̄ | prompts with ρ = 1 | p: unsteered → levels | adherence: "
