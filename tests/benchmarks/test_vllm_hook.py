@@ -27,7 +27,7 @@ def test_hook_matches_the_packed_op():
     out_h, _ = torch_hook(vectors, hooked, 0, True)(None, (), (hidden.clone(), residual))
     expected = hidden.clone()
     torch.ops.emokern.steer_packed_.default(  # as the plugin's wrapped layer calls it
-        expected, residual, vectors, op.slot_weights, op.token_slot, False, None,
+        expected, residual, vectors, op.slot_weights[0], op.token_slot, False, None,
         op.run_sum[0], op.run_count[0], op.run_last[0])
     torch.testing.assert_close(out_h, expected)
     torch.testing.assert_close(hooked.run_sum[0], op.run_sum[0])
