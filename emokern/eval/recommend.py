@@ -263,6 +263,9 @@ def format_study(study: Mapping) -> str:
     for row in study["rows"]:
         r = row["recipe"]
         recipe = f"level z = {r['level']:g}" if r["mode"] == "level" else f"push {r['weight']:g}"
+        scope = [*([f"layers {r['layers']}"] if "layers" in r else []),
+                 *([f"{r['positions']} tokens"] if "positions" in r else [])]
+        recipe += f" ({', '.join(scope)})" if scope else ""
         lines.append(f"| {row['emotion']} | {recipe} | {cell(row['recipe_heldout'])} | "
                      f"{row['old']['strength']:g} | {cell(row['old_heldout'])} |")
     met = sum(bool(r["recipe_heldout"] and r["recipe_heldout"]["met"]) for r in study["rows"])

@@ -273,7 +273,8 @@ def run_studies(model, tokenizer, bank, *, out: str | os.PathLike | None = None,
                  if k not in ("emotions", "weights", "levels", "scopes", "sweep_prompts")}}
     result: dict = {"config": {"model": model_name, "bank": bank_name,
                                "engine": options.get("engine", "hf"),
-                               "max_new_tokens": max_new_tokens, "studies": list(studies)},
+                               "max_new_tokens": max_new_tokens, "studies": list(studies),
+                               "scopes": list(options.get("scopes", ()))},
                     "machine": machine_info()}
     if "recipes" in studies:
         study = recipe_study(model, tokenizer, bank, eval_prompts=eval_prompts,
