@@ -100,7 +100,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model)
     manifest = prepare(model, tokenizer, args.out, model_name=args.model, methods=methods,
                        emotions=emotions, max_new_tokens=args.max_new_tokens,
-                       batch_size=args.batch_size, engine=args.engine)
+                       batch_size=args.batch_size, engine=args.engine,
+                       scopes=[x.strip() for x in args.scopes.split(",") if x.strip()])
     for key, record in manifest["stages"].items():
         print(f"{key}: {record['file']} ({record['seconds']:g} s)")
     for method, path in manifest["banks"].items():
@@ -441,6 +442,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True,
                    help="output directory (banks and prepare.json); rerun to resume")
     p.add_argument("--methods", default="ev,concept", help="comma-separated: ev, concept")
+    p.add_argument("--scopes", default="generated",
+                   help="the recipe sweep also tries every push and level under these scopes "
+                        "(comma-separated; default 'generated': generated tokens only; '' for "
+                        "none)")
     p.add_argument("--emotions", help="comma-separated emotion names (default: each method's set)")
     p.add_argument("--max-new-tokens", type=int, default=40,
                    help="tokens per answer in the recipe sweep")

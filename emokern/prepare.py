@@ -7,7 +7,8 @@ into the output directory:
    (:func:`emokern.extract.extract_ev` / :func:`~emokern.extract.extract_concept`) →
    ``<method>-extracted.safetensors``;
 2. ``recipes``: the per-emotion sweep on the project's own prompts
-   (:func:`emokern.eval.recommend.sweep`: push weights and, on the calibrated bank, levels),
+   (:func:`emokern.eval.recommend.sweep`: push weights and, on the calibrated bank, levels,
+   each on all tokens and on generated tokens only),
    the choice of each emotion's recipe (:func:`~emokern.eval.recommend.choose`) stored in the
    bank → ``<method>.safetensors``, the file ``emokern serve --bank`` and ``emokern.steer``
    take as it is (the sweep's per-emotion aggregates and choice beside it,
@@ -36,7 +37,7 @@ from emokern.errors import failing
 from emokern.files import write_json
 from emokern.machine import machine_info
 
-__all__ = ["MANIFEST", "METHODS", "STAGES", "prepare"]
+__all__ = ["DEFAULT_SCOPES", "MANIFEST", "METHODS", "STAGES", "prepare"]
 
 fail = failing("emokern prepare")
 
@@ -44,6 +45,10 @@ fail = failing("emokern prepare")
 METHODS = ("ev", "concept")
 #: The stages of each method, in order.
 STAGES = ("extract", "recipes")
+#: The scopes the recipe sweep tries besides plain edits: generated tokens only (on the default
+#: model's concept bank it chose that for anger, disgust and surprise: twice the push at the
+#: same adherence, ``docs/eval-default.md``).
+DEFAULT_SCOPES = ("generated",)
 #: The record of a prepare, in its output directory.
 MANIFEST = "prepare.json"
 
@@ -73,8 +78,8 @@ def prepare(model, tokenizer, out: str | os.PathLike, *, model_name: str = "?",
             methods: Sequence[str] = METHODS, emotions: Sequence[str] | None = None,
             sweep_prompts: Sequence[str] | None = None, max_new_tokens: int = 40,
             batch_size: int = 64, extract_options: dict[str, dict] | None = None,
-            progress: bool = True, engine: str = "hf", scorer=None, embedder=None,
-            lexicon=None) -> dict:
+            progress: bool = True, engine: str = "hf", scopes: Sequence[str] = DEFAULT_SCOPES,
+            scorer=None, embedder=None, lexicon=None) -> dict:
     """Extract, calibrate and choose recipes for ``model``, resumably (module docstring).
 
     Parameters
@@ -102,6 +107,10 @@ def prepare(model, tokenizer, out: str | os.PathLike, *, model_name: str = "?",
         the sweep's rows in one vLLM engine, about 3x faster generation, for a built-in
         ``model_name`` or a checkpoint directory; the same greedy answers). Not an option of
         the result: a prepare may resume with the other engine; each stage records its own.
+    scopes : sequence of str
+        The sweep also tries each push and level under these scopes of the mix grammar
+        (default :data:`DEFAULT_SCOPES`: generated tokens only, so that a recipe may leave the
+        prompt as the model read it); ``()`` sweeps plain edits only.
     scorer, embedder, lexicon : optional
         The sweep's judges (default the real ones; tests pass shared instances).
 
@@ -127,6 +136,7 @@ def prepare(model, tokenizer, out: str | os.PathLike, *, model_name: str = "?",
     options = {"model": model_name, "fingerprint": model_fingerprint(model),
                "methods": methods, "emotions": None if emotions is None else list(emotions),
                "sweep_prompts": len(prompts), "max_new_tokens": max_new_tokens,
+               "scopes": list(scopes),
                "extract_options": json.loads(json.dumps(extract_options or {}, default=str))}
     manifest = _load_manifest(out, options)
     manifest["machine"] = machine_info()
@@ -151,7 +161,7 @@ def prepare(model, tokenizer, out: str | os.PathLike, *, model_name: str = "?",
             bank.save(path, dtype=torch.float16)
         else:
             bank = EmotionBank.load(_stage_file(out, method, "extract"))
-            result = sweep(model, tokenizer, bank, prompts=prompts,
+            result = sweep(model, tokenizer, bank, prompts=prompts, scopes=scopes,
                            max_new_tokens=max_new_tokens, batch_size=batch_size,
                            progress=progress, scorer=scorer, embedder=embedder, lexicon=lexicon,
                            engine=engine, model_name=model_name)
