@@ -35,6 +35,10 @@ How it works
   adds, at each steered layer, the op's ``bounds [B, 2, K]`` (``μ_l + z σ_l`` from the bank's
   neutral baseline, preallocated like the weights) and the Gram matrix of the layer's unit
   directions (computed once); a mix without them calls the op exactly as before.
+* A scoped mix (``"anger[12;generated]=1"``: an edit at some steered layers or on some tokens
+  only, :func:`~emokern.steering.mix.edit_scope`) gets its own weights and bounds per position
+  kind and steered layer; the prompt forward's calls and the decode step's read different
+  ones. A mix without scope steers the band's layers with the shared weights, as before.
 
 Units and spreading over layers
 -------------------------------
@@ -314,8 +318,11 @@ class Steerer:
             if steer_on:
                 # Levels and bounds only when the mix has some: otherwise the op's arguments
                 # (and its cost) are those of a plain push.
-                weights, bounds = (self._applied[device], self._bounds and self._bounds[slot]) \
-                    if scoped is None else scoped[slot]
+                if scoped is None:
+                    weights = self._applied[device]
+                    bounds = None if self._bounds is None else self._bounds[slot]
+                else:
+                    weights, bounds = scoped[slot]
                 leveled = () if bounds is None else (bounds, self._grams[slot])
                 calls.append((self._vectors[slot], weights, mask, self.norm_preserving, out,
                               *running, *leveled))
@@ -366,7 +373,8 @@ class Steerer:
         ``LogitsProcessor``): the next forward uses the new mix. A mix with a different number
         of rows reallocates the buffers and restarts the monitor (do that between ``generate``
         calls); so does, for the op's arguments only, a mix that brings the first levels or
-        bounds or drops the last ones.
+        bounds or drops the last ones, and a scoped mix (its weights and bounds per position
+        kind and layer are built anew).
         """
         weights, z_bounds, scope = self._edits(mix)
         if self.controller is not None:
