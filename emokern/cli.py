@@ -288,6 +288,13 @@ def _cmd_study(args: argparse.Namespace) -> int:
     if not bank.calibrated and ("dial" in studies or "erase" in studies):
         raise ValueError("the dial and erase studies set projection levels in standard scores; "
                          "this bank has no neutral baseline (emokern prepare writes one)")
+    dial = {"scope": args.dial_scope or ""}
+    if args.dial_levels:
+        try:
+            dial["levels"] = [float(z) for z in args.dial_levels.split(",") if z.strip()]
+        except ValueError:
+            raise ValueError(f"--dial-levels: comma-separated numbers, got "
+                             f"{args.dial_levels!r}") from None
     out = check_out_dir(args.out)
     auto_threads()
     model, tokenizer = load_model(args.model)
@@ -295,7 +302,8 @@ def _cmd_study(args: argparse.Namespace) -> int:
                          heldout_prompts=args.heldout_prompts, model_name=args.model,
                          bank_name=args.bank, max_new_tokens=args.max_new_tokens,
                          engine=args.engine, batch_size=args.batch_size,
-                         scopes=[s.strip() for s in (args.scopes or "").split(",") if s.strip()])
+                         scopes=[s.strip() for s in (args.scopes or "").split(",") if s.strip()],
+                         dial=dial)
     print((out / "studies.md").read_text())
     print(f"wrote {out / 'studies.json'}, {out / 'studies.md'} "
           f"({result['seconds_total']:.0f} s)")
@@ -555,6 +563,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the recipe sweep also tries every push and level under these scopes "
                         "(comma-separated, the mix grammar's: 'generated' steers generated "
                         "tokens only, '10-14' another layer band; default none)")
+    p.add_argument("--dial-levels", help="the dial's levels (default 4,8,16)")
+    p.add_argument("--dial-scope", help="the dial's levels under this scope (e.g. 'generated')")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=_cmd_study)
 
