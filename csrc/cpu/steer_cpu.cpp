@@ -114,10 +114,18 @@ void vector_norms(const at::Tensor& vec, int64_t n_vec, int64_t dim, const char*
 void check_bound_values(const at::Tensor& bounds, const at::Tensor& gram, const char* op) {
   const float* b = bounds.data_ptr<float>();
   const int64_t rows = bounds.size(0), n_vec = bounds.size(2);
-  for (int64_t i = 0; i < bounds.numel(); ++i)
+  // lower <= upper fails for a NaN on either side too: one branch-free pass (vectorised) for
+  // the common case, the loops below only to name the first bad bound.
+  bool ok = true;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* lo = b + 2 * r * n_vec;
+    const float* hi = lo + n_vec;
+    for (int64_t k = 0; k < n_vec; ++k) ok &= lo[k] <= hi[k];
+  }
+  for (int64_t i = 0; i < bounds.numel() && !ok; ++i)
     TORCH_CHECK_VALUE(!std::isnan(b[i]), op, "bounds must not be NaN (use -inf / +inf for an "
                       "open side)");
-  for (int64_t r = 0; r < rows; ++r)
+  for (int64_t r = 0; r < rows && !ok; ++r)
     for (int64_t k = 0; k < n_vec; ++k) {
       const float lo = b[(2 * r) * n_vec + k], hi = b[(2 * r + 1) * n_vec + k];
       TORCH_CHECK_VALUE(lo <= hi, op, "bounds[", r, ", :, ", k, "]: lower ", lo,
@@ -134,13 +142,15 @@ void check_bound_values(const at::Tensor& bounds, const at::Tensor& gram, const 
 void level_push(const Problem& P, int64_t slot, float* q) {
   const int64_t K = P.n_vec;
   const float* w = P.weights + slot * K;
-  // For each k the terms in order j = 0, 1, ..., accumulated over k at once (a loop the
-  // compiler vectorises).
-  for (int64_t k = 0; k < K; ++k) q[k] = 0.0f;
-  for (int64_t j = 0; j < K; ++j) {
-    const float push = w[j] * P.norm[j];
-    const float* g = P.gram + j * K;
-    for (int64_t k = 0; k < K; ++k) q[k] += push * g[k];
+  const float* lo = P.bounds + slot * 2 * K;
+  const float* hi = lo + K;
+  // For each k the terms in order j = 0, 1, ...; only where the slot bounds k (level_row reads
+  // no other q[k]: an open direction's projection after the pushes counts as 0).
+  for (int64_t k = 0; k < K; ++k) {
+    float s = 0.0f;
+    if (lo[k] > -INFINITY || hi[k] < INFINITY)
+      for (int64_t j = 0; j < K; ++j) s += (w[j] * P.norm[j]) * P.gram[j * K + k];
+    q[k] = s;
   }
 }
 

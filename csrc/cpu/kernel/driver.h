@@ -75,6 +75,7 @@ struct Scratch {
   Buffer<int32_t> bounded;  // the directions some slot bounds
   Buffer<float> dot_vecs;   // their vectors, panel-major
   Buffer<float> push;       // [S, K] level_push per slot
+  Buffer<float> box;        // [S, 3, n_bounded] bounds and pushes of the bounded directions
 };
 
 inline Scratch& thread_scratch() {
@@ -93,13 +94,16 @@ struct Plan {
   int64_t row_stride;    // of float scratch rows: D16 plus a line, so rows D apart do not all
                          // fall into the same L1 sets
   bool need_proj;
+  bool readings;         // projections or running statistics written
   bool leveled;          // projection bounds, some of them finite
   bool keep;             // bounds on the sweeps, not norm preserving: written in the sweep, x kept
   const int32_t* dot_k;  // the projections the rows need: dot_k[0 .. n_dots) (null: all K)
   int64_t n_dots;
   const int32_t* bounded;  // the directions some slot bounds, n_bounded of them
   int64_t n_bounded;
-  const float* push;     // [S, K] level_push of every slot, or null (computed per row)
+  const float* push;     // [S, K] level_push of every slot
+  const float* box;      // [S, 3, n_bounded]: lo, hi and q of slot s on L.bounded[j] at
+                         // box[(3 s + {0, 1, 2}) n_bounded + j], the per-row test's reads
   bool tiles;            // many vectors: register tiles instead of sweeps
   bool direct_stats;     // every row its own slot (batched decode): statistics updated in place
   int64_t chunk_rows;    // rows per chunk (running-sum partial boundaries)
@@ -179,35 +183,32 @@ void process_block(const Plan& L, int64_t i0, int n, const int64_t* slot, float*
   float* coefs = nullptr;  // [kBlock, K]
   int32_t* idxs = nullptr;
   const float** vk = nullptr;
-  float* push_row = nullptr;
   if (leveled) {
-    level_work = s.level.take(size_t(level_work_floats(K) + (kBlock + 1) * K));
+    level_work = s.level.take(size_t(level_work_floats(K) + kBlock * K));
     coefs = level_work + level_work_floats(K);
-    push_row = coefs + kBlock * K;
     idxs = s.level_idx.take(size_t(kBlock * K));
     vk = s.level_vecs.take(size_t(K));
   }
   // The correction of row r with scale c: 0 (none) or its number of directions, their
   // coefficients in coefs + q K and their indices in idxs + q K.
-  // Rows whose projections after the pushes are all within their bounds (the common case with
-  // caps) skip the solve: p' = c (p + q) here is level_row's, operation for operation.
+  auto solve = [&](int r, float c, int q) -> int {
+    return P.level_row(P, slot[r], proj[r], c, L.push + slot[r] * K, coefs + q * K,
+                       idxs + q * K, level_work);
+  };
+  // Rows whose projections after the pushes, p'_k = c (p_k + q_k) on the bounded directions,
+  // are all finite and within their bounds (the common case with caps) skip the solve: the
+  // test is level_row's, operation for operation (it would return 0). Branch-free over j.
+  const int64_t nb = L.n_bounded;
   auto level = [&](int r, float c, int q) -> int {
-    const float* push = push_row;
-    if (L.push != nullptr) {
-      push = L.push + slot[r] * K;
-    } else {
-      P.level_push(P, slot[r], push_row);
-    }
-    const float* lo = P.bounds + slot[r] * 2 * K;
-    const float* hi = lo + K;
+    const float* lo = L.box + 3 * slot[r] * nb;
+    const float* hi = lo + nb;
+    const float* push = hi + nb;
     bool inside = true;
-    for (int64_t j = 0; j < L.n_bounded; ++j) {
-      const int64_t k = L.bounded[j];
-      const float p_after = c * (proj[r][k] + push[k]);
-      inside = inside && p_after >= lo[k] && p_after <= hi[k] && std::isfinite(p_after);
+    for (int64_t j = 0; j < nb; ++j) {
+      const float p_after = c * (proj[r][L.bounded[j]] + push[j]);
+      inside &= (p_after >= lo[j]) & (p_after <= hi[j]) & (p_after - p_after == 0.0f);
     }
-    if (inside) return 0;
-    return P.level_row(P, slot[r], proj[r], c, push, coefs + q * K, idxs + q * K, level_work);
+    return inside ? 0 : solve(r, c, q);
   };
   auto level_vectors = [&](int q, int m) {
     for (int j = 0; j < m; ++j) vk[j] = P.vectors + idxs[q * K + j] * D;
@@ -315,7 +316,9 @@ void process_block(const Plan& L, int64_t i0, int n, const int64_t* slot, float*
         }
       }
     }
-    for (int r = 0; r < n; r += kSweepRows) {
+    // Written rows with readings off: the whole block's test at once (below).
+    const bool block_test = kept && !L.readings;
+    for (int r = 0; r < n && !block_test; r += kSweepRows) {
       const SweepState& st = state[r / kSweepRows];
       const int rows = std::min(kSweepRows, n - r);
       for (int q = 0; q < rows; ++q) {
@@ -356,6 +359,42 @@ void process_block(const Plan& L, int64_t i0, int n, const int64_t* slot, float*
           EMOKERN_REWRITE(false)
         }
 #undef EMOKERN_REWRITE
+      }
+    }
+    if (block_test) {
+      // The dot products' lane sums of a sweep's rows at once (hsum16_many's tree, as per row:
+      // sums[q kSweepMaxK + c] of accumulator c of its row q), p = dot / ||v_k|| (mul_n's
+      // product) and level()'s test; only the rows outside take proj (their bounded
+      // projections) and the solve.
+      static_assert(kSweepRows * kSweepMaxK <= kLanes, "one tree per sweep");
+      float inv[kKeepSweepMaxK];
+      int col[kKeepSweepMaxK];  // the accumulator of bounded direction j
+      for (int64_t j = 0; j < nb; ++j) {
+        inv[j] = P.inv_norm[L.bounded[j]];
+        col[j] = int(dot_k != nullptr ? j : L.bounded[j]);
+      }
+      for (int r = 0; r < n; r += kSweepRows) {
+        const int rows = std::min(kSweepRows, n - r);
+        __at_align__ float sums[kLanes];
+        hsum16_many(state[r / kSweepRows].a[0], (rows - 1) * kSweepMaxK + kb, sums);
+        for (int q = 0; q < rows; ++q) {
+          const int i = r + q;
+          if (delta[i] == nullptr) continue;
+          const float* lo = L.box + 3 * slot[i] * nb;
+          const float* hi = lo + nb;
+          const float* push = hi + nb;
+          float p[kKeepSweepMaxK];
+          bool inside = true;
+          for (int64_t j = 0; j < nb; ++j) {
+            p[j] = sums[q * kSweepMaxK + col[j]] * inv[j];
+            const float p_after = p[j] + push[j];  // c (p + q) with c = 1
+            inside &= (p_after >= lo[j]) & (p_after <= hi[j]) & (p_after - p_after == 0.0f);
+          }
+          if (inside) continue;
+          fill_n(proj[i], K, 0.0f);  // the others stay 0: open on both sides, no row needs them
+          for (int64_t j = 0; j < nb; ++j) proj[i][L.bounded[j]] = p[j];
+          n_dirs[i] = solve(i, 1.0f, i);
+        }
       }
     }
     if (kx) {
@@ -532,6 +571,7 @@ void run(const Problem& P) {
   L.d16 = round16(D);
   L.row_stride = L.d16 + kLanes;
   const bool readings = P.proj_out != nullptr || P.run_sum != nullptr;
+  L.readings = readings;
   // Projection bounds: the directions some slot bounds (finite lower or upper). With none the
   // call is a call without bounds; with readings off only their projections are computed.
   if (P.bounds != nullptr) {
@@ -623,10 +663,25 @@ void run(const Problem& P) {
     L.V = VView{packed, panel, K * k_stride, k_stride};
   }
 
-  if (per_slot && L.leveled) {  // the pushes' share of every projection, once per slot
-    float* push = s.push.take(size_t(P.n_slots * K));
-    for (int64_t slot = 0; slot < P.n_slots; ++slot) P.level_push(P, slot, push + slot * K);
+  if (L.leveled) {  // the pushes' share of every projection, once per slot; the per-row test's
+                    // reads together (box)
+    const int64_t S = P.n_slots, nb = L.n_bounded;
+    float* push = s.push.take(size_t(S * K));
+    float* box = s.box.take(size_t(S * 3 * nb));
+    for (int64_t slot = 0; slot < S; ++slot) {
+      float* q = push + slot * K;
+      P.level_push(P, slot, q);
+      const float* lo = P.bounds + slot * 2 * K;
+      float* b = box + slot * 3 * nb;
+      for (int64_t j = 0; j < nb; ++j) {
+        const int64_t k = L.bounded[j];
+        b[j] = lo[k];
+        b[nb + j] = lo[K + k];
+        b[2 * nb + j] = q[k];
+      }
+    }
     L.push = push;
+    L.box = box;
   }
 
   if (per_slot) {
