@@ -159,23 +159,37 @@ int level_row(const Problem& P, int64_t slot, const float* p, float c, const flo
   const int64_t K = P.n_vec;
   const float* lo = P.bounds + slot * 2 * K;
   const float* hi = lo + K;
+  // The directions outside their bounds after the pushes (idx[0 .. n), in index order), their
+  // p', bounds and Gram block. A direction open on both sides is never out of bounds (its
+  // projection may not even have been computed: the cores skip the projections no slot bounds
+  // when readings are off).
   float* p_after = work;
-  float* a = work + K;
-  bool outside = false;
+  float* lo_a = p_after + K;
+  float* hi_a = lo_a + K;
+  int n = 0;
   for (int64_t k = 0; k < K; ++k) {
-    // A direction open on both sides is never out of bounds (its projection may not even have
-    // been computed: the cores skip the projections no slot bounds when readings are off).
-    const bool open = lo[k] == -INFINITY && hi[k] == INFINITY;
-    p_after[k] = open ? 0.0f : c * (p[k] + q[k]);
-    outside = outside || level_gap(p_after[k], lo[k], hi[k]) != 0.0f;
+    if (lo[k] == -INFINITY && hi[k] == INFINITY) continue;
+    const float pk = c * (p[k] + q[k]);
+    if (level_gap(pk, lo[k], hi[k]) == 0.0f) continue;
+    p_after[n] = pk;
+    lo_a[n] = lo[k];
+    hi_a[n] = hi[k];
+    idx[n++] = int32_t(k);
   }
-  if (!outside) return 0;
-  if (level_coefficients(int(K), P.gram, p_after, lo, hi, a, work + 2 * K) == 0) return 0;
+  if (n == 0) return 0;
+  // The solve on those n only: in level_coefficients' K-direction solve a direction inside its
+  // bounds has an identity row and column and a zero gap, and every product it adds to an
+  // active row's sums is +0 * 0, so the solve on the active block gives the same bits.
+  float* gram = hi_a + K;
+  float* a = gram + n * n;
+  for (int i = 0; i < n; ++i)
+    for (int j = 0; j < n; ++j) gram[i * n + j] = P.gram[idx[i] * K + idx[j]];
+  if (level_coefficients(n, gram, p_after, lo_a, hi_a, a, a + n) == 0) return 0;
   int m = 0;
-  for (int64_t k = 0; k < K; ++k) {
-    if (a[k] == 0.0f) continue;
-    coef[m] = a[k] * P.inv_norm[k];
-    idx[m++] = int32_t(k);
+  for (int i = 0; i < n; ++i) {
+    if (a[i] == 0.0f) continue;  // dependent: dropped
+    coef[m] = a[i] * P.inv_norm[idx[i]];
+    idx[m++] = idx[i];
   }
   return m;
 }

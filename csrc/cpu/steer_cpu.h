@@ -25,7 +25,8 @@ struct Problem;
 
 // The projection levels and bounds of one steered row (docs/design.md §2), in two steps:
 //   level_push   q[k] = sum_j w[s, j] ||v_j|| G_jk, what slot s's pushes add to projection k
-//                (per slot: the cores compute it once per slot or once per row);
+//                (0 where the slot leaves k open on both sides: level_row reads no other;
+//                the cores compute it once per slot);
 //   level_row    from the row's projections p[K] of its input and its norm-preserving scale c
 //                (1 without), the projections after the pushes p'_k = c (p_k + q_k) (0 where
 //                the slot leaves k open on both sides), the targets clip(p', lo, hi) and the
@@ -38,7 +39,7 @@ struct Problem;
 using LevelPushFn = void (*)(const Problem& problem, int64_t slot, float* q);
 using LevelRowFn = int (*)(const Problem& problem, int64_t slot, const float* p, float c,
                            const float* q, float* coef, int32_t* idx, float* work);
-inline int64_t level_work_floats(int64_t n_vec) { return n_vec * n_vec + 3 * n_vec; }
+inline int64_t level_work_floats(int64_t n_vec) { return 2 * n_vec * n_vec + 5 * n_vec; }
 
 struct Problem {
   Dtype dtype;
