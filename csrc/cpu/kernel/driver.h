@@ -59,7 +59,7 @@ struct Scratch {
   Buffer<float> deltas;  // [kBlock, D16] offsets of a block (decode)
   Buffer<float> proj;    // [kBlock, K] projections when proj_out is not given
   Buffer<float> zeros;   // [D16] padding vector of the sweeps
-  Buffer<V16> acc;       // [kBlock, K] lane accumulators
+  Buffer<V16> acc;       // [kBlock, K] lane accumulators (tiles; a keeping sweep's test)
   Buffer<float> dots;    // [kBlock, K]
   Buffer<float> level;   // level_row's work, then [kBlock, K] coefficients of corrections
   Buffer<int32_t> level_idx;          // [kBlock, K] their directions
@@ -96,7 +96,7 @@ struct Plan {
   bool need_proj;
   bool readings;         // projections or running statistics written
   bool leveled;          // projection bounds, some of them finite
-  bool keep;             // bounds on the sweeps, not norm preserving: written in the sweep, x kept
+  bool keep;             // bounds on the sweeps, not norm preserving: written in the sweep, y kept
   const int32_t* dot_k;  // the projections the rows need: dot_k[0 .. n_dots) (null: all K)
   int64_t n_dots;
   const int32_t* bounded;  // the directions some slot bounds, n_bounded of them
@@ -216,14 +216,14 @@ void process_block(const Plan& L, int64_t i0, int n, const int64_t* slot, float*
   const float* const coef = coefs;  // the sweeps' rows take slot 0
   int n_dirs[kBlock] = {};           // each row's number of corrected directions
   // Without norm preservation, the rows that bounds correct, after the others were written as
-  // without bounds: (x + delta) + correction - residual, x read as SRC says (level_write_row)
-  // from xs[r]. Offsets from the table, else computed here for these rows only (the others took
-  // theirs in registers).
+  // without bounds: y + correction - residual, y read as SRC says (level_write_row) from xs[r]:
+  // kFromFloat, y = x + delta with offsets from the table, else computed here for these rows
+  // only (the others took theirs in registers); kFromSteered, y itself.
   auto write_corrected = [&](auto src_tag, const void* const* xs) {
     constexpr int SRC = decltype(src_tag)::value;
     const float* dl[kBlock] = {};
     if (SRC == kFromSteered) {
-      // y is in the row already
+      // no offsets: y holds them
     } else if (L.table == nullptr) {
       float* buf = s.deltas.take(size_t(kBlock * L.row_stride));
       const float* w[kBlock];
@@ -244,11 +244,7 @@ void process_block(const Plan& L, int64_t i0, int n, const int64_t* slot, float*
     for (int r = 0; r < n; ++r) {
       if (slot[r] < 0 || n_dirs[r] == 0) continue;
       level_vectors(r, n_dirs[r]);
-      if constexpr (SRC == kFromSteered) {
-        if constexpr (std::is_same_v<T, float>)
-          level_write_row<T, false, false, SRC>(h[r], nullptr, h[r], nullptr, 1.0f, n_dirs[r],
-                                                coefs + r * K, vk, D);
-      } else if (res[r] != nullptr) {
+      if (res[r] != nullptr) {
         level_write_row<T, false, true, SRC>(h[r], res[r], xs[r], dl[r], 1.0f, n_dirs[r],
                                              coefs + r * K, vk, D);
       } else {
@@ -287,18 +283,18 @@ void process_block(const Plan& L, int64_t i0, int n, const int64_t* slot, float*
     }
     const int64_t chunk = kb * D * int64_t(sizeof(float)) <= kSweepL1Bytes ? D : kSweepChunk;
     // Bounds without norm preservation: the sweeps write every row as without bounds and keep
-    // its float32 x (L.keep), or only read (dot products) and the rows are written below.
-    // Norm-preserving sweeps never write.
-    // Each kept row is a copy of the hidden row, except float32 rows without a residual: there
-    // the written y = x + delta is exact, and the correction starts from it.
+    // its float32 y = x + delta (L.keep), from which the few rows a bound corrects are written
+    // again (no offsets recomputed), or only read (dot products) and the rows are written
+    // below. Norm-preserving sweeps never write.
+    // Float32 rows without a residual keep nothing: the written y is exact, the row itself.
     const bool kept = L.keep;
     const bool kx = kept && !(std::is_same_v<T, float> && P.residual == nullptr);
     const float* sweep_delta[kBlock];
     for (int r = 0; r < n; ++r)
       sweep_delta[r] = leveled && !P.norm_preserving && !kept ? nullptr : delta[r];
-    T* keep[kBlock];
+    float* keep[kBlock];
     if (kx) {
-      T* buf = reinterpret_cast<T*>(s.rows.take(size_t(kBlock * L.row_stride)));
+      float* buf = s.rows.take(size_t(kBlock * L.row_stride));
       for (int r = 0; r < n; ++r) keep[r] = buf + r * L.row_stride;
     }
     SweepState state[kBlock / kSweepRows];
@@ -362,47 +358,52 @@ void process_block(const Plan& L, int64_t i0, int n, const int64_t* slot, float*
       }
     }
     if (block_test) {
-      // The dot products' lane sums of a sweep's rows at once (hsum16_many's tree, as per row:
-      // sums[q kSweepMaxK + c] of accumulator c of its row q), p = dot / ||v_k|| (mul_n's
-      // product) and level()'s test; only the rows outside take proj (their bounded
+      // Lane l = (steered row, bounded direction j), row i's from first[i]: the dot products'
+      // lane sums all at once (hsum16_all: hsum16_many's tree, as per row; the accumulators
+      // copied to scratch, which is not zeroed as a V16 array would be), p = dot / ||v_k||
+      // (mul_n's product) and level()'s test; only the rows outside take proj (their bounded
       // projections) and the solve.
-      static_assert(kSweepRows * kSweepMaxK <= kLanes, "one tree per sweep");
+      constexpr int kMaxLanes = kBlock * kKeepSweepMaxK;
       float inv[kKeepSweepMaxK];
       int col[kKeepSweepMaxK];  // the accumulator of bounded direction j
       for (int64_t j = 0; j < nb; ++j) {
         inv[j] = P.inv_norm[L.bounded[j]];
         col[j] = int(dot_k != nullptr ? j : L.bounded[j]);
       }
-      for (int r = 0; r < n; r += kSweepRows) {
-        const int rows = std::min(kSweepRows, n - r);
-        __at_align__ float sums[kLanes];
-        hsum16_many(state[r / kSweepRows].a[0], (rows - 1) * kSweepMaxK + kb, sums);
-        for (int q = 0; q < rows; ++q) {
-          const int i = r + q;
-          if (delta[i] == nullptr) continue;
-          const float* lo = L.box + 3 * slot[i] * nb;
-          const float* hi = lo + nb;
-          const float* push = hi + nb;
-          float p[kKeepSweepMaxK];
-          bool inside = true;
-          for (int64_t j = 0; j < nb; ++j) {
-            p[j] = sums[q * kSweepMaxK + col[j]] * inv[j];
-            const float p_after = p[j] + push[j];  // c (p + q) with c = 1
-            inside &= (p_after >= lo[j]) & (p_after <= hi[j]) & (p_after - p_after == 0.0f);
-          }
-          if (inside) continue;
-          fill_n(proj[i], K, 0.0f);  // the others stay 0: open on both sides, no row needs them
-          for (int64_t j = 0; j < nb; ++j) proj[i][L.bounded[j]] = p[j];
-          n_dirs[i] = solve(i, 1.0f, i);
+      V16* acc = s.acc.take(size_t(kMaxLanes));
+      float sums[kMaxLanes];
+      int first[kBlock + 1];
+      int m = 0;
+      for (int i = 0; i < n; ++i) {
+        first[i] = m;
+        if (delta[i] == nullptr) continue;
+        const V16* a = state[i / kSweepRows].a[i % kSweepRows];
+        for (int64_t j = 0; j < nb; ++j) acc[m++] = a[col[j]];
+      }
+      first[n] = m;
+      hsum16_all(acc, m, sums);
+      for (int i = 0; i < n; ++i) {
+        if (first[i] == first[i + 1]) continue;  // not steered
+        const float* lo = L.box + 3 * slot[i] * nb;
+        const float* hi = lo + nb;
+        const float* push = hi + nb;
+        float p[kKeepSweepMaxK];
+        bool inside = true;
+        for (int64_t j = 0; j < nb; ++j) {
+          p[j] = sums[first[i] + j] * inv[j];
+          const float p_after = p[j] + push[j];  // c (p + q) with c = 1
+          inside &= (p_after >= lo[j]) & (p_after <= hi[j]) & (p_after - p_after == 0.0f);
         }
+        if (inside) continue;
+        fill_n(proj[i], K, 0.0f);  // the others stay 0: open on both sides, no row needs them
+        for (int64_t j = 0; j < nb; ++j) proj[i][L.bounded[j]] = p[j];
+        n_dirs[i] = solve(i, 1.0f, i);
       }
     }
-    if (kx) {
-      const void* xs[kBlock];
-      for (int r = 0; r < n; ++r) xs[r] = keep[r];
-      write_corrected(std::integral_constant<int, kFromRows>{}, xs);
-    } else if (kept) {
-      write_corrected(std::integral_constant<int, kFromSteered>{}, nullptr);
+    if (kept) {
+      const void* ys[kBlock];
+      for (int r = 0; r < n; ++r) ys[r] = kx ? static_cast<const void*>(keep[r]) : h[r];
+      write_corrected(std::integral_constant<int, kFromSteered>{}, ys);
     }
     return;
   }
