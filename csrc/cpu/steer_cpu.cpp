@@ -139,18 +139,21 @@ void check_bound_values(const at::Tensor& bounds, const at::Tensor& gram, const 
 // set's core: an inline copy in each core would be compiled with that core's flags, and the
 // compiler may round a scalar expression differently (fuse a product into a multiply-add on one
 // set and not on another). The solve itself is csrc/levels.h, shared with the CUDA kernel.
-void level_push(const Problem& P, int64_t slot, float* q) {
+void level_push(const Problem& P, int64_t slot_begin, int64_t slot_end, float* q) {
   const int64_t K = P.n_vec;
-  const float* w = P.weights + slot * K;
-  const float* lo = P.bounds + slot * 2 * K;
-  const float* hi = lo + K;
   // For each k the terms in order j = 0, 1, ...; only where the slot bounds k (level_row reads
-  // no other q[k]: an open direction's projection after the pushes counts as 0).
-  for (int64_t k = 0; k < K; ++k) {
-    float s = 0.0f;
-    if (lo[k] > -INFINITY || hi[k] < INFINITY)
-      for (int64_t j = 0; j < K; ++j) s += (w[j] * P.norm[j]) * P.gram[j * K + k];
-    q[k] = s;
+  // no other q[k]: an open direction's projection after the pushes counts as 0). Slots in one
+  // call: their sums overlap.
+  for (int64_t slot = slot_begin; slot < slot_end; ++slot, q += K) {
+    const float* w = P.weights + slot * K;
+    const float* lo = P.bounds + slot * 2 * K;
+    const float* hi = lo + K;
+    for (int64_t k = 0; k < K; ++k) {
+      float s = 0.0f;
+      if (lo[k] > -INFINITY || hi[k] < INFINITY)
+        for (int64_t j = 0; j < K; ++j) s += (w[j] * P.norm[j]) * P.gram[j * K + k];
+      q[k] = s;
+    }
   }
 }
 
@@ -179,11 +182,15 @@ int level_row(const Problem& P, int64_t slot, const float* p, float c, const flo
   if (n == 0) return 0;
   // The solve on those n only: in level_coefficients' K-direction solve a direction inside its
   // bounds has an identity row and column and a zero gap, and every product it adds to an
-  // active row's sums is +0 * 0, so the solve on the active block gives the same bits.
-  float* gram = hi_a + K;
-  float* a = gram + n * n;
-  for (int i = 0; i < n; ++i)
-    for (int j = 0; j < n; ++j) gram[i * n + j] = P.gram[idx[i] * K + idx[j]];
+  // active row's sums is +0 * 0, so the solve on the active block gives the same bits (every
+  // direction active: the Gram matrix itself).
+  float* block = hi_a + K;
+  float* a = block + n * n;
+  if (n < K) {
+    for (int i = 0; i < n; ++i)
+      for (int j = 0; j < n; ++j) block[i * n + j] = P.gram[idx[i] * K + idx[j]];
+  }
+  const float* gram = n < K ? block : P.gram;
   if (level_coefficients(n, gram, p_after, lo_a, hi_a, a, a + n) == 0) return 0;
   int m = 0;
   for (int i = 0; i < n; ++i) {

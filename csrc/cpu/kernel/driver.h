@@ -669,9 +669,9 @@ void run(const Problem& P) {
     const int64_t S = P.n_slots, nb = L.n_bounded;
     float* push = s.push.take(size_t(S * K));
     float* box = s.box.take(size_t(S * 3 * nb));
+    P.level_push(P, 0, S, push);
     for (int64_t slot = 0; slot < S; ++slot) {
-      float* q = push + slot * K;
-      P.level_push(P, slot, q);
+      const float* q = push + slot * K;
       const float* lo = P.bounds + slot * 2 * K;
       float* b = box + slot * 3 * nb;
       for (int64_t j = 0; j < nb; ++j) {
