@@ -114,10 +114,18 @@ void vector_norms(const at::Tensor& vec, int64_t n_vec, int64_t dim, const char*
 void check_bound_values(const at::Tensor& bounds, const at::Tensor& gram, const char* op) {
   const float* b = bounds.data_ptr<float>();
   const int64_t rows = bounds.size(0), n_vec = bounds.size(2);
-  for (int64_t i = 0; i < bounds.numel(); ++i)
+  // lower <= upper fails for a NaN on either side too: one branch-free pass (vectorised) for
+  // the common case, the loops below only to name the first bad bound.
+  bool ok = true;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* lo = b + 2 * r * n_vec;
+    const float* hi = lo + n_vec;
+    for (int64_t k = 0; k < n_vec; ++k) ok &= lo[k] <= hi[k];
+  }
+  for (int64_t i = 0; i < bounds.numel() && !ok; ++i)
     TORCH_CHECK_VALUE(!std::isnan(b[i]), op, "bounds must not be NaN (use -inf / +inf for an "
                       "open side)");
-  for (int64_t r = 0; r < rows; ++r)
+  for (int64_t r = 0; r < rows && !ok; ++r)
     for (int64_t k = 0; k < n_vec; ++k) {
       const float lo = b[(2 * r) * n_vec + k], hi = b[(2 * r + 1) * n_vec + k];
       TORCH_CHECK_VALUE(lo <= hi, op, "bounds[", r, ", :, ", k, "]: lower ", lo,
@@ -131,16 +139,21 @@ void check_bound_values(const at::Tensor& bounds, const at::Tensor& gram, const 
 // set's core: an inline copy in each core would be compiled with that core's flags, and the
 // compiler may round a scalar expression differently (fuse a product into a multiply-add on one
 // set and not on another). The solve itself is csrc/levels.h, shared with the CUDA kernel.
-void level_push(const Problem& P, int64_t slot, float* q) {
+void level_push(const Problem& P, int64_t slot_begin, int64_t slot_end, float* q) {
   const int64_t K = P.n_vec;
-  const float* w = P.weights + slot * K;
-  // For each k the terms in order j = 0, 1, ..., accumulated over k at once (a loop the
-  // compiler vectorises).
-  for (int64_t k = 0; k < K; ++k) q[k] = 0.0f;
-  for (int64_t j = 0; j < K; ++j) {
-    const float push = w[j] * P.norm[j];
-    const float* g = P.gram + j * K;
-    for (int64_t k = 0; k < K; ++k) q[k] += push * g[k];
+  // For each k the terms in order j = 0, 1, ...; only where the slot bounds k (level_row reads
+  // no other q[k]: an open direction's projection after the pushes counts as 0). Slots in one
+  // call: their sums overlap.
+  for (int64_t slot = slot_begin; slot < slot_end; ++slot, q += K) {
+    const float* w = P.weights + slot * K;
+    const float* lo = P.bounds + slot * 2 * K;
+    const float* hi = lo + K;
+    for (int64_t k = 0; k < K; ++k) {
+      float s = 0.0f;
+      if (lo[k] > -INFINITY || hi[k] < INFINITY)
+        for (int64_t j = 0; j < K; ++j) s += (w[j] * P.norm[j]) * P.gram[j * K + k];
+      q[k] = s;
+    }
   }
 }
 
@@ -149,23 +162,41 @@ int level_row(const Problem& P, int64_t slot, const float* p, float c, const flo
   const int64_t K = P.n_vec;
   const float* lo = P.bounds + slot * 2 * K;
   const float* hi = lo + K;
+  // The directions outside their bounds after the pushes (idx[0 .. n), in index order), their
+  // p', bounds and Gram block. A direction open on both sides is never out of bounds (its
+  // projection may not even have been computed: the cores skip the projections no slot bounds
+  // when readings are off).
   float* p_after = work;
-  float* a = work + K;
-  bool outside = false;
+  float* lo_a = p_after + K;
+  float* hi_a = lo_a + K;
+  int n = 0;
   for (int64_t k = 0; k < K; ++k) {
-    // A direction open on both sides is never out of bounds (its projection may not even have
-    // been computed: the cores skip the projections no slot bounds when readings are off).
-    const bool open = lo[k] == -INFINITY && hi[k] == INFINITY;
-    p_after[k] = open ? 0.0f : c * (p[k] + q[k]);
-    outside = outside || level_gap(p_after[k], lo[k], hi[k]) != 0.0f;
+    if (lo[k] == -INFINITY && hi[k] == INFINITY) continue;
+    const float pk = c * (p[k] + q[k]);
+    if (level_gap(pk, lo[k], hi[k]) == 0.0f) continue;
+    p_after[n] = pk;
+    lo_a[n] = lo[k];
+    hi_a[n] = hi[k];
+    idx[n++] = int32_t(k);
   }
-  if (!outside) return 0;
-  if (level_coefficients(int(K), P.gram, p_after, lo, hi, a, work + 2 * K) == 0) return 0;
+  if (n == 0) return 0;
+  // The solve on those n only: in level_coefficients' K-direction solve a direction inside its
+  // bounds has an identity row and column and a zero gap, and every product it adds to an
+  // active row's sums is +0 * 0, so the solve on the active block gives the same bits (every
+  // direction active: the Gram matrix itself).
+  float* block = hi_a + K;
+  float* a = block + n * n;
+  if (n < K) {
+    for (int i = 0; i < n; ++i)
+      for (int j = 0; j < n; ++j) block[i * n + j] = P.gram[idx[i] * K + idx[j]];
+  }
+  const float* gram = n < K ? block : P.gram;
+  if (level_coefficients(n, gram, p_after, lo_a, hi_a, a, a + n) == 0) return 0;
   int m = 0;
-  for (int64_t k = 0; k < K; ++k) {
-    if (a[k] == 0.0f) continue;
-    coef[m] = a[k] * P.inv_norm[k];
-    idx[m++] = int32_t(k);
+  for (int i = 0; i < n; ++i) {
+    if (a[i] == 0.0f) continue;  // dependent: dropped
+    coef[m] = a[i] * P.inv_norm[idx[i]];
+    idx[m++] = idx[i];
   }
   return m;
 }

@@ -25,7 +25,9 @@ struct Problem;
 
 // The projection levels and bounds of one steered row (docs/design.md §2), in two steps:
 //   level_push   q[k] = sum_j w[s, j] ||v_j|| G_jk, what slot s's pushes add to projection k
-//                (per slot: the cores compute it once per slot or once per row);
+//                (0 where the slot leaves k open on both sides: level_row reads no other),
+//                for the slots [begin, end) into q[(s - begin) K + k]; the cores compute it
+//                once per slot;
 //   level_row    from the row's projections p[K] of its input and its norm-preserving scale c
 //                (1 without), the projections after the pushes p'_k = c (p_k + q_k) (0 where
 //                the slot leaves k open on both sides), the targets clip(p', lo, hi) and the
@@ -35,10 +37,11 @@ struct Problem;
 //                written as without them. work: level_work_floats(K) floats.
 // A core may skip level_row for a row whose every p'_k = c * (p_k + q_k), computed as here, is
 // finite and within [lo_k, hi_k]: it returns 0 then.
-using LevelPushFn = void (*)(const Problem& problem, int64_t slot, float* q);
+using LevelPushFn = void (*)(const Problem& problem, int64_t slot_begin, int64_t slot_end,
+                            float* q);
 using LevelRowFn = int (*)(const Problem& problem, int64_t slot, const float* p, float c,
                            const float* q, float* coef, int32_t* idx, float* work);
-inline int64_t level_work_floats(int64_t n_vec) { return n_vec * n_vec + 3 * n_vec; }
+inline int64_t level_work_floats(int64_t n_vec) { return 2 * n_vec * n_vec + 5 * n_vec; }
 
 struct Problem {
   Dtype dtype;

@@ -47,12 +47,13 @@
 //     (norm preserving: per block into scratch, then the scaled writes);
 //   * projection bounds: with readings off only the projections some slot bounds are computed.
 //     Not norm preserving, on at most kKeepSweepMaxK of them (decode: of all vectors): the
-//     sweeps write every row as without bounds in their one pass and keep a copy of its input
-//     (none for float32 rows without residual: the written y is exact), then the rows a bound
-//     corrects are written again; otherwise the tiles (on the bounded vectors when readings
-//     are off; decode rows inside their bounds still written from registers), or, norm
-//     preserving, the sweeps and their second pass. The pushes' share q once per slot with the
-//     offset table, else per row.
+//     sweeps write every row as without bounds in their one pass and keep its float32
+//     y = x + delta (none for float32 rows without residual: the written y is exact), the
+//     block's rows are tested together (one lane-sum tree), and the rows a bound corrects are
+//     written again from y; otherwise the tiles (on the bounded vectors when readings are off;
+//     decode rows inside their bounds still written from registers), or, norm preserving, the
+//     sweeps and their second pass. The pushes' share q once per slot, up front; the solve
+//     only on the directions outside their bounds.
 // Running statistics: each chunk of rows sums its rows' projections per slot in double, in
 // row order; the chunks are reduced in order after the parallel loop (no atomics).
 //

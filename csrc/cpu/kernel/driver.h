@@ -59,7 +59,7 @@ struct Scratch {
   Buffer<float> deltas;  // [kBlock, D16] offsets of a block (decode)
   Buffer<float> proj;    // [kBlock, K] projections when proj_out is not given
   Buffer<float> zeros;   // [D16] padding vector of the sweeps
-  Buffer<V16> acc;       // [kBlock, K] lane accumulators
+  Buffer<V16> acc;       // [kBlock, K] lane accumulators (tiles; a keeping sweep's test)
   Buffer<float> dots;    // [kBlock, K]
   Buffer<float> level;   // level_row's work, then [kBlock, K] coefficients of corrections
   Buffer<int32_t> level_idx;          // [kBlock, K] their directions
@@ -75,6 +75,7 @@ struct Scratch {
   Buffer<int32_t> bounded;  // the directions some slot bounds
   Buffer<float> dot_vecs;   // their vectors, panel-major
   Buffer<float> push;       // [S, K] level_push per slot
+  Buffer<float> box;        // [S, 3, n_bounded] bounds and pushes of the bounded directions
 };
 
 inline Scratch& thread_scratch() {
@@ -93,13 +94,16 @@ struct Plan {
   int64_t row_stride;    // of float scratch rows: D16 plus a line, so rows D apart do not all
                          // fall into the same L1 sets
   bool need_proj;
+  bool readings;         // projections or running statistics written
   bool leveled;          // projection bounds, some of them finite
-  bool keep;             // bounds on the sweeps, not norm preserving: written in the sweep, x kept
+  bool keep;             // bounds on the sweeps, not norm preserving: written in the sweep, y kept
   const int32_t* dot_k;  // the projections the rows need: dot_k[0 .. n_dots) (null: all K)
   int64_t n_dots;
   const int32_t* bounded;  // the directions some slot bounds, n_bounded of them
   int64_t n_bounded;
-  const float* push;     // [S, K] level_push of every slot, or null (computed per row)
+  const float* push;     // [S, K] level_push of every slot
+  const float* box;      // [S, 3, n_bounded]: lo, hi and q of slot s on L.bounded[j] at
+                         // box[(3 s + {0, 1, 2}) n_bounded + j], the per-row test's reads
   bool tiles;            // many vectors: register tiles instead of sweeps
   bool direct_stats;     // every row its own slot (batched decode): statistics updated in place
   int64_t chunk_rows;    // rows per chunk (running-sum partial boundaries)
@@ -179,35 +183,32 @@ void process_block(const Plan& L, int64_t i0, int n, const int64_t* slot, float*
   float* coefs = nullptr;  // [kBlock, K]
   int32_t* idxs = nullptr;
   const float** vk = nullptr;
-  float* push_row = nullptr;
   if (leveled) {
-    level_work = s.level.take(size_t(level_work_floats(K) + (kBlock + 1) * K));
+    level_work = s.level.take(size_t(level_work_floats(K) + kBlock * K));
     coefs = level_work + level_work_floats(K);
-    push_row = coefs + kBlock * K;
     idxs = s.level_idx.take(size_t(kBlock * K));
     vk = s.level_vecs.take(size_t(K));
   }
   // The correction of row r with scale c: 0 (none) or its number of directions, their
   // coefficients in coefs + q K and their indices in idxs + q K.
-  // Rows whose projections after the pushes are all within their bounds (the common case with
-  // caps) skip the solve: p' = c (p + q) here is level_row's, operation for operation.
+  auto solve = [&](int r, float c, int q) -> int {
+    return P.level_row(P, slot[r], proj[r], c, L.push + slot[r] * K, coefs + q * K,
+                       idxs + q * K, level_work);
+  };
+  // Rows whose projections after the pushes, p'_k = c (p_k + q_k) on the bounded directions,
+  // are all finite and within their bounds (the common case with caps) skip the solve: the
+  // test is level_row's, operation for operation (it would return 0). Branch-free over j.
+  const int64_t nb = L.n_bounded;
   auto level = [&](int r, float c, int q) -> int {
-    const float* push = push_row;
-    if (L.push != nullptr) {
-      push = L.push + slot[r] * K;
-    } else {
-      P.level_push(P, slot[r], push_row);
-    }
-    const float* lo = P.bounds + slot[r] * 2 * K;
-    const float* hi = lo + K;
+    const float* lo = L.box + 3 * slot[r] * nb;
+    const float* hi = lo + nb;
+    const float* push = hi + nb;
     bool inside = true;
-    for (int64_t j = 0; j < L.n_bounded; ++j) {
-      const int64_t k = L.bounded[j];
-      const float p_after = c * (proj[r][k] + push[k]);
-      inside = inside && p_after >= lo[k] && p_after <= hi[k] && std::isfinite(p_after);
+    for (int64_t j = 0; j < nb; ++j) {
+      const float p_after = c * (proj[r][L.bounded[j]] + push[j]);
+      inside &= (p_after >= lo[j]) & (p_after <= hi[j]) & (p_after - p_after == 0.0f);
     }
-    if (inside) return 0;
-    return P.level_row(P, slot[r], proj[r], c, push, coefs + q * K, idxs + q * K, level_work);
+    return inside ? 0 : solve(r, c, q);
   };
   auto level_vectors = [&](int q, int m) {
     for (int j = 0; j < m; ++j) vk[j] = P.vectors + idxs[q * K + j] * D;
@@ -215,14 +216,14 @@ void process_block(const Plan& L, int64_t i0, int n, const int64_t* slot, float*
   const float* const coef = coefs;  // the sweeps' rows take slot 0
   int n_dirs[kBlock] = {};           // each row's number of corrected directions
   // Without norm preservation, the rows that bounds correct, after the others were written as
-  // without bounds: (x + delta) + correction - residual, x read as SRC says (level_write_row)
-  // from xs[r]. Offsets from the table, else computed here for these rows only (the others took
-  // theirs in registers).
+  // without bounds: y + correction - residual, y read as SRC says (level_write_row) from xs[r]:
+  // kFromFloat, y = x + delta with offsets from the table, else computed here for these rows
+  // only (the others took theirs in registers); kFromSteered, y itself.
   auto write_corrected = [&](auto src_tag, const void* const* xs) {
     constexpr int SRC = decltype(src_tag)::value;
     const float* dl[kBlock] = {};
     if (SRC == kFromSteered) {
-      // y is in the row already
+      // no offsets: y holds them
     } else if (L.table == nullptr) {
       float* buf = s.deltas.take(size_t(kBlock * L.row_stride));
       const float* w[kBlock];
@@ -243,11 +244,7 @@ void process_block(const Plan& L, int64_t i0, int n, const int64_t* slot, float*
     for (int r = 0; r < n; ++r) {
       if (slot[r] < 0 || n_dirs[r] == 0) continue;
       level_vectors(r, n_dirs[r]);
-      if constexpr (SRC == kFromSteered) {
-        if constexpr (std::is_same_v<T, float>)
-          level_write_row<T, false, false, SRC>(h[r], nullptr, h[r], nullptr, 1.0f, n_dirs[r],
-                                                coefs + r * K, vk, D);
-      } else if (res[r] != nullptr) {
+      if (res[r] != nullptr) {
         level_write_row<T, false, true, SRC>(h[r], res[r], xs[r], dl[r], 1.0f, n_dirs[r],
                                              coefs + r * K, vk, D);
       } else {
@@ -286,18 +283,18 @@ void process_block(const Plan& L, int64_t i0, int n, const int64_t* slot, float*
     }
     const int64_t chunk = kb * D * int64_t(sizeof(float)) <= kSweepL1Bytes ? D : kSweepChunk;
     // Bounds without norm preservation: the sweeps write every row as without bounds and keep
-    // its float32 x (L.keep), or only read (dot products) and the rows are written below.
-    // Norm-preserving sweeps never write.
-    // Each kept row is a copy of the hidden row, except float32 rows without a residual: there
-    // the written y = x + delta is exact, and the correction starts from it.
+    // its float32 y = x + delta (L.keep), from which the few rows a bound corrects are written
+    // again (no offsets recomputed), or only read (dot products) and the rows are written
+    // below. Norm-preserving sweeps never write.
+    // Float32 rows without a residual keep nothing: the written y is exact, the row itself.
     const bool kept = L.keep;
     const bool kx = kept && !(std::is_same_v<T, float> && P.residual == nullptr);
     const float* sweep_delta[kBlock];
     for (int r = 0; r < n; ++r)
       sweep_delta[r] = leveled && !P.norm_preserving && !kept ? nullptr : delta[r];
-    T* keep[kBlock];
+    float* keep[kBlock];
     if (kx) {
-      T* buf = reinterpret_cast<T*>(s.rows.take(size_t(kBlock * L.row_stride)));
+      float* buf = s.rows.take(size_t(kBlock * L.row_stride));
       for (int r = 0; r < n; ++r) keep[r] = buf + r * L.row_stride;
     }
     SweepState state[kBlock / kSweepRows];
@@ -315,7 +312,9 @@ void process_block(const Plan& L, int64_t i0, int n, const int64_t* slot, float*
         }
       }
     }
-    for (int r = 0; r < n; r += kSweepRows) {
+    // Written rows with readings off: the whole block's test at once (below).
+    const bool block_test = kept && !L.readings;
+    for (int r = 0; r < n && !block_test; r += kSweepRows) {
       const SweepState& st = state[r / kSweepRows];
       const int rows = std::min(kSweepRows, n - r);
       for (int q = 0; q < rows; ++q) {
@@ -358,12 +357,53 @@ void process_block(const Plan& L, int64_t i0, int n, const int64_t* slot, float*
 #undef EMOKERN_REWRITE
       }
     }
-    if (kx) {
-      const void* xs[kBlock];
-      for (int r = 0; r < n; ++r) xs[r] = keep[r];
-      write_corrected(std::integral_constant<int, kFromRows>{}, xs);
-    } else if (kept) {
-      write_corrected(std::integral_constant<int, kFromSteered>{}, nullptr);
+    if (block_test) {
+      // Lane l = (steered row, bounded direction j), row i's from first[i]: the dot products'
+      // lane sums all at once (hsum16_all: hsum16_many's tree, as per row; the accumulators
+      // copied to scratch, which is not zeroed as a V16 array would be), p = dot / ||v_k||
+      // (mul_n's product) and level()'s test; only the rows outside take proj (their bounded
+      // projections) and the solve.
+      constexpr int kMaxLanes = kBlock * kKeepSweepMaxK;
+      float inv[kKeepSweepMaxK];
+      int col[kKeepSweepMaxK];  // the accumulator of bounded direction j
+      for (int64_t j = 0; j < nb; ++j) {
+        inv[j] = P.inv_norm[L.bounded[j]];
+        col[j] = int(dot_k != nullptr ? j : L.bounded[j]);
+      }
+      V16* acc = s.acc.take(size_t(kMaxLanes));
+      float sums[kMaxLanes];
+      int first[kBlock + 1];
+      int m = 0;
+      for (int i = 0; i < n; ++i) {
+        first[i] = m;
+        if (delta[i] == nullptr) continue;
+        const V16* a = state[i / kSweepRows].a[i % kSweepRows];
+        for (int64_t j = 0; j < nb; ++j) acc[m++] = a[col[j]];
+      }
+      first[n] = m;
+      hsum16_all(acc, m, sums);
+      for (int i = 0; i < n; ++i) {
+        if (first[i] == first[i + 1]) continue;  // not steered
+        const float* lo = L.box + 3 * slot[i] * nb;
+        const float* hi = lo + nb;
+        const float* push = hi + nb;
+        float p[kKeepSweepMaxK];
+        bool inside = true;
+        for (int64_t j = 0; j < nb; ++j) {
+          p[j] = sums[first[i] + j] * inv[j];
+          const float p_after = p[j] + push[j];  // c (p + q) with c = 1
+          inside &= (p_after >= lo[j]) & (p_after <= hi[j]) & (p_after - p_after == 0.0f);
+        }
+        if (inside) continue;
+        fill_n(proj[i], K, 0.0f);  // the others stay 0: open on both sides, no row needs them
+        for (int64_t j = 0; j < nb; ++j) proj[i][L.bounded[j]] = p[j];
+        n_dirs[i] = solve(i, 1.0f, i);
+      }
+    }
+    if (kept) {
+      const void* ys[kBlock];
+      for (int r = 0; r < n; ++r) ys[r] = kx ? static_cast<const void*>(keep[r]) : h[r];
+      write_corrected(std::integral_constant<int, kFromSteered>{}, ys);
     }
     return;
   }
@@ -532,6 +572,7 @@ void run(const Problem& P) {
   L.d16 = round16(D);
   L.row_stride = L.d16 + kLanes;
   const bool readings = P.proj_out != nullptr || P.run_sum != nullptr;
+  L.readings = readings;
   // Projection bounds: the directions some slot bounds (finite lower or upper). With none the
   // call is a call without bounds; with readings off only their projections are computed.
   if (P.bounds != nullptr) {
@@ -623,10 +664,25 @@ void run(const Problem& P) {
     L.V = VView{packed, panel, K * k_stride, k_stride};
   }
 
-  if (per_slot && L.leveled) {  // the pushes' share of every projection, once per slot
-    float* push = s.push.take(size_t(P.n_slots * K));
-    for (int64_t slot = 0; slot < P.n_slots; ++slot) P.level_push(P, slot, push + slot * K);
+  if (L.leveled) {  // the pushes' share of every projection, once per slot; the per-row test's
+                    // reads together (box)
+    const int64_t S = P.n_slots, nb = L.n_bounded;
+    float* push = s.push.take(size_t(S * K));
+    float* box = s.box.take(size_t(S * 3 * nb));
+    P.level_push(P, 0, S, push);
+    for (int64_t slot = 0; slot < S; ++slot) {
+      const float* q = push + slot * K;
+      const float* lo = P.bounds + slot * 2 * K;
+      float* b = box + slot * 3 * nb;
+      for (int64_t j = 0; j < nb; ++j) {
+        const int64_t k = L.bounded[j];
+        b[j] = lo[k];
+        b[nb + j] = lo[K + k];
+        b[2 * nb + j] = q[k];
+      }
+    }
     L.push = push;
+    L.box = box;
   }
 
   if (per_slot) {

@@ -140,7 +140,6 @@ constexpr int kRowsAny = 0, kRowsWrite = 1, kRowsDots = 2;
         rv[r] = FULL ? load16(res[r] + (d)) : load16(res[r] + (d), n);                   \
         x[r] = add16(x[r], rv[r]);                                                       \
       }                                                                                  \
-      if constexpr (KX) std::memcpy(keep[r] + (d), h[r] + (d), sizeof(T) * size_t(n));   \
     }                                                                                    \
     EMOKERN_UNROLL for (int k = 0; k < KB; ++k) {                                        \
       const V16 vv = FULL ? load16(v[k] + (d)) : load16(v[k] + (d), n);                  \
@@ -153,6 +152,13 @@ constexpr int kRowsAny = 0, kRowsWrite = 1, kRowsDots = 2;
       if (!EMOKERN_WRITES(r)) continue;                                                  \
       if constexpr (!DW) dl[r] = load16(delta[r] + (d)); /* offsets are D16 long */      \
       const V16 y = add16(x[r], dl[r]);                                                  \
+      if constexpr (KX) {                                                                \
+        if (FULL) {                                                                      \
+          store16(keep[r] + (d), y);                                                     \
+        } else {                                                                         \
+          store16(keep[r] + (d), y, n);                                                  \
+        }                                                                                \
+      }                                                                                  \
       if constexpr (NP) {                                                                \
         xx[r] = fma16(x[r], x[r], xx[r]);                                                \
         yy[r] = fma16(y, y, yy[r]);                                                      \
@@ -184,7 +190,6 @@ constexpr int kRowsAny = 0, kRowsWrite = 1, kRowsDots = 2;
         x0[r] = add16(x0[r], r0[r]);                                                     \
         x1[r] = add16(x1[r], r1[r]);                                                     \
       }                                                                                  \
-      if constexpr (KX) std::memcpy(keep[r] + (d), h[r] + (d), sizeof(T) * 2 * kLanes);   \
     }                                                                                    \
     EMOKERN_UNROLL for (int k = 0; k < KB; ++k) {                                        \
       const V16 v0 = load16(v[k] + (d)), v1 = load16(v[k] + (d) + kLanes);               \
@@ -206,6 +211,10 @@ constexpr int kRowsAny = 0, kRowsWrite = 1, kRowsDots = 2;
       }                                                                                  \
       const V16 y0 = add16(x0[r], d0[r]);                                                \
       const V16 y1 = add16(x1[r], d1[r]);                                                \
+      if constexpr (KX) {                                                                \
+        store16(keep[r] + (d), y0);                                                      \
+        store16(keep[r] + (d) + kLanes, y1);                                             \
+      }                                                                                  \
       if constexpr (NP) {                                                                \
         xx[r] = fma16(x0[r], x0[r], xx[r]);                                              \
         xx[r] = fma16(x1[r], x1[r], xx[r]);                                              \
@@ -221,8 +230,8 @@ constexpr int kRowsAny = 0, kRowsWrite = 1, kRowsDots = 2;
 
 // The arguments of a sweep over RS rows: hidden (and residual) rows, offsets (null: the row is
 // not steered; with DW any non-null value), KB vectors, weights per row (DW), the rows of the
-// next block (prefetched), and with KX (keep) where each hidden row is copied before it is
-// written (D elements), for a second write of the rows that projection bounds correct.
+// next block (prefetched), and with KX (keep) where each row's float32 y = x + delta is stored
+// as it is written (D floats), for a second write of the rows that projection bounds correct.
 template <typename T>
 struct SweepRows {
   T* const* h;
@@ -230,7 +239,7 @@ struct SweepRows {
   const float* const* delta;
   const float* const* w;
   const T* const* ahead;
-  T* const* keep = nullptr;
+  float* const* keep = nullptr;
 };
 
 // The sweep's row pointers as locals (registers): read through rows, every store of a step
@@ -239,7 +248,7 @@ struct SweepRows {
   T* h[RS];                                                                              \
   const T* res[RS];                                                                      \
   const float* delta[RS];                                                                \
-  T* keep[RS];                                                                           \
+  float* keep[RS];                                                                       \
   const float* const* w = rows.w;                                                        \
   EMOKERN_UNROLL for (int r = 0; r < RS; ++r) {                                          \
     h[r] = rows.h[r];                                                                    \
@@ -432,7 +441,7 @@ void sweep_halves(const SweepRows<T>& rows, const float* const* v, int64_t c0, i
 constexpr int kKeepSweepMaxK = kN == 1 ? kSweepMaxK : kLiveSweepMaxK;
 
 // Sweep with KB in {0, 1, 2, 4, kSweepMaxK} vectors; NP norm preserving; DW offsets from the
-// weights (decode, not norm preserving); KX keeping x (projection bounds, not norm preserving;
+// weights (decode, not norm preserving); KX keeping y (projection bounds, not norm preserving;
 // 1 <= KB <= kKeepSweepMaxK).
 template <typename T, int RS>
 void sweep_kb(int kb, bool np, bool dw, bool kx, const SweepRows<T>& rows, const float* const* v,
@@ -513,8 +522,8 @@ void rewrite_row(T* h, const T* res, const float* delta, int64_t dim, float scal
 }
 
 // Where level_write_row reads a row's x: its float32 copy (D16 floats, zero padded; the tiles),
-// hidden rows not yet written or copied before they were (+ residual), or a float32 row that
-// already holds y = x + delta (written by a sweep without residual: exact).
+// hidden rows not yet written (+ residual), or, kFromSteered, not x but y = x + delta itself in
+// float32: kept by a sweep (KX), or the row a float32 sweep without residual wrote (exact).
 constexpr int kFromFloat = 0, kFromRows = 1, kFromSteered = 2;
 
 // Projection levels and bounds: the corrected write of a row with m directions to correct
@@ -526,8 +535,7 @@ constexpr int kFromFloat = 0, kFromRows = 1, kFromSteered = 2;
 template <typename T, bool NP, bool RES, int SRC, int M>
 void level_write_row_m(T* h, const T* res, const void* src, const float* delta, float c, int m,
                        const float* coef, const float* const* vk, int64_t dim) {
-  static_assert(SRC != kFromSteered || (std::is_same_v<T, float> && !NP && !RES),
-                "only float32 rows written without residual hold y exactly");
+  static_assert(SRC != kFromSteered || !NP, "a kept y is not scaled: the sweeps keep none");
   constexpr int NM = M > 0 ? M : 1;
   V16 cf[NM];
   const float* vm[NM];
@@ -545,6 +553,9 @@ void level_write_row_m(T* h, const T* res, const void* src, const float* delta, 
     if constexpr (RES) r = full ? load16(res + d) : load16(res + d, n);
     if constexpr (SRC == kFromFloat) {
       x = load16(static_cast<const float*>(src) + d);
+    } else if constexpr (SRC == kFromSteered) {  // y, D floats
+      const float* ys = static_cast<const float*>(src);
+      x = full ? load16(ys + d) : load16(ys + d, n);
     } else {
       const T* xt = static_cast<const T*>(src);
       x = full ? load16(xt + d) : load16(xt + d, n);

@@ -308,7 +308,17 @@ inline void hsum16_many(const V16* acc, int n, float* out) {
   // Block j of f holds the sums of v[j], v[4 + j], v[8 + j], v[12 + j]: sum i sits in lane
   // 4 (i mod 4) + i / 4.
   const __m512i lane = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-  _mm512_mask_storeu_ps(out, __mmask16((1u << n) - 1u), _mm512_permutexvar_ps(lane, f));
+  const __m512 sums = _mm512_permutexvar_ps(lane, f);
+  if (n == 16) {
+    _mm512_storeu_ps(out, sums);
+    return;
+  }
+  // Not a masked store: a load of what a masked store wrote waits until the store retires
+  // (no forwarding), and the callers read the sums at once. A whole store forwards to the
+  // copy's loads.
+  __at_align__ float tmp[kLanes];
+  _mm512_store_ps(tmp, sums);
+  for (int i = 0; i < n; ++i) out[i] = tmp[i];
 }
 #elif defined(CPU_CAPABILITY_AVX2)
 // In registers, eight sums at a time: l + (l + 8) is one add of a logical vector's two halves,
