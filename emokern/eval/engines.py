@@ -133,7 +133,7 @@ def _cut(tokens: Sequence[int], stops: set[int]) -> int:
 
 def generate_hf(model, tokenizer, bank, rows: list[dict], *, batch_size: int,
                 max_new_tokens: int, layers, seed: int, do_sample: bool,
-                progress: bool) -> dict:
+                progress: bool, band: Sequence[int] | None = None) -> dict:
     """Fill ``text``, ``n_tokens``, ``projections`` (and ``readings``) of every row through
     :func:`emokern.steering.generate`, ``batch_size`` rows per call (batch ``b`` seeded
     ``seed + first row``); return ``{"generate": wall seconds}``."""
@@ -144,7 +144,7 @@ def generate_hf(model, tokenizer, bank, rows: list[dict], *, batch_size: int,
         chunk = rows[start:start + batch_size]
         out = generate(model, tokenizer, bank, [r["prompt"] for r in chunk],
                        [r["mix"] for r in chunk], max_new_tokens=max_new_tokens, layers=layers,
-                       do_sample=do_sample, seed=seed + start)
+                       band=band, do_sample=do_sample, seed=seed + start)
         for row, result in zip(chunk, out, strict=True):
             row["text"] = result["text"]
             row["n_tokens"] = result["n_tokens"]
@@ -171,7 +171,8 @@ def _grid_limits(rows: list[dict]) -> dict[str, float]:
 
 
 def vllm_settings(model, bank_path, rows: list[dict], layers: Sequence[int], *,
-                  max_model_len: int, seed: int, options: Mapping | None = None) -> dict:
+                  max_model_len: int, seed: int, band: Sequence[int] | None = None,
+                  options: Mapping | None = None) -> dict:
     """The ``vllm.LLM`` keyword arguments of the evaluation's engine (see the module
     docstring), ``options`` (any ``LLM`` keyword, e.g. ``{"enforce_eager": False}`` to
     compile) applied last."""
@@ -180,6 +181,8 @@ def vllm_settings(model, bank_path, rows: list[dict], layers: Sequence[int], *,
                 "enable_prefix_caching": False, "enforce_eager": True,
                 "additional_config": {"emokern": {"bank": str(bank_path),
                                                   "layers": [int(x) for x in layers],
+                                                  **({} if band is None else
+                                                     {"band": [int(x) for x in band]}),
                                                   "spread": "divide",
                                                   "levels": _has_edits(rows),
                                                   "monitor": False, **_grid_limits(rows)}}}
@@ -234,7 +237,7 @@ def _sampled_params(llm, mixes: list, max_new_tokens: int, stops, seed: int) -> 
 
 def generate_vllm(model, tokenizer, bank, rows: list[dict], *, model_dir, max_new_tokens: int,
                   layers: Sequence[int], seed: int, do_sample: bool, progress: bool,
-                  options: Mapping | None = None) -> dict:
+                  band: Sequence[int] | None = None, options: Mapping | None = None) -> dict:
     """Fill ``text`` and ``n_tokens`` (``projections`` None) of every row through one vLLM
     engine and one ``LLM.generate`` call (see the module docstring). ``model`` (the Hugging
     Face model) gives the dtype and the end-of-sequence ids; the bank goes to the engine as a
@@ -256,7 +259,7 @@ def generate_vllm(model, tokenizer, bank, rows: list[dict], *, model_dir, max_ne
     requests = [{"prompt_token_ids": list(ids[r["prompt"]]["prompt_token_ids"])} for r in rows]
     longest = max(len(r["prompt_token_ids"]) for r in requests)
     mixes = [dict(r["mix"]) or None for r in rows]
-    settings = vllm_settings(model, _bank_file(bank), rows, layers,
+    settings = vllm_settings(model, _bank_file(bank), rows, layers, band=band,
                              max_model_len=_max_model_len(longest + max_new_tokens), seed=seed,
                              options=options)
     started = time.perf_counter()

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 from emokern.files import atomic_write
+from emokern.steering.mix import format_mix
 
 __all__ = ["edit_kind", "engine_line", "format_report", "format_table", "plot_eps",
            "plot_perplexity", "plot_tradeoff", "split_label"]
@@ -84,13 +85,14 @@ def format_table(aggregates: list[dict], emotions: list[str]) -> str:
 def format_report(result: dict) -> str:
     """The whole ``report.md``: configuration, the table, how to read it."""
     c = result["config"]
-    rec = ", ".join(f"{e} {w:g}" if isinstance(w, (int, float)) else f"{e} level {w['level']:g}"
-                    for e, w in c.get("recommended", {}).items())
+    rec = format_mix(c.get("recommended", {})).replace(",", ", ") or "none"
+    band = (f" (unscoped edits at {c['band']})" if c.get("band") not in (None, c["layers"])
+            else "")
     lines = [
         f"# emokern eval: {c['model']} / {c['bank']} ({c.get('method')})", "",
         f"{c['n_prompts']} prompts, {c['n_rows']} answers, {c['max_new_tokens']} new tokens, "
         f"{'sampled (seed ' + str(c['seed']) + ')' if c['do_sample'] else 'greedy'}; "
-        f"steered layers {c['layers']}; recipes (rec): {rec}.", "",
+        f"steered layers {c['layers']}{band}; recipes (rec): {rec}.", "",
         format_table(result["aggregates"], c["emotions"]), "",
         "EPS: mean judge (nade) probability of the target over the six basic emotions; top: "
         "share of answers whose top emotion is the target; EAS: mean target intensity, ΔEAS "

@@ -62,7 +62,7 @@ from emokern.files import write_json, write_text
 from emokern.machine import machine_info
 from emokern.models import model_dir
 from emokern.steering import parse_mix
-from emokern.steering.mix import REC, format_mix, has_scope
+from emokern.steering.mix import REC, format_mix, has_scope, is_push, scope_of
 
 __all__ = ["EVAL_PROMPTS_FILE", "REC", "check_emotions", "check_out_dir", "evaluate",
            "grid_rows", "load_prompts", "parse_weights", "sanitize"]
@@ -190,6 +190,22 @@ def edit_mix(emotion: str, term: float | str, bank) -> tuple[dict, float]:
     return {emotion: parsed}, weight
 
 
+def grid_layers(bank, weights: Sequence[float | str], layers="auto") -> tuple[list[int],
+                                                                               list[int]]:
+    """``(steered, band)``: the layers the grid's engine steers and its band. The band is
+    ``layers`` (``"auto"``: the bank's recommended layers), where a term without a layer scope
+    applies; the engine steers the band, with ``"auto"`` the recipes' own bands
+    (:meth:`~emokern.EmotionBank.recipe_layers`), and every layer a scoped grid term names
+    (``[16-18;generated]=1``, :func:`parse_weights`'s terms), so that each edit is honoured
+    while the unscoped ones mean what they mean alone."""
+    band = list(bank.recommended_layers) if layers == "auto" else [int(x) for x in layers]
+    extra = set(bank.recipe_layers()) if layers == "auto" else set()
+    for term in weights:
+        if isinstance(term, str) and term.startswith("["):
+            extra.update(scope_of(grid_term(term))[0] or ())
+    return band + sorted(extra - set(band)), band
+
+
 def check_emotions(emotions, bank, judge_labels: Sequence[str] = BASIC_EMOTIONS) -> list[str]:
     """Emotions to evaluate: each must be in the bank and known to the judge (default: the
     judge's emotions the bank has)."""
@@ -310,7 +326,9 @@ def evaluate(model, tokenizer, bank, *, emotions=None, weights="-1,0,1,2,4,rec",
     batch_size : int
         Rows per generation (engine ``"hf"``).
     layers : "auto" or list of int
-        Steered layers (default the bank's recommended layers).
+        The band: where an unscoped edit applies (default the bank's recommended layers); the
+        engine also steers the layers of scoped terms and, for ``"auto"``, the recipes' bands
+        (:func:`grid_layers`).
     out : path, optional
         Directory for ``results.json``, ``report.md`` and the PNG plots.
     fluency : bool
@@ -340,7 +358,8 @@ def evaluate(model, tokenizer, bank, *, emotions=None, weights="-1,0,1,2,4,rec",
         vllm_source = check_vllm_model(model_name if vllm_model is None else vllm_model)
     emotions = check_emotions(emotions, bank)
     weights = parse_weights(weights)
-    if not bank.calibrated and any(isinstance(w, str) and w != REC for w in weights):
+    if not bank.calibrated and any(isinstance(w, str) and w != REC
+                                   and not is_push(grid_term(w)) for w in weights):
         raise ValueError("weights: levels, caps and erase are standard scores against the "
                          "bank's neutral baseline, and this bank has none (add one with "
                          "emokern extract's neutral baseline)")
@@ -361,16 +380,17 @@ def evaluate(model, tokenizer, bank, *, emotions=None, weights="-1,0,1,2,4,rec",
     lexicon = lexicon or LexiconScorer()
     embedder = embedder or SentenceEmbedder()
 
-    steered_layers = list(bank.recommended_layers) if layers == "auto" else list(layers)
+    steered_layers, band = grid_layers(bank, weights, layers)
     if engine == "vllm":
         vllm_source = str(model_dir(vllm_source))  # a built-in name: its safetensors copy
         timing = generate_vllm(model, tokenizer, bank, rows, model_dir=vllm_source,
-                               max_new_tokens=max_new_tokens, layers=steered_layers, seed=seed,
-                               do_sample=do_sample, progress=progress, options=vllm_options)
+                               max_new_tokens=max_new_tokens, layers=steered_layers, band=band,
+                               seed=seed, do_sample=do_sample, progress=progress,
+                               options=vllm_options)
     else:
         timing = generate_hf(model, tokenizer, bank, rows, batch_size=batch_size,
-                             max_new_tokens=max_new_tokens, layers=layers, seed=seed,
-                             do_sample=do_sample, progress=progress)
+                             max_new_tokens=max_new_tokens, layers=steered_layers, band=band,
+                             seed=seed, do_sample=do_sample, progress=progress)
     generated = time.perf_counter()
     _score(model, tokenizer, rows, emotions, scorer=scorer, lexicon=lexicon, embedder=embedder,
            fluency=fluency)
@@ -379,7 +399,7 @@ def evaluate(model, tokenizer, bank, *, emotions=None, weights="-1,0,1,2,4,rec",
                    "emotions": emotions,
                    "weights": [w if isinstance(w, str) else float(w) for w in weights],
                    "recommended": {e: bank.recommended(e).mix_term() for e in emotions},
-                   "layers": steered_layers, "engine": engine,
+                   "layers": steered_layers, "band": band, "engine": engine,
                    "n_prompts": len(prompts), "n_rows": len(rows),
                    "max_new_tokens": max_new_tokens, "seed": seed, "do_sample": do_sample,
                    "batch_size": batch_size, "calibrated": bank.calibrated,

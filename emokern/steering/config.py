@@ -172,7 +172,7 @@ monitor_layers
             fail(ValueError, f"emotions lists a name twice: {list(names)}", who)
         chosen = check_layers(layers, bank, n_model_layers, who=who)
         if band is not None:
-            band = check_layers(list(band), bank, n_model_layers, argument="band", who=who)
+            band = check_layers(band, bank, n_model_layers, argument="band", who=who)
             if not set(band) <= set(chosen):
                 fail(ValueError, f"band {list(band)} must be some of the steered layers "
                                  f"{list(chosen)}", who)

@@ -60,6 +60,7 @@ def generate(
     control=None,
     max_new_tokens: int = 64,
     layers: str | Sequence[int] = "auto",
+    band: Sequence[int] | None = None,
     positions: str = "all",
     norm_preserving: bool = False,
     do_sample: bool = False,
@@ -88,7 +89,7 @@ def generate(
     max_new_tokens, do_sample, temperature
         Passed to ``model.generate``; sampling is seeded with ``seed`` without touching the
         global RNG state.
-    layers, positions, norm_preserving, spread
+    layers, band, positions, norm_preserving, spread
         As for :func:`~emokern.steering.steer`.
     chat : bool
         Wrap each prompt in the tokenizer's chat template (as a user turn).
@@ -124,7 +125,7 @@ def generate(
         fail(ValueError, f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     device = model_device(model)
     steerer = steer(model, bank, None if target is not None else mixes, layers=layers,
-                    positions=positions, norm_preserving=norm_preserving, monitor=False,
+                    band=band, positions=positions, norm_preserving=norm_preserving, monitor=False,
                     trajectory=True, spread=spread, monitor_layers=monitor_layers,
                     target=target, control=control)
     encoded = encode_prompts(tokenizer, prompts, chat=chat, device=device)

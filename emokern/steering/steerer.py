@@ -670,6 +670,11 @@ def steer(model: nn.Module, bank, mix=None, *, target=None, control=None,
     layers : "auto" or list of int
         Decoder layers (0-based) to steer; "auto" = ``bank.recommended_layers``. Each must be
         in the bank and in the model.
+    band : list of int, optional
+        Where a mix term without a layer scope applies, some of ``layers`` (default: all of
+        them; for ``"auto"`` the bank's recommended layers, the recipes' own bands steered
+        beside them); ``s = 1/len(band)`` for ``"divide"``. Scoped terms
+        (``anger[16-18]=1``) apply at their own layers, which must be steered.
     positions : {"all", "prompt", "generated"}
         Which tokens to steer: every token, the prompt (the tokens of the prefill, or of any
         forward feeding several tokens), or the generated tokens (fed one per decode step).
@@ -707,7 +712,7 @@ def steer(model: nn.Module, bank, mix=None, *, target=None, control=None,
         The settings above (``layers`` to ``monitor_layers``) already resolved
         (:meth:`SteeringConfig.resolve`), instead of giving them one by one.
     **settings
-        ``layers``, ``positions``, ``norm_preserving``, ``monitor``, ``trajectory``,
+        ``layers``, ``band``, ``positions``, ``norm_preserving``, ``monitor``, ``trajectory``,
         ``spread``, ``emotions``, ``backend``, ``monitor_layers`` as above: validated once, by
         :meth:`SteeringConfig.resolve`, the parameter list the signature shows.
 

@@ -77,7 +77,11 @@ class EmokernConfig:
 
     ``bank``: a bank by name or path as :meth:`emokern.EmotionBank.named` takes it (``"default"``,
     ``"concept"``, ``"gemma3-270m-ev"``, a bank file); ``layers``: ``"auto"`` (the bank's
-    recommended layers) or decoder-layer indices; ``monitor``: keep readings; ``spread``:
+    recommended layers, the recipes' own bands steered beside them) or decoder-layer indices;
+    ``band``: where a mix term without a layer scope applies, some of ``layers`` (None, the
+    default: all of them, or for ``"auto"`` the recommended layers; an engine may steer more
+    layers than the band so that requests can scope edits to them, ``anger[16-18]=1``);
+    ``monitor``: keep readings; ``spread``:
     ``"divide"`` (each of the ``L`` layers adds ``w / L · v_l``) or ``"each"`` (``docs/design.md``
     §3); ``norm_preserving``; ``max_requests``: requests with slots alive at once (0: twice vLLM's
     ``max_num_seqs``); ``levels``: accept levels, caps, floors and erase in mixes (a calibrated
@@ -95,6 +99,7 @@ class EmokernConfig:
 
     bank: str = "default"
     layers: str | tuple[int, ...] = "auto"
+    band: tuple[int, ...] | None = None
     monitor: bool = True
     spread: str = "divide"
     norm_preserving: bool = False
@@ -124,6 +129,8 @@ class EmokernConfig:
         if isinstance(layers, list):  # hashable (the settings key the bank cache); checked
             layers = tuple(layers)    # against the bank and model by steering()
         values["layers"] = layers
+        if isinstance(values.get("band"), list):
+            values["band"] = tuple(values["band"])
         if values.get("spread", "divide") not in SPREADS:  # early, before any bank loads
             _fail(ValueError, f"spread must be one of {SPREADS}, got {values['spread']!r}")
         if not isinstance(values.get("levels", False), bool):
@@ -147,7 +154,7 @@ class EmokernConfig:
         ``emokern.vllm:``): steered layers, spread (:attr:`SteeringConfig.scale`), norm
         handling and readings (every scheduled token; the slot table picks the generated
         ones)."""
-        return SteeringConfig.resolve(bank, n_model_layers, layers=self.layers,
+        return SteeringConfig.resolve(bank, n_model_layers, layers=self.layers, band=self.band,
                                       spread=self.spread, norm_preserving=self.norm_preserving,
                                       monitor=self.monitor, who="emokern.vllm")
 

@@ -249,3 +249,34 @@ def test_vllm_engine_settings_are_stable_across_runs(tiny, tmp_path, monkeypatch
     assert not engines.vllm_settings(model, first, edits, [1], max_model_len=256, seed=0,
                                      options={"enforce_eager": False})["enforce_eager"]
     assert engines._has_edits(edits) and not engines._has_edits(pushes)
+
+
+def test_scoped_terms_steer_their_own_layers(tiny, embedder, scorer, tmp_path):
+    """A grid term scoped to a layer off the band (``[l;generated]=1``) is steered there, as
+    steering that layer alone on generated tokens would, while unscoped terms keep the band;
+    a recipe with a scope is written in the mix grammar in the report."""
+    from emokern.steering import generate
+
+    model, tokenizer, bank = tiny
+    band = list(bank.recommended_layers)
+    other = next(layer for layer in bank.layers if layer not in band)
+    bank = bank.replace(metadata={"recommended_weights": {
+        "joy": {"weight": 2.0, "positions": "generated"}}})
+    term = f"[{other};generated]=1"
+    result = evaluate(model, tokenizer, bank, emotions="joy", weights=f"0,1,{term},rec",
+                      prompts=PROMPTS, max_new_tokens=4, batch_size=8, out=tmp_path,
+                      progress=False, scorer=scorer, embedder=embedder, fluency=False)
+    assert result["config"]["layers"] == [*band, other] and result["config"]["band"] == band
+    scoped = [r for r in result["rows"] if r["label"] == term]
+    alone = generate(model, tokenizer, bank, PROMPTS, {"joy": 1.0}, layers=[other],
+                     positions="generated", max_new_tokens=4)
+    for row, expected in zip(scoped, alone, strict=True):
+        assert row["text"] == expected["text"]
+        assert row["projections"] == pytest.approx(expected["projections"], rel=1e-5, abs=1e-6)
+    plain = [r for r in result["rows"] if r["label"] == "1"]
+    on_band = generate(model, tokenizer, bank, PROMPTS, {"joy": 1.0}, max_new_tokens=4)
+    for row, expected in zip(plain, on_band, strict=True):  # other batches: rounding only
+        assert row["projections"] == pytest.approx(expected["projections"], rel=1e-5, abs=1e-6)
+    assert "recipes (rec): joy[generated]=2" in (tmp_path / "report.md").read_text()
+    steered, kept = evaluation.grid_layers(bank, ["[1-2]=1"], layers=band)
+    assert kept == band and set(steered) == set(band) | {1, 2}

@@ -286,3 +286,17 @@ def test_the_front_door_checks_a_scope_against_the_engines_layers():
                                          r"layers \[3\], which this steerer does not steer "
                                          r"\(it steers \[12\]\)"):
         check_mix({"emotion": "joy[3]=1"}, config)
+    # an engine may steer more layers than its band, for requests that scope edits to them
+    wide = EmokernConfig.from_additional_config({"emokern": {"layers": [11, 12, 13],
+                                                             "band": [12]}})
+    assert wide.band == (12,)
+    steering = wide.steering(wide.load_bank(), 30)
+    assert steering.layers == (11, 12, 13) and steering.band == (12,) and steering.scale == 1.0
+    assert check_mix({"emotion": "joy[11-13]=1,fear=1"}, wide) == {
+        "joy": {"weight": 1.0, "layers": [11, 12, 13]}, "fear": 1.0}
+    for band, message in ((3, r"band: layer 3 .* not .* steered|band \[3\] must be some"),
+                          ("x", "band must be 'auto' or"), ([12, 12], "band lists a layer twice")):
+        bad = EmokernConfig.from_additional_config({"emokern": {"layers": [11, 12],
+                                                                "band": band}})
+        with pytest.raises(ValueError, match=message):
+            bad.steering(bad.load_bank(), 30)
