@@ -32,7 +32,7 @@ from emokern.data import load_queries
 from emokern.eval.calibration_sweep import CALIBRATION_PROMPTS
 from emokern.eval.eval_report import edit_kind, split_label
 from emokern.eval.evaluation import evaluate, grid_term, load_prompts
-from emokern.steering.mix import scope_of
+from emokern.steering.mix import format_mix, scope_of
 
 __all__ = ["DEFAULT_SWEEP_FACTORS", "DEFAULT_SWEEP_LEVELS", "SWEEP_PROMPTS", "choose",
            "format_study", "recipe_study", "store", "sweep"]
@@ -189,6 +189,23 @@ def save_shipped(bank, path) -> None:
 RECIPE_TARGETS = {"gain": 0.08, "distinct2": 0.7, "adherence_ratio": 0.8}
 
 
+def grid_label(term) -> str:
+    """A recipe's mix term (:meth:`emokern.bank.Recipe.mix_term`) as the label of its grid
+    term: ``"2"``, ``"@16"``, ``"[generated]=2"``, ``"[12-18;generated]@8"``."""
+    if isinstance(term, (int, float)):
+        return f"{float(term):g}"
+    return format_mix({"x": term})[1:]
+
+
+def describe_recipe(record: Mapping) -> str:
+    """``push 2``, ``level z = 16``, with the scope: ``push 2 (generated tokens)``."""
+    text = (f"level z = {record['level']:g}" if record["mode"] == "level"
+            else f"push {record['weight']:g}")
+    scope = [*([f"layers {record['layers']}"] if "layers" in record else []),
+             *([f"{record['positions']} tokens"] if "positions" in record else [])]
+    return text + (f" ({', '.join(scope)})" if scope else "")
+
+
 def recipe_study(model, tokenizer, bank, *, sweep_prompts: Sequence[str] = SWEEP_PROMPTS,
                  eval_prompts: Sequence[str] | None = None, emotions=None,
                  weights: Sequence[float] | None = None, levels: Sequence[float] | None = None,
@@ -196,16 +213,16 @@ def recipe_study(model, tokenizer, bank, *, sweep_prompts: Sequence[str] = SWEEP
                  progress: bool = True, **options) -> dict:
     """Choose each emotion's recipe on ``sweep_prompts`` (:func:`sweep`'s grid, ``scopes``
     included), then judge it on ``eval_prompts`` (default the evaluation prompts, which the
-    sweep never sees) beside the push it replaces.
+    sweep never sees) beside the recipe it replaces (scope included).
 
     Returns
     -------
     dict
         ``choice`` (:func:`choose`), ``bank`` (the bank with the recipes stored), ``sweep`` and
         ``heldout`` (:func:`emokern.eval.evaluation.evaluate` results; the held-out grid runs
-        ``0``, ``rec`` with the recipes and the old push weights of the bank) and ``rows``:
+        ``0``, ``rec`` with the recipes and the bank's old recipes, scope included) and ``rows``:
         per emotion the held-out gain, distinct-2 and adherence ratio of the recipe and of the
-        old push, each with whether it meets :data:`RECIPE_TARGETS`.
+        old recipe, each with whether it meets :data:`RECIPE_TARGETS`.
     """
     eval_prompts = list(load_prompts() if eval_prompts is None else eval_prompts)
     swept = sweep(model, tokenizer, bank, emotions=emotions, weights=weights, levels=levels,
@@ -214,9 +231,11 @@ def recipe_study(model, tokenizer, bank, *, sweep_prompts: Sequence[str] = SWEEP
     choice = choose(swept["aggregates"])
     with_recipes = store(bank, choice, prompts=len(sweep_prompts))
     old = {e: bank.recommended(e) for e in choice}
-    old_terms = sorted({r.strength for r in old.values() if r.mode == "push"})
+    old_labels = {e: grid_label(r.mix_term()) for e, r in old.items()}
+    old_terms = [t for t in dict.fromkeys(old_labels.values()) if t != "0"]
     heldout = evaluate(model, tokenizer, with_recipes, emotions=list(choice),
-                       weights=[0.0, "rec", *[w for w in old_terms if w != 0.0]],
+                       weights=[0.0, "rec", *[t if t.startswith(("@", "[")) else float(t)
+                                              for t in old_terms]],
                        prompts=eval_prompts, max_new_tokens=max_new_tokens,
                        batch_size=batch_size, progress=progress, **options)
     rows = []
@@ -235,17 +254,18 @@ def recipe_study(model, tokenizer, bank, *, sweep_prompts: Sequence[str] = SWEEP
                                 and (a.get("distinct2") or 0) >= RECIPE_TARGETS["distinct2"]
                                 and ratio >= RECIPE_TARGETS["adherence_ratio"])}
 
-        old_push = old[emotion]
+        was = old[emotion]
         rows.append({"emotion": emotion, "recipe": recipe, "recipe_heldout": measured("rec"),
-                     "old": {"mode": old_push.mode, "strength": old_push.strength},
-                     "old_heldout": measured(f"{old_push.strength:g}")})
+                     "old": {"mode": was.mode, "strength": was.strength,
+                             "term": old_labels[emotion]},
+                     "old_heldout": measured(old_labels[emotion])})
     return {"choice": choice, "bank": with_recipes, "sweep": swept, "heldout": heldout,
             "rows": rows, "sweep_prompts": len(sweep_prompts), "eval_prompts": len(eval_prompts)}
 
 
 def format_study(study: Mapping) -> str:
     """Markdown: per emotion the recipe chosen and, on the held-out prompts, its gain,
-    distinct-2 and adherence ratio beside the old push weight's, and the count of emotions
+    distinct-2 and adherence ratio beside the old recipe's, and the count of emotions
     meeting :data:`RECIPE_TARGETS`."""
     def cell(m):
         if m is None:
@@ -257,19 +277,16 @@ def format_study(study: Mapping) -> str:
              f"{study['eval_prompts']} evaluation prompts they were not chosen on. Met: gain "
              f"≥ {RECIPE_TARGETS['gain']}, distinct-2 ≥ {RECIPE_TARGETS['distinct2']}, "
              f"adherence ≥ {RECIPE_TARGETS['adherence_ratio']} of unsteered.", "",
-             "| emotion | recipe | gain | distinct-2 | adherence / unsteered | met | old push | "
+             "| emotion | recipe | gain | distinct-2 | adherence / unsteered | met | old recipe | "
              "gain | distinct-2 | adherence / unsteered | met |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in study["rows"]:
-        r = row["recipe"]
-        recipe = f"level z = {r['level']:g}" if r["mode"] == "level" else f"push {r['weight']:g}"
-        scope = [*([f"layers {r['layers']}"] if "layers" in r else []),
-                 *([f"{r['positions']} tokens"] if "positions" in r else [])]
-        recipe += f" ({', '.join(scope)})" if scope else ""
-        lines.append(f"| {row['emotion']} | {recipe} | {cell(row['recipe_heldout'])} | "
-                     f"{row['old']['strength']:g} | {cell(row['old_heldout'])} |")
+        was = row["old"]
+        old = was.get("term", f"{was['strength']:g}")  # older studies: the push weight
+        lines.append(f"| {row['emotion']} | {describe_recipe(row['recipe'])} | "
+                     f"{cell(row['recipe_heldout'])} | {old} | {cell(row['old_heldout'])} |")
     met = sum(bool(r["recipe_heldout"] and r["recipe_heldout"]["met"]) for r in study["rows"])
     old_met = sum(bool(r["old_heldout"] and r["old_heldout"]["met"]) for r in study["rows"])
-    lines += ["", f"Recipes meet the targets for {met} of {len(study['rows'])} emotions; the old "
-                  f"push weights for {old_met}."]
+    lines += ["", f"Recipes meet the targets for {met} of {len(study['rows'])} emotions; the "
+                  f"bank's old recipes for {old_met}."]
     return "\n".join(lines) + "\n"

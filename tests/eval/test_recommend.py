@@ -134,13 +134,15 @@ def test_sweep_runs_the_grid(tiny_llama, scorer, one_thread):
 def test_recipe_study_chooses_on_some_prompts_and_judges_on_others(tiny_llama, scorer,
                                                                    one_thread):
     """On a calibrated bank the sweep weighs levels against pushes; the held-out grid runs the
-    chosen recipe (``rec``) beside the old push weight, on other prompts."""
+    chosen recipe (``rec``) beside the bank's old recipe, scope and all, on other prompts."""
     from emokern.eval.recommend import format_study, recipe_study
 
     model, tokenizer = tiny_llama
     bank = random_bank(model, scale=0.5)
     n_layers, k = bank.n_layers, bank.n_emotions
-    bank = bank.replace(neutral_mean=torch.zeros(n_layers, k), neutral_std=torch.ones(n_layers, k))
+    bank = bank.replace(neutral_mean=torch.zeros(n_layers, k), neutral_std=torch.ones(n_layers, k),
+                        metadata={"recommended_weights": {"joy": {
+                            "mode": "level", "level": 3.0, "positions": "generated"}}})
     study = recipe_study(model, tokenizer, bank, sweep_prompts=SWEEP_PROMPTS[:2],
                          eval_prompts=load_prompts()[:2], emotions=["joy"], weights=[1.0],
                          levels=[2.0], max_new_tokens=3, progress=False, scorer=scorer)
@@ -151,7 +153,9 @@ def test_recipe_study_chooses_on_some_prompts_and_judges_on_others(tiny_llama, s
     assert study["bank"].recommended("joy").mode == row["recipe"]["mode"]
     held = {r["prompt"] for r in study["heldout"]["rows"]}
     assert held == set(load_prompts()[:2]) and not held & set(SWEEP_PROMPTS[:2])
-    assert "| joy |" in format_study(study)
+    assert row["old"]["term"] == "[generated]@3" and row["old_heldout"] is not None
+    assert {a["label"] for a in study["heldout"]["aggregates"]} == {"0", "rec", "[generated]@3"}
+    assert "| joy |" in format_study(study) and "| [generated]@3 |" in format_study(study)
 
 
 def test_a_model_that_repeats_itself_is_held_to_its_own_distinct2():
