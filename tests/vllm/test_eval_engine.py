@@ -88,3 +88,22 @@ def test_cli_refuses_a_model_vllm_cannot_load(tmp_path, capsys):
     assert main(["eval", "--engine", "vllm", "--model", str(gguf),
                  "--out", str(tmp_path / "o")]) == 2
     assert "Hugging Face checkpoint directory" in capsys.readouterr().err
+
+
+def test_seeded_sampling_runs_more_prompt_tokens_than_one_step_holds():
+    """Sampled rows are seeded per request; more prompt tokens than one engine step schedules
+    (4,096) would split a prompt, and vLLM then rewinds that request's generator, which a CPU
+    generator cannot do: the evaluation's engine runs without chunked prefill there."""
+    from emokern.eval.engines import generate_vllm
+    from emokern.eval.evaluation import grid_rows
+    from emokern.models import model_dir
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    model, tokenizer = emokern.load_model("default")
+    bank = emokern.EmotionBank.load_default()
+    rows = grid_rows(load_prompts()[:40], ["joy", "fear"], [0.0, 2.0], bank)  # 120 rows
+    timing = generate_vllm(model, tokenizer, bank, rows, model_dir=str(model_dir("default")),
+                           max_new_tokens=4, layers=bank.recommended_layers, seed=0,
+                           do_sample=True, progress=False)
+    assert timing["settings"]["enable_chunked_prefill"] is False
+    assert sum(r["n_tokens"] for r in rows) > 0 and all(r["text"] is not None for r in rows)
