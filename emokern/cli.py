@@ -257,7 +257,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     auto_threads()
     model, tokenizer = load_model(args.model)
     result = evaluate(model, tokenizer, bank, emotions=emotions, weights=weights, prompts=prompts,
-                      max_new_tokens=args.max_new_tokens, seed=args.seed,
+                      max_new_tokens=args.max_new_tokens, seed=args.seed, do_sample=args.sample,
                       batch_size=args.batch_size, layers=args.layers or "auto", out=out,
                       model_name=args.model, bank_name=args.bank, engine=args.engine,
                       vllm_options={"enforce_eager": False} if args.vllm_compile else None)
@@ -527,6 +527,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", help="JSON list or one prompt per line (default: the "
                    "built-in 60 prompts)")
     p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--sample", action="store_true",
+                   help="sample with the model's generation config instead of greedy decoding "
+                        "(seeded by --seed; the engines draw different samples)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64, help="rows per generation (--engine hf)")
     p.add_argument("--layers", type=lambda s: [int(x) for x in s.split(",")],
