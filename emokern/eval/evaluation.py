@@ -34,7 +34,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -246,21 +246,23 @@ def check_out_dir(out: str | os.PathLike) -> Path:
 
 
 def grid_rows(prompts: Sequence[str], emotions: Sequence[str], weights: Sequence[float | str],
-              bank) -> list[dict]:
+              bank, prompts_of: Mapping[str, Sequence[str]] | None = None) -> list[dict]:
     """The grid as rows ``{prompt, emotion, label, weight, mix}``: one unsteered row per
     prompt (``emotion`` None, label ``"0"``), then per emotion and edit term (except weight
-    0) one row per prompt (:func:`edit_mix`: ``rec`` resolved by
-    ``bank.recommended_weight``; levels, caps and erase as mixes in reading units)."""
+    0) one row per prompt — or per prompt of ``prompts_of[emotion]`` where given —
+    (:func:`edit_mix`: ``rec`` resolved by ``bank.recommended_weight``; levels, caps and
+    erase as mixes in reading units)."""
     rows = [{"prompt": p, "emotion": None, "label": "0", "weight": 0.0, "mix": {}}
             for p in prompts]
     for emotion in emotions:
+        own = list((prompts_of or {}).get(emotion, prompts))
         for asked in weights:
             if asked == 0.0:
                 continue
             mix, weight = edit_mix(emotion, asked, bank)
             label = asked if isinstance(asked, str) else f"{asked:g}"
             rows += [{"prompt": p, "emotion": emotion, "label": label, "weight": weight,
-                      "mix": dict(mix)} for p in prompts]
+                      "mix": dict(mix)} for p in own]
     return rows
 
 
@@ -304,7 +306,8 @@ def evaluate(model, tokenizer, bank, *, emotions=None, weights="-1,0,1,2,4,rec",
              lexicon: LexiconScorer | None = None, embedder: SentenceEmbedder | None = None,
              model_name: str = "?", bank_name: str = "?", engine: str = "hf",
              vllm_model: str | os.PathLike | None = None,
-             vllm_options: dict | None = None) -> dict:
+             vllm_options: dict | None = None,
+             prompts_of: Mapping[str, Sequence[str]] | None = None) -> dict:
     """Run the evaluation grid and return (and, with ``out``, write) its results.
 
     Parameters
@@ -319,6 +322,11 @@ def evaluate(model, tokenizer, bank, *, emotions=None, weights="-1,0,1,2,4,rec",
         floors ``">=z"`` and ``"erase"`` in reading units (they need a calibrated bank).
     prompts : list of str, path or None
         The prompts, a prompts file (:func:`load_prompts`), or None for the built-in set.
+    prompts_of : mapping, optional
+        Emotion -> the prompts (some of ``prompts``) its edits run on, for an emotion whose
+        edits matter on some prompts only (default: every prompt, for every emotion); the
+        unsteered rows cover every prompt, and each emotion's gain is measured against those
+        of its own prompts.
     max_new_tokens, seed, do_sample
         Generation settings (greedy by default; ``seed`` seeds sampling: the ``"hf"`` engine
         seeds batch ``b`` with ``seed`` + its first row, the ``"vllm"`` engine row ``i`` with
@@ -375,7 +383,15 @@ def evaluate(model, tokenizer, bank, *, emotions=None, weights="-1,0,1,2,4,rec",
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     out_dir = check_out_dir(out) if out is not None else None
     bank.check_compatible(model)
-    rows = grid_rows(prompts, emotions, weights, bank)
+    if prompts_of is not None:
+        for emotion, own in prompts_of.items():
+            if emotion not in emotions:
+                raise ValueError(f"prompts_of names {emotion!r}, which is not evaluated "
+                                 f"({emotions})")
+            if isinstance(own, str) or not own or not set(own) <= set(prompts):
+                raise ValueError(f"prompts_of[{emotion!r}] must be a non-empty list of the "
+                                 f"evaluated prompts")
+    rows = grid_rows(prompts, emotions, weights, bank, prompts_of)
     scorer = scorer or EmotionScorer()
     lexicon = lexicon or LexiconScorer()
     embedder = embedder or SentenceEmbedder()

@@ -161,8 +161,8 @@ def erase_study(model, tokenizer, bank, *, prompts: Mapping[str, Sequence[str]] 
     """Erase and cap each emotion on prompts that evoke it (module docstring).
 
     ``prompts``: emotion -> prompts evoking it (default :data:`EVOKING_PROMPTS`); one grid of
-    every prompt × emotion × edit, judged per emotion on its own prompts. ``options`` go to
-    :func:`~emokern.eval.evaluation.evaluate`.
+    every prompt unsteered and each emotion's edits on its own prompts, judged there.
+    ``options`` go to :func:`~emokern.eval.evaluation.evaluate`.
 
     Returns
     -------
@@ -175,7 +175,7 @@ def erase_study(model, tokenizer, bank, *, prompts: Mapping[str, Sequence[str]] 
     prompts = {e: list(ps) for e, ps in (EVOKING_PROMPTS if prompts is None else prompts).items()}
     every = [q for ps in prompts.values() for q in ps]
     result = evaluate(model, tokenizer, bank, emotions=list(prompts), weights=[0.0, *edits],
-                      prompts=every, **options)
+                      prompts=every, prompts_of=prompts, **options)
     out = erase_of_rows(result["rows"], prompts, edits)
     return {"edits": list(edits), "emotions": out,
             "n_prompts": {e: len(ps) for e, ps in prompts.items()},

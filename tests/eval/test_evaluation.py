@@ -91,6 +91,12 @@ def test_grid_shares_one_unsteered_row_per_prompt(tiny):
     assert [r["mix"] for r in rows[1:]] == [{"fear": {"level": 4.0}}, {"fear": {"max": 0.0}},
                                             {"fear": {"min": 1.0}}, {"fear": {"level": 0.0}}]
     assert [r["label"] for r in rows[1:]] == ["@4", "<=0", ">=1", "erase"]
+    # an emotion's edits on its own prompts only; every prompt has its unsteered row
+    rows = grid_rows(PROMPTS, ["joy", "fear"], [0.0, 2.0, "erase"], bank,
+                     prompts_of={"fear": PROMPTS[1:]})
+    assert [(r["prompt"], r["emotion"]) for r in rows if r["label"] == "erase"] == [
+        (PROMPTS[0], "joy"), (PROMPTS[1], "joy"), (PROMPTS[1], "fear")]
+    assert [r["prompt"] for r in rows if r["emotion"] is None] == PROMPTS
 
 
 def test_evaluate_writes_results_report_and_plots(tiny, embedder, scorer, tmp_path):
@@ -137,6 +143,9 @@ def test_interrupted_run_leaves_no_results(tiny, embedder, scorer, tmp_path, mon
     ({"weights": "1,two"}, "none of a number"),
     ({"prompts": []}, "non-empty list"),
     ({"max_new_tokens": 0}, "max_new_tokens"),
+    ({"prompts_of": {"fear": PROMPTS}}, "prompts_of names 'fear', which is not evaluated"),
+    ({"prompts_of": {"joy": ["Another prompt?"]}}, r"prompts_of\['joy'\] must be"),
+    ({"prompts_of": {"joy": []}}, r"prompts_of\['joy'\] must be"),
 ])
 def test_bad_input_before_generation(tiny, no_generation, options, match):
     model, tokenizer, bank = tiny

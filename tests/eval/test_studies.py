@@ -84,3 +84,31 @@ def test_run_studies_writes_all_three_on_a_tiny_model(tiny_llama, scorer, one_th
     md = (tmp_path / "studies.md").read_text()
     assert md == format_studies(result) and "Levels as a dial" in md
     assert (tmp_path / "bank-with-recipes.safetensors").is_file()
+
+
+def test_erase_runs_each_emotion_on_its_own_prompts(tiny_llama, scorer, one_thread,
+                                                    monkeypatch):
+    """The erase grid answers every prompt unsteered and each emotion's edits only on the
+    prompts that evoke it (not every prompt × emotion, two thirds of which were thrown away)."""
+    from emokern.eval import studies
+
+    model, tokenizer = tiny_llama
+    bank = random_bank(model, scale=0.5)
+    n_layers, k = bank.n_layers, bank.n_emotions
+    bank = bank.replace(neutral_mean=torch.zeros(n_layers, k), neutral_std=torch.ones(n_layers, k))
+    seen, evaluate = {}, studies.evaluate
+
+    def recording(*args, **kwargs):
+        seen["result"] = evaluate(*args, **kwargs)
+        return seen["result"]
+
+    monkeypatch.setattr(studies, "evaluate", recording)
+    prompts = {"sadness": EVOKING_PROMPTS["sadness"][:2], "fear": EVOKING_PROMPTS["fear"][:1]}
+    out = studies.erase_study(model, tokenizer, bank, prompts=prompts, max_new_tokens=2,
+                              progress=False, scorer=scorer)
+    rows = seen["result"]["rows"]
+    assert len(rows) == 3 + 2 * 2 + 2 * 1
+    assert {(r["prompt"], r["emotion"]) for r in rows if r["emotion"]} == {
+        (p, e) for e, ps in prompts.items() for p in ps}
+    assert set(out["emotions"]) == {"sadness", "fear"}
+    assert out["emotions"]["fear"]["erase"]["adherence_ratio"] > 0
