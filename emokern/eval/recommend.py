@@ -26,12 +26,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 
 from emokern.data import load_queries
 from emokern.eval.calibration_sweep import CALIBRATION_PROMPTS
 from emokern.eval.eval_report import edit_kind, split_label
 from emokern.eval.evaluation import evaluate, grid_term, load_prompts
+from emokern.stats import bootstrap_ci
 from emokern.steering.mix import format_mix, scope_of
 
 __all__ = ["DEFAULT_SWEEP_FACTORS", "DEFAULT_SWEEP_LEVELS", "SWEEP_PROMPTS", "choose",
@@ -189,6 +191,34 @@ def save_shipped(bank, path) -> None:
 RECIPE_TARGETS = {"gain": 0.08, "distinct2": 0.7, "adherence_ratio": 0.8}
 
 
+def paired_intervals(rows: Sequence[Mapping], emotion: str, label: str, *,
+                     n_boot: int = 2000, seed: int = 0) -> dict[str, list[float]]:
+    r"""95% percentile-bootstrap intervals of an edit's held-out ``gain`` and
+    ``adherence_ratio``, resampling prompts with their unsteered answer (paired):
+
+    .. math::
+        \mathrm{gain} = \overline{p_e(\text{edited})} - \overline{p_e(\text{unsteered})},
+        \qquad \mathrm{ratio} = \overline{\mathrm{adh}(\text{edited})} /
+        \overline{\mathrm{adh}(\text{unsteered})}
+
+    over the prompts that have both answers (``rows``: scored evaluation rows; ``p_e`` the
+    judge's probability of ``emotion``). Returns ``{"gain_ci": [lo, hi],
+    "adherence_ratio_ci": [lo, hi]}``, empty when fewer than two prompts pair up."""
+    base = {r["prompt"]: r for r in rows if r["emotion"] is None}
+    pairs = [(r, base[r["prompt"]]) for r in rows
+             if r["emotion"] == emotion and r["label"] == label and r["prompt"] in base]
+    if len(pairs) < 2:
+        return {}
+    edited = np.array([[r["judge_p"][emotion], r["adherence"]] for r, _ in pairs], float)
+    unsteered = np.array([[b["judge_p"][emotion], b["adherence"]] for _, b in pairs], float)
+    out = {}
+    for name, stat in (("gain_ci", lambda x, y: x[:, 0].mean() - y[:, 0].mean()),
+                       ("adherence_ratio_ci", lambda x, y: x[:, 1].mean() / y[:, 1].mean())):
+        low, high = bootstrap_ci(edited, unsteered, n_boot=n_boot, seed=seed, stat=stat)
+        out[name] = [round(low, 4), round(high, 4)]
+    return out
+
+
 def grid_label(term) -> str:
     """A recipe's mix term (:meth:`emokern.bank.Recipe.mix_term`) as the label of its grid
     term: ``"2"``, ``"@16"``, ``"[generated]=2"``, ``"[12-18;generated]@8"``."""
@@ -243,13 +273,14 @@ def recipe_study(model, tokenizer, bank, *, sweep_prompts: Sequence[str] = SWEEP
         records = {a["label"]: a for a in heldout["aggregates"] if a["emotion"] == emotion}
         base_adh = records["0"].get("adherence")
 
-        def measured(label, base_adh=base_adh, records=records):
+        def measured(label, base_adh=base_adh, records=records, emotion=emotion):
             a = records.get(label)
             if a is None:
                 return None
             ratio = a.get("adherence", float("nan")) / base_adh if base_adh else float("nan")
             return {"gain": a["gain"], "distinct2": a.get("distinct2"),
                     "adherence_ratio": ratio, "perplexity": a.get("perplexity"),
+                    **paired_intervals(heldout["rows"], emotion, label),
                     "met": bool(a["gain"] >= RECIPE_TARGETS["gain"]
                                 and (a.get("distinct2") or 0) >= RECIPE_TARGETS["distinct2"]
                                 and ratio >= RECIPE_TARGETS["adherence_ratio"])}
@@ -270,13 +301,20 @@ def format_study(study: Mapping) -> str:
     def cell(m):
         if m is None:
             return "– | – | – | –"
-        return (f"{m['gain']:+.2f} | {m['distinct2']:.2f} | {m['adherence_ratio']:.2f} | "
+
+        def interval(key):
+            ci = m.get(f"{key}_ci")
+            return f" ({ci[0]:+.2f}…{ci[1]:+.2f})" if key == "gain" and ci else \
+                f" ({ci[0]:.2f}…{ci[1]:.2f})" if ci else ""
+        return (f"{m['gain']:+.2f}{interval('gain')} | {m['distinct2']:.2f} | "
+                f"{m['adherence_ratio']:.2f}{interval('adherence_ratio')} | "
                 f"{'yes' if m['met'] else 'no'}")
 
     lines = [f"Recipes chosen on {study['sweep_prompts']} of the project's prompts, judged on "
              f"{study['eval_prompts']} evaluation prompts they were not chosen on. Met: gain "
              f"≥ {RECIPE_TARGETS['gain']}, distinct-2 ≥ {RECIPE_TARGETS['distinct2']}, "
-             f"adherence ≥ {RECIPE_TARGETS['adherence_ratio']} of unsteered.", "",
+             f"adherence ≥ {RECIPE_TARGETS['adherence_ratio']} of unsteered; in parentheses "
+             f"the 95% bootstrap interval over prompts.", "",
              "| emotion | recipe | gain | distinct-2 | adherence / unsteered | met | old recipe | "
              "gain | distinct-2 | adherence / unsteered | met |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]

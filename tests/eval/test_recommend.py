@@ -1,6 +1,8 @@
 """Per-emotion recommended weights: the choice rule, storing it in a bank, the sweep on a tiny
 model."""
 
+import re
+
 import pytest
 import torch
 from helpers import random_bank
@@ -156,6 +158,8 @@ def test_recipe_study_chooses_on_some_prompts_and_judges_on_others(tiny_llama, s
     assert row["old"]["term"] == "[generated]@3" and row["old_heldout"] is not None
     assert {a["label"] for a in study["heldout"]["aggregates"]} == {"0", "rec", "[generated]@3"}
     assert "| joy |" in format_study(study) and "| [generated]@3 |" in format_study(study)
+    assert len(row["recipe_heldout"]["gain_ci"]) == 2
+    assert re.search(r"\| [+-]\d\.\d\d \([+-]\d\.\d\d…[+-]\d\.\d\d\) \|", format_study(study))
 
 
 def test_a_model_that_repeats_itself_is_held_to_its_own_distinct2():
@@ -182,3 +186,26 @@ def test_a_recipe_keeps_the_reading_measured_at_it_where_there_is_one(tiny_llama
     assert "reading" not in choice["fear"] and "reading" not in choice["anger"]
     bank = random_bank(tiny_llama[0], names=["joy", "fear", "anger"])
     assert store(bank, choice).recommended("joy").measured["reading"] == 4.386
+
+
+def test_held_out_intervals_resample_prompts_with_their_unsteered_answer():
+    """The gain's interval pairs each edited answer with the same prompt's unsteered one: a
+    gain of exactly 0.1 on every prompt has the interval [0.1, 0.1] however much the prompts
+    differ; an uneven gain gets an interval around its mean; too few prompts, none."""
+    from emokern.eval.recommend import paired_intervals
+
+    def row(prompt, emotion, label, p, adherence):
+        return {"prompt": prompt, "emotion": emotion, "label": label,
+                "judge_p": {"joy": p}, "adherence": adherence}
+
+    base = [row(f"q{i}", None, "0", 0.1 * i, 0.5 + 0.05 * i) for i in range(8)]
+    even = [row(f"q{i}", "joy", "2", 0.1 * i + 0.1, 0.5 * (0.5 + 0.05 * i)) for i in range(8)]
+    got = paired_intervals(base + even, "joy", "2")
+    assert got["gain_ci"] == pytest.approx([0.1, 0.1]) and \
+        got["adherence_ratio_ci"] == pytest.approx([0.5, 0.5])
+    uneven = [row(f"q{i}", "joy", "2", 0.1 * i + (0.3 if i % 2 else -0.1), 0.6)
+              for i in range(8)]
+    low, high = paired_intervals(base + uneven, "joy", "2")["gain_ci"]
+    assert low < 0.1 < high and low >= -0.1 and high <= 0.3
+    assert paired_intervals(base + uneven[:1], "joy", "2") == {}
+    assert paired_intervals(base + even, "joy", "rec") == {}
