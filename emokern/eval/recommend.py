@@ -264,8 +264,7 @@ def recipe_study(model, tokenizer, bank, *, sweep_prompts: Sequence[str] = SWEEP
     old_labels = {e: grid_label(r.mix_term()) for e, r in old.items()}
     old_terms = [t for t in dict.fromkeys(old_labels.values()) if t != "0"]
     heldout = evaluate(model, tokenizer, with_recipes, emotions=list(choice),
-                       weights=[0.0, "rec", *[t if t.startswith(("@", "[")) else float(t)
-                                              for t in old_terms]],
+                       weights=[0.0, "rec", *old_terms],
                        prompts=eval_prompts, max_new_tokens=max_new_tokens,
                        batch_size=batch_size, progress=progress, **options)
     rows = []
@@ -302,13 +301,11 @@ def format_study(study: Mapping) -> str:
         if m is None:
             return "– | – | – | –"
 
-        def interval(key):
+        def value(key, spec):  # with its interval where the study measured one
             ci = m.get(f"{key}_ci")
-            return f" ({ci[0]:+.2f}…{ci[1]:+.2f})" if key == "gain" and ci else \
-                f" ({ci[0]:.2f}…{ci[1]:.2f})" if ci else ""
-        return (f"{m['gain']:+.2f}{interval('gain')} | {m['distinct2']:.2f} | "
-                f"{m['adherence_ratio']:.2f}{interval('adherence_ratio')} | "
-                f"{'yes' if m['met'] else 'no'}")
+            return f"{m[key]:{spec}}" + (f" ({ci[0]:{spec}}…{ci[1]:{spec}})" if ci else "")
+        return (f"{value('gain', '+.2f')} | {m['distinct2']:.2f} | "
+                f"{value('adherence_ratio', '.2f')} | {'yes' if m['met'] else 'no'}")
 
     lines = [f"Recipes chosen on {study['sweep_prompts']} of the project's prompts, judged on "
              f"{study['eval_prompts']} evaluation prompts they were not chosen on. Met: gain "

@@ -125,12 +125,9 @@ class EmokernConfig:
             _fail(ValueError, f"unknown setting(s) {sorted(unknown)}; known: "
                               f"{sorted(cls.__dataclass_fields__)}")
         values = dict(raw)
-        layers = values.get("layers", "auto")
-        if isinstance(layers, list):  # hashable (the settings key the bank cache); checked
-            layers = tuple(layers)    # against the bank and model by steering()
-        values["layers"] = layers
-        if isinstance(values.get("band"), list):
-            values["band"] = tuple(values["band"])
+        for key in ("layers", "band"):  # hashable (the settings key the bank cache); checked
+            if isinstance(values.get(key), list):  # against the bank and model by steering()
+                values[key] = tuple(values[key])
         if values.get("spread", "divide") not in SPREADS:  # early, before any bank loads
             _fail(ValueError, f"spread must be one of {SPREADS}, got {values['spread']!r}")
         if not isinstance(values.get("levels", False), bool):
